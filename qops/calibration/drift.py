@@ -1,0 +1,158 @@
+"""Drift check of a calibration set against a reference, with a Great Expectations (GX Core 1.x) suite.
+
+The suite is generated from the reference profile:
+- numeric columns: quantile bounds (5/25/50/75/95%, widened by a tolerance in reference std units),
+  min/max bounds (reference range widened by the same tolerance, ``mostly=0.99``), and KL divergence
+  against the reference histogram, with tail holdout so values outside the reference range do not
+  make the divergence infinite;
+- categorical columns: the value set seen in the reference.
+A column drifts when any of its expectations fails; the report names every column and its verdict.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+QUANTILES = [0.05, 0.25, 0.5, 0.75, 0.95]
+
+
+@dataclass
+class ColumnCheck:
+    column: str
+    kind: str  # numeric | categorical
+    expectation: str
+    passed: bool
+    observed: object = None
+    expected: object = None
+
+
+@dataclass
+class DriftReport:
+    passed: bool
+    drifted_columns: list[str]
+    checks: list[ColumnCheck] = field(default_factory=list)
+    reference_rows: int = 0
+    sample_rows: int = 0
+    engine: str = "great_expectations"
+    suite: dict = field(default_factory=dict)
+
+    def text(self) -> str:
+        lines = [f"drift check: {'PASS' if self.passed else 'DRIFT'} "
+                 f"({self.sample_rows} rows vs reference {self.reference_rows})"]
+        for c in self.checks:
+            mark = "ok   " if c.passed else "DRIFT"
+            lines.append(f"  {mark} {c.column:<32} {c.expectation:<48} observed={_short(c.observed)} "
+                         f"expected={_short(c.expected)}")
+        return "\n".join(lines)
+
+
+def _short(v: object) -> str:
+    s = str(v)
+    return s if len(s) <= 80 else s[:77] + "..."
+
+
+def _partition(ref: np.ndarray) -> dict | None:
+    """Histogram partition object of the reference, or None for (near) constant columns."""
+    if np.unique(ref).size < 2:
+        return None
+    edges = np.unique(np.quantile(ref, np.linspace(0, 1, 11)))
+    if edges.size < 2:
+        return None
+    hist, edges = np.histogram(ref, bins=edges)
+    weights = hist / hist.sum()
+    return {"bins": edges.tolist(), "weights": weights.tolist()}
+
+
+def build_suite(reference: pd.DataFrame, numeric: list[str], categorical: list[str], quantile_tolerance: float,
+                max_kl: float):
+    import great_expectations as gx
+    import great_expectations.expectations as gxe
+
+    suite = gx.ExpectationSuite(name="qops_calibration_drift")
+    for col in numeric:
+        ref = reference[col].dropna().to_numpy(dtype=float)
+        values, counts = np.unique(ref, return_counts=True)
+        if values.size <= 2:  # indicator / one-hot column: compare proportions, not quantiles
+            suite.add_expectation(gxe.ExpectColumnValuesToBeInSet(column=col, value_set=values.tolist()))
+            if values.size == 2:
+                suite.add_expectation(gxe.ExpectColumnKLDivergenceToBeLessThan(
+                    column=col, partition_object={"values": values.tolist(), "weights": (counts / counts.sum()).tolist()},
+                    threshold=max_kl,
+                ))
+            continue
+        std = float(ref.std()) or 1.0
+        tol = quantile_tolerance * std
+        qs = np.quantile(ref, QUANTILES)
+        suite.add_expectation(gxe.ExpectColumnQuantileValuesToBeBetween(
+            column=col,
+            quantile_ranges={"quantiles": QUANTILES, "value_ranges": [[float(q - tol), float(q + tol)] for q in qs]},
+        ))
+        suite.add_expectation(gxe.ExpectColumnValuesToBeBetween(
+            column=col, min_value=float(ref.min() - tol), max_value=float(ref.max() + tol), mostly=0.99,
+        ))
+        part = _partition(ref)
+        if part is not None:
+            suite.add_expectation(gxe.ExpectColumnKLDivergenceToBeLessThan(
+                column=col, partition_object=part, threshold=max_kl, tail_weight_holdout=0.01,
+                internal_weight_holdout=0.01,
+            ))
+    for col in categorical:
+        values = sorted(reference[col].dropna().astype(str).unique().tolist())
+        suite.add_expectation(gxe.ExpectColumnValuesToBeInSet(column=col, value_set=values))
+    return suite
+
+
+def check_drift(
+    sample: pd.DataFrame,
+    reference: pd.DataFrame,
+    numeric: list[str],
+    categorical: list[str],
+    quantile_tolerance: float = 0.5,
+    max_kl: float = 0.5,
+) -> DriftReport:
+    """Validate ``sample`` with a GX suite generated from ``reference``; never raises on drift."""
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    sample = sample[numeric + categorical].copy()
+    for col in categorical:
+        sample[col] = sample[col].astype(str)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        context = gx.get_context(mode="ephemeral")
+        context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
+        suite = context.suites.add(build_suite(reference, numeric, categorical, quantile_tolerance, max_kl))
+        source = context.data_sources.add_pandas("qops")
+        asset = source.add_dataframe_asset("calibration")
+        batch = asset.add_batch_definition_whole_dataframe("whole").get_batch(batch_parameters={"dataframe": sample})
+        result = batch.validate(suite)
+    checks = []
+    for r in result.results:
+        cfg = r.expectation_config
+        kw = cfg.kwargs
+        observed = (r.result or {}).get("observed_value")
+        if observed is None and "unexpected_percent" in (r.result or {}):
+            observed = f"{r.result['unexpected_percent']:.2f}% unexpected"
+        expected = {k: v for k, v in kw.items() if k in ("threshold", "value_set", "min_value", "max_value")}
+        if cfg.type == "expect_column_quantile_values_to_be_between":
+            expected = kw["quantile_ranges"]["value_ranges"]
+        if isinstance(observed, dict) and "values" in observed:
+            observed = [round(float(v), 4) for v in observed["values"]]
+        if isinstance(observed, float):
+            observed = round(observed, 4)
+        checks.append(ColumnCheck(
+            column=kw["column"], kind="numeric" if kw["column"] in numeric else "categorical",
+            expectation=cfg.type, passed=bool(r.success), observed=observed, expected=expected,
+        ))
+    drifted = sorted({c.column for c in checks if not c.passed})
+    return DriftReport(
+        passed=not drifted, drifted_columns=drifted, checks=checks,
+        reference_rows=len(reference), sample_rows=len(sample), suite=suite.to_json_dict(),
+    )

@@ -1,0 +1,249 @@
+"""`qops` command line. Subcommands mirror the Airflow operators one to one."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from qops.artifacts import to_jsonable
+from qops.errors import GateFailed, QopsError
+
+
+def _csv(text: str | None) -> list[str] | None:
+    return [t for t in text.split(",") if t] if text else None
+
+
+def _emit(args, result, human: str | None = None) -> None:
+    if args.json:
+        print(json.dumps(to_jsonable(result), indent=2, sort_keys=True))
+    else:
+        print(human if human is not None else json.dumps(to_jsonable(result), indent=2, sort_keys=True))
+
+
+def cmd_targets(args) -> int:
+    from qops.targets import list_targets
+
+    targets = list_targets()
+    if args.json:
+        _emit(args, {n: r.to_dict() for n, r in targets.items()})
+        return 0
+    for name, r in targets.items():
+        print(f"{name:<22} {r.mode:<8} w:{r.weight_type} a:{r.activation_type} {r.granularity:<12} "
+              f"queue={r.queue:<4} {r.description}")
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from qops.calibration import select_calibration
+    from qops.data import feature_columns_for
+
+    features = _csv(args.features) or feature_columns_for(args.model, None)
+    res = select_calibration(
+        pool=args.pool, reference=args.reference, output_dir=args.output_dir, size=args.size, features=features,
+        slice_columns=_csv(args.slice_columns), strategy=args.strategy, seed=args.seed,
+        drift_enabled=not args.no_drift_check, on_drift=args.on_drift,
+    )
+    _emit(args, res, f"calibration set: {res.path} ({res.rows} rows, sha256 {res.sha256}); "
+                     f"drift {'passed' if res.drift_passed else 'DRIFT in ' + ', '.join(res.drifted_columns)}")
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    from qops.quantize import quantize
+
+    res = quantize(args.model, args.target, args.output, calibration=args.calibration,
+                   features=_csv(args.features))
+    _emit(args, res, f"{res.model_path}: {res.size_bytes} bytes ({res.size_ratio}x smaller), recipe {res.recipe_path}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from qops.artifacts import write_json_atomic
+    from qops.evaluate import evaluate
+
+    res = evaluate(args.fp32, args.quantized, args.validation, args.label, _csv(args.slice_columns),
+                   features=_csv(args.features), metric=args.metric, latency_runs=args.latency_runs)
+    if args.output:
+        write_json_atomic(args.output, res)
+    _emit(args, res, f"{res.metric}: FP32 {res.fp32.overall:.4f} -> quantized {res.quantized.overall:.4f}; "
+                     f"p50 {res.fp32.latency_p50_ms:.4f} -> {res.quantized.latency_p50_ms:.4f} ms")
+    return 0
+
+
+def cmd_gate(args) -> int:
+    from qops.artifacts import read_json, write_json_atomic
+    from qops.gates import gate
+    from qops.spec import GateSpec
+
+    g = GateSpec(**{k: v for k, v in {
+        "max_overall_drop": args.max_overall_drop, "max_slice_drop": args.max_slice_drop,
+        "max_fairness_increase": args.max_fairness_increase, "max_latency_ratio": args.max_latency_ratio,
+        "min_slice_size": args.min_slice_size}.items() if v is not None})
+    res = gate(read_json(args.evaluation), g)
+    if args.output:
+        write_json_atomic(args.output, res)
+    _emit(args, res, res.message())
+    return 0 if res.passed else 3
+
+
+def cmd_card(args) -> int:
+    from qops.pipeline import stage_card
+    from qops.spec import load_spec
+
+    res = stage_card(load_spec(args.spec), args.run_id, args.target, dag_id=args.dag_id)
+    _emit(args, res, f"card: {res['markdown_path']} and {res['json_path']}")
+    return 0
+
+
+def cmd_register(args) -> int:
+    from qops.pipeline import stage_register
+    from qops.spec import load_spec
+
+    res = stage_register(load_spec(args.spec), args.run_id, args.target)
+    _emit(args, res)
+    return 0
+
+
+def cmd_promote(args) -> int:
+    from qops.registry import configure_mlflow, promote
+
+    configure_mlflow(args.tracking_uri)
+    _emit(args, promote(args.name, args.version, args.alias))
+    return 0
+
+
+def cmd_run(args) -> int:
+    from qops.pipeline import format_summary, run_pipeline
+    from qops.spec import load_spec
+
+    summary = run_pipeline(load_spec(args.spec), run_id=args.run_id, progress=not args.json)
+    if args.json:
+        _emit(args, summary)
+    else:
+        print(format_summary(summary))
+        print(f"summary: {summary['run_dir']}/summary.json")
+    return 0 if any(r.get("gate") == "passed" for r in summary["targets"]) else 3
+
+
+def cmd_summary(args) -> int:
+    from pathlib import Path
+
+    from qops.artifacts import read_json
+    from qops.pipeline import format_summary
+
+    path = Path(args.path)
+    if path.name == "latest_summary.json":
+        path = Path(read_json(path)["summary"])
+    summary = read_json(path)
+    print(format_summary(summary))
+    print(f"summary: {path}")
+    return 0
+
+
+def cmd_train_example(args) -> int:
+    from qops.examples.german_credit import retrain_and_register
+
+    _emit(args, retrain_and_register(args.work_dir, model_name=args.model_name, tracking_uri=args.tracking_uri))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qops", description="Quantize, gate, document and register models.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name, fn, help_):
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.add_argument("--json", action="store_true", help="print a machine-readable result")
+        sp.set_defaults(func=fn)
+        return sp
+
+    add("targets", cmd_targets, "list hardware targets")
+    sp = add("calibrate", cmd_calibrate, "select a calibration set from a pool and check it for drift")
+    sp.add_argument("--pool", required=True)
+    sp.add_argument("--reference", required=True)
+    sp.add_argument("--size", type=int, required=True)
+    sp.add_argument("--output-dir", required=True)
+    sp.add_argument("--strategy", choices=["random", "stratified"], default="stratified")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--slice-columns", help="comma-separated")
+    g = sp.add_mutually_exclusive_group(required=True)
+    g.add_argument("--features", help="comma-separated feature columns")
+    g.add_argument("--model", help="ONNX model whose qops.feature_columns metadata names the features")
+    sp.add_argument("--no-drift-check", action="store_true")
+    sp.add_argument("--on-drift", choices=["fail", "warn"], default="fail")
+
+    sp = add("quantize", cmd_quantize, "quantize an ONNX model for a hardware target")
+    sp.add_argument("--model", required=True)
+    sp.add_argument("--target", required=True)
+    sp.add_argument("--output", required=True)
+    sp.add_argument("--calibration", help="parquet/CSV calibration set (static targets)")
+    sp.add_argument("--features", help="comma-separated; default: the model's metadata")
+
+    sp = add("evaluate", cmd_evaluate, "evaluate FP32 vs quantized on a validation set")
+    sp.add_argument("--fp32", required=True)
+    sp.add_argument("--quantized", required=True)
+    sp.add_argument("--validation", required=True)
+    sp.add_argument("--label", required=True)
+    sp.add_argument("--slice-columns")
+    sp.add_argument("--features")
+    sp.add_argument("--metric", default="accuracy", choices=["accuracy", "f1", "roc_auc"])
+    sp.add_argument("--latency-runs", type=int, default=300)
+    sp.add_argument("--output", help="write the evaluation JSON here")
+
+    sp = add("gate", cmd_gate, "apply gates to an evaluation JSON (exit 3 when a gate fails)")
+    sp.add_argument("--evaluation", required=True)
+    sp.add_argument("--max-overall-drop", type=float)
+    sp.add_argument("--max-slice-drop", type=float)
+    sp.add_argument("--max-fairness-increase", type=float)
+    sp.add_argument("--max-latency-ratio", type=float)
+    sp.add_argument("--min-slice-size", type=int)
+    sp.add_argument("--output")
+
+    for name, fn, help_ in (("card", cmd_card, "write the model card of one target of a run"),
+                            ("register", cmd_register, "register one target of a run in MLflow")):
+        sp = add(name, fn, help_)
+        sp.add_argument("--spec", required=True)
+        sp.add_argument("--run-id", required=True)
+        sp.add_argument("--target", required=True)
+        if name == "card":
+            sp.add_argument("--dag-id")
+
+    sp = add("promote", cmd_promote, "point an alias at a registered version whose gates passed")
+    sp.add_argument("--name", required=True)
+    sp.add_argument("--version", required=True)
+    sp.add_argument("--alias", default="champion")
+    sp.add_argument("--tracking-uri")
+
+    sp = add("run", cmd_run, "run the whole pipeline of a spec without Airflow")
+    sp.add_argument("spec")
+    sp.add_argument("--run-id")
+
+    sp = add("summary", cmd_summary, "print a run's summary table")
+    sp.add_argument("path", help="summary.json or latest_summary.json")
+
+    sp = add("train-example", cmd_train_example, "retrain the German Credit example model and register it")
+    sp.add_argument("--work-dir", required=True)
+    sp.add_argument("--model-name", default="german-credit")
+    sp.add_argument("--tracking-uri")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return args.func(args)
+    except GateFailed as e:
+        print(f"qops: {e}", file=sys.stderr)
+        return 3
+    except QopsError as e:
+        print(f"qops: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""The pipeline's stages, driven by a spec. `qops run` and the Airflow operators call the same functions.
+
+Each stage reads what earlier stages wrote under the run's folder (``<artifact_root>/<pipeline>/<run_id>``)
+and returns small JSON; artifacts stay in the folder, never in XCom.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from qops import __version__
+from qops.artifacts import read_json, run_dir, to_jsonable, write_json_atomic
+from qops.spec import PipelineSpec
+
+log = logging.getLogger(__name__)
+
+
+def _rdir(spec: PipelineSpec, run_id: str) -> Path:
+    return run_dir(spec.artifact_root, spec.name, run_id)
+
+
+def _tdir(spec: PipelineSpec, run_id: str, target: str) -> Path:
+    return _rdir(spec, run_id) / "targets" / target
+
+
+def _mlflow(spec: PipelineSpec) -> None:
+    from qops.registry import configure_mlflow
+
+    configure_mlflow(spec.mlflow.tracking_uri, spec.mlflow.registry_uri)
+
+
+def _load(path: Path, stage: str) -> dict:
+    if not path.is_file():
+        from qops.errors import QopsError
+
+        raise QopsError(f"{path} is missing: stage {stage!r} has not run for this run id.",
+                        f"run the {stage} stage first (same spec and run id).")
+    return read_json(path)
+
+
+def stage_source(spec: PipelineSpec, run_id: str) -> dict:
+    """Resolve the source model (MLflow URI or .onnx path) to a local FP32 ONNX file."""
+    from qops.registry import fetch_source_model
+
+    if spec.source_model.startswith("models:/"):
+        _mlflow(spec)
+    src = fetch_source_model(spec.source_model, _rdir(spec, run_id))
+    out = to_jsonable(src)
+    write_json_atomic(_rdir(spec, run_id) / "source.json", out)
+    return out
+
+
+def _features(spec: PipelineSpec, source: dict) -> list[str]:
+    from qops.data import feature_columns_for
+
+    return feature_columns_for(source["path"], spec.data.features)
+
+
+def stage_calibrate(spec: PipelineSpec, run_id: str) -> dict:
+    from qops.calibration import select_calibration
+
+    source = _load(_rdir(spec, run_id) / "source.json", "source")
+    c = spec.calibration
+    res = select_calibration(
+        pool=spec.data.pool, reference=spec.data.reference, output_dir=_rdir(spec, run_id) / "calibration",
+        size=c.size, features=_features(spec, source), slice_columns=spec.data.slice_columns, strategy=c.strategy,
+        seed=c.seed, stratify_by=c.stratify_by, drift_enabled=c.drift.enabled,
+        quantile_tolerance=c.drift.quantile_tolerance, max_kl=c.drift.max_kl_divergence, on_drift=c.drift.on_drift,
+    )
+    return to_jsonable(res)
+
+
+def stage_quantize(spec: PipelineSpec, run_id: str, target: str) -> dict:
+    from qops.quantize import quantize
+    from qops.targets import get_target
+
+    rdir = _rdir(spec, run_id)
+    source = _load(rdir / "source.json", "source")
+    recipe = get_target(target)
+    calibration = None
+    if recipe.needs_calibration:
+        calibration = _load(rdir / "calibration" / "calibration.json", "calibrate")["path"]
+    res = quantize(source["path"], recipe, _tdir(spec, run_id, target) / "model.onnx", calibration=calibration,
+                   features=_features(spec, source))
+    out = to_jsonable(res)
+    write_json_atomic(_tdir(spec, run_id, target) / "quantize.json", out)
+    return out
+
+
+def stage_evaluate(spec: PipelineSpec, run_id: str, target: str) -> dict:
+    from qops.evaluate import evaluate
+
+    rdir, tdir = _rdir(spec, run_id), _tdir(spec, run_id, target)
+    source = _load(rdir / "source.json", "source")
+    q = _load(tdir / "quantize.json", "quantize")
+    res = evaluate(source["path"], q["model_path"], spec.data.validation, spec.data.label, spec.data.slice_columns,
+                   features=_features(spec, source), metric=spec.gates.metric, latency_runs=spec.gates.latency_runs)
+    out = to_jsonable(res)
+    write_json_atomic(tdir / "evaluation.json", out)
+    return out
+
+
+def stage_gate(spec: PipelineSpec, run_id: str, target: str) -> dict:
+    """Gate verdict (never raises on failure: the caller decides; the operator fails the task)."""
+    from qops.gates import gate
+
+    tdir = _tdir(spec, run_id, target)
+    res = gate(_load(tdir / "evaluation.json", "evaluate"), spec.gates)
+    out = to_jsonable(res)
+    out["target"] = target
+    out["message"] = res.message()
+    write_json_atomic(tdir / "gate.json", out)
+    return out
+
+
+def stage_card(spec: PipelineSpec, run_id: str, target: str, dag_id: str | None = None) -> dict:
+    from qops.cards import build_card_data, write_card
+    from qops.targets import get_target
+
+    rdir, tdir = _rdir(spec, run_id), _tdir(spec, run_id, target)
+    recipe = get_target(target)
+    cal_path = rdir / "calibration" / "calibration.json"
+    card = build_card_data(
+        pipeline=spec.name,
+        source=_load(rdir / "source.json", "source"),
+        target_recipe=recipe.to_dict(),
+        calibration=read_json(cal_path) if recipe.needs_calibration and cal_path.is_file() else None,
+        quantization=_load(tdir / "quantize.json", "quantize"),
+        evaluation=_load(tdir / "evaluation.json", "evaluate"),
+        gate_result=_load(tdir / "gate.json", "gate"),
+        human=spec.card.model_dump(),
+        lineage={"dag_id": dag_id or "qops-cli", "run_id": run_id, "spec_sha256": spec.digest(),
+                 "artifact_dir": str(tdir)},
+    )
+    out = to_jsonable(write_card(card, tdir / "card"))
+    write_json_atomic(tdir / "card.json", out)
+    return out
+
+
+def registered_name(spec: PipelineSpec, source_name: str, target: str) -> str:
+    return spec.mlflow.model_name.format(source=source_name, target=target.replace("_", "-"), pipeline=spec.name)
+
+
+def stage_register(spec: PipelineSpec, run_id: str, target: str) -> dict:
+    from qops.registry import register
+
+    _mlflow(spec)
+    rdir, tdir = _rdir(spec, run_id), _tdir(spec, run_id, target)
+    source = _load(rdir / "source.json", "source")
+    q = _load(tdir / "quantize.json", "quantize")
+    g = _load(tdir / "gate.json", "gate")
+    card = _load(tdir / "card.json", "card")
+    ev = _load(tdir / "evaluation.json", "evaluate")
+    cal = rdir / "calibration" / "calibration.json"
+    recipe = q["recipe"]
+    tags = {
+        "qops.pipeline": spec.name, "qops.target": target, "qops.precision": recipe["precision"],
+        "qops.mode": recipe["mode"], "qops.granularity": recipe["granularity"],
+        "qops.source_model": source["name"], "qops.source_version": source["version"] or "",
+        "qops.source_uri": source["uri"], "qops.model_sha256": q["model_sha256"],
+        "qops.calibration_sha256": read_json(cal)["sha256"] if recipe["mode"] == "static" else "none",
+        "qops.run_id": run_id,
+    }
+    res = register(
+        model_path=q["model_path"], name=registered_name(spec, source["name"], target),
+        run_key=f"{spec.name}|{run_id}|{target}|{q['model_sha256'][:16]}", tags=tags, gate_passed=g["passed"],
+        card_files=[p for p in (card["markdown_path"], card["json_path"], card["chart_path"]) if p],
+        register_failed=spec.mlflow.register_failed, promote=True, candidate_alias=spec.mlflow.candidate_alias,
+        promote_alias=spec.mlflow.promote_alias, experiment=spec.mlflow.experiment,
+        metrics={"fp32_" + ev["metric"]: ev["fp32"]["overall"], "quantized_" + ev["metric"]: ev["quantized"]["overall"],
+                 "latency_p50_ms": ev["quantized"]["latency_p50_ms"], "size_bytes": ev["quantized"]["size_bytes"]},
+        params={"target": target, "mode": recipe["mode"], "granularity": recipe["granularity"]},
+    )
+    out = to_jsonable(res)
+    write_json_atomic(tdir / "register.json", out)
+    return out
+
+
+def stage_summary(spec: PipelineSpec, run_id: str, dag_id: str | None = None) -> dict:
+    rdir = _rdir(spec, run_id)
+    rows = []
+    for target in spec.targets:
+        tdir = _tdir(spec, run_id, target)
+        row: dict = {"target": target}
+        if (tdir / "evaluation.json").is_file():
+            ev = read_json(tdir / "evaluation.json")
+            worst = min(
+                ((k, s["value"] - ev["fp32"]["slices"][k]["value"]) for k, s in ev["quantized"]["slices"].items()
+                 if s["value"] is not None and ev["fp32"]["slices"][k]["value"] is not None
+                 and s["n"] >= spec.gates.min_slice_size),
+                key=lambda kv: kv[1], default=(None, None),
+            )
+            row.update({
+                "size_bytes": ev["quantized"]["size_bytes"], "fp32_size_bytes": ev["fp32"]["size_bytes"],
+                "latency_p50_ms": ev["quantized"]["latency_p50_ms"], "fp32_latency_p50_ms": ev["fp32"]["latency_p50_ms"],
+                "metric": ev["metric"], "metric_quantized": ev["quantized"]["overall"],
+                "metric_fp32": ev["fp32"]["overall"], "worst_slice": worst[0], "worst_slice_delta": worst[1],
+            })
+        if (tdir / "gate.json").is_file():
+            g = read_json(tdir / "gate.json")
+            row["gate"] = "passed" if g["passed"] else "failed"
+            row["failed_checks"] = g["failed"]
+        else:
+            row["gate"] = "not run"
+        if (tdir / "register.json").is_file():
+            r = read_json(tdir / "register.json")
+            row["mlflow"] = {"name": r["name"], "version": r["version"], "aliases": r["aliases"],
+                             "registered": r["registered"]}
+        if (tdir / "card.json").is_file():
+            c = read_json(tdir / "card.json")
+            row["card"] = {"markdown": c["markdown_path"], "json": c["json_path"]}
+        rows.append(row)
+    summary = {"pipeline": spec.name, "run_id": run_id, "dag_id": dag_id, "qops_version": __version__,
+               "source_model": spec.source_model, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               "targets": rows, "run_dir": str(rdir)}
+    write_json_atomic(rdir / "summary.json", summary)
+    write_json_atomic(Path(spec.artifact_root) / spec.name / "latest_summary.json", {"summary": str(rdir / "summary.json")})
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    head = f"{'target':<22}{'size MB':>9}{'x smaller':>10}{'p50 ms':>9}{'speed-up':>9}{'metric q/fp32':>16}" \
+           f"{'worst slice (delta)':>30}  {'gate':<7}{'MLflow':<40}card"
+    lines = [f"qops run {summary['run_id']} of pipeline {summary['pipeline']} (source {summary['source_model']})", head,
+             "-" * len(head)]
+    for r in summary["targets"]:
+        if "size_bytes" not in r:
+            lines.append(f"{r['target']:<22}{'(not evaluated)':>60}  {r['gate']}")
+            continue
+        ws = f"{r['worst_slice']} ({r['worst_slice_delta']:+.4f})" if r.get("worst_slice") else "n/a"
+        ml = r.get("mlflow") or {}
+        mls = (f"{ml['name']} v{ml['version']} [{','.join(ml['aliases'])}]" if ml.get("registered")
+               else "not registered")
+        lines.append(
+            f"{r['target']:<22}{r['size_bytes'] / 1e6:>9.3f}{r['fp32_size_bytes'] / r['size_bytes']:>10.2f}"
+            f"{r['latency_p50_ms']:>9.4f}{r['fp32_latency_p50_ms'] / r['latency_p50_ms']:>9.2f}"
+            f"{r['metric_quantized']:>8.4f}/{r['metric_fp32']:<7.4f}{ws:>30}  {r['gate']:<7}{mls:<40}"
+            f"{(r.get('card') or {}).get('markdown', '')}"
+        )
+    return "\n".join(lines)
+
+
+def run_pipeline(spec: PipelineSpec, run_id: str | None = None, progress: bool = True) -> dict:
+    """Run every stage for every target, in order, without Airflow. Gate failures do not stop other targets."""
+    from tqdm import tqdm
+
+    run_id = run_id or "cli-" + datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    steps = [("source", None), ("calibrate", None)] + [
+        (s, t) for t in spec.targets for s in ("quantize", "evaluate", "gate", "card", "register")]
+    funcs = {"source": stage_source, "calibrate": stage_calibrate, "quantize": stage_quantize,
+             "evaluate": stage_evaluate, "gate": stage_gate, "card": stage_card, "register": stage_register}
+    bar = tqdm(steps, disable=not progress, unit="step")
+    for stage, target in bar:
+        bar.set_description(f"{stage}{' ' + target if target else ''}")
+        t0 = time.perf_counter()
+        funcs[stage](spec, run_id) if target is None else funcs[stage](spec, run_id, target)
+        log.info("%s %s done in %.1fs", stage, target or "", time.perf_counter() - t0)
+    return stage_summary(spec, run_id)

@@ -1,0 +1,3 @@
+from qops.quantize.ort import QuantizeResult, quantize
+
+__all__ = ["QuantizeResult", "quantize"]

@@ -1,0 +1,224 @@
+"""MLflow: fetch the source model, log + register quantized models per target, aliases, promotion.
+
+Registration never leaves a half-registered version: a version is created with all its tags in one
+call, and if anything after it fails (description, aliases) the version is deleted again. Retries
+are idempotent: a version carries ``qops.run_key`` (pipeline, run, target, model hash) and a retry
+with the same key returns the existing version instead of creating another.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qops import __version__
+from qops.errors import ModelError, RegistryError
+
+log = logging.getLogger(__name__)
+
+_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
+
+
+def configure_mlflow(tracking_uri: str | None = None, registry_uri: str | None = None) -> str:
+    import mlflow
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise RegistryError("No MLflow tracking URI configured.",
+                            "set mlflow.tracking_uri in the spec or the MLFLOW_TRACKING_URI environment variable "
+                            "(e.g. sqlite:///mlflow.db).")
+    mlflow.set_tracking_uri(uri)
+    if registry_uri:
+        mlflow.set_registry_uri(registry_uri)
+    return uri
+
+
+def redact_uri(uri: str) -> str:
+    """Drop credentials from a URI before it goes into logs, cards or tags."""
+    return re.sub(r"//[^/@]+@", "//***@", uri)
+
+
+@dataclass
+class SourceModel:
+    uri: str
+    path: str
+    name: str
+    version: str | None
+    run_id: str | None
+    flavor: str
+
+
+def fetch_source_model(uri: str, dest_dir: str | os.PathLike) -> SourceModel:
+    """Resolve ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION`` (or a local .onnx path) to a local ONNX file."""
+    dest = Path(dest_dir)
+    m = _MODELS_URI.match(uri)
+    if not m:
+        p = Path(uri)
+        if p.suffix == ".onnx" and p.is_file():
+            return SourceModel(uri=str(p), path=str(p), name=p.stem, version=None, run_id=None, flavor="onnx")
+        raise ModelError(f"Source model {uri!r} is neither models:/NAME@ALIAS, models:/NAME/VERSION nor an .onnx file.",
+                         "set source_model to a registered model URI or an existing .onnx path.")
+    import mlflow
+    import yaml
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    name = m.group("name")
+    try:
+        mv = (client.get_model_version_by_alias(name, m.group("alias")) if m.group("alias")
+              else client.get_model_version(name, m.group("version")))
+    except MlflowException as e:
+        raise ModelError(f"Source model {uri} not found in the MLflow registry: {e.message}",
+                         "register the FP32 model first (the retraining job) or fix source_model.") from None
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}",
+                                                     dst_path=str(dest / "source")))
+    mlmodel = yaml.safe_load((local / "MLmodel").read_text())
+    flavors = mlmodel.get("flavors", {})
+    if "onnx" in flavors:
+        path = local / flavors["onnx"]["data"]
+        flavor = "onnx"
+    else:
+        raise ModelError(
+            f"Source model {uri} (version {mv.version}) has flavors {sorted(flavors)}, not onnx.",
+            "log the FP32 model with mlflow.onnx.log_model (export PyTorch models with torch.onnx.export first).",
+        )
+    return SourceModel(uri=uri, path=str(path), name=name, version=str(mv.version), run_id=mv.run_id, flavor=flavor)
+
+
+@dataclass
+class RegisterResult:
+    registered: bool
+    name: str
+    version: str | None = None
+    aliases: list[str] = field(default_factory=list)
+    model_uri: str | None = None
+    run_id: str | None = None
+    reason: str = ""
+    reused: bool = False
+
+
+def _find_version(client, name: str, run_key: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        return None
+    for mv in client.search_model_versions(f"name = '{name}'"):
+        if mv.tags.get("qops.run_key") == run_key:
+            return mv
+    return None
+
+
+def register(
+    *,
+    model_path: str | os.PathLike,
+    name: str,
+    run_key: str,
+    tags: dict[str, str],
+    gate_passed: bool,
+    card_files: list[str | os.PathLike],
+    register_failed: bool = False,
+    promote: bool = True,
+    candidate_alias: str = "candidate",
+    promote_alias: str = "champion",
+    experiment: str = "qops",
+    metrics: dict[str, float] | None = None,
+    params: dict[str, str] | None = None,
+) -> RegisterResult:
+    """Log the quantized ONNX model (onnx flavor, with signature) and its card; register one version."""
+    import mlflow
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from mlflow import MlflowClient
+    from mlflow.models import infer_signature
+
+    model_path = Path(model_path)
+    if not model_path.is_file():
+        raise RegistryError(f"Quantized model {model_path} does not exist.", "run the quantize stage first.")
+    missing = [str(f) for f in card_files if not Path(f).is_file()]
+    if missing:
+        raise RegistryError(f"Model card file(s) {missing} do not exist.", "run the card stage before registering.")
+    if not gate_passed and not register_failed:
+        return RegisterResult(registered=False, name=name,
+                              reason="gates failed; not registered (set mlflow.register_failed to register it)")
+    client = MlflowClient()
+    existing = _find_version(client, name, run_key)
+    if existing is not None and existing.tags.get("qops.complete") == "true":
+        log.info("version %s of %s already registered for run key %s: reusing it", existing.version, name, run_key)
+        aliases = client.get_registered_model(name).aliases
+        return RegisterResult(True, name, str(existing.version),
+                              sorted(a for a, v in aliases.items() if str(v) == str(existing.version)),
+                              f"models:/{name}/{existing.version}", existing.run_id, reused=True)
+    if existing is not None:  # an earlier attempt died between create and complete: remove it, then redo
+        client.delete_model_version(name, existing.version)
+
+    model = onnx.load(str(model_path))
+    sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    inp = sess.get_inputs()[0]
+    width = inp.shape[-1] if isinstance(inp.shape[-1], int) else 1
+    example = np.zeros((2, width), dtype=np.float32)
+    signature = infer_signature(example, sess.run(None, {inp.name: example})[0])
+
+    safe_tags = {k: str(v) for k, v in tags.items()}
+    safe_tags.update({"qops.run_key": run_key, "qops.gate": "passed" if gate_passed else "failed",
+                      "qops.version": __version__})
+    mlflow.set_experiment(experiment)
+    version = None
+    with mlflow.start_run(run_name=f"register-{name}") as run:
+        try:
+            mlflow.set_tags(safe_tags)
+            if params:
+                mlflow.log_params(params)
+            if metrics:
+                mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
+            info = mlflow.onnx.log_model(model, name="model", signature=signature)
+            for f in card_files:
+                mlflow.log_artifact(str(f), artifact_path="card")
+            mv = mlflow.register_model(info.model_uri, name, tags=safe_tags)
+            version = str(mv.version)
+            card_md = next((Path(f).name for f in card_files if str(f).endswith(".md")), "card.md")
+            card_uri = f"runs:/{run.info.run_id}/card/{card_md}"
+            client.update_model_version(
+                name, version,
+                description=f"Quantized by qops {__version__} for target `{tags.get('qops.target', '?')}`. "
+                f"Gate: {'passed' if gate_passed else 'FAILED'}. Model card: {card_uri} "
+                f"(also card.json and card_chart.png under runs:/{run.info.run_id}/card/).",
+            )
+            client.set_model_version_tag(name, version, "qops.card_uri", card_uri)
+            aliases = []
+            if gate_passed:
+                client.set_registered_model_alias(name, candidate_alias, version)
+                aliases.append(candidate_alias)
+                if promote:
+                    client.set_registered_model_alias(name, promote_alias, version)
+                    aliases.append(promote_alias)
+            client.set_model_version_tag(name, version, "qops.complete", "true")
+        except Exception as e:
+            if version is not None:
+                try:
+                    client.delete_model_version(name, version)
+                except Exception:  # noqa: BLE001 - best effort rollback, the original error matters
+                    log.exception("rollback of %s version %s failed", name, version)
+            mlflow.set_tag("qops.registration", "rolled_back")
+            raise RegistryError(f"Registering {name} failed and was rolled back: {e}",
+                                "check the MLflow server/backend and retry; retries are idempotent.") from e
+    return RegisterResult(True, name, version, sorted(aliases), f"models:/{name}/{version}", run.info.run_id)
+
+
+def promote(name: str, version: str, alias: str = "champion") -> dict:
+    """Point ``alias`` at a registered version whose gates passed."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    mv = client.get_model_version(name, version)
+    if mv.tags.get("qops.gate") != "passed":
+        raise RegistryError(f"{name} version {version} did not pass its gates (qops.gate={mv.tags.get('qops.gate')}).",
+                            "promote a version whose gates passed.")
+    client.set_registered_model_alias(name, alias, version)
+    return {"name": name, "version": str(version), "alias": alias}

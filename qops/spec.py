@@ -1,0 +1,182 @@
+"""The pipeline spec: one YAML file, validated by typed models, the single source of truth.
+
+The CLI (`qops run spec.yaml`) runs it, the Airflow DAG factory builds the DAG from it, and the
+model card quotes it. Strings may use ``${VAR}`` or ``${VAR:-default}``; relative paths are
+resolved against the folder of the spec file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from qops.errors import SpecError
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_vars(text: str) -> str:
+    def repl(m: re.Match) -> str:
+        name, default = m.group(1), m.group(2)
+        value = os.environ.get(name)
+        if value is None or value == "":
+            if default is None:
+                raise SpecError(
+                    f"The spec uses ${{{name}}} but the environment variable {name} is not set.",
+                    f"export {name}=... or write ${{{name}:-default}} in the spec.",
+                )
+            return default
+        return value
+
+    return _VAR.sub(repl, text)
+
+
+class _Base(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataSpec(_Base):
+    pool: str = Field(description="Parquet/CSV pool to draw the calibration set from (recent production data).")
+    reference: str = Field(description="Parquet/CSV reference (e.g. the training data) for the drift check.")
+    validation: str = Field(description="Parquet/CSV validation set with labels and slice columns.")
+    label: str = Field(description="Label column of the validation set.")
+    slice_columns: list[str] = Field(default_factory=list, description="Demographic/slice columns.")
+    features: list[str] | None = Field(
+        default=None,
+        description="Feature columns fed to the model, in order. Default: the model's "
+        "'qops.feature_columns' metadata.",
+    )
+
+
+class DriftSpec(_Base):
+    enabled: bool = True
+    max_kl_divergence: float = Field(0.5, ge=0, description="Per numeric column (GX, with tail holdout).")
+    quantile_tolerance: float = Field(
+        0.5, ge=0, description="Allowed shift of the 5/25/50/75/95% quantiles, in reference std units."
+    )
+    on_drift: Literal["fail", "warn"] = "fail"
+
+
+class CalibrationSpec(_Base):
+    size: int = Field(200, gt=0, description="Number of rows in the calibration set.")
+    strategy: Literal["random", "stratified"] = "stratified"
+    stratify_by: list[str] | None = Field(default=None, description="Default: data.slice_columns.")
+    seed: int = 0
+    drift: DriftSpec = Field(default_factory=DriftSpec)
+
+
+class GateSpec(_Base):
+    metric: Literal["accuracy", "f1", "roc_auc"] = "accuracy"
+    max_overall_drop: float = Field(0.01, ge=0, description="FP32 metric minus quantized metric, overall.")
+    max_slice_drop: float = Field(0.03, ge=0, description="The same, for every slice.")
+    max_fairness_increase: float = Field(
+        0.02, ge=0, description="Increase of demographic parity / equalized odds difference."
+    )
+    max_latency_ratio: float = Field(1.0, gt=0, description="Quantized batch-1 p50 latency / FP32's.")
+    min_slice_size: int = Field(20, ge=1, description="Smaller slices are reported as insufficient data.")
+    latency_runs: int = Field(300, ge=10, description="Timed batch-1 runs per model (after warm-up).")
+
+
+class MlflowSpec(_Base):
+    tracking_uri: str | None = Field(default=None, description="Default: $MLFLOW_TRACKING_URI.")
+    registry_uri: str | None = None
+    experiment: str = "qops"
+    model_name: str = Field(
+        "{source}-{target}",
+        description="Registered model name per target; {source} is the source model's registered name.",
+    )
+    register_failed: bool = Field(
+        False, description="Register a version whose gates failed (no aliases, tagged qops.gate=failed)."
+    )
+    promote_alias: str = "champion"
+    candidate_alias: str = "candidate"
+
+
+class CardSpec(_Base):
+    intended_use: str | None = None
+    limitations: str | None = None
+    ethical_considerations: str | None = None
+    owners: list[str] = Field(default_factory=list)
+
+
+class PipelineSpec(_Base):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    source_model: str = Field(description="models:/NAME@ALIAS, models:/NAME/VERSION, or a .onnx path.")
+    data: DataSpec
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    targets: list[str] = Field(min_length=1)
+    gates: GateSpec = Field(default_factory=GateSpec)
+    mlflow: MlflowSpec = Field(default_factory=MlflowSpec)
+    card: CardSpec = Field(default_factory=CardSpec)
+    artifact_root: str = Field("qops-artifacts", description="Local folder for run artifacts.")
+    schedule_asset: str | None = Field(
+        default=None, description="Asset URI whose updates trigger the quantization DAG."
+    )
+
+    @field_validator("targets")
+    @classmethod
+    def _unique_targets(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("targets must not repeat")
+        return v
+
+    @model_validator(mode="after")
+    def _check_known_targets(self) -> "PipelineSpec":
+        from qops.targets import get_target  # late import: targets imports nothing from spec
+
+        for t in self.targets:
+            get_target(t)  # raises TargetError naming the known targets
+        return self
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()
+
+
+def _resolve_paths(spec: PipelineSpec, base: Path) -> PipelineSpec:
+    def fix(p: str) -> str:
+        if "://" in p or p.startswith("models:"):
+            return p
+        path = Path(p).expanduser()
+        return str(path if path.is_absolute() else (base / path).resolve())
+
+    d = spec.data
+    d.pool, d.reference, d.validation = fix(d.pool), fix(d.reference), fix(d.validation)
+    spec.artifact_root = fix(spec.artifact_root)
+    spec.source_model = fix(spec.source_model)
+    return spec
+
+
+def parse_spec(raw: dict, base_dir: str | os.PathLike = ".") -> PipelineSpec:
+    from qops.errors import TargetError
+
+    try:
+        spec = PipelineSpec.model_validate(raw)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+            lines.append(f"  {loc}: {err['msg']}")
+        raise SpecError("The pipeline spec is invalid:\n" + "\n".join(lines), "correct the fields listed.") from None
+    except TargetError:
+        raise
+    return _resolve_paths(spec, Path(base_dir))
+
+
+def load_spec(path: str | os.PathLike) -> PipelineSpec:
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"Spec file {p} does not exist.", "pass the path of a pipeline spec YAML file.")
+    try:
+        raw = yaml.safe_load(expand_vars(p.read_text(encoding="utf-8")))
+    except yaml.YAMLError as e:
+        raise SpecError(f"Spec file {p} is not valid YAML: {e}", "fix the YAML syntax.") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"Spec file {p} must hold a mapping at the top level.", "see docs/spec.md.")
+    return parse_spec(raw, p.parent.resolve())
