@@ -79,7 +79,7 @@ def fetch_source_model(uri: str, dest_dir: str | os.PathLike) -> SourceModel:
     mlmodel = yaml.safe_load((local / "MLmodel").read_text())
     flavors = mlmodel.get("flavors", {})
     if "onnx" in flavors:
-        path = local / flavors["onnx"]["data"]
+        path = _single_file_onnx(local / flavors["onnx"]["data"], dest / "fp32.onnx")
         flavor = "onnx"
     else:
         raise ModelError(
@@ -87,6 +87,21 @@ def fetch_source_model(uri: str, dest_dir: str | os.PathLike) -> SourceModel:
             "log the FP32 model with mlflow.onnx.log_model (export PyTorch models with torch.onnx.export first).",
         )
     return SourceModel(uri=uri, path=str(path), name=name, version=str(mv.version), run_id=mv.run_id, flavor=flavor)
+
+
+def _single_file_onnx(src: Path, dst: Path) -> Path:
+    """MLflow stores ONNX weights as external data; fold them into one file (when under 2 GB) so sizes,
+    hashes and the quantizer see the whole model."""
+    import onnx
+
+    from qops.artifacts import atomic_path
+
+    model = onnx.load(str(src), load_external_data=True)
+    external = model.ByteSize() >= 2**31 - 1
+    with atomic_path(dst) as tmp:
+        onnx.save_model(model, str(tmp), save_as_external_data=external,
+                        location=dst.name + ".data" if external else None)
+    return dst
 
 
 @dataclass

@@ -38,6 +38,17 @@ def expand_vars(text: str) -> str:
     return _VAR.sub(repl, text)
 
 
+def _expand_tree(node):
+    """Expand ${VAR} in every string value of the parsed YAML (comments are never expanded)."""
+    if isinstance(node, str):
+        return expand_vars(node)
+    if isinstance(node, list):
+        return [_expand_tree(v) for v in node]
+    if isinstance(node, dict):
+        return {k: _expand_tree(v) for k, v in node.items()}
+    return node
+
+
 class _Base(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -174,7 +185,7 @@ def load_spec(path: str | os.PathLike) -> PipelineSpec:
     if not p.is_file():
         raise SpecError(f"Spec file {p} does not exist.", "pass the path of a pipeline spec YAML file.")
     try:
-        raw = yaml.safe_load(expand_vars(p.read_text(encoding="utf-8")))
+        raw = _expand_tree(yaml.safe_load(p.read_text(encoding="utf-8")))
     except yaml.YAMLError as e:
         raise SpecError(f"Spec file {p} is not valid YAML: {e}", "fix the YAML syntax.") from None
     if not isinstance(raw, dict):

@@ -1,0 +1,58 @@
+"""Build the quantization DAG from the pipeline spec (the same spec `qops run` executes)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+from airflow.sdk import DAG, Asset, TaskGroup
+
+from qops_airflow.operators import (
+    QopsCalibrateOperator,
+    QopsCardOperator,
+    QopsEvaluateOperator,
+    QopsGateOperator,
+    QopsQuantizeOperator,
+    QopsRegisterOperator,
+    QopsSourceOperator,
+    QopsSummaryOperator,
+)
+
+
+def spec_asset(uri: str) -> Asset:
+    """The Asset a retraining DAG updates and the quantization DAG is scheduled on."""
+    return Asset(uri=uri, name=uri)
+
+
+def build_quantization_dag(spec_path: str | Path, dag_id: str | None = None, mlflow_conn_id: str | None = None,
+                           **dag_kwargs) -> DAG:
+    """One DAG per spec: source -> calibrate -> per target (quantize -> evaluate -> gate -> card -> register)
+    -> summary. Scheduled on ``spec.schedule_asset`` when set. Target tasks go to the target's queue."""
+    from qops.spec import load_spec
+    from qops.targets import get_target
+
+    spec_path = str(Path(spec_path).resolve())
+    spec = load_spec(spec_path)
+    schedule = [spec_asset(spec.schedule_asset)] if spec.schedule_asset else None
+    dag_kwargs.setdefault("start_date", datetime(2026, 1, 1))
+    dag_kwargs.setdefault("catchup", False)
+    dag_kwargs.setdefault("tags", ["qops", "quantization"])
+    common = {"spec_path": spec_path, "mlflow_conn_id": mlflow_conn_id}
+    with DAG(dag_id or f"qops_{spec.name.replace('-', '_')}_quantize", schedule=schedule,
+             doc_md=f"Quantization pipeline `{spec.name}` built from `{Path(spec_path).name}`.", **dag_kwargs) as dag:
+        source = QopsSourceOperator(task_id="resolve_source", **common)
+        calibrate = QopsCalibrateOperator(task_id="calibrate", **common)
+        summary = QopsSummaryOperator(task_id="summary", **common)
+        source >> calibrate
+        for target in spec.targets:
+            queue = get_target(target).queue
+            with TaskGroup(group_id=target):
+                kw = {**common, "target": target, "queue": queue}
+                chain = [QopsQuantizeOperator(task_id="quantize", **kw), QopsEvaluateOperator(task_id="evaluate", **kw),
+                         QopsGateOperator(task_id="gate", **kw), QopsCardOperator(task_id="card", **kw),
+                         QopsRegisterOperator(task_id="register", **kw)]
+            calibrate >> chain[0]
+            for a, b in zip(chain, chain[1:]):
+                a >> b
+            chain[-1] >> summary
+    return dag

@@ -1,0 +1,197 @@
+"""One thin operator per pipeline stage: parse arguments, call one qops stage function, return small JSON.
+
+Every operator takes the pipeline spec path (the single source of truth) and the run key (default:
+the Airflow run id) that names the run's artifact folder. Heavy libraries are imported in
+``execute`` only, so DAG parsing stays cheap.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
+
+class _QopsStageOperator(BaseOperator):
+    template_fields: Sequence[str] = ("spec_path", "run_key")
+    ui_color = "#d9ecf2"
+    stage: str = ""
+
+    def __init__(self, *, spec_path: str, run_key: str = "{{ run_id }}", mlflow_conn_id: str | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.spec_path = spec_path
+        self.run_key = run_key
+        self.mlflow_conn_id = mlflow_conn_id
+
+    def _spec(self):
+        from qops.spec import load_spec
+
+        from qops_airflow.hooks import MlflowHook
+
+        MlflowHook(self.mlflow_conn_id).configure()
+        return load_spec(self.spec_path)
+
+    def _call(self, fn, *args, **kwargs):
+        from qops.errors import QopsError
+
+        try:
+            return fn(*args, **kwargs)
+        except QopsError as e:  # bad input: retrying will not help, fail with the message
+            raise AirflowFailException(f"qops {self.stage}: {e}") from e
+
+
+class QopsSourceOperator(_QopsStageOperator):
+    """Resolve the FP32 source model (``models:/NAME@ALIAS``) to a local ONNX file in the run folder."""
+
+    stage = "source"
+
+    def execute(self, context) -> dict:
+        from qops.pipeline import stage_source
+
+        return self._call(stage_source, self._spec(), self.run_key)
+
+
+class QopsCalibrateOperator(_QopsStageOperator):
+    """Select the calibration set and check it for drift (GX); fails with the drifted columns."""
+
+    stage = "calibrate"
+
+    def execute(self, context) -> dict:
+        from qops.errors import DriftError
+        from qops.pipeline import stage_calibrate
+
+        try:
+            res = stage_calibrate(self._spec(), self.run_key)
+        except DriftError as e:
+            context["ti"].xcom_push(key="drift_report", value={"drifted_columns": e.report.get("drifted_columns")})
+            raise AirflowFailException(f"qops calibrate: {e}") from e
+        except Exception as e:
+            from qops.errors import QopsError
+
+            if isinstance(e, QopsError):
+                raise AirflowFailException(f"qops calibrate: {e}") from e
+            raise
+        self.log.info("calibration set %s (%d rows, sha256 %s), drift %s", res["path"], res["rows"], res["sha256"],
+                      "passed" if res["drift_passed"] else f"in {res['drifted_columns']} (warn)")
+        return {k: res[k] for k in ("path", "sha256", "rows", "drift_passed", "drifted_columns", "drift_report_path")}
+
+
+class _TargetOperator(_QopsStageOperator):
+    template_fields: Sequence[str] = ("spec_path", "run_key", "target")
+
+    def __init__(self, *, target: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.target = target
+
+
+class QopsQuantizeOperator(_TargetOperator):
+    """Quantize the source model for one hardware target (ONNX Runtime PTQ)."""
+
+    stage = "quantize"
+
+    def execute(self, context) -> dict:
+        from qops.pipeline import stage_quantize
+
+        res = self._call(stage_quantize, self._spec(), self.run_key, self.target)
+        self.log.info("%s: %s bytes (%.2fx smaller) in %.1fs", self.target, res["size_bytes"], res["size_ratio"],
+                      res["seconds"])
+        return {k: res[k] for k in ("target", "model_path", "model_sha256", "size_bytes", "size_ratio")}
+
+
+class QopsEvaluateOperator(_TargetOperator):
+    """Evaluate FP32 vs quantized on the validation slices; size, latency, fairness."""
+
+    stage = "evaluate"
+
+    def execute(self, context) -> dict:
+        from qops.pipeline import stage_evaluate
+
+        res = self._call(stage_evaluate, self._spec(), self.run_key, self.target)
+        return {"target": self.target, "metric": res["metric"], "fp32": res["fp32"]["overall"],
+                "quantized": res["quantized"]["overall"], "fp32_latency_p50_ms": res["fp32"]["latency_p50_ms"],
+                "latency_p50_ms": res["quantized"]["latency_p50_ms"], "agreement": res["agreement"]}
+
+
+class QopsGateOperator(_TargetOperator):
+    """Apply the gates. Pushes the gate result to XCom (key ``gate_result``), then fails the task with a
+    message listing each failed check."""
+
+    stage = "gate"
+
+    def execute(self, context) -> dict:
+        from qops.pipeline import stage_gate
+
+        res = self._call(stage_gate, self._spec(), self.run_key, self.target)
+        context["ti"].xcom_push(key="gate_result", value=res)
+        self.log.info("gate for %s:\n%s", self.target, res["message"])
+        if not res["passed"]:
+            raise AirflowFailException(f"qops gate for target {self.target}: {res['message']}")
+        return {"target": self.target, "passed": True, "checks": len(res["checks"])}
+
+
+class QopsCardOperator(_TargetOperator):
+    """Write the model card (Markdown, JSON, chart). Runs after a failed gate too, to document it."""
+
+    stage = "card"
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("trigger_rule", "all_done")
+        super().__init__(**kwargs)
+
+    def execute(self, context) -> dict:
+        from pathlib import Path
+
+        from qops.artifacts import run_dir
+        from qops.pipeline import stage_card
+
+        spec = self._spec()
+        if not (run_dir(spec.artifact_root, spec.name, self.run_key) / "targets" / self.target / "gate.json").is_file():
+            raise AirflowSkipException(f"no gate result for {self.target}: an upstream stage failed before the gate")
+        res = self._call(stage_card, spec, self.run_key, self.target, dag_id=context["dag"].dag_id)
+        self.log.info("model card: %s", Path(res["markdown_path"]))
+        return res
+
+
+class QopsRegisterOperator(_TargetOperator):
+    """Log + register the quantized model in MLflow with tags, card and aliases (only if gates passed,
+    unless the spec says ``register_failed``)."""
+
+    stage = "register"
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("trigger_rule", "all_done")
+        super().__init__(**kwargs)
+
+    def execute(self, context) -> dict:
+        from qops.artifacts import read_json, run_dir
+        from qops.pipeline import stage_register
+
+        spec = self._spec()
+        tdir = run_dir(spec.artifact_root, spec.name, self.run_key) / "targets" / self.target
+        if not (tdir / "card.json").is_file():
+            raise AirflowSkipException(f"no model card for {self.target}: an upstream stage failed")
+        if not read_json(tdir / "gate.json")["passed"] and not spec.mlflow.register_failed:
+            raise AirflowSkipException(f"gates failed for {self.target}: not registered (mlflow.register_failed is off)")
+        res = self._call(stage_register, spec, self.run_key, self.target)
+        self.log.info("registered %s version %s, aliases %s", res["name"], res["version"], res["aliases"])
+        return res
+
+
+class QopsSummaryOperator(_QopsStageOperator):
+    """Write the run's summary.json and log the summary table."""
+
+    stage = "summary"
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("trigger_rule", "all_done")
+        super().__init__(**kwargs)
+
+    def execute(self, context) -> dict:
+        from qops.pipeline import format_summary, stage_summary
+
+        summary = stage_summary(self._spec(), self.run_key, dag_id=context["dag"].dag_id)
+        self.log.info("\n%s", format_summary(summary))
+        return {"summary": f"{summary['run_dir']}/summary.json",
+                "passed": [r["target"] for r in summary["targets"] if r.get("gate") == "passed"]}
