@@ -1,0 +1,98 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from qops.calibration import check_drift, select_calibration, select_rows
+from qops.errors import DataError, DriftError
+
+SLICES = ["sex", "age_group"]
+
+
+def test_stratified_selection_is_seeded_and_proportional(data_dir):
+    pool = pd.read_parquet(data_dir / "pool.parquet")
+    a = select_rows(pool, 100, "stratified", seed=3, stratify_by=SLICES)
+    b = select_rows(pool, 100, "stratified", seed=3, stratify_by=SLICES)
+    c = select_rows(pool, 100, "stratified", seed=4, stratify_by=SLICES)
+    assert len(a) == 100 and a.index.equals(b.index) and not a.index.equals(c.index)
+    assert a.index.is_unique
+    # every stratum present in the pool is represented, roughly in proportion
+    strata = pool[SLICES].astype(str).agg("|".join, axis=1)
+    chosen = a[SLICES].astype(str).agg("|".join, axis=1)
+    assert set(chosen) == set(strata)
+    for key, share in strata.value_counts(normalize=True).items():
+        assert abs((chosen == key).mean() - share) < 0.05
+
+
+def test_random_selection_is_deterministic(data_dir):
+    pool = pd.read_parquet(data_dir / "pool.parquet")
+    assert select_rows(pool, 50, "random", seed=1).index.equals(select_rows(pool, 50, "random", seed=1).index)
+
+
+def test_select_calibration_writes_set_hash_and_report(data_dir, features, tmp_path):
+    res = select_calibration(data_dir / "pool.parquet", data_dir / "train.parquet", tmp_path, size=120,
+                             features=features, slice_columns=SLICES, seed=0)
+    assert res.rows == 120 and res.drift_passed
+    df = pd.read_parquet(res.path)
+    assert len(df) == 120 and set(features) <= set(df.columns)
+    import hashlib
+
+    assert res.sha256 == hashlib.sha256(open(res.path, "rb").read()).hexdigest()
+    assert sum(res.rows_per_slice["sex"].values()) == 120
+    assert (tmp_path / "drift_report.json").is_file() and (tmp_path / "calibration.json").is_file()
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_drift_fails_naming_column_and_writes_no_calibration_set(data_dir, features, tmp_path):
+    pool = pd.read_parquet(data_dir / "pool.parquet")
+    pool["num_age"] = pool["num_age"] + 1.5  # production population got much older
+    pool.to_parquet(tmp_path / "pool.parquet")
+    with pytest.raises(DriftError, match=r"num_age") as e:
+        select_calibration(tmp_path / "pool.parquet", data_dir / "train.parquet", tmp_path / "out", size=120,
+                           features=features, slice_columns=SLICES)
+    assert "num_age" in e.value.report["drifted_columns"]
+    assert (tmp_path / "out" / "drift_report.json").is_file()
+    assert not (tmp_path / "out" / "calibration.parquet").exists()
+
+
+def test_unseen_category_is_drift(data_dir, features):
+    ref = pd.read_parquet(data_dir / "train.parquet")
+    sample = ref.sample(100, random_state=0).copy()
+    sample.loc[sample.index[:30], "sex"] = "unknown"
+    report = check_drift(sample, ref, numeric=features[:3], categorical=SLICES)
+    assert not report.passed and report.drifted_columns == ["sex"]
+    assert "sex" in report.text() and "DRIFT" in report.text()
+
+
+def test_pool_smaller_than_n(data_dir, features, tmp_path):
+    with pytest.raises(DataError, match=r"has 200 rows, fewer than the 500 requested.*calibration.size"):
+        select_calibration(data_dir / "pool.parquet", data_dir / "train.parquet", tmp_path, size=500,
+                           features=features, slice_columns=SLICES)
+
+
+def test_empty_pool(data_dir, features, tmp_path):
+    pd.read_parquet(data_dir / "pool.parquet").iloc[:0].to_parquet(tmp_path / "empty.parquet")
+    with pytest.raises(DataError, match="pool is empty"):
+        select_calibration(tmp_path / "empty.parquet", data_dir / "train.parquet", tmp_path / "o", size=10,
+                           features=features, slice_columns=SLICES)
+
+
+def test_missing_slice_column(data_dir, features, tmp_path):
+    with pytest.raises(DataError, match=r"lacks column\(s\) \['region'\]"):
+        select_calibration(data_dir / "pool.parquet", data_dir / "train.parquet", tmp_path, size=10,
+                           features=features, slice_columns=["sex", "region"])
+
+
+def test_nan_in_features(data_dir, features, tmp_path):
+    pool = pd.read_parquet(data_dir / "pool.parquet")
+    pool.loc[pool.index[:3], "num_duration"] = np.nan
+    pool.to_parquet(tmp_path / "nan.parquet")
+    with pytest.raises(DataError, match=r"NaN in feature column\(s\) \['num_duration'\] \(3 row"):
+        select_calibration(tmp_path / "nan.parquet", data_dir / "train.parquet", tmp_path / "o", size=10,
+                           features=features, slice_columns=SLICES)
+    assert not (tmp_path / "o" / "calibration.parquet").exists()
+
+
+def test_missing_file_is_named(data_dir, features, tmp_path):
+    with pytest.raises(DataError, match="calibration pool file .*nope.parquet does not exist"):
+        select_calibration(tmp_path / "nope.parquet", data_dir / "train.parquet", tmp_path, size=10,
+                           features=features)
