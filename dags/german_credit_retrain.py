@@ -22,7 +22,7 @@ with DAG(
     catchup=False,
     tags=["qops", "retraining", "example"],
     doc_md=__doc__,
-):
+) as dag:
 
     @task(outlets=[MODEL_ASSET])
     def retrain() -> dict:

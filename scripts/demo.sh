@@ -25,8 +25,8 @@ step() { printf '\n==> [%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 step "Airflow metadata DB (SQLite) in $AIRFLOW_HOME"
 airflow db migrate > "$LOGS/db_migrate.log" 2>&1
 airflow dags reserialize > "$LOGS/reserialize.log" 2>&1
-errors=$(airflow dags list-import-errors 2>/dev/null | grep -c '\.py' || true)
-if [ "$errors" != "0" ]; then airflow dags list-import-errors; exit 1; fi
+errors=$(airflow dags list-import-errors -o json 2>/dev/null | tail -n 1)
+if [ "$errors" != "[]" ]; then airflow dags list-import-errors; exit 1; fi
 
 step "Retraining DAG german_credit_retrain (log: $LOGS/retrain.log)"
 airflow dags test german_credit_retrain > "$LOGS/retrain.log" 2>&1 || { tail -50 "$LOGS/retrain.log"; exit 1; }

@@ -55,6 +55,7 @@ def mlflow_uri(tmp_path, monkeypatch):
     import mlflow
 
     mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("Default")  # forget the experiment id cached from another test's store
     yield uri
 
 

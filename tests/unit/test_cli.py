@@ -1,0 +1,50 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+QOPS = [sys.executable, "-m", "qops.cli"]
+
+
+def run(*args, **kw):
+    return subprocess.run([*QOPS, *map(str, args)], capture_output=True, text=True, **kw)
+
+
+def test_targets_json():
+    r = run("targets", "--json")
+    assert r.returncode == 0
+    data = json.loads(r.stdout)
+    assert data["x86_64_vnni_int8"]["granularity"] == "per-channel" and data["arm64_int8"]["queue"] == "cpu"
+
+
+def test_quantize_works_on_its_own(fp32_model, calibration_file, tmp_path):
+    out = tmp_path / "q.onnx"
+    r = run("quantize", "--model", fp32_model, "--target", "x86_64_vnni_int8", "--calibration", calibration_file,
+            "--output", out, "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert Path(res["model_path"]) == out and out.is_file() and res["size_ratio"] > 3.5
+
+
+def test_calibrate_evaluate_gate_chain(fp32_model, data_dir, tmp_path):
+    r = run("calibrate", "--pool", data_dir / "pool.parquet", "--reference", data_dir / "train.parquet", "--size", 100,
+            "--slice-columns", "sex,age_group", "--model", fp32_model, "--output-dir", tmp_path / "cal", "--json")
+    assert r.returncode == 0, r.stderr
+    cal = json.loads(r.stdout)
+    assert cal["rows"] == 100 and cal["drift_passed"]
+    r = run("quantize", "--model", fp32_model, "--target", "arm64_int8", "--calibration", cal["path"],
+            "--output", tmp_path / "q.onnx")
+    assert r.returncode == 0, r.stderr
+    r = run("evaluate", "--fp32", fp32_model, "--quantized", tmp_path / "q.onnx", "--validation",
+            data_dir / "validation.parquet", "--label", "risk", "--slice-columns", "sex,age_group",
+            "--latency-runs", 50, "--output", tmp_path / "ev.json")
+    assert r.returncode == 0, r.stderr and "accuracy" in r.stdout
+    # an impossible latency bound fails the gate: exit code 3 and the failed check named
+    r = run("gate", "--evaluation", tmp_path / "ev.json", "--max-latency-ratio", 0.001)
+    assert r.returncode == 3 and "latency_ratio" in r.stdout
+
+
+def test_bad_input_is_a_clear_error_not_a_traceback(fp32_model, tmp_path):
+    r = run("quantize", "--model", fp32_model, "--target", "nope", "--output", tmp_path / "o.onnx")
+    assert r.returncode == 2
+    assert "Unknown hardware target 'nope'" in r.stderr and "Traceback" not in r.stderr

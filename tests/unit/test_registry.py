@@ -1,0 +1,116 @@
+"""Registration against a real MLflow store (SQLite + local artifacts in a temp folder)."""
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from qops.errors import RegistryError
+from qops.quantize import quantize
+from qops.registry import fetch_source_model, promote, register
+
+
+@pytest.fixture(scope="module")
+def qmodel(fp32_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("rq") / "model.onnx"
+    quantize(fp32_model, "x86_64_int8_dynamic", out)
+    return out
+
+
+@pytest.fixture
+def card_files(tmp_path):
+    md, js = tmp_path / "card.md", tmp_path / "card.json"
+    md.write_text("# card\n")
+    js.write_text("{}\n")
+    return [md, js]
+
+
+def _register(qmodel, card_files, **kw):
+    args = dict(model_path=qmodel, name="m-x86", run_key="p|run1|x86|abc", gate_passed=True, card_files=card_files,
+                tags={"qops.target": "x86_64_int8_dynamic", "qops.precision": "int8", "qops.source_version": "1",
+                      "qops.calibration_sha256": "none"})
+    args.update(kw)
+    return register(**args)
+
+
+def test_register_passing_model(mlflow_uri, qmodel, card_files, features):
+    res = _register(qmodel, card_files)
+    assert res.registered and res.version == "1" and res.aliases == ["candidate", "champion"]
+    client = MlflowClient()
+    mv = client.get_model_version_by_alias("m-x86", "champion")
+    assert str(mv.version) == "1"
+    assert mv.tags["qops.gate"] == "passed" and mv.tags["qops.target"] == "x86_64_int8_dynamic"
+    assert mv.tags["qops.complete"] == "true" and mv.tags["qops.card_uri"].endswith("/card/card.md")
+    assert "Model card: runs:/" in mv.description
+    # card attached to the version's run
+    arts = {a.path for a in client.list_artifacts(mv.run_id, "card")}
+    assert arts == {"card/card.md", "card/card.json"}
+    # load the registered quantized model back and run it
+    model = mlflow.pyfunc.load_model("models:/m-x86@champion")
+    out = model.predict(np.zeros((3, len(features)), dtype=np.float32))
+    assert np.asarray(list(out.values())[0] if isinstance(out, dict) else out).shape[0] == 3
+
+
+def test_retry_is_idempotent(mlflow_uri, qmodel, card_files):
+    first = _register(qmodel, card_files)
+    again = _register(qmodel, card_files)
+    assert again.reused and again.version == first.version
+    assert len(MlflowClient().search_model_versions("name = 'm-x86'")) == 1
+
+
+def test_failed_gate_is_not_registered(mlflow_uri, qmodel, card_files):
+    res = _register(qmodel, card_files, gate_passed=False)
+    assert not res.registered and "register_failed" in res.reason
+    assert MlflowClient().search_registered_models() == []
+
+
+def test_failed_gate_registered_on_request_without_aliases(mlflow_uri, qmodel, card_files):
+    res = _register(qmodel, card_files, gate_passed=False, register_failed=True)
+    assert res.registered and res.aliases == []
+    mv = MlflowClient().get_model_version("m-x86", res.version)
+    assert mv.tags["qops.gate"] == "failed"
+    assert MlflowClient().get_registered_model("m-x86").aliases == {}
+    with pytest.raises(RegistryError, match="did not pass its gates"):
+        promote("m-x86", res.version)
+
+
+def test_failure_mid_registration_rolls_back(mlflow_uri, qmodel, card_files, monkeypatch):
+    """Fault injection: the alias call fails after the version exists; the version must be removed."""
+
+    def boom(self, *a, **k):
+        raise RuntimeError("registry went away")
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", boom)
+    with pytest.raises(RegistryError, match="rolled back"):
+        _register(qmodel, card_files)
+    monkeypatch.undo()
+    assert MlflowClient().search_model_versions("name = 'm-x86'") == []
+    # and a retry then succeeds cleanly
+    assert _register(qmodel, card_files).version is not None
+
+
+def test_missing_card_is_rejected_before_anything_is_written(mlflow_uri, qmodel, tmp_path):
+    with pytest.raises(RegistryError, match="card file"):
+        _register(qmodel, [tmp_path / "missing.md"])
+    assert MlflowClient().search_registered_models() == []
+
+
+def test_fetch_source_model_by_alias(mlflow_uri, fp32_model, tmp_path):
+    import onnx
+
+    with mlflow.start_run():
+        mlflow.onnx.log_model(onnx.load(str(fp32_model)), name="model", registered_model_name="src")
+    MlflowClient().set_registered_model_alias("src", "champion", "1")
+    src = fetch_source_model("models:/src@champion", tmp_path)
+    assert src.version == "1" and src.name == "src" and src.flavor == "onnx"
+    # weights folded into one file: same size class as the original
+    import os
+
+    assert os.path.getsize(src.path) > 0.9 * os.path.getsize(fp32_model)
+
+
+def test_fetch_unknown_model(mlflow_uri, tmp_path):
+    from qops.errors import ModelError
+
+    with pytest.raises(ModelError, match="not found in the MLflow registry"):
+        fetch_source_model("models:/nope@champion", tmp_path)
