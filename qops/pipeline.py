@@ -222,24 +222,32 @@ def stage_summary(spec: PipelineSpec, run_id: str, dag_id: str | None = None) ->
 
 
 def format_summary(summary: dict) -> str:
-    head = f"{'target':<22}{'size MB':>9}{'x smaller':>10}{'p50 ms':>9}{'speed-up':>9}{'metric q/fp32':>16}" \
-           f"{'worst slice (delta)':>30}  {'gate':<7}{'MLflow':<40}card"
-    lines = [f"qops run {summary['run_id']} of pipeline {summary['pipeline']} (source {summary['source_model']})", head,
-             "-" * len(head)]
+    head = (f"{'target':<21}{'size MB':>8}{'smaller':>8}{'p50 ms':>8}{'faster':>7}  {'metric q / fp32':<16}"
+            f"{'worst slice (delta)':<30}{'gate':<7}MLflow name v[aliases]")
+    lines = [f"qops run {summary['run_id']} of pipeline {summary['pipeline']} (source {summary['source_model']})",
+             head, "-" * (len(head) + 30)]
+    cards = []
     for r in summary["targets"]:
         if "size_bytes" not in r:
-            lines.append(f"{r['target']:<22}{'(not evaluated)':>60}  {r['gate']}")
+            lines.append(f"{r['target']:<21}{'(not evaluated)':<46}{r['gate']}")
             continue
         ws = f"{r['worst_slice']} ({r['worst_slice_delta']:+.4f})" if r.get("worst_slice") else "n/a"
         ml = r.get("mlflow") or {}
         mls = (f"{ml['name']} v{ml['version']} [{','.join(ml['aliases'])}]" if ml.get("registered")
                else "not registered")
         lines.append(
-            f"{r['target']:<22}{r['size_bytes'] / 1e6:>9.3f}{r['fp32_size_bytes'] / r['size_bytes']:>10.2f}"
-            f"{r['latency_p50_ms']:>9.4f}{r['fp32_latency_p50_ms'] / r['latency_p50_ms']:>9.2f}"
-            f"{r['metric_quantized']:>8.4f}/{r['metric_fp32']:<7.4f}{ws:>30}  {r['gate']:<7}{mls:<40}"
-            f"{(r.get('card') or {}).get('markdown', '')}"
+            f"{r['target']:<21}{r['size_bytes'] / 1e6:>8.3f}{r['fp32_size_bytes'] / r['size_bytes']:>7.2f}x"
+            f"{r['latency_p50_ms']:>8.4f}{r['fp32_latency_p50_ms'] / r['latency_p50_ms']:>6.2f}x  "
+            f"{r['metric_quantized']:.4f} / {r['metric_fp32']:.4f} {ws:<30}{r['gate']:<7}{mls}"
         )
+        if r.get("card"):
+            cards.append(f"  {r['target']:<21}{r['card']['markdown']}")
+    first = summary["targets"][0] if summary["targets"] else {}
+    if "fp32_size_bytes" in first:
+        lines.append(f"{'FP32 source':<21}{first['fp32_size_bytes'] / 1e6:>8.3f}{'':>8}"
+                     f"{first['fp32_latency_p50_ms']:>8.4f}")
+    if cards:
+        lines += ["", "model cards (Markdown; card.json and card_chart.png beside each):", *cards]
     return "\n".join(lines)
 
 

@@ -104,8 +104,8 @@ def _chart(card: dict, path: Path) -> Path | None:
     axes[0].bar(x + 0.2, vq, 0.4, label=card["hardware_target"]["target"], color="#DD8452")
     axes[0].set_xticks(x, labels, rotation=30, ha="right", fontsize=8)
     axes[0].set_ylabel(ev["metric"])
-    axes[0].set_ylim(0, 1.05)
-    axes[0].legend(fontsize=8, loc="lower right")
+    axes[0].set_ylim(0, 1.2)
+    axes[0].legend(fontsize=8, loc="upper right", ncol=2)
     axes[0].set_title(f"{ev['metric']} by slice")
     for ax, key, unit, scale in ((axes[1], "size_bytes", "MB", 1e-6), (axes[2], "latency_p50_ms", "ms", 1)):
         vals = [perf[key]["fp32"] * scale, perf[key]["quantized"] * scale]
