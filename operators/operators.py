@@ -59,7 +59,7 @@ class QopsCalibrateOperator(_QopsStageOperator):
     stage = "calibrate"
 
     def execute(self, context) -> dict:
-        from qops.errors import DriftError
+        from qops.errors import DriftError, QopsError
         from qops.pipeline import stage_calibrate
 
         try:
@@ -67,12 +67,8 @@ class QopsCalibrateOperator(_QopsStageOperator):
         except DriftError as e:
             context["ti"].xcom_push(key="drift_report", value={"drifted_columns": e.report.get("drifted_columns")})
             raise AirflowFailException(f"qops calibrate: {e}") from e
-        except Exception as e:
-            from qops.errors import QopsError
-
-            if isinstance(e, QopsError):
-                raise AirflowFailException(f"qops calibrate: {e}") from e
-            raise
+        except QopsError as e:
+            raise AirflowFailException(f"qops calibrate: {e}") from e
         self.log.info("calibration set %s (%d rows, sha256 %s), drift %s", res["path"], res["rows"], res["sha256"],
                       "passed" if res["drift_passed"] else f"in {res['drifted_columns']} (warn)")
         return {k: res[k] for k in ("path", "sha256", "rows", "drift_passed", "drifted_columns", "drift_report_path")}

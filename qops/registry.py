@@ -36,11 +36,6 @@ def configure_mlflow(tracking_uri: str | None = None, registry_uri: str | None =
     return uri
 
 
-def redact_uri(uri: str) -> str:
-    """Drop credentials from a URI before it goes into logs, cards or tags."""
-    return re.sub(r"//[^/@]+@", "//***@", uri)
-
-
 @dataclass
 class SourceModel:
     uri: str
