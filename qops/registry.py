@@ -76,10 +76,14 @@ def fetch_source_model(uri: str, dest_dir: str | os.PathLike) -> SourceModel:
     if "onnx" in flavors:
         path = _single_file_onnx(local / flavors["onnx"]["data"], dest / "fp32.onnx")
         flavor = "onnx"
+    elif "pytorch" in flavors:
+        path = _pytorch_to_onnx(local, flavors["pytorch"], mlmodel.get("signature") or {}, dest / "fp32.onnx", uri)
+        flavor = "pytorch"
     else:
         raise ModelError(
-            f"Source model {uri} (version {mv.version}) has flavors {sorted(flavors)}, not onnx.",
-            "log the FP32 model with mlflow.onnx.log_model (export PyTorch models with torch.onnx.export first).",
+            f"Source model {uri} (version {mv.version}) has flavors {sorted(flavors)}; qops reads onnx and "
+            "pytorch (pt2) models.",
+            "log the FP32 model with mlflow.onnx.log_model or mlflow.pytorch.log_model(serialization_format='pt2').",
         )
     return SourceModel(uri=uri, path=str(path), name=name, version=str(mv.version), run_id=mv.run_id, flavor=flavor)
 
@@ -96,6 +100,57 @@ def _single_file_onnx(src: Path, dst: Path) -> Path:
     with atomic_path(dst) as tmp:
         onnx.save_model(model, str(tmp), save_as_external_data=external,
                         location=dst.name + ".data" if external else None)
+    return dst
+
+
+def _pytorch_to_onnx(local: Path, conf: dict, signature: dict, dst: Path, uri: str) -> Path:
+    """Export a pytorch-flavor model saved as a ``torch.export`` archive (pt2) to ONNX with a dynamic batch.
+
+    Pickled PyTorch models are refused: loading them runs arbitrary code. MLflow is told to disallow
+    pickle, so it also checks that the pt2 archive holds only tensors and plain data.
+    """
+    import json
+
+    import numpy as np
+
+    from qops.artifacts import atomic_path
+
+    pt2 = local / conf.get("model_data", "data") / "model.pt2"
+    if not pt2.is_file():
+        raise ModelError(
+            f"Source model {uri} is a pickled PyTorch model; qops does not unpickle model files.",
+            "re-log it with mlflow.pytorch.log_model(..., serialization_format='pt2', input_example=X) "
+            "or log an ONNX export with mlflow.onnx.log_model.",
+        )
+    try:
+        spec = json.loads(signature.get("inputs") or "[]")
+        shape = spec[0]["tensor-spec"]["shape"]
+        dtype = spec[0]["tensor-spec"]["dtype"]
+    except (ValueError, KeyError, IndexError):
+        raise ModelError(f"Source model {uri} has no tensor input signature to export it with.",
+                         "log it with an input_example (a float32 array of shape [batch, n_features]).") from None
+    import mlflow
+    import torch
+
+    previous = os.environ.get("MLFLOW_ALLOW_PICKLE_DESERIALIZATION")
+    os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"
+    try:
+        module = mlflow.pytorch.load_model(str(local))
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", None)
+        else:
+            os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = previous
+    example = torch.from_numpy(np.zeros([2] + [d if d > 0 else 2 for d in shape[1:]], dtype=dtype))
+    try:
+        program = torch.export.export(module, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+        onnx_program = torch.onnx.export(program, (example,), dynamo=True, input_names=["features"],
+                                         output_names=["output"])
+    except Exception as e:
+        raise ModelError(f"Exporting the PyTorch source model {uri} to ONNX failed: {e}",
+                         "export it yourself with torch.onnx.export and log the ONNX model.") from None
+    with atomic_path(dst) as tmp:
+        onnx_program.save(str(tmp))
     return dst
 
 

@@ -114,3 +114,34 @@ def test_fetch_unknown_model(mlflow_uri, tmp_path):
 
     with pytest.raises(ModelError, match="not found in the MLflow registry"):
         fetch_source_model("models:/nope@champion", tmp_path)
+
+
+def test_fetch_pytorch_pt2_source_is_exported_to_onnx(mlflow_uri, tmp_path):
+    import onnxruntime as ort
+    import torch
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 32), torch.nn.ReLU(), torch.nn.Linear(32, 2)).eval()
+    x = np.random.default_rng(0).normal(size=(4, 6)).astype(np.float32)
+    with mlflow.start_run():
+        mlflow.pytorch.log_model(net, name="model", input_example=x, serialization_format="pt2",
+                                 registered_model_name="torchsrc")
+    src = fetch_source_model("models:/torchsrc/1", tmp_path)
+    assert src.flavor == "pytorch"
+    sess = ort.InferenceSession(src.path)
+    batch = np.random.default_rng(1).normal(size=(7, 6)).astype(np.float32)  # batch size is dynamic
+    out = sess.run(None, {sess.get_inputs()[0].name: batch})[0]
+    np.testing.assert_allclose(out, net(torch.from_numpy(batch)).detach().numpy(), atol=1e-5)
+
+
+def test_pickled_pytorch_source_is_refused(mlflow_uri, tmp_path):
+    import torch
+
+    from qops.errors import ModelError
+
+    net = torch.nn.Linear(3, 2)
+    with mlflow.start_run():
+        mlflow.pytorch.log_model(net, name="model", serialization_format="pickle",
+                                 registered_model_name="pickled")
+    with pytest.raises(ModelError, match="does not unpickle"):
+        fetch_source_model("models:/pickled/1", tmp_path)
