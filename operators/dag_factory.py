@@ -16,6 +16,7 @@ from qops_airflow.operators import (
     QopsRegisterOperator,
     QopsSourceOperator,
     QopsSummaryOperator,
+    QopsWatcherOperator,
 )
 
 
@@ -27,7 +28,8 @@ def spec_asset(uri: str) -> Asset:
 def build_quantization_dag(spec_path: str | Path, dag_id: str | None = None, mlflow_conn_id: str | None = None,
                            **dag_kwargs) -> DAG:
     """One DAG per spec: source -> calibrate -> per target (quantize -> evaluate -> gate -> card -> register)
-    -> summary. Scheduled on ``spec.schedule_asset`` when set. Target tasks go to the target's queue."""
+    -> summary, and a watcher task that fails the run if any task failed. Scheduled on ``spec.schedule_asset``
+    when set. Target tasks go to the target's queue."""
     from qops.spec import load_spec
     from qops.targets import get_target
 
@@ -55,4 +57,8 @@ def build_quantization_dag(spec_path: str | Path, dag_id: str | None = None, mlf
             for a, b in zip(chain, chain[1:]):
                 a >> b
             chain[-1] >> summary
+        watcher = QopsWatcherOperator(task_id="fail_run_if_any_task_failed")
+        for task in dag.tasks:
+            if task is not watcher:
+                task >> watcher
     return dag

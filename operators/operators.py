@@ -191,3 +191,23 @@ class QopsSummaryOperator(_QopsStageOperator):
         self.log.info("\n%s", format_summary(summary))
         return {"summary": f"{summary['run_dir']}/summary.json",
                 "passed": [r["target"] for r in summary["targets"] if r.get("gate") == "passed"]}
+
+
+class QopsWatcherOperator(BaseOperator):
+    """Fails the DAG run when any upstream task failed (Airflow's watcher pattern).
+
+    The summary task runs with ``trigger_rule=all_done`` so that it reports failed targets too; as the
+    only leaf it would mark the run successful. This task, downstream of every task with
+    ``trigger_rule=one_failed``, is skipped when all went well and fails otherwise.
+    """
+
+    ui_color = "#f2d9d9"
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("trigger_rule", "one_failed")
+        kwargs.setdefault("retries", 0)
+        super().__init__(**kwargs)
+
+    def execute(self, context) -> None:
+        raise AirflowFailException("an upstream task failed (a gate, or a stage with bad input): see its log; "
+                                   "the summary lists each target's verdict")

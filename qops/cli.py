@@ -106,6 +106,26 @@ def cmd_register(args) -> int:
     return 0
 
 
+def cmd_stage(args) -> int:
+    """Run one stage exactly as its Airflow operator does (same spec, same run folder)."""
+    from qops import pipeline
+    from qops.errors import QopsError
+    from qops.spec import load_spec
+
+    spec = load_spec(args.spec)
+    fn = getattr(pipeline, f"stage_{args.stage}")
+    per_target = args.stage in ("quantize", "evaluate", "gate", "card", "register")
+    if per_target and not args.target:
+        raise QopsError(f"Stage {args.stage!r} runs per target.", f"pass --target (one of {spec.targets}).")
+    extra = {"dag_id": args.dag_id} if args.stage in ("card", "summary") else {}
+    res = fn(spec, args.run_id, args.target, **extra) if per_target else fn(spec, args.run_id, **extra)
+    _emit(args, res)
+    if args.stage == "gate" and not res["passed"]:
+        print(res["message"], file=sys.stderr)
+        return 3
+    return 0
+
+
 def cmd_promote(args) -> int:
     from qops.registry import configure_mlflow, promote
 
@@ -139,7 +159,7 @@ def cmd_summary(args) -> int:
     summary = read_json(path)
     print(format_summary(summary))
     print(f"summary: {path}")
-    return 0
+    return 0 if any(r.get("gate") == "passed" for r in summary["targets"]) else 3
 
 
 def cmd_train_example(args) -> int:
@@ -211,6 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "card":
             sp.add_argument("--dag-id")
 
+    sp = add("stage", cmd_stage, "run one pipeline stage of a spec exactly as its Airflow operator does")
+    sp.add_argument("stage", choices=["source", "calibrate", "quantize", "evaluate", "gate", "card", "register",
+                                      "summary"])
+    sp.add_argument("--spec", required=True)
+    sp.add_argument("--run-id", required=True)
+    sp.add_argument("--target")
+    sp.add_argument("--dag-id")
+
     sp = add("promote", cmd_promote, "point an alias at a registered version whose gates passed")
     sp.add_argument("--name", required=True)
     sp.add_argument("--version", required=True)
@@ -221,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("spec")
     sp.add_argument("--run-id")
 
-    sp = add("summary", cmd_summary, "print a run's summary table")
+    sp = add("summary", cmd_summary, "print a run's summary table (exit 3 when no target passed its gates)")
     sp.add_argument("path", help="summary.json or latest_summary.json")
 
     sp = add("train-example", cmd_train_example, "retrain the German Credit example model and register it")

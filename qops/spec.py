@@ -70,7 +70,8 @@ class DriftSpec(_Base):
     enabled: bool = True
     max_kl_divergence: float = Field(0.5, ge=0, description="Per numeric column (GX, with tail holdout).")
     quantile_tolerance: float = Field(
-        0.5, ge=0, description="Allowed shift of the 5/25/50/75/95% quantiles, in reference std units."
+        0.1, ge=0, description="Allowed shift of the 5/25/50/75/95% quantiles beyond the sampling band "
+        "expected for the calibration set's size, in reference std units."
     )
     on_drift: Literal["fail", "warn"] = "fail"
 

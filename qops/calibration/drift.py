@@ -1,8 +1,10 @@
 """Drift check of a calibration set against a reference, with a Great Expectations (GX Core 1.x) suite.
 
 The suite is generated from the reference profile:
-- numeric columns: quantile bounds (5/25/50/75/95%, widened by a tolerance in reference std units),
-  min/max bounds (reference range widened by the same tolerance, ``mostly=0.99``), and KL divergence
+- numeric columns: quantile bounds (5/25/50/75/95%): the band in which a sample of the calibration set's
+  size would find each quantile of the reference (order statistics, z=3), widened by a tolerance in
+  reference std units,
+  min/max bounds (reference range widened by half a std, ``mostly=0.95``), and KL divergence
   against the reference histogram, with tail holdout so values outside the reference range do not
   make the divergence infinite;
 - categorical columns: the value set seen in the reference.
@@ -70,8 +72,13 @@ def _partition(ref: np.ndarray) -> dict | None:
     return {"bins": edges.tolist(), "weights": weights.tolist()}
 
 
+SAMPLING_Z = 3.0
+RANGE_MARGIN = 0.5  # reference std units beyond the reference's min/max
+RANGE_MOSTLY = 0.95  # share of values that must lie in that range
+
+
 def build_suite(reference: pd.DataFrame, numeric: list[str], categorical: list[str], quantile_tolerance: float,
-                max_kl: float):
+                max_kl: float, sample_rows: int):
     import great_expectations as gx
     import great_expectations.expectations as gxe
 
@@ -89,13 +96,20 @@ def build_suite(reference: pd.DataFrame, numeric: list[str], categorical: list[s
             continue
         std = float(ref.std()) or 1.0
         tol = quantile_tolerance * std
-        qs = np.quantile(ref, QUANTILES)
+        # A sample of n rows estimates the p-quantile at a reference probability within
+        # p +- z*sqrt(p(1-p)/n) (order statistics); beyond that sampling band, allow `tol`.
+        ranges = []
+        for p in QUANTILES:
+            dp = SAMPLING_Z * np.sqrt(p * (1 - p) / max(sample_rows, 1))
+            lo, hi = np.quantile(ref, [max(0.0, p - dp), min(1.0, p + dp)])
+            ranges.append([float(lo - tol), float(hi + tol)])
         suite.add_expectation(gxe.ExpectColumnQuantileValuesToBeBetween(
-            column=col,
-            quantile_ranges={"quantiles": QUANTILES, "value_ranges": [[float(q - tol), float(q + tol)] for q in qs]},
+            column=col, quantile_ranges={"quantiles": QUANTILES, "value_ranges": ranges},
         ))
+        margin = max(tol, RANGE_MARGIN * std)
         suite.add_expectation(gxe.ExpectColumnValuesToBeBetween(
-            column=col, min_value=float(ref.min() - tol), max_value=float(ref.max() + tol), mostly=0.99,
+            column=col, min_value=float(ref.min() - margin), max_value=float(ref.max() + margin),
+            mostly=RANGE_MOSTLY,
         ))
         part = _partition(ref)
         if part is not None:
@@ -114,7 +128,7 @@ def check_drift(
     reference: pd.DataFrame,
     numeric: list[str],
     categorical: list[str],
-    quantile_tolerance: float = 0.5,
+    quantile_tolerance: float = 0.1,
     max_kl: float = 0.5,
 ) -> DriftReport:
     """Validate ``sample`` with a GX suite generated from ``reference``; never raises on drift."""
@@ -128,7 +142,8 @@ def check_drift(
         warnings.simplefilter("ignore")
         context = gx.get_context(mode="ephemeral")
         context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
-        suite = context.suites.add(build_suite(reference, numeric, categorical, quantile_tolerance, max_kl))
+        suite = context.suites.add(build_suite(reference, numeric, categorical, quantile_tolerance, max_kl,
+                                                len(sample)))
         source = context.data_sources.add_pandas("qops")
         asset = source.add_dataframe_asset("calibration")
         batch = asset.add_batch_definition_whole_dataframe("whole").get_batch(batch_parameters={"dataframe": sample})

@@ -89,7 +89,7 @@ def select_calibration(
     seed: int = 0,
     stratify_by: list[str] | None = None,
     drift_enabled: bool = True,
-    quantile_tolerance: float = 0.5,
+    quantile_tolerance: float = 0.1,
     max_kl: float = 0.5,
     on_drift: str = "fail",
 ) -> CalibrationResult:

@@ -132,6 +132,7 @@ def test_failed_gate_fails_the_task_documents_it_and_registers_nothing(airflow_e
     home, env = airflow_env
     r = dags_test(env, "strict_quantize", home)
     log = r.stdout + r.stderr
+    assert r.returncode != 0, "a failed gate must fail the DAG run"
     assert "latency_ratio" in log and "gate checks failed" in log
     tdir = home / "artifacts" / "strict"
     gate = json.loads(next(tdir.glob("*/targets/x86_64_int8_dynamic/gate.json")).read_text())

@@ -48,3 +48,29 @@ def test_bad_input_is_a_clear_error_not_a_traceback(fp32_model, tmp_path):
     r = run("quantize", "--model", fp32_model, "--target", "nope", "--output", tmp_path / "o.onnx")
     assert r.returncode == 2
     assert "Unknown hardware target 'nope'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_stage_subcommand_runs_the_operator_stages_in_a_run_folder(fp32_model, data_dir, tmp_path):
+    """`qops stage` mirrors the operators: same spec, same run folder, stage by stage."""
+    import yaml
+
+    spec = {"name": "cli-stages", "source_model": str(fp32_model), "targets": ["x86_64_int8_dynamic"],
+            "artifact_root": str(tmp_path / "art"),
+            "data": {"pool": str(data_dir / "pool.parquet"), "reference": str(data_dir / "train.parquet"),
+                     "validation": str(data_dir / "validation.parquet"), "label": "risk",
+                     "slice_columns": ["sex", "age_group"]},
+            "calibration": {"size": 80}, "gates": {"latency_runs": 50, "max_latency_ratio": 0.001}}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    common = ["--spec", path, "--run-id", "r1"]
+    for stage in ("source", "calibrate"):
+        assert run("stage", stage, *common).returncode == 0
+    for stage in ("quantize", "evaluate"):
+        r = run("stage", stage, *common, "--target", "x86_64_int8_dynamic", "--json")
+        assert r.returncode == 0, r.stderr
+    r = run("stage", "gate", *common, "--target", "x86_64_int8_dynamic")
+    assert r.returncode == 3 and "latency_ratio" in r.stderr
+    r = run("stage", "quantize", *common)
+    assert r.returncode == 2 and "--target" in r.stderr
+    tdir = tmp_path / "art" / "cli-stages" / "r1" / "targets" / "x86_64_int8_dynamic"
+    assert {p.name for p in tdir.iterdir()} >= {"model.onnx", "quantize.json", "evaluation.json", "gate.json"}
