@@ -29,7 +29,12 @@ if [ "$errors" != "[]" ]; then airflow dags list-import-errors; exit 1; fi
 
 step "Retraining DAG german_credit_retrain (log: $LOGS/retrain.log)"
 airflow dags test german_credit_retrain > "$LOGS/retrain.log" 2>&1 || { tail -50 "$LOGS/retrain.log"; exit 1; }
-grep -E "validation accuracy|DagRun Finished" "$LOGS/retrain.log" | sed -E 's/^.*\] //' | cut -c1-160 || true
+python - "$QOPS_HOME/retrain/result.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(f"    registered {r['model_name']} version {r['version']} as {r['model_uri']}; "
+      f"validation accuracy {r['val_accuracy']:.4f} ({r['n_features']} features)")
+PY
 
 step "Quantization DAG german_credit_quantize, triggered by the model Asset (log: $LOGS/quantize.log)"
 touch "$LOGS/.quantize-start"

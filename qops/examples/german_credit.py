@@ -174,7 +174,7 @@ def retrain_and_register(
     version = info.registered_model_version
     client = MlflowClient()
     client.set_registered_model_alias(model_name, alias, version)
-    return {
+    result = {
         "model_uri": f"models:/{model_name}@{alias}",
         "model_name": model_name,
         "version": str(version),
@@ -183,3 +183,5 @@ def retrain_and_register(
         "data": {"train": data.train, "validation": data.validation, "pool": data.pool},
         "n_features": len(data.features),
     }
+    write_json_atomic(work / "result.json", result)
+    return result
