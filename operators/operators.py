@@ -17,9 +17,12 @@ class _QopsStageOperator(BaseOperator):
     template_fields: Sequence[str] = ("spec_path", "run_key")
     ui_color = "#d9ecf2"
     stage: str = ""
+    default_trigger_rule: str | None = None  # set by stages that must run after upstream failures too
 
     def __init__(self, *, spec_path: str, run_key: str = "{{ run_id }}", mlflow_conn_id: str | None = None,
                  **kwargs: Any) -> None:
+        if self.default_trigger_rule:
+            kwargs.setdefault("trigger_rule", self.default_trigger_rule)
         super().__init__(**kwargs)
         self.spec_path = spec_path
         self.run_key = run_key
@@ -131,10 +134,7 @@ class QopsCardOperator(_TargetOperator):
     """Write the model card (Markdown, JSON, chart). Runs after a failed gate too, to document it."""
 
     stage = "card"
-
-    def __init__(self, **kwargs: Any) -> None:
-        kwargs.setdefault("trigger_rule", "all_done")
-        super().__init__(**kwargs)
+    default_trigger_rule = "all_done"
 
     def execute(self, context) -> dict:
         from pathlib import Path
@@ -155,10 +155,7 @@ class QopsRegisterOperator(_TargetOperator):
     unless the spec says ``register_failed``)."""
 
     stage = "register"
-
-    def __init__(self, **kwargs: Any) -> None:
-        kwargs.setdefault("trigger_rule", "all_done")
-        super().__init__(**kwargs)
+    default_trigger_rule = "all_done"
 
     def execute(self, context) -> dict:
         from qops.artifacts import read_json, run_dir
@@ -179,10 +176,7 @@ class QopsSummaryOperator(_QopsStageOperator):
     """Write the run's summary.json and log the summary table."""
 
     stage = "summary"
-
-    def __init__(self, **kwargs: Any) -> None:
-        kwargs.setdefault("trigger_rule", "all_done")
-        super().__init__(**kwargs)
+    default_trigger_rule = "all_done"
 
     def execute(self, context) -> dict:
         from qops.pipeline import format_summary, stage_summary

@@ -86,10 +86,13 @@ def feature_columns_for(model_path: str | os.PathLike, features: list[str] | Non
 
 
 def feature_matrix(
-    df: pd.DataFrame, model_path: str | os.PathLike, features: list[str], what: str
+    df: pd.DataFrame, model: str | os.PathLike | list[ModelInput], features: list[str], what: str
 ) -> dict[str, np.ndarray]:
-    """Build the model's input feed from feature columns; check names, widths, dtypes and NaNs."""
-    inputs, _ = onnx_io(model_path)
+    """Build the model's input feed from feature columns; check names, widths, dtypes and NaNs.
+
+    ``model`` is the ONNX path or its inputs from :func:`onnx_io` (to read the model once for many batches).
+    """
+    inputs = model if isinstance(model, list) else onnx_io(model)[0]
     if len(inputs) != 1:
         raise DataError(
             f"The model has {len(inputs)} inputs ({[i.name for i in inputs]}); tabular data maps to a "

@@ -166,18 +166,14 @@ def _resolve_paths(spec: PipelineSpec, base: Path) -> PipelineSpec:
 
 
 def parse_spec(raw: dict, base_dir: str | os.PathLike = ".") -> PipelineSpec:
-    from qops.errors import TargetError
-
     try:
-        spec = PipelineSpec.model_validate(raw)
+        spec = PipelineSpec.model_validate(raw)  # an unknown target raises TargetError, unwrapped
     except ValidationError as e:
         lines = []
         for err in e.errors():
             loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
             lines.append(f"  {loc}: {err['msg']}")
         raise SpecError("The pipeline spec is invalid:\n" + "\n".join(lines), "correct the fields listed.") from None
-    except TargetError:
-        raise
     return _resolve_paths(spec, Path(base_dir))
 
 

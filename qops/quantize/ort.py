@@ -46,7 +46,8 @@ class TableCalibrationReader:
     """
 
     def __init__(self, path: str, model_path: str, features: list[str], batch_size: int = 64):
-        self.path, self.model_path, self.features, self.batch_size = path, model_path, features, batch_size
+        self.path, self.features, self.batch_size = path, features, batch_size
+        self.inputs = onnx_io(model_path)[0]
         self._it: Iterator[dict] | None = None
         self.rows = 0
 
@@ -63,13 +64,13 @@ class TableCalibrationReader:
             for batch in pf.iter_batches(batch_size=self.batch_size, columns=self.features):
                 df = batch.to_pandas()
                 self.rows += len(df)
-                yield feature_matrix(df, self.model_path, self.features, f"calibration set {p.name}")
+                yield feature_matrix(df, self.inputs, self.features, f"calibration set {p.name}")
         else:
             df = read_table(p, "calibration set")
             for start in range(0, len(df), self.batch_size):
                 chunk = df.iloc[start : start + self.batch_size]
                 self.rows += len(chunk)
-                yield feature_matrix(chunk, self.model_path, self.features, f"calibration set {p.name}")
+                yield feature_matrix(chunk, self.inputs, self.features, f"calibration set {p.name}")
 
     def get_next(self) -> dict | None:
         if self._it is None:
