@@ -108,9 +108,11 @@ class QopsEvaluateOperator(_TargetOperator):
         from qops.pipeline import stage_evaluate
 
         res = self._call(stage_evaluate, self._spec(), self.run_key, self.target)
-        return {"target": self.target, "metric": res["metric"], "fp32": res["fp32"]["overall"],
-                "quantized": res["quantized"]["overall"], "fp32_latency_p50_ms": res["fp32"]["latency_p50_ms"],
-                "latency_p50_ms": res["quantized"]["latency_p50_ms"], "agreement": res["agreement"]}
+        m, perf = res["primary_metric"], res["performance"]
+        return {"target": self.target, "metric": m, **{k: res["overall"][m][k] for k in ("fp32", "quantized", "ci_low",
+                                                                                          "ci_high")},
+                "latency_p50_ms": perf["latency_p50_ms"], "size_bytes": perf["size_bytes"],
+                "on_target_hardware": res["hardware_match"]["matches"]}
 
 
 class QopsGateOperator(_TargetOperator):

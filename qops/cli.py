@@ -64,11 +64,16 @@ def cmd_evaluate(args) -> int:
     from qops.evaluate import evaluate
 
     res = evaluate(args.fp32, args.quantized, args.validation, args.label, _csv(args.slice_columns),
-                   features=_csv(args.features), metric=args.metric, latency_runs=args.latency_runs)
+                   features=_csv(args.features), metric=args.metric, latency_runs=args.latency_runs, task=args.task,
+                   intersections=[c.split("&") for c in args.intersection or []], bootstrap=args.bootstrap,
+                   min_slice_size=args.min_slice_size)
     if args.output:
         write_json_atomic(args.output, res)
-    _emit(args, res, f"{res.metric}: FP32 {res.fp32.overall:.4f} -> quantized {res.quantized.overall:.4f}; "
-                     f"p50 {res.fp32.latency_p50_ms:.4f} -> {res.quantized.latency_p50_ms:.4f} ms")
+    o, p = res.overall[res.primary_metric], res.performance
+    f = lambda v: "n/a" if v is None else f"{v:+.4f}"  # noqa: E731
+    _emit(args, res, f"{res.primary_metric}: FP32 {o['fp32']:.4f} -> quantized {o['quantized']:.4f} "
+                     f"(change {f(o['delta'])}, 95% CI [{f(o['ci_low'])}, {f(o['ci_high'])}]); "
+                     f"p50 {p['latency_p50_ms']['fp32']:.4f} -> {p['latency_p50_ms']['quantized']:.4f} ms")
     return 0
 
 
@@ -78,7 +83,8 @@ def cmd_gate(args) -> int:
     from qops.spec import GateSpec
 
     g = GateSpec(**{k: v for k, v in {
-        "max_overall_drop": args.max_overall_drop, "max_slice_drop": args.max_slice_drop,
+        "metric": args.metric, "decision": args.decision, "max_overall_drop": args.max_overall_drop,
+        "max_slice_drop": args.max_slice_drop,
         "max_fairness_increase": args.max_fairness_increase, "max_latency_ratio": args.max_latency_ratio,
         "min_slice_size": args.min_slice_size}.items() if v is not None})
     res = gate(read_json(args.evaluation), g)
@@ -206,15 +212,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--fp32", required=True)
     sp.add_argument("--quantized", required=True)
     sp.add_argument("--validation", required=True)
-    sp.add_argument("--label", required=True)
+    sp.add_argument("--label", help="label column; omit for label-free fidelity metrics")
     sp.add_argument("--slice-columns")
+    sp.add_argument("--intersection", action="append", help="slice columns joined by '&', e.g. sex&age_group")
     sp.add_argument("--features")
-    sp.add_argument("--metric", default="accuracy", choices=["accuracy", "f1", "roc_auc"])
+    sp.add_argument("--task", choices=["classification", "regression"], default="classification")
+    sp.add_argument("--metric", help="primary metric (default: accuracy, mae, or agreement without labels)")
+    sp.add_argument("--bootstrap", type=int, default=1000)
+    sp.add_argument("--min-slice-size", type=int, default=20)
     sp.add_argument("--latency-runs", type=int, default=300)
     sp.add_argument("--output", help="write the evaluation JSON here")
 
     sp = add("gate", cmd_gate, "apply gates to an evaluation JSON (exit 3 when a gate fails)")
     sp.add_argument("--evaluation", required=True)
+    sp.add_argument("--metric", help="primary metric (default accuracy)")
+    sp.add_argument("--decision", choices=["point", "bound"])
     sp.add_argument("--max-overall-drop", type=float)
     sp.add_argument("--max-slice-drop", type=float)
     sp.add_argument("--max-fairness-increase", type=float)

@@ -1,8 +1,13 @@
-"""Evaluate FP32 and quantized models on a validation set: metrics overall and per slice, fairness
-(fairlearn), agreement, file size and batch-1 latency, measured in the same process."""
+"""Evaluate FP32 and quantized models on a validation set, in the same process.
+
+Per model: metrics overall and per slice (each slice column, and intersections of columns), label-free
+fidelity against FP32, fairness (fairlearn), file size and batch-1 latency. Every FP32-vs-quantized
+delta carries a paired bootstrap confidence interval (the same resampled rows for both models).
+"""
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import platform
@@ -10,6 +15,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -19,36 +25,26 @@ from qops.errors import DataError, ModelError
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class ModelEval:
-    overall: float
-    slices: dict  # "col=value" -> {"value": float|None, "n": int}
-    fairness: dict  # col -> {"demographic_parity_difference": float, "equalized_odds_difference": float}
-    size_bytes: int
-    latency_p50_ms: float
-    latency_p90_ms: float
+CLASSIFICATION_METRICS = ("accuracy", "f1", "roc_auc")
+REGRESSION_METRICS = ("mae", "rmse")
+FIDELITY_METRICS = ("agreement", "cosine", "kl")
+HIGHER_IS_BETTER = {"accuracy": True, "f1": True, "roc_auc": True, "mae": False, "rmse": False,
+                    "agreement": True, "cosine": True, "kl": False}
+FAIRNESS_METRICS = ("demographic_parity_difference", "equalized_odds_difference", "metric_gap")
 
 
-@dataclass
-class EvaluationResult:
-    metric: str
-    rows: int
-    label: str
-    slice_columns: list[str]
-    fp32: ModelEval
-    quantized: ModelEval
-    agreement: float  # share of rows where both models predict the same class
-    fp32_model: str
-    quantized_model: str
-    validation: str
-    hardware: dict = field(default_factory=dict)
-    latency_method: str = ""
+def higher_is_better(metric: str) -> bool:
+    return HIGHER_IS_BETTER.get(metric, True)
+
+
+def degradation(metric: str, fp32: float, quantized: float) -> float:
+    """How much worse the quantized model is (positive = worse), whatever the metric's direction."""
+    return (fp32 - quantized) if higher_is_better(metric) else (quantized - fp32)
 
 
 def worker_hardware() -> dict:
     """The evaluating worker's CPU, recorded with every latency figure."""
-    info = {"machine": platform.machine(), "processor": platform.processor(), "cpu_count": os.cpu_count()}
+    info = {"machine": platform.machine(), "cpu_count": os.cpu_count()}
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             text = f.read()
@@ -56,16 +52,31 @@ def worker_hardware() -> dict:
             if line.startswith("model name"):
                 info["cpu_model"] = line.split(":", 1)[1].strip()
                 break
-        flags = set()
+        flags: set[str] = set()
         for line in text.splitlines():
-            if line.startswith("flags"):
+            if line.startswith(("flags", "Features")):
                 flags = set(line.split(":", 1)[1].split())
                 break
         info["isa"] = sorted(f for f in flags if f in {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8",
-                                                        "amx_bf16", "fma"})
+                                                        "amx_bf16", "fma", "asimd", "asimddp", "i8mm"})
     except OSError:
-        pass
+        info["isa"] = []
     return info
+
+
+def hardware_match(recipe: dict | None, hw: dict) -> dict:
+    """Is the worker the target's hardware? If not, latency is not the target's latency; say so."""
+    if recipe is None:
+        return {"matches": None, "note": "no target recipe given"}
+    arch, isa = recipe.get("arch"), set(recipe.get("required_isa") or [])
+    missing = sorted(isa - set(hw.get("isa", [])))
+    if arch and hw.get("machine") != arch:
+        return {"matches": False, "note": f"measured on a {hw.get('machine')} worker, not on the target's {arch} "
+                                          "hardware: size and accuracy hold, latency does not transfer"}
+    if missing:
+        return {"matches": False, "note": f"worker lacks {', '.join(missing)} that the target assumes: latency "
+                                          "here is not the target's"}
+    return {"matches": True, "note": "measured on hardware of the target's kind"}
 
 
 def _session(model_path: str | os.PathLike, threads: int | None = None):
@@ -81,66 +92,180 @@ def _session(model_path: str | os.PathLike, threads: int | None = None):
         raise ModelError(f"ONNX Runtime cannot load {model_path}: {e}", "check the model file and opset.") from None
 
 
-def predict(model_path: str | os.PathLike, feed: dict[str, np.ndarray]) -> np.ndarray:
-    """Class predictions: argmax of [N, C] outputs, or threshold 0.5 on a single probability/logit column."""
+def run_model(model_path: str | os.PathLike, feed: dict[str, np.ndarray]) -> np.ndarray:
     sess = _session(model_path)
     try:
-        out = sess.run(None, feed)[0]
+        out = np.asarray(sess.run(None, feed)[0], dtype=np.float64)
     except Exception as e:
         raise DataError(f"Running {Path(model_path).name} on the data failed: {e}",
                         "check that the data's features match the model's inputs.") from None
-    out = np.asarray(out)
-    if out.ndim == 2 and out.shape[1] > 1:
-        return out.argmax(axis=1)
-    flat = out.reshape(len(out), -1)[:, 0]
-    threshold = 0.5 if (flat.min() >= 0 and flat.max() <= 1) else 0.0
-    return (flat > threshold).astype(int)
+    return out.reshape(len(out), -1)
 
 
-def _metric(name: str, y: np.ndarray, p: np.ndarray) -> float | None:
-    from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
 
-    if len(y) == 0:
-        return None
+
+@dataclass
+class _Side:
+    """Per-row quantities of one model, from which every metric is a mean or a ratio of sums."""
+
+    pred: np.ndarray
+    score: np.ndarray | None  # positive-class score (binary classification)
+    rows: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def _side(task: str, out: np.ndarray, ref: np.ndarray, y: np.ndarray | None) -> _Side:
+    if task == "regression":
+        pred, score = out[:, 0], None
+        rows = {}
+        if y is not None:
+            err = pred - y.astype(float)
+            rows = {"abs_err": np.abs(err), "sq_err": err**2}
+    else:
+        if out.shape[1] > 1:
+            prob, ref_prob = _softmax(out), _softmax(ref)
+            pred, ref_pred = prob.argmax(1), ref_prob.argmax(1)
+            score = prob[:, 1] if out.shape[1] == 2 else None
+            kl = np.sum(ref_prob * (np.log(ref_prob + 1e-12) - np.log(prob + 1e-12)), axis=1)
+        else:
+            flat, ref_flat = out[:, 0], ref[:, 0]
+            is_prob = flat.min() >= 0 and flat.max() <= 1
+            pred = (flat > (0.5 if is_prob else 0.0)).astype(int)
+            ref_pred = (ref_flat > (0.5 if is_prob else 0.0)).astype(int)
+            score = flat
+            p = flat if is_prob else 1 / (1 + np.exp(-flat))
+            q = ref_flat if is_prob else 1 / (1 + np.exp(-ref_flat))
+            kl = q * np.log((q + 1e-12) / (p + 1e-12)) + (1 - q) * np.log((1 - q + 1e-12) / (1 - p + 1e-12))
+        rows = {"agreement": (pred == ref_pred).astype(float), "kl": kl}
+        if y is not None:
+            rows["correct"] = (pred == y).astype(float)
+            rows["tp"] = ((pred == 1) & (y == 1)).astype(float)
+            rows["fp"] = ((pred == 1) & (y != 1)).astype(float)
+            rows["fn"] = ((pred != 1) & (y == 1)).astype(float)
+    norm = np.linalg.norm(out, axis=1) * np.linalg.norm(ref, axis=1)
+    rows["cosine"] = np.where(norm > 0, np.sum(out * ref, axis=1) / np.where(norm > 0, norm, 1), 1.0)
+    return _Side(pred=pred, score=score, rows=rows)
+
+
+def _vector_metric(name: str, side: _Side, idx: np.ndarray) -> np.ndarray | None:
+    """Metric over rows ``idx`` (shape [B, n]); one value per row of idx. None if not vectorizable."""
+    r = side.rows
     if name == "accuracy":
-        return float(accuracy_score(y, p))
+        return r["correct"][idx].mean(1)
     if name == "f1":
-        return float(f1_score(y, p, zero_division=0))
+        tp, fp, fn = r["tp"][idx].sum(1), r["fp"][idx].sum(1), r["fn"][idx].sum(1)
+        den = 2 * tp + fp + fn
+        return np.where(den > 0, 2 * tp / np.where(den > 0, den, 1), 0.0)
+    if name == "mae":
+        return r["abs_err"][idx].mean(1)
+    if name == "rmse":
+        return np.sqrt(r["sq_err"][idx].mean(1))
+    if name in ("agreement", "cosine", "kl"):
+        return r[name][idx].mean(1)
+    return None
+
+
+def load_custom_metric(path: str) -> Callable:
+    """``package.module:function`` with signature ``f(y_true, y_pred, y_score) -> float``."""
+    mod, _, fn = path.partition(":")
+    try:
+        return getattr(importlib.import_module(mod), fn)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise DataError(f"Custom metric {path!r} cannot be imported: {e}",
+                        "give it as 'package.module:function' importable on the worker.") from None
+
+
+def _loop_metric(name: str, side: _Side, y, rows: np.ndarray, custom: dict[str, Callable]) -> float | None:
+    if len(rows) == 0:
+        return None
     if name == "roc_auc":
-        return float(roc_auc_score(y, p)) if len(np.unique(y)) > 1 else None
-    raise DataError(f"Unknown metric {name!r}.", "use accuracy, f1 or roc_auc.")
+        from sklearn.metrics import roc_auc_score
+
+        yy = y[rows]
+        if side.score is None or len(np.unique(yy)) < 2:
+            return None
+        return float(roc_auc_score(yy, side.score[rows]))
+    fn = custom[name]
+    return float(fn(y[rows] if y is not None else None, side.pred[rows],
+                    None if side.score is None else side.score[rows]))
 
 
-def _fairness(y: np.ndarray, p: np.ndarray, frame: pd.DataFrame, slice_columns: list[str]) -> dict:
-    from fairlearn.metrics import demographic_parity_difference, equalized_odds_difference
+class _Scorer:
+    def __init__(self, metrics, y, f32: _Side, q: _Side, custom, bootstrap: int, confidence: float, seed: int):
+        self.metrics, self.y, self.f32, self.q, self.custom = metrics, y, f32, q, custom
+        self.bootstrap, self.alpha, self.seed = bootstrap, 1 - confidence, seed
 
-    out = {}
-    binary = set(np.unique(y)).issubset({0, 1})
-    for col in slice_columns:
-        sens = frame[col].astype(str).fillna("missing").to_numpy()
-        entry = {"demographic_parity_difference": None, "equalized_odds_difference": None}
-        if binary and len(np.unique(sens)) > 1:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                entry["demographic_parity_difference"] = float(
-                    demographic_parity_difference(y, p, sensitive_features=sens))
-                entry["equalized_odds_difference"] = float(equalized_odds_difference(y, p, sensitive_features=sens))
-        out[col] = entry
+    def _value(self, name, side, rows):
+        v = _vector_metric(name, side, rows[None, :]) if len(rows) else None
+        return float(v[0]) if v is not None else _loop_metric(name, side, self.y, rows, self.custom)
+
+    def score(self, rows: np.ndarray, key: str) -> dict:
+        """Point values for both models and paired bootstrap CIs of (quantized - FP32) per metric."""
+        out = {}
+        # seed per slice key: the same inputs give the same intervals
+        rng = np.random.default_rng([self.seed, *key.encode()])
+        boot = rng.integers(0, len(rows), size=(self.bootstrap, len(rows))) if len(rows) > 1 else None
+        for m in self.metrics:
+            a, b = self._value(m, self.f32, rows), self._value(m, self.q, rows)
+            entry = {"fp32": a, "quantized": b, "delta": None if a is None or b is None else b - a,
+                     "ci_low": None, "ci_high": None}
+            if boot is not None and entry["delta"] is not None:
+                idx = rows[boot]
+                va, vb = _vector_metric(m, self.f32, idx), _vector_metric(m, self.q, idx)
+                if va is None:  # not vectorizable: fewer resamples, one by one
+                    pairs = [(self._value(m, self.f32, r), self._value(m, self.q, r)) for r in idx[:200]]
+                    d = np.array([pb - pa for pa, pb in pairs if pa is not None and pb is not None])
+                else:
+                    d = vb - va
+                if len(d):
+                    lo, hi = np.quantile(d, [self.alpha / 2, 1 - self.alpha / 2])
+                    entry["ci_low"], entry["ci_high"] = float(lo), float(hi)
+            out[m] = entry
+        return out
+
+
+def _slice_keys(df: pd.DataFrame, dims: list[list[str]]) -> list[tuple[str, str, np.ndarray]]:
+    """(dimension name, slice key, row indices) for every value of every slice dimension."""
+    out = []
+    for cols in dims:
+        values = df[cols].astype("string").fillna("missing")
+        joined = values.agg(lambda r: " & ".join(f"{c}={v}" for c, v in zip(cols, r)), axis=1)
+        for key in sorted(joined.unique()):
+            out.append((" & ".join(cols), key, np.flatnonzero((joined == key).to_numpy())))
     return out
 
 
-def _model_eval(metric: str, y, p, frame, slice_columns, size, lat) -> ModelEval:
-    slices = {}
-    for col in slice_columns:
-        values = frame[col].astype(str).fillna("missing")
-        for v in sorted(values.unique()):
-            m = (values == v).to_numpy()
-            slices[f"{col}={v}"] = {"value": _metric(metric, y[m], p[m]), "n": int(m.sum())}
-    return ModelEval(
-        overall=_metric(metric, y, p), slices=slices, fairness=_fairness(y, p, frame, slice_columns),
-        size_bytes=int(size), latency_p50_ms=round(float(np.median(lat)) * 1e3, 4),
-        latency_p90_ms=round(float(np.quantile(lat, 0.9)) * 1e3, 4),
-    )
+def _fairness(y, f32: _Side, q: _Side, df: pd.DataFrame, dims: list[list[str]], primary: str, scorer: _Scorer,
+              min_group: int) -> dict:
+    from fairlearn.metrics import demographic_parity_difference, equalized_odds_difference
+
+    out = {}
+    binary = y is not None and set(np.unique(y)).issubset({0, 1})
+    for cols in dims:
+        name = " & ".join(cols)
+        sens = df[cols].astype("string").fillna("missing").agg(" & ".join, axis=1).to_numpy()
+        groups, counts = np.unique(sens, return_counts=True)
+        big = set(groups[counts >= min_group])
+        keep = np.array([s in big for s in sens])
+        entry = {"groups_used": sorted(big), "groups_too_small": sorted(set(groups) - big)}
+        for side_name, side in (("fp32", f32), ("quantized", q)):
+            vals = {}
+            if binary and len(big) > 1:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    vals["demographic_parity_difference"] = float(demographic_parity_difference(
+                        y[keep], side.pred[keep], sensitive_features=sens[keep]))
+                    vals["equalized_odds_difference"] = float(equalized_odds_difference(
+                        y[keep], side.pred[keep], sensitive_features=sens[keep]))
+            per_group = [scorer._value(primary, side, np.flatnonzero(sens == g)) for g in sorted(big)]
+            per_group = [v for v in per_group if v is not None]
+            vals["metric_gap"] = float(max(per_group) - min(per_group)) if len(per_group) > 1 else None
+            entry[side_name] = vals
+        out[name] = entry
+    return out
 
 
 def measure_latency(models: list[str | os.PathLike], feed: dict[str, np.ndarray], runs: int = 300,
@@ -161,39 +286,114 @@ def measure_latency(models: list[str | os.PathLike], feed: dict[str, np.ndarray]
     return times
 
 
+@dataclass
+class EvaluationResult:
+    task: str
+    primary_metric: str
+    metrics: list[str]
+    rows: int
+    label: str | None
+    dimensions: list[str]
+    overall: dict  # metric -> {fp32, quantized, delta, ci_low, ci_high}
+    slices: list[dict]  # {dimension, key, n, metrics: {metric -> {...}}}
+    fairness: dict  # dimension -> {fp32: {...}, quantized: {...}, groups_used, groups_too_small}
+    performance: dict
+    fp32_model: str
+    quantized_model: str
+    validation: str
+    bootstrap: dict = field(default_factory=dict)
+    hardware: dict = field(default_factory=dict)
+    hardware_match: dict = field(default_factory=dict)
+
+
+def fidelity_metrics(task: str) -> list[str]:
+    """Label-free agreement with FP32: top-1 agreement and output KL only make sense for classes."""
+    return ["cosine"] if task == "regression" else list(FIDELITY_METRICS)
+
+
+def default_metrics(task: str, labelled: bool) -> list[str]:
+    if not labelled:
+        return fidelity_metrics(task)
+    return (list(REGRESSION_METRICS) if task == "regression" else list(CLASSIFICATION_METRICS)) + fidelity_metrics(task)
+
+
 def evaluate(
     fp32_model: str | os.PathLike,
     quantized_model: str | os.PathLike,
     validation: str | os.PathLike,
-    label: str,
+    label: str | None,
     slice_columns: list[str] | None = None,
     features: list[str] | None = None,
-    metric: str = "accuracy",
+    metric: str | None = None,
     latency_runs: int = 300,
+    *,
+    task: str = "classification",
+    metrics: list[str] | None = None,
+    custom_metrics: dict[str, str] | None = None,
+    intersections: list[list[str]] | None = None,
+    min_slice_size: int = 20,
+    bootstrap: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    target: dict | None = None,
 ) -> EvaluationResult:
+    """Evaluate FP32 vs quantized. ``label=None``: label-free, fidelity metrics only."""
     slice_columns = list(slice_columns or [])
+    intersections = [list(i) for i in (intersections or [])]
     df = read_table(validation, "validation set")
     if len(df) == 0:
         raise DataError(f"The validation set {validation} is empty.", "point data.validation at labelled rows.")
-    require_columns(df, [label] + slice_columns, "validation set", validation)
-    if df[label].isna().any():
+    require_columns(df, ([label] if label else []) + slice_columns + [c for i in intersections for c in i],
+                    "validation set", validation)
+    if label and df[label].isna().any():
         raise DataError(f"The validation set's label column {label!r} has missing values.",
-                        "drop unlabelled rows from the validation set.")
+                        "drop unlabelled rows from the validation set, or set data.label: null for label-free "
+                        "fidelity gates.")
+    custom = {name: load_custom_metric(path) for name, path in (custom_metrics or {}).items()}
+    names = list(metrics or default_metrics(task, label is not None)) + [m for m in custom if m not in (metrics or [])]
+    primary = metric or names[0]
+    if primary not in names:
+        names.insert(0, primary)
+    if label is None:
+        bad = [m for m in names if m not in fidelity_metrics(task) and m not in custom]
+        if bad:
+            raise DataError(f"Metrics {bad} need labels but the validation set has none (data.label is null).",
+                            f"use fidelity metrics {fidelity_metrics(task)} or give the label column.")
     feats = feature_columns_for(fp32_model, features)
     feed = feature_matrix(df, fp32_model, feats, "validation set")
     qfeed = feature_matrix(df, quantized_model, feats, "validation set")
-    y = df[label].to_numpy()
-    p32 = predict(fp32_model, feed)
-    pq = predict(quantized_model, qfeed)
+    y = df[label].to_numpy() if label else None
+    out32, outq = run_model(fp32_model, feed), run_model(quantized_model, qfeed)
+    if out32.shape != outq.shape:
+        raise ModelError(f"FP32 output shape {out32.shape} differs from the quantized model's {outq.shape}.",
+                         "quantize the same FP32 model that is evaluated.")
+    f32, q = _side(task, out32, out32, y), _side(task, outq, out32, y)
+    scorer = _Scorer(names, y, f32, q, custom, bootstrap, confidence, seed)
+    dims = [[c] for c in slice_columns] + intersections
+    overall = scorer.score(np.arange(len(df)), "__overall__")
+    slices = [{"dimension": d, "key": k, "n": int(len(rows)), "metrics": scorer.score(rows, k)}
+              for d, k, rows in _slice_keys(df, dims)]
+    fairness = _fairness(y, f32, q, df, dims, primary, scorer, min_slice_size) if dims else {}
     log.info("timing batch-1 latency: %d interleaved runs per model", latency_runs)
     lat32, latq = measure_latency([fp32_model, quantized_model], feed, runs=latency_runs)
     size32, sizeq = Path(fp32_model).stat().st_size, Path(quantized_model).stat().st_size
-    return EvaluationResult(
-        metric=metric, rows=len(df), label=label, slice_columns=slice_columns,
-        fp32=_model_eval(metric, y, p32, df, slice_columns, size32, lat32),
-        quantized=_model_eval(metric, y, pq, df, slice_columns, sizeq, latq),
-        agreement=float((p32 == pq).mean()), fp32_model=str(fp32_model), quantized_model=str(quantized_model),
-        validation=str(validation), hardware=worker_hardware(),
-        latency_method=f"batch 1, p50 of {latency_runs} runs interleaved FP32/quantized, 1 intra-op thread, "
+    hw = worker_hardware()
+    p50_32, p50_q = float(np.median(lat32)) * 1e3, float(np.median(latq)) * 1e3
+    performance = {
+        "size_bytes": {"fp32": int(size32), "quantized": int(sizeq)},
+        "size_ratio": sizeq / size32,
+        "latency_p50_ms": {"fp32": round(p50_32, 5), "quantized": round(p50_q, 5)},
+        "latency_p90_ms": {"fp32": round(float(np.quantile(lat32, 0.9)) * 1e3, 5),
+                           "quantized": round(float(np.quantile(latq, 0.9)) * 1e3, 5)},
+        "latency_ratio": p50_q / p50_32,
+        "latency_method": f"batch 1, p50 of {latency_runs} runs interleaved FP32/quantized, 1 intra-op thread, "
         "ONNX Runtime CPUExecutionProvider",
+    }
+    return EvaluationResult(
+        task=task, primary_metric=primary, metrics=names, rows=len(df), label=label,
+        dimensions=[" & ".join(d) for d in dims], overall=overall, slices=slices, fairness=fairness,
+        performance=performance, fp32_model=str(fp32_model), quantized_model=str(quantized_model),
+        validation=str(validation), bootstrap={"resamples": bootstrap, "confidence": confidence, "seed": seed,
+                                               "paired": True},
+        hardware=hw, hardware_match=hardware_match(target, hw),
     )

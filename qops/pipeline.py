@@ -96,8 +96,12 @@ def stage_evaluate(spec: PipelineSpec, run_id: str, target: str) -> dict:
     rdir, tdir = _rdir(spec, run_id), _tdir(spec, run_id, target)
     source = _load(rdir / "source.json", "source")
     q = _load(tdir / "quantize.json", "quantize")
+    g = spec.gates
     res = evaluate(source["path"], q["model_path"], spec.data.validation, spec.data.label, spec.data.slice_columns,
-                   features=_features(spec, source), metric=spec.gates.metric, latency_runs=spec.gates.latency_runs)
+                   features=_features(spec, source), metric=g.metric, latency_runs=g.latency_runs, task=g.task,
+                   metrics=g.metrics, custom_metrics=g.custom_metrics, intersections=spec.data.intersections,
+                   min_slice_size=g.min_slice_size, bootstrap=g.bootstrap, confidence=g.confidence, seed=g.seed,
+                   target=q["recipe"])
     out = to_jsonable(res)
     write_json_atomic(tdir / "evaluation.json", out)
     return out
@@ -131,6 +135,7 @@ def stage_card(spec: PipelineSpec, run_id: str, target: str, dag_id: str | None 
         quantization=_load(tdir / "quantize.json", "quantize"),
         evaluation=_load(tdir / "evaluation.json", "evaluate"),
         gate_result=_load(tdir / "gate.json", "gate"),
+        gate_settings=spec.gates.model_dump(),
         human=spec.card.model_dump(),
         lineage={"dag_id": dag_id or "qops-cli", "run_id": run_id, "spec_sha256": spec.digest(),
                  "artifact_dir": str(tdir)},
@@ -145,6 +150,7 @@ def registered_name(spec: PipelineSpec, source_name: str, target: str) -> str:
 
 
 def stage_register(spec: PipelineSpec, run_id: str, target: str) -> dict:
+    from qops.cards import write_card
     from qops.registry import register
 
     _mlflow(spec)
@@ -154,26 +160,42 @@ def stage_register(spec: PipelineSpec, run_id: str, target: str) -> dict:
     g = _load(tdir / "gate.json", "gate")
     card = _load(tdir / "card.json", "card")
     ev = _load(tdir / "evaluation.json", "evaluate")
-    cal = rdir / "calibration" / "calibration.json"
-    recipe = q["recipe"]
+    recipe, m = q["recipe"], ev["primary_metric"]
     tags = {
         "qops.pipeline": spec.name, "qops.target": target, "qops.precision": recipe["precision"],
         "qops.mode": recipe["mode"], "qops.granularity": recipe["granularity"],
         "qops.source_model": source["name"], "qops.source_version": source["version"] or "",
         "qops.source_uri": source["uri"], "qops.model_sha256": q["model_sha256"],
-        "qops.calibration_sha256": read_json(cal)["sha256"] if recipe["mode"] == "static" else "none",
+        "qops.calibration_sha256": (read_json(rdir / "calibration" / "calibration.json")["sha256"]
+                                    if recipe["mode"] == "static" else "none"),
         "qops.run_id": run_id,
     }
-    res = register(
-        model_path=q["model_path"], name=registered_name(spec, source["name"], target),
-        run_key=f"{spec.name}|{run_id}|{target}|{q['model_sha256'][:16]}", tags=tags, gate_passed=g["passed"],
-        card_files=[p for p in (card["markdown_path"], card["json_path"], card["chart_path"]) if p],
-        register_failed=spec.mlflow.register_failed, promote=True, candidate_alias=spec.mlflow.candidate_alias,
-        promote_alias=spec.mlflow.promote_alias, experiment=spec.mlflow.experiment,
-        metrics={"fp32_" + ev["metric"]: ev["fp32"]["overall"], "quantized_" + ev["metric"]: ev["quantized"]["overall"],
-                 "latency_p50_ms": ev["quantized"]["latency_p50_ms"], "size_bytes": ev["quantized"]["size_bytes"]},
-        params={"target": target, "mode": recipe["mode"], "granularity": recipe["granularity"]},
-    )
+
+    def finalize_card(mlflow_info: dict | None) -> list[str]:
+        """Re-render the card with the MLflow run and model version it is registered as."""
+        data = read_json(card["json_path"])
+        data["lineage"]["mlflow"] = mlflow_info
+        files = write_card(data, Path(card["json_path"]).parent)
+        write_json_atomic(tdir / "card.json", files)
+        return files.files
+
+    try:
+        res = register(
+            model_path=q["model_path"], name=registered_name(spec, source["name"], target),
+            run_key=f"{spec.name}|{run_id}|{target}|{q['model_sha256'][:16]}", tags=tags, gate_passed=g["passed"],
+            card_files=[p for p in (card["markdown_path"], card["html_path"], card["json_path"], card["chart_path"])
+                        if p],
+            register_failed=spec.mlflow.register_failed, promote=True, candidate_alias=spec.mlflow.candidate_alias,
+            promote_alias=spec.mlflow.promote_alias, experiment=spec.mlflow.experiment,
+            metrics={"fp32_" + m: ev["overall"][m]["fp32"], "quantized_" + m: ev["overall"][m]["quantized"],
+                     "latency_p50_ms": ev["performance"]["latency_p50_ms"]["quantized"],
+                     "size_bytes": ev["performance"]["size_bytes"]["quantized"]},
+            params={"target": target, "mode": recipe["mode"], "granularity": recipe["granularity"]},
+            finalize_card=finalize_card,
+        )
+    except Exception:
+        finalize_card(None)  # the version was rolled back: the card must not name it
+        raise
     out = to_jsonable(res)
     write_json_atomic(tdir / "register.json", out)
     return out
@@ -187,17 +209,22 @@ def stage_summary(spec: PipelineSpec, run_id: str, dag_id: str | None = None) ->
         row: dict = {"target": target}
         if (tdir / "evaluation.json").is_file():
             ev = read_json(tdir / "evaluation.json")
-            worst = min(
-                ((k, s["value"] - ev["fp32"]["slices"][k]["value"]) for k, s in ev["quantized"]["slices"].items()
-                 if s["value"] is not None and ev["fp32"]["slices"][k]["value"] is not None
-                 and s["n"] >= spec.gates.min_slice_size),
-                key=lambda kv: kv[1], default=(None, None),
+            m = ev["primary_metric"]
+            from qops.evaluate import degradation
+
+            worst = max(
+                ((s["key"], s["metrics"][m]) for s in ev["slices"]
+                 if s["n"] >= spec.gates.min_slice_size and s["metrics"][m]["delta"] is not None),
+                key=lambda kv: degradation(m, kv[1]["fp32"], kv[1]["quantized"]), default=(None, None),
             )
+            perf = ev["performance"]
             row.update({
-                "size_bytes": ev["quantized"]["size_bytes"], "fp32_size_bytes": ev["fp32"]["size_bytes"],
-                "latency_p50_ms": ev["quantized"]["latency_p50_ms"], "fp32_latency_p50_ms": ev["fp32"]["latency_p50_ms"],
-                "metric": ev["metric"], "metric_quantized": ev["quantized"]["overall"],
-                "metric_fp32": ev["fp32"]["overall"], "worst_slice": worst[0], "worst_slice_delta": worst[1],
+                "size_bytes": perf["size_bytes"]["quantized"], "fp32_size_bytes": perf["size_bytes"]["fp32"],
+                "latency_p50_ms": perf["latency_p50_ms"]["quantized"],
+                "fp32_latency_p50_ms": perf["latency_p50_ms"]["fp32"],
+                "metric": m, "metric_quantized": ev["overall"][m]["quantized"], "metric_fp32": ev["overall"][m]["fp32"],
+                "worst_slice": worst[0], "worst_slice_delta": None if worst[1] is None else worst[1]["delta"],
+                "on_target_hardware": ev["hardware_match"].get("matches"),
             })
         if (tdir / "gate.json").is_file():
             g = read_json(tdir / "gate.json")
@@ -211,7 +238,7 @@ def stage_summary(spec: PipelineSpec, run_id: str, dag_id: str | None = None) ->
                              "registered": r["registered"]}
         if (tdir / "card.json").is_file():
             c = read_json(tdir / "card.json")
-            row["card"] = {"markdown": c["markdown_path"], "json": c["json_path"]}
+            row["card"] = {"markdown": c["markdown_path"], "json": c["json_path"], "html": c["html_path"]}
         rows.append(row)
     summary = {"pipeline": spec.name, "run_id": run_id, "dag_id": dag_id, "qops_version": __version__,
                "source_model": spec.source_model, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -247,7 +274,7 @@ def format_summary(summary: dict) -> str:
         lines.append(f"{'FP32 source':<21}{first['fp32_size_bytes'] / 1e6:>8.3f}{'':>8}"
                      f"{first['fp32_latency_p50_ms']:>8.4f}")
     if cards:
-        lines += ["", "model cards (Markdown; card.json and card_chart.png beside each):", *cards]
+        lines += ["", "model cards (Markdown; card.html, card.json and card_chart.png beside each):", *cards]
     return "\n".join(lines)
 
 

@@ -194,8 +194,13 @@ def register(
     experiment: str = "qops",
     metrics: dict[str, float] | None = None,
     params: dict[str, str] | None = None,
+    finalize_card=None,
 ) -> RegisterResult:
-    """Log the quantized ONNX model (onnx flavor, with signature) and its card; register one version."""
+    """Log the quantized ONNX model (onnx flavor, with signature) and its card; register one version.
+
+    ``finalize_card(mlflow_info) -> files``, if given, re-renders the card with the new version's
+    lineage (run id, model name and version) before it is attached; otherwise ``card_files`` are attached.
+    """
     import mlflow
     import numpy as np
     import onnx
@@ -243,17 +248,21 @@ def register(
             if metrics:
                 mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
             info = mlflow.onnx.log_model(model, name="model", signature=signature)
-            for f in card_files:
-                mlflow.log_artifact(str(f), artifact_path="card")
             mv = mlflow.register_model(info.model_uri, name, tags=safe_tags)
             version = str(mv.version)
-            card_md = next((Path(f).name for f in card_files if str(f).endswith(".md")), "card.md")
+            files = card_files
+            if finalize_card is not None:
+                files = finalize_card({"run_id": run.info.run_id, "model_name": name, "model_version": version})
+            for f in files:
+                mlflow.log_artifact(str(f), artifact_path="card")
+            names = sorted(Path(f).name for f in files)
+            card_md = next((n for n in names if n.endswith(".md")), names[0])
             card_uri = f"runs:/{run.info.run_id}/card/{card_md}"
+            links = ", ".join(f"`runs:/{run.info.run_id}/card/{n}`" for n in names)
             client.update_model_version(
                 name, version,
                 description=f"Quantized by qops {__version__} for target `{tags.get('qops.target', '?')}`. "
-                f"Gate: {'passed' if gate_passed else 'FAILED'}. Model card: {card_uri} "
-                f"(also card.json and card_chart.png under runs:/{run.info.run_id}/card/).",
+                f"Gate: {'passed' if gate_passed else 'FAILED'}. Model card: {links}.",
             )
             client.set_model_version_tag(name, version, "qops.card_uri", card_uri)
             aliases = []

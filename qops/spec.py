@@ -57,8 +57,10 @@ class DataSpec(_Base):
     pool: str = Field(description="Parquet/CSV pool to draw the calibration set from (recent production data).")
     reference: str = Field(description="Parquet/CSV reference (e.g. the training data) for the drift check.")
     validation: str = Field(description="Parquet/CSV validation set with labels and slice columns.")
-    label: str = Field(description="Label column of the validation set.")
+    label: str | None = Field(description="Label column of the validation set; null: label-free fidelity gates.")
     slice_columns: list[str] = Field(default_factory=list, description="Demographic/slice columns.")
+    intersections: list[list[str]] = Field(default_factory=list,
+                                           description="Slice column combinations, e.g. [[sex, age_group]].")
     features: list[str] | None = Field(
         default=None,
         description="Feature columns fed to the model, in order. Default: the model's "
@@ -84,15 +86,42 @@ class CalibrationSpec(_Base):
     drift: DriftSpec = Field(default_factory=DriftSpec)
 
 
+class MetricThreshold(_Base):
+    """Bounds for one metric, in the spirit of MLflow's MetricThreshold / TFMA's thresholds."""
+
+    metric: str
+    min_value: float | None = Field(default=None, description="Absolute lower bound on the quantized value.")
+    max_value: float | None = Field(default=None, description="Absolute upper bound on the quantized value.")
+    max_drop: float | None = Field(default=None, ge=0, description="Allowed degradation vs FP32, overall.")
+    max_slice_drop: float | None = Field(default=None, ge=0, description="Allowed degradation per slice.")
+    slice_overrides: dict[str, float] = Field(default_factory=dict,
+                                              description="Slice key (e.g. 'sex=female') -> allowed degradation.")
+
+
 class GateSpec(_Base):
-    metric: Literal["accuracy", "f1", "roc_auc"] = "accuracy"
-    max_overall_drop: float = Field(0.01, ge=0, description="FP32 metric minus quantized metric, overall.")
+    task: Literal["classification", "regression"] = "classification"
+    metric: str = Field("accuracy", description="Primary metric: the drop checks below apply to it.")
+    metrics: list[str] | None = Field(default=None, description="Metrics to compute; default by task (+ fidelity).")
+    custom_metrics: dict[str, str] = Field(
+        default_factory=dict, description="name -> 'package.module:function(y_true, y_pred, y_score)'.")
+    max_overall_drop: float = Field(0.01, ge=0, description="FP32 minus quantized primary metric, overall.")
     max_slice_drop: float = Field(0.03, ge=0, description="The same, for every slice.")
-    max_fairness_increase: float = Field(
-        0.02, ge=0, description="Increase of demographic parity / equalized odds difference."
-    )
-    max_latency_ratio: float = Field(1.0, gt=0, description="Quantized batch-1 p50 latency / FP32's.")
+    slice_overrides: dict[str, float] = Field(default_factory=dict,
+                                              description="Slice key -> allowed drop of the primary metric.")
+    thresholds: list[MetricThreshold] = Field(default_factory=list, description="Bounds on further metrics.")
+    decision: Literal["point", "bound"] = Field(
+        "point", description="Decide drops on the point estimate or on the pessimistic confidence bound.")
+    confidence: float = Field(0.95, gt=0, lt=1)
+    bootstrap: int = Field(1000, ge=0, description="Paired bootstrap resamples for the confidence intervals.")
+    seed: int = 0
     min_slice_size: int = Field(20, ge=1, description="Smaller slices are reported as insufficient data.")
+    insufficient_data: Literal["warn", "fail"] = "warn"
+    fairness_metrics: list[Literal["demographic_parity_difference", "equalized_odds_difference", "metric_gap"]] = (
+        Field(default_factory=lambda: ["demographic_parity_difference", "equalized_odds_difference", "metric_gap"]))
+    max_fairness_increase: float = Field(0.02, ge=0, description="Allowed increase of each fairness metric.")
+    max_fairness_value: float | None = Field(default=None, ge=0, description="Optional absolute bound.")
+    max_latency_ratio: float = Field(1.0, gt=0, description="Quantized batch-1 p50 latency / FP32's.")
+    max_size_ratio: float = Field(1.0, gt=0, description="Quantized file size / FP32's.")
     latency_runs: int = Field(300, ge=10, description="Timed batch-1 runs per model (after warm-up).")
 
 
@@ -113,7 +142,8 @@ class MlflowSpec(_Base):
 
 class CardSpec(_Base):
     intended_use: str | None = None
-    limitations: str | None = None
+    training_data: str | None = None
+    limitations: str | None = Field(default=None, description="Rendered as 'Caveats and recommendations'.")
     ethical_considerations: str | None = None
     owners: list[str] = Field(default_factory=list)
 

@@ -1,51 +1,92 @@
-"""Model cards: card data (a dict) + Jinja2 template + pure render. Publishing is the registry's job."""
+"""Model cards: card data (a dict) + templates + pure render. Publishing is the registry's job.
+
+Sections follow Mitchell et al. 2019 ("Model Cards for Model Reporting"), plus quantization and
+lineage. Formats: Markdown with Hugging Face-compatible YAML front matter, a self-contained HTML page
+with inline SVG charts, and JSON validated against the versioned schema in ``schema/``.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import platform
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from importlib.resources import files
 from pathlib import Path
 
 from qops import __version__
-from qops.artifacts import to_jsonable, write_json_atomic, write_text_atomic, atomic_path
+from qops.artifacts import atomic_path, to_jsonable, write_json_atomic, write_text_atomic
+from qops.cards.charts import metric_bars_svg, perf_bars_svg
+from qops.errors import QopsError
 
-PLACEHOLDER = "_[To be written by the model owner: set `card.{field}` in the pipeline spec.]_"
 CARD_SCHEMA_VERSION = "1.0"
+HUMAN_FIELDS = ("intended_use", "training_data", "limitations", "ethical_considerations")
+PLACEHOLDER = "[To be written by the model owner: set card.{field} in the pipeline spec.]"
 
 
 @dataclass
 class CardResult:
     markdown_path: str
+    html_path: str
     json_path: str
     chart_path: str | None
     target: str
     gate_passed: bool
 
+    @property
+    def files(self) -> list[str]:
+        return [p for p in (self.markdown_path, self.html_path, self.json_path, self.chart_path) if p]
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version(), "qops": __version__}
+    for pkg in ("onnxruntime", "onnx", "numpy", "fairlearn", "great-expectations", "mlflow"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
 
 def build_card_data(*, pipeline: str, source: dict, target_recipe: dict, calibration: dict | None,
-                    quantization: dict, evaluation: dict, gate_result: dict, human: dict, lineage: dict) -> dict:
-    """Assemble the card's data. Every argument is JSON from an earlier stage."""
+                    quantization: dict, evaluation: dict, gate_result: dict, gate_settings: dict, human: dict,
+                    lineage: dict, generated_at: str | None = None) -> dict:
+    """Assemble the card's data from the JSON of earlier stages. Pure: same inputs, same card
+    (``generated_at`` aside, which callers may pin)."""
     ev = evaluation
-    slices = []
-    for key, s32 in ev["fp32"]["slices"].items():
-        sq = ev["quantized"]["slices"][key]
-        slices.append({"slice": key, "n": s32["n"], "fp32": s32["value"], "quantized": sq["value"],
-                       "delta": None if s32["value"] is None or sq["value"] is None else sq["value"] - s32["value"]})
-    fairness = []
-    for col, m32 in ev["fp32"]["fairness"].items():
-        for name, v32 in m32.items():
-            fairness.append({"column": col, "metric": name, "fp32": v32, "quantized": ev["quantized"]["fairness"][col][name]})
-    human_fields = {}
-    for f in ("intended_use", "limitations", "ethical_considerations"):
-        human_fields[f] = human.get(f) or PLACEHOLDER.format(field=f)
-    return to_jsonable({
+    m = ev["primary_metric"]
+    human_fields = {f: (human.get(f) or None) for f in HUMAN_FIELDS}
+    card = {
         "schema_version": CARD_SCHEMA_VERSION,
         "pipeline": pipeline,
-        "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source_model": source,
-        "hardware_target": target_recipe,
+        "generated_at": generated_at or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model_details": {
+            "name": f"{source['name']} ({target_recipe['target']})",
+            "source": {k: source.get(k) for k in ("uri", "name", "version", "run_id", "flavor")},
+            "source_sha256": quantization["source_sha256"],
+            "quantized_sha256": quantization["model_sha256"],
+            "owners": human.get("owners") or [],
+        },
+        "intended_use": human_fields["intended_use"],
+        "factors": {
+            "slice_dimensions": ev["dimensions"],
+            "min_slice_size": gate_settings.get("min_slice_size"),
+            "groups": [{"dimension": s["dimension"], "key": s["key"], "n": s["n"]} for s in ev["slices"]],
+        },
+        "metrics": {
+            "primary": m, "computed": ev["metrics"], "task": ev["task"], "decision": gate_result.get("decision"),
+            "confidence_intervals": ev["bootstrap"],
+        },
+        "evaluation_data": {"path": ev["validation"], "rows": ev["rows"], "label": ev["label"]},
+        "training_data": human_fields["training_data"],
+        "quantitative_analyses": {"overall": ev["overall"], "slices": ev["slices"], "fairness": ev["fairness"]},
+        "performance": {**ev["performance"], "worker_hardware": ev["hardware"], "hardware_match": ev["hardware_match"],
+                        "target_hardware": target_recipe["hardware"]},
         "quantization": {
+            "hardware_target": target_recipe["target"],
+            "target_description": target_recipe["description"],
             "method": f"{target_recipe['mode']} PTQ ({target_recipe['runtime']}, {target_recipe['quant_format']})",
             "precision": target_recipe["precision"],
             "weight_type": target_recipe["weight_type"],
@@ -53,85 +94,141 @@ def build_card_data(*, pipeline: str, source: dict, target_recipe: dict, calibra
             "granularity": target_recipe["granularity"],
             "symmetric_weights": target_recipe["symmetric_weights"],
             "symmetric_activations": target_recipe["symmetric_activations"],
-            "calibration_method": target_recipe["calibration_method"] if target_recipe["mode"] == "static" else "none (dynamic)",
-            "model_sha256": quantization["model_sha256"],
-            "source_sha256": quantization["source_sha256"],
+            "calibration_method": target_recipe["calibration_method"] if target_recipe["mode"] == "static"
+            else "none (dynamic)",
+            "runtime": target_recipe["runtime"],
+            "execution_provider": target_recipe["execution_provider"],
+            "queue": target_recipe["queue"],
+            "library_versions": _versions(),
+            "tuning_trials": quantization.get("trials") or [],
+            "calibration": None if calibration is None else {
+                "rows": calibration["rows"], "sha256": calibration["sha256"], "strategy": calibration["strategy"],
+                "seed": calibration["seed"], "pool": calibration["pool"],
+                "rows_per_slice": calibration["rows_per_slice"], "drift_passed": calibration["drift_passed"],
+                "drifted_columns": calibration["drifted_columns"], "drift_report": calibration["drift_report_path"],
+            },
         },
-        "calibration": None if calibration is None else {
-            "rows": calibration["rows"], "sha256": calibration["sha256"], "strategy": calibration["strategy"],
-            "seed": calibration["seed"], "pool": calibration["pool"], "rows_per_slice": calibration["rows_per_slice"],
-            "drift_passed": calibration["drift_passed"], "drifted_columns": calibration["drifted_columns"],
-            "drift_report": calibration["drift_report_path"],
-        },
-        "evaluation": {
-            "metric": ev["metric"], "rows": ev["rows"], "validation": ev["validation"],
-            "overall": {"fp32": ev["fp32"]["overall"], "quantized": ev["quantized"]["overall"]},
-            "agreement": ev["agreement"], "slices": slices, "fairness": fairness,
-        },
-        "performance": {
-            "size_bytes": {"fp32": ev["fp32"]["size_bytes"], "quantized": ev["quantized"]["size_bytes"]},
-            "latency_p50_ms": {"fp32": ev["fp32"]["latency_p50_ms"], "quantized": ev["quantized"]["latency_p50_ms"]},
-            "latency_method": ev["latency_method"],
-            "worker_hardware": ev["hardware"],
-            "target_hardware": target_recipe["hardware"],
-        },
-        "gates": gate_result,
-        "human": human_fields,
-        "owners": human.get("owners") or [],
-        "lineage": {**lineage, "qops_version": __version__},
-    })
+        "gates": {**gate_result, "settings": gate_settings},
+        "ethical_considerations": human_fields["ethical_considerations"],
+        "caveats_and_recommendations": human_fields["limitations"],
+        "lineage": {"source_model_uri": source.get("uri"), "source_model_version": source.get("version"),
+                    "mlflow": None, **lineage, "qops_version": __version__},
+    }
+    return to_jsonable(card)
 
 
-def _chart(card: dict, path: Path) -> Path | None:
-    """Per-slice metric bars, FP32 vs quantized, plus size and latency; PNG."""
+def schema() -> dict:
+    return json.loads(files("qops.cards").joinpath(f"schema/card-{CARD_SCHEMA_VERSION}.schema.json").read_text())
+
+
+def validate_card(card: dict) -> None:
+    import jsonschema
+
+    try:
+        jsonschema.validate(card, schema())
+    except jsonschema.ValidationError as e:
+        where = "/".join(str(p) for p in e.absolute_path) or "(root)"
+        raise QopsError(f"Model card data does not match schema {CARD_SCHEMA_VERSION} at {where}: {e.message}",
+                        "this is a qops bug; report it with the card.json") from None
+
+
+def _env(autoescape: bool):
+    from jinja2 import Environment, FileSystemLoader, StrictUndefined
+
+    env = Environment(loader=FileSystemLoader(str(Path(__file__).parent / "templates")), autoescape=autoescape,
+                      trim_blocks=True, lstrip_blocks=True, undefined=StrictUndefined, keep_trailing_newline=True)
+    env.filters["num"] = lambda v, signed=False: "n/a" if v is None else (f"{v:+.4f}" if signed else f"{v:.4f}")
+    env.filters["md"] = lambda v: "" if v is None else (
+        str(v).replace("\\", "\\\\").replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+        .replace("\n", " "))
+    env.filters["placeholder"] = lambda v, field: v if v else PLACEHOLDER.format(field=field)
+    return env
+
+
+def front_matter(card: dict) -> str:
+    """Hugging Face model-card metadata: base_model, base_model_relation, model-index results."""
+    import yaml
+
+    ov = card["quantitative_analyses"]["overall"]
+    target = card["quantization"]["hardware_target"]
+    meta = {
+        "base_model": card["model_details"]["source"]["uri"],
+        "base_model_relation": "quantized",
+        "library_name": card["quantization"]["runtime"],
+        "tags": ["qops", "quantized", target, card["quantization"]["precision"]],
+        "model-index": [{
+            "name": card["model_details"]["name"],
+            "results": [{
+                "task": {"type": f"tabular-{card['metrics']['task']}"},
+                "dataset": {"name": "validation", "type": card["pipeline"]},
+                "metrics": [{"type": m, "name": f"{m} (quantized, {target})", "value": v["quantized"]}
+                            for m, v in ov.items() if v["quantized"] is not None],
+            }],
+        }],
+        "qops": {"card_schema": card["schema_version"], "gate": "passed" if card["gates"]["passed"] else "failed"},
+    }
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
+
+
+def render_markdown(card: dict, chart_name: str | None = None) -> str:
+    return front_matter(card) + _env(False).get_template("card.md.j2").render(card=card, chart=chart_name)
+
+
+def render_html(card: dict) -> str:
+    from markupsafe import Markup
+
+    charts = {"metric": Markup(metric_bars_svg(card)), "perf": Markup(perf_bars_svg(card))}
+    return _env(True).get_template("card.html.j2").render(card=card, charts=charts)
+
+
+def _png_chart(card: dict, path: Path) -> Path | None:
+    """The same per-slice bars as PNG, for Markdown viewers (MLflow's artifact view among them)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import numpy as np
     except ImportError:
         return None
-    ev = card["evaluation"]
-    labels = ["overall"] + [s["slice"] for s in ev["slices"]]
-    v32 = [ev["overall"]["fp32"]] + [s["fp32"] or 0 for s in ev["slices"]]
-    vq = [ev["overall"]["quantized"]] + [s["quantized"] or 0 for s in ev["slices"]]
+    qa = card["quantitative_analyses"]
+    m = card["metrics"]["primary"]
+    rows = [("overall", qa["overall"][m])] + [(s["key"], s["metrics"][m]) for s in qa["slices"]]
+    labels = [r[0] for r in rows]
+    v32 = [r[1]["fp32"] or 0 for r in rows]
+    vq = [r[1]["quantized"] or 0 for r in rows]
+    err = np.array([[max(0.0, (r[1]["quantized"] or 0) - (r[1]["fp32"] or 0) - (r[1]["ci_low"] or 0))
+                     if r[1]["ci_low"] is not None else 0 for r in rows],
+                    [max(0.0, (r[1]["fp32"] or 0) + (r[1]["ci_high"] or 0) - (r[1]["quantized"] or 0))
+                     if r[1]["ci_high"] is not None else 0 for r in rows]])
     perf = card["performance"]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), gridspec_kw={"width_ratios": [3, 1, 1]})
-    import numpy as np
-
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8), gridspec_kw={"width_ratios": [3, 1, 1]})
     x = np.arange(len(labels))
     axes[0].bar(x - 0.2, v32, 0.4, label="FP32", color="#4C72B0")
-    axes[0].bar(x + 0.2, vq, 0.4, label=card["hardware_target"]["target"], color="#DD8452")
-    axes[0].set_xticks(x, labels, rotation=30, ha="right", fontsize=8)
-    axes[0].set_ylabel(ev["metric"])
-    axes[0].set_ylim(0, 1.2)
-    axes[0].legend(fontsize=8, loc="upper right", ncol=2)
-    axes[0].set_title(f"{ev['metric']} by slice")
+    axes[0].bar(x + 0.2, vq, 0.4, yerr=err, capsize=3, label=card["quantization"]["hardware_target"],
+                color="#DD8452")
+    axes[0].set_xticks(x, labels, rotation=30, ha="right", fontsize=7)
+    axes[0].set_ylabel(m)
+    axes[0].set_title(f"{m} by slice (whiskers: 95% paired-bootstrap CI)", fontsize=9)
+    axes[0].legend(fontsize=8, loc="lower right")
     for ax, key, unit, scale in ((axes[1], "size_bytes", "MB", 1e-6), (axes[2], "latency_p50_ms", "ms", 1)):
-        vals = [perf[key]["fp32"] * scale, perf[key]["quantized"] * scale]
-        ax.bar(["FP32", "quant."], vals, color=["#4C72B0", "#DD8452"])
+        ax.bar(["FP32", "quant."], [perf[key]["fp32"] * scale, perf[key]["quantized"] * scale],
+               color=["#4C72B0", "#DD8452"])
         ax.set_title(f"{'size' if key == 'size_bytes' else 'batch-1 p50 latency'} ({unit})", fontsize=9)
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
+        fig.savefig(tmp, format="png", dpi=90, metadata={"Software": None})
     plt.close(fig)
     return path
 
 
-def render_markdown(card: dict, chart_name: str | None = None) -> str:
-    from jinja2 import Environment, FileSystemLoader, select_autoescape
-
-    env = Environment(loader=FileSystemLoader(str(Path(__file__).parent / "templates")),
-                      autoescape=select_autoescape([]), trim_blocks=True, lstrip_blocks=True)
-    env.filters["pct"] = lambda v: "n/a" if v is None else f"{v:.4f}"
-    env.filters["md"] = lambda v: str(v).replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
-    return env.get_template("card.md.j2").render(card=card, chart=chart_name)
-
-
 def write_card(card: dict, out_dir: str | os.PathLike) -> CardResult:
+    """Validate the card against its schema and write card.md, card.html, card.json, card_chart.png."""
+    validate_card(card)
     out = Path(out_dir)
-    chart = _chart(card, out / "card_chart.png")
+    chart = _png_chart(card, out / "card_chart.png")
     md = write_text_atomic(out / "card.md", render_markdown(card, chart.name if chart else None))
+    html = write_text_atomic(out / "card.html", render_html(card))
     js = write_json_atomic(out / "card.json", card)
-    return CardResult(str(md), str(js), str(chart) if chart else None, card["hardware_target"]["target"],
-                      bool(card["gates"]["passed"]))
+    return CardResult(str(md), str(html), str(js), str(chart) if chart else None,
+                      card["quantization"]["hardware_target"], bool(card["gates"]["passed"]))

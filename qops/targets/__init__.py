@@ -40,6 +40,8 @@ class Recipe:
     execution_provider: str = "CPUExecutionProvider"
     queue: Literal["cpu", "gpu"] = "cpu"
     precision: str = "int8"
+    arch: str | None = "x86_64"  # platform.machine() of the target hardware
+    required_isa: tuple[str, ...] = ()  # CPU flags the recipe assumes (for the "not on target hardware" note)
     version: int = 1
     extra: dict = field(default_factory=dict)
 
@@ -67,6 +69,7 @@ class Recipe:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["op_types"] = list(self.op_types)
+        d["required_isa"] = list(self.required_isa)
         d["granularity"] = self.granularity
         return d
 
@@ -127,6 +130,7 @@ def _x86_vnni() -> Recipe:
         activation_type="uint8",
         per_channel=True,
         calibration_method="minmax",
+        required_isa=("avx512_vnni",),
     )
 
 
@@ -158,4 +162,5 @@ def _arm64() -> Recipe:
         per_channel=True,
         symmetric_activations=True,
         calibration_method="minmax",
+        arch="aarch64",
     )

@@ -1,54 +1,120 @@
 import json
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
 
-from qops.cards import build_card_data, render_markdown, write_card
+import pandas as pd
+import pytest
+import yaml
+
+from qops.artifacts import to_jsonable
+from qops.cards import build_card_data, render_html, render_markdown, validate_card, write_card
+from qops.errors import QopsError
+from qops.evaluate import evaluate
 from qops.gates import gate
+from qops.quantize import quantize
 from qops.spec import GateSpec
 from qops.targets import get_target
 
-
-def _evaluation():
-    side = lambda acc, lat, size: {  # noqa: E731
-        "overall": acc, "size_bytes": size, "latency_p50_ms": lat, "latency_p90_ms": lat * 1.2,
-        "slices": {"sex=female": {"value": acc - 0.01, "n": 60}, "sex=<script>alert(1)</script>": {"value": acc, "n": 40}},
-        "fairness": {"sex": {"demographic_parity_difference": 0.05, "equalized_odds_difference": 0.1}},
-    }
-    return {"metric": "accuracy", "rows": 100, "label": "y", "slice_columns": ["sex"], "validation": "val.parquet",
-            "fp32": side(0.8, 0.1, 4_000_000), "quantized": side(0.79, 0.05, 1_000_000), "agreement": 0.98,
-            "hardware": {"cpu_model": "Test CPU", "isa": ["avx2"]}, "latency_method": "batch 1"}
+EVIL = "<script>document.title='pwned'</script>"
 
 
-def _card(human=None):
-    ev = _evaluation()
-    g = gate(ev, GateSpec())
-    from qops.artifacts import to_jsonable
+@pytest.fixture(scope="module")
+def card_inputs(fp32_model, data_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("card")
+    val = pd.read_parquet(data_dir / "validation.parquet")
+    val["sex"] = val["sex"].replace({"female": EVIL})  # a user-supplied slice value
+    val.to_parquet(d / "val.parquet")
+    q = quantize(fp32_model, "arm64_int8", d / "q.onnx", calibration=data_dir / "pool.parquet")
+    recipe = get_target("arm64_int8").to_dict()
+    ev = to_jsonable(evaluate(fp32_model, d / "q.onnx", d / "val.parquet", "risk", ["sex", "age_group"],
+                              latency_runs=20, bootstrap=200, target=recipe))
+    settings = GateSpec(max_latency_ratio=10.0).model_dump()
+    return dict(pipeline="p", source={"uri": "models:/m@champion", "name": "m", "version": "3", "flavor": "onnx"},
+                target_recipe=recipe,
+                calibration={"rows": 200, "sha256": "ab" * 32, "strategy": "stratified", "seed": 0, "pool": "pool.parquet",
+                             "rows_per_slice": {"sex": {"female": 60, "male": 140}}, "drift_passed": True,
+                             "drifted_columns": [], "drift_report_path": "drift.json"},
+                quantization=to_jsonable(q), evaluation=ev, gate_result=to_jsonable(gate(ev, GateSpec(**settings))),
+                gate_settings=settings, human={"intended_use": "Scoring demo & <b>tests</b>."},
+                lineage={"dag_id": "d", "run_id": "r", "spec_sha256": "00"}, generated_at="2026-11-26T00:00:00+00:00")
 
-    return build_card_data(
-        pipeline="p", source={"uri": "models:/m@champion", "name": "m", "version": "3"},
-        target_recipe=get_target("x86_64_vnni_int8").to_dict(),
-        calibration={"rows": 50, "sha256": "ab" * 32, "strategy": "stratified", "seed": 0, "pool": "pool.parquet",
-                     "rows_per_slice": {"sex": {"female": 20, "male": 30}}, "drift_passed": True,
-                     "drifted_columns": [], "drift_report_path": "drift.json"},
-        quantization={"model_sha256": "cd" * 32, "source_sha256": "ef" * 32},
-        evaluation=ev, gate_result=to_jsonable(g), human=human or {},
-        lineage={"dag_id": "d", "run_id": "r", "spec_sha256": "00"},
-    )
 
-
-def test_card_has_required_sections_and_values(tmp_path):
-    card = _card({"intended_use": "Scoring demo."})
+def test_card_files_sections_and_values(card_inputs, tmp_path):
+    card = build_card_data(**card_inputs)
     res = write_card(card, tmp_path)
-    md = open(res.markdown_path).read()
-    for section in ("## Model details", "## Intended use", "## Quantization", "## Quantitative analyses",
-                    "### Fairness", "## Gate results", "## Lineage", "base_model_relation: quantized"):
+    md = Path(res.markdown_path).read_text()
+    for section in ("## Model details", "## Intended use", "## Factors", "## Metrics", "## Evaluation data",
+                    "## Training data", "## Quantitative analyses", "### Fairness", "## Quantization",
+                    "## Gate results", "## Ethical considerations", "## Caveats and recommendations", "## Lineage"):
         assert section in md
-    assert "version 3" in md and "per-channel" in md and "minmax" in md and "ab" * 32 in md
-    assert "| 0.8000 | 0.7900 |" in md  # overall FP32 vs quantized
-    assert "Scoring demo." in md
-    assert "_[To be written by the model owner: set `card.limitations`" in md  # visible placeholder
-    assert json.loads(open(res.json_path).read())["lineage"]["qops_version"]
-    assert res.chart_path and open(res.chart_path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "version 3" in md and "per-channel" in md and "ab" * 32 in md and "95% CI" in md
+    assert "[To be written by the model owner: set card.training_data" in md  # visible placeholder
+    assert "not on the target's aarch64 hardware" in md  # arm64 target measured on an x86 worker
+    assert "onnxruntime 1." in md  # library versions
+    assert json.loads(Path(res.json_path).read_text()) == card
+    assert Path(res.chart_path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_user_strings_are_escaped_in_markdown():
-    md = render_markdown(_card())
+def test_front_matter_is_hugging_face_compatible(card_inputs):
+    md = render_markdown(build_card_data(**card_inputs))
+    meta = yaml.safe_load(md.split("---\n")[1])
+    assert meta["base_model"] == "models:/m@champion" and meta["base_model_relation"] == "quantized"
+    results = meta["model-index"][0]["results"][0]
+    assert {m["type"] for m in results["metrics"]} >= {"accuracy", "f1", "roc_auc"}
+    assert all(isinstance(m["value"], float) for m in results["metrics"])
+
+
+def test_user_strings_are_escaped(card_inputs):
+    card = build_card_data(**card_inputs)
+    md, html = render_markdown(card), render_html(card)
     assert "<script>" not in md and "&lt;script&gt;" in md
+    assert "<script" not in html and "&lt;script&gt;" in html and "&lt;b&gt;tests&lt;/b&gt;" in html
+
+
+def test_schema_validates_and_rejects(card_inputs):
+    card = build_card_data(**card_inputs)
+    validate_card(card)
+    broken = json.loads(json.dumps(card))
+    broken["quantization"]["granularity"] = "per-galaxy"
+    with pytest.raises(QopsError, match="quantization/granularity"):
+        validate_card(broken)
+
+
+def test_same_inputs_give_the_same_card(card_inputs, tmp_path):
+    a, b = build_card_data(**card_inputs), build_card_data(**card_inputs)
+    assert a == b
+    ra, rb = write_card(a, tmp_path / "a"), write_card(b, tmp_path / "b")
+    for name in ("markdown_path", "html_path", "json_path", "chart_path"):
+        assert Path(getattr(ra, name)).read_bytes() == Path(getattr(rb, name)).read_bytes(), name
+    c = build_card_data(**{**card_inputs, "generated_at": None})
+    assert {k: v for k, v in c.items() if k != "generated_at"} == {k: v for k, v in a.items() if k != "generated_at"}
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _chromium(*args):
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tempfile.mkdtemp()}"]
+    return subprocess.run([CHROMIUM, *flags, *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_html_card_renders_in_a_real_browser(card_inputs, tmp_path):
+    card = build_card_data(**card_inputs)
+    res = write_card(card, tmp_path)
+    url = Path(res.html_path).resolve().as_uri()
+    dom = _chromium("--dump-dom", url)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    html = dom.stdout
+    n_rows = 1 + len(card["quantitative_analyses"]["slices"])
+    assert html.count('class="bar bar-fp32"') == n_rows and html.count('class="bar bar-quantized"') == n_rows
+    assert html.count('class="whisker"') >= 1 and html.count('class="bar bar-perf"') == 4
+    assert "<title>Model card: m (arm64_int8)</title>" in html  # the script did not run
+    assert "<script" not in html and "&lt;script&gt;document.title" in html  # shown as text
+    shot = tmp_path / "card.png"
+    r = _chromium("--window-size=1100,1800", f"--screenshot={shot}", url)
+    assert r.returncode == 0 and shot.stat().st_size > 20_000

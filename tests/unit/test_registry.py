@@ -41,7 +41,7 @@ def test_register_passing_model(mlflow_uri, qmodel, card_files, features):
     assert str(mv.version) == "1"
     assert mv.tags["qops.gate"] == "passed" and mv.tags["qops.target"] == "x86_64_int8_dynamic"
     assert mv.tags["qops.complete"] == "true" and mv.tags["qops.card_uri"].endswith("/card/card.md")
-    assert "Model card: runs:/" in mv.description
+    assert "Model card: `runs:/" in mv.description and "card.md" in mv.description
     # card attached to the version's run
     arts = {a.path for a in client.list_artifacts(mv.run_id, "card")}
     assert arts == {"card/card.md", "card/card.json"}
