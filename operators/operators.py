@@ -12,6 +12,8 @@ from typing import Any, Sequence
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
+from qops_airflow.links import QopsMlflowModelLink, QopsModelCardLink
+
 
 class _QopsStageOperator(BaseOperator):
     template_fields: Sequence[str] = ("spec_path", "run_key")
@@ -79,6 +81,7 @@ class QopsCalibrateOperator(_QopsStageOperator):
 
 class _TargetOperator(_QopsStageOperator):
     template_fields: Sequence[str] = ("spec_path", "run_key", "target")
+    operator_extra_links = ()
 
     def __init__(self, *, target: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -120,6 +123,7 @@ class QopsGateOperator(_TargetOperator):
     message listing each failed check."""
 
     stage = "gate"
+    operator_extra_links = (QopsMlflowModelLink(), QopsModelCardLink())
 
     def execute(self, context) -> dict:
         from qops.pipeline import stage_gate
@@ -136,6 +140,7 @@ class QopsCardOperator(_TargetOperator):
     """Write the model card (Markdown, JSON, chart). Runs after a failed gate too, to document it."""
 
     stage = "card"
+    operator_extra_links = (QopsMlflowModelLink(), QopsModelCardLink())
     default_trigger_rule = "all_done"
 
     def execute(self, context) -> dict:
@@ -157,6 +162,7 @@ class QopsRegisterOperator(_TargetOperator):
     unless the spec says ``register_failed``)."""
 
     stage = "register"
+    operator_extra_links = (QopsMlflowModelLink(), QopsModelCardLink())
     default_trigger_rule = "all_done"
 
     def execute(self, context) -> dict:

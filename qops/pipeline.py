@@ -258,7 +258,7 @@ def format_summary(summary: dict) -> str:
         if "size_bytes" not in r:
             lines.append(f"{r['target']:<21}{'(not evaluated)':<46}{r['gate']}")
             continue
-        ws = f"{r['worst_slice']} ({r['worst_slice_delta']:+.4f})" if r.get("worst_slice") else "n/a"
+        ws = f"{r['worst_slice']} ({r['worst_slice_delta']:+.4f}) " if r.get("worst_slice") else "n/a "
         ml = r.get("mlflow") or {}
         mls = (f"{ml['name']} v{ml['version']} [{','.join(ml['aliases'])}]" if ml.get("registered")
                else "not registered")

@@ -111,6 +111,25 @@ def test_demo_dags_register_every_target(demo_run):
         assert row["size_bytes"] * 3.5 < row["fp32_size_bytes"]
 
 
+def test_gate_card_and_register_tasks_link_to_mlflow_and_the_card(demo_run):
+    """Airflow stores each extra link's URL in XCom when the task ends; read them from the metadata DB."""
+    import sqlite3
+
+    home, env, summary = demo_run
+    db = sqlite3.connect(Path(env["AIRFLOW_HOME"]) / "airflow.db")
+    rows = db.execute("select task_id, key, value from xcom where dag_id = 'german_credit_quantize' "
+                      "and key like '_link_%'").fetchall()
+    links = {(t, k): json.loads(v) if isinstance(v, str) else v for t, k, v in rows}
+    row = next(r for r in summary["targets"] if r["target"] == "x86_64_vnni_int8")
+    name, version = row["mlflow"]["name"], row["mlflow"]["version"]
+    reg = links[("x86_64_vnni_int8.register", "_link_QopsMlflowModelLink")]
+    assert reg == f"http://127.0.0.1:5000/#/models/{name}/versions/{version}"
+    assert links[("x86_64_vnni_int8.gate", "_link_QopsMlflowModelLink")] == f"http://127.0.0.1:5000/#/models/{name}"
+    card = links[("x86_64_vnni_int8.card", "_link_QopsModelCardLink")]
+    assert card.startswith("file://") and card.endswith("/targets/x86_64_vnni_int8/card/card.html")
+    assert Path(card[len("file://"):]).is_file()
+
+
 def test_registered_quantized_model_loads_and_predicts(demo_run):
     import mlflow
 
