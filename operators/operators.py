@@ -81,7 +81,6 @@ class QopsCalibrateOperator(_QopsStageOperator):
 
 class _TargetOperator(_QopsStageOperator):
     template_fields: Sequence[str] = ("spec_path", "run_key", "target")
-    operator_extra_links = ()
 
     def __init__(self, *, target: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)

@@ -232,7 +232,9 @@ def _slice_keys(df: pd.DataFrame, dims: list[list[str]]) -> list[tuple[str, str,
     out = []
     for cols in dims:
         values = df[cols].astype("string").fillna("missing")
-        joined = values.agg(lambda r: " & ".join(f"{c}={v}" for c, v in zip(cols, r)), axis=1)
+        joined = cols[0] + "=" + values[cols[0]]
+        for c in cols[1:]:
+            joined = joined + " & " + c + "=" + values[c]
         for key in sorted(joined.unique()):
             out.append((" & ".join(cols), key, np.flatnonzero((joined == key).to_numpy())))
     return out

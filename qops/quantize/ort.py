@@ -10,8 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
-
 from qops import __version__
 from qops.artifacts import atomic_path, sha256_file, write_json_atomic
 from qops.data import feature_columns_for, feature_matrix, onnx_io, read_table
