@@ -39,11 +39,19 @@ def cmd_calibrate(args) -> int:
     from qops.calibration import select_calibration
     from qops.data import feature_columns_for
 
+    from qops.calibration import Diversity, Recency, S3Options
+    from qops.data import onnx_io
+
     features = _csv(args.features) or feature_columns_for(args.model, None)
     res = select_calibration(
         pool=args.pool, reference=args.reference, output_dir=args.output_dir, size=args.size, features=features,
         slice_columns=_csv(args.slice_columns), strategy=args.strategy, seed=args.seed,
-        drift_enabled=not args.no_drift_check, on_drift=args.on_drift,
+        drift_enabled=not args.no_drift_check, on_drift=args.on_drift, max_reselect=args.max_reselect,
+        min_per_slice=args.min_per_slice, on_small_slice=args.on_small_slice,
+        recency=Recency(args.recency_column, args.recency_days) if args.recency_column else None,
+        diversity=Diversity(embedding_column=args.embedding_column) if args.strategy == "diversity" else None,
+        validation=args.validation, model_inputs=onnx_io(args.model)[0] if args.model else None,
+        s3=S3Options(args.s3_endpoint_url),
     )
     _emit(args, res, f"calibration set: {res.path} ({res.rows} rows, sha256 {res.sha256}); "
                      f"drift {'passed' if res.drift_passed else 'DRIFT in ' + ', '.join(res.drifted_columns)}")
@@ -192,14 +200,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--reference", required=True)
     sp.add_argument("--size", type=int, required=True)
     sp.add_argument("--output-dir", required=True)
-    sp.add_argument("--strategy", choices=["random", "stratified"], default="stratified")
+    sp.add_argument("--strategy", choices=["random", "stratified", "diversity"], default="stratified")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--slice-columns", help="comma-separated")
+    sp.add_argument("--min-per-slice", type=int, default=1)
+    sp.add_argument("--on-small-slice", choices=["warn", "fail"], default="warn")
+    sp.add_argument("--recency-column", help="timestamp column for a recency window")
+    sp.add_argument("--recency-days", type=float, default=30.0)
+    sp.add_argument("--embedding-column", help="diversity sampling over this list/array column")
+    sp.add_argument("--validation", help="validation set whose schema the calibration set must match")
+    sp.add_argument("--s3-endpoint-url", help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL or AWS)")
     g = sp.add_mutually_exclusive_group(required=True)
     g.add_argument("--features", help="comma-separated feature columns")
     g.add_argument("--model", help="ONNX model whose qops.feature_columns metadata names the features")
     sp.add_argument("--no-drift-check", action="store_true")
-    sp.add_argument("--on-drift", choices=["fail", "warn"], default="fail")
+    sp.add_argument("--on-drift", choices=["fail", "warn", "reselect"], default="fail")
+    sp.add_argument("--max-reselect", type=int, default=3)
 
     sp = add("quantize", cmd_quantize, "quantize an ONNX model for a hardware target")
     sp.add_argument("--model", required=True)

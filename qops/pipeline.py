@@ -61,6 +61,9 @@ def _features(spec: PipelineSpec, source: dict) -> list[str]:
 
 def stage_calibrate(spec: PipelineSpec, run_id: str) -> dict:
     from qops.calibration import select_calibration
+    from qops.calibration.select import Diversity, Recency
+    from qops.calibration.sources import S3Options
+    from qops.data import onnx_io
 
     source = _load(_rdir(spec, run_id) / "source.json", "source")
     c = spec.calibration
@@ -69,6 +72,13 @@ def stage_calibrate(spec: PipelineSpec, run_id: str) -> dict:
         size=c.size, features=_features(spec, source), slice_columns=spec.data.slice_columns, strategy=c.strategy,
         seed=c.seed, stratify_by=c.stratify_by, drift_enabled=c.drift.enabled,
         quantile_tolerance=c.drift.quantile_tolerance, max_kl=c.drift.max_kl_divergence, on_drift=c.drift.on_drift,
+        min_per_slice=c.min_per_slice, on_small_slice=c.on_small_slice,
+        recency=Recency(**c.recency.model_dump()) if c.recency else None,
+        diversity=Diversity(**c.diversity.model_dump()) if c.diversity else None,
+        max_psi=c.drift.max_psi, min_ks_pvalue=c.drift.min_ks_pvalue, max_reselect=c.drift.max_reselect,
+        reference_sample=c.reference_sample, validation=spec.data.validation,
+        model_inputs=onnx_io(source["path"])[0],
+        s3=S3Options(spec.storage.s3_endpoint_url, spec.storage.s3_region),
     )
     return to_jsonable(res)
 

@@ -70,18 +70,39 @@ class DataSpec(_Base):
 
 class DriftSpec(_Base):
     enabled: bool = True
-    max_kl_divergence: float = Field(0.5, ge=0, description="Per numeric column (GX, with tail holdout).")
+    max_kl_divergence: float = Field(0.5, ge=0, description="Per column (GX, with tail holdout).")
     quantile_tolerance: float = Field(
         0.1, ge=0, description="Allowed shift of the 5/25/50/75/95% quantiles beyond the sampling band "
         "expected for the calibration set's size, in reference std units."
     )
-    on_drift: Literal["fail", "warn"] = "fail"
+    max_psi: float = Field(0.25, ge=0, description="Population stability index bound (raised to the sampling "
+                           "noise of small sets).")
+    min_ks_pvalue: float = Field(0.001, ge=0, le=1, description="Two-sample KS test p-value below which a column "
+                                 "drifted.")
+    on_drift: Literal["fail", "warn", "reselect"] = "fail"
+    max_reselect: int = Field(3, ge=0, description="With on_drift: reselect, new seeds to try before failing.")
+
+
+class RecencySpec(_Base):
+    column: str
+    window_days: float = Field(gt=0)
+
+
+class DiversitySpec(_Base):
+    columns: list[str] | None = Field(default=None, description="Numeric columns; default: the features.")
+    embedding_column: str | None = Field(default=None, description="A list/array column used instead.")
+    candidates: int = Field(20, ge=1, description="Candidate reservoir = candidates x size rows.")
 
 
 class CalibrationSpec(_Base):
     size: int = Field(200, gt=0, description="Number of rows in the calibration set.")
-    strategy: Literal["random", "stratified"] = "stratified"
+    strategy: Literal["random", "stratified", "diversity"] = "stratified"
     stratify_by: list[str] | None = Field(default=None, description="Default: data.slice_columns.")
+    min_per_slice: int = Field(1, ge=0, description="Stratified: at least this many rows per stratum.")
+    on_small_slice: Literal["warn", "fail"] = "warn"
+    recency: RecencySpec | None = None
+    diversity: DiversitySpec | None = None
+    reference_sample: int = Field(100_000, ge=100, description="Rows of the reference used for the drift check.")
     seed: int = 0
     drift: DriftSpec = Field(default_factory=DriftSpec)
 
@@ -125,6 +146,12 @@ class GateSpec(_Base):
     latency_runs: int = Field(300, ge=10, description="Timed batch-1 runs per model (after warm-up).")
 
 
+class StorageSpec(_Base):
+    s3_endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint; default "
+                                        "$AWS_ENDPOINT_URL_S3 / $AWS_ENDPOINT_URL or AWS.")
+    s3_region: str | None = None
+
+
 class MlflowSpec(_Base):
     tracking_uri: str | None = Field(default=None, description="Default: $MLFLOW_TRACKING_URI.")
     registry_uri: str | None = None
@@ -157,6 +184,7 @@ class PipelineSpec(_Base):
     gates: GateSpec = Field(default_factory=GateSpec)
     mlflow: MlflowSpec = Field(default_factory=MlflowSpec)
     card: CardSpec = Field(default_factory=CardSpec)
+    storage: StorageSpec = Field(default_factory=StorageSpec)
     artifact_root: str = Field("qops-artifacts", description="Local folder for run artifacts.")
     schedule_asset: str | None = Field(
         default=None, description="Asset URI whose updates trigger the quantization DAG."

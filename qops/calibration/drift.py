@@ -42,8 +42,10 @@ class DriftReport:
     checks: list[ColumnCheck] = field(default_factory=list)
     reference_rows: int = 0
     sample_rows: int = 0
-    engine: str = "great_expectations"
+    engine: str = "great_expectations + qops (PSI, two-sample KS)"
     suite: dict = field(default_factory=dict)
+    column_stats: dict = field(default_factory=dict)
+    attempts: list = field(default_factory=list)
 
     def text(self) -> str:
         lines = [f"drift check: {'PASS' if self.passed else 'DRIFT'} "
@@ -118,9 +120,59 @@ def build_suite(reference: pd.DataFrame, numeric: list[str], categorical: list[s
                 internal_weight_holdout=0.01,
             ))
     for col in categorical:
-        values = sorted(reference[col].dropna().astype(str).unique().tolist())
-        suite.add_expectation(gxe.ExpectColumnValuesToBeInSet(column=col, value_set=values))
+        ref = reference[col].dropna().astype(str)
+        counts = ref.value_counts().sort_index()
+        suite.add_expectation(gxe.ExpectColumnValuesToBeInSet(column=col, value_set=counts.index.tolist()))
+        if len(counts) > 1:  # category proportions
+            suite.add_expectation(gxe.ExpectColumnKLDivergenceToBeLessThan(
+                column=col, threshold=max_kl,
+                partition_object={"values": counts.index.tolist(), "weights": (counts / counts.sum()).tolist()},
+            ))
+    for col in numeric + categorical:  # null fraction no higher than the reference's (+5 points)
+        null_frac = float(reference[col].isna().mean())
+        suite.add_expectation(gxe.ExpectColumnValuesToNotBeNull(column=col, mostly=max(0.0, 1 - null_frac - 0.05)))
+    suite.add_expectation(gxe.ExpectTableRowCountToEqual(value=sample_rows))
     return suite
+
+
+def psi(reference: np.ndarray, sample: np.ndarray, bins: int = 10) -> float:
+    """Population stability index over the reference's decile bins (open-ended outer bins)."""
+    edges = np.unique(np.quantile(reference, np.linspace(0, 1, bins + 1)))
+    if edges.size < 3:
+        edges = np.unique(np.concatenate([edges, [edges[0] - 0.5, edges[-1] + 0.5]]))
+    edges[0], edges[-1] = -np.inf, np.inf
+    k = len(edges) - 1
+    # add-one-half smoothing: an empty bin in a small sample must not make the index explode
+    r = (np.histogram(reference, edges)[0] + 0.5) / (len(reference) + 0.5 * k)
+    s = (np.histogram(sample, edges)[0] + 0.5) / (len(sample) + 0.5 * k)
+    return float(np.sum((s - r) * np.log(s / r)))
+
+
+def direct_checks(sample: pd.DataFrame, reference: pd.DataFrame, numeric: list[str], max_psi: float,
+                  min_ks_pvalue: float) -> tuple[list[ColumnCheck], dict]:
+    """PSI and two-sample Kolmogorov-Smirnov per numeric column (GX 1.x ships no KS expectation)."""
+    from scipy.stats import chi2, ks_2samp
+
+    checks, stats = [], {}
+    for col in numeric:
+        a = reference[col].dropna().to_numpy(dtype=float)
+        b = sample[col].dropna().to_numpy(dtype=float)
+        if len(a) == 0 or len(b) == 0:
+            continue
+        p = psi(a, b)
+        # PSI of two samples from one distribution is ~ chi2(bins-1) * (1/n + 1/m): a small calibration set
+        # has a large PSI by chance, so the bound is never below that noise's 99.9th percentile.
+        bound = max(max_psi, float(chi2.ppf(0.999, 9)) * (1 / len(a) + 1 / len(b)))
+        ks = ks_2samp(a, b)
+        stats[col] = {"reference_mean": float(a.mean()), "sample_mean": float(b.mean()),
+                      "reference_std": float(a.std()), "sample_std": float(b.std()), "psi": round(p, 5),
+                      "ks_statistic": round(float(ks.statistic), 5), "ks_pvalue": float(ks.pvalue)}
+        checks.append(ColumnCheck(col, "numeric", "population_stability_index", p <= bound, round(p, 5),
+                                  {"max": round(bound, 5)}))
+        checks.append(ColumnCheck(col, "numeric", "ks_2samp", ks.pvalue >= min_ks_pvalue,
+                                  {"statistic": round(float(ks.statistic), 5), "pvalue": float(ks.pvalue)},
+                                  {"min_pvalue": min_ks_pvalue}))
+    return checks, stats
 
 
 def check_drift(
@@ -130,8 +182,11 @@ def check_drift(
     categorical: list[str],
     quantile_tolerance: float = 0.1,
     max_kl: float = 0.5,
+    max_psi: float = 0.25,
+    min_ks_pvalue: float = 0.001,
 ) -> DriftReport:
-    """Validate ``sample`` with a GX suite generated from ``reference``; never raises on drift."""
+    """Validate ``sample`` with a GX suite generated from ``reference``, plus PSI and KS computed
+    directly; never raises on drift."""
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
@@ -155,19 +210,23 @@ def check_drift(
         observed = (r.result or {}).get("observed_value")
         if observed is None and "unexpected_percent" in (r.result or {}):
             observed = f"{r.result['unexpected_percent']:.2f}% unexpected"
-        expected = {k: v for k, v in kw.items() if k in ("threshold", "value_set", "min_value", "max_value")}
+        expected = {k: v for k, v in kw.items() if k in ("threshold", "value_set", "min_value", "max_value", "mostly",
+                                                         "value")}
         if cfg.type == "expect_column_quantile_values_to_be_between":
             expected = kw["quantile_ranges"]["value_ranges"]
         if isinstance(observed, dict) and "values" in observed:
             observed = [round(float(v), 4) for v in observed["values"]]
         if isinstance(observed, float):
             observed = round(observed, 4)
+        column = kw.get("column", "(table)")
         checks.append(ColumnCheck(
-            column=kw["column"], kind="numeric" if kw["column"] in numeric else "categorical",
+            column=column, kind="numeric" if column in numeric else ("table" if column == "(table)" else "categorical"),
             expectation=cfg.type, passed=bool(r.success), observed=observed, expected=expected,
         ))
+    direct, stats = direct_checks(sample, reference, numeric, max_psi, min_ks_pvalue)
+    checks += direct
     drifted = sorted({c.column for c in checks if not c.passed})
     return DriftReport(
         passed=not drifted, drifted_columns=drifted, checks=checks,
-        reference_rows=len(reference), sample_rows=len(sample), suite=suite.to_json_dict(),
+        reference_rows=len(reference), sample_rows=len(sample), suite=suite.to_json_dict(), column_stats=stats,
     )

@@ -106,6 +106,8 @@ def build_card_data(*, pipeline: str, source: dict, target_recipe: dict, calibra
                 "seed": calibration["seed"], "pool": calibration["pool"],
                 "rows_per_slice": calibration["rows_per_slice"], "drift_passed": calibration["drift_passed"],
                 "drifted_columns": calibration["drifted_columns"], "drift_report": calibration["drift_report_path"],
+                "manifest": calibration.get("manifest_path"), "sources": calibration.get("sources"),
+                "attempts": calibration.get("attempts") or [],
             },
         },
         "gates": {**gate_result, "settings": gate_settings},
