@@ -116,7 +116,7 @@ class _Reservoir:
             end = start
             while end < len(order) and sorted_codes[end] == code:
                 end += 1
-            keep.extend(order[start : start + self.quota.get(code, 0)])
+            keep.extend(order[start : min(end, start + self.quota.get(code, 0))])
             start = end
         keep = np.sort(np.array(keep, dtype=int))
         self.frame, self.keys, self.codes = frame.iloc[keep].reset_index(drop=True), keys[keep], codes[keep]
