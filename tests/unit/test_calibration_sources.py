@@ -221,3 +221,13 @@ def test_dataframe_sources(data_dir, features, tmp_path):
     pool, ref = pd.read_parquet(data_dir / "pool.parquet"), pd.read_parquet(data_dir / "train.parquet")
     res = select_calibration(pool, ref, tmp_path, size=50, features=features, slice_columns=SLICES)
     assert res.rows == 50 and res.pool == "<DataFrame>"
+
+
+def test_csv_pool(data_dir, features, tmp_path):
+    pd.read_parquet(data_dir / "pool.parquet").to_csv(tmp_path / "pool.csv", index=False)
+    a = select_calibration(tmp_path / "pool.csv", data_dir / "train.parquet", tmp_path / "a", size=80,
+                           features=features, slice_columns=SLICES, drift_enabled=False)
+    b = select_calibration(data_dir / "pool.parquet", data_dir / "train.parquet", tmp_path / "b", size=80,
+                           features=features, slice_columns=SLICES, drift_enabled=False)
+    pa, pb = pd.read_parquet(a.path), pd.read_parquet(b.path)
+    assert a.rows == 80 and np.allclose(pa[features].to_numpy(float), pb[features].to_numpy(float), atol=1e-6)

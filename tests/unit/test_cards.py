@@ -35,7 +35,10 @@ def card_inputs(fp32_model, data_dir, tmp_path_factory):
                 target_recipe=recipe,
                 calibration={"rows": 200, "sha256": "ab" * 32, "strategy": "stratified", "seed": 0, "pool": "pool.parquet",
                              "rows_per_slice": {"sex": {"female": 60, "male": 140}}, "drift_passed": True,
-                             "drifted_columns": [], "drift_report_path": "drift.json"},
+                             "drifted_columns": [], "drift_report_path": "drift.json",
+                             "attempts": [{"seed": 0, "drift_passed": True}],
+                             "sources": {"pool": {"uri": "s3://pools/p.parquet", "etag": "e" * 32, "bytes": 10},
+                                         "reference": {"uri": "/data/train.parquet", "files": 1, "bytes": 20}}},
                 quantization=to_jsonable(q), evaluation=ev, gate_result=to_jsonable(gate(ev, GateSpec(**settings))),
                 gate_settings=settings, human={"intended_use": "Scoring demo & <b>tests</b>."},
                 lineage={"dag_id": "d", "run_id": "r", "spec_sha256": "00"}, generated_at="2026-11-26T00:00:00+00:00")
@@ -53,6 +56,7 @@ def test_card_files_sections_and_values(card_inputs, tmp_path):
     assert "[To be written by the model owner: set card.training_data" in md  # visible placeholder
     assert "not on the target's aarch64 hardware" in md  # arm64 target measured on an x86 worker
     assert "onnxruntime 1." in md  # library versions
+    assert "`s3://pools/p.parquet` etag `" + "e" * 32 + "`" in md and "`/data/train.parquet`, 20 bytes" in md
     assert json.loads(Path(res.json_path).read_text()) == card
     assert Path(res.chart_path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
