@@ -328,9 +328,8 @@ def select_calibration(
                                           check_columns=features)
         if s == seed:
             _check_pool_columns(stats, features, pool_src.uri)
-        nan_cols = [c for c in features if chosen[c].isna().any()]
-        if nan_cols or any(stats["nulls"].values()):
-            bad = nan_cols or [c for c, v in stats["nulls"].items() if v]
+        bad = [c for c, v in stats["nulls"].items() if v]  # counted over the whole pool while streaming
+        if bad:
             raise DataError(
                 f"The calibration pool {pool_src.uri} has NaN in feature column(s) {bad} "
                 f"({sum(stats['nulls'][c] for c in bad)} row(s)).",
