@@ -1,0 +1,46 @@
+"""The Airflow layer outside a DAG run: the MLflow hook and the DAG the factory builds."""
+
+import os
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_mlflow_hook_reads_the_connection_and_keeps_credentials_out_of_the_uri(monkeypatch):
+    from qops_airflow.hooks import MlflowHook
+
+    monkeypatch.setenv("AIRFLOW_CONN_MLFLOW_TEST",
+                       '{"conn_type": "mlflow", "host": "127.0.0.1", "port": 5000, "login": "u", "password": "s3cret"}')
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+    uri = MlflowHook("mlflow_test").configure()
+    assert uri == "http://127.0.0.1:5000" == os.environ["MLFLOW_TRACKING_URI"]
+    assert os.environ["MLFLOW_TRACKING_USERNAME"] == "u" and os.environ["MLFLOW_TRACKING_PASSWORD"] == "s3cret"
+    assert "s3cret" not in uri
+
+
+def test_mlflow_hook_extra_tracking_uri_and_no_connection(monkeypatch):
+    from qops_airflow.hooks import MlflowHook
+
+    monkeypatch.setenv("AIRFLOW_CONN_MLFLOW_X", '{"conn_type": "mlflow", "extra": {"tracking_uri": "sqlite:///x.db"}}')
+    assert MlflowHook("mlflow_x").configure() == "sqlite:///x.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///y.db")
+    assert MlflowHook(None).configure() == "sqlite:///y.db"
+
+
+def test_dag_factory_builds_the_pipeline_from_the_spec(monkeypatch, tmp_path):
+    monkeypatch.setenv("QOPS_HOME", str(tmp_path))
+    from qops_airflow.dag_factory import build_quantization_dag
+
+    dag = build_quantization_dag(REPO / "dags" / "specs" / "german_credit.yaml", dag_id="t")
+    ids = set(dag.task_ids)
+    for target in ("x86_64_vnni_int8", "x86_64_int8_dynamic", "arm64_int8"):
+        assert {f"{target}.{s}" for s in ("quantize", "evaluate", "gate", "card", "register")} <= ids
+    assert {"resolve_source", "calibrate", "summary", "fail_run_if_any_task_failed"} <= ids
+    gate = dag.get_task("arm64_int8.gate")
+    assert gate.queue == "cpu" and gate.template_fields == ("spec_path", "run_key", "target")
+    assert {link.name for link in gate.operator_extra_links} == {"MLflow model", "Model card"}
+    assert dag.get_task("arm64_int8.card").trigger_rule == "all_done"
+    assert dag.get_task("fail_run_if_any_task_failed").trigger_rule == "one_failed"
+    assert dag.get_task("fail_run_if_any_task_failed").upstream_task_ids == ids - {"fail_run_if_any_task_failed"}
