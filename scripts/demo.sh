@@ -18,6 +18,7 @@ mkdir -p "$QOPS_HOME" "$AIRFLOW_HOME"
 LOGS=$QOPS_HOME/logs
 mkdir -p "$LOGS"
 PATH=$VENV/bin:$PATH
+cd "$QOPS_HOME"  # MLflow's local artifact store (./mlruns) lands in .demo/mlruns
 
 step() { printf '\n==> [%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 
