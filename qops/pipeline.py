@@ -212,6 +212,8 @@ def stage_register(spec: PipelineSpec, run_id: str, target: str) -> dict:
 
 
 def stage_summary(spec: PipelineSpec, run_id: str, dag_id: str | None = None) -> dict:
+    from qops.evaluate import degradation
+
     rdir = _rdir(spec, run_id)
     rows = []
     for target in spec.targets:
@@ -220,8 +222,6 @@ def stage_summary(spec: PipelineSpec, run_id: str, dag_id: str | None = None) ->
         if (tdir / "evaluation.json").is_file():
             ev = read_json(tdir / "evaluation.json")
             m = ev["primary_metric"]
-            from qops.evaluate import degradation
-
             worst = max(
                 ((s["key"], s["metrics"][m]) for s in ev["slices"]
                  if s["n"] >= spec.gates.min_slice_size and s["metrics"][m]["delta"] is not None),

@@ -23,6 +23,7 @@ import pandas as pd
 from qops.artifacts import atomic_path, sha256_file, write_json_atomic, write_text_atomic
 from qops.calibration.drift import check_drift
 from qops.calibration.sources import S3Options, TableSource, as_source
+from qops.data import feature_matrix
 from qops.errors import DataError, DriftError
 
 log = logging.getLogger(__name__)
@@ -246,22 +247,20 @@ def select_rows(pool: pd.DataFrame, n: int, strategy: str = "random", seed: int 
 
 def _check_schema(chosen: pd.DataFrame, features: list[str], validation: TableSource | None,
                   model_inputs: list | None, where: str) -> None:
-    """The calibration set's features must match the validation set's columns and the model's input."""
-    non_numeric = [c for c in features if not pd.api.types.is_numeric_dtype(chosen[c])]
-    if non_numeric:
-        raise DataError(f"Feature column(s) {non_numeric} of {where} are not numeric.",
-                        "encode them as numbers before calibration.")
+    """The calibration set's features must fit the model's input and match the validation set's columns."""
+    if model_inputs:
+        feature_matrix(chosen, model_inputs, features, where)  # input count and width, numeric, finite
+    else:
+        non_numeric = [c for c in features if not pd.api.types.is_numeric_dtype(chosen[c])]
+        if non_numeric:
+            raise DataError(f"Feature column(s) {non_numeric} of {where} are not numeric.",
+                            "encode them as numbers before calibration.")
     if validation is not None:
         names = validation.schema_names()
         missing = [c for c in features if c not in names]
         if missing:
             raise DataError(f"The validation set {validation.uri} lacks feature column(s) {missing} that the "
                             "calibration set has.", "calibrate and validate on data with the same schema.")
-    if model_inputs:
-        inp = model_inputs[0]
-        if inp.width is not None and inp.width != len(features):
-            raise DataError(f"The model input {inp.name!r} expects {inp.width} features but the calibration set "
-                            f"has {len(features)} feature columns.", "pass the model's feature columns.")
 
 
 def select_calibration(

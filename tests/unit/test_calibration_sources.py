@@ -231,3 +231,13 @@ def test_csv_pool(data_dir, features, tmp_path):
                            features=features, slice_columns=SLICES, drift_enabled=False)
     pa, pb = pd.read_parquet(a.path), pd.read_parquet(b.path)
     assert a.rows == 80 and np.allclose(pa[features].to_numpy(float), pb[features].to_numpy(float), atol=1e-6)
+
+
+def test_calibration_set_must_fit_the_model_input(data_dir, features, tmp_path):
+    from qops.data import ModelInput
+
+    with pytest.raises(DataError, match="expects 5 features but 27 feature columns"):
+        select_calibration(data_dir / "pool.parquet", data_dir / "train.parquet", tmp_path, size=20,
+                           features=features, slice_columns=SLICES, drift_enabled=False,
+                           model_inputs=[ModelInput("features", 5, "float32")])
+    assert not (tmp_path / "calibration.parquet").exists()
