@@ -50,7 +50,13 @@ class ModelInput:
 
 
 def onnx_io(model_path: str | os.PathLike) -> tuple[list[ModelInput], dict[str, str]]:
-    """The model's graph inputs (excluding initializers) and its metadata_props."""
+    """The model's graph inputs (excluding initializers) and its metadata_props (``.pt2``: program inputs and
+    the qops metadata saved beside the program)."""
+    if str(model_path).lower().endswith(".pt2"):
+        from qops.quantize.torch_engine import load_program, program_inputs
+
+        ep, meta = load_program(model_path)
+        return [ModelInput(n, shape[-1] if shape else None, "float32") for n, shape, _ in program_inputs(ep)], meta
     import onnx
 
     try:

@@ -79,21 +79,22 @@ def hardware_match(recipe: dict | None, hw: dict) -> dict:
     return {"matches": True, "note": "measured on hardware of the target's kind"}
 
 
-def _session(model_path: str | os.PathLike, threads: int | None = None):
-    import onnxruntime as ort
+def _session(model_path: str | os.PathLike, threads: int | None = None, recipe: dict | None = None):
+    from qops.runtime import open_session
 
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    try:
-        return ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
-    except Exception as e:
-        raise ModelError(f"ONNX Runtime cannot load {model_path}: {e}", "check the model file and opset.") from None
+    return open_session(model_path, threads, recipe)
 
 
-def run_model(model_path: str | os.PathLike, feed: dict[str, np.ndarray]) -> np.ndarray:
-    sess = _session(model_path)
+def _file_size(path) -> int:
+    if str(path).lower().endswith(".onnx"):
+        from qops.quantize.graph import model_size
+
+        return model_size(path)  # with external data
+    return Path(path).stat().st_size
+
+
+def run_model(model_path: str | os.PathLike, feed: dict[str, np.ndarray], recipe: dict | None = None) -> np.ndarray:
+    sess = _session(model_path, recipe=recipe)
     try:
         out = np.asarray(sess.run(None, feed)[0], dtype=np.float64)
     except Exception as e:
@@ -271,10 +272,12 @@ def _fairness(y, f32: _Side, q: _Side, df: pd.DataFrame, dims: list[list[str]], 
 
 
 def measure_latency(models: list[str | os.PathLike], feed: dict[str, np.ndarray], runs: int = 300,
-                    warmup: int = 30) -> list[np.ndarray]:
+                    warmup: int = 30, recipe: dict | None = None, describe: list | None = None) -> list[np.ndarray]:
     """Batch-1 latency of several models, interleaved run by run in one process (one intra-op thread)
     so that clock, cache and load changes hit all models alike."""
-    sessions = [_session(m, threads=1) for m in models]
+    sessions = [_session(m, threads=1, recipe=recipe) for m in models]
+    if describe is not None:
+        describe.extend(s.describe for s in sessions)
     row = {k: v[:1] for k, v in feed.items()}
     for _ in range(warmup):
         for s in sessions:
@@ -365,7 +368,7 @@ def evaluate(
     feed = feature_matrix(df, fp32_model, feats, "validation set")
     qfeed = feature_matrix(df, quantized_model, feats, "validation set")
     y = df[label].to_numpy() if label else None
-    out32, outq = run_model(fp32_model, feed), run_model(quantized_model, qfeed)
+    out32, outq = run_model(fp32_model, feed, target), run_model(quantized_model, qfeed, target)
     if out32.shape != outq.shape:
         raise ModelError(f"FP32 output shape {out32.shape} differs from the quantized model's {outq.shape}.",
                          "quantize the same FP32 model that is evaluated.")
@@ -377,8 +380,10 @@ def evaluate(
               for d, k, rows in _slice_keys(df, dims)]
     fairness = _fairness(y, f32, q, df, dims, primary, scorer, min_slice_size) if dims else {}
     log.info("timing batch-1 latency: %d interleaved runs per model", latency_runs)
-    lat32, latq = measure_latency([fp32_model, quantized_model], feed, runs=latency_runs)
-    size32, sizeq = Path(fp32_model).stat().st_size, Path(quantized_model).stat().st_size
+    runners: list = []
+    lat32, latq = measure_latency([fp32_model, quantized_model], feed, runs=latency_runs, recipe=target,
+                                  describe=runners)
+    size32, sizeq = _file_size(fp32_model), _file_size(quantized_model)
     hw = worker_hardware()
     p50_32, p50_q = float(np.median(lat32)) * 1e3, float(np.median(latq)) * 1e3
     performance = {
@@ -388,8 +393,8 @@ def evaluate(
         "latency_p90_ms": {"fp32": round(float(np.quantile(lat32, 0.9)) * 1e3, 5),
                            "quantized": round(float(np.quantile(latq, 0.9)) * 1e3, 5)},
         "latency_ratio": p50_q / p50_32,
-        "latency_method": f"batch 1, p50 of {latency_runs} runs interleaved FP32/quantized, 1 intra-op thread, "
-        "ONNX Runtime CPUExecutionProvider",
+        "latency_method": f"batch 1, p50 of {latency_runs} runs interleaved FP32/quantized, 1 intra-op thread; "
+        f"FP32: {runners[0]}; quantized: {runners[1]}",
     }
     return EvaluationResult(
         task=task, primary_metric=primary, metrics=names, rows=len(df), label=label,

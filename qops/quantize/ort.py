@@ -1,9 +1,24 @@
-"""Post-training quantization with ONNX Runtime, driven by a hardware-target recipe."""
+"""Post-training quantization with ONNX Runtime, driven by a hardware-target recipe.
+
+One verb, :func:`quantize`, dispatches on the recipe's precision and mode:
+
+- INT8 static (calibrated: min-max, percentile, entropy, distribution; optional SmoothQuant) or dynamic,
+  per-tensor or per-channel, symmetric or affine, QDQ or QOperator; ``mode="auto"`` picks dynamic for
+  attention/recurrent graphs and static otherwise;
+- FP16 (``onnxruntime.transformers.float16``, inputs/outputs kept FP32);
+- INT4 weight-only block-wise with MatMulNBits (RTN, or GPTQ with calibration data);
+- non-uniform codebook weights (k-means or powers of two, :mod:`qops.quantize.codebook`);
+- torchao recipes go to :mod:`qops.quantize.torch_engine`.
+
+Every output is written under a temporary name and renamed into place, with ``<output>.recipe.json``.
+"""
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -34,17 +49,25 @@ class QuantizeResult:
     calibration_rows: int
     seconds: float
     recipe: dict = field(default_factory=dict)
+    mode: str | None = None  # the mode actually used ("auto" resolved)
+    graph_kind: str | None = None
+    engine: str = "onnxruntime"
+    model_report: dict = field(default_factory=dict)  # opset, upgrade, external data, ops left in FP32
+    technique: dict = field(default_factory=dict)  # what the technique did (SmoothQuant, codebook, INT4...)
+    notes: list = field(default_factory=list)
+    trials: list = field(default_factory=list)  # accuracy-aware tuning: one row per candidate
+    tuning: dict = field(default_factory=dict)
 
 
 class TableCalibrationReader:
     """ONNX Runtime CalibrationDataReader over a parquet/CSV table, yielding batches of rows.
 
     Only the feature columns are read, batch by batch, so a large calibration file is never
-    held in memory as one tensor.
+    held in memory as one tensor. Iterable too (GPTQ's data loader iterates a copy).
     """
 
     def __init__(self, path: str, model_path: str, features: list[str], batch_size: int = 64):
-        self.path, self.features, self.batch_size = path, features, batch_size
+        self.path, self.features, self.batch_size = str(path), features, batch_size
         self.inputs = onnx_io(model_path)[0]
         self._it: Iterator[dict] | None = None
         self.rows = 0
@@ -79,6 +102,14 @@ class TableCalibrationReader:
         self._it = None
         self.rows = 0
 
+    def __iter__(self) -> Iterator[dict]:
+        return self._batches()
+
+    def __deepcopy__(self, memo):  # a generator cannot be copied: the copy starts from the beginning
+        c = copy.copy(self)
+        c._it, c.rows = None, 0
+        return c
+
 
 def _ort_types(recipe: Recipe):
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
@@ -94,6 +125,11 @@ def _ort_types(recipe: Recipe):
     return qt[recipe.weight_type], qt[recipe.activation_type], cm[recipe.calibration_method], fmt
 
 
+def resolve_recipe(target: str | Recipe, options: dict | None = None) -> Recipe:
+    recipe = target if isinstance(target, Recipe) else get_target(target)
+    return recipe.with_options(**options) if options else recipe
+
+
 def quantize(
     model: str | os.PathLike,
     target: str | Recipe,
@@ -101,85 +137,271 @@ def quantize(
     calibration: str | os.PathLike | None = None,
     features: list[str] | None = None,
     batch_size: int = 64,
+    options: dict | None = None,
 ) -> QuantizeResult:
-    """Quantize an FP32 ONNX model for a hardware target; writes ``output`` and ``<output>.recipe.json``."""
-    from onnxruntime.quantization import quantize_dynamic, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    """Quantize an FP32 model for a hardware target; writes ``output`` and ``<output>.recipe.json``.
 
-    recipe = target if isinstance(target, Recipe) else get_target(target)
-    model = Path(model)
-    output = Path(output)
+    ``options`` override recipe fields (validated), e.g. ``{"calibration_method": "percentile"}``.
+    """
+    recipe = resolve_recipe(target, options)
+    if recipe.engine == "torchao":
+        from qops.quantize.torch_engine import quantize_torch
+
+        return quantize_torch(model, recipe, output, calibration=calibration, features=features,
+                              batch_size=batch_size)
+    return _quantize_onnx(Path(model), recipe, Path(output), calibration, features, batch_size)
+
+
+def _quantize_onnx(model: Path, recipe: Recipe, output: Path, calibration, features, batch_size) -> QuantizeResult:
+    import onnx
+
+    from qops.quantize import graph
+
     if not model.is_file():
         raise ModelError(f"Model file {model} does not exist.", "pass the path of an FP32 .onnx model.")
+    if model.suffix.lower() == ".pt2":
+        raise ModelError(f"Target {recipe.target!r} quantizes ONNX models, but {model.name} is a PyTorch program.",
+                         "export it to ONNX first (the pipeline does this for pt2 sources), or pick a torch_* target.")
     onnx_io(model)  # fails early, with a clear message, on a file that is not ONNX
-    if recipe.needs_calibration and calibration is None:
-        raise DataError(
-            f"Target {recipe.target!r} uses static quantization, which needs a calibration set.",
-            "pass --calibration FILE (parquet/CSV with the model's feature columns), e.g. from `qops calibrate`.",
-        )
     t0 = time.perf_counter()
+    notes: list[str] = []
+    technique: dict = {}
+    rows = 0
     with tempfile.TemporaryDirectory(prefix="qops-quant-") as td:
-        pre = Path(td) / "preprocessed.onnx"
-        try:
-            quant_pre_process(str(model), str(pre), skip_symbolic_shape=True)
-        except Exception as e:
-            log.warning("quant_pre_process failed (%s); quantizing the model as it is", e)
-            pre = model
-        wt, at, cm, fmt = _ort_types(recipe)
-        extra = {
-            "WeightSymmetric": recipe.symmetric_weights,
-            "ActivationSymmetric": recipe.symmetric_activations,
-        }
-        rows = 0
-        with atomic_path(output) as tmp:
-            if recipe.mode == "static":
-                feats = feature_columns_for(model, features)
-                reader = TableCalibrationReader(str(calibration), str(model), feats, batch_size)
-                log.info("static quantization for %s: calibrating (%s) on %s", recipe.target,
-                         recipe.calibration_method, calibration)
-                quantize_static(
-                    str(pre), str(tmp), reader, quant_format=fmt, op_types_to_quantize=list(recipe.op_types),
-                    per_channel=recipe.per_channel, reduce_range=recipe.reduce_range, activation_type=at,
-                    weight_type=wt, calibrate_method=cm, extra_options=extra,
-                )
-                rows = reader.rows
-                if rows == 0:
-                    raise DataError(f"The calibration set {calibration} has no rows.",
-                                    "select a non-empty calibration set (qops calibrate).")
-            else:
-                log.info("dynamic quantization for %s", recipe.target)
-                quantize_dynamic(
-                    str(pre), str(tmp), op_types_to_quantize=list(recipe.op_types), per_channel=recipe.per_channel,
-                    reduce_range=recipe.reduce_range, weight_type=wt, extra_options=extra,
-                )
-            _copy_metadata(model, tmp)
+        td = Path(td)
+        report = graph.check_model(model, upgraded_path=td / "upgraded.onnx")
+        if report.upgraded_from is not None:
+            notes.append(f"model upgraded from opset {report.upgraded_from} to {report.opset} before quantizing")
+        external = report.external_data
+        if external:
+            notes.append("model uses external data (> 2 GB protobuf limit): output written with external data")
+        mode = recipe.mode
+        if mode == "auto":
+            mode = graph.choose_mode(report.kind)
+            notes.append(f"mode auto -> {mode} ({report.kind} graph)")
+        needs_cal = (recipe.precision == "int8" and mode == "static") or \
+            (recipe.precision == "int4" and recipe.algorithm == "gptq")
+        if needs_cal and calibration is None:
+            raise DataError(
+                f"Target {recipe.target!r} uses {'GPTQ' if recipe.precision == 'int4' else 'static quantization'}, "
+                "which needs a calibration set.",
+                "pass --calibration FILE (parquet/CSV with the model's feature columns), e.g. from `qops calibrate`.",
+            )
+        full = graph.load(report.path)
+        graph.name_nodes(full)
+        named = td / "named.onnx"
+        _save(full, named, external)
+        reader = None
+        if needs_cal or (recipe.smooth_quant_alpha is not None and calibration is not None):
+            feats = feature_columns_for(model, features)
+            # ORT's histogram calibrators (percentile, entropy, distribution) stack batches: one batch of all rows
+            histogram = recipe.precision == "int8" and recipe.calibration_method != "minmax"
+            reader = TableCalibrationReader(str(calibration), str(model), feats, 1 << 30 if histogram else batch_size)
+        q = td / "q.onnx"
+        if recipe.precision == "int8" and mode in ("static", "dynamic"):
+            technique = _int8(named, q, recipe, mode, reader, external, td)
+        elif recipe.precision == "int8":  # weight_only: 8-bit MatMulNBits
+            technique = _nbits(named, q, recipe, 8, reader, external)
+        elif recipe.precision == "int4":
+            technique = _nbits(named, q, recipe, 4, reader, external)
+        elif recipe.precision == "fp16":
+            technique = _fp16(named, q, recipe, external)
+        elif recipe.precision == "codebook":
+            from qops.quantize.codebook import quantize_model
+
+            m, technique = quantize_model(graph.load(named), recipe.op_types, recipe.codebook, recipe.codebook_bits,
+                                          recipe.nodes_to_exclude)
+            _save(m, q, external)
+            notes.append("non-uniform codebook weights save size, not time: weights are decoded to FP32 when the "
+                         "model loads, so memory use and latency are FP32's")
+        else:  # pragma: no cover - Recipe validation rejects other combinations
+            raise ModelError(f"No ONNX Runtime path for precision {recipe.precision!r}.", "pick another target.")
+        if reader is not None:
+            rows = reader.rows or _count_rows(calibration)
+            if needs_cal and rows == 0:
+                raise DataError(f"The calibration set {calibration} has no rows.",
+                                "select a non-empty calibration set (qops calibrate).")
+        _copy_metadata(model, q, external)
+        counts = _op_counts(q)
+        technique["quantized_ops"] = {k: v for k, v in counts.items() if k in _QUANT_OPS}
+        if not technique["quantized_ops"] and recipe.precision != "fp16":
+            raise ModelError(
+                f"Target {recipe.target!r} found nothing to quantize in {model.name}: no "
+                f"{'/'.join(recipe.op_types)} node with constant weights (ops: {sorted(report.op_counts)}).",
+                "pick a target whose op_types match the model (e.g. int4 needs MatMul/Gemm weights), or "
+                "set target_options op_types.")
+        _move_model(q, output, external)
     recipe_path = output.with_suffix(output.suffix + ".recipe.json")
-    src_size, out_size = model.stat().st_size, output.stat().st_size
+    src_size, out_size = graph.model_size(model), graph.model_size(output)
+    report_d = report.to_dict()
+    report_d["left_fp32"] = {"excluded_nodes": list(recipe.nodes_to_exclude),
+                             "ops_without_quantized_kernels": report.unquantizable}
+    if report.unquantizable:
+        notes.append("left in FP32 (no quantized kernel): " +
+                     ", ".join(f"{k} x{v}" for k, v in report.unquantizable.items()))
     result = QuantizeResult(
-        target=recipe.target,
-        model_path=str(output),
-        model_sha256=sha256_file(output),
-        recipe_path=str(recipe_path),
-        source_path=str(model),
-        source_sha256=sha256_file(model),
-        size_bytes=out_size,
-        source_size_bytes=src_size,
-        size_ratio=round(src_size / out_size, 3),
-        calibration_path=str(calibration) if recipe.needs_calibration else None,
-        calibration_rows=rows,
-        seconds=round(time.perf_counter() - t0, 3),
-        recipe=recipe.to_dict(),
+        target=recipe.target, model_path=str(output), model_sha256=sha256_file(output),
+        recipe_path=str(recipe_path), source_path=str(model), source_sha256=sha256_file(model),
+        size_bytes=out_size, source_size_bytes=src_size, size_ratio=round(src_size / out_size, 3),
+        calibration_path=str(calibration) if reader is not None else None, calibration_rows=rows,
+        seconds=round(time.perf_counter() - t0, 3), recipe=recipe.to_dict(), mode=mode, graph_kind=report.kind,
+        model_report=report_d, technique=technique, notes=notes,
     )
     write_json_atomic(recipe_path, {"recipe": recipe.to_dict(), "result": result, "qops_version": __version__})
     return result
 
 
-def _copy_metadata(src: Path, dst: Path) -> None:
+_QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
+              "QLinearMatMul", "QLinearConv", "MatMulNBits", "QGemm", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM",
+              "QAttention"}
+
+
+def _count_rows(calibration) -> int:
+    return len(read_table(calibration, "calibration set"))
+
+
+def _op_counts(path: Path) -> dict:
+    from collections import Counter
+
+    import onnx
+
+    return dict(Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node))
+
+
+def _save(model, path: Path, external: bool) -> None:
+    import onnx
+
+    if external:
+        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save(model, str(path))
+
+
+def _int8(src: Path, dst: Path, recipe: Recipe, mode: str, reader, external: bool, td: Path) -> dict:
+    from onnxruntime.quantization import quantize_dynamic, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from qops.quantize import graph
+
+    pre = td / "preprocessed.onnx"
+    try:
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True, save_as_external_data=external,
+                          all_tensors_to_one_file=True, external_data_location=pre.name + ".data")
+    except Exception as e:
+        log.warning("quant_pre_process failed (%s); quantizing the model as it is", e)
+        pre = src
+    m = graph.load(pre)
+    graph.name_nodes(m)  # the optimizer may have fused nodes into new, unnamed ones
+    technique: dict = {"kind": "int8", "mode": mode}
+    if recipe.smooth_quant_alpha is not None and mode == "static":
+        from qops.quantize.smoothquant import smooth
+
+        technique["smooth_quant"] = smooth(m, reader, recipe.smooth_quant_alpha, nodes_to_exclude=recipe.nodes_to_exclude)
+    pre2 = td / "prepared.onnx"
+    _save(m, pre2, external)
+    wt, at, cm, fmt = _ort_types(recipe)
+    extra = {"WeightSymmetric": recipe.symmetric_weights, "ActivationSymmetric": recipe.symmetric_activations}
+    known = {n.name for n in m.graph.node}
+    exclude = [n for n in recipe.nodes_to_exclude if n in known]
+    if mode == "static":
+        if recipe.calibration_method == "percentile":
+            extra["CalibPercentile"] = recipe.percentile
+        log.info("static INT8 for %s: calibrating (%s) on %s", recipe.target, recipe.calibration_method, reader.path)
+        reader.rewind()
+        quantize_static(
+            str(pre2), str(dst), reader, quant_format=fmt, op_types_to_quantize=list(recipe.op_types),
+            per_channel=recipe.per_channel, reduce_range=recipe.reduce_range, activation_type=at, weight_type=wt,
+            calibrate_method=cm, nodes_to_exclude=exclude, use_external_data_format=external, extra_options=extra,
+        )
+        technique["calibration_method"] = recipe.calibration_method
+    else:
+        log.info("dynamic INT8 for %s", recipe.target)
+        quantize_dynamic(
+            str(pre2), str(dst), op_types_to_quantize=list(recipe.op_types), per_channel=recipe.per_channel,
+            reduce_range=recipe.reduce_range, weight_type=wt, nodes_to_exclude=exclude,
+            use_external_data_format=external, extra_options=extra,
+        )
+    technique.update(granularity=recipe.granularity, excluded_nodes=exclude)
+    return technique
+
+
+def _nbits(src: Path, dst: Path, recipe: Recipe, bits: int, reader, external: bool) -> dict:
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        GPTQWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+    from onnxruntime.quantization.quant_utils import QuantFormat
+
+    from qops.quantize import graph
+
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)  # per-node chatter
+    m = graph.load(src)
+    converted = graph.gemm_to_matmul(m)
+    graph.name_nodes(m)
+    if recipe.algorithm == "gptq":
+        reader.rewind()
+        algo = GPTQWeightOnlyQuantConfig(calibration_data_reader=reader, block_size=recipe.block_size,
+                                         percdamp=0.01, actorder=False, mse=False, perchannel=True)
+    else:
+        algo = DefaultWeightOnlyQuantConfig(block_size=recipe.block_size, is_symmetric=recipe.symmetric_weights,
+                                            accuracy_level=recipe.accuracy_level, quant_format=QuantFormat.QOperator,
+                                            op_types_to_quantize=("MatMul",), bits=bits)
+    if recipe.algorithm == "gptq":
+        tmp = dst.with_name("gptq_in.onnx")
+        _save(m, tmp, external)
+        q = MatMulNBitsQuantizer(str(tmp), bits=bits, block_size=recipe.block_size,
+                                 is_symmetric=recipe.symmetric_weights, accuracy_level=recipe.accuracy_level,
+                                 nodes_to_exclude=list(recipe.nodes_to_exclude), algo_config=algo)
+    else:
+        q = MatMulNBitsQuantizer(m, bits=bits, block_size=recipe.block_size, is_symmetric=recipe.symmetric_weights,
+                                 accuracy_level=recipe.accuracy_level, nodes_to_exclude=list(recipe.nodes_to_exclude),
+                                 algo_config=algo)
+    log.info("INT%d weight-only (%s, block %d) for %s", bits, recipe.algorithm, recipe.block_size, recipe.target)
+    q.process()
+    out = q.model.model if hasattr(q.model, "model") else q.model
+    _save(out, dst, external)
+    return {"kind": f"int{bits}_weight_only", "algorithm": recipe.algorithm, "block_size": recipe.block_size,
+            "symmetric": recipe.symmetric_weights, "accuracy_level": recipe.accuracy_level,
+            "gemm_rewritten_as_matmul": converted}
+
+
+def _fp16(src: Path, dst: Path, recipe: Recipe, external: bool) -> dict:
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    from qops.quantize import graph
+
+    m = graph.load(src)
+    out = convert_float_to_float16(m, keep_io_types=True, node_block_list=list(recipe.nodes_to_exclude) or None)
+    _save(out, dst, external)
+    return {"kind": "fp16", "io_types": "float32 (kept)", "excluded_nodes": list(recipe.nodes_to_exclude)}
+
+
+def _move_model(tmp: Path, output: Path, external: bool) -> None:
+    """Move the finished model into place: external data first, the model file last (atomic rename)."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if external:
+        import onnx
+
+        m = onnx.load(str(tmp))  # loads external data from beside tmp
+        with tempfile.TemporaryDirectory(prefix=".qops-", dir=output.parent) as staging:
+            s = Path(staging) / output.name
+            onnx.save(m, str(s), save_as_external_data=True, all_tensors_to_one_file=True,
+                      location=output.name + ".data", size_threshold=1024)
+            os.replace(Path(staging) / (output.name + ".data"), output.parent / (output.name + ".data"))
+            os.replace(s, output)
+        return
+    with atomic_path(output) as t:
+        shutil.copyfile(tmp, t)
+
+
+def _copy_metadata(src: Path, dst: Path, external: bool = False) -> None:
     """Carry the source model's metadata_props (feature columns etc.) into the quantized model."""
     import onnx
 
     s = onnx.load(str(src), load_external_data=False)
-    d = onnx.load(str(dst))
+    d = onnx.load(str(dst), load_external_data=False)
     have = {p.key for p in d.metadata_props}
     for p in s.metadata_props:
         if p.key not in have:
@@ -187,4 +409,4 @@ def _copy_metadata(src: Path, dst: Path) -> None:
             e.key, e.value = p.key, p.value
     e = d.metadata_props.add()
     e.key, e.value = "qops.quantized_by", f"qops {__version__}"
-    onnx.save(d, str(dst))
+    onnx.save(d, str(dst))  # external data references (locations) are kept as they are

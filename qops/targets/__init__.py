@@ -1,9 +1,11 @@
 """Hardware-target registry.
 
-A target is a named recipe: what to quantize to, how, and for which runtime and worker queue.
-Recipes are plain frozen dataclasses validated in ``__post_init__``; each target is registered by a
-function (decorator :func:`register_target`) and can also come from the ``qops.targets`` entry-point
-group, so users add their own without patching qops.
+A target is a named recipe: what to quantize to, how, and for which runtime, execution provider and
+worker queue. Recipes are plain frozen dataclasses validated in ``__post_init__`` with messages that say
+how to fix the input (the shape of torchao's configs); each target is registered by a function (decorator
+:func:`register_target`) and can also come from the ``qops.targets`` entry-point group, so users add their
+own without patching qops. A spec can override any recipe field per target (``target_options``) through
+:meth:`Recipe.with_options`, which re-validates.
 """
 
 from __future__ import annotations
@@ -15,18 +17,34 @@ from typing import Callable, Literal
 
 from qops.errors import TargetError
 
-Mode = Literal["static", "dynamic"]
-QType = Literal["int8", "uint8"]
+Mode = Literal["static", "dynamic", "auto", "weight_only", "cast"]
+QType = Literal["int8", "uint8", "int4", "uint4", "float8e4m3fn"]
+Precision = Literal["int8", "fp16", "int4", "codebook", "fp8"]
+
+_MODES_BY_PRECISION = {
+    "int8": ("static", "dynamic", "auto", "weight_only"),
+    "fp16": ("cast",),
+    "int4": ("weight_only",),
+    "codebook": ("weight_only",),
+    "fp8": ("dynamic", "static"),
+}
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """How to quantize for one hardware target (ONNX Runtime engine)."""
+    """How to quantize for one hardware target.
+
+    ``mode``: ``static`` (calibrated activations), ``dynamic`` (activation ranges at run time), ``auto``
+    (dynamic for attention/recurrent graphs, static otherwise: :func:`qops.quantize.graph.choose_mode`),
+    ``weight_only`` (INT4 block-wise or codebook weights, FP32 activations), ``cast`` (FP16).
+    """
 
     target: str
     description: str
     hardware: str
     mode: Mode
+    precision: Precision = "int8"
+    engine: Literal["onnxruntime", "torchao"] = "onnxruntime"
     weight_type: QType = "int8"
     activation_type: QType = "uint8"
     per_channel: bool = True
@@ -35,43 +53,115 @@ class Recipe:
     reduce_range: bool = False
     quant_format: Literal["QDQ", "QOperator"] = "QDQ"
     calibration_method: Literal["minmax", "entropy", "percentile", "distribution"] = "minmax"
+    percentile: float = 99.999  # calibration_method="percentile": clip activations at this percentile
+    smooth_quant_alpha: float | None = None  # SmoothQuant migration strength (None: off)
     op_types: tuple[str, ...] = ("MatMul", "Gemm", "Conv")
+    nodes_to_exclude: tuple[str, ...] = ()  # kept in FP32 (accuracy-aware tuning fills this)
+    # INT4 weight-only (ONNX Runtime MatMulNBits)
+    algorithm: Literal["rtn", "gptq"] = "rtn"
+    block_size: int = 128
+    accuracy_level: int | None = 4  # MatMulNBits compute type: 4 = int8 activations (fast on CPUs)
+    # non-uniform (codebook) weights
+    codebook: Literal["kmeans", "pow2"] = "kmeans"
+    codebook_bits: int = 4
+    # torchao engine
+    torch_method: Literal["pt2e_x86_inductor", "int8_dynamic", "int8_weight_only", "int4_weight_only",
+                          "float8_dynamic"] | None = None
+    torch_compile: bool = True
     runtime: str = "onnxruntime"
     execution_provider: str = "CPUExecutionProvider"
+    device: Literal["cpu", "cuda"] = "cpu"
+    min_compute_capability: tuple[int, int] | None = None  # CUDA capability the recipe needs (FP8: 8.9)
     queue: Literal["cpu", "gpu"] = "cpu"
-    precision: str = "int8"
     arch: str | None = "x86_64"  # platform.machine() of the target hardware
     required_isa: tuple[str, ...] = ()  # CPU flags the recipe assumes (for the "not on target hardware" note)
-    version: int = 1
+    version: int = 2
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.mode == "dynamic" and self.activation_type != "uint8":
-            raise TargetError(
-                f"Target {self.target!r}: ONNX Runtime dynamic quantization computes activations as uint8 "
-                f"only, not {self.activation_type}.",
-                "set activation_type='uint8' for a dynamic recipe.",
-            )
+        def bad(problem: str, fix: str) -> None:
+            raise TargetError(f"Target {self.target!r}: {problem}", fix)
+
+        if self.mode not in _MODES_BY_PRECISION[self.precision]:
+            bad(f"mode {self.mode!r} does not apply to precision {self.precision!r}.",
+                f"use mode one of {list(_MODES_BY_PRECISION[self.precision])}.")
+        if self.precision == "int8" and self.mode == "dynamic" and self.engine == "onnxruntime" \
+                and self.activation_type != "uint8":
+            bad(f"ONNX Runtime dynamic quantization computes activations as uint8 only, not {self.activation_type}.",
+                "set activation_type='uint8' for a dynamic recipe.")
+        if self.precision == "int8" and self.weight_type not in ("int8", "uint8"):
+            bad(f"INT8 recipes take int8/uint8 weights, not {self.weight_type}.", "set weight_type='int8'.")
         if self.quant_format == "QOperator" and self.mode == "static" and self.activation_type == "int8":
-            raise TargetError(
-                f"Target {self.target!r}: QOperator format with int8 activations is not supported by the CPU EP.",
-                "use quant_format='QDQ' or activation_type='uint8'.",
-            )
+            bad("QOperator format with int8 activations is not supported by the CPU EP.",
+                "use quant_format='QDQ' or activation_type='uint8'.")
+        if self.precision == "int4" and (self.block_size < 16 or self.block_size & (self.block_size - 1)):
+            bad(f"block_size {self.block_size} is not a power of two >= 16.", "use 16, 32, 64 or 128.")
+        if self.precision == "codebook" and not 2 <= self.codebook_bits <= 8:
+            bad(f"codebook_bits {self.codebook_bits} is outside 2..8.", "use 4 (16 centroids) or 8.")
+        if not 90.0 <= self.percentile < 100.0:
+            bad(f"percentile {self.percentile} is outside [90, 100).", "use e.g. 99.99 or 99.999.")
+        if self.smooth_quant_alpha is not None and not 0.0 < self.smooth_quant_alpha < 1.0:
+            bad(f"smooth_quant_alpha {self.smooth_quant_alpha} is outside (0, 1).", "use 0.5 (the paper's default).")
+        if self.smooth_quant_alpha is not None and self.mode not in ("static", "auto"):
+            bad("SmoothQuant migrates activation outliers into weights before *static* activation "
+                "quantization; it does nothing for a dynamic or weight-only recipe.",
+                "set mode='static' or drop smooth_quant_alpha.")
+        if self.engine == "torchao" and self.torch_method is None:
+            bad("a torchao recipe needs torch_method.", "set torch_method, e.g. 'pt2e_x86_inductor'.")
+        if self.engine == "onnxruntime" and self.precision == "fp8":
+            bad("FP8 is served through torchao on Hopper GPUs in qops.", "set engine='torchao', "
+                "torch_method='float8_dynamic'.")
+        if self.device == "cuda" and self.queue != "gpu":
+            bad("a CUDA recipe must run on the 'gpu' worker queue.", "set queue='gpu'.")
 
     @property
     def needs_calibration(self) -> bool:
-        return self.mode == "static"
+        if self.engine == "torchao":
+            return self.torch_method == "pt2e_x86_inductor"
+        return self.mode in ("static", "auto") or (self.precision == "int4" and self.algorithm == "gptq") \
+            or self.smooth_quant_alpha is not None
 
     @property
     def granularity(self) -> str:
+        if self.precision in ("int4",):
+            return f"block-wise ({self.block_size})"
+        if self.precision == "fp16":
+            return "n/a (cast)"
         return "per-channel" if self.per_channel else "per-tensor"
+
+    @property
+    def output_suffix(self) -> str:
+        return ".pt2" if self.engine == "torchao" else ".onnx"
+
+    def with_options(self, **options) -> "Recipe":
+        """A copy with fields overridden (e.g. from the spec's ``target_options``), re-validated."""
+        names = {f.name for f in dataclasses.fields(self)} - {"target", "version"}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise TargetError(f"Target {self.target!r}: unknown recipe option(s) {unknown}.",
+                              f"use recipe fields: {sorted(names)}.")
+        for k in ("op_types", "nodes_to_exclude", "required_isa", "min_compute_capability"):
+            if k in options and options[k] is not None:
+                options[k] = tuple(options[k])
+        return dataclasses.replace(self, **options)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d["op_types"] = list(self.op_types)
-        d["required_isa"] = list(self.required_isa)
+        for k in ("op_types", "required_isa", "nodes_to_exclude"):
+            d[k] = list(d[k])
+        if d["min_compute_capability"] is not None:
+            d["min_compute_capability"] = list(d["min_compute_capability"])
         d["granularity"] = self.granularity
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Recipe":
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        for k in ("op_types", "nodes_to_exclude", "required_isa", "min_compute_capability"):
+            if kw.get(k) is not None:
+                kw[k] = tuple(kw[k])
+        return cls(**kw)
 
 
 _REGISTRY: dict[str, Callable[[], Recipe]] = {}
@@ -103,7 +193,8 @@ def list_targets() -> dict[str, Recipe]:
     return {name: fn() for name, fn in sorted(_REGISTRY.items())}
 
 
-def get_target(name: str) -> Recipe:
+def get_target(name: str, options: dict | None = None) -> Recipe:
+    """The recipe of target ``name``, with ``options`` (recipe fields) overridden when given."""
     _load_entry_points()
     if name not in _REGISTRY:
         known = ", ".join(sorted(_REGISTRY))
@@ -113,24 +204,34 @@ def get_target(name: str) -> Recipe:
             "qops.targets.register_target / the 'qops.targets' entry-point group.",
         )
     recipe = _REGISTRY[name]()
-    if recipe.target != name:
-        raise TargetError(f"Target function for {name!r} returned a recipe named {recipe.target!r}.",
-                          "make the recipe's target field match its registered name.")
-    return recipe
+    if not isinstance(recipe, Recipe) or recipe.target != name:
+        raise TargetError(f"Target function for {name!r} returned {getattr(recipe, 'target', recipe)!r}, "
+                          "not a Recipe of that name.", "make the function return Recipe(target=<its name>, ...).")
+    return recipe.with_options(**options) if options else recipe
 
 
 @register_target("x86_64_vnni_int8")
 def _x86_vnni() -> Recipe:
     return Recipe(
         target="x86_64_vnni_int8",
-        description="x86-64 CPUs with AVX512-VNNI/AMX: static INT8 QDQ, u8 activations x s8 per-channel weights.",
-        hardware="x86-64 AVX512-VNNI / AMX (Intel Cascade Lake+, AMD Zen 4+)",
-        mode="static",
-        weight_type="int8",
-        activation_type="uint8",
-        per_channel=True,
-        calibration_method="minmax",
+        description="x86-64 CPUs with AVX512-VNNI/AMX: INT8 QDQ, u8 activations x s8 per-channel weights; "
+        "static (calibrated) for convolutional and MLP graphs, dynamic for attention/recurrent graphs.",
+        hardware="x86-64 AVX512-VNNI / AMX (Intel Cascade Lake+, Sapphire Rapids+, AMD Zen 4+)",
+        mode="auto",
         required_isa=("avx512_vnni",),
+    )
+
+
+@register_target("x86_64_avx2_int8")
+def _x86_avx2() -> Recipe:
+    return Recipe(
+        target="x86_64_avx2_int8",
+        description="x86-64 CPUs with AVX2 but no VNNI: INT8 with 7-bit weights (reduce_range) so that "
+        "u8 x s8 multiply-adds (vpmaddubsw) cannot saturate; static or dynamic by graph structure.",
+        hardware="x86-64 AVX2 without VNNI (Intel Haswell..Skylake, AMD Zen 1-3)",
+        mode="auto",
+        reduce_range=True,
+        required_isa=("avx2",),
     )
 
 
@@ -142,9 +243,6 @@ def _x86_dynamic() -> Recipe:
         "suited to transformer-like and recurrent graphs, needs no calibration.",
         hardware="x86-64 (AVX2 or better)",
         mode="dynamic",
-        weight_type="int8",
-        activation_type="uint8",
-        per_channel=True,
         op_types=("MatMul", "Gemm", "Attention", "LSTM", "GRU"),
     )
 
@@ -157,10 +255,138 @@ def _arm64() -> Recipe:
         "per-channel symmetric s8 weights.",
         hardware="ARM64 (NEON dot-product, e.g. Graviton, Ampere, Apple M)",
         mode="static",
-        weight_type="int8",
         activation_type="int8",
-        per_channel=True,
+        symmetric_activations=True,
+        arch="aarch64",
+        required_isa=("asimddp",),
+    )
+
+
+@register_target("int4_weight_only")
+def _int4() -> Recipe:
+    return Recipe(
+        target="int4_weight_only",
+        description="Any CPU or GPU with ONNX Runtime >= 1.17: INT4 block-wise weights (MatMulNBits, block 128, "
+        "RTN or GPTQ), activations FP32 (int8 compute where accuracy_level=4). For large MatMul-heavy models.",
+        hardware="any (ONNX Runtime MatMulNBits kernels: x86-64, ARM64, CUDA)",
+        mode="weight_only",
+        precision="int4",
+        weight_type="int4",
+        op_types=("MatMul",),
+        quant_format="QOperator",
+        arch=None,
+    )
+
+
+@register_target("codebook_4bit")
+def _codebook() -> Recipe:
+    return Recipe(
+        target="codebook_4bit",
+        description="Non-uniform weights: a 16-entry codebook per weight (k-means, or powers of two with "
+        "codebook='pow2'), stored as 4-bit indices. Saves size (~7-8x), NOT time: weights are decoded to FP32 "
+        "at run time.",
+        hardware="any (size-oriented: storage, download, edge flash)",
+        mode="weight_only",
+        precision="codebook",
+        weight_type="uint4",
+        op_types=("MatMul", "Gemm", "Conv"),
+        arch=None,
+    )
+
+
+@register_target("nvidia_fp16")
+def _nvidia_fp16() -> Recipe:
+    return Recipe(
+        target="nvidia_fp16",
+        description="NVIDIA GPUs: FP16 weights and activations (inputs and outputs stay FP32), ONNX Runtime "
+        "CUDA execution provider.",
+        hardware="NVIDIA GPU, compute capability >= 7.0 (Volta+)",
+        mode="cast",
+        precision="fp16",
+        execution_provider="CUDAExecutionProvider",
+        runtime="onnxruntime-gpu",
+        device="cuda",
+        min_compute_capability=(7, 0),
+        queue="gpu",
+        arch=None,
+    )
+
+
+@register_target("nvidia_tensorrt_int8")
+def _nvidia_trt() -> Recipe:
+    return Recipe(
+        target="nvidia_tensorrt_int8",
+        description="NVIDIA TensorRT INT8: explicit-quantization QDQ model, symmetric s8 activations and "
+        "per-channel symmetric s8 weights (TensorRT requires zero point 0), static calibration.",
+        hardware="NVIDIA GPU with INT8 tensor cores (Turing+), TensorRT >= 8.6",
+        mode="static",
+        activation_type="int8",
         symmetric_activations=True,
         calibration_method="minmax",
-        arch="aarch64",
+        op_types=("MatMul", "Gemm", "Conv"),
+        execution_provider="TensorrtExecutionProvider",
+        runtime="onnxruntime-gpu with TensorRT",
+        device="cuda",
+        min_compute_capability=(7, 5),
+        queue="gpu",
+        arch=None,
+    )
+
+
+@register_target("nvidia_hopper_fp8")
+def _nvidia_fp8() -> Recipe:
+    return Recipe(
+        target="nvidia_hopper_fp8",
+        description="NVIDIA Hopper/Ada FP8 (e4m3): torchao Float8DynamicActivationFloat8WeightConfig, per-row "
+        "scales, FP8 tensor-core matmuls (torch._scaled_mm); PyTorch serving.",
+        hardware="NVIDIA H100/H200 (sm_90) or Ada (sm_89)",
+        mode="dynamic",
+        precision="fp8",
+        engine="torchao",
+        torch_method="float8_dynamic",
+        weight_type="float8e4m3fn",
+        activation_type="float8e4m3fn",
+        symmetric_activations=True,
+        op_types=("Linear",),
+        runtime="torch+torchao",
+        execution_provider="CUDA",
+        device="cuda",
+        min_compute_capability=(8, 9),
+        queue="gpu",
+        arch=None,
+    )
+
+
+@register_target("torch_x86_int8")
+def _torch_x86() -> Recipe:
+    return Recipe(
+        target="torch_x86_int8",
+        description="PyTorch serving on x86-64: static INT8 via torchao PT2E with the X86 Inductor quantizer "
+        "(u8 activations, s8 per-channel weights), run through torch.compile (Inductor, oneDNN).",
+        hardware="x86-64 AVX512-VNNI / AMX (oneDNN)",
+        mode="static",
+        engine="torchao",
+        torch_method="pt2e_x86_inductor",
+        op_types=("Linear", "Conv2d"),
+        runtime="torch+torchao",
+        execution_provider="Inductor",
+        required_isa=("avx512_vnni",),
+    )
+
+
+@register_target("torch_int8_dynamic")
+def _torch_dyn() -> Recipe:
+    return Recipe(
+        target="torch_int8_dynamic",
+        description="PyTorch serving: torchao quantize_ with Int8DynamicActivationInt8WeightConfig (dynamic "
+        "per-token activations, per-channel weights), CPU or CUDA.",
+        hardware="x86-64 / ARM64 CPU or NVIDIA GPU",
+        mode="dynamic",
+        engine="torchao",
+        torch_method="int8_dynamic",
+        activation_type="int8",
+        op_types=("Linear",),
+        runtime="torch+torchao",
+        execution_provider="Inductor",
+        arch=None,
     )

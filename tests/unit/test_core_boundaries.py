@@ -18,7 +18,7 @@ def test_import_qops_does_not_import_airflow():
 def test_target_registry_lists_cpu_targets_with_queues():
     targets = list_targets()
     assert {"x86_64_vnni_int8", "x86_64_int8_dynamic", "arm64_int8"} <= set(targets)
-    assert targets["x86_64_vnni_int8"].mode == "static" and targets["x86_64_vnni_int8"].per_channel
+    assert targets["x86_64_vnni_int8"].mode == "auto" and targets["x86_64_vnni_int8"].per_channel
     assert targets["x86_64_int8_dynamic"].mode == "dynamic"
     assert targets["arm64_int8"].symmetric_activations and targets["arm64_int8"].activation_type == "int8"
     assert all(r.queue in ("cpu", "gpu") for r in targets.values())
