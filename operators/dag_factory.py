@@ -31,7 +31,6 @@ def build_quantization_dag(spec_path: str | Path, dag_id: str | None = None, mlf
     -> summary, and a watcher task that fails the run if any task failed. Scheduled on ``spec.schedule_asset``
     when set. Target tasks go to the target's queue."""
     from qops.spec import load_spec
-    from qops.targets import get_target
 
     spec_path = str(Path(spec_path).resolve())
     spec = load_spec(spec_path)
@@ -47,7 +46,7 @@ def build_quantization_dag(spec_path: str | Path, dag_id: str | None = None, mlf
         summary = QopsSummaryOperator(task_id="summary", **common)
         source >> calibrate
         for target in spec.targets:
-            queue = get_target(target).queue
+            queue = spec.recipe(target).queue
             with TaskGroup(group_id=target):
                 kw = {**common, "target": target, "queue": queue}
                 chain = [QopsQuantizeOperator(task_id="quantize", **kw), QopsEvaluateOperator(task_id="evaluate", **kw),

@@ -29,9 +29,11 @@ def cmd_targets(args) -> int:
     if args.json:
         _emit(args, {n: r.to_dict() for n, r in targets.items()})
         return 0
+    print(f"{'target':<22} {'precision':<9} {'mode':<11} {'engine':<11} {'granularity':<17} {'queue':<5} "
+          f"{'runtime / EP':<38} hardware")
     for name, r in targets.items():
-        print(f"{name:<22} {r.mode:<8} w:{r.weight_type} a:{r.activation_type} {r.granularity:<12} "
-              f"queue={r.queue:<4} {r.description}")
+        print(f"{name:<22} {r.precision:<9} {r.mode:<11} {r.engine:<11} {r.granularity:<17} {r.queue:<5} "
+              f"{r.runtime + ' / ' + r.execution_provider:<38} {r.hardware}")
     return 0
 
 
@@ -58,13 +60,65 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def _options(pairs: list[str] | None) -> dict:
+    """``KEY=VALUE`` recipe overrides; values parsed as YAML (numbers, booleans, lists)."""
+    import yaml
+
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise QopsError(f"--option {pair!r} is not KEY=VALUE.", "e.g. --option calibration_method=percentile")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
 def cmd_quantize(args) -> int:
     from qops.quantize import quantize
+    from qops.quantize.ort import resolve_recipe
 
-    res = quantize(args.model, args.target, args.output, calibration=args.calibration,
-                   features=_csv(args.features))
-    _emit(args, res, f"{res.model_path}: {res.size_bytes} bytes ({res.size_ratio}x smaller), recipe {res.recipe_path}")
+    options = _options(args.option)
+    if args.tune:
+        from qops.data import feature_columns_for
+        from qops.quantize.tune import TuningConfig, tune
+        from qops.spec import GateSpec, TuningSpec
+
+        if not args.validation:
+            raise QopsError("--tune needs --validation (the rows the gates judge each candidate on).",
+                            "pass --validation FILE [--label COLUMN] [--slice-columns a,b].")
+        recipe = resolve_recipe(args.target, options)
+        features = _csv(args.features) or feature_columns_for(args.model, None)
+        tcfg = TuningSpec(max_trials=args.max_trials, timeout_s=args.timeout)
+        judge = _cli_judge(args.model, args.validation, args.label, _csv(args.slice_columns), features,
+                           GateSpec(metric="accuracy" if args.label else "agreement"), tcfg)
+        res = tune(args.model, recipe, args.output, judge, calibration=args.calibration, features=features,
+                   config=TuningConfig.from_any(tcfg), ranking_data=args.calibration or args.validation)
+        if not args.json:
+            for t in res.trials:
+                print(f"  trial {t['trial']:>2} {t['phase']:<8} {t['config']:<52} {t['verdict']:<7} "
+                      f"latency x{t['latency_ratio'] if t['latency_ratio'] is not None else '-'} "
+                      f"cos {t['cosine'] if t['cosine'] is not None else '-'}{'  <- chosen' if t['chosen'] else ''}")
+    else:
+        res = quantize(args.model, args.target, args.output, calibration=args.calibration,
+                       features=_csv(args.features), options=options)
+    _emit(args, res, f"{res.model_path}: {res.size_bytes} bytes ({res.size_ratio}x smaller), mode {res.mode}, "
+                     f"recipe {res.recipe_path}" + "".join(f"\n  note: {n}" for n in res.notes))
     return 0
+
+
+def _cli_judge(fp32, validation, label, slices, features, gates, tcfg):
+    from qops.evaluate import evaluate
+    from qops.gates import gate
+
+    def judge(res) -> dict:
+        ev = evaluate(fp32, res.model_path, validation, label, slices, features=features, metric=gates.metric,
+                      latency_runs=tcfg.latency_runs, bootstrap=tcfg.bootstrap, target=res.recipe)
+        v = gate(ev, gates)
+        return {"passed": v.passed, "failures": [f"{c.name}: {c.detail}" for c in v.checks if not c.passed],
+                "latency_ratio": ev.performance["latency_ratio"], "size_ratio": ev.performance["size_ratio"],
+                "fidelity": ev.fidelity}
+
+    return judge
 
 
 def cmd_evaluate(args) -> int:
@@ -217,12 +271,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--on-drift", choices=["fail", "warn", "reselect"], default="fail")
     sp.add_argument("--max-reselect", type=int, default=3)
 
-    sp = add("quantize", cmd_quantize, "quantize an ONNX model for a hardware target")
+    sp = add("quantize", cmd_quantize, "quantize a model (ONNX, or .pt2 for torch_* targets) for a hardware target")
     sp.add_argument("--model", required=True)
     sp.add_argument("--target", required=True)
     sp.add_argument("--output", required=True)
-    sp.add_argument("--calibration", help="parquet/CSV calibration set (static targets)")
+    sp.add_argument("--calibration", help="parquet/CSV calibration set (static targets, GPTQ, SmoothQuant)")
     sp.add_argument("--features", help="comma-separated; default: the model's metadata")
+    sp.add_argument("--option", action="append", metavar="KEY=VALUE",
+                    help="override a recipe field, e.g. calibration_method=percentile, per_channel=false")
+    sp.add_argument("--tune", action="store_true", help="accuracy-aware tuning against --validation")
+    sp.add_argument("--validation", help="validation set for --tune")
+    sp.add_argument("--label", help="label column for --tune (omit: gate on fidelity to FP32)")
+    sp.add_argument("--slice-columns", help="slices gated by --tune")
+    sp.add_argument("--max-trials", type=int, default=12)
+    sp.add_argument("--timeout", type=float, default=900.0, help="tuning budget in seconds")
 
     sp = add("evaluate", cmd_evaluate, "evaluate FP32 vs quantized on a validation set")
     sp.add_argument("--fp32", required=True)

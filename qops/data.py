@@ -56,7 +56,7 @@ def onnx_io(model_path: str | os.PathLike) -> tuple[list[ModelInput], dict[str, 
         from qops.quantize.torch_engine import load_program, program_inputs
 
         ep, meta = load_program(model_path)
-        return [ModelInput(n, shape[-1] if shape else None, "float32") for n, shape, _ in program_inputs(ep)], meta
+        return [ModelInput(n, shape[-1] if shape else None, dt) for n, shape, dt in program_inputs(ep)], meta
     import onnx
 
     try:

@@ -146,9 +146,33 @@ def _side(task: str, out: np.ndarray, ref: np.ndarray, y: np.ndarray | None) -> 
             rows["tp"] = ((pred == 1) & (y == 1)).astype(float)
             rows["fp"] = ((pred == 1) & (y != 1)).astype(float)
             rows["fn"] = ((pred != 1) & (y == 1)).astype(float)
-    norm = np.linalg.norm(out, axis=1) * np.linalg.norm(ref, axis=1)
-    rows["cosine"] = np.where(norm > 0, np.sum(out * ref, axis=1) / np.where(norm > 0, norm, 1), 1.0)
+    rows["cosine"] = _row_cosine(out, ref)
     return _Side(pred=pred, score=score, rows=rows)
+
+
+def _row_cosine(out: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Cosine per row; 1 where both rows are zero, 0 where only one is (a collapsed output is not faithful)."""
+    no, nr = np.linalg.norm(out, axis=1), np.linalg.norm(ref, axis=1)
+    norm = no * nr
+    cos = np.sum(out * ref, axis=1) / np.where(norm > 0, norm, 1)
+    return np.where(norm > 0, cos, np.where((no == 0) & (nr == 0), 1.0, 0.0))
+
+
+def output_fidelity(task: str, ref: np.ndarray, out: np.ndarray) -> dict:
+    """Label-free agreement of the quantized outputs with FP32's over all rows: SQNR (dB) of the outputs,
+    mean cosine, worst-row cosine, max absolute error, and top-1 agreement for classifiers."""
+    noise = float(np.sum((out - ref) ** 2))
+    signal = float(np.sum(ref**2))
+    cos = _row_cosine(out, ref)
+    res = {
+        "sqnr_db": round(10 * np.log10(signal / noise), 3) if noise > 0 else None,  # None: identical outputs
+        "cosine_mean": float(cos.mean()),
+        "cosine_min": float(cos.min()),
+        "max_abs_error": float(np.max(np.abs(out - ref))) if out.size else 0.0,
+    }
+    if task != "regression" and out.shape[1] > 1:
+        res["top1_agreement"] = float((out.argmax(1) == ref.argmax(1)).mean())
+    return res
 
 
 def _vector_metric(name: str, side: _Side, idx: np.ndarray) -> np.ndarray | None:
@@ -309,6 +333,7 @@ class EvaluationResult:
     bootstrap: dict = field(default_factory=dict)
     hardware: dict = field(default_factory=dict)
     hardware_match: dict = field(default_factory=dict)
+    fidelity: dict = field(default_factory=dict)  # always measured vs FP32: agreement, cosine, SQNR, max error
 
 
 def fidelity_metrics(task: str) -> list[str]:
@@ -373,6 +398,7 @@ def evaluate(
         raise ModelError(f"FP32 output shape {out32.shape} differs from the quantized model's {outq.shape}.",
                          "quantize the same FP32 model that is evaluated.")
     f32, q = _side(task, out32, out32, y), _side(task, outq, out32, y)
+    fidelity = output_fidelity(task, out32, outq)
     scorer = _Scorer(names, y, f32, q, custom, bootstrap, confidence, seed)
     dims = [[c] for c in slice_columns] + intersections
     overall = scorer.score(np.arange(len(df)), "__overall__")
@@ -402,5 +428,5 @@ def evaluate(
         performance=performance, fp32_model=str(fp32_model), quantized_model=str(quantized_model),
         validation=str(validation), bootstrap={"resamples": bootstrap, "confidence": confidence, "seed": seed,
                                                "paired": True},
-        hardware=hw, hardware_match=hardware_match(target, hw),
+        hardware=hw, hardware_match=hardware_match(target, hw), fidelity=fidelity,
     )

@@ -83,20 +83,67 @@ def stage_calibrate(spec: PipelineSpec, run_id: str) -> dict:
     return to_jsonable(res)
 
 
+def _source_for(recipe, source: dict) -> str:
+    """The FP32 model a target quantizes: the ONNX export, or the torch.export program for torchao targets."""
+    if recipe.engine != "torchao":
+        return source["path"]
+    if not source.get("pt2_path"):
+        from qops.errors import QopsError
+
+        raise QopsError(
+            f"Target {recipe.target!r} quantizes PyTorch programs, but the source model {source['uri']} is "
+            f"{source['flavor']}-flavored (no torch.export program).",
+            "log the FP32 model with mlflow.pytorch.log_model(..., serialization_format='pt2') or set source_model "
+            "to a .pt2 file; or drop the torch_* targets from this spec.")
+    return source["pt2_path"]
+
+
+def _judge(spec: PipelineSpec, fp32_path: str, features: list[str]):
+    """The tuner's judge: the evaluate stage's evaluation (fewer resamples/timed runs) and the spec's gates."""
+    from qops.evaluate import evaluate
+    from qops.gates import gate
+
+    g, t = spec.gates, spec.tuning
+
+    def judge(res) -> dict:
+        ev = evaluate(fp32_path, res.model_path, spec.data.validation, spec.data.label, spec.data.slice_columns,
+                      features=features, metric=g.metric, latency_runs=t.latency_runs, task=g.task,
+                      metrics=g.metrics, custom_metrics=g.custom_metrics, intersections=spec.data.intersections,
+                      min_slice_size=g.min_slice_size, bootstrap=t.bootstrap, confidence=g.confidence, seed=g.seed,
+                      target=res.recipe)
+        verdict = gate(ev, g)
+        primary = ev.overall[ev.primary_metric]
+        return {"passed": verdict.passed,
+                "failures": [f"{c.name}: {c.detail}" for c in verdict.checks if not c.passed],
+                "latency_ratio": ev.performance["latency_ratio"], "size_ratio": ev.performance["size_ratio"],
+                "fidelity": ev.fidelity,
+                "metrics": {ev.primary_metric: {"fp32": primary["fp32"], "quantized": primary["quantized"]}}}
+
+    return judge
+
+
 def stage_quantize(spec: PipelineSpec, run_id: str, target: str) -> dict:
     from qops.quantize import quantize
-    from qops.targets import get_target
 
-    rdir = _rdir(spec, run_id)
+    rdir, tdir = _rdir(spec, run_id), _tdir(spec, run_id, target)
     source = _load(rdir / "source.json", "source")
-    recipe = get_target(target)
-    calibration = None
-    if recipe.needs_calibration:
-        calibration = _load(rdir / "calibration" / "calibration.json", "calibrate")["path"]
-    res = quantize(source["path"], recipe, _tdir(spec, run_id, target) / "model.onnx", calibration=calibration,
-                   features=_features(spec, source))
+    recipe = spec.recipe(target)
+    src = _source_for(recipe, source)
+    cal_json = rdir / "calibration" / "calibration.json"
+    calibration = _load(cal_json, "calibrate")["path"] if recipe.needs_calibration or cal_json.is_file() else None
+    features = _features(spec, source)
+    out_path = tdir / f"model{recipe.output_suffix}"
+    t = spec.tuning
+    if t.enabled and (t.targets is None or target in t.targets):
+        from qops.quantize.tune import tune
+
+        log.info("tuning %s: up to %d trials / %.0f s", target, t.max_trials, t.timeout_s)
+        res = tune(src, recipe, out_path, _judge(spec, src, features), calibration=calibration, features=features,
+                   config=t, ranking_data=calibration or spec.data.validation)
+    else:
+        res = quantize(src, recipe, out_path, calibration=calibration, features=features)
     out = to_jsonable(res)
-    write_json_atomic(_tdir(spec, run_id, target) / "quantize.json", out)
+    write_json_atomic(tdir / "quantize.json", out)
     return out
 
 
@@ -107,7 +154,7 @@ def stage_evaluate(spec: PipelineSpec, run_id: str, target: str) -> dict:
     source = _load(rdir / "source.json", "source")
     q = _load(tdir / "quantize.json", "quantize")
     g = spec.gates
-    res = evaluate(source["path"], q["model_path"], spec.data.validation, spec.data.label, spec.data.slice_columns,
+    res = evaluate(q["source_path"], q["model_path"], spec.data.validation, spec.data.label, spec.data.slice_columns,
                    features=_features(spec, source), metric=g.metric, latency_runs=g.latency_runs, task=g.task,
                    metrics=g.metrics, custom_metrics=g.custom_metrics, intersections=spec.data.intersections,
                    min_slice_size=g.min_slice_size, bootstrap=g.bootstrap, confidence=g.confidence, seed=g.seed,
@@ -132,17 +179,16 @@ def stage_gate(spec: PipelineSpec, run_id: str, target: str) -> dict:
 
 def stage_card(spec: PipelineSpec, run_id: str, target: str, dag_id: str | None = None) -> dict:
     from qops.cards import build_card_data, write_card
-    from qops.targets import get_target
 
     rdir, tdir = _rdir(spec, run_id), _tdir(spec, run_id, target)
-    recipe = get_target(target)
+    q = _load(tdir / "quantize.json", "quantize")
     cal_path = rdir / "calibration" / "calibration.json"
     card = build_card_data(
         pipeline=spec.name,
         source=_load(rdir / "source.json", "source"),
-        target_recipe=recipe.to_dict(),
-        calibration=read_json(cal_path) if recipe.needs_calibration and cal_path.is_file() else None,
-        quantization=_load(tdir / "quantize.json", "quantize"),
+        target_recipe=q["recipe"],  # the recipe actually used (target options and tuning applied)
+        calibration=read_json(cal_path) if q.get("calibration_path") and cal_path.is_file() else None,
+        quantization=q,
         evaluation=_load(tdir / "evaluation.json", "evaluate"),
         gate_result=_load(tdir / "gate.json", "gate"),
         gate_settings=spec.gates.model_dump(),

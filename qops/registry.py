@@ -44,6 +44,7 @@ class SourceModel:
     version: str | None
     run_id: str | None
     flavor: str
+    pt2_path: str | None = None  # the FP32 torch.export program, for torchao targets (pytorch sources)
 
 
 def fetch_source_model(uri: str, dest_dir: str | os.PathLike) -> SourceModel:
@@ -54,8 +55,15 @@ def fetch_source_model(uri: str, dest_dir: str | os.PathLike) -> SourceModel:
         p = Path(uri)
         if p.suffix == ".onnx" and p.is_file():
             return SourceModel(uri=str(p), path=str(p), name=p.stem, version=None, run_id=None, flavor="onnx")
-        raise ModelError(f"Source model {uri!r} is neither models:/NAME@ALIAS, models:/NAME/VERSION nor an .onnx file.",
-                         "set source_model to a registered model URI or an existing .onnx path.")
+        if p.suffix == ".pt2" and p.is_file():
+            from qops.quantize.torch_engine import load_program
+
+            ep, _ = load_program(p)
+            onnx_path = _program_to_onnx(ep, dest / "fp32.onnx", str(p))
+            return SourceModel(uri=str(p), path=str(onnx_path), name=p.stem, version=None, run_id=None,
+                               flavor="pytorch", pt2_path=str(p))
+        raise ModelError(f"Source model {uri!r} is neither models:/NAME@ALIAS, models:/NAME/VERSION, an .onnx nor a "
+                         ".pt2 file.", "set source_model to a registered model URI or an existing .onnx/.pt2 path.")
     import mlflow
     import yaml
     from mlflow import MlflowClient
@@ -73,19 +81,22 @@ def fetch_source_model(uri: str, dest_dir: str | os.PathLike) -> SourceModel:
                                                      dst_path=str(dest / "source")))
     mlmodel = yaml.safe_load((local / "MLmodel").read_text())
     flavors = mlmodel.get("flavors", {})
+    pt2_path = None
     if "onnx" in flavors:
         path = _single_file_onnx(local / flavors["onnx"]["data"], dest / "fp32.onnx")
         flavor = "onnx"
     elif "pytorch" in flavors:
         path = _pytorch_to_onnx(local, flavors["pytorch"], mlmodel.get("signature") or {}, dest / "fp32.onnx", uri)
         flavor = "pytorch"
+        pt2_path = str(dest / "fp32.pt2")
     else:
         raise ModelError(
             f"Source model {uri} (version {mv.version}) has flavors {sorted(flavors)}; qops reads onnx and "
             "pytorch (pt2) models.",
             "log the FP32 model with mlflow.onnx.log_model or mlflow.pytorch.log_model(serialization_format='pt2').",
         )
-    return SourceModel(uri=uri, path=str(path), name=name, version=str(mv.version), run_id=mv.run_id, flavor=flavor)
+    return SourceModel(uri=uri, path=str(path), name=name, version=str(mv.version), run_id=mv.run_id, flavor=flavor,
+                       pt2_path=pt2_path)
 
 
 def _single_file_onnx(src: Path, dst: Path) -> Path:
@@ -144,6 +155,25 @@ def _pytorch_to_onnx(local: Path, conf: dict, signature: dict, dst: Path, uri: s
     example = torch.from_numpy(np.zeros([2] + [d if d > 0 else 2 for d in shape[1:]], dtype=dtype))
     try:
         program = torch.export.export(module, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    except Exception as e:
+        raise ModelError(f"Exporting the PyTorch source model {uri} failed: {e}",
+                         "export it yourself with torch.onnx.export and log the ONNX model.") from None
+    from qops.quantize.torch_engine import save_program
+
+    save_program(program, dst.with_suffix(".pt2"), {})  # the FP32 program, for torchao targets
+    return _program_to_onnx(program, dst, uri)
+
+
+def _program_to_onnx(program, dst: Path, uri: str) -> Path:
+    """Export a ``torch.export`` program (one [batch, n] input) to ONNX with a dynamic batch."""
+    import torch
+
+    from qops.artifacts import atomic_path
+    from qops.quantize.torch_engine import program_inputs
+
+    (_, shape, _), = program_inputs(program)
+    example = torch.zeros([2] + [d if d else 2 for d in shape[1:]])
+    try:
         onnx_program = torch.onnx.export(program, (example,), dynamo=True, input_names=["features"],
                                          output_names=["output"])
     except Exception as e:
@@ -228,12 +258,23 @@ def register(
     if existing is not None:  # an earlier attempt died between create and complete: remove it, then redo
         client.delete_model_version(name, existing.version)
 
-    model = onnx.load(str(model_path))
-    sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-    inp = sess.get_inputs()[0]
-    width = inp.shape[-1] if isinstance(inp.shape[-1], int) else 1
-    example = np.zeros((2, width), dtype=np.float32)
-    signature = infer_signature(example, sess.run(None, {inp.name: example})[0])
+    is_program = model_path.suffix.lower() == ".pt2"
+    if is_program:  # torchao targets: a torch.export program, logged with the pytorch flavor as pt2
+        from qops.data import onnx_io
+        from qops.runtime import TorchSession
+
+        width = onnx_io(model_path)[0][0].width or 1
+        example = np.zeros((2, width), dtype=np.float32)
+        runner = TorchSession(model_path, compile=False)
+        signature = infer_signature(example, runner.run(None, {"x": example})[0])
+        model = runner.module
+    else:
+        model = onnx.load(str(model_path))
+        sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+        inp = sess.get_inputs()[0]
+        width = inp.shape[-1] if isinstance(inp.shape[-1], int) else 1
+        example = np.zeros((2, width), dtype=np.float32)
+        signature = infer_signature(example, sess.run(None, {inp.name: example})[0])
 
     safe_tags = {k: str(v) for k, v in tags.items()}
     safe_tags.update({"qops.run_key": run_key, "qops.gate": "passed" if gate_passed else "failed",
@@ -247,7 +288,11 @@ def register(
                 mlflow.log_params(params)
             if metrics:
                 mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
-            info = mlflow.onnx.log_model(model, name="model", signature=signature)
+            if is_program:
+                info = mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=example,
+                                                serialization_format="pt2")
+            else:
+                info = mlflow.onnx.log_model(model, name="model", signature=signature)
             mv = mlflow.register_model(info.model_uri, name, tags=safe_tags)
             version = str(mv.version)
             files = card_files

@@ -75,6 +75,11 @@ class TorchSession:
                               "route the task to the 'gpu' queue.")
         self.threads = threads
         module = ep.module()
+        if self.device.type != "cpu":
+            from qops.quantize.torch_engine import retarget_devices
+
+            module = module.to(self.device)
+            retarget_devices(module, self.device)
         first = next((p for p in list(module.parameters()) + list(module.buffers()) if p.is_floating_point()), None)
         self.dtype = first.dtype if first is not None and first.dtype in (torch.bfloat16, torch.float16) else None
         compile = meta.get("qops.torch_compile", False) if compile is None else compile
@@ -96,7 +101,7 @@ class TorchSession:
         try:
             with torch.no_grad():
                 t = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
-                if self.dtype is not None:
+                if self.dtype is not None and t.is_floating_point():
                     t = t.to(self.dtype)
                 y = self.module(t)
                 y = y[0] if isinstance(y, (tuple, list)) else y

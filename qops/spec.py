@@ -12,7 +12,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -146,6 +146,32 @@ class GateSpec(_Base):
     latency_runs: int = Field(300, ge=10, description="Timed batch-1 runs per model (after warm-up).")
 
 
+class TuningSpec(_Base):
+    """Accuracy-aware tuning (docs/targets.md#tuning): search, node fallback, fastest passing candidate."""
+
+    enabled: bool = Field(False, description="Tune every target; off: quantize with the recipe as it is.")
+    targets: list[str] | None = Field(default=None, description="Only these targets (default: all).")
+    max_trials: int = Field(12, ge=1, description="Candidates quantized and judged, per target.")
+    timeout_s: float = Field(900, gt=0, description="Wall-clock budget per target; no new trial starts after it.")
+    calibration_methods: list[Literal["minmax", "percentile", "entropy", "distribution"]] = Field(
+        default_factory=lambda: ["minmax", "percentile", "entropy"])
+    granularities: list[Literal["per-channel", "per-tensor"]] = Field(
+        default_factory=lambda: ["per-channel", "per-tensor"])
+    modes: list[Literal["static", "dynamic"]] | None = Field(
+        default=None, description="INT8 modes to try (default: the recipe's; 'auto' recipes try both).")
+    smooth_quant_alphas: list[float] = Field(default_factory=list, description="SmoothQuant strengths to try.")
+    try_all_ops: bool = Field(True, description="Static INT8: also try quantizing every op ONNX Runtime can "
+                              "(keeps tensors INT8 between layers), not only the weighted ones.")
+    activation_types: list[Literal["uint8", "int8"]] | None = Field(
+        default=None, description="Static INT8 activation types to try (default: the recipe's).")
+    max_fallback_nodes: int = Field(8, ge=0, description="Most nodes kept in FP32 by the fallback phase.")
+    latency_tie: float = Field(0.03, ge=0, description="Latency ratios within this fraction of the fastest tie; "
+                               "among them the smallest file wins (size_tie), then the most faithful.")
+    size_tie: float = Field(0.05, ge=0, description="File sizes within this fraction of the smallest tie.")
+    bootstrap: int = Field(200, ge=0, description="Bootstrap resamples per trial (the evaluate stage uses gates.bootstrap).")
+    latency_runs: int = Field(200, ge=10, description="Timed batch-1 runs per trial, interleaved with FP32.")
+
+
 class StorageSpec(_Base):
     s3_endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint; default "
                                         "$AWS_ENDPOINT_URL_S3 / $AWS_ENDPOINT_URL or AWS.")
@@ -181,6 +207,9 @@ class PipelineSpec(_Base):
     data: DataSpec
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     targets: list[str] = Field(min_length=1)
+    target_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Target name -> recipe fields to override (qops targets --json lists them).")
+    tuning: TuningSpec = Field(default_factory=TuningSpec)
     gates: GateSpec = Field(default_factory=GateSpec)
     mlflow: MlflowSpec = Field(default_factory=MlflowSpec)
     card: CardSpec = Field(default_factory=CardSpec)
@@ -202,8 +231,16 @@ class PipelineSpec(_Base):
         from qops.targets import get_target  # late import: targets imports nothing from spec
 
         for t in self.targets:
-            get_target(t)  # raises TargetError naming the known targets
+            get_target(t, self.target_options.get(t))  # raises TargetError naming the problem and the fix
+        stray = sorted(set(self.target_options) - set(self.targets))
+        if stray:
+            raise ValueError(f"target_options names target(s) {stray} that are not in targets {self.targets}")
         return self
+
+    def recipe(self, target: str):
+        from qops.targets import get_target
+
+        return get_target(target, self.target_options.get(target))
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()

@@ -40,9 +40,18 @@ class CardResult:
         return [p for p in (self.markdown_path, self.html_path, self.json_path, self.chart_path) if p]
 
 
+def _method(recipe: dict, quantization: dict) -> str:
+    mode = quantization.get("mode") or recipe["mode"]
+    what = {"int8": f"{mode} INT8 PTQ", "fp16": "FP16 cast", "int4": f"INT4 weight-only ({recipe.get('algorithm', 'rtn').upper()}, "
+            f"block {recipe.get('block_size')})", "codebook": f"non-uniform {recipe.get('codebook')} codebook "
+            f"({recipe.get('codebook_bits')}-bit indices)", "fp8": f"FP8 {mode} ({recipe.get('torch_method')})"}
+    fmt = f", {recipe['quant_format']}" if recipe["precision"] == "int8" and recipe.get("engine") != "torchao" else ""
+    return f"{what.get(recipe['precision'], mode)} ({recipe['runtime']}{fmt})"
+
+
 def _versions() -> dict:
     out = {"python": platform.python_version(), "qops": __version__}
-    for pkg in ("onnxruntime", "onnx", "numpy", "fairlearn", "great-expectations", "mlflow"):
+    for pkg in ("onnxruntime", "onnx", "numpy", "torch", "torchao", "fairlearn", "great-expectations", "mlflow"):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
@@ -83,19 +92,27 @@ def build_card_data(*, pipeline: str, source: dict, target_recipe: dict, calibra
         "training_data": human_fields["training_data"],
         "quantitative_analyses": {"overall": ev["overall"], "slices": ev["slices"], "fairness": ev["fairness"]},
         "performance": {**ev["performance"], "worker_hardware": ev["hardware"], "hardware_match": ev["hardware_match"],
-                        "target_hardware": target_recipe["hardware"]},
+                        "target_hardware": target_recipe["hardware"], "fidelity": ev.get("fidelity") or {}},
         "quantization": {
             "hardware_target": target_recipe["target"],
             "target_description": target_recipe["description"],
-            "method": f"{target_recipe['mode']} PTQ ({target_recipe['runtime']}, {target_recipe['quant_format']})",
+            "method": _method(target_recipe, quantization),
+            "mode": quantization.get("mode") or target_recipe["mode"],
+            "graph_kind": quantization.get("graph_kind"),
+            "engine": target_recipe.get("engine", "onnxruntime"),
+            "technique": quantization.get("technique") or {},
+            "notes": quantization.get("notes") or [],
+            "fp32_nodes": list(target_recipe.get("nodes_to_exclude") or []),
+            "tuning": quantization.get("tuning") or {},
             "precision": target_recipe["precision"],
             "weight_type": target_recipe["weight_type"],
             "activation_type": target_recipe["activation_type"],
             "granularity": target_recipe["granularity"],
             "symmetric_weights": target_recipe["symmetric_weights"],
             "symmetric_activations": target_recipe["symmetric_activations"],
-            "calibration_method": target_recipe["calibration_method"] if target_recipe["mode"] == "static"
-            else "none (dynamic)",
+            "calibration_method": target_recipe["calibration_method"]
+            if (quantization.get("mode") or target_recipe["mode"]) == "static" else "none (" + (
+                quantization.get("mode") or target_recipe["mode"]) + ")",
             "runtime": target_recipe["runtime"],
             "execution_provider": target_recipe["execution_provider"],
             "queue": target_recipe["queue"],

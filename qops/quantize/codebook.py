@@ -3,8 +3,8 @@
 Each weight tensor of the chosen ops gets its own codebook of ``2**bits`` FP32 values — k-means centroids
 (fitted by 1-D Lloyd iterations from quantile seeds) or signed powers of two scaled to the tensor's range —
 and is stored as ``bits``-wide indices (UINT4 for 4 bits, two per byte). The graph decodes them with
-``DequantizeLinear(indices) -> Cast(int64) -> Gather(codebook)``, which ONNX Runtime constant-folds when
-the session loads: the file is ~8x smaller than FP32, but the model in memory and its speed are FP32's.
+``Cast(indices -> int64) -> Gather(codebook)``, which ONNX Runtime constant-folds when the session
+loads: the file is ~8x smaller than FP32, but the model in memory and its speed are FP32's.
 This is a size-oriented technique (storage, download, flash), and reports itself as such.
 """
 
@@ -55,11 +55,24 @@ def assign(w: np.ndarray, book: np.ndarray) -> np.ndarray:
     return np.searchsorted(edges, w.ravel()).reshape(w.shape).astype(np.uint8)
 
 
-def quantize_model(model, op_types, kind: str = "kmeans", bits: int = 4, nodes_to_exclude=(),
-                   min_elements: int = 256):
-    """Replace the weights of ``op_types`` nodes by codebook indices.
+def _channel_axis(node) -> int:
+    """Output-channel axis of a node's weight: 0 for Conv and Gemm(transB=1), the last for MatMul/Gemm."""
+    from onnx import helper
 
-    Returns ``(model, report)``: the model is converted to opset 21 (UINT4 DequantizeLinear) when the
+    if node.op_type == "Gather":
+        return 0  # embedding rows
+    if node.op_type in ("Conv", "ConvTranspose"):
+        return 0 if node.op_type == "Conv" else 1
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    return 0 if node.op_type == "Gemm" and attrs.get("transB", 0) else -1
+
+
+def quantize_model(model, op_types, kind: str = "kmeans", bits: int = 4, nodes_to_exclude=(),
+                   min_elements: int = 256, per_channel: bool = True):
+    """Replace the weights of ``op_types`` nodes by codebook indices: per tensor, or (``per_channel``) one codebook
+    over the channel-normalised weights plus one FP32 scale per output channel.
+
+    Returns ``(model, report)``: the model is converted to opset 21 (UINT4 tensors and Cast) when the
     indices are 4-bit; the report lists weights replaced, per-weight SQNR (dB) and nodes skipped.
     """
     from onnx import TensorProto, helper, numpy_helper, version_converter
@@ -68,13 +81,14 @@ def quantize_model(model, op_types, kind: str = "kmeans", bits: int = 4, nodes_t
 
     if bits <= 4 and default_opset(model) < 21:
         model = version_converter.convert_version(model, 21)
-
     k = 2**bits
     itype = TensorProto.UINT4 if bits <= 4 else TensorProto.UINT8
     inits = {i.name: i for i in model.graph.initializer}
     done, sqnr, new_nodes, skipped = {}, {}, [], []
     exclude = set(nodes_to_exclude)
-    for node, wname in weighted_nodes(model, set(op_types)):
+    gathers = [(n, n.input[0]) for n in model.graph.node
+               if n.op_type == "Gather" and "Gather" in op_types and n.input[0] in inits]
+    for node, wname in weighted_nodes(model, set(op_types) - {"Gather"}) + gathers:
         if node.name in exclude:
             skipped.append(node.name)
             continue
@@ -84,20 +98,43 @@ def quantize_model(model, op_types, kind: str = "kmeans", bits: int = 4, nodes_t
         if w.size < min_elements:
             skipped.append(node.name)
             continue
-        book = kmeans_codebook(w, k) if kind == "kmeans" else pow2_codebook(w, k)
-        idx = assign(w, book)
-        err = w - book[idx]
-        sqnr[node.name] = float(10 * np.log10((w**2).sum() / max((err**2).sum(), 1e-30)))
         base = wname.replace("/", "_").replace(":", "_")
-        t_idx = _index_tensor(base + "_cb_idx", itype, idx)
-        t_scale = numpy_helper.from_array(np.array(1.0, np.float32), base + "_cb_one")
-        t_book = numpy_helper.from_array(book, base + "_codebook")
-        model.graph.initializer.extend([t_idx, t_scale, t_book])
-        new_nodes += [
-            helper.make_node("DequantizeLinear", [t_idx.name, t_scale.name], [base + "_cb_f"], name=base + "_cb_dq"),
-            helper.make_node("Cast", [base + "_cb_f"], [base + "_cb_i"], to=TensorProto.INT64, name=base + "_cb_cast"),
-            helper.make_node("Gather", [t_book.name, base + "_cb_i"], [wname], axis=0, name=base + "_cb_gather"),
-        ]
+        make = kmeans_codebook if kind == "kmeans" else pow2_codebook
+        if per_channel and w.ndim >= 2:
+            # one shared codebook over channel-normalised weights, times a scale per output channel: channels of
+            # very different ranges (e.g. BatchNorm folded into a conv) each keep 16 usable levels
+            axis = _channel_axis(node) % w.ndim
+            red = tuple(i for i in range(w.ndim) if i != axis)
+            scale = np.max(np.abs(w), axis=red, keepdims=True).astype(np.float32)
+            scale[scale == 0] = 1.0
+            norm = w / scale
+            book = make(norm, k)
+            idx = assign(norm, book)
+            err = w - book[idx] * scale
+            t_idx = _index_tensor(base + "_cb_idx", itype, idx)
+            t_book = numpy_helper.from_array(book, base + "_codebook")
+            t_scale = numpy_helper.from_array(scale, base + "_cb_scale")
+            model.graph.initializer.extend([t_idx, t_book, t_scale])
+            new_nodes += [
+                helper.make_node("Cast", [t_idx.name], [base + "_cb_i"], to=TensorProto.INT64, name=base + "_cb_cast"),
+                helper.make_node("Gather", [t_book.name, base + "_cb_i"], [base + "_cb_n"], axis=0,
+                                 name=base + "_cb_gather"),
+                helper.make_node("Mul", [base + "_cb_n", t_scale.name], [wname], name=base + "_cb_scale_mul"),
+            ]
+            sig = w
+        else:
+            book = make(w, k)
+            idx = assign(w, book)
+            err = w - book[idx]
+            t_idx = _index_tensor(base + "_cb_idx", itype, idx)
+            t_book = numpy_helper.from_array(book, base + "_codebook")
+            model.graph.initializer.extend([t_idx, t_book])
+            new_nodes += [
+                helper.make_node("Cast", [t_idx.name], [base + "_cb_i"], to=TensorProto.INT64, name=base + "_cb_cast"),
+                helper.make_node("Gather", [t_book.name, base + "_cb_i"], [wname], axis=0, name=base + "_cb_gather"),
+            ]
+            sig = w
+        sqnr[node.name] = float(10 * np.log10((sig**2).sum() / max((err**2).sum(), 1e-30)))
         done[wname] = node.name
     # the decoded weight keeps the initializer's name, so consumers are untouched; drop the FP32 original
     keep = [t for t in model.graph.initializer if t.name not in done]
@@ -106,7 +143,8 @@ def quantize_model(model, op_types, kind: str = "kmeans", bits: int = 4, nodes_t
     nodes = list(model.graph.node)
     del model.graph.node[:]
     model.graph.node.extend(new_nodes + nodes)  # decoders first: topological order holds
-    return model, {"weights": len(done), "sqnr_db": sqnr, "skipped": skipped, "codebook": kind, "bits": bits}
+    return model, {"weights": len(done), "sqnr_db": sqnr, "skipped": skipped, "codebook": kind, "bits": bits,
+                   "granularity": "per-channel" if per_channel else "per-tensor"}
 
 
 def _index_tensor(name: str, itype: int, idx: np.ndarray):

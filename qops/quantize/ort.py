@@ -204,13 +204,14 @@ def _quantize_onnx(model: Path, recipe: Recipe, output: Path, calibration, featu
             technique = _nbits(named, q, recipe, 8, reader, external)
         elif recipe.precision == "int4":
             technique = _nbits(named, q, recipe, 4, reader, external)
+            notes += technique.pop("notes", [])
         elif recipe.precision == "fp16":
             technique = _fp16(named, q, recipe, external)
         elif recipe.precision == "codebook":
             from qops.quantize.codebook import quantize_model
 
             m, technique = quantize_model(graph.load(named), recipe.op_types, recipe.codebook, recipe.codebook_bits,
-                                          recipe.nodes_to_exclude)
+                                          recipe.nodes_to_exclude, per_channel=recipe.per_channel)
             _save(m, q, external)
             notes.append("non-uniform codebook weights save size, not time: weights are decoded to FP32 when the "
                          "model loads, so memory use and latency are FP32's")
@@ -224,6 +225,8 @@ def _quantize_onnx(model: Path, recipe: Recipe, output: Path, calibration, featu
         _copy_metadata(model, q, external)
         counts = _op_counts(q)
         technique["quantized_ops"] = {k: v for k, v in counts.items() if k in _QUANT_OPS}
+        if recipe.precision == "codebook" and technique.get("weights"):
+            technique["quantized_ops"]["codebook weights"] = technique["weights"]
         if not technique["quantized_ops"] and recipe.precision != "fp16":
             raise ModelError(
                 f"Target {recipe.target!r} found nothing to quantize in {model.name}: no "
@@ -253,7 +256,7 @@ def _quantize_onnx(model: Path, recipe: Recipe, output: Path, calibration, featu
 
 _QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
               "QLinearMatMul", "QLinearConv", "MatMulNBits", "QGemm", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM",
-              "QAttention"}
+              "QAttention", "GatherBlockQuantized"}
 
 
 def _count_rows(calibration) -> int:
@@ -302,15 +305,14 @@ def _int8(src: Path, dst: Path, recipe: Recipe, mode: str, reader, external: boo
     _save(m, pre2, external)
     wt, at, cm, fmt = _ort_types(recipe)
     extra = {"WeightSymmetric": recipe.symmetric_weights, "ActivationSymmetric": recipe.symmetric_activations}
-    known = {n.name for n in m.graph.node}
-    exclude = [n for n in recipe.nodes_to_exclude if n in known]
+    exclude = _map_excluded(graph.load(src, external=False), m, recipe.nodes_to_exclude)
     if mode == "static":
         if recipe.calibration_method == "percentile":
             extra["CalibPercentile"] = recipe.percentile
         log.info("static INT8 for %s: calibrating (%s) on %s", recipe.target, recipe.calibration_method, reader.path)
         reader.rewind()
         quantize_static(
-            str(pre2), str(dst), reader, quant_format=fmt, op_types_to_quantize=list(recipe.op_types),
+            str(pre2), str(dst), reader, quant_format=fmt, op_types_to_quantize=list(recipe.op_types) or None,
             per_channel=recipe.per_channel, reduce_range=recipe.reduce_range, activation_type=at, weight_type=wt,
             calibrate_method=cm, nodes_to_exclude=exclude, use_external_data_format=external, extra_options=extra,
         )
@@ -318,12 +320,32 @@ def _int8(src: Path, dst: Path, recipe: Recipe, mode: str, reader, external: boo
     else:
         log.info("dynamic INT8 for %s", recipe.target)
         quantize_dynamic(
-            str(pre2), str(dst), op_types_to_quantize=list(recipe.op_types), per_channel=recipe.per_channel,
+            str(pre2), str(dst), op_types_to_quantize=list(recipe.op_types) or None, per_channel=recipe.per_channel,
             reduce_range=recipe.reduce_range, weight_type=wt, nodes_to_exclude=exclude,
             use_external_data_format=external, extra_options=extra,
         )
-    technique.update(granularity=recipe.granularity, excluded_nodes=exclude)
+    technique.update(granularity=recipe.granularity, excluded_nodes=exclude,
+                     op_types=list(recipe.op_types) or "all ops ONNX Runtime quantizes")
     return technique
+
+
+def _map_excluded(original, prepared, names) -> list[str]:
+    """Names in ``prepared`` of the nodes to keep in FP32, given by their names in ``original`` (the optimizer
+    may rename or fuse nodes: they are matched by the tensor they produce)."""
+    if not names:
+        return []
+    known = {n.name for n in prepared.graph.node}
+    producer = {o: n.name for n in prepared.graph.node for o in n.output}
+    outputs = {n.name: n.output[0] for n in original.graph.node if n.output}
+    out = []
+    for name in names:
+        if name in known:
+            out.append(name)
+        elif outputs.get(name) in producer:
+            out.append(producer[outputs[name]])
+        else:
+            log.warning("node %s to keep in FP32 is not in the prepared graph; ignored", name)
+    return out
 
 
 def _nbits(src: Path, dst: Path, recipe: Recipe, bits: int, reader, external: bool) -> dict:
@@ -340,6 +362,19 @@ def _nbits(src: Path, dst: Path, recipe: Recipe, bits: int, reader, external: bo
     m = graph.load(src)
     converted = graph.gemm_to_matmul(m)
     graph.name_nodes(m)
+    ops = tuple(o for o in recipe.op_types if o in ("MatMul", "Gather"))
+    if recipe.algorithm == "gptq":
+        ops = ("MatMul",)  # GPTQ (Intel Neural Compressor) handles MatMul weights only
+    notes = []
+    if "Gather" in ops and graph.default_opset(m) < 21:
+        # block-quantized embeddings (GatherBlockQuantized) need INT4 tensors: opset 21
+        from onnx import version_converter
+
+        try:
+            m = version_converter.convert_version(m, 21)
+        except Exception as e:  # noqa: BLE001 - fall back to MatMul only, and say so
+            ops = ("MatMul",)
+            notes.append(f"embeddings (Gather) left in FP32: upgrading to opset 21 failed ({str(e)[:120]})")
     if recipe.algorithm == "gptq":
         reader.rewind()
         algo = GPTQWeightOnlyQuantConfig(calibration_data_reader=reader, block_size=recipe.block_size,
@@ -347,7 +382,7 @@ def _nbits(src: Path, dst: Path, recipe: Recipe, bits: int, reader, external: bo
     else:
         algo = DefaultWeightOnlyQuantConfig(block_size=recipe.block_size, is_symmetric=recipe.symmetric_weights,
                                             accuracy_level=recipe.accuracy_level, quant_format=QuantFormat.QOperator,
-                                            op_types_to_quantize=("MatMul",), bits=bits)
+                                            op_types_to_quantize=ops, bits=bits)
     if recipe.algorithm == "gptq":
         tmp = dst.with_name("gptq_in.onnx")
         _save(m, tmp, external)
@@ -364,7 +399,7 @@ def _nbits(src: Path, dst: Path, recipe: Recipe, bits: int, reader, external: bo
     _save(out, dst, external)
     return {"kind": f"int{bits}_weight_only", "algorithm": recipe.algorithm, "block_size": recipe.block_size,
             "symmetric": recipe.symmetric_weights, "accuracy_level": recipe.accuracy_level,
-            "gemm_rewritten_as_matmul": converted}
+            "gemm_rewritten_as_matmul": converted, "op_types": list(ops), "notes": notes}
 
 
 def _fp16(src: Path, dst: Path, recipe: Recipe, external: bool) -> dict:

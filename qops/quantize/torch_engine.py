@@ -142,6 +142,25 @@ def linear_modules(gm) -> int:
     return count
 
 
+def retarget_devices(gm, device) -> int:
+    """Point ``device=`` arguments baked into an exported graph (``torch.arange(..., device=cpu)`` traced on the
+    CPU) at ``device``, so the program runs where its weights now are. Returns how many were changed."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # tensors report cuda:0, not cuda
+    changed = 0
+    for node in gm.graph.nodes:
+        dev = node.kwargs.get("device")
+        if isinstance(dev, torch.device) and dev != device:
+            node.kwargs = {**node.kwargs, "device": device}
+            changed += 1
+    if changed:
+        gm.recompile()
+    return changed
+
+
 def drop_unused_tensors(gm) -> int:
     """Delete parameters/buffers no graph node reads (the FP32 weights that PT2E folded into INT8 constants),
     so the exported archive does not carry both."""
@@ -177,7 +196,7 @@ def _config(method: str):
     }[method]()
 
 
-def _table_batches(calibration, features: list[str], batch_size: int):
+def _table_batches(calibration, features: list[str], batch_size: int, dtype=np.float32):
     from qops.data import read_table
 
     df = read_table(calibration, "calibration set")
@@ -185,8 +204,8 @@ def _table_batches(calibration, features: list[str], batch_size: int):
     if missing:
         raise DataError(f"The calibration set {calibration} lacks feature column(s) {missing}.",
                         "select the calibration set from data with the model's features.")
-    x = df[features].to_numpy(np.float32)
-    if not np.isfinite(x).all():
+    x = df[features].to_numpy(dtype)
+    if x.dtype.kind == "f" and not np.isfinite(x).all():
         raise DataError(f"The calibration set {calibration} has NaN/inf features.", "impute or drop those rows.")
     return [x[i : i + batch_size] for i in range(0, len(x), batch_size)], len(x)
 
@@ -221,7 +240,8 @@ def quantize_torch(model, recipe: Recipe, output, calibration=None, features=Non
         raise DataError(f"The model input expects {width} features but {len(feats)} feature columns were given.",
                         "pass the feature columns the model was trained on, in training order.")
     device = torch.device(recipe.device)
-    example = torch.zeros(2, len(feats))
+    in_dtype = getattr(torch, inputs[0][2])
+    example = torch.zeros(2, len(feats), dtype=in_dtype)
     rows = 0
     technique: dict = {"kind": recipe.torch_method, "engine": "torchao"}
     with torch.no_grad():
@@ -235,7 +255,7 @@ def quantize_torch(model, recipe: Recipe, output, calibration=None, features=Non
             quantizer = xiq.X86InductorQuantizer()
             quantizer.set_global(xiq.get_default_x86_inductor_quantization_config(
                 is_dynamic=False, reduce_range=recipe.reduce_range))
-            batches, rows = _table_batches(calibration, feats, batch_size)
+            batches, rows = _table_batches(calibration, feats, batch_size, np.dtype(inputs[0][2]))
             if rows == 0:
                 raise DataError(f"The calibration set {calibration} has no rows.", "select a non-empty calibration set.")
             prepared = prepare_pt2e(ep.module(), quantizer)
@@ -255,9 +275,29 @@ def quantize_torch(model, recipe: Recipe, output, calibration=None, features=Non
 
             dtype = torch.bfloat16 if recipe.precision == "fp8" or recipe.torch_method == "int4_weight_only" else None
             gm = gm.to(device=device, dtype=dtype) if dtype else gm.to(device)
-            quantize_(gm, _config(recipe.torch_method))
+            retarget_devices(gm, device)
+            skipped: list[str] = []
+
+            def eligible(mod, fqn: str) -> bool:
+                if not isinstance(mod, torch.nn.Linear):
+                    return False
+                # GPU INT8/FP8 matmul kernels need dimensions that are multiples of 16: leave others in high precision
+                if device.type == "cuda" and (mod.in_features % 16 or mod.out_features % 16):
+                    skipped.append(f"{fqn} ({mod.in_features}x{mod.out_features})")
+                    return False
+                return True
+
+            try:
+                quantize_(gm, _config(recipe.torch_method), filter_fn=eligible)
+            except ImportError as e:
+                raise TargetError(f"Target {recipe.target!r} ({recipe.torch_method}) needs a kernel package this "
+                                  f"worker lacks: {e}.",
+                                  "install it on the worker (torchao's INT4 CUDA kernels come from the 'mslk'/"
+                                  "fbgemm-gpu-genai packages), or pick int8_weight_only / float8_dynamic.") from None
+            technique["linear_layers_kept_high_precision"] = skipped
             qmodule = gm
-            example = example.to(device=device, dtype=dtype or torch.float32)
+            example = example.to(device=device, dtype=dtype) if dtype and example.is_floating_point() \
+                else example.to(device)
             technique.update(linear_layers=n, config=type(_config(recipe.torch_method)).__name__,
                              compute_dtype=str(dtype or torch.float32).replace("torch.", ""))
         out_meta = dict(meta, **{"qops.feature_columns": ",".join(feats), "qops.quantized_by": f"qops {__version__}",
@@ -278,10 +318,12 @@ def quantize_torch(model, recipe: Recipe, output, calibration=None, features=Non
     return result
 
 
-def export_fp32(module, features: list[str], path: str | os.PathLike) -> Path:
-    """Save an FP32 ``nn.Module`` taking ``[batch, len(features)]`` as a ``.pt2`` program with its feature columns."""
+def export_fp32(module, features: list[str], path: str | os.PathLike, dtype=None) -> Path:
+    """Save an FP32 ``nn.Module`` taking ``[batch, len(features)]`` (float, or ``dtype`` e.g. ``torch.long`` for
+    token ids) as a ``.pt2`` program with its feature columns."""
     import torch
 
     module = module.eval()
+    example = torch.zeros(2, len(features), dtype=dtype or torch.float32)
     with torch.no_grad():
-        return export_module(module, torch.zeros(2, len(features)), {"qops.feature_columns": ",".join(features)}, path)
+        return export_module(module, example, {"qops.feature_columns": ",".join(features)}, path)

@@ -55,7 +55,8 @@ class Recipe:
     calibration_method: Literal["minmax", "entropy", "percentile", "distribution"] = "minmax"
     percentile: float = 99.999  # calibration_method="percentile": clip activations at this percentile
     smooth_quant_alpha: float | None = None  # SmoothQuant migration strength (None: off)
-    op_types: tuple[str, ...] = ("MatMul", "Gemm", "Conv")
+    # weighted ops (Gather: embedding tables); () = every op ONNX Runtime quantizes (INT8)
+    op_types: tuple[str, ...] = ("MatMul", "Gemm", "Conv", "Gather")
     nodes_to_exclude: tuple[str, ...] = ()  # kept in FP32 (accuracy-aware tuning fills this)
     # INT4 weight-only (ONNX Runtime MatMulNBits)
     algorithm: Literal["rtn", "gptq"] = "rtn"
@@ -94,6 +95,9 @@ class Recipe:
         if self.quant_format == "QOperator" and self.mode == "static" and self.activation_type == "int8":
             bad("QOperator format with int8 activations is not supported by the CPU EP.",
                 "use quant_format='QDQ' or activation_type='uint8'.")
+        if not self.op_types and not (self.precision == "int8" and self.engine == "onnxruntime"):
+            bad("an empty op_types list (every op) applies to ONNX Runtime INT8 recipes only.",
+                "list the op types to quantize, e.g. ['MatMul'].")
         if self.precision == "int4" and (self.block_size < 16 or self.block_size & (self.block_size - 1)):
             bad(f"block_size {self.block_size} is not a power of two >= 16.", "use 16, 32, 64 or 128.")
         if self.precision == "codebook" and not 2 <= self.codebook_bits <= 8:
@@ -243,7 +247,7 @@ def _x86_dynamic() -> Recipe:
         "suited to transformer-like and recurrent graphs, needs no calibration.",
         hardware="x86-64 (AVX2 or better)",
         mode="dynamic",
-        op_types=("MatMul", "Gemm", "Attention", "LSTM", "GRU"),
+        op_types=("MatMul", "Gemm", "Gather", "Attention", "LSTM", "GRU"),
     )
 
 
@@ -272,7 +276,7 @@ def _int4() -> Recipe:
         mode="weight_only",
         precision="int4",
         weight_type="int4",
-        op_types=("MatMul",),
+        op_types=("MatMul", "Gather"),  # Gather: embedding tables (GatherBlockQuantized)
         quant_format="QOperator",
         arch=None,
     )
@@ -289,7 +293,7 @@ def _codebook() -> Recipe:
         mode="weight_only",
         precision="codebook",
         weight_type="uint4",
-        op_types=("MatMul", "Gemm", "Conv"),
+        op_types=("MatMul", "Gemm", "Conv", "Gather"),
         arch=None,
     )
 

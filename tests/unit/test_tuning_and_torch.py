@@ -1,0 +1,233 @@
+"""Accuracy-aware tuning (search, SQNR-ranked node fallback, fastest passing) and the torchao engine."""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pandas as pd
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from qops.errors import TargetError
+from qops.quantize import quantize
+from qops.quantize.tune import TuningConfig, rank_nodes, search_space, tune
+from qops.spec import GateSpec, MetricThreshold
+from qops.targets import get_target
+
+SLICES = ["sex", "age_group"]
+
+
+def _judge(fp32, data_dir, gates, features=None, label="risk"):
+    from qops.evaluate import evaluate
+    from qops.gates import gate
+
+    def judge(res):
+        ev = evaluate(fp32, res.model_path, data_dir / "validation.parquet", label, SLICES, features=features,
+                      metric=gates.metric, latency_runs=60, bootstrap=50, target=res.recipe)
+        v = gate(ev, gates)
+        return {"passed": v.passed, "failures": [c.name for c in v.checks if not c.passed],
+                "latency_ratio": ev.performance["latency_ratio"], "size_ratio": ev.performance["size_ratio"],
+                "fidelity": ev.fidelity}
+
+    return judge
+
+
+def test_search_space_starts_with_the_structural_choice_and_covers_the_axes():
+    cands = search_space(get_target("x86_64_vnni_int8"), TuningConfig(), True, preferred_mode="dynamic")
+    assert cands[0]["mode"] == "dynamic"  # attention graph: dynamic first
+    assert {c.get("calibration_method", "minmax") for c in cands if c["mode"] == "static"} == \
+        {"minmax", "percentile", "entropy"}
+    assert {c.get("per_channel", True) for c in cands} == {True, False}
+    assert any(c.get("op_types") == () for c in cands)
+    # without calibration data only dynamic candidates remain
+    assert {c["mode"] for c in search_space(get_target("x86_64_vnni_int8"), TuningConfig(), False)} == {"dynamic"}
+    assert search_space(get_target("int4_weight_only"), TuningConfig(), True)[1:] == [
+        {"block_size": 32}, {"algorithm": "gptq"}, {"algorithm": "gptq", "block_size": 32}]
+
+
+def test_tuning_keeps_the_fastest_passing_candidate(fp32_model, calibration_file, data_dir, tmp_path):
+    gates = GateSpec(max_overall_drop=0.02, max_slice_drop=0.1, max_fairness_increase=0.1)
+    res = tune(fp32_model, get_target("x86_64_vnni_int8"), tmp_path / "q.onnx", _judge(fp32_model, data_dir, gates),
+               calibration=calibration_file, config=TuningConfig(max_trials=6))
+    trials = res.trials
+    assert len(trials) == 6 and res.tuning["trials"] == 6
+    passing = [t for t in trials if t["verdict"] == "passed"]
+    chosen = [t for t in trials if t["chosen"]]
+    assert passing and len(chosen) == 1 and chosen[0]["verdict"] == "passed"
+    fastest = min(t["latency_ratio"] for t in passing)
+    assert chosen[0]["latency_ratio"] <= fastest * 1.03 + 1e-9  # fastest, up to the timing-noise tie
+    for t in trials:  # the trial table the card shows
+        assert {"config", "verdict", "latency_ratio", "cosine", "sqnr_db", "reasons", "phase"} <= set(t)
+        if t["latency_ratio"] is not None and t["latency_ratio"] > 1.0:
+            assert t["verdict"] == "failed" and any("latency" in r or "slower than FP32" in r for r in t["reasons"])
+    assert (tmp_path / "q.onnx").is_file() and res.model_path == str(tmp_path / "q.onnx")
+    recipe_json = json.loads((tmp_path / "q.onnx.recipe.json").read_text())
+    assert recipe_json["result"]["tuning"]["chosen_trial"] == chosen[0]["trial"]
+    assert not list(tmp_path.glob(".q.onnx.trials-*"))  # candidates cleaned up
+
+
+def _outlier_mlp(path):
+    """Three linear layers. The middle one has an outlier weight row (400) that multiplies a channel that is always 0
+    (the first layer's column 0 is zero): it changes nothing in FP32 but sets the per-tensor INT8 scale, so every
+    other weight of that layer rounds to 0."""
+    rng = np.random.default_rng(0)
+    w = [rng.normal(size=(8, 32)).astype(np.float32), rng.normal(size=(32, 32)).astype(np.float32) / 6,
+         rng.normal(size=(32, 2)).astype(np.float32) / 6]
+    w[0][:, 0] = 0.0
+    w[1][0, :] = 400.0
+    nodes = [helper.make_node("MatMul", ["features", "w0"], ["h0"], name="layer0"),
+             helper.make_node("Relu", ["h0"], ["r0"], name="relu0"),
+             helper.make_node("MatMul", ["r0", "w1"], ["h1"], name="layer1_outliers"),
+             helper.make_node("Relu", ["h1"], ["r1"], name="relu1"),
+             helper.make_node("MatMul", ["r1", "w2"], ["y"], name="layer2")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["b", 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 2])],
+                          [numpy_helper.from_array(a, f"w{i}") for i, a in enumerate(w)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.save(m, str(path))
+    return path
+
+
+def test_node_ranking_puts_the_planted_sensitive_layer_first(tmp_path):
+    from qops.quantize.ort import TableCalibrationReader
+
+    fp32 = _outlier_mlp(tmp_path / "m.onnx")
+    cols = [f"f{i}" for i in range(8)]
+    pd.DataFrame(np.random.default_rng(1).normal(size=(128, 8)).astype(np.float32), columns=cols).to_parquet(
+        tmp_path / "cal.parquet")
+    q = quantize(fp32, "x86_64_int8_dynamic", tmp_path / "q.onnx", features=cols, options={"per_channel": False})
+    ranked = rank_nodes(fp32, q.model_path, TableCalibrationReader(str(tmp_path / "cal.parquet"), str(fp32), cols),
+                        ("MatMul",))
+    assert [r["node"] for r in ranked][0] == "layer1_outliers"
+    assert ranked[0]["sqnr_lost_db"] > ranked[-1]["sqnr_lost_db"] + 10
+
+
+def test_fallback_keeps_the_sensitive_node_in_fp32_until_the_gates_pass(tmp_path):
+    """Label-free gate on fidelity: no INT8 candidate of the outlier model reaches it; keeping the worst node
+    (ranked by SQNR lost) in FP32 does."""
+    fp32 = _outlier_mlp(tmp_path / "m.onnx")
+    cols = [f"f{i}" for i in range(8)]
+    rng = np.random.default_rng(1)
+    pd.DataFrame(rng.normal(size=(128, 8)).astype(np.float32), columns=cols).to_parquet(tmp_path / "cal.parquet")
+    val = pd.DataFrame(rng.normal(size=(300, 8)).astype(np.float32), columns=cols)
+    val["group"] = np.where(np.arange(300) % 2, "a", "b")
+    val.to_parquet(tmp_path / "val.parquet")
+    gates = GateSpec(task="regression", metric="cosine", metrics=["cosine"], max_overall_drop=0.0005,
+                     thresholds=[MetricThreshold(metric="cosine", min_value=0.9995)], fairness_metrics=[],
+                     max_latency_ratio=50.0, max_size_ratio=5.0)  # a 4 KB graph: Q/DQ overhead outweighs savings
+
+    def judge(res):
+        from qops.evaluate import evaluate
+        from qops.gates import gate
+
+        ev = evaluate(fp32, res.model_path, tmp_path / "val.parquet", None, [], features=cols, task="regression",
+                      metric="cosine", metrics=["cosine"], latency_runs=30, bootstrap=0, target=res.recipe)
+        v = gate(ev, gates)
+        # this test is about the fallback search, not speed: a tiny graph's timing is noise
+        return {"passed": v.passed, "failures": [c.name for c in v.checks if not c.passed], "latency_ratio": None,
+                "size_ratio": ev.performance["size_ratio"], "fidelity": ev.fidelity}
+
+    recipe = get_target("x86_64_int8_dynamic", {"per_channel": False})
+    res = tune(fp32, recipe, tmp_path / "q.onnx", judge, calibration=tmp_path / "cal.parquet", features=cols,
+               config=TuningConfig(max_trials=6, granularities=["per-tensor"], try_all_ops=False,
+                                   max_fallback_nodes=3))
+    phases = [t["phase"] for t in res.trials]
+    assert phases[0] == "search" and "fallback" in phases
+    fb = [t for t in res.trials if t["phase"] == "fallback"]
+    assert fb[0]["fp32_nodes"] == ["layer1_outliers"]  # the worst node first, cumulatively after
+    assert res.tuning["passed"] and [t for t in res.trials if t["chosen"]][0]["phase"] == "fallback"
+    assert res.recipe["nodes_to_exclude"][0] == "layer1_outliers"
+    kinds = {n.name: n.op_type for n in onnx.load(res.model_path).graph.node}
+    assert kinds.get("layer1_outliers") == "MatMul"  # kept in FP32: not replaced by an integer MatMul
+
+
+def test_tuning_that_finds_nothing_keeps_the_most_faithful_and_says_so(fp32_model, data_dir, tmp_path):
+    gates = GateSpec(thresholds=[MetricThreshold(metric="cosine", min_value=1.01)])  # unreachable
+    res = tune(fp32_model, get_target("x86_64_int8_dynamic"), tmp_path / "q.onnx", _judge(fp32_model, data_dir, gates),
+               config=TuningConfig(max_trials=3, max_fallback_nodes=1))
+    assert not res.tuning["passed"] and all(t["verdict"] == "failed" for t in res.trials)
+    assert any("no candidate that passes the gates" in n for n in res.notes)
+    best = max(res.trials, key=lambda t: t["sqnr_db"] or 0)
+    assert best["chosen"]
+
+
+def test_pipeline_stage_tunes_with_the_spec_gates_and_the_card_shows_the_trials(fp32_model, data_dir, features,
+                                                                                  tmp_path, mlflow_uri):
+    from qops.pipeline import run_pipeline
+    from qops.spec import parse_spec
+
+    spec = parse_spec({
+        "name": "tuned", "source_model": str(fp32_model), "artifact_root": str(tmp_path / "art"),
+        "data": {"pool": str(data_dir / "pool.parquet"), "reference": str(data_dir / "train.parquet"),
+                 "validation": str(data_dir / "validation.parquet"), "label": "risk", "slice_columns": SLICES,
+                 "features": features},
+        "calibration": {"size": 100},
+        "targets": ["x86_64_vnni_int8", "codebook_4bit"],
+        "target_options": {"codebook_4bit": {"codebook": "pow2"}},
+        "tuning": {"enabled": True, "targets": ["x86_64_vnni_int8"], "max_trials": 3, "latency_runs": 50,
+                   "bootstrap": 50},
+        "gates": {"max_overall_drop": 0.05, "max_slice_drop": 0.2, "max_fairness_increase": 0.2, "bootstrap": 100,
+                  "latency_runs": 50},
+        "mlflow": {"tracking_uri": mlflow_uri},
+    })
+    summary = run_pipeline(spec, run_id="r1", progress=False)
+    rows = {r["target"]: r for r in summary["targets"]}
+    q = json.loads((tmp_path / "art" / "tuned" / "r1" / "targets" / "x86_64_vnni_int8" / "quantize.json").read_text())
+    assert len(q["trials"]) == 3 and q["tuning"]["chosen_trial"] in (1, 2, 3)
+    card = (tmp_path / "art" / "tuned" / "r1" / "targets" / "x86_64_vnni_int8" / "card" / "card.md").read_text()
+    assert "### Tuning trials" in card and "(chosen)" in card
+    cb = json.loads((tmp_path / "art" / "tuned" / "r1" / "targets" / "codebook_4bit" / "quantize.json").read_text())
+    assert cb["recipe"]["codebook"] == "pow2" and cb["trials"] == []
+    cb_card = (tmp_path / "art" / "tuned" / "r1" / "targets" / "codebook_4bit" / "card" / "card.md").read_text()
+    assert "save size, not time" in cb_card
+    assert set(rows) == {"x86_64_vnni_int8", "codebook_4bit"}
+
+
+# ---------------------------------------------------------------- torchao engine (PyTorch programs)
+
+
+@pytest.fixture(scope="module")
+def fp32_program(data_dir, features, tmp_path_factory):
+    from qops.examples.german_credit import train_mlp
+    from qops.quantize.torch_engine import export_fp32
+
+    model = train_mlp(str(data_dir / "train.parquet"), features, hidden=256, epochs=20, seed=0)
+    return export_fp32(model, features, tmp_path_factory.mktemp("pt2") / "fp32.pt2")
+
+
+def test_torchao_int8_dynamic_program_round_trips(fp32_program, data_dir, features, tmp_path):
+    from qops.runtime import TorchSession
+
+    res = quantize(fp32_program, "torch_int8_dynamic", tmp_path / "q.pt2")
+    assert res.engine == "torchao" and res.technique["linear_layers"] == 4
+    assert res.technique["config"] == "Int8DynamicActivationInt8WeightConfig"
+    x = pd.read_parquet(data_dir / "validation.parquet")[features].to_numpy(np.float32)
+    ref = TorchSession(fp32_program, compile=False).run(None, {"x": x})[0]
+    out = TorchSession(res.model_path, compile=False).run(None, {"x": x})[0]
+    assert (ref.argmax(1) == out.argmax(1)).mean() > 0.97
+    assert res.size_ratio > 1.5  # INT8 weights (archive overhead dominates a model this small)
+
+
+def test_pt2e_x86_inductor_static_quantization_evaluates_compiled(fp32_program, calibration_file, data_dir, tmp_path):
+    from qops.evaluate import evaluate
+
+    res = quantize(fp32_program, "torch_x86_int8", tmp_path / "q.pt2", calibration=calibration_file)
+    assert res.calibration_rows == 120 and res.technique["fp32_tensors_dropped"] >= 4
+    assert res.size_ratio > 1.5  # the FP32 weights PT2E folded into INT8 constants are not carried along
+    ev = evaluate(fp32_program, res.model_path, data_dir / "validation.parquet", "risk", ["sex"], latency_runs=20,
+                  bootstrap=20, target=res.recipe)
+    assert ev.fidelity["top1_agreement"] > 0.95 and ev.fidelity["cosine_mean"] > 0.99
+    assert "compiled (Inductor)" in ev.performance["latency_method"]
+
+
+def test_torch_target_needs_a_calibration_set_and_a_program(fp32_program, fp32_model, tmp_path):
+    from qops.errors import DataError, ModelError
+
+    with pytest.raises(DataError, match="PT2E static quantization, which needs a calibration set"):
+        quantize(fp32_program, "torch_x86_int8", tmp_path / "q.pt2")
+    with pytest.raises(ModelError, match="register the FP32 model with mlflow.pytorch.log_model"):
+        quantize(fp32_model, "torch_int8_dynamic", tmp_path / "q.pt2")
+    with pytest.raises(TargetError, match="no CUDA device"):
+        quantize(fp32_program, "nvidia_hopper_fp8", tmp_path / "f.pt2")
