@@ -219,11 +219,11 @@ def stage_register(spec: PipelineSpec, run_id: str, target: str) -> dict:
     recipe, m = q["recipe"], ev["primary_metric"]
     tags = {
         "qops.pipeline": spec.name, "qops.target": target, "qops.precision": recipe["precision"],
-        "qops.mode": recipe["mode"], "qops.granularity": recipe["granularity"],
+        "qops.mode": q.get("mode") or recipe["mode"], "qops.granularity": recipe["granularity"],
         "qops.source_model": source["name"], "qops.source_version": source["version"] or "",
         "qops.source_uri": source["uri"], "qops.model_sha256": q["model_sha256"],
         "qops.calibration_sha256": (read_json(rdir / "calibration" / "calibration.json")["sha256"]
-                                    if recipe["mode"] == "static" else "none"),
+                                    if q.get("calibration_path") else "none"),
         "qops.run_id": run_id,
     }
 
