@@ -88,7 +88,8 @@ class _TargetOperator(_QopsStageOperator):
 
 
 class QopsQuantizeOperator(_TargetOperator):
-    """Quantize the source model for one hardware target (ONNX Runtime PTQ)."""
+    """Quantize the source model for one hardware target (the target's recipe and the spec's target_options;
+    accuracy-aware tuning when the spec's ``tuning`` is enabled: trials are logged and kept in quantize.json)."""
 
     stage = "quantize"
 
@@ -96,9 +97,16 @@ class QopsQuantizeOperator(_TargetOperator):
         from qops.pipeline import stage_quantize
 
         res = self._call(stage_quantize, self._spec(), self.run_key, self.target)
-        self.log.info("%s: %s bytes (%.2fx smaller) in %.1fs", self.target, res["size_bytes"], res["size_ratio"],
-                      res["seconds"])
-        return {k: res[k] for k in ("target", "model_path", "model_sha256", "size_bytes", "size_ratio")}
+        self.log.info("%s: %s bytes (%.2fx smaller), mode %s, in %.1fs", self.target, res["size_bytes"],
+                      res["size_ratio"], res.get("mode"), res["seconds"])
+        for note in res.get("notes") or []:
+            self.log.info("%s: %s", self.target, note)
+        for t in res.get("trials") or []:
+            self.log.info("trial %s %-8s %-60s %-7s latency x%s cosine %s%s", t["trial"], t["phase"], t["config"],
+                          t["verdict"], t["latency_ratio"], t["cosine"], "  <- chosen" if t["chosen"] else "")
+        out = {k: res[k] for k in ("target", "model_path", "model_sha256", "size_bytes", "size_ratio")}
+        out.update(mode=res.get("mode"), trials=len(res.get("trials") or []))
+        return out
 
 
 class QopsEvaluateOperator(_TargetOperator):

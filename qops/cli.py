@@ -80,7 +80,7 @@ def cmd_quantize(args) -> int:
     options = _options(args.option)
     if args.tune:
         from qops.data import feature_columns_for
-        from qops.quantize.tune import TuningConfig, tune
+        from qops.quantize.tune import TuningConfig, gate_judge, tune
         from qops.spec import GateSpec, TuningSpec
 
         if not args.validation:
@@ -89,8 +89,10 @@ def cmd_quantize(args) -> int:
         recipe = resolve_recipe(args.target, options)
         features = _csv(args.features) or feature_columns_for(args.model, None)
         tcfg = TuningSpec(max_trials=args.max_trials, timeout_s=args.timeout)
-        judge = _cli_judge(args.model, args.validation, args.label, _csv(args.slice_columns), features,
-                           GateSpec(metric="accuracy" if args.label else "agreement"), tcfg)
+        judge = gate_judge(args.model, args.validation, args.label, GateSpec(metric="accuracy" if args.label
+                                                                             else "agreement"),
+                           slice_columns=_csv(args.slice_columns), features=features,
+                           latency_runs=tcfg.latency_runs, bootstrap=tcfg.bootstrap)
         res = tune(args.model, recipe, args.output, judge, calibration=args.calibration, features=features,
                    config=TuningConfig.from_any(tcfg), ranking_data=args.calibration or args.validation)
         if not args.json:
@@ -104,21 +106,6 @@ def cmd_quantize(args) -> int:
     _emit(args, res, f"{res.model_path}: {res.size_bytes} bytes ({res.size_ratio}x smaller), mode {res.mode}, "
                      f"recipe {res.recipe_path}" + "".join(f"\n  note: {n}" for n in res.notes))
     return 0
-
-
-def _cli_judge(fp32, validation, label, slices, features, gates, tcfg):
-    from qops.evaluate import evaluate
-    from qops.gates import gate
-
-    def judge(res) -> dict:
-        ev = evaluate(fp32, res.model_path, validation, label, slices, features=features, metric=gates.metric,
-                      latency_runs=tcfg.latency_runs, bootstrap=tcfg.bootstrap, target=res.recipe)
-        v = gate(ev, gates)
-        return {"passed": v.passed, "failures": [f"{c.name}: {c.detail}" for c in v.checks if not c.passed],
-                "latency_ratio": ev.performance["latency_ratio"], "size_ratio": ev.performance["size_ratio"],
-                "fidelity": ev.fidelity}
-
-    return judge
 
 
 def cmd_evaluate(args) -> int:

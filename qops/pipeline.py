@@ -100,26 +100,12 @@ def _source_for(recipe, source: dict) -> str:
 
 def _judge(spec: PipelineSpec, fp32_path: str, features: list[str]):
     """The tuner's judge: the evaluate stage's evaluation (fewer resamples/timed runs) and the spec's gates."""
-    from qops.evaluate import evaluate
-    from qops.gates import gate
+    from qops.quantize.tune import gate_judge
 
-    g, t = spec.gates, spec.tuning
-
-    def judge(res) -> dict:
-        ev = evaluate(fp32_path, res.model_path, spec.data.validation, spec.data.label, spec.data.slice_columns,
-                      features=features, metric=g.metric, latency_runs=t.latency_runs, task=g.task,
-                      metrics=g.metrics, custom_metrics=g.custom_metrics, intersections=spec.data.intersections,
-                      min_slice_size=g.min_slice_size, bootstrap=t.bootstrap, confidence=g.confidence, seed=g.seed,
-                      target=res.recipe)
-        verdict = gate(ev, g)
-        primary = ev.overall[ev.primary_metric]
-        return {"passed": verdict.passed,
-                "failures": [f"{c.name}: {c.detail}" for c in verdict.checks if not c.passed],
-                "latency_ratio": ev.performance["latency_ratio"], "size_ratio": ev.performance["size_ratio"],
-                "fidelity": ev.fidelity,
-                "metrics": {ev.primary_metric: {"fp32": primary["fp32"], "quantized": primary["quantized"]}}}
-
-    return judge
+    return gate_judge(fp32_path, spec.data.validation, spec.data.label, spec.gates,
+                      slice_columns=spec.data.slice_columns, features=features,
+                      intersections=spec.data.intersections, latency_runs=spec.tuning.latency_runs,
+                      bootstrap=spec.tuning.bootstrap)
 
 
 def stage_quantize(spec: PipelineSpec, run_id: str, target: str) -> dict:

@@ -62,6 +62,30 @@ class TuningConfig:
 Judge = Callable[[object], dict]  # QuantizeResult -> {passed, failures, latency_ratio, size_ratio, fidelity, metrics}
 
 
+def gate_judge(fp32_model, validation, label, gates, *, slice_columns=None, features=None, intersections=None,
+               latency_runs: int = 200, bootstrap: int = 200) -> Judge:
+    """The usual judge: ``qops.evaluate.evaluate`` on the validation set (fewer resamples and timed runs than
+    the evaluate stage) and ``qops.gates.gate`` with the given GateSpec."""
+    from qops.evaluate import evaluate
+    from qops.gates import gate
+
+    def judge(res) -> dict:
+        ev = evaluate(fp32_model, res.model_path, validation, label, slice_columns or [], features=features,
+                      metric=gates.metric, latency_runs=latency_runs, task=gates.task, metrics=gates.metrics,
+                      custom_metrics=gates.custom_metrics, intersections=intersections,
+                      min_slice_size=gates.min_slice_size, bootstrap=bootstrap, confidence=gates.confidence,
+                      seed=gates.seed, target=res.recipe)
+        verdict = gate(ev, gates)
+        primary = ev.overall[ev.primary_metric]
+        return {"passed": verdict.passed,
+                "failures": [f"{c.name}: {c.detail}" for c in verdict.checks if not c.passed],
+                "latency_ratio": ev.performance["latency_ratio"], "size_ratio": ev.performance["size_ratio"],
+                "fidelity": ev.fidelity,
+                "metrics": {ev.primary_metric: {"fp32": primary["fp32"], "quantized": primary["quantized"]}}}
+
+    return judge
+
+
 def search_space(recipe: Recipe, cfg: TuningConfig, has_calibration: bool, preferred_mode: str | None = None
                  ) -> list[dict]:
     """Recipe option sets to try, the recipe's own settings first (for ``mode: auto``, the mode the graph's

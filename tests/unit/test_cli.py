@@ -74,3 +74,26 @@ def test_stage_subcommand_runs_the_operator_stages_in_a_run_folder(fp32_model, d
     assert r.returncode == 2 and "--target" in r.stderr
     tdir = tmp_path / "art" / "cli-stages" / "r1" / "targets" / "x86_64_int8_dynamic"
     assert {p.name for p in tdir.iterdir()} >= {"model.onnx", "quantize.json", "evaluation.json", "gate.json"}
+
+
+def test_targets_table_lists_every_target_with_engine_and_queue():
+    r = run("targets")
+    assert r.returncode == 0
+    lines = {line.split()[0]: line for line in r.stdout.splitlines()[1:]}
+    assert "gpu" in lines["nvidia_hopper_fp8"].split() and "torchao" in lines["nvidia_hopper_fp8"]
+    assert "int4" in lines["int4_weight_only"] and "codebook" in lines["codebook_4bit"]
+
+
+def test_quantize_with_options_and_tuning(fp32_model, calibration_file, data_dir, tmp_path):
+    r = run("quantize", "--model", fp32_model, "--target", "codebook_4bit", "--option", "codebook=pow2",
+            "--output", tmp_path / "c.onnx", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["recipe"]["codebook"] == "pow2"
+    bad = run("quantize", "--model", fp32_model, "--target", "codebook_4bit", "--option", "codebok=pow2",
+              "--output", tmp_path / "b.onnx")
+    assert bad.returncode != 0 and "unknown recipe option(s) ['codebok']" in bad.stderr
+    t = run("quantize", "--model", fp32_model, "--target", "x86_64_int8_dynamic", "--output", tmp_path / "t.onnx",
+            "--tune", "--validation", data_dir / "validation.parquet", "--label", "risk", "--max-trials", 2)
+    assert t.returncode == 0, t.stderr
+    assert "trial  1" in t.stdout and "trial  2" in t.stdout and "<- chosen" in t.stdout
+    assert (tmp_path / "t.onnx").is_file()
