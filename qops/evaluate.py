@@ -166,12 +166,12 @@ def output_fidelity(task: str, ref: np.ndarray, out: np.ndarray) -> dict:
     cos = _row_cosine(out, ref)
     res = {
         "sqnr_db": round(10 * np.log10(signal / noise), 3) if noise > 0 else None,  # None: identical outputs
-        "cosine_mean": float(cos.mean()),
-        "cosine_min": float(cos.min()),
-        "max_abs_error": float(np.max(np.abs(out - ref))) if out.size else 0.0,
+        "cosine_mean": round(float(cos.mean()), 6),
+        "cosine_min": round(float(cos.min()), 6),
+        "max_abs_error": round(float(np.max(np.abs(out - ref))), 6) if out.size else 0.0,
     }
     if task != "regression" and out.shape[1] > 1:
-        res["top1_agreement"] = float((out.argmax(1) == ref.argmax(1)).mean())
+        res["top1_agreement"] = round(float((out.argmax(1) == ref.argmax(1)).mean()), 6)
     return res
 
 

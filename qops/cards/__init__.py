@@ -45,7 +45,8 @@ def _method(recipe: dict, quantization: dict) -> str:
     what = {"int8": f"{mode} INT8 PTQ", "fp16": "FP16 cast", "int4": f"INT4 weight-only ({recipe.get('algorithm', 'rtn').upper()}, "
             f"block {recipe.get('block_size')})", "codebook": f"non-uniform {recipe.get('codebook')} codebook "
             f"({recipe.get('codebook_bits')}-bit indices)", "fp8": f"FP8 {mode} ({recipe.get('torch_method')})"}
-    fmt = f", {recipe['quant_format']}" if recipe["precision"] == "int8" and recipe.get("engine") != "torchao" else ""
+    fmt = (f", {recipe['quant_format']}" if recipe["precision"] == "int8" and mode == "static"
+           and recipe.get("engine") != "torchao" else "")
     return f"{what.get(recipe['precision'], mode)} ({recipe['runtime']}{fmt})"
 
 
