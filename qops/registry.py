@@ -145,8 +145,11 @@ def _pytorch_to_onnx(local: Path, conf: dict, signature: dict, dst: Path, uri: s
 
     previous = os.environ.get("MLFLOW_ALLOW_PICKLE_DESERIALIZATION")
     os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"
+    from qops.quantize.torch_engine import weights_only_loads
+
     try:
-        module = mlflow.pytorch.load_model(str(local))
+        with weights_only_loads():  # torch.export.load would otherwise fall back to full unpickling
+            module = mlflow.pytorch.load_model(str(local))
     finally:
         if previous is None:
             os.environ.pop("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", None)

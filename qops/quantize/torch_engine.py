@@ -14,6 +14,7 @@ The feature columns travel in the archive's ``extra_files`` (``qops.json``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -70,13 +71,43 @@ def save_program(program, path: str | os.PathLike, meta: dict) -> Path:
     return Path(path)
 
 
+@contextlib.contextmanager
+def weights_only_loads():
+    """Inside, every ``torch.load`` is ``weights_only=True``: ``torch.export.load`` falls back to full unpickling
+    when a safe load fails, which would run code from an untrusted archive. Tensor subclasses of torchao
+    (quantized weights) are allowed by name."""
+    import torch
+
+    real = torch.load
+
+    def safe(*args, **kwargs):
+        kwargs["weights_only"] = True
+        return real(*args, **kwargs)
+
+    allowed = []
+    try:
+        import torchao.quantization as tq
+
+        allowed = [getattr(tq, n) for n in dir(tq) if n.endswith("Tensor") and isinstance(getattr(tq, n), type)]
+    except ImportError:
+        pass
+    torch.load = safe
+    try:
+        with torch.serialization.safe_globals(allowed):
+            yield
+    finally:
+        torch.load = real
+
+
 def load_program(path: str | os.PathLike):
-    """Load a ``.pt2`` program and its qops metadata (``torch.export.load``: no pickled modules)."""
+    """Load a ``.pt2`` program and its qops metadata (``torch.export.load`` with every tensor load
+    ``weights_only=True``: nothing in the archive is unpickled as code)."""
     import torch
 
     extra = {META_FILE: ""}
     try:
-        ep = torch.export.load(str(path), extra_files=extra)
+        with weights_only_loads():
+            ep = torch.export.load(str(path), extra_files=extra)
     except Exception as e:
         raise ModelError(f"{path} is not a readable torch.export program (.pt2): {str(e).splitlines()[0][:200]}",
                          "save the model with torch.export.save (a .pt2 archive).") from None

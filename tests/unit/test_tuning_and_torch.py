@@ -231,3 +231,38 @@ def test_torch_target_needs_a_calibration_set_and_a_program(fp32_program, fp32_m
         quantize(fp32_model, "torch_int8_dynamic", tmp_path / "q.pt2")
     with pytest.raises(TargetError, match="no CUDA device"):
         quantize(fp32_program, "nvidia_hopper_fp8", tmp_path / "f.pt2")
+
+
+class _Evil:
+    """Unpickling this writes a marker file: stands for code run from an untrusted archive."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_program_archive_carrying_a_pickled_object_is_refused_unexecuted(tmp_path):
+    import io
+    import zipfile
+
+    import torch
+
+    from qops.errors import ModelError
+    from qops.quantize.torch_engine import export_fp32, load_program
+
+    good = export_fp32(torch.nn.Sequential(torch.nn.Linear(4, 4)), list("abcd"), tmp_path / "good.pt2")
+    marker = tmp_path / "pwned"
+    payload = io.BytesIO()
+    torch.save({"x": _Evil(str(marker))}, payload)
+    bad = tmp_path / "bad.pt2"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(bad, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item.filename)
+            if item.filename.endswith("sample_inputs/model.pt"):
+                data = payload.getvalue()
+            dst.writestr(item, data)
+    with pytest.raises(ModelError, match="not a readable torch.export program"):
+        load_program(bad)
+    assert not marker.exists()
