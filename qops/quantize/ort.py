@@ -296,6 +296,9 @@ def _int8(src: Path, dst: Path, recipe: Recipe, mode: str, reader, external: boo
         pre = src
     m = graph.load(pre)
     graph.name_nodes(m)  # the optimizer may have fused nodes into new, unnamed ones
+    # value_info is only a cache of inferred shapes; exporters (torch.onnx dynamo) and the optimizer can leave
+    # entries that contradict the rewritten graph, and ORT's quantizer re-infers shapes strictly
+    del m.graph.value_info[:]
     technique: dict = {"kind": "int8", "mode": mode}
     if recipe.smooth_quant_alpha is not None and mode == "static":
         from qops.quantize.smoothquant import smooth

@@ -266,3 +266,38 @@ def test_a_program_archive_carrying_a_pickled_object_is_refused_unexecuted(tmp_p
     with pytest.raises(ModelError, match="not a readable torch.export program"):
         load_program(bad)
     assert not marker.exists()
+
+
+def test_pipeline_from_a_pt2_source_serves_torch_and_onnx_targets(fp32_program, data_dir, features, tmp_path,
+                                                                   mlflow_uri):
+    """A torch.export source feeds both engines: ONNX Runtime targets get its ONNX export, torchao targets the
+    program; the torch target is registered with MLflow's pytorch flavor (pt2) and loads back."""
+    import mlflow
+
+    from qops.pipeline import run_pipeline
+    from qops.quantize.torch_engine import weights_only_loads
+    from qops.spec import parse_spec
+
+    spec = parse_spec({
+        "name": "pt2src", "source_model": str(fp32_program), "artifact_root": str(tmp_path / "art"),
+        "data": {"pool": str(data_dir / "pool.parquet"), "reference": str(data_dir / "train.parquet"),
+                 "validation": str(data_dir / "validation.parquet"), "label": "risk", "slice_columns": ["sex"],
+                 "features": features},
+        "calibration": {"size": 100},
+        "targets": ["torch_int8_dynamic", "x86_64_int8_dynamic"],
+        "gates": {"bootstrap": 50, "latency_runs": 30, "max_overall_drop": 0.05, "max_slice_drop": 0.2,
+                  "max_fairness_increase": 0.2, "max_latency_ratio": 2.0},  # speed is not this test's subject
+        "mlflow": {"tracking_uri": mlflow_uri},
+    })
+    summary = run_pipeline(spec, run_id="r1", progress=False)
+    rows = {r["target"]: r for r in summary["targets"]}
+    assert rows["torch_int8_dynamic"]["gate"] == "passed" and rows["x86_64_int8_dynamic"]["gate"] == "passed"
+    tdir = tmp_path / "art" / "pt2src" / "r1" / "targets"
+    assert (tdir / "torch_int8_dynamic" / "model.pt2").is_file() and (tdir / "x86_64_int8_dynamic" / "model.onnx").is_file()
+    name = rows["torch_int8_dynamic"]["mlflow"]["name"]
+    with weights_only_loads():
+        served = mlflow.pytorch.load_model(f"models:/{name}@champion")
+    x = pd.read_parquet(data_dir / "validation.parquet")[features].to_numpy(np.float32)[:5]
+    import torch
+
+    assert served(torch.from_numpy(x)).shape == (5, 2)
