@@ -124,7 +124,6 @@ def _pytorch_to_onnx(local: Path, conf: dict, signature: dict, dst: Path, uri: s
 
     import numpy as np
 
-    from qops.artifacts import atomic_path
 
     pt2 = local / conf.get("model_data", "data") / "model.pt2"
     if not pt2.is_file():

@@ -153,7 +153,6 @@ def quantize(
 
 
 def _quantize_onnx(model: Path, recipe: Recipe, output: Path, calibration, features, batch_size) -> QuantizeResult:
-    import onnx
 
     from qops.quantize import graph
 
