@@ -175,7 +175,13 @@ def test_qops_run_without_airflow_matches(demo_run, tmp_path):
     assert last.startswith("summary: ")
     cli = json.loads(Path(last.split(" ", 1)[1]).read_text())
     assert [t["target"] for t in cli["targets"]] == [t["target"] for t in summary["targets"]]
+    tuned = {"x86_64_vnni_int8"}  # the demo spec tunes it: the fastest candidate depends on timing
     for a, b in zip(cli["targets"], summary["targets"]):
-        assert a["metric_quantized"] == b["metric_quantized"]  # same data, same calibration seed
+        if a["target"] in tuned:
+            found = sorted((home / "artifacts" / "german-credit").glob(f"*/targets/{a['target']}/quantize.json"))
+            trials = {p.parts[-4]: [t["config"] for t in json.loads(p.read_text())["trials"]] for p in found}
+            assert "cli-1" in trials and len(trials) >= 2 and len(set(map(tuple, trials.values()))) == 1  # same search
+        else:
+            assert a["metric_quantized"] == b["metric_quantized"]  # same data, same calibration seed
         if a["gate"] == "passed" and b["gate"] == "passed":
             assert int(a["mlflow"]["version"]) == int(b["mlflow"]["version"]) + 1
