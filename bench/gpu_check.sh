@@ -5,9 +5,10 @@
 set -uo pipefail
 OUT="${OUT:-gpu_out}"; mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/qops-site .whl/*.whl \
+  site="$(mktemp -d)"  # the carried wheels go to a throw-away folder, not into the worker's environment
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl \
     || { echo "installing the carried wheels failed"; exit 1; }
-  export PYTHONPATH="/tmp/qops-site:${PYTHONPATH:-}"
+  export PYTHONPATH="$site:${PYTHONPATH:-}"
 fi
 export PYTHONPATH="$(pwd):${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 | tee "$OUT/nvidia-smi.txt"
