@@ -7,6 +7,7 @@ target's recipe; one this worker lacks is an error that names what to install or
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -60,36 +61,47 @@ class OrtSession:
         return self.sess.run(None, feed)
 
 
+@functools.lru_cache(maxsize=4)
+def _torch_module(path: str, stamp: tuple, compile: bool | None, device: str | None):
+    """Load (and compile) a ``.pt2`` program once per file version, device and compile flag: evaluation runs the
+    same model for predictions and again for timing, and ``torch.compile`` is the expensive part."""
+    import torch
+
+    from qops.quantize.torch_engine import load_program
+
+    ep, meta = load_program(path)
+    dev = torch.device(device or meta.get("qops.device", "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TargetError(f"{Path(path).name} was quantized for a CUDA GPU but this worker has none.",
+                          "route the task to the 'gpu' queue.")
+    module = ep.module()
+    if dev.type != "cpu":
+        from qops.quantize.torch_engine import retarget_devices
+
+        module = module.to(dev)
+        retarget_devices(module, dev)
+    first = next((p for p in list(module.parameters()) + list(module.buffers()) if p.is_floating_point()), None)
+    dtype = first.dtype if first is not None and first.dtype in (torch.bfloat16, torch.float16) else None
+    compile = meta.get("qops.torch_compile", False) if compile is None else compile
+    if compile:
+        import torch._inductor.config as iconf
+
+        iconf.freezing = True  # constant-fold weights: lets Inductor lower Q/DQ patterns to INT8 kernels
+        module = torch.compile(module, dynamic=True)
+    return module, dtype, dev, compile
+
+
 class TorchSession:
     """Runs a ``.pt2`` program (optionally through ``torch.compile``) on numpy feeds."""
 
     def __init__(self, path, threads: int | None = None, compile: bool | None = None, device: str | None = None):
         import torch
 
-        from qops.quantize.torch_engine import load_program
-
-        ep, meta = load_program(path)
-        self.device = torch.device(device or meta.get("qops.device", "cpu"))
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise TargetError(f"{Path(path).name} was quantized for a CUDA GPU but this worker has none.",
-                              "route the task to the 'gpu' queue.")
+        p = Path(path)
+        stamp = (p.stat().st_mtime_ns, p.stat().st_size) if p.is_file() else None  # missing: load_program says so
+        self.module, self.dtype, self.device, compiled = _torch_module(str(p), stamp, compile, device)
         self.threads = threads
-        module = ep.module()
-        if self.device.type != "cpu":
-            from qops.quantize.torch_engine import retarget_devices
-
-            module = module.to(self.device)
-            retarget_devices(module, self.device)
-        first = next((p for p in list(module.parameters()) + list(module.buffers()) if p.is_floating_point()), None)
-        self.dtype = first.dtype if first is not None and first.dtype in (torch.bfloat16, torch.float16) else None
-        compile = meta.get("qops.torch_compile", False) if compile is None else compile
-        if compile:
-            import torch._inductor.config as iconf
-
-            iconf.freezing = True  # constant-fold weights: lets Inductor lower Q/DQ patterns to INT8 kernels
-            module = torch.compile(module, dynamic=True)
-        self.module = module
-        self.describe = f"torch {torch.__version__} {'compiled (Inductor)' if compile else 'eager'} on {self.device}"
+        self.describe = f"torch {torch.__version__} {'compiled (Inductor)' if compiled else 'eager'} on {self.device}"
 
     def run(self, _names, feed):
         import torch

@@ -161,7 +161,6 @@ def _quantize_onnx(model: Path, recipe: Recipe, output: Path, calibration, featu
     if model.suffix.lower() == ".pt2":
         raise ModelError(f"Target {recipe.target!r} quantizes ONNX models, but {model.name} is a PyTorch program.",
                          "export it to ONNX first (the pipeline does this for pt2 sources), or pick a torch_* target.")
-    onnx_io(model)  # fails early, with a clear message, on a file that is not ONNX
     t0 = time.perf_counter()
     notes: list[str] = []
     technique: dict = {}
@@ -307,7 +306,7 @@ def _int8(src: Path, dst: Path, recipe: Recipe, mode: str, reader, external: boo
     _save(m, pre2, external)
     wt, at, cm, fmt = _ort_types(recipe)
     extra = {"WeightSymmetric": recipe.symmetric_weights, "ActivationSymmetric": recipe.symmetric_activations}
-    exclude = _map_excluded(graph.load(src, external=False), m, recipe.nodes_to_exclude)
+    exclude = _map_excluded(src, m, recipe.nodes_to_exclude)
     if mode == "static":
         if recipe.calibration_method == "percentile":
             extra["CalibPercentile"] = recipe.percentile
@@ -331,11 +330,14 @@ def _int8(src: Path, dst: Path, recipe: Recipe, mode: str, reader, external: boo
     return technique
 
 
-def _map_excluded(original, prepared, names) -> list[str]:
-    """Names in ``prepared`` of the nodes to keep in FP32, given by their names in ``original`` (the optimizer
-    may rename or fuse nodes: they are matched by the tensor they produce)."""
+def _map_excluded(original_path: Path, prepared, names) -> list[str]:
+    """Names in ``prepared`` of the nodes to keep in FP32, given by their names in the model at ``original_path``
+    (the optimizer may rename or fuse nodes: they are matched by the tensor they produce)."""
     if not names:
         return []
+    from qops.quantize.graph import load
+
+    original = load(original_path, external=False)
     known = {n.name for n in prepared.graph.node}
     producer = {o: n.name for n in prepared.graph.node for o in n.output}
     outputs = {n.name: n.output[0] for n in original.graph.node if n.output}

@@ -318,8 +318,9 @@ def quantize_torch(model, recipe: Recipe, output, calibration=None, features=Non
                     return False
                 return True
 
+            config = _config(recipe.torch_method)
             try:
-                quantize_(gm, _config(recipe.torch_method), filter_fn=eligible)
+                quantize_(gm, config, filter_fn=eligible)
             except ImportError as e:
                 raise TargetError(f"Target {recipe.target!r} ({recipe.torch_method}) needs a kernel package this "
                                   f"worker lacks: {e}.",
@@ -329,7 +330,7 @@ def quantize_torch(model, recipe: Recipe, output, calibration=None, features=Non
             qmodule = gm
             example = example.to(device=device, dtype=dtype) if dtype and example.is_floating_point() \
                 else example.to(device)
-            technique.update(linear_layers=n, config=type(_config(recipe.torch_method)).__name__,
+            technique.update(linear_layers=n, config=type(config).__name__,
                              compute_dtype=str(dtype or torch.float32).replace("torch.", ""))
         out_meta = dict(meta, **{"qops.feature_columns": ",".join(feats), "qops.quantized_by": f"qops {__version__}",
                                  "qops.target": recipe.target, "qops.device": recipe.device,
