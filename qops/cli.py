@@ -115,13 +115,13 @@ def cmd_evaluate(args) -> int:
     res = evaluate(args.fp32, args.quantized, args.validation, args.label, _csv(args.slice_columns),
                    features=_csv(args.features), metric=args.metric, latency_runs=args.latency_runs, task=args.task,
                    intersections=[c.split("&") for c in args.intersection or []], bootstrap=args.bootstrap,
-                   min_slice_size=args.min_slice_size)
+                   min_slice_size=args.min_slice_size, outputs=args.outputs)
     if args.output:
         write_json_atomic(args.output, res)
     o, p = res.overall[res.primary_metric], res.performance
     f = lambda v: "n/a" if v is None else f"{v:+.4f}"  # noqa: E731
     _emit(args, res, f"{res.primary_metric}: FP32 {o['fp32']:.4f} -> quantized {o['quantized']:.4f} "
-                     f"(change {f(o['delta'])}, 95% CI [{f(o['ci_low'])}, {f(o['ci_high'])}]); "
+                     f"(change {f(o['delta'])}, 95% interval [{f(o['ci_low'])}, {f(o['ci_high'])}]); "
                      f"p50 {p['latency_p50_ms']['fp32']:.4f} -> {p['latency_p50_ms']['quantized']:.4f} ms")
     return 0
 
@@ -131,8 +131,12 @@ def cmd_gate(args) -> int:
     from qops.gates import gate
     from qops.spec import GateSpec
 
+    inconclusive = {k: v for k, v in {"overall": args.inconclusive_overall,
+                                      "slices": args.inconclusive_slices}.items() if v is not None}
     g = GateSpec(**{k: v for k, v in {
-        "metric": args.metric, "decision": args.decision, "max_overall_drop": args.max_overall_drop,
+        "metric": args.metric, "decision": args.decision, "inconclusive": inconclusive or None,
+        "multiplicity": args.multiplicity, "confidence": args.confidence,
+        "max_overall_drop": args.max_overall_drop,
         "max_slice_drop": args.max_slice_drop,
         "max_fairness_increase": args.max_fairness_increase, "max_latency_ratio": args.max_latency_ratio,
         "min_slice_size": args.min_slice_size}.items() if v is not None})
@@ -286,12 +290,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--bootstrap", type=int, default=1000)
     sp.add_argument("--min-slice-size", type=int, default=20)
     sp.add_argument("--latency-runs", type=int, default=300)
+    sp.add_argument("--outputs", choices=["auto", "logits", "probabilities"], default="auto",
+                    help="how classifier outputs are read (auto: decided on the FP32 model's outputs)")
     sp.add_argument("--output", help="write the evaluation JSON here")
 
     sp = add("gate", cmd_gate, "apply gates to an evaluation JSON (exit 3 when a gate fails)")
     sp.add_argument("--evaluation", required=True)
     sp.add_argument("--metric", help="primary metric (default accuracy)")
-    sp.add_argument("--decision", choices=["point", "bound"])
+    sp.add_argument("--decision", choices=["point", "bound"],
+                    help="older alias: point = --inconclusive-* point, bound = --inconclusive-* fail")
+    sp.add_argument("--inconclusive-overall", choices=["warn", "fail", "point"],
+                    help="what an inconclusive overall check decides (default warn)")
+    sp.add_argument("--inconclusive-slices", choices=["warn", "fail", "point"],
+                    help="what an inconclusive slice/fairness check decides (default warn)")
+    sp.add_argument("--multiplicity", choices=["holm", "bonferroni", "none"],
+                    help="correction of the slice/fairness family (default holm)")
+    sp.add_argument("--confidence", type=float, help="interval confidence (default 0.95)")
     sp.add_argument("--max-overall-drop", type=float)
     sp.add_argument("--max-slice-drop", type=float)
     sp.add_argument("--max-fairness-increase", type=float)

@@ -30,6 +30,7 @@ REGRESSION_METRICS = ("mae", "rmse")
 FIDELITY_METRICS = ("agreement", "cosine", "kl")
 HIGHER_IS_BETTER = {"accuracy": True, "f1": True, "roc_auc": True, "mae": False, "rmse": False,
                     "agreement": True, "cosine": True, "kl": False}
+PAIRED_BINARY = {"accuracy": "correct", "agreement": "agreement"}  # metric -> per-row 0/1 outcome
 FAIRNESS_METRICS = ("demographic_parity_difference", "equalized_odds_difference", "metric_gap")
 
 
@@ -118,7 +119,23 @@ class _Side:
     rows: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def _side(task: str, out: np.ndarray, ref: np.ndarray, y: np.ndarray | None) -> _Side:
+def output_semantics(task: str, ref: np.ndarray, outputs: str = "auto") -> str:
+    """``logits`` or ``probabilities``, decided once on the FP32 outputs and applied to both models.
+    ``auto``: probabilities when every FP32 output is in [0, 1] (and, with several columns, rows sum to 1)."""
+    if task == "regression":
+        return "values"
+    if outputs in ("logits", "probabilities"):
+        return outputs
+    if outputs != "auto":
+        raise DataError(f"gates.outputs {outputs!r} is not one of logits, probabilities, auto.",
+                        "set gates.outputs to logits, probabilities or auto.")
+    in_unit = ref.size > 0 and float(ref.min()) >= 0.0 and float(ref.max()) <= 1.0
+    if ref.shape[1] > 1:
+        return "probabilities" if in_unit and np.allclose(ref.sum(axis=1), 1.0, atol=1e-3) else "logits"
+    return "probabilities" if in_unit else "logits"
+
+
+def _side(task: str, out: np.ndarray, ref: np.ndarray, y: np.ndarray | None, semantics: str = "logits") -> _Side:
     if task == "regression":
         pred, score = out[:, 0], None
         rows = {}
@@ -126,19 +143,24 @@ def _side(task: str, out: np.ndarray, ref: np.ndarray, y: np.ndarray | None) -> 
             err = pred - y.astype(float)
             rows = {"abs_err": np.abs(err), "sq_err": err**2}
     else:
+        is_prob = semantics == "probabilities"
         if out.shape[1] > 1:
-            prob, ref_prob = _softmax(out), _softmax(ref)
+            if is_prob:
+                prob = np.clip(out, 0.0, 1.0)
+                ref_prob = np.clip(ref, 0.0, 1.0)
+            else:
+                prob, ref_prob = _softmax(out), _softmax(ref)
             pred, ref_pred = prob.argmax(1), ref_prob.argmax(1)
             score = prob[:, 1] if out.shape[1] == 2 else None
             kl = np.sum(ref_prob * (np.log(ref_prob + 1e-12) - np.log(prob + 1e-12)), axis=1)
         else:
             flat, ref_flat = out[:, 0], ref[:, 0]
-            is_prob = flat.min() >= 0 and flat.max() <= 1
-            pred = (flat > (0.5 if is_prob else 0.0)).astype(int)
-            ref_pred = (ref_flat > (0.5 if is_prob else 0.0)).astype(int)
+            cut = 0.5 if is_prob else 0.0
+            pred = (flat > cut).astype(int)
+            ref_pred = (ref_flat > cut).astype(int)
             score = flat
-            p = flat if is_prob else 1 / (1 + np.exp(-flat))
-            q = ref_flat if is_prob else 1 / (1 + np.exp(-ref_flat))
+            p = np.clip(flat, 0.0, 1.0) if is_prob else 1 / (1 + np.exp(-flat))
+            q = np.clip(ref_flat, 0.0, 1.0) if is_prob else 1 / (1 + np.exp(-ref_flat))
             kl = q * np.log((q + 1e-12) / (p + 1e-12)) + (1 - q) * np.log((1 - q + 1e-12) / (1 - p + 1e-12))
         rows = {"agreement": (pred == ref_pred).astype(float), "kl": kl}
         if y is not None:
@@ -228,28 +250,48 @@ class _Scorer:
         return float(v[0]) if v is not None else _loop_metric(name, side, self.y, rows, self.custom)
 
     def score(self, rows: np.ndarray, key: str) -> dict:
-        """Point values for both models and paired bootstrap CIs of (quantized - FP32) per metric."""
+        """Point values for both models and an interval of (quantized - FP32) per metric: Tango's score interval
+        from the discordant rows for paired binary metrics (accuracy, agreement), else the paired bootstrap
+        (percentile interval, plus its standard errors for the gates' multiplicity-adjusted levels)."""
+        from qops.stats import tango_interval
+
         out = {}
         # seed per slice key: the same inputs give the same intervals
         rng = np.random.default_rng([self.seed, *key.encode()])
-        boot = rng.integers(0, len(rows), size=(self.bootstrap, len(rows))) if len(rows) > 1 else None
+        boot = rng.integers(0, len(rows), size=(self.bootstrap, len(rows))) if len(rows) > 1 and self.bootstrap else None
         for m in self.metrics:
             a, b = self._value(m, self.f32, rows), self._value(m, self.q, rows)
             entry = {"fp32": a, "quantized": b, "delta": None if a is None or b is None else b - a,
-                     "ci_low": None, "ci_high": None}
-            if boot is not None and entry["delta"] is not None:
+                     "ci_low": None, "ci_high": None, "ci_method": None}
+            col = PAIRED_BINARY.get(m)
+            if col is not None and col in self.q.rows and entry["delta"] is not None:
+                ra, rb = self.f32.rows[col][rows] > 0.5, self.q.rows[col][rows] > 0.5
+                worse, better = int(np.sum(ra & ~rb)), int(np.sum(~ra & rb))
+                lo, hi = tango_interval(worse, better, len(rows), 1 - self.alpha)  # of FP32 - quantized
+                entry.update(ci_low=-hi, ci_high=-lo, ci_method="score interval on discordant pairs (Tango)",
+                             paired={"n": int(len(rows)), "worse": worse, "better": better,
+                                     "quantized_hits": int(rb.sum())})
+            elif boot is not None and entry["delta"] is not None:
                 idx = rows[boot]
                 va, vb = _vector_metric(m, self.f32, idx), _vector_metric(m, self.q, idx)
                 if va is None:  # not vectorizable: fewer resamples, one by one
                     pairs = [(self._value(m, self.f32, r), self._value(m, self.q, r)) for r in idx[:200]]
-                    d = np.array([pb - pa for pa, pb in pairs if pa is not None and pb is not None])
+                    pairs = [(pa, pb) for pa, pb in pairs if pa is not None and pb is not None]
+                    d = np.array([pb - pa for pa, pb in pairs])
+                    qv = np.array([pb for _, pb in pairs])
                 else:
-                    d = vb - va
-                if len(d):
+                    d, qv = vb - va, vb
+                if len(d) > 1:
                     lo, hi = np.quantile(d, [self.alpha / 2, 1 - self.alpha / 2])
-                    entry["ci_low"], entry["ci_high"] = float(lo), float(hi)
+                    entry.update(ci_low=float(lo), ci_high=float(hi), ci_method=f"paired bootstrap ({len(d)} resamples)",
+                                 se=float(np.std(d, ddof=1)), quantized_se=float(np.std(qv, ddof=1)))
             out[m] = entry
         return out
+
+    def flips(self, rows: np.ndarray) -> int | None:
+        """Rows whose predicted class differs between the two models."""
+        agree = self.q.rows.get("agreement")
+        return None if agree is None else int(np.sum(agree[rows] < 0.5))
 
 
 def _slice_keys(df: pd.DataFrame, dims: list[list[str]]) -> list[tuple[str, str, np.ndarray]]:
@@ -265,8 +307,45 @@ def _slice_keys(df: pd.DataFrame, dims: list[list[str]]) -> list[tuple[str, str,
     return out
 
 
+def _group_spread(values: np.ndarray) -> np.ndarray:
+    """max - min over groups (axis 1), ignoring groups absent from a resample; NaN if fewer than two remain."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ok = np.sum(~np.isnan(values), axis=1) >= 2
+        return np.where(ok, np.nanmax(values, axis=1) - np.nanmin(values, axis=1), np.nan)
+
+
+def _rate(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
+
+
+def fairness_values(y, side: _Side, codes: np.ndarray, n_groups: int, idx: np.ndarray, primary: str) -> dict:
+    """Fairness metrics of one model for each row-index resample in ``idx`` (shape [B, n]); the same
+    definitions as fairlearn's demographic_parity_difference / equalized_odds_difference (checked by a test)."""
+    g = codes[idx]
+    pred = side.pred[idx].astype(float)
+    out: dict[str, np.ndarray] = {}
+    masks = [(g == k) for k in range(n_groups)]
+    if y is not None and set(np.unique(y)).issubset({0, 1}):
+        yy = y[idx]
+        sel = np.stack([_rate((pred * m).sum(1), m.sum(1)) for m in masks], axis=1)
+        tpr = np.stack([_rate((pred * m * (yy == 1)).sum(1), (m * (yy == 1)).sum(1)) for m in masks], axis=1)
+        fpr = np.stack([_rate((pred * m * (yy == 0)).sum(1), (m * (yy == 0)).sum(1)) for m in masks], axis=1)
+        out["demographic_parity_difference"] = _group_spread(sel)
+        out["equalized_odds_difference"] = np.fmax(_group_spread(tpr), _group_spread(fpr))
+    col = {"accuracy": "correct", "agreement": "agreement", "cosine": "cosine", "kl": "kl",
+           "mae": "abs_err"}.get(primary)
+    if col is not None and col in side.rows:
+        v = side.rows[col][idx]
+        out["metric_gap"] = _group_spread(np.stack([_rate((v * m).sum(1), m.sum(1)) for m in masks], axis=1))
+    return out
+
+
 def _fairness(y, f32: _Side, q: _Side, df: pd.DataFrame, dims: list[list[str]], primary: str, scorer: _Scorer,
               min_group: int) -> dict:
+    """Per slice dimension: fairness metrics of both models (fairlearn), and the paired bootstrap standard
+    error of each metric's increase (same resampled rows for both models) for the gates' intervals."""
     from fairlearn.metrics import demographic_parity_difference, equalized_odds_difference
 
     out = {}
@@ -291,6 +370,22 @@ def _fairness(y, f32: _Side, q: _Side, df: pd.DataFrame, dims: list[list[str]], 
             per_group = [v for v in per_group if v is not None]
             vals["metric_gap"] = float(max(per_group) - min(per_group)) if len(per_group) > 1 else None
             entry[side_name] = vals
+        rows = np.flatnonzero(keep)
+        entry["increase_se"] = {}
+        entry["rows"] = int(len(rows))
+        entry["flips"] = scorer.flips(rows) if len(rows) else None
+        if len(big) > 1 and scorer.bootstrap > 1 and len(rows) > 1:
+            order = sorted(big)
+            codes = np.array([order.index(s) if s in big else -1 for s in sens])
+            rng = np.random.default_rng([scorer.seed, *("fairness:" + name).encode()])
+            idx = rows[rng.integers(0, len(rows), size=(scorer.bootstrap, len(rows)))]
+            a = fairness_values(y, f32, codes, len(order), idx, primary)
+            b = fairness_values(y, q, codes, len(order), idx, primary)
+            for metric in a:
+                d = b[metric] - a[metric]
+                d = d[~np.isnan(d)]
+                if len(d) > 1:
+                    entry["increase_se"][metric] = float(np.std(d, ddof=1))
         out[name] = entry
     return out
 
@@ -334,6 +429,8 @@ class EvaluationResult:
     hardware: dict = field(default_factory=dict)
     hardware_match: dict = field(default_factory=dict)
     fidelity: dict = field(default_factory=dict)  # always measured vs FP32: agreement, cosine, SQNR, max error
+    outputs: str = "logits"  # how classifier outputs were read (decided on FP32's, applied to both models)
+    flips: int | None = None  # validation rows whose predicted class differs between the two models
 
 
 def fidelity_metrics(task: str) -> list[str]:
@@ -366,6 +463,7 @@ def evaluate(
     confidence: float = 0.95,
     seed: int = 0,
     target: dict | None = None,
+    outputs: str = "auto",
 ) -> EvaluationResult:
     """Evaluate FP32 vs quantized. ``label=None``: label-free, fidelity metrics only."""
     slice_columns = list(slice_columns or [])
@@ -397,13 +495,15 @@ def evaluate(
     if out32.shape != outq.shape:
         raise ModelError(f"FP32 output shape {out32.shape} differs from the quantized model's {outq.shape}.",
                          "quantize the same FP32 model that is evaluated.")
-    f32, q = _side(task, out32, out32, y), _side(task, outq, out32, y)
+    semantics = output_semantics(task, out32, outputs)
+    f32, q = _side(task, out32, out32, y, semantics), _side(task, outq, out32, y, semantics)
     fidelity = output_fidelity(task, out32, outq)
     scorer = _Scorer(names, y, f32, q, custom, bootstrap, confidence, seed)
     dims = [[c] for c in slice_columns] + intersections
-    overall = scorer.score(np.arange(len(df)), "__overall__")
-    slices = [{"dimension": d, "key": k, "n": int(len(rows)), "metrics": scorer.score(rows, k)}
-              for d, k, rows in _slice_keys(df, dims)]
+    everything = np.arange(len(df))
+    overall = scorer.score(everything, "__overall__")
+    slices = [{"dimension": d, "key": k, "n": int(len(rows)), "flips": scorer.flips(rows),
+               "metrics": scorer.score(rows, k)} for d, k, rows in _slice_keys(df, dims)]
     fairness = _fairness(y, f32, q, df, dims, primary, scorer, min_slice_size) if dims else {}
     log.info("timing batch-1 latency: %d interleaved runs per model", latency_runs)
     runners: list = []
@@ -423,10 +523,12 @@ def evaluate(
         f"FP32: {runners[0]}; quantized: {runners[1]}",
     }
     return EvaluationResult(
-        task=task, primary_metric=primary, metrics=names, rows=len(df), label=label,
+        task=task, primary_metric=primary, metrics=names, rows=len(df), label=label, outputs=semantics,
+        flips=scorer.flips(everything),
         dimensions=[" & ".join(d) for d in dims], overall=overall, slices=slices, fairness=fairness,
         performance=performance, fp32_model=str(fp32_model), quantized_model=str(quantized_model),
         validation=str(validation), bootstrap={"resamples": bootstrap, "confidence": confidence, "seed": seed,
-                                               "paired": True},
+                                               "paired": True, "binary_metrics": "score interval on discordant "
+                                               "pairs (Tango)"},
         hardware=hw, hardware_match=hardware_match(target, hw), fidelity=fidelity,
     )

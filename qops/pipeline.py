@@ -125,7 +125,7 @@ def stage_quantize(spec: PipelineSpec, run_id: str, target: str) -> dict:
 
         log.info("tuning %s: up to %d trials / %.0f s", target, t.max_trials, t.timeout_s)
         res = tune(src, recipe, out_path, _judge(spec, src, features), calibration=calibration, features=features,
-                   config=t, ranking_data=calibration or spec.data.validation)
+                   config=t, ranking_data=calibration or spec.data.validation, validation=spec.data.validation)
     else:
         res = quantize(src, recipe, out_path, calibration=calibration, features=features)
     out = to_jsonable(res)
@@ -144,7 +144,7 @@ def stage_evaluate(spec: PipelineSpec, run_id: str, target: str) -> dict:
                    features=_features(spec, source), metric=g.metric, latency_runs=g.latency_runs, task=g.task,
                    metrics=g.metrics, custom_metrics=g.custom_metrics, intersections=spec.data.intersections,
                    min_slice_size=g.min_slice_size, bootstrap=g.bootstrap, confidence=g.confidence, seed=g.seed,
-                   target=q["recipe"])
+                   target=q["recipe"], outputs=g.outputs)
     out = to_jsonable(res)
     write_json_atomic(tdir / "evaluation.json", out)
     return out

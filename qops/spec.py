@@ -119,6 +119,15 @@ class MetricThreshold(_Base):
                                               description="Slice key (e.g. 'sex=female') -> allowed degradation.")
 
 
+class InconclusiveSpec(_Base):
+    """What an inconclusive check (its interval straddles the tolerance) decides."""
+
+    overall: Literal["warn", "fail", "point"] = Field(
+        "warn", description="Overall change checks and absolute bounds.")
+    slices: Literal["warn", "fail", "point"] = Field(
+        "warn", description="Slice and fairness checks (one family per target, multiplicity-corrected).")
+
+
 class GateSpec(_Base):
     task: Literal["classification", "regression"] = "classification"
     metric: str = Field("accuracy", description="Primary metric: the drop checks below apply to it.")
@@ -130,8 +139,19 @@ class GateSpec(_Base):
     slice_overrides: dict[str, float] = Field(default_factory=dict,
                                               description="Slice key -> allowed drop of the primary metric.")
     thresholds: list[MetricThreshold] = Field(default_factory=list, description="Bounds on further metrics.")
-    decision: Literal["point", "bound"] = Field(
-        "point", description="Decide drops on the point estimate or on the pessimistic confidence bound.")
+    inconclusive: InconclusiveSpec = Field(
+        default_factory=lambda: InconclusiveSpec(),
+        description="What a check whose interval straddles its tolerance means, for overall and for slice/"
+        "fairness checks: warn (pass with a warning), fail, or point (decide on the point estimate).")
+    decision: Literal["point", "bound"] | None = Field(
+        default=None, description="Alias kept from earlier versions: point = inconclusive {overall: point, "
+        "slices: point}; bound = inconclusive {overall: fail, slices: fail}.")
+    multiplicity: Literal["holm", "bonferroni", "none"] = Field(
+        "holm", description="Correction of the slice and fairness checks of one target (one family) so that the "
+        "chance of failing a model that is within tolerance everywhere stays within 1 - confidence.")
+    outputs: Literal["auto", "logits", "probabilities"] = Field(
+        "auto", description="How classifier outputs are read; auto decides on the FP32 model's outputs and "
+        "applies the same reading to the quantized model.")
     confidence: float = Field(0.95, gt=0, lt=1)
     bootstrap: int = Field(1000, ge=0, description="Paired bootstrap resamples for the confidence intervals.")
     seed: int = 0
@@ -144,6 +164,18 @@ class GateSpec(_Base):
     max_latency_ratio: float = Field(1.0, gt=0, description="Quantized batch-1 p50 latency / FP32's.")
     max_size_ratio: float = Field(1.0, gt=0, description="Quantized file size / FP32's.")
     latency_runs: int = Field(300, ge=10, description="Timed batch-1 runs per model (after warm-up).")
+
+    @model_validator(mode="after")
+    def _decision_alias(self) -> "GateSpec":
+        if self.decision is not None:
+            policy = "point" if self.decision == "point" else "fail"
+            implied = InconclusiveSpec(overall=policy, slices=policy)
+            if "inconclusive" in self.model_fields_set and self.inconclusive != implied:
+                raise ValueError("set either gates.decision (an older alias) or gates.inconclusive, not both; "
+                                 "decision: point = inconclusive {overall: point, slices: point}, "
+                                 "decision: bound = inconclusive {overall: fail, slices: fail}")
+            self.inconclusive = implied
+        return self
 
 
 class TuningSpec(_Base):
@@ -165,6 +197,8 @@ class TuningSpec(_Base):
     activation_types: list[Literal["uint8", "int8"]] | None = Field(
         default=None, description="Static INT8 activation types to try (default: the recipe's).")
     max_fallback_nodes: int = Field(8, ge=0, description="Most nodes kept in FP32 by the fallback phase.")
+    fallback_share: float = Field(0.5, ge=0, lt=1, description="Share of max_trials kept for node fallback "
+                                  "(at least 2 trials) whatever the size of the search grid.")
     latency_tie: float = Field(0.03, ge=0, description="Latency ratios within this fraction of the fastest tie; "
                                "among them the smallest file wins (size_tie), then the most faithful.")
     size_tie: float = Field(0.05, ge=0, description="File sizes within this fraction of the smallest tie.")

@@ -28,7 +28,7 @@ from typing import Iterator
 from qops import __version__
 from qops.artifacts import atomic_path, sha256_file, write_json_atomic
 from qops.data import feature_columns_for, feature_matrix, onnx_io, read_table
-from qops.errors import DataError, ModelError
+from qops.errors import DataError, ModelError, TargetError
 from qops.targets import Recipe, get_target
 
 log = logging.getLogger(__name__)
@@ -187,6 +187,7 @@ def _quantize_onnx(model: Path, recipe: Recipe, output: Path, calibration, featu
             )
         full = graph.load(report.path)
         graph.name_nodes(full)
+        _map_excluded(model, full, recipe.nodes_to_exclude)  # unknown node names: an error naming the closest
         named = td / "named.onnx"
         _save(full, named, external)
         reader = None
@@ -337,18 +338,34 @@ def _map_excluded(original_path: Path, prepared, names) -> list[str]:
         return []
     from qops.quantize.graph import load
 
+    import difflib
+
+    from qops.quantize.graph import name_nodes
+
     original = load(original_path, external=False)
-    known = {n.name for n in prepared.graph.node}
+    name_nodes(original)
+    known = {n.name: n.op_type for n in prepared.graph.node}
     producer = {o: n.name for n in prepared.graph.node for o in n.output}
     outputs = {n.name: n.output[0] for n in original.graph.node if n.output}
     out = []
+    missing = []
     for name in names:
         if name in known:
             out.append(name)
         elif outputs.get(name) in producer:
             out.append(producer[outputs[name]])
         else:
-            log.warning("node %s to keep in FP32 is not in the prepared graph; ignored", name)
+            missing.append(name)
+    if missing:
+        every = sorted(set(outputs) | set(known))
+        close = sorted({c for m in missing for c in difflib.get_close_matches(m, every, n=3, cutoff=0.4)})
+        raise TargetError(
+            f"nodes_to_exclude names {missing}, which {'is' if len(missing) == 1 else 'are'} not a node of "
+            f"{Path(original_path).name}.",
+            f"use node names of the graph (closest: {close or every[:8]}); the trial table and "
+            "`qops quantize --tune` list them.")
+    # ORT's dynamic quantizer rewrites Gemm as MatMul (+Add) named '<name>_MatMul' before it quantizes
+    out += [f"{n}_MatMul" for n in out if known.get(n) == "Gemm"]
     return out
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -45,6 +46,7 @@ class TuningConfig:
     activation_types: list | None = None  # static INT8 activations to try (None: the recipe's)
     try_all_ops: bool = True  # static INT8: also quantize every op ORT can (Relu, pooling, Add...), not just weights
     max_fallback_nodes: int = 8
+    fallback_share: float = 0.5  # share of max_trials kept for node fallback (at least 2 trials)
     latency_tie: float = 0.03  # latency ratios within 3% of the fastest count as equally fast
     size_tie: float = 0.05  # then the smallest file (within 5%), then the most faithful
 
@@ -74,10 +76,13 @@ def gate_judge(fp32_model, validation, label, gates, *, slice_columns=None, feat
                       metric=gates.metric, latency_runs=latency_runs, task=gates.task, metrics=gates.metrics,
                       custom_metrics=gates.custom_metrics, intersections=intersections,
                       min_slice_size=gates.min_slice_size, bootstrap=bootstrap, confidence=gates.confidence,
-                      seed=gates.seed, target=res.recipe)
+                      seed=gates.seed, target=res.recipe, outputs=gates.outputs)
         verdict = gate(ev, gates)
         primary = ev.overall[ev.primary_metric]
-        return {"passed": verdict.passed,
+        failing = [c.name.split(":", 1)[1][:-1] for c in verdict.checks
+                   if c.name.startswith("slice_drop[") and (not c.passed or c.status == "failed")]
+        return {"passed": verdict.passed, "failing_slices": list(dict.fromkeys(failing)),
+                "max_latency_ratio": gates.max_latency_ratio,
                 "failures": [f"{c.name}: {c.detail}" for c in verdict.checks if not c.passed],
                 "latency_ratio": ev.performance["latency_ratio"], "size_ratio": ev.performance["size_ratio"],
                 "fidelity": ev.fidelity,
@@ -96,7 +101,7 @@ def search_space(recipe: Recipe, cfg: TuningConfig, has_calibration: bool, prefe
         return cands
     if recipe.precision == "int8":
         modes = cfg.modes or (["static", "dynamic"] if recipe.mode == "auto" else [recipe.mode])
-        if recipe.mode == "auto" and not cfg.modes:
+        if recipe.mode == "auto":
             cands = []  # "recipe defaults" would repeat the first explicit candidate of the preferred mode
             if preferred_mode in modes:
                 modes = [preferred_mode] + [m for m in modes if m != preferred_mode]
@@ -152,32 +157,73 @@ def _label(opts: dict) -> str:
 
 def rank_nodes(float_model: str | os.PathLike, quantized_model: str | os.PathLike, reader, op_types,
                max_batches: int = 8) -> list[dict]:
-    """Quantized nodes ranked by the SQNR they lose (worst first): for each node of ``op_types`` with a weight,
-    SQNR(output vs FP32) - SQNR(input vs FP32), over up to ``max_batches`` calibration batches.
+    """Every quantized node ranked by the signal-to-quantization-noise ratio it loses (worst first).
 
-    Tensors are matched by name: ONNX Runtime's quantizers keep the names of the tensors they quantize around.
+    For each node of the float model that the quantized model changed (its op type is among ``op_types``, or
+    any op when ``op_types`` is empty; it was replaced, or reads a DequantizeLinear output), as ONNX Runtime's
+    ``qdq_loss_debug`` matches them: the node's output in the quantized model, before and after its own
+    QuantizeLinear/DequantizeLinear pair, against the float output, minus the SQNR of its activation inputs;
+    the SQNR of its dequantized weights is reported beside it. Over up to ``max_batches`` batches of ``reader``.
     """
     import onnx
     import onnxruntime as ort
 
-    from qops.quantize.graph import name_nodes, weighted_nodes
+    from qops.quantize.graph import name_nodes
 
     fm = onnx.load(str(float_model))
     name_nodes(fm)
     qm = onnx.load(str(quantized_model))
-    q_tensors = {o for n in qm.graph.node for o in n.output}
-    layers = [(n.name, n.input[0], n.output[0]) for n, _ in weighted_nodes(fm, set(op_types))]
-    wanted = sorted({t for _, i, o in layers for t in (i, o) if t in q_tensors})
+    producer = {o: n for n in qm.graph.node for o in n.output}
+    by_name = {n.name: n for n in qm.graph.node}
+    consumers: dict[str, list] = {}
+    for n in qm.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    f_inits = {i.name for i in fm.graph.initializer}
     graph_inputs = {i.name for i in fm.graph.input}
-    if not wanted:
-        return []
+    wanted_ops = set(op_types or ())
 
-    def run(model) -> dict[str, list]:
+    def dq_of(t: str) -> str | None:
+        """The dequantized copy of tensor ``t`` in the quantized model (QuantizeLinear -> DequantizeLinear)."""
+        for qn in consumers.get(t, []):
+            if qn.op_type == "QuantizeLinear":
+                for dn in consumers.get(qn.output[0], []):
+                    if dn.op_type == "DequantizeLinear":
+                        return dn.output[0]
+        return None
+
+    layers = []
+    for n in fm.graph.node:
+        if not n.output or (wanted_ops and n.op_type not in wanted_ops) or n.output[0] not in producer:
+            continue
+        qn = by_name.get(n.name)
+        changed = qn is None or qn.op_type != n.op_type or any(
+            producer.get(i) is not None and producer[i].op_type == "DequantizeLinear" for i in qn.input)
+        if not changed:
+            continue
+        acts = [i for i in n.input if i and i not in f_inits]
+        weights = []
+        if qn is not None:
+            for i in qn.input:
+                p = producer.get(i)
+                if p is not None and p.op_type == "DequantizeLinear" and p.input[0] not in producer:
+                    weights.append(i)  # DequantizeLinear of a constant: a quantized weight
+        layers.append({"node": n.name, "op_type": n.op_type, "acts": acts, "out": n.output[0],
+                       "out_dq": dq_of(n.output[0]), "weights": weights,
+                       "float_weights": [i for i in n.input if i in f_inits]})
+    if not layers:
+        return []
+    f_wanted = sorted({t for L in layers for t in L["acts"] + [L["out"]]} - graph_inputs)
+    q_have = set(producer) | {i.name for i in qm.graph.input}
+    q_wanted = sorted({t for L in layers for t in L["acts"] + [L["out"]] + ([L["out_dq"]] if L["out_dq"] else [])
+                       + L["weights"] if t in q_have} - graph_inputs)
+
+    def run(model, wanted) -> dict[str, list]:
         m = onnx.ModelProto()
         m.CopyFrom(model)
         have = {o.name for o in m.graph.output}
         for t in wanted:
-            if t not in have and t not in graph_inputs:
+            if t not in have:
                 m.graph.output.append(onnx.helper.make_empty_tensor_value_info(t))
         sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
         names = [o.name for o in sess.get_outputs()]
@@ -189,30 +235,62 @@ def rank_nodes(float_model: str | os.PathLike, quantized_model: str | os.PathLik
                 break
             outs = dict(zip(names, sess.run(None, feed)))
             for t in wanted:
-                acc[t].append(outs[t] if t in outs else feed.get(t))
+                acc[t].append(outs[t])
         reader.rewind()
         return acc
 
-    fa, qa = run(fm), run(qm)
+    fa, qa = run(fm, f_wanted), run(qm, q_wanted)
 
-    def sqnr(t: str) -> float:
-        if t in graph_inputs or t not in fa or not fa[t] or fa[t][0] is None:
-            return float("inf")
-        f = np.concatenate([np.asarray(a, np.float64).ravel() for a in fa[t]])
-        q = np.concatenate([np.asarray(a, np.float64).ravel() for a in qa[t]])
-        noise = float(np.sum((f - q) ** 2))
-        return float("inf") if noise == 0 else float(10 * np.log10(max(float(np.sum(f**2)), 1e-30) / noise))
+    def cat(arrs) -> np.ndarray:
+        return np.concatenate([np.asarray(a, np.float64).ravel() for a in arrs])
 
+    def sqnr(ref: np.ndarray, got: np.ndarray) -> float:
+        if ref.shape != got.shape:
+            return float("nan")
+        noise = float(np.sum((ref - got) ** 2))
+        return float("inf") if noise == 0 else float(10 * np.log10(max(float(np.sum(ref**2)), 1e-30) / noise))
+
+    f_weights = {i.name: onnx.numpy_helper.to_array(i) for i in fm.graph.initializer}
     ranked = []
-    for name, inp, out in layers:
-        if out not in q_tensors:
+    for L in layers:
+        ref = cat(fa[L["out"]]) if L["out"] in fa and fa[L["out"]] else None
+        if ref is None:
             continue
-        s_in, s_out = sqnr(inp), sqnr(out)
-        lost = (s_in - s_out) if np.isfinite(s_in) else (60.0 - s_out if np.isfinite(s_out) else 0.0)
-        ranked.append({"node": name, "sqnr_out_db": round(s_out, 2) if np.isfinite(s_out) else None,
-                       "sqnr_lost_db": round(lost, 2)})
+        outs = [sqnr(ref, cat(qa[t])) for t in (L["out"], L["out_dq"]) if t and t in qa and qa[t]]
+        outs = [v for v in outs if not np.isnan(v)]
+        if not outs:
+            continue
+        s_out = min(outs)
+        ins = [sqnr(cat(fa[a]), cat(qa[a])) for a in L["acts"] if a in fa and a in qa and fa[a] and qa[a]]
+        ins = [v for v in ins if not np.isnan(v)]
+        s_in = min(ins) if ins else float("inf")  # graph inputs reach both models unchanged
+        if np.isfinite(s_in):
+            lost = s_in - s_out
+        else:
+            lost = 60.0 - s_out if np.isfinite(s_out) else 0.0
+        w_sqnr = None
+        for wq, wf in zip(L["weights"], L["float_weights"]):
+            if wq in qa and qa[wq] and wf in f_weights and np.asarray(qa[wq][0]).shape == f_weights[wf].shape:
+                v = sqnr(np.asarray(f_weights[wf], np.float64).ravel(), np.asarray(qa[wq][0], np.float64).ravel())
+                w_sqnr = v if w_sqnr is None else min(w_sqnr, v)
+        ranked.append({"node": L["node"], "op_type": L["op_type"],
+                       "sqnr_out_db": round(s_out, 2) if np.isfinite(s_out) else None,
+                       "sqnr_in_db": round(s_in, 2) if np.isfinite(s_in) else None,
+                       "sqnr_lost_db": round(lost, 2),
+                       "weight_sqnr_db": None if w_sqnr is None or not np.isfinite(w_sqnr) else round(w_sqnr, 2)})
     ranked.sort(key=lambda r: (-r["sqnr_lost_db"], r["sqnr_out_db"] if r["sqnr_out_db"] is not None else 1e9))
     return ranked
+
+
+def merge_rankings(rankings: dict[str, list[dict]]) -> list[dict]:
+    """One ranking from several row sets (overall, failing slices): each node at its worst loss, worst first."""
+    best: dict[str, dict] = {}
+    for rows, ranking in rankings.items():
+        for r in ranking:
+            cur = best.get(r["node"])
+            if cur is None or r["sqnr_lost_db"] > cur["sqnr_lost_db"]:
+                best[r["node"]] = dict(r, worst_on=rows)
+    return sorted(best.values(), key=lambda r: -r["sqnr_lost_db"])
 
 
 def tune(
@@ -224,8 +302,12 @@ def tune(
     features: list[str] | None = None,
     config: TuningConfig | dict | None = None,
     ranking_data: str | os.PathLike | None = None,
+    validation: str | os.PathLike | None = None,
 ):
-    """Search ``recipe``'s space, fall back nodes if needed, write the chosen candidate to ``output``."""
+    """Search ``recipe``'s space, fall back nodes if needed, write the chosen candidate to ``output``.
+
+    ``ranking_data``: rows on which node sensitivity is measured overall (default: the calibration set);
+    ``validation``: the validation table, whose rows of each failing slice are measured as well."""
     from qops.quantize.ort import TableCalibrationReader, quantize
 
     cfg = TuningConfig.from_any(config)
@@ -255,9 +337,11 @@ def tune(
             return row
         reasons = list(verdict.get("failures") or [])
         lat = verdict.get("latency_ratio")
-        if lat is not None and lat > 1.0 and not any("latency" in r for r in reasons):
+        max_lat = verdict.get("max_latency_ratio", 1.0)
+        if lat is not None and lat > max_lat and not any("latency" in r for r in reasons):
             reasons.append(f"slower than FP32 ({lat:.2f}x FP32's batch-1 p50)")
         passed = bool(verdict.get("passed")) and not reasons
+        row["failing_slices"] = list(verdict.get("failing_slices") or [])
         row.update(passed=passed, verdict="passed" if passed else "failed", reasons=reasons, mode=res.mode,
                    latency_ratio=lat, size_ratio=verdict.get("size_ratio"), metrics=verdict.get("metrics", {}),
                    fidelity=verdict.get("fidelity", {}), seconds=round(time.perf_counter() - t0, 2))
@@ -274,32 +358,66 @@ def tune(
         from qops.quantize.graph import choose_mode, graph_kind, load
 
         preferred = choose_mode(graph_kind(load(model, external=False)))
+    space = search_space(recipe, cfg, calibration is not None, preferred)
+    fallback_on = cfg.max_fallback_nodes > 0 and recipe.engine == "onnxruntime" and recipe.precision == "int8"
+    reserve = min(cfg.max_trials - 1, max(2, math.ceil(cfg.fallback_share * cfg.max_trials))) if fallback_on else 0
+    search_budget = cfg.max_trials - reserve
+    stop = ""
+    rankings: dict[int, list[dict]] = {}
     try:
-        for opts in search_space(recipe, cfg, calibration is not None, preferred):
+        searched = 0
+        for opts in space[:search_budget]:
             if not budget_left():
                 break
             attempt(opts, "search")
-        fallback: list[dict] = []
-        if not any(t["passed"] for t in trials) and cfg.max_fallback_nodes > 0 and budget_left() and results:
-            scored = [t for t in trials if t["trial"] - 1 in results]
-            best = max(scored, key=lambda t: _fidelity_key(t))
-            base_res = results[best["trial"] - 1]
+            searched += 1
+        if not any(t["passed"] for t in trials) and fallback_on and budget_left() and results:
             data = ranking_data or calibration
-            if data is not None and recipe.engine == "onnxruntime":
-                from qops.data import feature_columns_for
-
-                reader = TableCalibrationReader(str(data), str(model), feature_columns_for(model, features), 64)
-                fallback = rank_nodes(model, base_res.model_path, reader, recipe.op_types)
-                log.info("node fallback from trial %d: %d nodes ranked by SQNR lost", best["trial"], len(fallback))
-            limit = min(cfg.max_fallback_nodes, len(fallback))
-            for k in sorted({min(2**i, limit) for i in range(12)}):  # 1, 2, 4, ... cumulatively
+            bases = _fallback_bases(trials, results, recipe)
+            for b in bases:
+                rankings[b["trial"]] = _rank_for(model, results[b["trial"] - 1].model_path, recipe, features, data,
+                                                 validation, b.get("failing_slices") or [], work)
+                log.info("node fallback from trial %d (%s): %d nodes ranked by SQNR lost", b["trial"], b["config"],
+                         len(rankings[b["trial"]]))
+            schedule = []
+            for k in [2**i for i in range(12)]:
+                for b in bases:
+                    limit = min(cfg.max_fallback_nodes, len(rankings[b["trial"]]))
+                    if limit and min(k, limit) not in [kk for bb, kk in schedule if bb is b]:
+                        schedule.append((b, min(k, limit)))
+            tried: set = set()
+            for b, k in schedule:
                 if not budget_left():
                     break
-                opts = dict(best["options"], nodes_to_exclude=[r["node"] for r in fallback[:k]])
+                nodes = [r["node"] for r in rankings[b["trial"]][:k]]
+                key = (tuple(sorted(b["options"].items(), key=str)), tuple(nodes))
+                if key in tried:
+                    continue
+                tried.add(key)
+                opts = dict(b["options"], nodes_to_exclude=nodes)
                 row = attempt(opts, "fallback")
-                row["fp32_nodes"] = [r["node"] for r in fallback[:k]]
+                row["fp32_nodes"], row["fallback_from"] = nodes, b["trial"]
                 if row["passed"]:
+                    stop = f"a fallback candidate passed (trial {row['trial']})"
                     break
+            else:
+                if rankings and not any(t["passed"] for t in trials) and budget_left():
+                    stop = "fallback exhausted: every ranked node of every base config was tried"
+        if any(t["passed"] for t in trials) and not stop:
+            for opts in space[searched:]:  # something passed: spend what is left looking for a faster candidate
+                if not budget_left():
+                    break
+                attempt(opts, "search")
+        if not stop:
+            if len(trials) >= cfg.max_trials:
+                stop = f"trial budget used ({cfg.max_trials} trials: {search_budget} search, {reserve} kept for fallback)"
+            elif time.perf_counter() >= deadline:
+                stop = f"time budget used ({cfg.timeout_s:.0f} s)"
+            elif not fallback_on and not any(t["passed"] for t in trials):
+                stop = "search space exhausted; node fallback does not apply to this recipe"
+            else:
+                stop = "search space exhausted"
+        fallback = merge_rankings({f"trial {k}": v for k, v in rankings.items()})
         passing = [t for t in trials if t["passed"]]
         if passing:
             # fastest; candidates within cfg.latency_tie (timing noise) of the fastest tie, the most faithful wins
@@ -324,8 +442,10 @@ def tune(
             "rule": f"fastest passing candidate (latency ratio vs FP32; within {cfg.latency_tie:.0%} counts as a tie, "
                     f"broken by file size (within {cfg.size_tie:.0%}), then fidelity); if none passes, the most faithful "
                     "candidate is kept and the gates fail it",
-            "node_ranking": fallback[:cfg.max_fallback_nodes],
-            "budget": {"max_trials": cfg.max_trials, "timeout_s": cfg.timeout_s},
+            "node_ranking": fallback[:max(cfg.max_fallback_nodes, 8)],
+            "stopped": stop,
+            "budget": {"max_trials": cfg.max_trials, "timeout_s": cfg.timeout_s, "search_trials": search_budget,
+                       "fallback_trials": reserve, "fallback_share": cfg.fallback_share},
         }
         if not passing:
             res.notes.append(f"tuning found no candidate that passes the gates in {len(trials)} trial(s)")
@@ -335,6 +455,63 @@ def tune(
         return res
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _fallback_bases(trials: list[dict], results: dict, recipe: Recipe) -> list[dict]:
+    """Configs to fall back from: the most faithful failing candidate, and the one quantizing the fewest op
+    types (other quantized ops may erase what the sensitive node carries); a second-most faithful one if
+    those are the same."""
+    scored = [t for t in trials if t["trial"] - 1 in results and t["phase"] == "search"]
+    if not scored:
+        return []
+    faithful = sorted(scored, key=_fidelity_key, reverse=True)
+
+    def n_ops(t):
+        ops = t["options"].get("op_types", recipe.op_types)
+        return 10**6 if not ops else len(ops)
+
+    fewest = min(scored, key=lambda t: (n_ops(t), -_fidelity_key(t)))
+    bases = [faithful[0]] + ([fewest] if fewest is not faithful[0] else [])
+    if len(bases) == 1 and len(faithful) > 1:
+        bases.append(faithful[1])
+    return bases
+
+
+def _slice_table(validation, key: str, work: Path) -> Path | None:
+    """Rows of ``validation`` in slice ``key`` ('col=value & col2=value2'), written to a parquet file."""
+    from qops.data import read_table
+
+    df = read_table(validation, "validation set")
+    mask = np.ones(len(df), dtype=bool)
+    for part in key.split(" & "):
+        col, _, value = part.partition("=")
+        if col not in df.columns:
+            return None
+        mask &= (df[col].astype("string").fillna("missing") == value).to_numpy()
+    if not mask.any():
+        return None
+    path = work / f"slice-{abs(hash(key)) % 10**8}.parquet"
+    df[mask].to_parquet(path)
+    return path
+
+
+def _rank_for(model, quantized_path, recipe: Recipe, features, data, validation, slices: list[str],
+              work: Path) -> list[dict]:
+    """Node ranking of one base candidate, over the ranking rows and over the rows of each failing slice."""
+    from qops.data import feature_columns_for
+    from qops.quantize.ort import TableCalibrationReader
+
+    feats = feature_columns_for(model, features)
+    sets: dict[str, list[dict]] = {}
+    if data is not None:
+        sets["overall"] = rank_nodes(model, quantized_path, TableCalibrationReader(str(data), str(model), feats, 256),
+                                     recipe.op_types)
+    for key in slices[:3]:
+        path = _slice_table(validation, key, work) if validation is not None else None
+        if path is not None:
+            sets[key] = rank_nodes(model, quantized_path, TableCalibrationReader(str(path), str(model), feats, 256),
+                                   recipe.op_types)
+    return merge_rankings(sets)
 
 
 def choose(passing: list[dict], latency_tie: float = 0.03, size_tie: float = 0.05) -> dict:

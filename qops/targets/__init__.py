@@ -144,9 +144,8 @@ class Recipe:
         if unknown:
             raise TargetError(f"Target {self.target!r}: unknown recipe option(s) {unknown}.",
                               f"use recipe fields: {sorted(names)}.")
-        for k in ("op_types", "nodes_to_exclude", "required_isa", "min_compute_capability"):
-            if k in options and options[k] is not None:
-                options[k] = tuple(options[k])
+        hints = _field_types()
+        options = {k: _coerce(self.target, k, v, hints[k]) for k, v in options.items()}
         return dataclasses.replace(self, **options)
 
     def to_dict(self) -> dict:
@@ -166,6 +165,95 @@ class Recipe:
             if kw.get(k) is not None:
                 kw[k] = tuple(kw[k])
         return cls(**kw)
+
+
+def _field_types() -> dict:
+    import typing
+
+    return typing.get_type_hints(Recipe)
+
+
+def _describe(tp) -> str:
+    import typing
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        parts = [_describe(a) for a in args if a is not type(None)]
+        return " or ".join(parts) + (" or null" if type(None) in args else "")
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_describe(args[0])} (YAML list or comma-separated)"
+        return f"a list of {len(args)} " + "/".join(_describe(a) for a in args)
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+            dict: "a mapping"}.get(tp, str(tp))
+
+
+def _coerce(target: str, name: str, value, tp):
+    """Check one recipe option against its field type; lists accept YAML lists or comma-separated strings."""
+    import typing
+
+    def bad():
+        raise TargetError(f"Target {target!r}: option {name}={value!r} is not {_describe(tp)}.",
+                          f"set {name} to {_describe(tp)} (qops targets --json lists every recipe field).")
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(target, name, value, a)
+            except TargetError:
+                continue
+        bad()
+    if origin is Literal:
+        if value in args and type(value) is type(next(a for a in args if a == value)):
+            return value
+        bad()
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()] if args and args[-1] is Ellipsis else \
+                [v for v in value.replace(",", ".").split(".") if v]
+        if not isinstance(value, (list, tuple)):
+            bad()
+        if args and args[-1] is Ellipsis:
+            try:
+                return tuple(_coerce(target, name, v, args[0]) for v in value)
+            except TargetError:
+                bad()
+        if len(value) != len(args):
+            bad()
+        out = []
+        for v, a in zip(value, args):
+            if a is int and isinstance(v, str) and v.strip().lstrip("-").isdigit():
+                v = int(v)
+            out.append(_coerce(target, name, v, a))
+        return tuple(out)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        bad()
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        bad()
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        bad()
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        bad()
+    if tp is dict:
+        if isinstance(value, dict):
+            return value
+        bad()
+    return value
 
 
 _REGISTRY: dict[str, Callable[[], Recipe]] = {}
