@@ -94,12 +94,18 @@ def cmd_quantize(args) -> int:
                            slice_columns=_csv(args.slice_columns), features=features,
                            latency_runs=tcfg.latency_runs, bootstrap=tcfg.bootstrap)
         res = tune(args.model, recipe, args.output, judge, calibration=args.calibration, features=features,
-                   config=TuningConfig.from_any(tcfg), ranking_data=args.calibration or args.validation)
+                   config=TuningConfig.from_any(tcfg), ranking_data=args.calibration or args.validation,
+                   validation=args.validation)
         if not args.json:
             for t in res.trials:
                 print(f"  trial {t['trial']:>2} {t['phase']:<8} {t['config']:<52} {t['verdict']:<7} "
                       f"latency x{t['latency_ratio'] if t['latency_ratio'] is not None else '-'} "
                       f"cos {t['cosine'] if t['cosine'] is not None else '-'}{'  <- chosen' if t['chosen'] else ''}")
+            print(f"  tuning stopped: {res.tuning['stopped']}")
+            if res.tuning["node_ranking"]:
+                print("  most sensitive nodes: " + ", ".join(
+                    f"{r['node']} ({r['sqnr_lost_db']} dB lost on {r.get('worst_on', 'all rows')})"
+                    for r in res.tuning["node_ranking"][:5]))
     else:
         res = quantize(args.model, args.target, args.output, calibration=args.calibration,
                        features=_csv(args.features), options=options)
@@ -127,19 +133,25 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_gate(args) -> int:
+    from pydantic import ValidationError
+
     from qops.artifacts import read_json, write_json_atomic
+    from qops.errors import SpecError
     from qops.gates import gate
     from qops.spec import GateSpec
 
     inconclusive = {k: v for k, v in {"overall": args.inconclusive_overall,
                                       "slices": args.inconclusive_slices}.items() if v is not None}
-    g = GateSpec(**{k: v for k, v in {
-        "metric": args.metric, "decision": args.decision, "inconclusive": inconclusive or None,
-        "multiplicity": args.multiplicity, "confidence": args.confidence,
-        "max_overall_drop": args.max_overall_drop,
-        "max_slice_drop": args.max_slice_drop,
-        "max_fairness_increase": args.max_fairness_increase, "max_latency_ratio": args.max_latency_ratio,
-        "min_slice_size": args.min_slice_size}.items() if v is not None})
+    settings = {"metric": args.metric, "decision": args.decision, "inconclusive": inconclusive or None,
+                "multiplicity": args.multiplicity, "confidence": args.confidence,
+                "max_overall_drop": args.max_overall_drop, "max_slice_drop": args.max_slice_drop,
+                "max_fairness_increase": args.max_fairness_increase, "max_latency_ratio": args.max_latency_ratio,
+                "min_slice_size": args.min_slice_size}
+    try:
+        g = GateSpec(**{k: v for k, v in settings.items() if v is not None})
+    except ValidationError as e:
+        raise SpecError("Invalid gate settings: " + "; ".join(err["msg"] for err in e.errors()),
+                        "pass either --decision or --inconclusive-overall/--inconclusive-slices.") from None
     res = gate(read_json(args.evaluation), g)
     if args.output:
         write_json_atomic(args.output, res)

@@ -164,6 +164,7 @@ def _side(task: str, out: np.ndarray, ref: np.ndarray, y: np.ndarray | None, sem
             kl = q * np.log((q + 1e-12) / (p + 1e-12)) + (1 - q) * np.log((1 - q + 1e-12) / (1 - p + 1e-12))
         rows = {"agreement": (pred == ref_pred).astype(float), "kl": kl}
         if y is not None:
+            rows["label"] = np.asarray(y, dtype=float)
             rows["correct"] = (pred == y).astype(float)
             rows["tp"] = ((pred == 1) & (y == 1)).astype(float)
             rows["fp"] = ((pred == 1) & (y != 1)).astype(float)
@@ -212,6 +213,16 @@ def _vector_metric(name: str, side: _Side, idx: np.ndarray) -> np.ndarray | None
         return np.sqrt(r["sq_err"][idx].mean(1))
     if name in ("agreement", "cosine", "kl"):
         return r[name][idx].mean(1)
+    if name == "roc_auc" and side.score is not None and "label" in r and np.isin(r["label"], (0.0, 1.0)).all():
+        from scipy.stats import rankdata
+
+        pos = r["label"][idx] == 1  # Mann-Whitney form of the AUC, ties ranked by their average
+        ranks = rankdata(side.score[idx], axis=1)
+        npos = pos.sum(1)
+        nneg = pos.shape[1] - npos
+        with np.errstate(invalid="ignore", divide="ignore"):
+            auc = (np.sum(ranks * pos, axis=1) - npos * (npos + 1) / 2) / (npos * nneg)
+        return np.where((npos > 0) & (nneg > 0), auc, np.nan)
     return None
 
 
@@ -247,7 +258,9 @@ class _Scorer:
 
     def _value(self, name, side, rows):
         v = _vector_metric(name, side, rows[None, :]) if len(rows) else None
-        return float(v[0]) if v is not None else _loop_metric(name, side, self.y, rows, self.custom)
+        if v is not None:
+            return None if np.isnan(v[0]) else float(v[0])
+        return _loop_metric(name, side, self.y, rows, self.custom)
 
     def score(self, rows: np.ndarray, key: str) -> dict:
         """Point values for both models and an interval of (quantized - FP32) per metric: Tango's score interval
@@ -281,6 +294,8 @@ class _Scorer:
                     qv = np.array([pb for _, pb in pairs])
                 else:
                     d, qv = vb - va, vb
+                    ok = ~np.isnan(d)
+                    d, qv = d[ok], qv[ok]
                 if len(d) > 1:
                     lo, hi = np.quantile(d, [self.alpha / 2, 1 - self.alpha / 2])
                     entry.update(ci_low=float(lo), ci_high=float(hi), ci_method=f"paired bootstrap ({len(d)} resamples)",

@@ -123,7 +123,7 @@ def _change_check(name: str, metric: str, entry: dict, tol: float, kind: str, fa
         fl.update(worse=paired["worse"], better=paired["better"])
     chk = Check(name, True, round(deg, 6), tol, "", kind=kind, family=family, flips=fl,
                 method=entry.get("ci_method"))
-    head = f"{metric} {what} {_f(entry['fp32'])} -> {_f(entry['quantized'])}"
+    head = f"{metric} {what} {_f(entry['fp32'])} → {_f(entry['quantized'])}"
     chk.detail = head  # completed in _decide
     return _Pending(chk, tol, deg, paired=paired, se=entry.get("se"), n=n, slice_key=slice_key)
 
@@ -183,7 +183,7 @@ def gate(evaluation, spec) -> GateResult:
             tol = g["max_fairness_increase"]
             n = fm.get("rows")
             chk = Check(f"fairness_increase[{name}:{dim}]", True, round(b - a, 6), tol,
-                        f"{name} over {dim} {a:.4f} -> {b:.4f}", kind="fairness", family="slices",
+                        f"{name} over {dim} {a:.4f} → {b:.4f}", kind="fairness", family="slices",
                         flips={"changed": fm.get("flips"), "n": n},
                         method=None if se is None else "paired bootstrap standard error, normal interval")
             items.append(_Pending(chk, tol, b - a, se=se, n=n))
@@ -252,17 +252,17 @@ def _decide(p: _Pending, p_harm: float | None, adj, alpha: float, strictest: flo
         c.detectable = None if k is None else round(k / n, 4)
         c.rows_needed = stats.rows_to_protect(tol, alpha)
         c.protects = c.rows_needed is not None and n >= c.rows_needed
-        detect_txt = (f"with {n} rows it fails only at a drop >= {k / n:.4f} ({k} of {n} turned wrong)"
+        detect_txt = (f"with {n} rows it fails only at a drop ≥ {k / n:.4f} ({k} of {n} turned wrong)"
                       if k is not None else f"with {n} rows no drop can fail it")
         protect_txt = ("" if c.protects else f"; {c.rows_needed or 'unbounded'} rows needed to show a drop "
-                       f"<= {tol} when nothing changes")
+                       f"≤ {tol} when nothing changes")
     elif p.se is not None:
         lo, hi = deg - z * p.se, deg + z * p.se
         p_within = stats.normal_p_within(deg, p.se, tol)
         c.detectable = round(tol + stats.norm_ppf(1 - strictest) * p.se, 4)
         c.protects = z * p.se <= tol
-        detect_txt = f"fails only at a change >= {c.detectable:.4f} (bootstrap se {p.se:.4f})"
-        protect_txt = "" if c.protects else f"; interval too wide to show a change <= {tol}"
+        detect_txt = f"fails only at a change ≥ {c.detectable:.4f} (bootstrap se {p.se:.4f})"
+        protect_txt = "" if c.protects else f"; its interval is too wide to show a change ≤ {tol} even at 0"
     else:  # no resamples (bootstrap: 0): no evidence of harm, so it can pass on the point but never fail
         lo = hi = deg
         p_within = 0.0 if deg <= tol + 1e-12 else 1.0
@@ -286,6 +286,9 @@ def _decide(p: _Pending, p_harm: float | None, adj, alpha: float, strictest: flo
     level = "" if c.level is None else f", harm test p={c.p_harm:.3g} vs level {c.level:.3g}"
     verdict = {"passed": "within tolerance", "failed": "exceeds tolerance",
                "inconclusive": f"inconclusive ({policy}: {'passed' if c.passed else 'failed'})"}[c.status]
+    if c.status == "passed":
+        protect_txt = ""
+    c.value = round(deg, 6) + 0.0
     c.detail = (f"{c.detail}{': ' + flips if flips else ''}; degradation {deg:+.4f}, {conf:.0%} interval "
                 f"[{lo:+.4f}, {hi:+.4f}]{level}; allowed {tol}: {verdict}; {detect_txt}{protect_txt}")
 
@@ -316,7 +319,7 @@ def _absolute_check(name: str, metric: str, o: dict, bound: float, is_min: bool,
         status = "inconclusive"
     passed = status == "passed" or (status == "inconclusive" and (policy == "warn" or
                                                                   (policy == "point" and ok_point)))
-    rel = ">=" if is_min else "<="
+    rel = "≥" if is_min else "≤"
     return Check(name, passed, _r(v), bound,
                  f"quantized {metric} {_f(v)}, {conf:.0%} {how} [{lo:.4f}, {hi:.4f}] (must be {rel} {bound}): "
                  f"{status}" + (f" ({policy}: {'passed' if passed else 'failed'})" if status == "inconclusive"
@@ -333,13 +336,13 @@ def _performance(ev: dict, g: dict) -> list[Check]:
     ok = lr <= g["max_latency_ratio"]
     out.append(Check(
         "latency_ratio", ok, _r(lr), g["max_latency_ratio"],
-        f"batch-1 p50 {perf['latency_p50_ms']['fp32']:.4f} ms -> {perf['latency_p50_ms']['quantized']:.4f} ms "
+        f"batch-1 p50 {perf['latency_p50_ms']['fp32']:.4f} ms → {perf['latency_p50_ms']['quantized']:.4f} ms "
         f"(x{lr:.3f}, allowed x{g['max_latency_ratio']}){note}", status="passed" if ok else "failed",
         kind="performance", family="performance", decided_by="evidence"))
     ok = sr <= g.get("max_size_ratio", 1.0)
     out.append(Check(
         "size_ratio", ok, _r(sr), g.get("max_size_ratio", 1.0),
-        f"{perf['size_bytes']['fp32']} -> {perf['size_bytes']['quantized']} bytes (x{sr:.3f}, allowed "
+        f"{perf['size_bytes']['fp32']} → {perf['size_bytes']['quantized']} bytes (x{sr:.3f}, allowed "
         f"x{g.get('max_size_ratio', 1.0)})", status="passed" if ok else "failed", kind="performance",
         family="performance", decided_by="evidence"))
     return out

@@ -358,7 +358,7 @@ def _map_excluded(original_path: Path, prepared, names) -> list[str]:
             missing.append(name)
     if missing:
         every = sorted(set(outputs) | set(known))
-        close = sorted({c for m in missing for c in difflib.get_close_matches(m, every, n=3, cutoff=0.4)})
+        close = list(dict.fromkeys(c for m in missing for c in difflib.get_close_matches(m, every, n=3, cutoff=0.4)))
         raise TargetError(
             f"nodes_to_exclude names {missing}, which {'is' if len(missing) == 1 else 'are'} not a node of "
             f"{Path(original_path).name}.",

@@ -40,12 +40,13 @@ def require_torch_runtime(recipe: Recipe) -> None:
         import torch
     except ImportError:
         raise TargetError(f"Target {recipe.target!r} needs PyTorch, which this worker lacks.",
-                          "install torch==2.13.0 and torchao (pip install 'qops[torch]').") from None
+                          "install qops with its pinned dependencies (pip install -c constraints.txt qops: "
+                          "torch==2.13.0, torchao==0.18.0).") from None
     try:
         import torchao  # noqa: F401
     except ImportError:
         raise TargetError(f"Target {recipe.target!r} needs torchao, which this worker lacks.",
-                          "install torchao==0.18.0 (pip install 'qops[torch]').") from None
+                          "install torchao==0.18.0 (a dependency of qops: pip install -c constraints.txt qops).") from None
     if recipe.device == "cuda":
         if not torch.cuda.is_available():
             raise TargetError(

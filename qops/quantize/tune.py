@@ -289,7 +289,7 @@ def merge_rankings(rankings: dict[str, list[dict]]) -> list[dict]:
         for r in ranking:
             cur = best.get(r["node"])
             if cur is None or r["sqnr_lost_db"] > cur["sqnr_lost_db"]:
-                best[r["node"]] = dict(r, worst_on=rows)
+                best[r["node"]] = dict(r, worst_on=f"{r['worst_on']} rows of {rows}" if "worst_on" in r else rows)
     return sorted(best.values(), key=lambda r: -r["sqnr_lost_db"])
 
 

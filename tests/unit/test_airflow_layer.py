@@ -6,14 +6,23 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
+MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+
+
+def _isolate_mlflow_env(monkeypatch):
+    """configure() exports to os.environ: register each variable with monkeypatch first (set, then delete), so
+    that whatever the hook writes is undone after the test and nothing leaks into later tests."""
+    for k in MLFLOW_ENV:
+        monkeypatch.setenv(k, "placeholder")
+        monkeypatch.delenv(k)
+
+
 def test_mlflow_hook_reads_the_connection_and_keeps_credentials_out_of_the_uri(monkeypatch):
     from qops_airflow.hooks import MlflowHook
 
+    _isolate_mlflow_env(monkeypatch)
     monkeypatch.setenv("AIRFLOW_CONN_MLFLOW_TEST",
                        '{"conn_type": "mlflow", "host": "127.0.0.1", "port": 5000, "login": "u", "password": "s3cret"}')
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
-    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
     uri = MlflowHook("mlflow_test").configure()
     assert uri == "http://127.0.0.1:5000" == os.environ["MLFLOW_TRACKING_URI"]
     assert os.environ["MLFLOW_TRACKING_USERNAME"] == "u" and os.environ["MLFLOW_TRACKING_PASSWORD"] == "s3cret"
@@ -23,10 +32,17 @@ def test_mlflow_hook_reads_the_connection_and_keeps_credentials_out_of_the_uri(m
 def test_mlflow_hook_extra_tracking_uri_and_no_connection(monkeypatch):
     from qops_airflow.hooks import MlflowHook
 
+    _isolate_mlflow_env(monkeypatch)
     monkeypatch.setenv("AIRFLOW_CONN_MLFLOW_X", '{"conn_type": "mlflow", "extra": {"tracking_uri": "sqlite:///x.db"}}')
     assert MlflowHook("mlflow_x").configure() == "sqlite:///x.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///y.db")
     assert MlflowHook(None).configure() == "sqlite:///y.db"
+
+
+def test_mlflow_hook_tests_leave_the_environment_as_they_found_it():
+    """Runs after the two tests above (file order): none of their exports survived them."""
+    assert os.environ.get("MLFLOW_TRACKING_PASSWORD") != "s3cret"
+    assert os.environ.get("MLFLOW_TRACKING_URI") not in ("sqlite:///x.db", "sqlite:///y.db", "http://127.0.0.1:5000")
 
 
 def test_dag_factory_builds_the_pipeline_from_the_spec(monkeypatch, tmp_path):

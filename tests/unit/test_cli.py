@@ -38,7 +38,8 @@ def test_calibrate_evaluate_gate_chain(fp32_model, data_dir, tmp_path):
     r = run("evaluate", "--fp32", fp32_model, "--quantized", tmp_path / "q.onnx", "--validation",
             data_dir / "validation.parquet", "--label", "risk", "--slice-columns", "sex,age_group",
             "--latency-runs", 50, "--output", tmp_path / "ev.json")
-    assert r.returncode == 0, r.stderr and "accuracy" in r.stdout
+    assert r.returncode == 0, r.stderr
+    assert "accuracy: FP32" in r.stdout and (tmp_path / "ev.json").is_file()
     # an impossible latency bound fails the gate: exit code 3 and the failed check named
     r = run("gate", "--evaluation", tmp_path / "ev.json", "--max-latency-ratio", 0.001)
     assert r.returncode == 3 and "latency_ratio" in r.stdout

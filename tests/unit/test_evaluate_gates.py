@@ -46,9 +46,16 @@ def test_evaluation_metrics_slices_intersections_cis_fairness(evaluation, data_d
     assert female["n"] == int((val["sex"] == "female").sum())
     expected = float((val["sex"] == "female").sum())
     assert female["n"] == expected
-    # paired bootstrap CIs bracket the point change; FP32 fidelity against itself is perfect
-    for entry in [ev["overall"]["accuracy"], female["metrics"]["accuracy"], ev["overall"]["roc_auc"]]:
+    # accuracy: score interval on the discordant rows, which always contains the point change; roc_auc: bootstrap
+    for entry in [ev["overall"]["accuracy"], female["metrics"]["accuracy"]]:
         assert entry["ci_low"] <= entry["delta"] + 1e-12 and entry["delta"] <= entry["ci_high"] + 1e-12
+        p = entry["paired"]
+        assert entry["delta"] == pytest.approx((p["better"] - p["worse"]) / p["n"])
+        assert entry["ci_method"].startswith("score interval")
+    auc = ev["overall"]["roc_auc"]
+    assert auc["ci_method"].startswith("paired bootstrap") and auc["se"] >= 0 and auc["ci_low"] <= auc["ci_high"]
+    assert female["flips"] == female["metrics"]["accuracy"]["paired"]["worse"] + \
+        female["metrics"]["accuracy"]["paired"]["better"]  # binary labels: every changed prediction is discordant
     assert ev["overall"]["agreement"]["fp32"] == 1.0 and ev["overall"]["agreement"]["quantized"] >= 0.95
     assert ev["overall"]["kl"]["fp32"] == 0.0 and ev["overall"]["cosine"]["quantized"] > 0.99
     f = ev["fairness"]["sex"]
@@ -77,18 +84,28 @@ def test_gate_passes_real_dynamic_model(evaluation):
 
 
 def test_gate_fails_and_names_the_hurt_slice_and_fairness(evaluation):
+    """Evidence of harm planted in the evaluation: a slice where 12 of its rows turned wrong (none right) and a
+    fairness increase far beyond its bootstrap error. Only those two fail; the real model's checks do not."""
+    from qops.stats import tango_interval
+
     ev = copy.deepcopy(evaluation)
-    s = _slice(ev, "age_group=under_25")["metrics"]["accuracy"]
-    s["quantized"] -= 0.2
-    s["delta"] -= 0.2
-    s["ci_low"] -= 0.2
-    s["ci_high"] -= 0.2
-    ev["fairness"]["age_group"]["quantized"]["equalized_odds_difference"] += 0.1
+    s = _slice(ev, "age_group=under_25")
+    n, acc = s["n"], s["metrics"]["accuracy"]
+    hits = round(acc["fp32"] * n)
+    worse = min(12, hits)
+    lo, hi = tango_interval(worse, 0, n, 0.95)
+    acc.update(quantized=(hits - worse) / n, delta=-worse / n, ci_low=-hi, ci_high=-lo,
+               paired={"n": n, "worse": worse, "better": 0, "quantized_hits": hits - worse})
+    s["flips"] = worse
+    f = ev["fairness"]["age_group"]
+    f["quantized"]["equalized_odds_difference"] = f["fp32"]["equalized_odds_difference"] + 0.3
+    f["increase_se"]["equalized_odds_difference"] = 0.02
     g = gate(ev, GateSpec(max_latency_ratio=10.0))
     assert not g.passed
     assert g.failed == ["slice_drop[accuracy:age_group=under_25]",
                         "fairness_increase[equalized_odds_difference:age_group]"]
     assert "age_group=under_25" in g.message() and "allowed 0.03" in g.message()
+    assert f"{worse} of {n} predictions changed" in g.message()
 
 
 def test_thresholds_absolute_change_and_slice_overrides(evaluation):
@@ -103,12 +120,23 @@ def test_thresholds_absolute_change_and_slice_overrides(evaluation):
 
 
 def test_bound_decision_is_stricter_than_point(evaluation):
+    """The older `decision` values map onto the inconclusive policy: an overall change of -0.005 (3 rows wrong,
+    2 right of 200) straddles a 0.01 tolerance: point passes it, bound fails it, the default warns."""
+    from qops.stats import tango_interval
+
     ev = copy.deepcopy(evaluation)
     o = ev["overall"]["accuracy"]
-    o.update(delta=-0.005, ci_low=-0.03, ci_high=0.01)
-    spec = dict(max_overall_drop=0.01, max_slice_drop=1.0, max_latency_ratio=10.0)
-    assert "drop[accuracy]" not in gate(ev, GateSpec(**spec)).failed
+    n = ev["rows"]
+    hits = round(o["fp32"] * n)
+    lo, hi = tango_interval(3, 2, n, 0.95)
+    o.update(quantized=(hits - 1) / n, delta=-1 / n, ci_low=-hi, ci_high=-lo,
+             paired={"n": n, "worse": 3, "better": 2, "quantized_hits": hits - 1})
+    spec = dict(max_overall_drop=0.01, max_slice_drop=1.0, max_latency_ratio=10.0, max_fairness_increase=1.0)
+    assert "drop[accuracy]" not in gate(ev, GateSpec(decision="point", **spec)).failed
     assert "drop[accuracy]" in gate(ev, GateSpec(decision="bound", **spec)).failed
+    g = gate(ev, GateSpec(**spec))
+    assert "drop[accuracy]" in g.inconclusive and "drop[accuracy]" not in g.failed
+    assert any(w.startswith("drop[accuracy]: inconclusive") for w in g.warnings)
 
 
 def test_insufficient_data_warns_or_fails_per_spec(evaluation):

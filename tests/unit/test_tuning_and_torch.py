@@ -27,7 +27,7 @@ def _judge(fp32, data_dir, gates, features=None, label="risk"):
         v = gate(ev, gates)
         return {"passed": v.passed, "failures": [c.name for c in v.checks if not c.passed],
                 "latency_ratio": ev.performance["latency_ratio"], "size_ratio": ev.performance["size_ratio"],
-                "fidelity": ev.fidelity}
+                "fidelity": ev.fidelity, "max_latency_ratio": gates.max_latency_ratio}
 
     return judge
 
@@ -46,7 +46,8 @@ def test_search_space_starts_with_the_structural_choice_and_covers_the_axes():
 
 
 def test_tuning_keeps_the_fastest_passing_candidate(fp32_model, calibration_file, data_dir, tmp_path):
-    gates = GateSpec(max_overall_drop=0.02, max_slice_drop=0.1, max_fairness_increase=0.1)
+    # whether INT8 beats FP32 at batch 1 depends on the CPU: the latency bound is loose, the choice is the subject
+    gates = GateSpec(max_overall_drop=0.02, max_slice_drop=0.1, max_fairness_increase=0.1, max_latency_ratio=5.0)
     res = tune(fp32_model, get_target("x86_64_vnni_int8"), tmp_path / "q.onnx", _judge(fp32_model, data_dir, gates),
                calibration=calibration_file, config=TuningConfig(max_trials=6))
     trials = res.trials
@@ -58,8 +59,9 @@ def test_tuning_keeps_the_fastest_passing_candidate(fp32_model, calibration_file
     assert chosen[0]["latency_ratio"] <= fastest * 1.03 + 1e-9  # fastest, up to the timing-noise tie
     for t in trials:  # the trial table the card shows
         assert {"config", "verdict", "latency_ratio", "cosine", "sqnr_db", "reasons", "phase"} <= set(t)
-        if t["latency_ratio"] is not None and t["latency_ratio"] > 1.0:
+        if t["latency_ratio"] is not None and t["latency_ratio"] > 5.0:
             assert t["verdict"] == "failed" and any("latency" in r or "slower than FP32" in r for r in t["reasons"])
+    assert res.tuning["stopped"] and res.tuning["budget"]["search_trials"] + res.tuning["budget"]["fallback_trials"] == 6
     assert (tmp_path / "q.onnx").is_file() and res.model_path == str(tmp_path / "q.onnx")
     recipe_json = json.loads((tmp_path / "q.onnx.recipe.json").read_text())
     assert recipe_json["result"]["tuning"]["chosen_trial"] == chosen[0]["trial"]
@@ -228,8 +230,11 @@ def test_torch_target_needs_a_calibration_set_and_a_program(fp32_program, fp32_m
         quantize(fp32_program, "torch_x86_int8", tmp_path / "q.pt2")
     with pytest.raises(ModelError, match="register the FP32 model with mlflow.pytorch.log_model"):
         quantize(fp32_model, "torch_int8_dynamic", tmp_path / "q.pt2")
-    with pytest.raises(TargetError, match="no CUDA device"):
-        quantize(fp32_program, "nvidia_hopper_fp8", tmp_path / "f.pt2")
+    import torch
+
+    if not torch.cuda.is_available():  # on a GPU worker this target quantizes (bench/gpu_check.sh covers it)
+        with pytest.raises(TargetError, match="no CUDA device"):
+            quantize(fp32_program, "nvidia_hopper_fp8", tmp_path / "f.pt2")
 
 
 class _Evil:
@@ -300,3 +305,135 @@ def test_pipeline_from_a_pt2_source_serves_torch_and_onnx_targets(fp32_program, 
     import torch
 
     assert served(torch.from_numpy(x)).shape == (5, 2)
+
+
+# --- tuning that reaches the fix: a planted case where only node fallback can pass --------------------------------
+
+def test_planted_side_path_only_fallback_passes_within_the_default_budget(tmp_path):
+    """Every INT8 candidate of the search erases the small group's signal (one per-tensor range for the side path's
+    input); keeping the one sensitive Gemm in FP32 restores it. The default budget (12 trials) keeps trials for
+    fallback, the node ranking measured on the failing slice's rows puts that Gemm first, and tuning passes."""
+    from planted_models import side_path_data, side_path_model
+
+    from qops.quantize.tune import gate_judge
+
+    fp32 = side_path_model(tmp_path / "m.onnx")
+    side_path_data(1).to_parquet(tmp_path / "cal.parquet")
+    side_path_data(2).to_parquet(tmp_path / "val.parquet")
+    # a 1 KB graph: Q/DQ overhead outweighs any speed-up, so latency and size are not what this test is about
+    gates = GateSpec(max_overall_drop=0.05, max_slice_drop=0.05, max_fairness_increase=0.2, max_latency_ratio=100.0,
+                     max_size_ratio=100.0)
+    judge = gate_judge(fp32, tmp_path / "val.parquet", "y", gates, slice_columns=["group"], latency_runs=20,
+                       bootstrap=100)
+    cfg = TuningConfig()
+    assert len(search_space(get_target("x86_64_vnni_int8"), cfg, True, "static")) > cfg.max_trials  # grid > budget
+    res = tune(fp32, get_target("x86_64_vnni_int8"), tmp_path / "q.onnx", judge, calibration=tmp_path / "cal.parquet",
+               config=cfg, validation=tmp_path / "val.parquet")
+    search = [t for t in res.trials if t["phase"] == "search"]
+    assert search and all(t["verdict"] == "failed" for t in search)
+    assert all(any("group=small" in r for r in t["reasons"]) for t in search)  # the gate names the hurt group
+    chosen = next(t for t in res.trials if t["chosen"])
+    assert res.tuning["passed"] and chosen["phase"] == "fallback" and chosen["fp32_nodes"] == ["side_fc"]
+    assert len(res.trials) <= cfg.max_trials and res.tuning["budget"]["fallback_trials"] == 6
+    assert res.tuning["node_ranking"][0]["node"] == "side_fc" and "passed" in res.tuning["stopped"]
+    kinds = {n.name: n.op_type for n in onnx.load(res.model_path).graph.node}
+    assert kinds["side_fc"] == "Gemm" and "MatMulInteger" not in {k for n, k in kinds.items() if n.startswith("side")}
+    # the chosen model really restores the group: every small-group row as FP32 predicts it
+    import onnxruntime as ort
+
+    val = pd.read_parquet(tmp_path / "val.parquet")
+    x = val[["x0", "x1", "x2", "x3"]].to_numpy(np.float32)
+    small = (val["group"] == "small").to_numpy()
+    a = ort.InferenceSession(str(fp32)).run(None, {"features": x})[0].argmax(1)
+    b = ort.InferenceSession(res.model_path).run(None, {"features": x})[0].argmax(1)
+    assert (a[small] == b[small]).all()
+
+
+def test_fallback_tries_more_than_one_base_and_says_why_it_stopped(tmp_path):
+    """Static only, all four basic candidates fail; fallback starts from the most faithful and from the one that
+    quantizes the fewest op types, alternating, and the result says why tuning stopped."""
+    from planted_models import side_path_data, side_path_model
+
+    from qops.quantize.tune import gate_judge
+
+    fp32 = side_path_model(tmp_path / "m.onnx")
+    side_path_data(1).to_parquet(tmp_path / "cal.parquet")
+    side_path_data(2).to_parquet(tmp_path / "val.parquet")
+    gates = GateSpec(max_overall_drop=0.05, max_slice_drop=0.05, max_fairness_increase=0.2, max_latency_ratio=100.0,
+                     max_size_ratio=100.0)
+    judge = gate_judge(fp32, tmp_path / "val.parquet", "y", gates, slice_columns=["group"], latency_runs=20,
+                       bootstrap=100)
+    cfg = TuningConfig(max_trials=8, modes=["static"], calibration_methods=["minmax"])
+    res = tune(fp32, get_target("x86_64_vnni_int8"), tmp_path / "q.onnx", judge, calibration=tmp_path / "cal.parquet",
+               config=cfg, validation=tmp_path / "val.parquet")
+    fb = [t for t in res.trials if t["phase"] == "fallback"]
+    assert res.tuning["budget"] == {"max_trials": 8, "timeout_s": cfg.timeout_s, "search_trials": 4,
+                                    "fallback_trials": 4, "fallback_share": 0.5}
+    assert fb and fb[0]["fp32_nodes"] == ["side_fc"]
+    passed = [t for t in fb if t["verdict"] == "passed"]
+    assert passed and "all ops" not in passed[0]["config"]  # with every op quantized, side_fc alone cannot help
+    assert res.tuning["stopped"].startswith("a fallback candidate passed")
+
+
+def test_tuning_stop_reason_when_the_budget_runs_out(fp32_model, data_dir, tmp_path):
+    gates = GateSpec(thresholds=[MetricThreshold(metric="cosine", min_value=1.01)])  # unreachable
+    res = tune(fp32_model, get_target("x86_64_int8_dynamic"), tmp_path / "q.onnx", _judge(fp32_model, data_dir, gates),
+               config=TuningConfig(max_trials=4, max_fallback_nodes=8), ranking_data=data_dir / "validation.parquet")
+    assert res.tuning["stopped"].startswith("trial budget used (4 trials: 2 search, 2 kept for fallback)")
+    assert [t["phase"] for t in res.trials] == ["search", "search", "fallback", "fallback"]
+
+
+# --- recipe options are validated by type -------------------------------------------------------------------------
+
+BAD_VALUES = {bool: "maybe", int: "x", float: "fast", str: 3, tuple: 5, dict: "not-a-mapping"}
+
+
+def test_every_recipe_field_rejects_a_wrong_value_naming_the_option():
+    import dataclasses
+    import typing
+
+    from qops.targets import Recipe, _field_types
+
+    recipe = get_target("x86_64_vnni_int8")
+    hints = _field_types()
+    checked = 0
+    for f in dataclasses.fields(Recipe):
+        if f.name in ("target", "version"):
+            continue
+        tp = hints[f.name]
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+        if origin is typing.Literal:
+            bad = "magic"
+        elif origin is tuple or tuple in args or any(typing.get_origin(a) is tuple for a in args):
+            bad = 5
+        else:
+            base = next((a for a in (args or (tp,)) if a is not type(None)), tp)
+            bad = BAD_VALUES.get(base, object())
+        with pytest.raises(TargetError, match=rf"option {f.name}=.* is not .*Fix: set {f.name} to"):
+            recipe.with_options(**{f.name: bad})
+        checked += 1
+    assert checked == len(dataclasses.fields(Recipe)) - 2
+
+
+def test_recipe_options_parse_lists_and_reject_typos():
+    r = get_target("x86_64_vnni_int8")
+    assert r.with_options(nodes_to_exclude="/a,/b").nodes_to_exclude == ("/a", "/b")  # never split into characters
+    assert r.with_options(nodes_to_exclude=["/a", "/b"]).nodes_to_exclude == ("/a", "/b")
+    assert r.with_options(op_types="MatMul, Gemm").op_types == ("MatMul", "Gemm")
+    assert r.with_options(min_compute_capability="8.9").min_compute_capability == (8, 9)
+    with pytest.raises(TargetError, match=r"per_channel='maybe' is not true or false"):
+        r.with_options(per_channel="maybe")
+    with pytest.raises(TargetError, match=r"calibration_method='magic' is not one of 'minmax', 'entropy'"):
+        r.with_options(calibration_method="magic")
+
+
+def test_unknown_node_to_exclude_is_an_error_naming_the_closest(tmp_path):
+    from planted_models import side_path_model
+
+    fp32 = side_path_model(tmp_path / "m.onnx")
+    with pytest.raises(TargetError, match=r"nodes_to_exclude names \['side_fx'\].*closest: \['side_fc'"):
+        quantize(fp32, "x86_64_int8_dynamic", tmp_path / "q.onnx", options={"nodes_to_exclude": "side_fx"})
+    # a Gemm kept in FP32 stays in FP32 in dynamic mode too (ORT renames Gemm to <name>_MatMul before quantizing)
+    r = quantize(fp32, "x86_64_int8_dynamic", tmp_path / "q.onnx", options={"nodes_to_exclude": "side_fc"})
+    assert not any(n.name.startswith("side_fc") and n.op_type == "MatMulInteger"
+                   for n in onnx.load(r.model_path).graph.node)
