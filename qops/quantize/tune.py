@@ -444,6 +444,7 @@ def tune(
                     "candidate is kept and the gates fail it",
             "node_ranking": fallback[:max(cfg.max_fallback_nodes, 8)],
             "stopped": stop,
+            "fallback_bases": [int(k) for k in rankings],
             "budget": {"max_trials": cfg.max_trials, "timeout_s": cfg.timeout_s, "search_trials": search_budget,
                        "fallback_trials": reserve, "fallback_share": cfg.fallback_share},
         }
@@ -541,7 +542,7 @@ def _row_for_card(t: dict) -> dict:
         "size_ratio": None if t.get("size_ratio") is None else round(t["size_ratio"], 4),
         "cosine": None if "cosine_mean" not in f else round(f["cosine_mean"], 5),
         "sqnr_db": f.get("sqnr_db"), "metrics": t.get("metrics", {}), "fp32_nodes": t.get("fp32_nodes", []),
-        "options": t.get("options", {}), "seconds": t.get("seconds"),
+        "options": t.get("options", {}), "seconds": t.get("seconds"), "fallback_from": t.get("fallback_from"),
     }
 
 

@@ -309,10 +309,9 @@ def test_pipeline_from_a_pt2_source_serves_torch_and_onnx_targets(fp32_program, 
 
 # --- tuning that reaches the fix: a planted case where only node fallback can pass --------------------------------
 
-def test_planted_side_path_only_fallback_passes_within_the_default_budget(tmp_path):
-    """Every INT8 candidate of the search erases the small group's signal (one per-tensor range for the side path's
-    input); keeping the one sensitive Gemm in FP32 restores it. The default budget (12 trials) keeps trials for
-    fallback, the node ranking measured on the failing slice's rows puts that Gemm first, and tuning passes."""
+@pytest.fixture
+def side_path(tmp_path):
+    """The planted side-path model, its calibration and validation sets, and a judge with the spec's gates."""
     from planted_models import side_path_data, side_path_model
 
     from qops.quantize.tune import gate_judge
@@ -320,11 +319,18 @@ def test_planted_side_path_only_fallback_passes_within_the_default_budget(tmp_pa
     fp32 = side_path_model(tmp_path / "m.onnx")
     side_path_data(1).to_parquet(tmp_path / "cal.parquet")
     side_path_data(2).to_parquet(tmp_path / "val.parquet")
-    # a 1 KB graph: Q/DQ overhead outweighs any speed-up, so latency and size are not what this test is about
+    # a 1 KB graph: Q/DQ overhead outweighs any speed-up, so latency and size are not what these tests are about
     gates = GateSpec(max_overall_drop=0.05, max_slice_drop=0.05, max_fairness_increase=0.2, max_latency_ratio=100.0,
                      max_size_ratio=100.0)
-    judge = gate_judge(fp32, tmp_path / "val.parquet", "y", gates, slice_columns=["group"], latency_runs=20,
-                       bootstrap=100)
+    return fp32, gate_judge(fp32, tmp_path / "val.parquet", "y", gates, slice_columns=["group"], latency_runs=20,
+                            bootstrap=100)
+
+
+def test_planted_side_path_only_fallback_passes_within_the_default_budget(side_path, tmp_path):
+    """Every INT8 candidate of the search erases the small group's signal (one per-tensor range for the side path's
+    input); keeping the one sensitive Gemm in FP32 restores it. The default budget (12 trials) keeps trials for
+    fallback, the node ranking measured on the failing slice's rows puts that Gemm first, and tuning passes."""
+    fp32, judge = side_path
     cfg = TuningConfig()
     assert len(search_space(get_target("x86_64_vnni_int8"), cfg, True, "static")) > cfg.max_trials  # grid > budget
     res = tune(fp32, get_target("x86_64_vnni_int8"), tmp_path / "q.onnx", judge, calibration=tmp_path / "cal.parquet",
@@ -349,20 +355,10 @@ def test_planted_side_path_only_fallback_passes_within_the_default_budget(tmp_pa
     assert (a[small] == b[small]).all()
 
 
-def test_fallback_tries_more_than_one_base_and_says_why_it_stopped(tmp_path):
+def test_fallback_tries_more_than_one_base_and_says_why_it_stopped(side_path, tmp_path):
     """Static only, all four basic candidates fail; fallback starts from the most faithful and from the one that
     quantizes the fewest op types, alternating, and the result says why tuning stopped."""
-    from planted_models import side_path_data, side_path_model
-
-    from qops.quantize.tune import gate_judge
-
-    fp32 = side_path_model(tmp_path / "m.onnx")
-    side_path_data(1).to_parquet(tmp_path / "cal.parquet")
-    side_path_data(2).to_parquet(tmp_path / "val.parquet")
-    gates = GateSpec(max_overall_drop=0.05, max_slice_drop=0.05, max_fairness_increase=0.2, max_latency_ratio=100.0,
-                     max_size_ratio=100.0)
-    judge = gate_judge(fp32, tmp_path / "val.parquet", "y", gates, slice_columns=["group"], latency_runs=20,
-                       bootstrap=100)
+    fp32, judge = side_path
     cfg = TuningConfig(max_trials=8, modes=["static"], calibration_methods=["minmax"])
     res = tune(fp32, get_target("x86_64_vnni_int8"), tmp_path / "q.onnx", judge, calibration=tmp_path / "cal.parquet",
                config=cfg, validation=tmp_path / "val.parquet")
@@ -370,6 +366,11 @@ def test_fallback_tries_more_than_one_base_and_says_why_it_stopped(tmp_path):
     assert res.tuning["budget"] == {"max_trials": 8, "timeout_s": cfg.timeout_s, "search_trials": 4,
                                     "fallback_trials": 4, "fallback_share": 0.5}
     assert fb and fb[0]["fp32_nodes"] == ["side_fc"]
+    bases = [next(t for t in res.trials if t["trial"] == b) for b in res.tuning["fallback_bases"]]
+    search = [t for t in res.trials if t["phase"] == "search"]
+    assert len(bases) == 2 and bases[0]["sqnr_db"] == max(t["sqnr_db"] for t in search)  # the most faithful ...
+    assert any("all ops" not in b["config"] for b in bases)  # ... and one that quantizes the fewest op types
+    assert {t["fallback_from"] for t in fb} <= set(res.tuning["fallback_bases"])
     passed = [t for t in fb if t["verdict"] == "passed"]
     assert passed and "all ops" not in passed[0]["config"]  # with every op quantized, side_fc alone cannot help
     assert res.tuning["stopped"].startswith("a fallback candidate passed")
