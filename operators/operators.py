@@ -138,9 +138,12 @@ class QopsGateOperator(_TargetOperator):
         res = self._call(stage_gate, self._spec(), self.run_key, self.target)
         context["ti"].xcom_push(key="gate_result", value=res)
         self.log.info("gate for %s:\n%s", self.target, res["message"])
+        for w in res.get("warnings") or []:
+            self.log.warning("gate warning for %s: %s", self.target, w)
         if not res["passed"]:
             raise AirflowFailException(f"qops gate for target {self.target}: {res['message']}")
-        return {"target": self.target, "passed": True, "checks": len(res["checks"])}
+        return {"target": self.target, "passed": True, "checks": len(res["checks"]),
+                "inconclusive": len(res.get("inconclusive") or [])}
 
 
 class QopsCardOperator(_TargetOperator):

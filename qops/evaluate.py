@@ -2,7 +2,10 @@
 
 Per model: metrics overall and per slice (each slice column, and intersections of columns), label-free
 fidelity against FP32, fairness (fairlearn), file size and batch-1 latency. Every FP32-vs-quantized
-delta carries a paired bootstrap confidence interval (the same resampled rows for both models).
+delta carries its evidence: for paired binary outcomes (accuracy, top-1 agreement) the discordant row
+counts and Tango's score interval; for other metrics and for fairness increases a paired bootstrap (the
+same resampled rows for both models) with its percentile interval and standard error. Classifier
+outputs are read as logits or probabilities once, decided on the FP32 model's outputs.
 """
 
 from __future__ import annotations

@@ -272,6 +272,8 @@ def stage_summary(spec: PipelineSpec, run_id: str, dag_id: str | None = None) ->
             g = read_json(tdir / "gate.json")
             row["gate"] = "passed" if g["passed"] else "failed"
             row["failed_checks"] = g["failed"]
+            row["inconclusive_checks"] = g.get("inconclusive") or []
+            row["unprotected_slices"] = [u["slice"] for u in g.get("unprotected") or []]
         else:
             row["gate"] = "not run"
         if (tdir / "register.json").is_file():

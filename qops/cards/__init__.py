@@ -18,7 +18,7 @@ from pathlib import Path
 
 from qops import __version__
 from qops.artifacts import atomic_path, to_jsonable, write_json_atomic, write_text_atomic
-from qops.cards.charts import metric_bars_svg, perf_bars_svg
+from qops.cards.charts import gate_intervals_svg, metric_bars_svg, perf_bars_svg
 from qops.errors import QopsError
 
 CARD_SCHEMA_VERSION = "1.0"
@@ -197,7 +197,8 @@ def render_markdown(card: dict, chart_name: str | None = None) -> str:
 def render_html(card: dict) -> str:
     from markupsafe import Markup
 
-    charts = {"metric": Markup(metric_bars_svg(card)), "perf": Markup(perf_bars_svg(card))}
+    charts = {"metric": Markup(metric_bars_svg(card)), "perf": Markup(perf_bars_svg(card)),
+              "gates": Markup(gate_intervals_svg(card))}
     return _env(True).get_template("card.html.j2").render(card=card, charts=charts)
 
 

@@ -84,3 +84,59 @@ def perf_bars_svg(card: dict) -> str:
                          f'<text x="{bx + 30}" y="157" font-size="11" text-anchor="middle">{name}</text>')
     parts.append("</svg>")
     return "".join(parts)
+
+
+STATUS_COLOR = {"passed": "#2E7D32", "failed": "#C62828", "inconclusive": "#EF6C00"}
+
+
+def gate_intervals_svg(card: dict) -> str:
+    """The gate's evidence at a glance: per change check, the degradation interval (positive = worse) with its
+    point estimate, the check's tolerance as a tick, coloured by what the evidence says."""
+    rows = [c for c in card["gates"]["checks"] if c.get("interval") and c.get("threshold") is not None
+            and c["name"].startswith(("drop[", "slice_drop[", "fairness_increase["))]
+    if not rows:
+        return ""
+    lo = min(min(c["interval"][0], c["threshold"]) for c in rows)
+    hi = max(max(c["interval"][1], c["threshold"]) for c in rows)
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    pad = (hi - lo) * 0.05 or 0.01
+    lo, hi = lo - pad, hi + pad
+    label_w, plot_w, row_h, top = 330, 420, 20, 34
+    height = top + row_h * len(rows) + 46
+
+    def x(v: float) -> float:
+        return label_w + plot_w * (v - lo) / (hi - lo)
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="chart gate-chart" role="img" '
+             f'width="{label_w + plot_w + 20}" height="{height}" aria-label="gate checks: degradation intervals">',
+             '<title>Degradation interval per gate check (positive = worse), tolerance ticks</title>']
+    for i, (status, color) in enumerate(STATUS_COLOR.items()):
+        parts.append(f'<rect x="{label_w + i * 110}" y="8" width="12" height="10" fill="{color}"/>'
+                     f'<text x="{label_w + 16 + i * 110}" y="17" font-size="11">{status}</text>')
+    parts.append(f'<line x1="{x(0):.1f}" y1="{top - 6}" x2="{x(0):.1f}" y2="{top + row_h * len(rows)}" '
+                 f'stroke="#999" stroke-dasharray="3,3"/>')
+    for i, c in enumerate(rows):
+        y = top + i * row_h + row_h / 2
+        color = STATUS_COLOR.get(c.get("status"), GREY)
+        name = c["name"]
+        for prefix, new in (("slice_drop[", ""), ("fairness_increase[", "fairness "), ("drop[", "overall ")):
+            if name.startswith(prefix):
+                name = new + name[len(prefix):-1]
+                break
+        a, b = c["interval"]
+        parts.append(f'<text x="{label_w - 6}" y="{y + 4}" font-size="10" text-anchor="end">{escape(name)}</text>'
+                     f'<g class="gate-row" data-check="{escape(c["name"])}" data-status="{escape(str(c.get("status")))}">'
+                     f'<line x1="{x(a):.1f}" y1="{y}" x2="{x(b):.1f}" y2="{y}" stroke="{color}" stroke-width="3"/>'
+                     f'<circle cx="{x(c["value"]):.1f}" cy="{y}" r="3.5" fill="{color}"/>'
+                     f'<line x1="{x(c["threshold"]):.1f}" y1="{y - 7}" x2="{x(c["threshold"]):.1f}" y2="{y + 7}" '
+                     f'stroke="{GREY}" stroke-width="1.5"/>'
+                     f'<title>{escape(c["name"])}: {escape(str(c.get("status")))}, degradation {c["value"]:+.4f}, '
+                     f'interval [{a:+.4f}, {b:+.4f}], allowed {c["threshold"]}</title></g>')
+    axis_y = top + row_h * len(rows) + 6
+    parts.append(f'<line x1="{label_w}" y1="{axis_y}" x2="{label_w + plot_w}" y2="{axis_y}" stroke="{GREY}"/>')
+    for t in range(5):
+        v = lo + (hi - lo) * t / 4
+        parts.append(f'<text x="{x(v):.1f}" y="{axis_y + 14}" font-size="10" text-anchor="middle">{v:+.2f}</text>')
+    parts.append(f'<text x="{label_w + plot_w / 2}" y="{axis_y + 28}" font-size="10" text-anchor="middle">'
+                 'degradation (positive = worse); black tick: allowed</text></svg>')
+    return "".join(parts)

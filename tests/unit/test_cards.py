@@ -122,3 +122,19 @@ def test_html_card_renders_in_a_real_browser(card_inputs, tmp_path):
     shot = tmp_path / "card.png"
     r = _chromium("--window-size=1100,1800", f"--screenshot={shot}", url)
     assert r.returncode == 0 and shot.stat().st_size > 20_000
+
+
+def test_card_shows_three_way_decisions_and_what_slices_can_protect(card_inputs):
+    card = build_card_data(**card_inputs)
+    md, html = render_markdown(card), render_html(card)
+    g = card["gates"]
+    assert g["multiplicity"]["method"] == "holm" and f"one family of {g['multiplicity']['family_size']}" in md
+    assert "### What the slices can and cannot protect" in md
+    for u in g["unprotected"]:  # 200 validation rows: slices under 125 rows cannot protect a 0.03 tolerance
+        assert u["n"] < u["rows_needed"] and f"| {u['n']} | {u['tolerance']} |" in md
+    assert any(c["status"] == "inconclusive" for c in g["checks"]) == bool(g["inconclusive"])
+    rows = [c for c in g["checks"] if c.get("interval") and c["name"].startswith(("drop[", "slice_drop[",
+                                                                                   "fairness_increase["))]
+    assert html.count('class="gate-row"') == len(rows) > 0  # the gate chart: one interval per change check
+    for c in rows:
+        assert f'data-status="{c["status"]}"' in html
