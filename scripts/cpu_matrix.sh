@@ -10,6 +10,7 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 OUT=${1:-$ROOT/.demo-matrix}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)  # demo.sh changes directory: every path absolute
 PY=$ROOT/.venv/bin/python
 [ -x "$PY" ] || { echo "run make install first"; exit 2; }
 
