@@ -86,11 +86,11 @@ def test_quantization_dag_is_scheduled_on_the_retraining_asset():
     assert outlets == scheduled == {"mlflow://german-credit/champion"}
 
 
-def test_demo_dags_register_every_target(demo_run):
+def test_demo_dags_register_every_target(demo_run, monkeypatch):
     from mlflow import MlflowClient
 
     home, env, summary = demo_run
-    os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     src = client.get_model_version_by_alias("german-credit", "champion")
     assert {r["target"] for r in summary["targets"]} == set(TARGETS)

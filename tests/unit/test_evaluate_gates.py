@@ -56,7 +56,7 @@ def test_evaluation_metrics_slices_intersections_cis_fairness(evaluation, data_d
     assert auc["ci_method"].startswith("paired bootstrap") and auc["se"] >= 0 and auc["ci_low"] <= auc["ci_high"]
     assert female["flips"] == female["metrics"]["accuracy"]["paired"]["worse"] + \
         female["metrics"]["accuracy"]["paired"]["better"]  # binary labels: every changed prediction is discordant
-    assert ev["overall"]["agreement"]["fp32"] == 1.0 and ev["overall"]["agreement"]["quantized"] >= 0.95
+    assert ev["overall"]["agreement"]["fp32"] == 1.0 and ev["overall"]["agreement"]["quantized"] >= 0.9
     assert ev["overall"]["kl"]["fp32"] == 0.0 and ev["overall"]["cosine"]["quantized"] > 0.99
     f = ev["fairness"]["sex"]
     for side in ("fp32", "quantized"):
