@@ -471,7 +471,8 @@ def _torch_dyn() -> Recipe:
     return Recipe(
         target="torch_int8_dynamic",
         description="PyTorch serving: torchao quantize_ with Int8DynamicActivationInt8WeightConfig (dynamic "
-        "per-token activations, per-channel weights), CPU or CUDA.",
+        "per-token activations, per-channel weights), CPU or CUDA. On x86 CPUs without VNNI/AMX oneDNN's u8 x s8 "
+        "kernels can saturate (measured: 11 dB output SQNR vs 47 dB with VNNI on an MLP): gate on fidelity.",
         hardware="x86-64 / ARM64 CPU or NVIDIA GPU",
         mode="dynamic",
         engine="torchao",
