@@ -242,7 +242,7 @@ def _p_harm(p: _Pending) -> float | None:
 
 def _decide(p: _Pending, p_harm: float | None, adj, alpha: float, strictest: float, conf: float,
             policy: str) -> None:
-    c, tol, deg = p.check, p.tol, p.degradation
+    c, tol, deg = p.check, p.tol, p.degradation if abs(p.degradation) > 1e-12 else 0.0
     z = stats.norm_ppf(1 - alpha)
     if p.paired:
         w, b, n = p.paired["worse"], p.paired["better"], p.paired["n"]
