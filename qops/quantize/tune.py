@@ -403,11 +403,19 @@ def tune(
             else:
                 if rankings and not any(t["passed"] for t in trials) and budget_left():
                     stop = "fallback exhausted: every ranked node of every base config was tried"
-        if any(t["passed"] for t in trials) and not stop:
-            for opts in space[searched:]:  # something passed: spend what is left looking for a faster candidate
+        passed_any = any(t["passed"] for t in trials)
+        if (passed_any and not stop) or (not passed_any and budget_left() and searched < len(space)):
+            # something passed: spend what is left looking for a faster candidate; nothing passed and fallback
+            # is done: the trials it did not need go back to the search
+            if stop:
+                stop += "; the unused fallback trials went back to the search"
+            for opts in space[searched:]:
                 if not budget_left():
                     break
-                attempt(opts, "search")
+                row = attempt(opts, "search")
+                if row["passed"] and not passed_any:
+                    stop = f"a search candidate passed after fallback (trial {row['trial']})"
+                    passed_any = True
         if not stop:
             if len(trials) >= cfg.max_trials:
                 stop = f"trial budget used ({cfg.max_trials} trials: {search_budget} search, {reserve} kept for fallback)"
@@ -491,7 +499,9 @@ def _slice_table(validation, key: str, work: Path) -> Path | None:
         mask &= (df[col].astype("string").fillna("missing") == value).to_numpy()
     if not mask.any():
         return None
-    path = work / f"slice-{abs(hash(key)) % 10**8}.parquet"
+    import hashlib
+
+    path = work / f"slice-{hashlib.sha1(key.encode()).hexdigest()[:12]}.parquet"
     df[mask].to_parquet(path)
     return path
 

@@ -455,3 +455,23 @@ def test_unknown_node_to_exclude_is_an_error_naming_the_closest(tmp_path):
     r = quantize(fp32, "x86_64_int8_dynamic", tmp_path / "q.onnx", options={"nodes_to_exclude": "side_fc"})
     assert not any(n.name.startswith("side_fc") and n.op_type == "MatMulInteger"
                    for n in onnx.load(r.model_path).graph.node)
+
+
+def test_fallback_trials_it_did_not_need_go_back_to_the_search(side_path, tmp_path):
+    """Control flow of the budget: a judge that accepts only entropy calibration (reached after fallback) — the
+    fallback share is not wasted when fallback runs out of nodes to try."""
+    fp32, _ = side_path
+
+    def judge(res):
+        ok = res.recipe["calibration_method"] == "entropy" and not res.recipe["nodes_to_exclude"]
+        return {"passed": ok, "failures": [] if ok else ["judge: entropy calibration wanted"], "latency_ratio": None,
+                "size_ratio": None, "fidelity": {"sqnr_db": 1.0}}
+
+    cfg = TuningConfig(max_trials=12, modes=["static"], max_fallback_nodes=1)
+    res = tune(fp32, get_target("x86_64_vnni_int8"), tmp_path / "q.onnx", judge, calibration=tmp_path / "cal.parquet",
+               config=cfg, validation=tmp_path / "val.parquet")
+    phases = [t["phase"] for t in res.trials]
+    assert phases[:6] == ["search"] * 6 and phases[6:8] == ["fallback"] * 2 and "search" in phases[8:]
+    chosen = next(t for t in res.trials if t["chosen"])
+    assert chosen["phase"] == "search" and chosen["trial"] > 8 and "entropy" in chosen["config"]
+    assert res.tuning["stopped"].startswith("a search candidate passed after fallback")
