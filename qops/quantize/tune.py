@@ -308,7 +308,7 @@ def tune(
 
     ``ranking_data``: rows on which node sensitivity is measured overall (default: the calibration set);
     ``validation``: the validation table, whose rows of each failing slice are measured as well."""
-    from qops.quantize.ort import TableCalibrationReader, quantize
+    from qops.quantize.ort import quantize
 
     cfg = TuningConfig.from_any(config)
     output = Path(output)
