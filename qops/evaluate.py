@@ -352,8 +352,7 @@ def fairness_values(y, side: _Side, codes: np.ndarray, n_groups: int, idx: np.nd
         fpr = np.stack([_rate((pred * m * (yy == 0)).sum(1), (m * (yy == 0)).sum(1)) for m in masks], axis=1)
         out["demographic_parity_difference"] = _group_spread(sel)
         out["equalized_odds_difference"] = np.fmax(_group_spread(tpr), _group_spread(fpr))
-    col = {"accuracy": "correct", "agreement": "agreement", "cosine": "cosine", "kl": "kl",
-           "mae": "abs_err"}.get(primary)
+    col = {**PAIRED_BINARY, "cosine": "cosine", "kl": "kl", "mae": "abs_err"}.get(primary)
     if col is not None and col in side.rows:
         v = side.rows[col][idx]
         out["metric_gap"] = _group_spread(np.stack([_rate((v * m).sum(1), m.sum(1)) for m in masks], axis=1))

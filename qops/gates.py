@@ -80,14 +80,6 @@ def _thresholds(g: dict) -> list[dict]:
     return [primary] + rest
 
 
-def _policy(g: dict) -> dict:
-    inc = dict(g.get("inconclusive") or {})
-    if g.get("decision") in ("point", "bound") and not inc:
-        p = "point" if g["decision"] == "point" else "fail"
-        inc = {"overall": p, "slices": p}
-    return {"overall": inc.get("overall", "warn"), "slices": inc.get("slices", "warn")}
-
-
 @dataclass
 class _Pending:
     """A change check before the family's multiplicity correction."""
@@ -130,11 +122,15 @@ def _change_check(name: str, metric: str, entry: dict, tol: float, kind: str, fa
 
 def gate(evaluation, spec) -> GateResult:
     """Apply the gates. ``evaluation``: EvaluationResult or its JSON; ``spec``: GateSpec or its dict."""
-    ev, g = _as_dict(evaluation), _as_dict(spec)
-    conf = float(g.get("confidence", 0.95))
+    from qops.spec import GateSpec
+
+    ev = _as_dict(evaluation)
+    # a plain dict (e.g. settings stored by an earlier version) gets GateSpec's defaults and its decision alias
+    g = (spec if isinstance(spec, GateSpec) else GateSpec.model_validate(_as_dict(spec))).model_dump()
+    conf = g["confidence"]
     alpha = (1 - conf) / 2  # each one-sided question is asked at this level
-    policy = _policy(g)
-    method = g.get("multiplicity", "holm")
+    policy = g["inconclusive"]
+    method = g["multiplicity"]
     items: list[_Pending | Check] = []
     warns: list[str] = []
 
