@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from qops.data import feature_columns_for, feature_matrix, read_table, require_columns
+from qops.data import DataKind, data_kind, iter_feeds, onnx_io, read_table, require_columns
 from qops.errors import DataError, ModelError
 
 log = logging.getLogger(__name__)
@@ -31,9 +31,12 @@ log = logging.getLogger(__name__)
 CLASSIFICATION_METRICS = ("accuracy", "f1", "roc_auc")
 REGRESSION_METRICS = ("mae", "rmse")
 FIDELITY_METRICS = ("agreement", "cosine", "kl")
+EMBEDDING_METRICS = ("cosine", "neighbor_agreement")
 HIGHER_IS_BETTER = {"accuracy": True, "f1": True, "roc_auc": True, "mae": False, "rmse": False,
-                    "agreement": True, "cosine": True, "kl": False}
-PAIRED_BINARY = {"accuracy": "correct", "agreement": "agreement"}  # metric -> per-row 0/1 outcome
+                    "agreement": True, "cosine": True, "kl": False, "neighbor_agreement": True,
+                    "embedding_cosine": True}
+# metric -> per-row 0/1 outcome (FP32's own agreement and neighbour agreement are 1 on every row)
+PAIRED_BINARY = {"accuracy": "correct", "agreement": "agreement", "neighbor_agreement": "neighbor_agreement"}
 FAIRNESS_METRICS = ("demographic_parity_difference", "equalized_odds_difference", "metric_gap")
 
 
@@ -97,14 +100,52 @@ def _file_size(path) -> int:
     return Path(path).stat().st_size
 
 
-def run_model(model_path: str | os.PathLike, feed: dict[str, np.ndarray], recipe: dict | None = None) -> np.ndarray:
+def run_model(model_path: str | os.PathLike, feed, recipe: dict | None = None, *, kind: DataKind | None = None,
+              outputs: list[str | None] | None = None, batch_size: int = 64, what: str = "validation set"):
+    """Run a model. ``feed`` is a ready feed dict (returns output 0 as ``[rows, -1]``), or a table whose rows
+    ``kind`` turns into feeds batch by batch (each batch padded on its own); then ``outputs`` names the outputs
+    to return (None: the first) and the result is a list of ``[rows, -1]`` arrays in that order."""
     sess = _session(model_path, recipe=recipe)
-    try:
-        out = np.asarray(sess.run(None, feed)[0], dtype=np.float64)
-    except Exception as e:
-        raise DataError(f"Running {Path(model_path).name} on the data failed: {e}",
-                        "check that the data's features match the model's inputs.") from None
-    return out.reshape(len(out), -1)
+    names = list(getattr(sess, "output_names", None) or [])
+    wanted = outputs or [None]
+    idx = []
+    for w in wanted:
+        if w is None:
+            idx.append(0)
+        elif w in names:
+            idx.append(names.index(w))
+        else:
+            raise ModelError(f"{Path(model_path).name} has no output {w!r}; its outputs are {names}.",
+                             "set gates.output / gates.embedding_output to one of them.")
+    if isinstance(feed, dict):
+        batches, single = [feed], True
+    else:
+        inputs = onnx_io(model_path)[0]
+        batches, single = iter_feeds(feed, inputs, kind, what, batch_size), False
+    parts: list[list[np.ndarray]] = [[] for _ in idx]
+    for b in batches:
+        try:
+            res = sess.run(None, b)
+        except Exception as e:
+            raise DataError(f"Running {Path(model_path).name} on the {what} failed: {str(e)[:500]}",
+                            "check that the data's features match the model's inputs.") from None
+        for j, k in enumerate(idx):
+            a = np.asarray(res[k], dtype=np.float64)
+            parts[j].append(a.reshape(len(a), -1))
+    out = [np.concatenate(p) if p else np.zeros((0, 1)) for p in parts]
+    return out[0] if single else out
+
+
+def nearest_neighbors(emb: np.ndarray, chunk: int = 2048) -> np.ndarray:
+    """Index of each row's nearest other row by cosine similarity (ties: the lowest index)."""
+    e = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    out = np.empty(len(e), dtype=np.int64)
+    for start in range(0, len(e), chunk):
+        sim = e[start:start + chunk] @ e.T
+        rows = np.arange(start, min(start + chunk, len(e)))
+        sim[rows - start, rows] = -np.inf
+        out[start:start + chunk] = sim.argmax(1)
+    return out
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -138,7 +179,21 @@ def output_semantics(task: str, ref: np.ndarray, outputs: str = "auto") -> str:
     return "probabilities" if in_unit else "logits"
 
 
-def _side(task: str, out: np.ndarray, ref: np.ndarray, y: np.ndarray | None, semantics: str = "logits") -> _Side:
+def _side(task: str, out: np.ndarray, ref: np.ndarray, y: np.ndarray | None, semantics: str = "logits",
+          emb: np.ndarray | None = None, emb_ref: np.ndarray | None = None) -> _Side:
+    """Per-row outcomes of one model against FP32's outputs ``ref`` (and its embeddings ``emb_ref``)."""
+    side = _side_task(task, out, ref, y, semantics)
+    e, e_ref = (emb, emb_ref) if emb is not None else ((out, ref) if task == "embedding" else (None, None))
+    if e is not None and len(e) > 1:
+        side.rows["neighbor_agreement"] = (nearest_neighbors(e) == nearest_neighbors(e_ref)).astype(float)
+        if emb is not None:
+            side.rows["embedding_cosine"] = _row_cosine(emb, emb_ref)
+    return side
+
+
+def _side_task(task: str, out: np.ndarray, ref: np.ndarray, y: np.ndarray | None, semantics: str) -> _Side:
+    if task == "embedding":
+        return _Side(pred=np.zeros(len(out), dtype=int), score=None, rows={"cosine": _row_cosine(out, ref)})
     if task == "regression":
         pred, score = out[:, 0], None
         rows = {}
@@ -214,8 +269,8 @@ def _vector_metric(name: str, side: _Side, idx: np.ndarray) -> np.ndarray | None
         return r["abs_err"][idx].mean(1)
     if name == "rmse":
         return np.sqrt(r["sq_err"][idx].mean(1))
-    if name in ("agreement", "cosine", "kl"):
-        return r[name][idx].mean(1)
+    if name in ("agreement", "cosine", "kl", "neighbor_agreement", "embedding_cosine"):
+        return r[name][idx].mean(1) if name in r else None
     if name == "roc_auc" and side.score is not None and "label" in r and np.isin(r["label"], (0.0, 1.0)).all():
         from scipy.stats import rankdata
 
@@ -352,7 +407,8 @@ def fairness_values(y, side: _Side, codes: np.ndarray, n_groups: int, idx: np.nd
         fpr = np.stack([_rate((pred * m * (yy == 0)).sum(1), (m * (yy == 0)).sum(1)) for m in masks], axis=1)
         out["demographic_parity_difference"] = _group_spread(sel)
         out["equalized_odds_difference"] = np.fmax(_group_spread(tpr), _group_spread(fpr))
-    col = {**PAIRED_BINARY, "cosine": "cosine", "kl": "kl", "mae": "abs_err"}.get(primary)
+    col = {**PAIRED_BINARY, "cosine": "cosine", "kl": "kl", "mae": "abs_err",
+           "embedding_cosine": "embedding_cosine"}.get(primary)
     if col is not None and col in side.rows:
         v = side.rows[col][idx]
         out["metric_gap"] = _group_spread(np.stack([_rate((v * m).sum(1), m.sum(1)) for m in masks], axis=1))
@@ -448,17 +504,25 @@ class EvaluationResult:
     fidelity: dict = field(default_factory=dict)  # always measured vs FP32: agreement, cosine, SQNR, max error
     outputs: str = "logits"  # how classifier outputs were read (decided on FP32's, applied to both models)
     flips: int | None = None  # validation rows whose predicted class differs between the two models
+    data: dict = field(default_factory=dict)  # the data kind that built the feeds
+    embedding_output: str | None = None
+    embedding_fidelity: dict = field(default_factory=dict)
 
 
-def fidelity_metrics(task: str) -> list[str]:
-    """Label-free agreement with FP32: top-1 agreement and output KL only make sense for classes."""
-    return ["cosine"] if task == "regression" else list(FIDELITY_METRICS)
+def fidelity_metrics(task: str, embedding_output: bool = False) -> list[str]:
+    """Label-free agreement with FP32: top-1 agreement and output KL only make sense for classes; embeddings
+    are compared by cosine and by nearest-neighbour agreement within the validation set."""
+    if task == "embedding":
+        return list(EMBEDDING_METRICS)
+    extra = ["embedding_cosine", "neighbor_agreement"] if embedding_output else []
+    return (["cosine"] if task == "regression" else list(FIDELITY_METRICS)) + extra
 
 
-def default_metrics(task: str, labelled: bool) -> list[str]:
-    if not labelled:
-        return fidelity_metrics(task)
-    return (list(REGRESSION_METRICS) if task == "regression" else list(CLASSIFICATION_METRICS)) + fidelity_metrics(task)
+def default_metrics(task: str, labelled: bool, embedding_output: bool = False) -> list[str]:
+    if not labelled or task == "embedding":
+        return fidelity_metrics(task, embedding_output)
+    return ((list(REGRESSION_METRICS) if task == "regression" else list(CLASSIFICATION_METRICS))
+            + fidelity_metrics(task, embedding_output))
 
 
 def evaluate(
@@ -481,8 +545,14 @@ def evaluate(
     seed: int = 0,
     target: dict | None = None,
     outputs: str = "auto",
+    output: str | None = None,
+    embedding_output: str | None = None,
+    batch_size: int = 64,
 ) -> EvaluationResult:
-    """Evaluate FP32 vs quantized. ``label=None``: label-free, fidelity metrics only."""
+    """Evaluate FP32 vs quantized. ``label=None``: label-free, fidelity metrics only. ``features`` is a list of
+    tabular feature columns or a :class:`~qops.data.DataKind` (tensors, text, image); the validation rows are
+    run in batches of ``batch_size``. ``output`` names the output the task reads (default the first);
+    ``embedding_output`` a further output of embeddings (adds embedding_cosine and neighbor_agreement)."""
     slice_columns = list(slice_columns or [])
     intersections = [list(i) for i in (intersections or [])]
     df = read_table(validation, "validation set")
@@ -495,25 +565,32 @@ def evaluate(
                         "drop unlabelled rows from the validation set, or set data.label: null for label-free "
                         "fidelity gates.")
     custom = {name: load_custom_metric(path) for name, path in (custom_metrics or {}).items()}
-    names = list(metrics or default_metrics(task, label is not None)) + [m for m in custom if m not in (metrics or [])]
+    if task == "embedding" and label is not None:
+        label = None  # embeddings are judged against FP32's, label-free
+    names = list(metrics or default_metrics(task, label is not None, embedding_output is not None)) + [
+        m for m in custom if m not in (metrics or [])]
     primary = metric or names[0]
     if primary not in names:
         names.insert(0, primary)
     if label is None:
-        bad = [m for m in names if m not in fidelity_metrics(task) and m not in custom]
+        allowed = fidelity_metrics(task, embedding_output is not None)
+        bad = [m for m in names if m not in allowed and m not in custom]
         if bad:
             raise DataError(f"Metrics {bad} need labels but the validation set has none (data.label is null).",
-                            f"use fidelity metrics {fidelity_metrics(task)} or give the label column.")
-    feats = feature_columns_for(fp32_model, features)
-    feed = feature_matrix(df, fp32_model, feats, "validation set")
-    qfeed = feature_matrix(df, quantized_model, feats, "validation set")
+                            f"use fidelity metrics {allowed} or give the label column.")
+    kind = data_kind(fp32_model, features, validation)
+    wanted = [output] + ([embedding_output] if embedding_output else [])
+    res32 = run_model(fp32_model, df, target, kind=kind, outputs=wanted, batch_size=batch_size)
+    resq = run_model(quantized_model, df, target, kind=kind, outputs=wanted, batch_size=batch_size)
+    out32, outq = res32[0], resq[0]
+    emb32, embq = (res32[1], resq[1]) if embedding_output else (None, None)
     y = df[label].to_numpy() if label else None
-    out32, outq = run_model(fp32_model, feed, target), run_model(quantized_model, qfeed, target)
     if out32.shape != outq.shape:
         raise ModelError(f"FP32 output shape {out32.shape} differs from the quantized model's {outq.shape}.",
                          "quantize the same FP32 model that is evaluated.")
-    semantics = output_semantics(task, out32, outputs)
-    f32, q = _side(task, out32, out32, y, semantics), _side(task, outq, out32, y, semantics)
+    semantics = output_semantics(task, out32, outputs) if task != "embedding" else "embeddings"
+    f32 = _side(task, out32, out32, y, semantics, emb32, emb32)
+    q = _side(task, outq, out32, y, semantics, embq, emb32)
     fidelity = output_fidelity(task, out32, outq)
     scorer = _Scorer(names, y, f32, q, custom, bootstrap, confidence, seed)
     dims = [[c] for c in slice_columns] + intersections
@@ -524,7 +601,8 @@ def evaluate(
     fairness = _fairness(y, f32, q, df, dims, primary, scorer, min_slice_size) if dims else {}
     log.info("timing batch-1 latency: %d interleaved runs per model", latency_runs)
     runners: list = []
-    lat32, latq = measure_latency([fp32_model, quantized_model], feed, runs=latency_runs, recipe=target,
+    lat_feed, lat_shape = kind.latency_feed(df, onnx_io(fp32_model)[0])
+    lat32, latq = measure_latency([fp32_model, quantized_model], lat_feed, runs=latency_runs, recipe=target,
                                   describe=runners)
     size32, sizeq = _file_size(fp32_model), _file_size(quantized_model)
     hw = worker_hardware()
@@ -536,8 +614,9 @@ def evaluate(
         "latency_p90_ms": {"fp32": round(float(np.quantile(lat32, 0.9)) * 1e3, 5),
                            "quantized": round(float(np.quantile(latq, 0.9)) * 1e3, 5)},
         "latency_ratio": p50_q / p50_32,
-        "latency_method": f"batch 1, p50 of {latency_runs} runs interleaved FP32/quantized, 1 intra-op thread; "
-        f"FP32: {runners[0]}; quantized: {runners[1]}",
+        "latency_method": f"batch 1 ({lat_shape}), p50 of {latency_runs} runs interleaved FP32/quantized, "
+        f"1 intra-op thread; FP32: {runners[0]}; quantized: {runners[1]}",
+        "latency_input": lat_shape,
     }
     return EvaluationResult(
         task=task, primary_metric=primary, metrics=names, rows=len(df), label=label, outputs=semantics,
@@ -547,5 +626,7 @@ def evaluate(
         validation=str(validation), bootstrap={"resamples": bootstrap, "confidence": confidence, "seed": seed,
                                                "paired": True, "binary_metrics": "score interval on discordant "
                                                "pairs (Tango)"},
-        hardware=hw, hardware_match=hardware_match(target, hw), fidelity=fidelity,
+        hardware=hw, hardware_match=hardware_match(target, hw), fidelity=fidelity, data=kind.describe(),
+        embedding_output=embedding_output,
+        embedding_fidelity=output_fidelity("embedding", emb32, embq) if embedding_output else {},
     )

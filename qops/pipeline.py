@@ -53,10 +53,13 @@ def stage_source(spec: PipelineSpec, run_id: str) -> dict:
     return out
 
 
-def _features(spec: PipelineSpec, source: dict) -> list[str]:
-    from qops.data import feature_columns_for
+def _features(spec: PipelineSpec, source: dict):
+    """Tabular: the feature column list; other kinds: the :class:`~qops.data.DataKind` built from the spec."""
+    from qops.data import Tabular, kind_from_spec, onnx_io
 
-    return feature_columns_for(source["path"], spec.data.features)
+    inputs, meta = onnx_io(source["path"])
+    kind = kind_from_spec(spec.data, inputs, meta)
+    return kind.features if isinstance(kind, Tabular) else kind
 
 
 def stage_calibrate(spec: PipelineSpec, run_id: str) -> dict:
@@ -102,10 +105,14 @@ def _judge(spec: PipelineSpec, fp32_path: str, features: list[str]):
     """The tuner's judge: the evaluate stage's evaluation (fewer resamples/timed runs) and the spec's gates."""
     from qops.quantize.tune import gate_judge
 
-    return gate_judge(fp32_path, spec.data.validation, spec.data.label, spec.gates,
+    return gate_judge(fp32_path, spec.data.validation, _label(spec), spec.gates,
                       slice_columns=spec.data.slice_columns, features=features,
                       intersections=spec.data.intersections, latency_runs=spec.tuning.latency_runs,
                       bootstrap=spec.tuning.bootstrap)
+
+
+def _label(spec: PipelineSpec) -> str | None:
+    return None if spec.gates.task == "embedding" else spec.data.label
 
 
 def stage_quantize(spec: PipelineSpec, run_id: str, target: str) -> dict:
@@ -116,7 +123,11 @@ def stage_quantize(spec: PipelineSpec, run_id: str, target: str) -> dict:
     recipe = spec.recipe(target)
     src = _source_for(recipe, source)
     cal_json = rdir / "calibration" / "calibration.json"
-    calibration = _load(cal_json, "calibrate")["path"] if recipe.needs_calibration or cal_json.is_file() else None
+    calibration = None
+    if recipe.needs_calibration or cal_json.is_file():
+        cal = _load(cal_json, "calibrate")
+        # ONNX engines read the materialised feeds (named arrays, as checked against the graph); torch the table
+        calibration = cal.get("feeds_path") if recipe.engine != "torchao" and cal.get("feeds_path") else cal["path"]
     features = _features(spec, source)
     out_path = tdir / f"model{recipe.output_suffix}"
     t = spec.tuning
@@ -140,11 +151,11 @@ def stage_evaluate(spec: PipelineSpec, run_id: str, target: str) -> dict:
     source = _load(rdir / "source.json", "source")
     q = _load(tdir / "quantize.json", "quantize")
     g = spec.gates
-    res = evaluate(q["source_path"], q["model_path"], spec.data.validation, spec.data.label, spec.data.slice_columns,
+    res = evaluate(q["source_path"], q["model_path"], spec.data.validation, _label(spec), spec.data.slice_columns,
                    features=_features(spec, source), metric=g.metric, latency_runs=g.latency_runs, task=g.task,
                    metrics=g.metrics, custom_metrics=g.custom_metrics, intersections=spec.data.intersections,
                    min_slice_size=g.min_slice_size, bootstrap=g.bootstrap, confidence=g.confidence, seed=g.seed,
-                   target=q["recipe"], outputs=g.outputs)
+                   target=q["recipe"], outputs=g.outputs, output=g.output, embedding_output=g.embedding_output)
     out = to_jsonable(res)
     write_json_atomic(tdir / "evaluation.json", out)
     return out

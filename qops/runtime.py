@@ -56,6 +56,7 @@ class OrtSession:
             raise ModelError(f"ONNX Runtime cannot load {path}: {str(e)[:400]}",
                              "check the model file and opset.") from None
         self.describe = f"ONNX Runtime {providers[0]}"
+        self.output_names = [o.name for o in self.sess.get_outputs()]
 
     def run(self, _names, feed):
         return self.sess.run(None, feed)
@@ -101,21 +102,24 @@ class TorchSession:
         stamp = (p.stat().st_mtime_ns, p.stat().st_size) if p.is_file() else None  # missing: load_program says so
         self.module, self.dtype, self.device, compiled = _torch_module(str(p), stamp, compile, device)
         self.threads = threads
+        self.output_names = ["output_0"]
         self.describe = f"torch {torch.__version__} {'compiled (Inductor)' if compiled else 'eager'} on {self.device}"
 
     def run(self, _names, feed):
         import torch
 
-        (x,) = feed.values()
         old = torch.get_num_threads()
         if self.threads:
             torch.set_num_threads(self.threads)
         try:
             with torch.no_grad():
-                t = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
-                if self.dtype is not None and t.is_floating_point():
-                    t = t.to(self.dtype)
-                y = self.module(t)
+                args = []
+                for x in feed.values():  # feeds are built in the program's input order
+                    t = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+                    if self.dtype is not None and t.is_floating_point():
+                        t = t.to(self.dtype)
+                    args.append(t)
+                y = self.module(*args)
                 y = y[0] if isinstance(y, (tuple, list)) else y
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()

@@ -53,7 +53,44 @@ class _Base(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class TextSpec(_Base):
+    """Text columns tokenized by a local tokenizer (never downloaded)."""
+
+    columns: list[str] = Field(min_length=1, max_length=2, description="One text column, or two for pairs.")
+    tokenizer: str = Field(description="Local directory with tokenizer.json (or a tokenizer transformers loads "
+                           "from files); a hub name is an error.")
+    max_length: int = Field(128, ge=1, description="Tokens per row after truncation.")
+    truncation: bool = True
+    padding: Literal["longest", "max_length"] = Field("longest", description="Pad each batch to its longest row "
+                                                     "or always to max_length.")
+    latency_length: int | None = Field(default=None, ge=1, description="Sequence length for batch-1 latency; "
+                                       "default: the validation rows' median length.")
+
+
+class ImageSpec(_Base):
+    """Image files preprocessed with Pillow (resize the shorter side, centre crop, scale, mean/std)."""
+
+    path_column: str = Field("path", description="Column of image paths.")
+    root: str | None = Field(default=None, description="Folder that relative paths are read from; default: "
+                             "the folder of the spec.")
+    resize: int | None = Field(256, ge=1, description="Shorter side after resizing (null: no resize).")
+    crop: int | None = Field(224, ge=1, description="Centre crop size (null: no crop).")
+    mean: list[float] = Field(default_factory=lambda: [0.485, 0.456, 0.406], min_length=3, max_length=3)
+    std: list[float] = Field(default_factory=lambda: [0.229, 0.224, 0.225], min_length=3, max_length=3)
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
+    input: str | None = Field(default=None, description="Model input the pixels go to (default: the only one).")
+
+
+class TensorsSpec(_Base):
+    pad_value: float = Field(0, description="Right-padding value for 1-D rows of different lengths.")
+
+
 class DataSpec(_Base):
+    kind: Literal["tabular", "tensors", "text", "image"] = Field(
+        "tabular", description="How rows become model feeds keyed by input name (docs/spec.md#data-kinds).")
+    text: TextSpec | None = None
+    image: ImageSpec | None = None
+    tensors: TensorsSpec | None = None
     pool: str = Field(description="Parquet/CSV pool to draw the calibration set from (recent production data).")
     reference: str = Field(description="Parquet/CSV reference (e.g. the training data) for the drift check.")
     validation: str = Field(description="Parquet/CSV validation set with labels and slice columns.")
@@ -66,6 +103,20 @@ class DataSpec(_Base):
         description="Feature columns fed to the model, in order. Default: the model's "
         "'qops.feature_columns' metadata.",
     )
+
+    @model_validator(mode="after")
+    def _kind_block(self) -> "DataSpec":
+        if self.kind in ("text", "image") and getattr(self, self.kind) is None:
+            raise ValueError(f"data.kind is {self.kind} but the data.{self.kind} block is missing "
+                             "(see docs/spec.md#data-kinds)")
+        for other in ("text", "image", "tensors"):
+            if other != self.kind and getattr(self, other) is not None:
+                raise ValueError(f"data.{other} is set but data.kind is {self.kind}; set data.kind: {other} "
+                                 f"or remove data.{other}")
+        if self.kind != "tabular" and self.features:
+            raise ValueError("data.features lists tabular feature columns; it does not apply to data.kind "
+                             f"{self.kind}")
+        return self
 
 
 class DriftSpec(_Base):
@@ -129,8 +180,15 @@ class InconclusiveSpec(_Base):
 
 
 class GateSpec(_Base):
-    task: Literal["classification", "regression"] = "classification"
-    metric: str = Field("accuracy", description="Primary metric: the drop checks below apply to it.")
+    task: Literal["classification", "regression", "embedding"] = Field(
+        "classification", description="embedding: label-free, the outputs are vectors compared with FP32's "
+        "(cosine, neighbor_agreement).")
+    metric: str = Field("accuracy", description="Primary metric: the drop checks below apply to it "
+                        "(task embedding: cosine unless set).")
+    output: str | None = Field(default=None, description="Model output the task reads (default: the first).")
+    embedding_output: str | None = Field(
+        default=None, description="A further output holding embeddings (e.g. a classifier's pooled vector): adds "
+        "embedding_cosine and neighbor_agreement on it.")
     metrics: list[str] | None = Field(default=None, description="Metrics to compute; default by task (+ fidelity).")
     custom_metrics: dict[str, str] = Field(
         default_factory=dict, description="name -> 'package.module:function(y_true, y_pred, y_score)'.")
@@ -166,6 +224,12 @@ class GateSpec(_Base):
     latency_runs: int = Field(300, ge=10, description="Timed batch-1 runs per model (after warm-up).")
 
     @model_validator(mode="after")
+    def _embedding_metric(self) -> "GateSpec":
+        if self.task == "embedding" and "metric" not in self.model_fields_set:
+            self.metric = "cosine"
+        return self
+
+    @model_validator(mode="after")
     def _decision_alias(self) -> "GateSpec":
         if self.decision is not None:
             policy = "point" if self.decision == "point" else "fail"
@@ -191,7 +255,11 @@ class TuningSpec(_Base):
         default_factory=lambda: ["per-channel", "per-tensor"])
     modes: list[Literal["static", "dynamic"]] | None = Field(
         default=None, description="INT8 modes to try (default: the recipe's; 'auto' recipes try both).")
-    smooth_quant_alphas: list[float] = Field(default_factory=list, description="SmoothQuant strengths to try.")
+    smooth_quant_alphas: list[float] = Field(default_factory=list, description="SmoothQuant strengths to try "
+                                             "(static and dynamic INT8; needs a calibration set).")
+    embedding_granularities: list[Literal["per-tensor", "per-row"]] | None = Field(
+        default=None, description="INT8 embedding tables to try: one scale per table (ONNX Runtime's) or one per "
+        "row (default: the recipe's).")
     try_all_ops: bool = Field(True, description="Static INT8: also try quantizing every op ONNX Runtime can "
                               "(keeps tensors INT8 between layers), not only the weighted ones.")
     activation_types: list[Literal["uint8", "int8"]] | None = Field(
@@ -289,6 +357,11 @@ def _resolve_paths(spec: PipelineSpec, base: Path) -> PipelineSpec:
 
     d = spec.data
     d.pool, d.reference, d.validation = fix(d.pool), fix(d.reference), fix(d.validation)
+    if d.text is not None:
+        d.text.tokenizer = fix(d.text.tokenizer) if d.text.tokenizer.startswith((".", "/", "~")) or (
+            base / d.text.tokenizer).exists() else d.text.tokenizer  # a hub-like name stays as given: an error later
+    if d.image is not None:
+        d.image.root = fix(d.image.root or ".")
     spec.artifact_root = fix(spec.artifact_root)
     spec.source_model = fix(spec.source_model)
     return spec

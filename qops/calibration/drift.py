@@ -184,6 +184,7 @@ def check_drift(
     max_kl: float = 0.5,
     max_psi: float = 0.25,
     min_ks_pvalue: float = 0.001,
+    extra_checks: list | None = None,
 ) -> DriftReport:
     """Validate ``sample`` with a GX suite generated from ``reference``, plus PSI and KS computed
     directly; never raises on drift."""
@@ -224,7 +225,7 @@ def check_drift(
             expectation=cfg.type, passed=bool(r.success), observed=observed, expected=expected,
         ))
     direct, stats = direct_checks(sample, reference, numeric, max_psi, min_ks_pvalue)
-    checks += direct
+    checks += direct + list(extra_checks or [])
     drifted = sorted({c.column for c in checks if not c.passed})
     return DriftReport(
         passed=not drifted, drifted_columns=drifted, checks=checks,

@@ -23,7 +23,7 @@ import pandas as pd
 from qops.artifacts import atomic_path, sha256_file, write_json_atomic, write_text_atomic
 from qops.calibration.drift import check_drift
 from qops.calibration.sources import S3Options, TableSource, as_source
-from qops.data import feature_matrix
+from qops.data import DataKind, Tabular, feature_matrix
 from qops.errors import DataError, DriftError
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,10 @@ class CalibrationResult:
     drifted_columns: list[str] = field(default_factory=list)
     drift_report_path: str = ""
     manifest_path: str = ""
+    feeds_path: str | None = None  # the feeds the quantizer calibrates on: .npz of arrays named like the inputs
+    feeds_sha256: str | None = None
+    feeds: dict = field(default_factory=dict)  # input name -> {dtype, shape}
+    data: dict = field(default_factory=dict)  # the data kind (and its settings) that built the feeds
     attempts: list[dict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -245,12 +249,15 @@ def select_rows(pool: pd.DataFrame, n: int, strategy: str = "random", seed: int 
     return pool.iloc[frame[ROW].to_numpy()]
 
 
-def _check_schema(chosen: pd.DataFrame, features: list[str], validation: TableSource | None,
-                  model_inputs: list | None, where: str) -> None:
-    """The calibration set's features must fit the model's input and match the validation set's columns."""
+def _check_schema(chosen: pd.DataFrame, kind: DataKind, validation: TableSource | None,
+                  model_inputs: list | None, where: str) -> dict | None:
+    """The calibration set's feeds must fit the model's inputs (names, dtypes, ranks) and the validation set must
+    have the same columns. Returns the feeds (None without the model's inputs)."""
+    features = kind.columns()
+    feeds = None
     if model_inputs:
-        feature_matrix(chosen, model_inputs, features, where)  # input count and width, numeric, finite
-    else:
+        feeds = feature_matrix(chosen, model_inputs, kind, where)  # names, dtypes, ranks, fixed dims, finite
+    elif isinstance(kind, Tabular):
         non_numeric = [c for c in features if not pd.api.types.is_numeric_dtype(chosen[c])]
         if non_numeric:
             raise DataError(f"Feature column(s) {non_numeric} of {where} are not numeric.",
@@ -261,6 +268,17 @@ def _check_schema(chosen: pd.DataFrame, features: list[str], validation: TableSo
         if missing:
             raise DataError(f"The validation set {validation.uri} lacks feature column(s) {missing} that the "
                             "calibration set has.", "calibrate and validate on data with the same schema.")
+    return feeds
+
+
+def _write_feeds(feeds: dict, out: Path) -> dict:
+    """The calibration feeds as an ``.npz`` of arrays named like the model inputs (atomic), with a manifest."""
+    path = out / "calibration_feeds.npz"
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **feeds)
+    return {"path": str(path), "sha256": sha256_file(path),
+            "inputs": {k: {"dtype": str(v.dtype), "shape": list(v.shape)} for k, v in feeds.items()}}
 
 
 def select_calibration(
@@ -268,7 +286,7 @@ def select_calibration(
     reference,
     output_dir: str | os.PathLike,
     size: int,
-    features: list[str],
+    features,
     slice_columns: list[str] | None = None,
     strategy: str = "stratified",
     seed: int = 0,
@@ -298,6 +316,13 @@ def select_calibration(
     """
     if strategy not in ("random", "stratified", "diversity"):
         raise DataError(f"Unknown calibration strategy {strategy!r}.", "use 'random', 'stratified' or 'diversity'.")
+    kind = features if isinstance(features, DataKind) else Tabular(list(features))
+    features = kind.columns()
+    if strategy == "diversity" and not isinstance(kind, Tabular) and not (
+            diversity and (diversity.columns or diversity.embedding_column)):
+        raise DataError(f"The diversity strategy needs numeric columns or an embedding column; {kind.kind} data has "
+                        "neither by default.", "set calibration.diversity.embedding_column (e.g. precomputed "
+                        "embeddings) or diversity.columns, or use strategy: stratified.")
     slice_columns = list(slice_columns or [])
     stratify_by = list(stratify_by or slice_columns)
     out = Path(output_dir)
@@ -337,9 +362,10 @@ def select_calibration(
         if not drift_enabled:
             attempts.append({"seed": s, "drift_passed": None})
             break
-        report = check_drift(chosen, ref, numeric=features, categorical=slice_columns,
+        sample_x, ref_x, numeric = _drift_frames(kind, chosen, ref)
+        report = check_drift(sample_x, ref_x, numeric=numeric, categorical=slice_columns,
                              quantile_tolerance=quantile_tolerance, max_kl=max_kl, max_psi=max_psi,
-                             min_ks_pvalue=min_ks_pvalue)
+                             min_ks_pvalue=min_ks_pvalue, extra_checks=kind.drift_extra(chosen, ref, max_psi))
         attempts.append({"seed": s, "drift_passed": report.passed, "drifted_columns": report.drifted_columns})
         log.info("%s", report.text())
         if report.passed:
@@ -365,10 +391,11 @@ def select_calibration(
         )
     used_seed = attempts[-1]["seed"]
     warnings = _slice_minimums(chosen, stratify_by, min_per_slice, on_small_slice, stats)
-    _check_schema(chosen, features, val_src, model_inputs, "the calibration set")
+    feeds = _check_schema(chosen, kind, val_src, model_inputs, "the calibration set")
     cal_path = out / "calibration.parquet"
     with atomic_path(cal_path) as tmp:
         chosen.drop(columns=[ROW]).to_parquet(tmp, index=False)
+    feeds_manifest = _write_feeds(feeds, out) if feeds is not None else None
     per_slice = {c: {str(k): int(v) for k, v in chosen[c].astype(str).value_counts().sort_index().items()}
                  for c in slice_columns}
     result = CalibrationResult(
@@ -376,6 +403,9 @@ def select_calibration(
         pool=pool_src.uri, pool_rows=stats["pool_rows"], reference=ref_src.uri, rows_per_slice=per_slice,
         drift_passed=passed, drifted_columns=drifted, drift_report_path=str(report_path),
         manifest_path=str(out / "calibration.json"), attempts=attempts, warnings=warnings,
+        feeds_path=feeds_manifest["path"] if feeds_manifest else None,
+        feeds_sha256=feeds_manifest["sha256"] if feeds_manifest else None,
+        feeds=feeds_manifest["inputs"] if feeds_manifest else {}, data=kind.describe(),
     )
     manifest = {**result.__dict__, "sources": {"pool": pool_src.describe(), "reference": ref_src.describe()},
                 "recency": None if recency is None else {**recency.__dict__, "cutoff": stats.get("cutoff")},
@@ -383,6 +413,15 @@ def select_calibration(
                 "stratify_by": stratify_by if strategy == "stratified" else []}
     write_json_atomic(out / "calibration.json", manifest)
     return result
+
+
+def _drift_frames(kind: DataKind, chosen: pd.DataFrame, ref: pd.DataFrame):
+    """Numeric per-row features that fit the kind (tabular: the features themselves), beside the slice columns."""
+    if isinstance(kind, Tabular):
+        return chosen, ref, kind.columns()
+    fs, fr = kind.drift_features(chosen), kind.drift_features(ref)
+    return (pd.concat([chosen.drop(columns=[c for c in fs.columns if c in chosen]), fs], axis=1),
+            pd.concat([ref.drop(columns=[c for c in fr.columns if c in ref]), fr], axis=1), list(fs.columns))
 
 
 def _check_pool_columns(stats: dict, features: list[str], uri: str) -> None:

@@ -27,7 +27,7 @@ from typing import Iterator
 
 from qops import __version__
 from qops.artifacts import atomic_path, sha256_file, write_json_atomic
-from qops.data import feature_columns_for, feature_matrix, onnx_io, read_table
+from qops.data import data_kind, feature_matrix, onnx_io, read_table
 from qops.errors import DataError, ModelError, TargetError
 from qops.targets import Recipe, get_target
 
@@ -60,15 +60,18 @@ class QuantizeResult:
 
 
 class TableCalibrationReader:
-    """ONNX Runtime CalibrationDataReader over a parquet/CSV table, yielding batches of rows.
+    """ONNX Runtime CalibrationDataReader over a calibration file, yielding feeds keyed by input name.
 
-    Only the feature columns are read, batch by batch, so a large calibration file is never
-    held in memory as one tensor. Iterable too (GPTQ's data loader iterates a copy).
+    ``features`` is a list of tabular feature columns or a :class:`~qops.data.DataKind`; a ``.npz`` of arrays
+    named like the inputs (the calibrate stage's materialised feeds) is read as such. Parquet is read batch
+    by batch (only the kind's columns), so a large calibration file is never held in memory as one tensor.
+    Iterable too (GPTQ's data loader iterates a copy).
     """
 
-    def __init__(self, path: str, model_path: str, features: list[str], batch_size: int = 64):
-        self.path, self.features, self.batch_size = str(path), features, batch_size
+    def __init__(self, path: str, model_path: str, features, batch_size: int = 64):
+        self.path, self.batch_size = str(path), batch_size
         self.inputs = onnx_io(model_path)[0]
+        self.features = data_kind(str(model_path), features, self.path)
         self._it: Iterator[dict] | None = None
         self.rows = 0
 
@@ -78,11 +81,13 @@ class TableCalibrationReader:
             import pyarrow.parquet as pq
 
             pf = pq.ParquetFile(p)
-            missing = [c for c in self.features if c not in pf.schema_arrow.names]
+            cols = self.features.columns()
+            missing = [c for c in cols if c not in pf.schema_arrow.names]
             if missing:
-                raise DataError(f"The calibration set {p} lacks feature column(s) {missing}.",
+                raise DataError(f"The calibration set {p} lacks column(s) {missing} ({self.features.kind} data); it "
+                                f"has {pf.schema_arrow.names[:30]}.",
                                 "select the calibration set from data with the model's features.")
-            for batch in pf.iter_batches(batch_size=self.batch_size, columns=self.features):
+            for batch in pf.iter_batches(batch_size=self.batch_size, columns=cols):
                 df = batch.to_pandas()
                 self.rows += len(df)
                 yield feature_matrix(df, self.inputs, self.features, f"calibration set {p.name}")
@@ -191,11 +196,22 @@ def _quantize_onnx(model: Path, recipe: Recipe, output: Path, calibration, featu
         named = td / "named.onnx"
         _save(full, named, external)
         reader = None
-        if needs_cal or (recipe.smooth_quant_alpha is not None and calibration is not None):
-            feats = feature_columns_for(model, features)
+        if recipe.smooth_quant_alpha is not None and recipe.precision == "int8" and calibration is None:
+            raise DataError(f"Target {recipe.target!r} uses SmoothQuant, which measures activations on a calibration "
+                            "set.", "pass --calibration FILE, or drop smooth_quant_alpha.")
+        uses_cal = needs_cal or (recipe.smooth_quant_alpha is not None and recipe.precision == "int8")
+        if uses_cal:
             # ORT's histogram calibrators (percentile, entropy, distribution) stack batches: one batch of all rows
-            histogram = recipe.precision == "int8" and recipe.calibration_method != "minmax"
-            reader = TableCalibrationReader(str(calibration), str(model), feats, 1 << 30 if histogram else batch_size)
+            histogram = recipe.precision == "int8" and mode == "static" and recipe.calibration_method != "minmax"
+            reader = TableCalibrationReader(str(calibration), str(model), features,
+                                            1 << 30 if histogram else batch_size)
+        elif calibration is not None:
+            why = (f"mode {recipe.mode} -> {mode}" if recipe.mode == "auto" else f"mode {mode}")
+            msg = (f"calibration set {Path(str(calibration)).name} NOT used: target {recipe.target} quantizes with "
+                   f"{why} ({recipe.precision}), which takes no calibration data; set target_options "
+                   "mode: static or smooth_quant_alpha to use it")
+            log.warning("%s", msg)
+            notes.append(msg)
         q = td / "q.onnx"
         if recipe.precision == "int8" and mode in ("static", "dynamic"):
             technique = _int8(named, q, recipe, mode, reader, external, td)
@@ -253,6 +269,10 @@ def _quantize_onnx(model: Path, recipe: Recipe, output: Path, calibration, featu
     return result
 
 
+_ALL_INT8_OPS = ["MatMul", "Gemm", "Conv", "ConvTranspose", "Attention", "LSTM", "GRU", "Gather",
+                 "EmbedLayerNormalization", "Add", "Mul", "Relu", "Clip", "Softmax", "MaxPool", "AveragePool",
+                 "GlobalAveragePool", "Concat", "Split", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Resize",
+                 "Where", "Sigmoid", "LeakyRelu", "Pad", "ArgMax", "InstanceNormalization", "LayerNormalization"]
 _QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
               "QLinearMatMul", "QLinearConv", "MatMulNBits", "QGemm", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM",
               "QAttention", "GatherBlockQuantized"}
@@ -299,10 +319,17 @@ def _int8(src: Path, dst: Path, recipe: Recipe, mode: str, reader, external: boo
     # entries that contradict the rewritten graph, and ORT's quantizer re-infers shapes strictly
     del m.graph.value_info[:]
     technique: dict = {"kind": "int8", "mode": mode}
-    if recipe.smooth_quant_alpha is not None and mode == "static":
+    if recipe.smooth_quant_alpha is not None:
         from qops.quantize.smoothquant import smooth
 
         technique["smooth_quant"] = smooth(m, reader, recipe.smooth_quant_alpha, nodes_to_exclude=recipe.nodes_to_exclude)
+    op_types = list(recipe.op_types)
+    if recipe.embedding_granularity == "per-row" and (not op_types or "Gather" in op_types):
+        from qops.quantize.embedding import quantize_embeddings
+
+        technique["embeddings"] = quantize_embeddings(m, nodes_to_exclude=recipe.nodes_to_exclude)
+        if technique["embeddings"]["tables"]:  # the row scales are Gathers too: ORT must not quantize them
+            op_types = [o for o in (op_types or _ALL_INT8_OPS) if o != "Gather"]
     pre2 = td / "prepared.onnx"
     _save(m, pre2, external)
     wt, at, cm, fmt = _ort_types(recipe)
@@ -314,7 +341,7 @@ def _int8(src: Path, dst: Path, recipe: Recipe, mode: str, reader, external: boo
         log.info("static INT8 for %s: calibrating (%s) on %s", recipe.target, recipe.calibration_method, reader.path)
         reader.rewind()
         quantize_static(
-            str(pre2), str(dst), reader, quant_format=fmt, op_types_to_quantize=list(recipe.op_types) or None,
+            str(pre2), str(dst), reader, quant_format=fmt, op_types_to_quantize=op_types or None,
             per_channel=recipe.per_channel, reduce_range=recipe.reduce_range, activation_type=at, weight_type=wt,
             calibrate_method=cm, nodes_to_exclude=exclude, use_external_data_format=external, extra_options=extra,
         )
@@ -322,12 +349,12 @@ def _int8(src: Path, dst: Path, recipe: Recipe, mode: str, reader, external: boo
     else:
         log.info("dynamic INT8 for %s", recipe.target)
         quantize_dynamic(
-            str(pre2), str(dst), op_types_to_quantize=list(recipe.op_types) or None, per_channel=recipe.per_channel,
+            str(pre2), str(dst), op_types_to_quantize=op_types or None, per_channel=recipe.per_channel,
             reduce_range=recipe.reduce_range, weight_type=wt, nodes_to_exclude=exclude,
             use_external_data_format=external, extra_options=extra,
         )
     technique.update(granularity=recipe.granularity, excluded_nodes=exclude,
-                     op_types=list(recipe.op_types) or "all ops ONNX Runtime quantizes")
+                     op_types=op_types or "all ops ONNX Runtime quantizes")
     return technique
 
 

@@ -43,6 +43,7 @@ class TuningConfig:
     granularities: list = field(default_factory=lambda: ["per-channel", "per-tensor"])
     modes: list | None = None  # None: the recipe's mode ("auto": both static and dynamic)
     smooth_quant_alphas: list = field(default_factory=list)
+    embedding_granularities: list | None = None  # INT8 embedding tables to try (None: the recipe's)
     activation_types: list | None = None  # static INT8 activations to try (None: the recipe's)
     try_all_ops: bool = True  # static INT8: also quantize every op ORT can (Relu, pooling, Add...), not just weights
     max_fallback_nodes: int = 8
@@ -76,7 +77,8 @@ def gate_judge(fp32_model, validation, label, gates, *, slice_columns=None, feat
                       metric=gates.metric, latency_runs=latency_runs, task=gates.task, metrics=gates.metrics,
                       custom_metrics=gates.custom_metrics, intersections=intersections,
                       min_slice_size=gates.min_slice_size, bootstrap=bootstrap, confidence=gates.confidence,
-                      seed=gates.seed, target=res.recipe, outputs=gates.outputs)
+                      seed=gates.seed, target=res.recipe, outputs=gates.outputs, output=gates.output,
+                      embedding_output=gates.embedding_output)
         verdict = gate(ev, gates)
         primary = ev.overall[ev.primary_metric]
         failing = [c.name.split(":", 1)[1][:-1] for c in verdict.checks
@@ -111,10 +113,13 @@ def search_space(recipe: Recipe, cfg: TuningConfig, has_calibration: bool, prefe
         acts = cfg.activation_types or [recipe.activation_type]
         first = cfg.calibration_methods[:1]
         ops = [recipe.op_types] + ([()] if cfg.try_all_ops and recipe.op_types else [])
+        egs = cfg.embedding_granularities or [recipe.embedding_granularity]
         basic: dict[str, list] = {
             "static": [{"mode": "static", "calibration_method": m, "per_channel": pc, "activation_type": act,
-                        "op_types": o} for m in first for o, pc, act in itertools.product(ops, gran, acts)],
-            "dynamic": [{"mode": "dynamic", "per_channel": pc, "op_types": o} for o, pc in itertools.product(ops, gran)],
+                        "op_types": o, "embedding_granularity": eg}
+                       for m in first for o, pc, act, eg in itertools.product(ops, gran, acts, egs)],
+            "dynamic": [{"mode": "dynamic", "per_channel": pc, "op_types": o, "embedding_granularity": eg}
+                        for o, pc, eg in itertools.product(ops, gran, egs)],
         }
         # breadth first: every mode's basic variants, then the other calibration methods, then SmoothQuant
         for mode in modes:
@@ -123,7 +128,9 @@ def search_space(recipe: Recipe, cfg: TuningConfig, has_calibration: bool, prefe
             cands += [{"mode": "static", "calibration_method": m, "per_channel": pc, "activation_type": act,
                        "op_types": o} for m in cfg.calibration_methods[1:]
                       for o, pc, act in itertools.product(ops, gran, acts)]
-            cands += [{"mode": "static", "smooth_quant_alpha": a} for a in cfg.smooth_quant_alphas]
+        if has_calibration:  # SmoothQuant measures activations on the calibration set, for either mode
+            cands += [{"mode": m, "smooth_quant_alpha": a, "per_channel": True, "embedding_granularity": eg}
+                      for m in modes for a in cfg.smooth_quant_alphas for eg in egs]
     elif recipe.precision == "int4":
         for algo, block in itertools.product(["rtn"] + (["gptq"] if has_calibration else []), [128, 32]):
             cands.append({"algorithm": algo, "block_size": block})

@@ -55,6 +55,8 @@ class Recipe:
     calibration_method: Literal["minmax", "entropy", "percentile", "distribution"] = "minmax"
     percentile: float = 99.999  # calibration_method="percentile": clip activations at this percentile
     smooth_quant_alpha: float | None = None  # SmoothQuant migration strength (None: off)
+    # INT8 embedding tables (Gather on a large weight): one scale for the table (ONNX Runtime's) or one per row
+    embedding_granularity: Literal["per-tensor", "per-row"] = "per-tensor"
     # weighted ops (Gather: embedding tables); () = every op ONNX Runtime quantizes (INT8)
     op_types: tuple[str, ...] = ("MatMul", "Gemm", "Conv", "Gather")
     nodes_to_exclude: tuple[str, ...] = ()  # kept in FP32 (accuracy-aware tuning fills this)
@@ -106,10 +108,12 @@ class Recipe:
             bad(f"percentile {self.percentile} is outside [90, 100).", "use e.g. 99.99 or 99.999.")
         if self.smooth_quant_alpha is not None and not 0.0 < self.smooth_quant_alpha < 1.0:
             bad(f"smooth_quant_alpha {self.smooth_quant_alpha} is outside (0, 1).", "use 0.5 (the paper's default).")
-        if self.smooth_quant_alpha is not None and self.mode not in ("static", "auto"):
-            bad("SmoothQuant migrates activation outliers into weights before *static* activation "
-                "quantization; it does nothing for a dynamic or weight-only recipe.",
-                "set mode='static' or drop smooth_quant_alpha.")
+        if self.smooth_quant_alpha is not None and self.mode not in ("static", "dynamic", "auto"):
+            bad("SmoothQuant migrates activation outliers into weights before activation quantization; it does "
+                "nothing for a weight-only recipe.",
+                "set mode='static' or 'dynamic', or drop smooth_quant_alpha.")
+        if self.embedding_granularity == "per-row" and self.precision != "int8":
+            bad("per-row embedding quantization is an INT8 technique.", "drop embedding_granularity.")
         if self.engine == "torchao" and self.torch_method is None:
             bad("a torchao recipe needs torch_method.", "set torch_method, e.g. 'pt2e_x86_inductor'.")
         if self.engine == "onnxruntime" and self.precision == "fp8":

@@ -55,7 +55,8 @@ def test_registry_has_a_target_per_hardware_kind():
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"smooth_quant_alpha": 0.5, "mode": "dynamic"}, "SmoothQuant.*static"),
+    ({"smooth_quant_alpha": 0.5, "precision": "int4", "mode": "weight_only"}, "SmoothQuant.*weight-only"),
+    ({"embedding_granularity": "per-row", "precision": "int4", "mode": "weight_only"}, "per-row embedding"),
     ({"smooth_quant_alpha": 1.5}, r"smooth_quant_alpha 1.5 is outside \(0, 1\)"),
     ({"percentile": 80}, r"percentile 80(\.0)? is outside \[90, 100\)"),
     ({"calibration_methd": "entropy"}, r"unknown recipe option\(s\) \['calibration_methd'\]"),
