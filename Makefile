@@ -1,12 +1,13 @@
 # qops: two commands on a fresh machine.
-#   make demo   retrain the example model, run the quantization DAG on Airflow (SQLite) + MLflow (SQLite)
+#   make demo   retrain the example models, run their quantization DAGs on Airflow (SQLite) + MLflow (SQLite):
+#               German Credit (tabular MLP) and news topics (the pretrained all-MiniLM-L6-v2 transformer)
 #   make test   run the test suite
 PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.qops-installed
 
-.PHONY: install demo test test-unit clean mlflow-ui
+.PHONY: install demo demo-credit demo-text test test-unit clean mlflow-ui
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +19,12 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	bash scripts/demo.sh
+
+demo-credit: $(STAMP)
+	QOPS_DEMO_EXAMPLES=german_credit bash scripts/demo.sh
+
+demo-text: $(STAMP)
+	QOPS_DEMO_EXAMPLES=news_topics bash scripts/demo.sh
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 
 from qops.artifacts import to_jsonable
@@ -39,12 +40,11 @@ def cmd_targets(args) -> int:
 
 def cmd_calibrate(args) -> int:
     from qops.calibration import select_calibration
-    from qops.data import feature_columns_for
 
     from qops.calibration import Diversity, Recency, S3Options
     from qops.data import onnx_io
 
-    features = _csv(args.features) or feature_columns_for(args.model, None)
+    features = _data_kind(args) or _csv(args.features) or _model_kind(args.model, args.pool)
     res = select_calibration(
         pool=args.pool, reference=args.reference, output_dir=args.output_dir, size=args.size, features=features,
         slice_columns=_csv(args.slice_columns), strategy=args.strategy, seed=args.seed,
@@ -60,6 +60,12 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def _text_args(sp) -> None:
+    sp.add_argument("--tokenizer", help="text data: a local tokenizer directory (never downloaded)")
+    sp.add_argument("--text-column", help="text data: the text column (two, comma-separated, for pairs)")
+    sp.add_argument("--max-length", type=int, default=128, help="text data: tokens per row after truncation")
+
+
 def _options(pairs: list[str] | None) -> dict:
     """``KEY=VALUE`` recipe overrides; values parsed as YAML (numbers, booleans, lists)."""
     import yaml
@@ -73,24 +79,70 @@ def _options(pairs: list[str] | None) -> dict:
     return out
 
 
+_THRESHOLD = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(>=|<=)\s*([-+0-9.eE]+)\s*$")
+
+
+def parse_threshold(text: str) -> dict:
+    """``metric>=value`` (a lower bound on the quantized model's value) or ``metric<=value`` (an upper bound)."""
+    m = _THRESHOLD.match(text or "")
+    if not m:
+        raise QopsError(f"--threshold {text!r} is not METRIC>=VALUE or METRIC<=VALUE.",
+                        "e.g. --threshold 'cosine>=0.995' --threshold 'neighbor_agreement>=0.95'")
+    metric, op, value = m.group(1), m.group(2), float(m.group(3))
+    return {"metric": metric, "min_value" if op == ">=" else "max_value": value}
+
+
+def _cli_gates(args):
+    """The gates ``quantize --tune`` judges with: the spec's GateSpec from the command line."""
+    from qops.spec import GateSpec
+
+    thresholds = [parse_threshold(t) for t in args.threshold or []]
+    named = {t["metric"] for t in thresholds}
+    task = args.task or ("embedding" if not args.label and named & {"neighbor_agreement"} else "classification")
+    fields = {"task": task, "thresholds": thresholds}
+    if task != "embedding":
+        fields["metric"] = "accuracy" if args.label else "agreement"
+    if args.output_name:
+        fields["output"] = args.output_name
+    if args.embedding_output:
+        fields["embedding_output"] = args.embedding_output
+    return GateSpec(**fields)
+
+
+def _data_kind(args):
+    """A text data kind from --tokenizer/--text-column; None otherwise (tabular or inferred)."""
+    if not getattr(args, "tokenizer", None):
+        return None
+    from qops.data import Text
+
+    return Text(_csv(args.text_column) or ["text"], args.tokenizer, max_length=args.max_length)
+
+
+def _model_kind(model, data):
+    """The kind a bare model and data file imply (tensors for an .npz or input-named columns)."""
+    if not model:
+        raise QopsError("qops calibrate needs --features, --model or --tokenizer.", "pass one of them.")
+    from qops.data import data_kind
+
+    return data_kind(model, None, data)
+
+
 def cmd_quantize(args) -> int:
     from qops.quantize import quantize
     from qops.quantize.ort import resolve_recipe
 
     options = _options(args.option)
     if args.tune:
-        from qops.data import feature_columns_for
         from qops.quantize.tune import TuningConfig, gate_judge, tune
-        from qops.spec import GateSpec, TuningSpec
+        from qops.spec import TuningSpec
 
         if not args.validation:
             raise QopsError("--tune needs --validation (the rows the gates judge each candidate on).",
                             "pass --validation FILE [--label COLUMN] [--slice-columns a,b].")
         recipe = resolve_recipe(args.target, options)
-        features = _csv(args.features) or feature_columns_for(args.model, None)
+        features = _data_kind(args) or _csv(args.features) or None  # None: from the data (.npz) or model metadata
         tcfg = TuningSpec(max_trials=args.max_trials, timeout_s=args.timeout)
-        judge = gate_judge(args.model, args.validation, args.label, GateSpec(metric="accuracy" if args.label
-                                                                             else "agreement"),
+        judge = gate_judge(args.model, args.validation, args.label, _cli_gates(args),
                            slice_columns=_csv(args.slice_columns), features=features,
                            latency_runs=tcfg.latency_runs, bootstrap=tcfg.bootstrap)
         res = tune(args.model, recipe, args.output, judge, calibration=args.calibration, features=features,
@@ -108,7 +160,7 @@ def cmd_quantize(args) -> int:
                     for r in res.tuning["node_ranking"][:5]))
     else:
         res = quantize(args.model, args.target, args.output, calibration=args.calibration,
-                       features=_csv(args.features), options=options)
+                       features=_data_kind(args) or _csv(args.features), options=options)
     _emit(args, res, f"{res.model_path}: {res.size_bytes} bytes ({res.size_ratio}x smaller), mode {res.mode}, "
                      f"recipe {res.recipe_path}" + "".join(f"\n  note: {n}" for n in res.notes))
     return 0
@@ -119,9 +171,11 @@ def cmd_evaluate(args) -> int:
     from qops.evaluate import evaluate
 
     res = evaluate(args.fp32, args.quantized, args.validation, args.label, _csv(args.slice_columns),
-                   features=_csv(args.features), metric=args.metric, latency_runs=args.latency_runs, task=args.task,
+                   features=_data_kind(args) or _csv(args.features), metric=args.metric,
+                   latency_runs=args.latency_runs, task=args.task,
                    intersections=[c.split("&") for c in args.intersection or []], bootstrap=args.bootstrap,
-                   min_slice_size=args.min_slice_size, outputs=args.outputs)
+                   min_slice_size=args.min_slice_size, outputs=args.outputs, output=args.output_name,
+                   embedding_output=args.embedding_output)
     if args.output:
         write_json_atomic(args.output, res)
     o, p = res.overall[res.primary_metric], res.performance
@@ -267,9 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--embedding-column", help="diversity sampling over this list/array column")
     sp.add_argument("--validation", help="validation set whose schema the calibration set must match")
     sp.add_argument("--s3-endpoint-url", help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL or AWS)")
-    g = sp.add_mutually_exclusive_group(required=True)
+    g = sp.add_mutually_exclusive_group()
     g.add_argument("--features", help="comma-separated feature columns")
-    g.add_argument("--model", help="ONNX model whose qops.feature_columns metadata names the features")
+    g.add_argument("--model", help="ONNX model: its qops.feature_columns metadata names the features, or its input "
+                   "names the pool's array columns; with --tokenizer, the inputs the calibration feeds are checked "
+                   "against")
+    _text_args(sp)
     sp.add_argument("--no-drift-check", action="store_true")
     sp.add_argument("--on-drift", choices=["fail", "warn", "reselect"], default="fail")
     sp.add_argument("--max-reselect", type=int, default=3)
@@ -286,6 +343,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--validation", help="validation set for --tune")
     sp.add_argument("--label", help="label column for --tune (omit: gate on fidelity to FP32)")
     sp.add_argument("--slice-columns", help="slices gated by --tune")
+    sp.add_argument("--threshold", action="append", metavar="METRIC>=VALUE",
+                    help="a gate bound for --tune (repeatable), e.g. 'cosine>=0.995' 'neighbor_agreement>=0.95'")
+    sp.add_argument("--task", choices=["classification", "regression", "embedding"],
+                    help="gated task for --tune (default: classification with --label; without, embedding when a "
+                    "threshold names neighbor_agreement, else top-1 agreement)")
+    sp.add_argument("--output-name", help="model output the task reads (default: the first)")
+    sp.add_argument("--embedding-output", help="a further output of embeddings (embedding_cosine, neighbor_agreement)")
+    _text_args(sp)
     sp.add_argument("--max-trials", type=int, default=12)
     sp.add_argument("--timeout", type=float, default=900.0, help="tuning budget in seconds")
 
@@ -297,8 +362,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--slice-columns")
     sp.add_argument("--intersection", action="append", help="slice columns joined by '&', e.g. sex&age_group")
     sp.add_argument("--features")
-    sp.add_argument("--task", choices=["classification", "regression"], default="classification")
+    sp.add_argument("--task", choices=["classification", "regression", "embedding"], default="classification")
     sp.add_argument("--metric", help="primary metric (default: accuracy, mae, or agreement without labels)")
+    sp.add_argument("--output-name", help="model output the task reads (default: the first)")
+    sp.add_argument("--embedding-output", help="a further output of embeddings (embedding_cosine, neighbor_agreement)")
+    _text_args(sp)
     sp.add_argument("--bootstrap", type=int, default=1000)
     sp.add_argument("--min-slice-size", type=int, default=20)
     sp.add_argument("--latency-runs", type=int, default=300)

@@ -505,6 +505,7 @@ class EvaluationResult:
     outputs: str = "logits"  # how classifier outputs were read (decided on FP32's, applied to both models)
     flips: int | None = None  # validation rows whose predicted class differs between the two models
     data: dict = field(default_factory=dict)  # the data kind that built the feeds
+    batch_size: int | None = None  # validation rows per inference batch
     embedding_output: str | None = None
     embedding_fidelity: dict = field(default_factory=dict)
 
@@ -547,12 +548,14 @@ def evaluate(
     outputs: str = "auto",
     output: str | None = None,
     embedding_output: str | None = None,
-    batch_size: int = 64,
+    batch_size: int | None = None,
 ) -> EvaluationResult:
     """Evaluate FP32 vs quantized. ``label=None``: label-free, fidelity metrics only. ``features`` is a list of
     tabular feature columns or a :class:`~qops.data.DataKind` (tensors, text, image); the validation rows are
     run in batches of ``batch_size``. ``output`` names the output the task reads (default the first);
-    ``embedding_output`` a further output of embeddings (adds embedding_cosine and neighbor_agreement)."""
+    ``embedding_output`` a further output of embeddings (adds embedding_cosine and neighbor_agreement).
+    ``batch_size`` None: 1 for text (unpadded rows; dynamic INT8 scales activations per batch, as a batch-1
+    server does), 64 otherwise."""
     slice_columns = list(slice_columns or [])
     intersections = [list(i) for i in (intersections or [])]
     df = read_table(validation, "validation set")
@@ -579,6 +582,8 @@ def evaluate(
             raise DataError(f"Metrics {bad} need labels but the validation set has none (data.label is null).",
                             f"use fidelity metrics {allowed} or give the label column.")
     kind = data_kind(fp32_model, features, validation)
+    if batch_size is None:
+        batch_size = 1 if kind.kind == "text" else 64
     wanted = [output] + ([embedding_output] if embedding_output else [])
     res32 = run_model(fp32_model, df, target, kind=kind, outputs=wanted, batch_size=batch_size)
     resq = run_model(quantized_model, df, target, kind=kind, outputs=wanted, batch_size=batch_size)
@@ -622,7 +627,7 @@ def evaluate(
         task=task, primary_metric=primary, metrics=names, rows=len(df), label=label, outputs=semantics,
         flips=scorer.flips(everything),
         dimensions=[" & ".join(d) for d in dims], overall=overall, slices=slices, fairness=fairness,
-        performance=performance, fp32_model=str(fp32_model), quantized_model=str(quantized_model),
+        performance=performance, batch_size=batch_size, fp32_model=str(fp32_model), quantized_model=str(quantized_model),
         validation=str(validation), bootstrap={"resamples": bootstrap, "confidence": confidence, "seed": seed,
                                                "paired": True, "binary_metrics": "score interval on discordant "
                                                "pairs (Tango)"},

@@ -155,7 +155,8 @@ def stage_evaluate(spec: PipelineSpec, run_id: str, target: str) -> dict:
                    features=_features(spec, source), metric=g.metric, latency_runs=g.latency_runs, task=g.task,
                    metrics=g.metrics, custom_metrics=g.custom_metrics, intersections=spec.data.intersections,
                    min_slice_size=g.min_slice_size, bootstrap=g.bootstrap, confidence=g.confidence, seed=g.seed,
-                   target=q["recipe"], outputs=g.outputs, output=g.output, embedding_output=g.embedding_output)
+                   target=q["recipe"], outputs=g.outputs, output=g.output, embedding_output=g.embedding_output,
+                   batch_size=g.batch_size)
     out = to_jsonable(res)
     write_json_atomic(tdir / "evaluation.json", out)
     return out

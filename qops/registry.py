@@ -133,12 +133,14 @@ def _pytorch_to_onnx(local: Path, conf: dict, signature: dict, dst: Path, uri: s
             "or log an ONNX export with mlflow.onnx.log_model.",
         )
     try:
-        spec = json.loads(signature.get("inputs") or "[]")
-        shape = spec[0]["tensor-spec"]["shape"]
-        dtype = spec[0]["tensor-spec"]["dtype"]
-    except (ValueError, KeyError, IndexError):
+        specs = json.loads(signature.get("inputs") or "[]")
+        inputs = [(sp.get("name"), sp["tensor-spec"]["shape"], sp["tensor-spec"]["dtype"]) for sp in specs]
+        if not inputs:
+            raise KeyError("inputs")
+    except (ValueError, KeyError, IndexError, TypeError):
         raise ModelError(f"Source model {uri} has no tensor input signature to export it with.",
-                         "log it with an input_example (a float32 array of shape [batch, n_features]).") from None
+                         "log it with an input_example (a float32 array of shape [batch, n_features], or a dict "
+                         "of named arrays).") from None
     import mlflow
     import torch
 
@@ -154,9 +156,13 @@ def _pytorch_to_onnx(local: Path, conf: dict, signature: dict, dst: Path, uri: s
             os.environ.pop("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", None)
         else:
             os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = previous
-    example = torch.from_numpy(np.zeros([2] + [d if d > 0 else 2 for d in shape[1:]], dtype=dtype))
+    examples = tuple(torch.from_numpy(np.ones([2] + [d if d > 0 else 8 for d in shape[1:]], dtype=dtype))
+                     for _, shape, dtype in inputs)
+    batch = torch.export.Dim("batch")
+    dynamic = tuple({0: batch, **{i: torch.export.Dim(f"{name or 'x'}_{i}") for i, d in enumerate(shape)
+                                  if i > 0 and d <= 0}} for name, shape, _ in inputs)
     try:
-        program = torch.export.export(module, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+        program = torch.export.export(module, examples, dynamic_shapes=dynamic)
     except Exception as e:
         raise ModelError(f"Exporting the PyTorch source model {uri} failed: {e}",
                          "export it yourself with torch.onnx.export and log the ONNX model.") from None
@@ -167,23 +173,42 @@ def _pytorch_to_onnx(local: Path, conf: dict, signature: dict, dst: Path, uri: s
 
 
 def _program_to_onnx(program, dst: Path, uri: str) -> Path:
-    """Export a ``torch.export`` program (one [batch, n] input) to ONNX with a dynamic batch."""
+    """Export a ``torch.export`` program to ONNX, keeping its dynamic dimensions. One input is named
+    ``features`` (the tabular contract); several keep the program's input names (``input_ids``, ...)."""
     import torch
 
     from qops.artifacts import atomic_path
     from qops.quantize.torch_engine import program_inputs
 
-    (_, shape, _), = program_inputs(program)
-    example = torch.zeros([2] + [d if d else 2 for d in shape[1:]])
+    inputs = program_inputs(program)
+    examples = tuple(torch.ones([2] + [d if d else 8 for d in shape[1:]], dtype=getattr(torch, dt))
+                     for _, shape, dt in inputs)
+    names = ["features"] if len(inputs) == 1 else [n for n, _, _ in inputs]
     try:
-        onnx_program = torch.onnx.export(program, (example,), dynamo=True, input_names=["features"],
-                                         output_names=["output"])
+        onnx_program = torch.onnx.export(program, examples, dynamo=True, input_names=names,
+                                         output_names=["output"] if len(inputs) == 1 else None)
     except Exception as e:
         raise ModelError(f"Exporting the PyTorch source model {uri} to ONNX failed: {e}",
                          "export it yourself with torch.onnx.export and log the ONNX model.") from None
     with atomic_path(dst) as tmp:
         onnx_program.save(str(tmp))
     return dst
+
+
+def example_feed(sess) -> dict:
+    """A small valid feed for every input of an ONNX Runtime session: batch 2, other dynamic dimensions 8;
+    integer inputs (token ids, masks) are ones, floats zeros."""
+    import numpy as np
+
+    types = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+             "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
+             "tensor(uint8)": np.uint8, "tensor(int8)": np.int8}
+    feed = {}
+    for k, inp in enumerate(sess.get_inputs()):
+        dims = [d if isinstance(d, int) and d > 0 else (2 if i == 0 else 8) for i, d in enumerate(inp.shape)]
+        dtype = types.get(inp.type, np.float32)
+        feed[inp.name] = (np.ones if np.issubdtype(dtype, np.integer) else np.zeros)(dims, dtype=dtype)
+    return feed
 
 
 @dataclass
@@ -273,10 +298,13 @@ def register(
     else:
         model = onnx.load(str(model_path))
         sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-        inp = sess.get_inputs()[0]
-        width = inp.shape[-1] if isinstance(inp.shape[-1], int) else 1
-        example = np.zeros((2, width), dtype=np.float32)
-        signature = infer_signature(example, sess.run(None, {inp.name: example})[0])
+        example = example_feed(sess)
+        outs = sess.run(None, example)
+        names = [o.name for o in sess.get_outputs()]
+        if len(example) == 1 and len(names) == 1:  # one tensor in, one out: the plain tensor signature
+            signature = infer_signature(next(iter(example.values())), outs[0])
+        else:  # named inputs and outputs: a tensor spec per name (pyfunc predicts on a dict of arrays)
+            signature = infer_signature(example, dict(zip(names, outs)))
 
     safe_tags = {k: str(v) for k, v in tags.items()}
     safe_tags.update({"qops.run_key": run_key, "qops.gate": "passed" if gate_passed else "failed",

@@ -210,6 +210,9 @@ class GateSpec(_Base):
     outputs: Literal["auto", "logits", "probabilities"] = Field(
         "auto", description="How classifier outputs are read; auto decides on the FP32 model's outputs and "
         "applies the same reading to the quantized model.")
+    batch_size: int | None = Field(
+        default=None, ge=1, description="Validation rows per inference batch. Default: 1 for text (no padding, and "
+        "dynamic INT8 computes activation ranges per batch, as a batch-1 server does), 64 otherwise.")
     confidence: float = Field(0.95, gt=0, lt=1)
     bootstrap: int = Field(1000, ge=0, description="Paired bootstrap resamples for the confidence intervals.")
     seed: int = 0
@@ -255,11 +258,12 @@ class TuningSpec(_Base):
         default_factory=lambda: ["per-channel", "per-tensor"])
     modes: list[Literal["static", "dynamic"]] | None = Field(
         default=None, description="INT8 modes to try (default: the recipe's; 'auto' recipes try both).")
-    smooth_quant_alphas: list[float] = Field(default_factory=list, description="SmoothQuant strengths to try "
-                                             "(static and dynamic INT8; needs a calibration set).")
+    smooth_quant_alphas: list[float | Literal["auto"]] | None = Field(
+        default=None, description="SmoothQuant strengths to try (static and dynamic INT8; needs a calibration set); "
+        "'auto' picks one per layer. Default: [auto, 0.7] for attention graphs, none otherwise; [] turns it off.")
     embedding_granularities: list[Literal["per-tensor", "per-row"]] | None = Field(
         default=None, description="INT8 embedding tables to try: one scale per table (ONNX Runtime's) or one per "
-        "row (default: the recipe's).")
+        "row (default: per-row for attention graphs, else the recipe's).")
     try_all_ops: bool = Field(True, description="Static INT8: also try quantizing every op ONNX Runtime can "
                               "(keeps tensors INT8 between layers), not only the weighted ones.")
     activation_types: list[Literal["uint8", "int8"]] | None = Field(

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The demo: Airflow on SQLite and MLflow on SQLite + local artifacts, all under .demo/ in this checkout.
 #  1. airflow db migrate; register the example DAGs
-#  2. german_credit_retrain: train the credit-risk model, log it to MLflow, alias `champion`, update the Asset
-#  3. german_credit_quantize (scheduled on that Asset; triggered here with `airflow dags test`)
-#  4. print the summary table and, last, `summary: <path>`
+#  2. per example (QOPS_DEMO_EXAMPLES, default "german_credit news_topics"): the retraining DAG trains the model,
+#     logs it to MLflow with alias `champion` and updates the Asset; the quantization DAG (scheduled on that
+#     Asset) runs here with `airflow dags test`
+#     - german_credit: a credit-risk MLP on tabular data
+#     - news_topics: a topic head on the pretrained all-MiniLM-L6-v2 transformer (text data, named inputs)
+#  3. print each summary table and, last, `summary: <path>`
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -28,41 +31,67 @@ airflow dags reserialize > "$LOGS/reserialize.log" 2>&1
 errors=$(airflow dags list-import-errors -o json 2>/dev/null | tail -n 1)
 if [ "$errors" != "[]" ]; then airflow dags list-import-errors; exit 1; fi
 
-step "Retraining DAG german_credit_retrain (log: $LOGS/retrain.log)"
-airflow dags test german_credit_retrain > "$LOGS/retrain.log" 2>&1 || { tail -50 "$LOGS/retrain.log"; exit 1; }
-python - "$QOPS_HOME/retrain/result.json" <<'PY'
+run_example() {  # retrain DAG, quantization DAG, pipeline name
+  local retrain=$1 quantize=$2 pipeline=$3
+  step "Retraining DAG $retrain (log: $LOGS/$retrain.log)"
+  airflow dags test "$retrain" > "$LOGS/$retrain.log" 2>&1 || { tail -50 "$LOGS/$retrain.log"; exit 1; }
+  step "Quantization DAG $quantize, triggered by the model Asset (log: $LOGS/$quantize.log)"
+  touch "$LOGS/.$quantize-start"
+  airflow dags test "$quantize" > "$LOGS/$quantize.log" 2>&1 &
+  local pid=$! seen=0 n
+  # progress: one line per finished task
+  while kill -0 $pid 2>/dev/null; do
+    sleep 2
+    n=$(grep -c "\[DAG TEST\] end task" "$LOGS/$quantize.log" || true)
+    if [ "$n" != "$seen" ]; then
+      grep "\[DAG TEST\] end task" "$LOGS/$quantize.log" | sed -n "$((seen + 1)),${n}p" | sed -E 's/.*task_id=([^ ]+).*/    done: \1/'
+      seen=$n
+    fi
+  done
+  local quant_rc=0
+  wait $pid || quant_rc=$?
+  if [ ! "$QOPS_HOME/artifacts/$pipeline/latest_summary.json" -nt "$LOGS/.$quantize-start" ]; then
+    tail -60 "$LOGS/$quantize.log"; echo "quantization DAG failed before writing a summary; log: $LOGS/$quantize.log"; exit 1
+  fi
+  if [ "$quant_rc" != "0" ]; then
+    echo "    the DAG run failed: some target did not pass its gates (or a stage failed); see $LOGS/$quantize.log"
+  fi
+}
+
+EXAMPLES=${QOPS_DEMO_EXAMPLES:-german_credit news_topics}
+SUMMARIES=()
+for ex in $EXAMPLES; do
+  case $ex in
+    german_credit)
+      run_example german_credit_retrain german_credit_quantize german-credit
+      python - "$QOPS_HOME/retrain/result.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
-print(f"    registered {r['model_name']} version {r['version']} as {r['model_uri']}; "
-      f"validation accuracy {r['val_accuracy']:.4f} ({r['n_features']} features)")
+print(f"    retrained {r['model_name']} version {r['version']}: validation accuracy {r['val_accuracy']:.4f} "
+      f"({r['n_features']} features)")
 PY
-
-step "Quantization DAG german_credit_quantize, triggered by the model Asset (log: $LOGS/quantize.log)"
-touch "$LOGS/.quantize-start"
-airflow dags test german_credit_quantize > "$LOGS/quantize.log" 2>&1 &
-pid=$!
-# progress: one line per finished task
-seen=0
-while kill -0 $pid 2>/dev/null; do
-  sleep 2
-  n=$(grep -c "\[DAG TEST\] end task" "$LOGS/quantize.log" || true)
-  if [ "$n" != "$seen" ]; then
-    grep "\[DAG TEST\] end task" "$LOGS/quantize.log" | sed -n "$((seen + 1)),${n}p" | sed -E 's/.*task_id=([^ ]+).*/    done: \1/'
-    seen=$n
-  fi
+      SUMMARIES+=("$QOPS_HOME/artifacts/german-credit/latest_summary.json") ;;
+    news_topics)
+      run_example news_topics_retrain news_topics_quantize news-topics
+      python - "$QOPS_HOME/news/retrain/result.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(f"    retrained {r['model_name']} version {r['version']} (all-MiniLM-L6-v2 + topic head): validation "
+      f"accuracy {r['val_accuracy']:.4f}")
+PY
+      SUMMARIES+=("$QOPS_HOME/artifacts/news-topics/latest_summary.json") ;;
+    *) echo "unknown example $ex (QOPS_DEMO_EXAMPLES takes german_credit, news_topics)"; exit 2 ;;
+  esac
 done
-quant_rc=0
-wait $pid || quant_rc=$?
-if [ ! "$QOPS_HOME/artifacts/german-credit/latest_summary.json" -nt "$LOGS/.quantize-start" ]; then
-  tail -60 "$LOGS/quantize.log"; echo "quantization DAG failed before writing a summary; log: $LOGS/quantize.log"; exit 1
-fi
-if [ "$quant_rc" != "0" ]; then
-  echo "    the DAG run failed: some target did not pass its gates (or a stage failed); see $LOGS/quantize.log"
-fi
 
 step "Summary"
 echo "MLflow UI:  make mlflow-ui   (then open http://127.0.0.1:5000)"
 echo "Airflow:    AIRFLOW_HOME=$AIRFLOW_HOME $VENV/bin/airflow standalone"
 echo
-# exits non-zero when no target passed its gates
-qops summary "$QOPS_HOME/artifacts/german-credit/latest_summary.json"
+# each summary exits non-zero when no target of that example passed its gates
+rc=0
+for summary in "${SUMMARIES[@]}"; do
+  echo
+  qops summary "$summary" || rc=$?
+done
+exit $rc

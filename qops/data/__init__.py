@@ -19,15 +19,17 @@ __all__ = ["DataKind", "Image", "ModelInput", "Tabular", "Tensors", "Text", "che
 
 
 def data_kind(model: str | os.PathLike | list[ModelInput], features=None, data=None) -> DataKind:
-    """The data kind for ``model``: ``features`` when it already is one; a list of columns → tabular;
-    a path (``.npz``, or a table whose columns are the model's inputs) → inferred; else the model's metadata."""
-    if isinstance(features, DataKind):
+    """The data kind for ``model`` reading ``data``: an ``.npz`` is always named arrays (tensors; the calibrate
+    stage materialises feeds so); else ``features`` when it is a kind; a list of columns → tabular; a table whose
+    columns are the model's inputs → tensors; else the model's ``qops.feature_columns`` metadata."""
+    npz = isinstance(data, (str, os.PathLike)) and str(data).lower().endswith(".npz")
+    if isinstance(features, DataKind) and not npz:
         return features
     if isinstance(model, list):
         inputs, meta = model, {}
     else:
         inputs, meta = onnx_io(model)
-    if isinstance(data, (str, os.PathLike)) and str(data).lower().endswith(".npz"):
+    if npz:
         return Tensors([i.name for i in inputs])  # materialised feeds: arrays named like the inputs
     if features:
         return Tabular(list(features))

@@ -229,3 +229,13 @@ def gemm_to_matmul(model) -> int:
         model.graph.initializer.extend(keep)
         onnx.checker.check_model(model)
     return changed
+
+
+def strip_debug_metadata(model) -> int:
+    """Drop per-node debug metadata (``torch.onnx`` stores stack traces and FX node text on every node) and node
+    doc strings; returns the bytes removed. Inference ignores them; they can be 1-2% of an INT8 file."""
+    before = sum(n.ByteSize() for n in model.graph.node)
+    for n in model.graph.node:
+        del n.metadata_props[:]
+        n.doc_string = ""
+    return before - sum(n.ByteSize() for n in model.graph.node)

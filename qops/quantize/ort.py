@@ -238,6 +238,9 @@ def _quantize_onnx(model: Path, recipe: Recipe, output: Path, calibration, featu
                 raise DataError(f"The calibration set {calibration} has no rows.",
                                 "select a non-empty calibration set (qops calibrate).")
         _copy_metadata(model, q, external)
+        stripped = _strip_debug(q, external)
+        if stripped:
+            notes.append(f"exporter debug metadata on nodes dropped from the quantized file ({stripped / 1e3:.0f} kB)")
         counts = _op_counts(q)
         technique["quantized_ops"] = {k: v for k, v in counts.items() if k in _QUANT_OPS}
         if recipe.precision == "codebook" and technique.get("weights"):
@@ -280,6 +283,16 @@ _QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Ma
 
 def _count_rows(calibration) -> int:
     return len(read_table(calibration, "calibration set"))
+
+
+def _strip_debug(path: Path, external: bool) -> int:
+    from qops.quantize import graph
+
+    m = graph.load(path, external=external)
+    removed = graph.strip_debug_metadata(m)
+    if removed > 0:
+        _save(m, path, external)
+    return removed
 
 
 def _op_counts(path: Path) -> dict:

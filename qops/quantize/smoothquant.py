@@ -8,6 +8,11 @@ INT8 range. SmoothQuant divides each input channel j of a linear layer's activat
 and multiplies row j of the weight by s_j: the product is unchanged, the activation is easier to quantize
 and the weight (quantized per output channel) absorbs the difficulty. Here the division is a ``Mul`` node
 inserted before the layers that share the activation; every scaled weight is rewritten in place.
+
+``alpha="auto"`` picks the strength per activation (as Intel Neural Compressor's auto-alpha does): on a sample of
+the calibration activations, each alpha of a grid (and no smoothing) is scored by the relative error of the
+layers' outputs with the activation quantized per tensor (uint8, asymmetric: ONNX Runtime's dynamic and static
+activation scheme) and the weights per output channel (int8, symmetric), and the best one is used.
 """
 
 from __future__ import annotations
@@ -43,7 +48,72 @@ def activation_absmax(model, tensors: list[str], reader) -> dict[str, np.ndarray
     return stats
 
 
-def smooth(model, reader, alpha: float = 0.5, op_types=("MatMul", "Gemm"), nodes_to_exclude=()) -> dict:
+AUTO_ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
+
+
+def activation_samples(model, tensors: list[str], reader, max_rows: int = 1024, seed: int = 0) -> dict:
+    """Per tensor: up to ``max_rows`` rows (all leading axes flattened) sampled uniformly from every batch of a
+    calibration reader, and the per-channel max |x| over all rows."""
+    import onnx
+    import onnxruntime as ort
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    for t in tensors:
+        if t not in have:
+            m.graph.output.append(onnx.helper.make_empty_tensor_value_info(t))
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    rng = np.random.default_rng(seed)
+    rows: dict[str, list] = {t: [] for t in tensors}
+    absmax: dict[str, np.ndarray] = {}
+    reader.rewind()
+    while (feed := reader.get_next()) is not None:
+        outs = dict(zip(names, sess.run(None, feed)))
+        for t in tensors:
+            x = outs[t].reshape(-1, outs[t].shape[-1])
+            a = np.abs(x).max(axis=0)
+            absmax[t] = a if t not in absmax else np.maximum(absmax[t], a)
+            rows[t].append(x[rng.choice(len(x), size=min(len(x), max_rows), replace=False)])
+    reader.rewind()
+    samples = {}
+    for t, parts in rows.items():
+        x = np.concatenate(parts) if parts else np.zeros((0, 1), np.float32)
+        samples[t] = x[rng.choice(len(x), size=min(len(x), max_rows), replace=False)] if len(x) else x
+    return {"samples": samples, "absmax": absmax}
+
+
+def _fake_quant_act(x: np.ndarray) -> np.ndarray:
+    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    scale = (hi - lo) / 255.0 or 1.0
+    zp = np.round(-lo / scale)
+    return (np.clip(np.round(x / scale) + zp, 0, 255) - zp) * scale
+
+
+def _fake_quant_weight(w: np.ndarray) -> np.ndarray:  # w: [in, out], one scale per output column
+    scale = np.abs(w).max(axis=0, keepdims=True) / 127.0
+    scale = np.where(scale > 0, scale, 1.0)
+    return np.clip(np.round(w / scale), -127, 127) * scale
+
+
+def best_alpha(x: np.ndarray, weights: list[np.ndarray], xmax: np.ndarray, wmax: np.ndarray,
+               grid=AUTO_ALPHAS) -> tuple[float | None, dict]:
+    """The alpha (None: no smoothing) whose smoothed, quantized layers reproduce ``x @ W`` best on the sample."""
+    ref = [x @ w for w in weights]
+    den = sum(float(np.sum(r**2)) for r in ref) or 1.0
+    errors = {}
+    for a in (None, *grid):
+        s = np.ones_like(xmax) if a is None else np.clip(
+            np.power(np.maximum(xmax, 1e-5), a) / np.power(np.maximum(wmax, 1e-5), 1 - a), 1e-4, 1e4)
+        xq = _fake_quant_act(x / s)
+        err = sum(float(np.sum((xq @ _fake_quant_weight(w * s[:, None]) - r) ** 2)) for w, r in zip(weights, ref))
+        errors["none" if a is None else a] = err / den
+    best = min(errors, key=errors.get)
+    return (None if best == "none" else float(best)), errors
+
+
+def smooth(model, reader, alpha: float | str = 0.5, op_types=("MatMul", "Gemm"), nodes_to_exclude=()) -> dict:
     """Apply SmoothQuant to ``model`` in place. Returns a report (activations smoothed, scale ranges)."""
     from onnx import helper, numpy_helper
 
@@ -63,12 +133,19 @@ def smooth(model, reader, alpha: float = 0.5, op_types=("MatMul", "Gemm"), nodes
         groups.setdefault(node.input[0], []).append((node, wname, bool(attrs.get("transB", 0))))
     if not groups:
         return {"smoothed": 0, "alpha": alpha}
-    stats = activation_absmax(model, list(groups), reader)
+    auto = alpha == "auto"
+    if auto:
+        captured = activation_samples(model, list(groups), reader)
+        stats, samples = captured["absmax"], captured["samples"]
+    else:
+        stats = activation_absmax(model, list(groups), reader)
     consumers: dict[str, int] = {}
     for n in model.graph.node:
         for i in n.input:
             consumers[i] = consumers.get(i, 0) + 1
     report = {"smoothed": 0, "alpha": alpha, "scales": {}}
+    if auto:
+        report["alphas"] = {}
     new_nodes = []
     for act, layers in groups.items():
         # a weight shared with another consumer cannot be rescaled for this activation alone
@@ -79,7 +156,14 @@ def smooth(model, reader, alpha: float = 0.5, op_types=("MatMul", "Gemm"), nodes
         xmax = stats[act]
         if xmax.shape != wmax.shape:
             continue
-        s = np.power(np.maximum(xmax, 1e-5), alpha) / np.power(np.maximum(wmax, 1e-5), 1 - alpha)
+        a = alpha
+        if auto:
+            mats = [(ws[w].T if tb else ws[w]) for _, w, tb in layers]  # [in, out]
+            a, errors = best_alpha(samples[act].astype(np.float32), mats, xmax, wmax)
+            report["alphas"][act] = {"alpha": a, "relative_error": {str(k): round(v, 7) for k, v in errors.items()}}
+            if a is None:
+                continue
+        s = np.power(np.maximum(xmax, 1e-5), a) / np.power(np.maximum(wmax, 1e-5), 1 - a)
         s = np.clip(s, 1e-4, 1e4).astype(np.float32)
         for node, w, tb in layers:
             scaled = ws[w] * (s[None, :] if tb else s[:, None])  # W[k, n] rows (or W^T columns) times s
@@ -104,5 +188,5 @@ def smooth(model, reader, alpha: float = 0.5, op_types=("MatMul", "Gemm"), nodes
         ordered += after.get(i, [])
     del model.graph.node[:]
     model.graph.node.extend(ordered)
-    log.info("SmoothQuant (alpha=%.2f): %d activations smoothed", alpha, report["smoothed"])
+    log.info("SmoothQuant (alpha=%s): %d activations smoothed", alpha, report["smoothed"])
     return report

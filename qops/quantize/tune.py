@@ -42,8 +42,8 @@ class TuningConfig:
     calibration_methods: list = field(default_factory=lambda: ["minmax", "percentile", "entropy"])
     granularities: list = field(default_factory=lambda: ["per-channel", "per-tensor"])
     modes: list | None = None  # None: the recipe's mode ("auto": both static and dynamic)
-    smooth_quant_alphas: list = field(default_factory=list)
-    embedding_granularities: list | None = None  # INT8 embedding tables to try (None: the recipe's)
+    smooth_quant_alphas: list | None = None  # None: ["auto", 0.7] for attention graphs with calibration data
+    embedding_granularities: list | None = None  # None: per-row for attention graphs, else the recipe's
     activation_types: list | None = None  # static INT8 activations to try (None: the recipe's)
     try_all_ops: bool = True  # static INT8: also quantize every op ORT can (Relu, pooling, Add...), not just weights
     max_fallback_nodes: int = 8
@@ -78,7 +78,7 @@ def gate_judge(fp32_model, validation, label, gates, *, slice_columns=None, feat
                       custom_metrics=gates.custom_metrics, intersections=intersections,
                       min_slice_size=gates.min_slice_size, bootstrap=bootstrap, confidence=gates.confidence,
                       seed=gates.seed, target=res.recipe, outputs=gates.outputs, output=gates.output,
-                      embedding_output=gates.embedding_output)
+                      embedding_output=gates.embedding_output, batch_size=gates.batch_size)
         verdict = gate(ev, gates)
         primary = ev.overall[ev.primary_metric]
         failing = [c.name.split(":", 1)[1][:-1] for c in verdict.checks
@@ -113,7 +113,10 @@ def search_space(recipe: Recipe, cfg: TuningConfig, has_calibration: bool, prefe
         acts = cfg.activation_types or [recipe.activation_type]
         first = cfg.calibration_methods[:1]
         ops = [recipe.op_types] + ([()] if cfg.try_all_ops and recipe.op_types else [])
-        egs = cfg.embedding_granularities or [recipe.embedding_granularity]
+        attention = preferred_mode == "dynamic"  # choose_mode picks dynamic for attention/recurrent graphs
+        egs = cfg.embedding_granularities or (["per-row"] if attention else [recipe.embedding_granularity])
+        alphas = cfg.smooth_quant_alphas if cfg.smooth_quant_alphas is not None else (
+            ["auto", 0.7] if attention else [])
         basic: dict[str, list] = {
             "static": [{"mode": "static", "calibration_method": m, "per_channel": pc, "activation_type": act,
                         "op_types": o, "embedding_granularity": eg}
@@ -121,7 +124,11 @@ def search_space(recipe: Recipe, cfg: TuningConfig, has_calibration: bool, prefe
             "dynamic": [{"mode": "dynamic", "per_channel": pc, "op_types": o, "embedding_granularity": eg}
                         for o, pc, eg in itertools.product(ops, gran, egs)],
         }
-        # breadth first: every mode's basic variants, then the other calibration methods, then SmoothQuant
+        # breadth first: every mode's basic variants, then the other calibration methods, then SmoothQuant;
+        # for attention graphs (activation outliers) SmoothQuant right after the first dynamic candidate
+        if attention and has_calibration and "dynamic" in modes and alphas:
+            cands += basic["dynamic"][:1] + [{"mode": "dynamic", "smooth_quant_alpha": a, "per_channel": True,
+                                              "embedding_granularity": eg} for a in alphas for eg in egs]
         for mode in modes:
             cands += basic[mode]
         if "static" in modes:
@@ -130,7 +137,7 @@ def search_space(recipe: Recipe, cfg: TuningConfig, has_calibration: bool, prefe
                       for o, pc, act in itertools.product(ops, gran, acts)]
         if has_calibration:  # SmoothQuant measures activations on the calibration set, for either mode
             cands += [{"mode": m, "smooth_quant_alpha": a, "per_channel": True, "embedding_granularity": eg}
-                      for m in modes for a in cfg.smooth_quant_alphas for eg in egs]
+                      for m in modes for a in alphas for eg in egs]
     elif recipe.precision == "int4":
         for algo, block in itertools.product(["rtn"] + (["gptq"] if has_calibration else []), [128, 32]):
             cands.append({"algorithm": algo, "block_size": block})

@@ -54,7 +54,8 @@ class Recipe:
     quant_format: Literal["QDQ", "QOperator"] = "QDQ"
     calibration_method: Literal["minmax", "entropy", "percentile", "distribution"] = "minmax"
     percentile: float = 99.999  # calibration_method="percentile": clip activations at this percentile
-    smooth_quant_alpha: float | None = None  # SmoothQuant migration strength (None: off)
+    # SmoothQuant migration strength (None: off; "auto": chosen per layer on the calibration activations)
+    smooth_quant_alpha: float | Literal["auto"] | None = None
     # INT8 embedding tables (Gather on a large weight): one scale for the table (ONNX Runtime's) or one per row
     embedding_granularity: Literal["per-tensor", "per-row"] = "per-tensor"
     # weighted ops (Gather: embedding tables); () = every op ONNX Runtime quantizes (INT8)
@@ -106,7 +107,7 @@ class Recipe:
             bad(f"codebook_bits {self.codebook_bits} is outside 2..8.", "use 4 (16 centroids) or 8.")
         if not 90.0 <= self.percentile < 100.0:
             bad(f"percentile {self.percentile} is outside [90, 100).", "use e.g. 99.99 or 99.999.")
-        if self.smooth_quant_alpha is not None and not 0.0 < self.smooth_quant_alpha < 1.0:
+        if isinstance(self.smooth_quant_alpha, (int, float)) and not 0.0 < self.smooth_quant_alpha < 1.0:
             bad(f"smooth_quant_alpha {self.smooth_quant_alpha} is outside (0, 1).", "use 0.5 (the paper's default).")
         if self.smooth_quant_alpha is not None and self.mode not in ("static", "dynamic", "auto"):
             bad("SmoothQuant migrates activation outliers into weights before activation quantization; it does "
