@@ -158,9 +158,9 @@ def _pytorch_to_onnx(local: Path, conf: dict, signature: dict, dst: Path, uri: s
             os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = previous
     examples = tuple(torch.from_numpy(np.ones([2] + [d if d > 0 else 8 for d in shape[1:]], dtype=dtype))
                      for _, shape, dtype in inputs)
-    batch = torch.export.Dim("batch")
-    dynamic = tuple({0: batch, **{i: torch.export.Dim(f"{name or 'x'}_{i}") for i, d in enumerate(shape)
-                                  if i > 0 and d <= 0}} for name, shape, _ in inputs)
+    # the signature's -1 dimensions stay dynamic; torch works out which of them are equal (batch, sequence)
+    dynamic = tuple({i: torch.export.Dim.AUTO for i, d in enumerate(shape) if i == 0 or d <= 0}
+                    for _, shape, _ in inputs)
     try:
         program = torch.export.export(module, examples, dynamic_shapes=dynamic)
     except Exception as e:
@@ -209,6 +209,20 @@ def example_feed(sess) -> dict:
         dtype = types.get(inp.type, np.float32)
         feed[inp.name] = (np.ones if np.issubdtype(dtype, np.integer) else np.zeros)(dims, dtype=dtype)
     return feed
+
+
+def named_signature(sess, example: dict, outs: list):
+    """An MLflow signature with one tensor spec per input and output name; dimensions the graph leaves dynamic
+    (batch, sequence) are -1, so any batch and sequence length is accepted."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    def spec(node, array):
+        dims = [d if isinstance(d, int) and d > 0 else -1 for d in node.shape]
+        return TensorSpec(array.dtype, tuple(dims), node.name)
+
+    return ModelSignature(inputs=Schema([spec(i, example[i.name]) for i in sess.get_inputs()]),
+                          outputs=Schema([spec(o, a) for o, a in zip(sess.get_outputs(), outs)]))
 
 
 @dataclass
@@ -304,7 +318,7 @@ def register(
         if len(example) == 1 and len(names) == 1:  # one tensor in, one out: the plain tensor signature
             signature = infer_signature(next(iter(example.values())), outs[0])
         else:  # named inputs and outputs: a tensor spec per name (pyfunc predicts on a dict of arrays)
-            signature = infer_signature(example, dict(zip(names, outs)))
+            signature = named_signature(sess, example, outs)
 
     safe_tags = {k: str(v) for k, v in tags.items()}
     safe_tags.update({"qops.run_key": run_key, "qops.gate": "passed" if gate_passed else "failed",

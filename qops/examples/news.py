@@ -222,10 +222,8 @@ def retrain_and_register(work_dir: str | os.PathLike, model_name: str = "news-to
     import onnx
     import onnxruntime as ort
     from mlflow import MlflowClient
-    from mlflow.models import infer_signature
-
     from qops.data import onnx_io
-    from qops.registry import configure_mlflow
+    from qops.registry import configure_mlflow, named_signature
 
     configure_mlflow(tracking_uri)
     work = Path(work_dir)
@@ -253,8 +251,7 @@ def retrain_and_register(work_dir: str | os.PathLike, model_name: str = "news-to
         mlflow.log_metric("val_accuracy", acc)
         mlflow.log_artifacts(str(tokenizer), artifact_path="tokenizer")
         info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="model",
-                                     signature=infer_signature(example, {"logits": outs[0],
-                                                                         "sentence_embedding": outs[1]}),
+                                     signature=named_signature(sess, example, outs),
                                      registered_model_name=model_name)
     version = info.registered_model_version
     MlflowClient().set_registered_model_alias(model_name, alias, version)

@@ -523,10 +523,9 @@ def _slice_table(validation, key: str, work: Path) -> Path | None:
 def _rank_for(model, quantized_path, recipe: Recipe, features, data, validation, slices: list[str],
               work: Path) -> list[dict]:
     """Node ranking of one base candidate, over the ranking rows and over the rows of each failing slice."""
-    from qops.data import feature_columns_for
     from qops.quantize.ort import TableCalibrationReader
 
-    feats = feature_columns_for(model, features)
+    feats = features  # None: the reader takes the kind from the data (.npz) or the model's metadata
     sets: dict[str, list[dict]] = {}
     if data is not None:
         sets["overall"] = rank_nodes(model, quantized_path, TableCalibrationReader(str(data), str(model), feats, 256),
