@@ -136,6 +136,27 @@ def run_model(model_path: str | os.PathLike, feed, recipe: dict | None = None, *
     return out[0] if single else out
 
 
+_FP32_CACHE: dict = {}
+
+
+def _stamp(path) -> tuple:
+    p = Path(path)
+    return (str(p.resolve()), p.stat().st_mtime_ns, p.stat().st_size) if p.is_file() else (str(path),)
+
+
+def _fp32_outputs(model, df, validation, recipe, kind, wanted, batch_size):
+    """FP32 outputs on the validation rows, computed once per model file, data file, kind, batch size and
+    outputs: tuning judges many candidates against the same FP32 model."""
+    import json
+
+    key = (_stamp(model), _stamp(validation), json.dumps(kind.describe(), sort_keys=True, default=str),
+           tuple(wanted), batch_size, (recipe or {}).get("execution_provider"), len(df))
+    if key not in _FP32_CACHE:
+        _FP32_CACHE.clear()  # one entry: FP32 outputs of a large validation set are not small
+        _FP32_CACHE[key] = run_model(model, df, recipe, kind=kind, outputs=wanted, batch_size=batch_size)
+    return [a.copy() for a in _FP32_CACHE[key]]
+
+
 def nearest_neighbors(emb: np.ndarray, chunk: int = 2048) -> np.ndarray:
     """Index of each row's nearest other row by cosine similarity (ties: the lowest index)."""
     e = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
@@ -585,7 +606,7 @@ def evaluate(
     if batch_size is None:
         batch_size = 1 if kind.kind == "text" else 64
     wanted = [output] + ([embedding_output] if embedding_output else [])
-    res32 = run_model(fp32_model, df, target, kind=kind, outputs=wanted, batch_size=batch_size)
+    res32 = _fp32_outputs(fp32_model, df, validation, target, kind, wanted, batch_size)
     resq = run_model(quantized_model, df, target, kind=kind, outputs=wanted, batch_size=batch_size)
     out32, outq = res32[0], resq[0]
     emb32, embq = (res32[1], resq[1]) if embedding_output else (None, None)

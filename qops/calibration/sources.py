@@ -145,8 +145,13 @@ class TableSource:
         if not self.is_s3:
             p = Path(self.uri)
             files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
-            return {"uri": str(p), "files": len(files), "bytes": int(sum(f.stat().st_size for f in files)),
-                    "mtime": max((f.stat().st_mtime for f in files), default=None)}
+            out = {"uri": str(p), "files": len(files), "bytes": int(sum(f.stat().st_size for f in files)),
+                   "mtime": max((f.stat().st_mtime for f in files), default=None)}
+            if p.is_file():
+                from qops.artifacts import sha256_file
+
+                out["sha256"] = sha256_file(p)
+            return out
         bucket, key = self._split()
         client = self._boto()
         if key and not key.endswith("/"):

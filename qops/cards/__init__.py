@@ -126,6 +126,8 @@ def build_card_data(*, pipeline: str, source: dict, target_recipe: dict, calibra
                 "drifted_columns": calibration["drifted_columns"], "drift_report": calibration["drift_report_path"],
                 "manifest": calibration.get("manifest_path"), "sources": calibration.get("sources"),
                 "attempts": calibration.get("attempts") or [],
+                "feeds": calibration.get("feeds") or {}, "feeds_sha256": calibration.get("feeds_sha256"),
+                "data": calibration.get("data") or {},
             },
         },
         "gates": {**gate_result, "settings": gate_settings},

@@ -382,3 +382,30 @@ def test_pt2_program_with_several_inputs_exports_to_onnx_with_their_names(tmp_pa
     x = np.random.default_rng(0).integers(0, 30, (3, 9))
     y = ort.InferenceSession(src.path).run(None, {"input_ids": x, "attention_mask": np.ones_like(x)})[0]
     assert y.shape == (3, 8)
+
+
+def test_gptq_and_node_fallback_run_on_named_input_feeds(tmp_path):
+    """INT4 GPTQ calibrates on the .npz feeds; tuning ranks nodes and falls back over the same named inputs."""
+    from qops.quantize import quantize
+    from qops.quantize.tune import TuningConfig, gate_judge, tune
+    from qops.spec import GateSpec
+    from qops.targets import get_target
+
+    model = token_model(tmp_path / "m.onnx", vocab=40, dim=32)
+    rng = np.random.default_rng(1)
+    for name, n in (("calib", 48), ("val", 60)):
+        ids = rng.integers(4, 40, (n, 6))
+        np.savez(tmp_path / f"{name}.npz", input_ids=ids, attention_mask=np.ones_like(ids))
+    g = quantize(model, "int4_weight_only", tmp_path / "g.onnx", calibration=tmp_path / "calib.npz",
+                 options={"algorithm": "gptq", "block_size": 16})
+    assert g.calibration_rows == 48 and g.technique["quantized_ops"].get("MatMulNBits") == 1
+    # a bound no quantized candidate meets: search fails, fallback ranks the quantized nodes on the feeds
+    gates = GateSpec(task="embedding", thresholds=[{"metric": "cosine", "min_value": 0.999999}], max_latency_ratio=50,
+                     max_size_ratio=50)
+    judge = gate_judge(str(model), str(tmp_path / "val.npz"), None, gates, latency_runs=10, bootstrap=20)
+    res = tune(str(model), get_target("x86_64_int8_dynamic"), tmp_path / "t.onnx", judge,
+               calibration=str(tmp_path / "calib.npz"), config=TuningConfig(max_trials=4),
+               ranking_data=str(tmp_path / "calib.npz"), validation=str(tmp_path / "val.npz"))
+    ranked = {r["node"] for r in res.tuning["node_ranking"]}
+    assert ranked & {"dense", "embed"}, res.tuning["node_ranking"]
+    assert any(t["phase"] == "fallback" for t in res.trials)
