@@ -351,8 +351,12 @@ class Text(DataKind):
                 "named after every input.")
         return check_feed({i.name: arrays[i.name] for i in inputs}, inputs, what, f"tokenized by {self.tokenizer_path}")
 
+    def encode_arrays(self, texts) -> dict[str, np.ndarray]:
+        """``input_ids``, ``attention_mask`` and ``token_type_ids`` for a list of texts (or pairs), padded."""
+        return self._arrays(self.encode(list(texts)))
+
     def feeds(self, df, inputs, what):
-        return self._map(self._arrays(self.encode(self._texts(df, what))), inputs, what)
+        return self._map(self.encode_arrays(self._texts(df, what)), inputs, what)
 
     def lengths(self, df, what="data") -> np.ndarray:
         """Tokens per row, before truncation."""

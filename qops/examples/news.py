@@ -141,7 +141,7 @@ def embed(encoder, texts: list[str], max_length: int = MAX_LENGTH, batch: int = 
     out = []
     with torch.no_grad():
         for i in range(0, len(texts), batch):
-            a = kind._arrays(kind.encode(texts[i:i + batch]))
+            a = kind.encode_arrays(texts[i:i + batch])
             out.append(encoder(*(torch.from_numpy(a[k]) for k in INPUTS)).numpy())
     return np.concatenate(out)
 
