@@ -1,0 +1,233 @@
+"""Quantization-aware training (torchao ``QATConfig``), resumable from safe checkpoints.
+
+The training core of the QAT stage (issue: QAT as a pipeline stage). ``quantize_(model, QATConfig(base,
+step="prepare"))`` swaps ``nn.Linear``/``nn.Embedding`` for fake-quantized versions; the loop trains them
+with the task loss (labels) or by distillation (KL to the FP32 teacher's outputs); ``step="convert"`` then
+produces the quantized model. Every ``checkpoint_every`` steps the state is written under ``work_dir``:
+
+- ``qat_state.safetensors``: model parameters and buffers, optimizer tensors (``opt.<param>.<name>``) and the
+  torch RNG state, as tensors: nothing is pickled, and loading runs no code;
+- ``qat_state.json``: the step, the loss history, the optimizer's scalar settings, the config.
+
+Both are written to temporary names and renamed (the JSON last, naming the step the tensors hold), so a task
+killed mid-write leaves the previous checkpoint intact. ``train_qat`` on a ``work_dir`` that holds a
+checkpoint of the same config resumes from it: an Airflow retry continues where the killed attempt stopped,
+and with the same seed ends with the same weights as an uninterrupted run. Batches are drawn from a
+permutation seeded by (seed, epoch), so the data order does not depend on process state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from qops.artifacts import atomic_path, write_json_atomic
+from qops.errors import QopsError
+
+log = logging.getLogger(__name__)
+
+STATE = "qat_state.safetensors"
+META = "qat_state.json"
+
+
+@dataclass
+class QatConfig:
+    scheme: str = "int8_dynamic_int4_weight"  # see SCHEMES
+    group_size: int = 32
+    steps: int = 100
+    batch_size: int = 32
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    seed: int = 0
+    checkpoint_every: int = 25
+    loss: str = "task"  # task (cross-entropy with labels) | distill (KL to the FP32 teacher)
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise QopsError(f"QAT scheme {self.scheme!r} is not one torchao can train here.",
+                            f"use one of {sorted(SCHEMES)}.")
+        if self.loss not in ("task", "distill"):
+            raise QopsError(f"QAT loss {self.loss!r} is not task or distill.", "use loss: task or distill.")
+        if self.steps < 1 or self.batch_size < 1 or self.checkpoint_every < 1:
+            raise QopsError("QAT steps, batch_size and checkpoint_every must be positive.", "set them >= 1.")
+
+
+def _int8_dyn_int4(cfg: QatConfig):
+    import torch
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig
+    from torchao.quantization.granularity import PerGroup
+
+    return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(cfg.group_size))
+
+
+def _int8_dyn_int8(cfg: QatConfig):
+    import torch
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig
+    from torchao.quantization.granularity import PerAxis
+
+    return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
+
+
+def _int4_weight_only(cfg: QatConfig):
+    import torch
+    from torchao.quantization import IntxWeightOnlyConfig
+    from torchao.quantization.granularity import PerGroup
+
+    return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(cfg.group_size))
+
+
+SCHEMES: dict[str, Callable] = {
+    "int8_dynamic_int4_weight": _int8_dyn_int4,  # int8 dynamic activations, int4 grouped weights (CPU)
+    "int8_dynamic_int8_weight": _int8_dyn_int8,  # int8 dynamic activations, int8 per-channel weights (CPU)
+    "int4_weight_only": _int4_weight_only,       # int4 grouped weights, float activations
+}
+
+
+@dataclass
+class QatResult:
+    steps: int
+    resumed_from: int | None
+    losses: list[float] = field(default_factory=list)
+    checkpoints: int = 0
+    config: dict = field(default_factory=dict)
+
+
+def prepare(model, cfg: QatConfig):
+    """Swap Linear/Embedding layers for torchao's fake-quantized versions (in place)."""
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import QATConfig
+
+    quantize_(model, QATConfig(SCHEMES[cfg.scheme](cfg), step="prepare"))
+    return model
+
+
+def convert(model, cfg: QatConfig):
+    """Turn the trained fake-quantized model into torchao's quantized model (in place)."""
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import QATConfig
+
+    quantize_(model, QATConfig(SCHEMES[cfg.scheme](cfg), step="convert"))
+    return model
+
+
+def _batch_indices(n: int, step: int, batch_size: int, seed: int) -> np.ndarray:
+    """Rows of batch ``step``: epoch e visits a permutation seeded by (seed, e); no process state involved."""
+    per_epoch = max(1, n // batch_size)
+    epoch, k = divmod(step, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    return order[k * batch_size:(k + 1) * batch_size]
+
+
+def _save(model, opt, step: int, losses: list[float], cfg: QatConfig, work: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = {f"model.{k}": v.detach().contiguous().clone() for k, v in model.state_dict().items()
+               if isinstance(v, torch.Tensor)}
+    sd = opt.state_dict()
+    for pid, st in sd["state"].items():
+        for name, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"opt.{pid}.{name}"] = v.detach().contiguous().clone().reshape(v.shape)
+    tensors["rng.torch"] = torch.get_rng_state()
+    work.mkdir(parents=True, exist_ok=True)
+    with atomic_path(work / STATE) as tmp:
+        save_file(tensors, str(tmp))
+    groups = [{k: v for k, v in g.items() if k != "params"} | {"params": g["params"]} for g in sd["param_groups"]]
+    write_json_atomic(work / META, {"step": step, "losses": losses, "config": asdict(cfg),
+                                    "param_groups": groups, "state_ids": sorted(sd["state"])})
+
+
+def _load(model, opt, cfg: QatConfig, work: Path) -> tuple[int, list[float]] | None:
+    import torch
+    from safetensors.torch import load_file
+
+    meta_path, state_path = work / META, work / STATE
+    if not (meta_path.is_file() and state_path.is_file()):
+        return None
+    meta = json.loads(meta_path.read_text())
+    if meta.get("config") != asdict(cfg):
+        raise QopsError(f"{work} holds a QAT checkpoint of another configuration ({meta.get('config')}).",
+                        "use a fresh work folder for a new QAT configuration, or remove the old checkpoint.")
+    tensors = load_file(str(state_path))  # safetensors: plain tensors, nothing executed
+    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict = {}
+    for key, v in tensors.items():
+        if key.startswith("opt."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    torch.set_rng_state(tensors["rng.torch"])
+    return int(meta["step"]), list(meta["losses"])
+
+
+def train_qat(model, data: dict[str, np.ndarray], cfg: QatConfig, work_dir: str | os.PathLike, *,
+              labels: np.ndarray | None = None, teacher=None, on_step: Callable[[int, float], None] | None = None
+              ) -> QatResult:
+    """Prepare ``model`` for QAT (unless it already is), train it ``cfg.steps`` steps on ``data`` (model inputs
+    by name, rows on axis 0), checkpointing under ``work_dir``, resuming from a checkpoint found there; then
+    leave the trained fake-quantized model in place (call :func:`convert` to quantize it).
+
+    ``cfg.loss``: ``task`` needs ``labels`` (classification, cross-entropy); ``distill`` needs ``teacher``
+    (the FP32 module; KL divergence of the student's to the teacher's softened outputs, no labels needed).
+    ``on_step(step, loss)`` is called after every step (progress; a test uses it to kill the run).
+    """
+    import torch
+
+    work = Path(work_dir)
+    names = list(data)
+    n = len(data[names[0]])
+    if cfg.loss == "task" and labels is None:
+        raise QopsError("QAT with loss: task needs labels.", "give the training split's label column, or use "
+                        "loss: distill (KL to the FP32 teacher, label-free).")
+    if cfg.loss == "distill" and teacher is None:
+        raise QopsError("QAT with loss: distill needs the FP32 teacher.", "pass the FP32 model as teacher.")
+    if n < cfg.batch_size:
+        raise QopsError(f"QAT has {n} training rows, fewer than batch_size {cfg.batch_size}.",
+                        "give more rows or a smaller batch_size.")
+    torch.manual_seed(cfg.seed)
+    prepare(model, cfg)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    resumed = _load(model, opt, cfg, work)
+    start, losses = resumed if resumed else (0, [])
+    if resumed:
+        log.info("QAT: resuming from step %d (%s)", start, work / STATE)
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in data.items()}
+    y = torch.from_numpy(np.asarray(labels)).long() if labels is not None else None
+    checkpoints = 0
+    for step in range(start, cfg.steps):
+        idx = torch.from_numpy(_batch_indices(n, step, cfg.batch_size, cfg.seed))
+        batch = [tensors[k][idx] for k in names]
+        opt.zero_grad()
+        out = model(*batch)
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        if cfg.loss == "task":
+            loss = torch.nn.functional.cross_entropy(out, y[idx])
+        else:
+            with torch.no_grad():
+                t = teacher(*batch)
+                t = t[0] if isinstance(t, (tuple, list)) else t
+            tau = cfg.temperature
+            loss = torch.nn.functional.kl_div(torch.log_softmax(out / tau, -1), torch.log_softmax(t / tau, -1),
+                                              log_target=True, reduction="batchmean") * tau * tau
+        loss.backward()
+        opt.step()
+        losses.append(round(float(loss.item()), 6))
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            _save(model, opt, step + 1, losses, cfg, work)
+            checkpoints += 1
+        if on_step is not None:
+            on_step(step + 1, losses[-1])
+        if (step + 1) % max(1, cfg.steps // 10) == 0:
+            log.info("QAT step %d/%d loss %.5f", step + 1, cfg.steps, losses[-1])
+    model.eval()
+    return QatResult(steps=cfg.steps, resumed_from=start if resumed else None, losses=losses,
+                     checkpoints=checkpoints, config=asdict(cfg))
