@@ -55,7 +55,8 @@ def cmd_calibrate(args) -> int:
         validation=args.validation, model_inputs=onnx_io(args.model)[0] if args.model else None,
         s3=S3Options(args.s3_endpoint_url),
     )
-    _emit(args, res, f"calibration set: {res.path} ({res.rows} rows, sha256 {res.sha256}); "
+    feeds = f"; feeds by input name: {res.feeds_path}" if res.feeds_path else ""
+    _emit(args, res, f"calibration set: {res.path} ({res.rows} rows, sha256 {res.sha256}){feeds}; "
                      f"drift {'passed' if res.drift_passed else 'DRIFT in ' + ', '.join(res.drifted_columns)}")
     return 0
 
