@@ -167,6 +167,20 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def cmd_qat(args) -> int:
+    from qops.qat import QatConfig, qat_program
+
+    cfg = QatConfig(scheme=args.scheme, group_size=args.group_size, steps=args.steps, batch_size=args.batch_size,
+                    lr=args.lr, seed=args.seed, checkpoint_every=args.checkpoint_every)
+    res = qat_program(args.model, args.train, args.label, cfg, args.work_dir, args.output,
+                      features=_csv(args.features), teacher_distill=args.distill)
+    t = res.training
+    resumed = f", resumed from step {t['resumed_from']}" if t["resumed_from"] is not None else ""
+    _emit(args, res, f"{res.model_path}: QAT ({args.scheme}) {t['steps']} steps{resumed}, last loss "
+                     f"{t['losses'][-1] if t['losses'] else 'n/a'}; {res.size_bytes} bytes (FP32 {res.source_size_bytes})")
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from qops.artifacts import write_json_atomic
     from qops.evaluate import evaluate
@@ -354,6 +368,23 @@ def build_parser() -> argparse.ArgumentParser:
     _text_args(sp)
     sp.add_argument("--max-trials", type=int, default=12)
     sp.add_argument("--timeout", type=float, default=900.0, help="tuning budget in seconds")
+
+    sp = add("qat", cmd_qat, "quantization-aware training of a .pt2 program (torchao QATConfig), resumable")
+    sp.add_argument("--model", required=True, help="FP32 .pt2 program with one [batch, n_features] input")
+    sp.add_argument("--train", required=True, help="training rows (parquet/CSV) with the feature columns")
+    sp.add_argument("--label", help="label column (task loss); omit with --distill")
+    sp.add_argument("--distill", action="store_true", help="label-free: KL to the FP32 program's outputs")
+    sp.add_argument("--features", help="comma-separated; default: the program's qops.feature_columns")
+    sp.add_argument("--scheme", default="int8_dynamic_int4_weight",
+                    choices=["int8_dynamic_int4_weight", "int8_dynamic_int8_weight", "int4_weight_only"])
+    sp.add_argument("--group-size", type=int, default=32)
+    sp.add_argument("--steps", type=int, default=100)
+    sp.add_argument("--batch-size", type=int, default=32)
+    sp.add_argument("--lr", type=float, default=1e-4)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--checkpoint-every", type=int, default=25)
+    sp.add_argument("--work-dir", required=True, help="checkpoints (safetensors + JSON); a rerun resumes here")
+    sp.add_argument("--output", required=True, help="the QAT model, a .pt2 program")
 
     sp = add("evaluate", cmd_evaluate, "evaluate FP32 vs quantized on a validation set")
     sp.add_argument("--fp32", required=True)

@@ -104,8 +104,23 @@ def prepare(model, cfg: QatConfig):
     from torchao.quantization import quantize_
     from torchao.quantization.qat import QATConfig
 
-    quantize_(model, QATConfig(SCHEMES[cfg.scheme](cfg), step="prepare"))
+    try:
+        quantize_(model, QATConfig(SCHEMES[cfg.scheme](cfg), step="prepare"))
+    except ValueError as e:  # e.g. a layer width the group size does not divide
+        raise QopsError(f"torchao cannot prepare this model for QAT with scheme {cfg.scheme!r} "
+                        f"(group_size {cfg.group_size}): {e}",
+                        "set qat group_size to a divisor of every linear layer's input width (e.g. 32 or 16), "
+                        "or use scheme int8_dynamic_int8_weight (per channel).") from None
     return model
+
+
+def _set_mode(model, training: bool) -> None:
+    """train()/eval() where the module allows it (a torch.export module refuses; its linear layers behave the
+    same in both modes, and train_qat has no dropout or batch-norm of its own)."""
+    try:
+        model.train(training)
+    except NotImplementedError:
+        pass
 
 
 def convert(model, cfg: QatConfig):
@@ -194,7 +209,7 @@ def train_qat(model, data: dict[str, np.ndarray], cfg: QatConfig, work_dir: str 
                         "give more rows or a smaller batch_size.")
     torch.manual_seed(cfg.seed)
     prepare(model, cfg)
-    model.train()
+    _set_mode(model, True)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     resumed = _load(model, opt, cfg, work)
     start, losses = resumed if resumed else (0, [])
@@ -228,6 +243,76 @@ def train_qat(model, data: dict[str, np.ndarray], cfg: QatConfig, work_dir: str 
             on_step(step + 1, losses[-1])
         if (step + 1) % max(1, cfg.steps // 10) == 0:
             log.info("QAT step %d/%d loss %.5f", step + 1, cfg.steps, losses[-1])
-    model.eval()
+    _set_mode(model, False)
     return QatResult(steps=cfg.steps, resumed_from=start if resumed else None, losses=losses,
                      checkpoints=checkpoints, config=asdict(cfg))
+
+
+@dataclass
+class QatProgramResult:
+    model_path: str
+    model_sha256: str
+    source_path: str
+    size_bytes: int
+    source_size_bytes: int
+    linear_layers: int
+    training: dict
+    seconds: float
+
+
+def qat_program(model: str | os.PathLike, train: str | os.PathLike, label: str | None, cfg: QatConfig,
+                work_dir: str | os.PathLike, output: str | os.PathLike, features: list[str] | None = None,
+                teacher_distill: bool = False) -> QatProgramResult:
+    """QAT for a ``torch.export`` program (``.pt2``) with one ``[batch, n_features]`` input (tabular data):
+    its ``aten.linear`` calls become ``nn.Linear`` modules, torchao fake-quantizes them, the loop trains on the
+    rows of ``train`` (labels from column ``label``, or distillation from the FP32 program), the result is
+    converted and saved as a ``.pt2`` program (a torch-serving artifact, evaluable like the ``torch_*``
+    targets). Checkpoints go to ``work_dir``; a second call with the same config resumes there."""
+    import time
+
+    import torch
+
+    from qops.artifacts import sha256_file
+    from qops.data import Tabular, onnx_io, read_table
+    from qops.quantize.torch_engine import export_module, linear_modules, load_program
+
+    t0 = time.perf_counter()
+    model, output = Path(model), Path(output)
+    if model.suffix.lower() != ".pt2" or not model.is_file():
+        raise QopsError(f"QAT trains PyTorch programs; {model} is not an existing .pt2 file.",
+                        "export the FP32 model with torch.export (qops' retraining examples write one) or log it "
+                        "with mlflow.pytorch.log_model(serialization_format='pt2').")
+    ep, meta = load_program(model)
+    inputs = onnx_io(model)[0]
+    if len(inputs) != 1 or len(inputs[0].shape) != 2:
+        raise QopsError(f"{model.name} takes {[i.describe() for i in inputs]}; this QAT path feeds tabular rows to "
+                        "one [batch, n_features] input.", "export the model with one [batch, n_features] input.")
+    feats = list(features or [c for c in meta.get("qops.feature_columns", "").split(",") if c])
+    if not feats:
+        raise QopsError(f"No feature columns given and {model.name} carries none.", "pass features=[...].")
+    df = read_table(train, "QAT training set")
+    feed = Tabular(feats).feeds(df, inputs, "QAT training set")
+    labels = None
+    if not teacher_distill:
+        if not label or label not in df.columns:
+            raise QopsError(f"The QAT training set has no label column {label!r}.",
+                            "give the label column, or train by distillation from the FP32 program.")
+        labels = df[label].to_numpy()
+    teacher = load_program(model)[0].module() if teacher_distill else None
+    gm = ep.module()
+    n = linear_modules(gm)
+    if n == 0:
+        raise QopsError(f"{model.name} has no linear layers to fake-quantize.", "QAT here covers Linear layers.")
+    if teacher_distill:
+        cfg = QatConfig(**{**asdict(cfg), "loss": "distill"})
+    res = train_qat(gm, feed, cfg, work_dir, labels=labels, teacher=teacher)
+    convert(gm, cfg)
+    example = torch.zeros(2, len(feats), dtype=getattr(torch, inputs[0].dtype))
+    out_meta = dict(meta, **{"qops.feature_columns": ",".join(feats), "qops.qat": json.dumps(asdict(cfg)),
+                             "qops.torch_compile": False})
+    with torch.no_grad():
+        export_module(gm, example, out_meta, output)
+    write_json_atomic(Path(work_dir) / "qat_result.json", {"output": str(output), "training": asdict(res)})
+    return QatProgramResult(model_path=str(output), model_sha256=sha256_file(output), source_path=str(model),
+                            size_bytes=output.stat().st_size, source_size_bytes=model.stat().st_size,
+                            linear_layers=n, training=asdict(res), seconds=round(time.perf_counter() - t0, 2))

@@ -94,3 +94,37 @@ def test_bad_qat_settings_name_the_fix(tmp_path):
     train_qat(_model(), data, QatConfig(steps=2, batch_size=8, checkpoint_every=1), tmp_path / "c", labels=y)
     with pytest.raises(QopsError, match="checkpoint of another configuration"):
         train_qat(_model(), data, QatConfig(steps=3, batch_size=8, checkpoint_every=1), tmp_path / "c", labels=y)
+
+
+def test_qat_on_a_pt2_program_trains_converts_exports_and_evaluates(tmp_path):
+    """A .pt2 MLP through QAT (int8 dynamic activations, int4 weights), saved as a .pt2 program, then evaluated
+    against FP32 by the evaluate stage's code."""
+    import pandas as pd
+    import torch
+    from torch import nn
+
+    from qops.evaluate import evaluate
+    from qops.qat import qat_program
+    from qops.quantize.torch_engine import export_fp32
+
+    torch.manual_seed(0)
+    feats = [f"f{i}" for i in range(32)]
+    x = np.random.default_rng(0).normal(size=(400, 32)).astype(np.float32)
+    df = pd.DataFrame(x, columns=feats).assign(y=x[:, :3].argmax(1))
+    df.iloc[:300].to_parquet(tmp_path / "train.parquet")
+    df.iloc[300:].to_parquet(tmp_path / "val.parquet")
+    net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 3))
+    opt = torch.optim.Adam(net.parameters(), 1e-2)
+    for _ in range(150):
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(torch.from_numpy(x[:300])), torch.from_numpy(df["y"].to_numpy()[:300])).backward()
+        opt.step()
+    src = export_fp32(net.eval(), feats, tmp_path / "fp32.pt2")
+    cfg = QatConfig(steps=40, batch_size=50, lr=1e-3, group_size=32, checkpoint_every=20)
+    res = qat_program(src, tmp_path / "train.parquet", "y", cfg, tmp_path / "work", tmp_path / "qat.pt2")
+    assert res.linear_layers == 2 and res.training["steps"] == 40 and (tmp_path / "work" / STATE).is_file()
+    ev = evaluate(src, res.model_path, tmp_path / "val.parquet", "y", [], latency_runs=10, bootstrap=50)
+    acc = ev.overall["accuracy"]
+    assert acc["fp32"] > 0.8 and acc["quantized"] > acc["fp32"] - 0.1  # QAT kept the task
+    with pytest.raises(QopsError, match="no label column 'nope'"):
+        qat_program(src, tmp_path / "train.parquet", "nope", cfg, tmp_path / "w2", tmp_path / "q2.pt2")
