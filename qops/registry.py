@@ -204,7 +204,7 @@ def example_feed(sess) -> dict:
              "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
              "tensor(uint8)": np.uint8, "tensor(int8)": np.int8}
     feed = {}
-    for k, inp in enumerate(sess.get_inputs()):
+    for inp in sess.get_inputs():
         dims = [d if isinstance(d, int) and d > 0 else (2 if i == 0 else 8) for i, d in enumerate(inp.shape)]
         dtype = types.get(inp.type, np.float32)
         feed[inp.name] = (np.ones if np.issubdtype(dtype, np.integer) else np.zeros)(dims, dtype=dtype)

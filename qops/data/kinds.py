@@ -58,7 +58,7 @@ def check_feed(feed: dict[str, np.ndarray], inputs: list[ModelInput], what: str,
             raise DataError(f"The {what}{src} gives {a.dtype} values for model input {inp.name!r}, which takes "
                             f"{inp.dtype}.", "convert the data to numbers (text needs data kind 'text').")
         if _is_int(inp.dtype) and a.dtype.kind == "f":
-            if a.size and not np.all(np.isfinite(a)) or (a.size and np.any(a != np.round(a))):
+            if a.size and (not np.all(np.isfinite(a)) or np.any(a != np.round(a))):
                 raise DataError(
                     f"Model input {inp.name!r} takes {inp.dtype} but the {what}{src} gives non-integer "
                     f"{a.dtype} values.", f"give integer values for {inp.name} (e.g. token ids).")

@@ -237,8 +237,7 @@ def _quantize_onnx(model: Path, recipe: Recipe, output: Path, calibration, featu
             if needs_cal and rows == 0:
                 raise DataError(f"The calibration set {calibration} has no rows.",
                                 "select a non-empty calibration set (qops calibrate).")
-        _copy_metadata(model, q, external)
-        stripped = _strip_debug(q, external)
+        stripped = _copy_metadata(model, q, external)
         if stripped:
             notes.append(f"exporter debug metadata on nodes dropped from the quantized file ({stripped / 1e3:.0f} kB)")
         counts = _op_counts(q)
@@ -272,10 +271,6 @@ def _quantize_onnx(model: Path, recipe: Recipe, output: Path, calibration, featu
     return result
 
 
-_ALL_INT8_OPS = ["MatMul", "Gemm", "Conv", "ConvTranspose", "Attention", "LSTM", "GRU", "Gather",
-                 "EmbedLayerNormalization", "Add", "Mul", "Relu", "Clip", "Softmax", "MaxPool", "AveragePool",
-                 "GlobalAveragePool", "Concat", "Split", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Resize",
-                 "Where", "Sigmoid", "LeakyRelu", "Pad", "ArgMax", "InstanceNormalization", "LayerNormalization"]
 _QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
               "QLinearMatMul", "QLinearConv", "MatMulNBits", "QGemm", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM",
               "QAttention", "GatherBlockQuantized"}
@@ -285,14 +280,13 @@ def _count_rows(calibration) -> int:
     return len(read_table(calibration, "calibration set"))
 
 
-def _strip_debug(path: Path, external: bool) -> int:
-    from qops.quantize import graph
+def _ort_default_ops(mode: str, recipe: Recipe) -> list[str]:
+    """The op types ONNX Runtime quantizes when given none: its registry for the mode and format."""
+    from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry, QLinearOpsRegistry
 
-    m = graph.load(path, external=external)
-    removed = graph.strip_debug_metadata(m)
-    if removed > 0:
-        _save(m, path, external)
-    return removed
+    if mode == "dynamic":
+        return sorted(IntegerOpsRegistry)
+    return sorted(QDQRegistry if recipe.quant_format == "QDQ" else QLinearOpsRegistry)
 
 
 def _op_counts(path: Path) -> dict:
@@ -342,7 +336,7 @@ def _int8(src: Path, dst: Path, recipe: Recipe, mode: str, reader, external: boo
 
         technique["embeddings"] = quantize_embeddings(m, nodes_to_exclude=recipe.nodes_to_exclude)
         if technique["embeddings"]["tables"]:  # the row scales are Gathers too: ORT must not quantize them
-            op_types = [o for o in (op_types or _ALL_INT8_OPS) if o != "Gather"]
+            op_types = [o for o in (op_types or _ort_default_ops(mode, recipe)) if o != "Gather"]
     pre2 = td / "prepared.onnx"
     _save(m, pre2, external)
     wt, at, cm, fmt = _ort_types(recipe)
@@ -492,9 +486,12 @@ def _move_model(tmp: Path, output: Path, external: bool) -> None:
         shutil.copyfile(tmp, t)
 
 
-def _copy_metadata(src: Path, dst: Path, external: bool = False) -> None:
-    """Carry the source model's metadata_props (feature columns etc.) into the quantized model."""
+def _copy_metadata(src: Path, dst: Path, external: bool = False) -> int:
+    """Carry the source model's metadata_props (feature columns etc.) into the quantized model and drop the
+    exporter's per-node debug metadata from it, in one load and save. Returns the debug bytes dropped."""
     import onnx
+
+    from qops.quantize.graph import strip_debug_metadata
 
     s = onnx.load(str(src), load_external_data=False)
     d = onnx.load(str(dst), load_external_data=False)
@@ -505,4 +502,6 @@ def _copy_metadata(src: Path, dst: Path, external: bool = False) -> None:
             e.key, e.value = p.key, p.value
     e = d.metadata_props.add()
     e.key, e.value = "qops.quantized_by", f"qops {__version__}"
+    stripped = strip_debug_metadata(d)
     onnx.save(d, str(dst))  # external data references (locations) are kept as they are
+    return stripped

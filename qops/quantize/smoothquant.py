@@ -26,17 +26,9 @@ log = logging.getLogger(__name__)
 
 def activation_absmax(model, tensors: list[str], reader) -> dict[str, np.ndarray]:
     """Per-channel (last axis) max |x| of ``tensors`` over all batches of a calibration ``reader``."""
-    import onnx
-    import onnxruntime as ort
+    from qops.quantize.graph import tap_session
 
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
-    for t in tensors:
-        if t not in have:
-            m.graph.output.append(onnx.helper.make_empty_tensor_value_info(t))
-    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
-    names = [o.name for o in sess.get_outputs()]
+    sess, names = tap_session(model, tensors)
     stats: dict[str, np.ndarray] = {}
     reader.rewind()
     while (feed := reader.get_next()) is not None:
@@ -54,17 +46,9 @@ AUTO_ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
 def activation_samples(model, tensors: list[str], reader, max_rows: int = 1024, seed: int = 0) -> dict:
     """Per tensor: up to ``max_rows`` rows (all leading axes flattened) sampled uniformly from every batch of a
     calibration reader, and the per-channel max |x| over all rows."""
-    import onnx
-    import onnxruntime as ort
+    from qops.quantize.graph import tap_session
 
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
-    for t in tensors:
-        if t not in have:
-            m.graph.output.append(onnx.helper.make_empty_tensor_value_info(t))
-    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
-    names = [o.name for o in sess.get_outputs()]
+    sess, names = tap_session(model, tensors)
     rng = np.random.default_rng(seed)
     rows: dict[str, list] = {t: [] for t in tensors}
     absmax: dict[str, np.ndarray] = {}

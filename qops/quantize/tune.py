@@ -180,9 +180,8 @@ def rank_nodes(float_model: str | os.PathLike, quantized_model: str | os.PathLik
     the SQNR of its dequantized weights is reported beside it. Over up to ``max_batches`` batches of ``reader``.
     """
     import onnx
-    import onnxruntime as ort
 
-    from qops.quantize.graph import name_nodes
+    from qops.quantize.graph import name_nodes, tap_session
 
     fm = onnx.load(str(float_model))
     name_nodes(fm)
@@ -233,14 +232,7 @@ def rank_nodes(float_model: str | os.PathLike, quantized_model: str | os.PathLik
                        + L["weights"] if t in q_have} - graph_inputs)
 
     def run(model, wanted) -> dict[str, list]:
-        m = onnx.ModelProto()
-        m.CopyFrom(model)
-        have = {o.name for o in m.graph.output}
-        for t in wanted:
-            if t not in have:
-                m.graph.output.append(onnx.helper.make_empty_tensor_value_info(t))
-        sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
-        names = [o.name for o in sess.get_outputs()]
+        sess, names = tap_session(model, wanted)
         acc: dict[str, list] = {t: [] for t in wanted}
         reader.rewind()
         for _ in range(max_batches):
