@@ -524,13 +524,10 @@ def features_for(features: list[str] | None, meta: dict | None, inputs=None) -> 
     return [c for c in cols.split(",") if c]
 
 
-def infer_kind(path_or_df, inputs: list[ModelInput], meta: dict, features: list[str] | None = None) -> DataKind:
-    """The kind of a bare file given on the command line: ``.npz`` or a table with columns named after every
-    model input → tensors; otherwise tabular (features given, or the model's metadata)."""
-    if features:
-        return Tabular(features)
-    if isinstance(path_or_df, (str, os.PathLike)) and str(path_or_df).lower().endswith(".npz"):
-        return Tensors([i.name for i in inputs])
+def infer_kind(path_or_df, inputs: list[ModelInput], meta: dict) -> DataKind:
+    """The kind of a bare table given on the command line (``.npz`` files are handled by
+    :func:`qops.data.data_kind`): columns named after every model input → tensors; otherwise tabular from the
+    model's metadata."""
     cols = None
     if isinstance(path_or_df, pd.DataFrame):
         cols = set(path_or_df.columns)
