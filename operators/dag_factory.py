@@ -12,6 +12,7 @@ from qops_airflow.operators import (
     QopsCardOperator,
     QopsEvaluateOperator,
     QopsGateOperator,
+    QopsQatOperator,
     QopsQuantizeOperator,
     QopsRegisterOperator,
     QopsSourceOperator,
@@ -27,7 +28,7 @@ def spec_asset(uri: str) -> Asset:
 
 def build_quantization_dag(spec_path: str | Path, dag_id: str | None = None, mlflow_conn_id: str | None = None,
                            **dag_kwargs) -> DAG:
-    """One DAG per spec: source -> calibrate -> per target (quantize -> evaluate -> gate -> card -> register)
+    """One DAG per spec: source -> calibrate -> per target (quantize -> evaluate -> gate [-> qat] -> card -> register)
     -> summary, and a watcher task that fails the run if any task failed. Scheduled on ``spec.schedule_asset``
     when set. Target tasks go to the target's queue."""
     from qops.spec import load_spec
@@ -50,8 +51,11 @@ def build_quantization_dag(spec_path: str | Path, dag_id: str | None = None, mlf
             with TaskGroup(group_id=target):
                 kw = {**common, "target": target, "queue": queue}
                 chain = [QopsQuantizeOperator(task_id="quantize", **kw), QopsEvaluateOperator(task_id="evaluate", **kw),
-                         QopsGateOperator(task_id="gate", **kw), QopsCardOperator(task_id="card", **kw),
-                         QopsRegisterOperator(task_id="register", **kw)]
+                         QopsGateOperator(task_id="gate", **kw)]
+                plan = spec.qat_plan(target)
+                if plan is not None:  # QAT on the queue its scheme needs (CUDA schemes: gpu)
+                    chain.append(QopsQatOperator(task_id="qat", **{**kw, "queue": plan.queue}))
+                chain += [QopsCardOperator(task_id="card", **kw), QopsRegisterOperator(task_id="register", **kw)]
             calibrate >> chain[0]
             for a, b in zip(chain, chain[1:]):
                 a >> b

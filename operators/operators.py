@@ -140,10 +140,40 @@ class QopsGateOperator(_TargetOperator):
         self.log.info("gate for %s:\n%s", self.target, res["message"])
         for w in res.get("warnings") or []:
             self.log.warning("gate warning for %s: %s", self.target, w)
-        if not res["passed"]:
+        if not res["passed"] and res.get("qat_next"):
+            self.log.warning("PTQ model of %s failed its gates; the qat task trains a QAT model next "
+                             "(qat.when: ptq_fails)", self.target)
+        elif not res["passed"]:
             raise AirflowFailException(f"qops gate for target {self.target}: {res['message']}")
-        return {"target": self.target, "passed": True, "checks": len(res["checks"]),
-                "inconclusive": len(res.get("inconclusive") or [])}
+        return {"target": self.target, "passed": res["passed"], "checks": len(res["checks"]),
+                "inconclusive": len(res.get("inconclusive") or []), "qat_next": res.get("qat_next", False)}
+
+
+class QopsQatOperator(_TargetOperator):
+    """Quantization-aware training for a target (the spec's ``qat`` block): skipped when PTQ passed and
+    ``qat.when`` is ``ptq_fails``. Trains with checkpoints in the run folder, so a retry of this task resumes
+    where the previous attempt stopped; then evaluates and gates the QAT model like the PTQ one, and fails
+    when its gates fail. Progress goes to the task log every tenth of the steps."""
+
+    stage = "qat"
+    operator_extra_links = (QopsMlflowModelLink(), QopsModelCardLink())
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("retries", 2)  # a killed worker's retry resumes from the last checkpoint
+        super().__init__(**kwargs)
+
+    def execute(self, context) -> dict:
+        from qops.pipeline import stage_qat
+
+        res = self._call(stage_qat, self._spec(), self.run_key, self.target)
+        if not res["ran"]:
+            raise AirflowSkipException(f"no QAT for {self.target}: {res['reason']}")
+        self.log.info("QAT for %s: %d steps%s in %.1f s, %s bytes; gates %s", self.target, res["steps"],
+                      f" (resumed at step {res['resumed_from']})" if res["resumed_from"] else "", res["seconds"],
+                      res["size_bytes"], "passed" if res["passed"] else "failed")
+        if not res["passed"]:
+            raise AirflowFailException(f"qops gate for the QAT model of {self.target}: {res['message']}")
+        return res
 
 
 class QopsCardOperator(_TargetOperator):
@@ -156,12 +186,15 @@ class QopsCardOperator(_TargetOperator):
     def execute(self, context) -> dict:
         from pathlib import Path
 
-        from qops.artifacts import run_dir
         from qops.pipeline import stage_card
 
+        from qops.pipeline import candidate
+
         spec = self._spec()
-        if not (run_dir(spec.artifact_root, spec.name, self.run_key) / "targets" / self.target / "gate.json").is_file():
-            raise AirflowSkipException(f"no gate result for {self.target}: an upstream stage failed before the gate")
+        folder, method, _ = candidate(spec, self.run_key, self.target)
+        if not (folder / "gate.json").is_file():
+            raise AirflowSkipException(f"no gate result for the {method.upper()} model of {self.target}: an upstream "
+                                       "stage failed before its gate")
         res = self._call(stage_card, spec, self.run_key, self.target, dag_id=context["dag"].dag_id)
         self.log.info("model card: %s", Path(res["markdown_path"]))
         return res
@@ -177,14 +210,16 @@ class QopsRegisterOperator(_TargetOperator):
 
     def execute(self, context) -> dict:
         from qops.artifacts import read_json, run_dir
-        from qops.pipeline import stage_register
+        from qops.pipeline import candidate, stage_register
 
         spec = self._spec()
         tdir = run_dir(spec.artifact_root, spec.name, self.run_key) / "targets" / self.target
-        if not (tdir / "card.json").is_file():
+        folder, method, _ = candidate(spec, self.run_key, self.target)
+        if not (tdir / "card.json").is_file() or not (folder / "gate.json").is_file():
             raise AirflowSkipException(f"no model card for {self.target}: an upstream stage failed")
-        if not read_json(tdir / "gate.json")["passed"] and not spec.mlflow.register_failed:
-            raise AirflowSkipException(f"gates failed for {self.target}: not registered (mlflow.register_failed is off)")
+        if not read_json(folder / "gate.json")["passed"] and not spec.mlflow.register_failed:
+            raise AirflowSkipException(f"gates failed for the {method.upper()} model of {self.target}: not registered "
+                                       "(mlflow.register_failed is off)")
         res = self._call(stage_register, spec, self.run_key, self.target)
         self.log.info("registered %s version %s, aliases %s", res["name"], res["version"], res["aliases"])
         return res

@@ -254,13 +254,16 @@ def cmd_stage(args) -> int:
 
     spec = load_spec(args.spec)
     fn = getattr(pipeline, f"stage_{args.stage}")
-    per_target = args.stage in ("quantize", "evaluate", "gate", "card", "register")
+    per_target = args.stage in ("quantize", "evaluate", "gate", "qat", "card", "register")
     if per_target and not args.target:
         raise QopsError(f"Stage {args.stage!r} runs per target.", f"pass --target (one of {spec.targets}).")
     extra = {"dag_id": args.dag_id} if args.stage in ("card", "summary") else {}
     res = fn(spec, args.run_id, args.target, **extra) if per_target else fn(spec, args.run_id, **extra)
     _emit(args, res)
-    if args.stage == "gate" and not res["passed"]:
+    if args.stage == "gate" and not res["passed"] and not res.get("qat_next"):
+        print(res["message"], file=sys.stderr)
+        return 3
+    if args.stage == "qat" and res["ran"] and not res["passed"]:
         print(res["message"], file=sys.stderr)
         return 3
     return 0
@@ -435,8 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--dag-id")
 
     sp = add("stage", cmd_stage, "run one pipeline stage of a spec exactly as its Airflow operator does")
-    sp.add_argument("stage", choices=["source", "calibrate", "quantize", "evaluate", "gate", "card", "register",
-                                      "summary"])
+    sp.add_argument("stage", choices=["source", "calibrate", "quantize", "evaluate", "gate", "qat", "card",
+                                      "register", "summary"])
     sp.add_argument("--spec", required=True)
     sp.add_argument("--run-id", required=True)
     sp.add_argument("--target")

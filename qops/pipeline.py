@@ -144,12 +144,11 @@ def stage_quantize(spec: PipelineSpec, run_id: str, target: str) -> dict:
     return out
 
 
-def stage_evaluate(spec: PipelineSpec, run_id: str, target: str) -> dict:
+def _evaluate_in(spec: PipelineSpec, run_id: str, folder: Path) -> dict:
     from qops.evaluate import evaluate
 
-    rdir, tdir = _rdir(spec, run_id), _tdir(spec, run_id, target)
-    source = _load(rdir / "source.json", "source")
-    q = _load(tdir / "quantize.json", "quantize")
+    source = _load(_rdir(spec, run_id) / "source.json", "source")
+    q = _load(folder / "quantize.json", "quantize")
     g = spec.gates
     res = evaluate(q["source_path"], q["model_path"], spec.data.validation, _label(spec), spec.data.slice_columns,
                    features=_features(spec, source), metric=g.metric, latency_runs=g.latency_runs, task=g.task,
@@ -158,43 +157,154 @@ def stage_evaluate(spec: PipelineSpec, run_id: str, target: str) -> dict:
                    target=q["recipe"], outputs=g.outputs, output=g.output, embedding_output=g.embedding_output,
                    batch_size=g.batch_size)
     out = to_jsonable(res)
-    write_json_atomic(tdir / "evaluation.json", out)
+    write_json_atomic(folder / "evaluation.json", out)
     return out
 
 
-def stage_gate(spec: PipelineSpec, run_id: str, target: str) -> dict:
-    """Gate verdict (never raises on failure: the caller decides; the operator fails the task)."""
+def _gate_in(spec: PipelineSpec, folder: Path, target: str) -> dict:
     from qops.gates import gate
 
-    tdir = _tdir(spec, run_id, target)
-    res = gate(_load(tdir / "evaluation.json", "evaluate"), spec.gates)
+    res = gate(_load(folder / "evaluation.json", "evaluate"), spec.gates)
     out = to_jsonable(res)
     out["target"] = target
     out["message"] = res.message()
-    write_json_atomic(tdir / "gate.json", out)
+    write_json_atomic(folder / "gate.json", out)
     return out
+
+
+def stage_evaluate(spec: PipelineSpec, run_id: str, target: str) -> dict:
+    return _evaluate_in(spec, run_id, _tdir(spec, run_id, target))
+
+
+def stage_gate(spec: PipelineSpec, run_id: str, target: str) -> dict:
+    """Gate verdict (never raises on failure: the caller decides; the operator fails the task). ``qat_next`` says
+    that a failed PTQ gate is not the target's last word: QAT runs next (``qat.when: ptq_fails``) or always."""
+    out = _gate_in(spec, _tdir(spec, run_id, target), target)
+    t = spec.qat.targets.get(target) if spec.qat else None
+    out["qat_next"] = bool(t and (t.when == "always" or not out["passed"]))
+    if out["qat_next"]:
+        write_json_atomic(_tdir(spec, run_id, target) / "gate.json", out)
+    return out
+
+
+def candidate(spec: PipelineSpec, run_id: str, target: str) -> tuple[Path, str, str]:
+    """Folder of the target's candidate model (the one carded and registered), its method and why:
+    the PTQ model, or the QAT model (``qat.when: always``, or ``ptq_fails`` after a failed PTQ gate)."""
+    tdir = _tdir(spec, run_id, target)
+    t = spec.qat.targets.get(target) if spec.qat else None
+    if t is None:
+        return tdir, "ptq", "no QAT configured for this target"
+    if t.when == "always":
+        return tdir / "qat", "qat", "qat.when is always"
+    g = tdir / "gate.json"
+    if g.is_file() and not read_json(g)["passed"]:
+        return tdir / "qat", "qat", "the PTQ model failed its gates (qat.when: ptq_fails)"
+    return tdir, "ptq", "the PTQ model passed its gates (qat.when: ptq_fails)"
+
+
+def _training_table(spec: PipelineSpec, source: dict):
+    """The QAT training split as a table, the data kind, and labels (None for distillation)."""
+    from qops.data import Tabular, read_table
+    from qops.errors import QopsError
+
+    q = spec.qat
+    path = q.data or spec.data.reference
+    df = read_table(path, "QAT training set")
+    if q.max_rows and len(df) > q.max_rows:
+        df = df.sample(q.max_rows, random_state=q.seed).sort_index()
+    kind = _features(spec, source)
+    kind = Tabular(kind) if isinstance(kind, list) else kind
+    label = q.label or spec.data.label
+    loss = q.loss or ("task" if label else "distill")
+    labels = None
+    if loss == "task":
+        if not label or label not in df.columns:
+            raise QopsError(f"QAT with loss: task needs the label column {label!r} in {path}.",
+                            "set qat.label (or data.label) to the training split's label column, or qat.loss: "
+                            "distill (label-free).")
+        labels = df[label].to_numpy()
+        if labels.dtype.kind not in "iub":
+            raise QopsError(f"QAT label column {label!r} holds {labels.dtype} values; the task loss is "
+                            "cross-entropy over class indices 0..C-1.", "encode the classes as integers, or use "
+                            "qat.loss: distill.")
+    return df, kind, labels, path
+
+
+def _torch_program(spec: PipelineSpec, source: dict) -> str:
+    from qops.errors import QopsError
+
+    program = source.get("pt2_path") or spec.qat.program or source.get("torch_program")
+    if not program or not Path(program).is_file():
+        raise QopsError(
+            f"QAT trains a PyTorch program, and the source model {source['uri']} has none "
+            f"({'not found: ' + str(program) if program else source['flavor'] + '-flavored'}).",
+            "log the FP32 model with mlflow.pytorch.log_model(..., serialization_format='pt2'), tag its model version "
+            "qops.torch_program with the artifact URI of its .pt2 program (the retraining examples do), or set "
+            "qat.program to the .pt2 file the ONNX model was exported from.")
+    return program
+
+
+def stage_qat(spec: PipelineSpec, run_id: str, target: str, on_step=None) -> dict:
+    """Quantization-aware training for ``target`` when the spec asks for it: after a failed PTQ gate
+    (``qat.when: ptq_fails``) or always. Trains (resuming from the checkpoint of an earlier attempt of the same
+    run), writes the target's artifact, evaluates and gates it like the PTQ model, into ``targets/<t>/qat/``."""
+    from qops.data import onnx_io
+    from qops.qat_job import run_qat
+
+    tdir = _tdir(spec, run_id, target)
+    folder, method, why = candidate(spec, run_id, target)
+    if method != "qat":
+        return {"target": target, "ran": False, "reason": why}
+    rdir = _rdir(spec, run_id)
+    source = _load(rdir / "source.json", "source")
+    ptq = _load(tdir / "quantize.json", "quantize")
+    plan = spec.qat_plan(target, mode=ptq.get("mode"))
+    df, kind, labels, path = _training_table(spec, source)
+    inputs = onnx_io(source["path"])[0]
+    feeds = kind.feeds(df, inputs, "QAT training set")
+    cfg = spec.qat.config_for(target, plan, has_label=labels is not None)
+    log.info("QAT for %s (%s): %s %s on %d rows of %s", target, why, plan.engine, plan.scheme, len(df), path)
+    res = run_qat(source_onnx=source["path"], program=_torch_program(spec, source), recipe=spec.recipe(target),
+                  plan=plan, cfg=cfg, train_feeds=feeds, labels=labels, out_dir=folder, work_dir=folder / "work",
+                  on_step=on_step)
+    res["qat"]["why"], res["qat"]["data"] = why, path
+    write_json_atomic(folder / "quantize.json", to_jsonable(res))
+    _evaluate_in(spec, run_id, folder)
+    g = _gate_in(spec, folder, target)
+    return {"target": target, "ran": True, "reason": why, "passed": g["passed"], "message": g["message"],
+            "model_path": res["model_path"], "size_bytes": res["size_bytes"], "steps": res["qat"]["training"]["steps"],
+            "resumed_from": res["qat"]["training"]["resumed_from"], "seconds": res["seconds"]}
 
 
 def stage_card(spec: PipelineSpec, run_id: str, target: str, dag_id: str | None = None) -> dict:
     from qops.cards import build_card_data, write_card
 
     rdir, tdir = _rdir(spec, run_id), _tdir(spec, run_id, target)
-    q = _load(tdir / "quantize.json", "quantize")
+    folder, method, why = candidate(spec, run_id, target)
+    q = _load(folder / "quantize.json", "quantize" if method == "ptq" else "qat")
     cal_path = rdir / "calibration" / "calibration.json"
+    qat = None
+    if method == "qat":
+        from qops.cards import qat_section
+
+        qat = qat_section(_load(tdir / "evaluation.json", "evaluate"), _load(tdir / "gate.json", "gate"),
+                          _load(folder / "evaluation.json", "qat"), q, why, spec.qat.targets[target].when)
     card = build_card_data(
         pipeline=spec.name,
         source=_load(rdir / "source.json", "source"),
         target_recipe=q["recipe"],  # the recipe actually used (target options and tuning applied)
         calibration=read_json(cal_path) if q.get("calibration_path") and cal_path.is_file() else None,
         quantization=q,
-        evaluation=_load(tdir / "evaluation.json", "evaluate"),
-        gate_result=_load(tdir / "gate.json", "gate"),
+        evaluation=_load(folder / "evaluation.json", "evaluate"),
+        gate_result=_load(folder / "gate.json", "gate"),
         gate_settings=spec.gates.model_dump(),
+        qat=qat,
         human=spec.card.model_dump(),
         lineage={"dag_id": dag_id or "qops-cli", "run_id": run_id, "spec_sha256": spec.digest(),
-                 "artifact_dir": str(tdir)},
+                 "artifact_dir": str(folder)},
     )
     out = to_jsonable(write_card(card, tdir / "card"))
+    out["method"] = method
     write_json_atomic(tdir / "card.json", out)
     return out
 
@@ -209,11 +319,12 @@ def stage_register(spec: PipelineSpec, run_id: str, target: str) -> dict:
 
     _mlflow(spec)
     rdir, tdir = _rdir(spec, run_id), _tdir(spec, run_id, target)
+    folder, method, _ = candidate(spec, run_id, target)
     source = _load(rdir / "source.json", "source")
-    q = _load(tdir / "quantize.json", "quantize")
-    g = _load(tdir / "gate.json", "gate")
+    q = _load(folder / "quantize.json", "quantize")
+    g = _load(folder / "gate.json", "gate")
     card = _load(tdir / "card.json", "card")
-    ev = _load(tdir / "evaluation.json", "evaluate")
+    ev = _load(folder / "evaluation.json", "evaluate")
     recipe, m = q["recipe"], ev["primary_metric"]
     tags = {
         "qops.pipeline": spec.name, "qops.target": target, "qops.precision": recipe["precision"],
@@ -222,8 +333,11 @@ def stage_register(spec: PipelineSpec, run_id: str, target: str) -> dict:
         "qops.source_uri": source["uri"], "qops.model_sha256": q["model_sha256"],
         "qops.calibration_sha256": (read_json(rdir / "calibration" / "calibration.json")["sha256"]
                                     if q.get("calibration_path") else "none"),
-        "qops.run_id": run_id,
+        "qops.run_id": run_id, "qops.method": method,
     }
+    if method == "qat":
+        tags["qops.qat_scheme"] = f"{q['qat']['plan']['engine']}:{q['qat']['plan']['scheme']}"
+        tags["qops.calibration_sha256"] = "none (QAT)"
 
     def finalize_card(mlflow_info: dict | None) -> list[str]:
         """Re-render the card with the MLflow run and model version it is registered as."""
@@ -237,14 +351,14 @@ def stage_register(spec: PipelineSpec, run_id: str, target: str) -> dict:
         res = register(
             model_path=q["model_path"], name=registered_name(spec, source["name"], target),
             run_key=f"{spec.name}|{run_id}|{target}|{q['model_sha256'][:16]}", tags=tags, gate_passed=g["passed"],
-            card_files=[p for p in (card["markdown_path"], card["html_path"], card["json_path"], card["chart_path"])
-                        if p],
+            card_files=[p for p in (card["markdown_path"], card["html_path"], card["json_path"], card["chart_path"],
+                                    card.get("qat_chart_path")) if p],
             register_failed=spec.mlflow.register_failed, promote=True, candidate_alias=spec.mlflow.candidate_alias,
             promote_alias=spec.mlflow.promote_alias, experiment=spec.mlflow.experiment,
             metrics={"fp32_" + m: ev["overall"][m]["fp32"], "quantized_" + m: ev["overall"][m]["quantized"],
                      "latency_p50_ms": ev["performance"]["latency_p50_ms"]["quantized"],
                      "size_bytes": ev["performance"]["size_bytes"]["quantized"]},
-            params={"target": target, "mode": recipe["mode"], "granularity": recipe["granularity"]},
+            params={"target": target, "mode": recipe["mode"], "granularity": recipe["granularity"], "method": method},
             finalize_card=finalize_card,
         )
     except Exception:
@@ -261,8 +375,15 @@ def stage_summary(spec: PipelineSpec, run_id: str, dag_id: str | None = None) ->
     rdir = _rdir(spec, run_id)
     rows = []
     for target in spec.targets:
-        tdir = _tdir(spec, run_id, target)
-        row: dict = {"target": target}
+        tdir, (cdir, method, why) = _tdir(spec, run_id, target), candidate(spec, run_id, target)
+        row: dict = {"target": target, "method": method}
+        if method == "qat" or spec.qat and target in spec.qat.targets:
+            row["method_reason"] = why
+            if (tdir / "gate.json").is_file():
+                row["ptq_gate"] = "passed" if read_json(tdir / "gate.json")["passed"] else "failed"
+        if not (cdir / "gate.json").is_file() and method == "qat":
+            row["qat_error"] = "QAT did not finish (see the qat task's log)"
+        tdir = cdir
         if (tdir / "evaluation.json").is_file():
             ev = read_json(tdir / "evaluation.json")
             m = ev["primary_metric"]
@@ -288,6 +409,7 @@ def stage_summary(spec: PipelineSpec, run_id: str, dag_id: str | None = None) ->
             row["unprotected_slices"] = [u["slice"] for u in g.get("unprotected") or []]
         else:
             row["gate"] = "not run"
+        tdir = _tdir(spec, run_id, target)
         if (tdir / "register.json").is_file():
             r = read_json(tdir / "register.json")
             row["mlflow"] = {"name": r["name"], "version": r["version"], "aliases": r["aliases"],
@@ -340,9 +462,10 @@ def run_pipeline(spec: PipelineSpec, run_id: str | None = None, progress: bool =
 
     run_id = run_id or "cli-" + datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
     steps = [("source", None), ("calibrate", None)] + [
-        (s, t) for t in spec.targets for s in ("quantize", "evaluate", "gate", "card", "register")]
+        (s, t) for t in spec.targets for s in ("quantize", "evaluate", "gate", "qat", "card", "register")]
     funcs = {"source": stage_source, "calibrate": stage_calibrate, "quantize": stage_quantize,
-             "evaluate": stage_evaluate, "gate": stage_gate, "card": stage_card, "register": stage_register}
+             "evaluate": stage_evaluate, "gate": stage_gate, "qat": stage_qat, "card": stage_card,
+             "register": stage_register}
     bar = tqdm(steps, disable=not progress, unit="step")
     for stage, target in bar:
         bar.set_description(f"{stage}{' ' + target if target else ''}")

@@ -38,25 +38,47 @@ META = "qat_state.json"
 
 @dataclass
 class QatConfig:
-    scheme: str = "int8_dynamic_int4_weight"  # see SCHEMES
+    scheme: str = "int8_dynamic_int4_weight"  # see SCHEMES (engine torchao) and PT2E_SCHEMES (engine pt2e)
+    engine: str = "torchao"  # torchao (QATConfig on nn.Linear) | pt2e (prepare_qat_pt2e, X86InductorQuantizer)
     group_size: int = 32
-    steps: int = 100
+    steps: int | None = 100  # optimizer steps; or epochs (one of the two)
+    epochs: float | None = None
     batch_size: int = 32
+    optimizer: str = "adamw"  # adamw | sgd
     lr: float = 1e-4
+    momentum: float = 0.9  # sgd only
     weight_decay: float = 0.0
     seed: int = 0
     checkpoint_every: int = 25
     loss: str = "task"  # task (cross-entropy with labels) | distill (KL to the FP32 teacher)
     temperature: float = 1.0
+    time_budget_s: float | None = None  # stop (with a checkpoint) once training took this long, across retries
 
     def __post_init__(self) -> None:
-        if self.scheme not in SCHEMES:
-            raise QopsError(f"QAT scheme {self.scheme!r} is not one torchao can train here.",
-                            f"use one of {sorted(SCHEMES)}.")
+        known = SCHEMES if self.engine == "torchao" else PT2E_SCHEMES if self.engine == "pt2e" else None
+        if known is None:
+            raise QopsError(f"QAT engine {self.engine!r} is not torchao or pt2e.", "use engine: torchao or pt2e.")
+        if self.scheme not in known:
+            raise QopsError(f"QAT scheme {self.scheme!r} is not one the {self.engine} engine trains.",
+                            f"use one of {sorted(known)} (engine {self.engine}).")
         if self.loss not in ("task", "distill"):
             raise QopsError(f"QAT loss {self.loss!r} is not task or distill.", "use loss: task or distill.")
-        if self.steps < 1 or self.batch_size < 1 or self.checkpoint_every < 1:
-            raise QopsError("QAT steps, batch_size and checkpoint_every must be positive.", "set them >= 1.")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise QopsError(f"QAT optimizer {self.optimizer!r} is not adamw or sgd.", "use adamw or sgd.")
+        if (self.steps is None) == (self.epochs is None):
+            raise QopsError("QAT needs either steps or epochs (not both).", "set one of qat steps / epochs.")
+        if (self.steps is not None and self.steps < 1) or (self.epochs is not None and self.epochs <= 0) \
+                or self.batch_size < 1 or self.checkpoint_every < 1:
+            raise QopsError("QAT steps/epochs, batch_size and checkpoint_every must be positive.", "set them >= 1.")
+
+    def total_steps(self, rows: int) -> int:
+        if self.steps is not None:
+            return self.steps
+        return max(1, int(round(self.epochs * max(1, rows // self.batch_size))))
+
+    @property
+    def needs_cuda(self) -> bool:
+        return self.scheme in CUDA_SCHEMES
 
 
 def _int8_dyn_int4(cfg: QatConfig):
@@ -83,24 +105,66 @@ def _int4_weight_only(cfg: QatConfig):
     return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(cfg.group_size))
 
 
+def _int4_weight_only_cuda(cfg: QatConfig):
+    from torchao.quantization import Int4WeightOnlyConfig
+
+    return Int4WeightOnlyConfig(group_size=cfg.group_size)
+
+
+def _float8_dynamic(cfg: QatConfig):
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
+
+    return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+
+
 SCHEMES: dict[str, Callable] = {
     "int8_dynamic_int4_weight": _int8_dyn_int4,  # int8 dynamic activations, int4 grouped weights (CPU)
     "int8_dynamic_int8_weight": _int8_dyn_int8,  # int8 dynamic activations, int8 per-channel weights (CPU)
-    "int4_weight_only": _int4_weight_only,       # int4 grouped weights, float activations
+    "int4_weight_only": _int4_weight_only,       # int4 grouped weights, float activations (Intx: CPU)
+    "int4_weight_only_cuda": _int4_weight_only_cuda,  # Int4WeightOnlyConfig: tinygemm/CUDA kernels
+    "float8_dynamic": _float8_dynamic,           # FP8 e4m3 activations and weights, per row (Hopper/Ada)
 }
+CUDA_SCHEMES = frozenset({"int4_weight_only_cuda", "float8_dynamic"})
+# PT2E QAT: torchao's X86InductorQuantizer in QAT mode, uint8 per-tensor activations (static: ranges observed
+# during training; dynamic: computed per batch at run time) and int8 per-channel symmetric weights. The
+# converted graph carries quantize/dequantize ops that torch.onnx (dynamo) writes as ONNX QDQ.
+PT2E_SCHEMES: dict[str, dict] = {"int8_static": {"is_dynamic": False}, "int8_dynamic": {"is_dynamic": True}}
 
 
 @dataclass
 class QatResult:
-    steps: int
+    steps: int  # steps trained (fewer than planned_steps when the time budget stopped training)
     resumed_from: int | None
     losses: list[float] = field(default_factory=list)
     checkpoints: int = 0
     config: dict = field(default_factory=dict)
+    planned_steps: int = 0
+    stopped_by_budget: bool = False
+    seconds: float = 0.0  # training time over all attempts
+    rows: int = 0
 
 
 def prepare(model, cfg: QatConfig):
-    """Swap Linear/Embedding layers for torchao's fake-quantized versions (in place)."""
+    """Insert fake quantization: torchao swaps Linear/Embedding layers for fake-quantized ones (in place);
+    PT2E annotates the exported graph with X86InductorQuantizer's QAT config and returns the prepared graph."""
+    if cfg.engine == "pt2e":
+        from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+        from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+            X86InductorQuantizer,
+            get_default_x86_inductor_quantization_config,
+        )
+
+        if getattr(model, "_qops_qat_prepared", False):
+            return model
+        q = X86InductorQuantizer().set_global(
+            get_default_x86_inductor_quantization_config(is_qat=True, **PT2E_SCHEMES[cfg.scheme]))
+        try:
+            prepared = prepare_qat_pt2e(model, q)
+        except Exception as e:
+            raise QopsError(f"PT2E cannot prepare this program for QAT: {str(e).splitlines()[0][:300]}",
+                            "give a torch.export program (the .pt2 the FP32 model was exported from).") from None
+        prepared._qops_qat_prepared = True
+        return prepared
     from torchao.quantization import quantize_
     from torchao.quantization.qat import QATConfig
 
@@ -115,8 +179,13 @@ def prepare(model, cfg: QatConfig):
 
 
 def _set_mode(model, training: bool) -> None:
-    """train()/eval() where the module allows it (a torch.export module refuses; its linear layers behave the
-    same in both modes, and train_qat has no dropout or batch-norm of its own)."""
+    """train()/eval(): PT2E graphs through torchao's helpers (dropout, batch norm); a torch.export module refuses
+    train(), and its linear layers behave the same in both modes."""
+    if getattr(model, "_qops_qat_prepared", False):
+        from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
+
+        (move_exported_model_to_train if training else move_exported_model_to_eval)(model)
+        return
     try:
         model.train(training)
     except NotImplementedError:
@@ -124,7 +193,13 @@ def _set_mode(model, training: bool) -> None:
 
 
 def convert(model, cfg: QatConfig):
-    """Turn the trained fake-quantized model into torchao's quantized model (in place)."""
+    """Turn the trained fake-quantized model into the quantized model: torchao's quantized tensors (in place), or
+    PT2E's converted graph with quantize/dequantize ops (returned)."""
+    if cfg.engine == "pt2e":
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+        _set_mode(model, False)
+        return convert_pt2e(model)
     from torchao.quantization import quantize_
     from torchao.quantization.qat import QATConfig
 
@@ -140,7 +215,7 @@ def _batch_indices(n: int, step: int, batch_size: int, seed: int) -> np.ndarray:
     return order[k * batch_size:(k + 1) * batch_size]
 
 
-def _save(model, opt, step: int, losses: list[float], cfg: QatConfig, work: Path) -> None:
+def _save(model, opt, step: int, losses: list[float], cfg: QatConfig, work: Path, seconds: float) -> None:
     import torch
     from safetensors.torch import save_file
 
@@ -156,11 +231,11 @@ def _save(model, opt, step: int, losses: list[float], cfg: QatConfig, work: Path
     with atomic_path(work / STATE) as tmp:
         save_file(tensors, str(tmp))
     groups = [{k: v for k, v in g.items() if k != "params"} | {"params": g["params"]} for g in sd["param_groups"]]
-    write_json_atomic(work / META, {"step": step, "losses": losses, "config": asdict(cfg),
+    write_json_atomic(work / META, {"step": step, "losses": losses, "config": asdict(cfg), "seconds": seconds,
                                     "param_groups": groups, "state_ids": sorted(sd["state"])})
 
 
-def _load(model, opt, cfg: QatConfig, work: Path) -> tuple[int, list[float]] | None:
+def _load(model, opt, cfg: QatConfig, work: Path) -> tuple[int, list[float], float] | None:
     import torch
     from safetensors.torch import load_file
 
@@ -180,20 +255,23 @@ def _load(model, opt, cfg: QatConfig, work: Path) -> tuple[int, list[float]] | N
             state.setdefault(int(pid), {})[name] = v
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     torch.set_rng_state(tensors["rng.torch"])
-    return int(meta["step"]), list(meta["losses"])
+    return int(meta["step"]), list(meta["losses"]), float(meta.get("seconds", 0.0))
 
 
 def train_qat(model, data: dict[str, np.ndarray], cfg: QatConfig, work_dir: str | os.PathLike, *,
-              labels: np.ndarray | None = None, teacher=None, on_step: Callable[[int, float], None] | None = None
-              ) -> QatResult:
-    """Prepare ``model`` for QAT (unless it already is), train it ``cfg.steps`` steps on ``data`` (model inputs
-    by name, rows on axis 0), checkpointing under ``work_dir``, resuming from a checkpoint found there; then
-    leave the trained fake-quantized model in place (call :func:`convert` to quantize it).
+              labels: np.ndarray | None = None, teacher=None, on_step: Callable[[int, float], None] | None = None):
+    """Prepare ``model`` for QAT (unless it already is), train it on ``data`` (model inputs by name, rows on
+    axis 0), checkpointing under ``work_dir`` and resuming from a checkpoint found there. Returns
+    ``(prepared, result)``: the trained fake-quantized model (call :func:`convert` on it) and a :class:`QatResult`.
 
     ``cfg.loss``: ``task`` needs ``labels`` (classification, cross-entropy); ``distill`` needs ``teacher``
     (the FP32 module; KL divergence of the student's to the teacher's softened outputs, no labels needed).
     ``on_step(step, loss)`` is called after every step (progress; a test uses it to kill the run).
+    ``cfg.time_budget_s`` ends training early, after a checkpoint, once the time spent (over all attempts) passes
+    it; the result says so.
     """
+    import time
+
     import torch
 
     work = Path(work_dir)
@@ -207,18 +285,22 @@ def train_qat(model, data: dict[str, np.ndarray], cfg: QatConfig, work_dir: str 
     if n < cfg.batch_size:
         raise QopsError(f"QAT has {n} training rows, fewer than batch_size {cfg.batch_size}.",
                         "give more rows or a smaller batch_size.")
+    total = cfg.total_steps(n)
     torch.manual_seed(cfg.seed)
-    prepare(model, cfg)
+    model = prepare(model, cfg)
     _set_mode(model, True)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     resumed = _load(model, opt, cfg, work)
-    start, losses = resumed if resumed else (0, [])
+    start, losses, spent = resumed if resumed else (0, [], 0.0)
     if resumed:
-        log.info("QAT: resuming from step %d (%s)", start, work / STATE)
-    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in data.items()}
-    y = torch.from_numpy(np.asarray(labels)).long() if labels is not None else None
-    checkpoints = 0
-    for step in range(start, cfg.steps):
+        log.info("QAT: resuming from step %d of %d (%s)", start, total, work / STATE)
+    tensors = {k: torch.from_numpy(np.array(v)) for k, v in data.items()}
+    y = torch.from_numpy(np.array(labels)).long() if labels is not None else None
+    checkpoints, stopped, t0 = 0, False, time.perf_counter()
+    for step in range(start, total):
         idx = torch.from_numpy(_batch_indices(n, step, cfg.batch_size, cfg.seed))
         batch = [tensors[k][idx] for k in names]
         opt.zero_grad()
@@ -236,16 +318,22 @@ def train_qat(model, data: dict[str, np.ndarray], cfg: QatConfig, work_dir: str 
         loss.backward()
         opt.step()
         losses.append(round(float(loss.item()), 6))
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            _save(model, opt, step + 1, losses, cfg, work)
+        elapsed = spent + time.perf_counter() - t0
+        stopped = cfg.time_budget_s is not None and elapsed >= cfg.time_budget_s and step + 1 < total
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total or stopped:
+            _save(model, opt, step + 1, losses, cfg, work, elapsed)
             checkpoints += 1
         if on_step is not None:
             on_step(step + 1, losses[-1])
-        if (step + 1) % max(1, cfg.steps // 10) == 0:
-            log.info("QAT step %d/%d loss %.5f", step + 1, cfg.steps, losses[-1])
+        if (step + 1) % max(1, total // 10) == 0:
+            log.info("QAT step %d/%d loss %.5f", step + 1, total, losses[-1])
+        if stopped:
+            log.warning("QAT: time budget of %.0f s used up after step %d of %d", cfg.time_budget_s, step + 1, total)
+            break
     _set_mode(model, False)
-    return QatResult(steps=cfg.steps, resumed_from=start if resumed else None, losses=losses,
-                     checkpoints=checkpoints, config=asdict(cfg))
+    return model, QatResult(steps=len(losses), planned_steps=total, resumed_from=start if resumed else None,
+                            losses=losses, checkpoints=checkpoints, config=asdict(cfg), stopped_by_budget=stopped,
+                            seconds=round(spent + time.perf_counter() - t0, 2), rows=n)
 
 
 @dataclass
@@ -305,8 +393,8 @@ def qat_program(model: str | os.PathLike, train: str | os.PathLike, label: str |
         raise QopsError(f"{model.name} has no linear layers to fake-quantize.", "QAT here covers Linear layers.")
     if teacher_distill:
         cfg = QatConfig(**{**asdict(cfg), "loss": "distill"})
-    res = train_qat(gm, feed, cfg, work_dir, labels=labels, teacher=teacher)
-    convert(gm, cfg)
+    gm, res = train_qat(gm, feed, cfg, work_dir, labels=labels, teacher=teacher)
+    gm = convert(gm, cfg)
     example = torch.zeros(2, len(feats), dtype=getattr(torch, inputs[0].dtype))
     out_meta = dict(meta, **{"qops.feature_columns": ",".join(feats), "qops.qat": json.dumps(asdict(cfg)),
                              "qops.torch_compile": False})

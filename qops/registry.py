@@ -58,8 +58,8 @@ def fetch_source_model(uri: str, dest_dir: str | os.PathLike) -> SourceModel:
         if p.suffix == ".pt2" and p.is_file():
             from qops.quantize.torch_engine import load_program
 
-            ep, _ = load_program(p)
-            onnx_path = _program_to_onnx(ep, dest / "fp32.onnx", str(p))
+            ep, meta = load_program(p)
+            onnx_path = _program_to_onnx(ep, dest / "fp32.onnx", str(p), meta)
             return SourceModel(uri=str(p), path=str(onnx_path), name=p.stem, version=None, run_id=None,
                                flavor="pytorch", pt2_path=str(p))
         raise ModelError(f"Source model {uri!r} is neither models:/NAME@ALIAS, models:/NAME/VERSION, an .onnx nor a "
@@ -172,9 +172,10 @@ def _pytorch_to_onnx(local: Path, conf: dict, signature: dict, dst: Path, uri: s
     return _program_to_onnx(program, dst, uri)
 
 
-def _program_to_onnx(program, dst: Path, uri: str) -> Path:
+def _program_to_onnx(program, dst: Path, uri: str, meta: dict | None = None) -> Path:
     """Export a ``torch.export`` program to ONNX, keeping its dynamic dimensions. One input is named
-    ``features`` (the tabular contract); several keep the program's input names (``input_ids``, ...)."""
+    ``features`` (the tabular contract); several keep the program's input names (``input_ids``, ...). The
+    program's qops string metadata (``qops.feature_columns``) goes into the ONNX metadata."""
     import torch
 
     from qops.artifacts import atomic_path
@@ -190,6 +191,9 @@ def _program_to_onnx(program, dst: Path, uri: str) -> Path:
     except Exception as e:
         raise ModelError(f"Exporting the PyTorch source model {uri} to ONNX failed: {e}",
                          "export it yourself with torch.onnx.export and log the ONNX model.") from None
+    for k, v in (meta or {}).items():
+        if k.startswith("qops.") and isinstance(v, str):
+            onnx_program.model.metadata_props[k] = v
     with atomic_path(dst) as tmp:
         onnx_program.save(str(tmp))
     return dst

@@ -278,6 +278,77 @@ class TuningSpec(_Base):
     latency_runs: int = Field(200, ge=10, description="Timed batch-1 runs per trial, interleaved with FP32.")
 
 
+class QatTargetSpec(_Base):
+    """QAT for one target; unset training fields take the qat block's values."""
+
+    when: Literal["always", "ptq_fails"] = Field(
+        "ptq_fails", description="ptq_fails: train only when the target's PTQ model (after tuning) fails its gates; "
+        "always: the QAT model is the target's candidate whatever PTQ did (PTQ still runs, for the comparison).")
+    engine: Literal["torchao", "pt2e"] | None = Field(default=None, description="Default: the one that writes the "
+                                                      "target's format (docs/qat.md#targets).")
+    scheme: str | None = Field(default=None, description="Default: the target's (docs/qat.md#targets).")
+    group_size: int | None = Field(default=None, ge=1, description="int4 groups; ONNX INT4 targets: their block_size.")
+    steps: int | None = Field(default=None, ge=1)
+    epochs: float | None = Field(default=None, gt=0)
+    lr: float | None = Field(default=None, gt=0)
+    batch_size: int | None = Field(default=None, ge=1)
+    time_budget_s: float | None = Field(default=None, gt=0)
+
+
+class QatSpec(_Base):
+    """Quantization-aware training (docs/qat.md): per target, when PTQ fails its gates or always."""
+
+    targets: dict[str, QatTargetSpec] = Field(description="Target name -> when (and optional overrides).")
+    data: str | None = Field(default=None, description="Training split (parquet/CSV/.npz, the data kind's columns "
+                             "and the label). Default: data.reference (the training data).")
+    label: str | None = Field(default=None, description="Label column for loss: task. Default: data.label.")
+    loss: Literal["task", "distill"] | None = Field(
+        default=None, description="task: cross-entropy on the labels; distill: KL to the FP32 model's outputs "
+        "(label-free). Default: task when a label is known, else distill.")
+    temperature: float = Field(1.0, gt=0, description="Distillation temperature.")
+    program: str | None = Field(default=None, description="The FP32 torch.export program (.pt2) to train when the "
+                                "source model is ONNX; default: the source's own (pytorch-flavored sources) or the "
+                                "model version's qops.torch_program tag.")
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-4, gt=0)
+    momentum: float = Field(0.9, ge=0, description="sgd only.")
+    weight_decay: float = Field(0.0, ge=0)
+    steps: int | None = Field(default=None, ge=1, description="Optimizer steps (or epochs; default 3 epochs).")
+    epochs: float | None = Field(default=None, gt=0)
+    batch_size: int = Field(32, ge=1)
+    max_rows: int | None = Field(default=None, ge=1, description="Use at most this many training rows "
+                                 "(a seeded sample).")
+    seed: int = 0
+    checkpoint_every: int = Field(25, ge=1, description="Steps between checkpoints (an Airflow retry resumes from "
+                                  "the last one).")
+    time_budget_s: float | None = Field(default=None, gt=0, description="Stop training (with a checkpoint) after "
+                                        "this long, counted over retries.")
+    group_size: int = Field(32, ge=1, description="int4 group size of the torchao schemes.")
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> "QatSpec":
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("set qat.steps or qat.epochs, not both")
+        return self
+
+    def config_for(self, target: str, plan, has_label: bool):
+        """The training config of ``target`` (the qat block, then the target's overrides)."""
+        from qops.qat import QatConfig
+
+        t = self.targets[target]
+        steps = t.steps if t.steps is not None else (None if t.epochs is not None else self.steps)
+        epochs = t.epochs if t.epochs is not None else (None if t.steps is not None else self.epochs)
+        if steps is None and epochs is None:
+            epochs = 3.0
+        group = t.group_size or plan.group_size or self.group_size
+        return QatConfig(scheme=plan.scheme, engine=plan.engine, group_size=group, steps=steps, epochs=epochs,
+                         batch_size=t.batch_size or self.batch_size, optimizer=self.optimizer, lr=t.lr or self.lr,
+                         momentum=self.momentum, weight_decay=self.weight_decay, seed=self.seed,
+                         checkpoint_every=self.checkpoint_every,
+                         loss=self.loss or ("task" if has_label else "distill"), temperature=self.temperature,
+                         time_budget_s=t.time_budget_s or self.time_budget_s)
+
+
 class StorageSpec(_Base):
     s3_endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint; default "
                                         "$AWS_ENDPOINT_URL_S3 / $AWS_ENDPOINT_URL or AWS.")
@@ -316,6 +387,7 @@ class PipelineSpec(_Base):
     target_options: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="Target name -> recipe fields to override (qops targets --json lists them).")
     tuning: TuningSpec = Field(default_factory=TuningSpec)
+    qat: QatSpec | None = Field(default=None, description="Quantization-aware training per target (docs/qat.md).")
     gates: GateSpec = Field(default_factory=GateSpec)
     mlflow: MlflowSpec = Field(default_factory=MlflowSpec)
     card: CardSpec = Field(default_factory=CardSpec)
@@ -341,7 +413,38 @@ class PipelineSpec(_Base):
         stray = sorted(set(self.target_options) - set(self.targets))
         if stray:
             raise ValueError(f"target_options names target(s) {stray} that are not in targets {self.targets}")
+        if self.qat is not None:
+            self._check_qat()
         return self
+
+    def _check_qat(self) -> None:
+        from qops.errors import QopsError
+        from qops.qat_job import plan_for
+
+        stray = sorted(set(self.qat.targets) - set(self.targets))
+        if stray:
+            raise ValueError(f"qat.targets names target(s) {stray} that are not in targets {self.targets}")
+        for name, t in self.qat.targets.items():
+            if t.steps is not None and t.epochs is not None:
+                raise ValueError(f"qat.targets.{name}: set steps or epochs, not both")
+            try:
+                plan = plan_for(self.recipe(name), engine=t.engine, scheme=t.scheme, mode="static")
+                if t.group_size and plan.output == "onnx_matmulnbits" and t.group_size != plan.group_size:
+                    raise QopsError(f"target {name} stores blocks of {plan.group_size}; qat group_size "
+                                    f"{t.group_size} would not fit", "drop qat group_size for this target, or set "
+                                    "target_options block_size to the same value")
+                self.qat.config_for(name, plan, has_label=bool(self.qat.label or self.data.label))
+            except QopsError as e:
+                raise ValueError(f"qat.targets.{name}: {e}") from None
+
+    def qat_plan(self, target: str, mode: str | None = None):
+        """The QAT plan of ``target`` (None when the spec has no QAT for it)."""
+        from qops.qat_job import plan_for
+
+        if self.qat is None or target not in self.qat.targets:
+            return None
+        t = self.qat.targets[target]
+        return plan_for(self.recipe(target), engine=t.engine, scheme=t.scheme, mode=mode)
 
     def recipe(self, target: str):
         from qops.targets import get_target
@@ -366,6 +469,9 @@ def _resolve_paths(spec: PipelineSpec, base: Path) -> PipelineSpec:
             base / d.text.tokenizer).exists() else d.text.tokenizer  # a hub-like name stays as given: an error later
     if d.image is not None:
         d.image.root = fix(d.image.root or ".")
+    if spec.qat is not None:
+        spec.qat.data = fix(spec.qat.data) if spec.qat.data else None
+        spec.qat.program = fix(spec.qat.program) if spec.qat.program else None
     spec.artifact_root = fix(spec.artifact_root)
     spec.source_model = fix(spec.source_model)
     return spec

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from qops import __version__
 from qops.artifacts import atomic_path, to_jsonable, write_json_atomic, write_text_atomic
-from qops.cards.charts import gate_intervals_svg, metric_bars_svg, perf_bars_svg
+from qops.cards.charts import gate_intervals_svg, metric_bars_svg, perf_bars_svg, qat_loss_svg
 from qops.errors import QopsError
 
 CARD_SCHEMA_VERSION = "1.0"
@@ -34,10 +34,12 @@ class CardResult:
     chart_path: str | None
     target: str
     gate_passed: bool
+    qat_chart_path: str | None = None
 
     @property
     def files(self) -> list[str]:
-        return [p for p in (self.markdown_path, self.html_path, self.json_path, self.chart_path) if p]
+        return [p for p in (self.markdown_path, self.html_path, self.json_path, self.chart_path, self.qat_chart_path)
+                if p]
 
 
 def _method(recipe: dict, quantization: dict) -> str:
@@ -47,6 +49,11 @@ def _method(recipe: dict, quantization: dict) -> str:
             f"({recipe.get('codebook_bits')}-bit indices)", "fp8": f"FP8 {mode} ({recipe.get('torch_method')})"}
     fmt = (f", {recipe['quant_format']}" if recipe["precision"] == "int8" and mode == "static"
            and recipe.get("engine") != "torchao" else "")
+    qat = recipe.get("qat")
+    if qat:  # trained with fake quantization, not post-training
+        what = {"int8": f"{mode} INT8 QAT", "int4": f"INT4 weight-only QAT (block {recipe.get('block_size')})"}
+        what = {**what, "fp8": f"FP8 QAT ({qat['scheme']})"}
+        return f"{what.get(recipe['precision'], 'QAT')} ({qat['engine']} {qat['scheme']}; {recipe['runtime']}{fmt})"
     return f"{what.get(recipe['precision'], mode)} ({recipe['runtime']}{fmt})"
 
 
@@ -62,7 +69,7 @@ def _versions() -> dict:
 
 def build_card_data(*, pipeline: str, source: dict, target_recipe: dict, calibration: dict | None,
                     quantization: dict, evaluation: dict, gate_result: dict, gate_settings: dict, human: dict,
-                    lineage: dict, generated_at: str | None = None) -> dict:
+                    lineage: dict, generated_at: str | None = None, qat: dict | None = None) -> dict:
     """Assemble the card's data from the JSON of earlier stages. Pure: same inputs, same card
     (``generated_at`` aside, which callers may pin)."""
     ev = evaluation
@@ -131,12 +138,43 @@ def build_card_data(*, pipeline: str, source: dict, target_recipe: dict, calibra
             },
         },
         "gates": {**gate_result, "settings": gate_settings},
+        "qat": qat,
         "ethical_considerations": human_fields["ethical_considerations"],
         "caveats_and_recommendations": human_fields["limitations"],
         "lineage": {"source_model_uri": source.get("uri"), "source_model_version": source.get("version"),
                     "mlflow": None, **lineage, "qops_version": __version__},
     }
     return to_jsonable(card)
+
+
+def _recovered(fp32, ptq, qat):
+    """(QAT - PTQ) / (FP32 - PTQ): the share of PTQ's change from FP32 that QAT won back (1: all of it; above 1:
+    better than FP32; negative: worse than PTQ). None when PTQ did not move the metric."""
+    if None in (fp32, ptq, qat) or abs(fp32 - ptq) < 1e-12:
+        return None
+    return round((qat - ptq) / (fp32 - ptq), 4)
+
+
+def qat_section(ptq_eval: dict, ptq_gate: dict, qat_eval: dict, qat_quant: dict, why: str, when: str) -> dict:
+    """The card's QAT part: FP32 vs PTQ vs QAT overall and per slice, the recovered fraction, the training
+    configuration and loss history, and why QAT ran."""
+    m = qat_eval["primary_metric"]
+
+    def row(key: str, a: dict, b: dict) -> dict:
+        f, p, q = a["fp32"], a["quantized"], b["quantized"]
+        return {"key": key, "fp32": f, "ptq": p, "qat": q, "recovered": _recovered(f, p, q)}
+
+    ptq_slices = {s["key"]: s for s in ptq_eval["slices"]}
+    rows = [row("overall", ptq_eval["overall"][m], qat_eval["overall"][m])]
+    rows += [row(s["key"], ptq_slices[s["key"]]["metrics"][m], s["metrics"][m]) for s in qat_eval["slices"]
+             if s["key"] in ptq_slices and m in ptq_slices[s["key"]]["metrics"]]
+    t = qat_quant["qat"]
+    return {"when": when, "why": why, "metric": m, "rows": rows,
+            "ptq": {"gate_passed": ptq_gate["passed"], "failed_checks": ptq_gate.get("failed") or [],
+                    "size_bytes": ptq_eval["performance"]["size_bytes"]["quantized"],
+                    "latency_p50_ms": ptq_eval["performance"]["latency_p50_ms"]["quantized"]},
+            "plan": t["plan"], "training": t["training"], "data": t.get("data"), "program": t.get("program"),
+            "export": t.get("export") or {}, "seconds": qat_quant.get("seconds")}
 
 
 def schema() -> dict:
@@ -200,7 +238,7 @@ def render_html(card: dict) -> str:
     from markupsafe import Markup
 
     charts = {"metric": Markup(metric_bars_svg(card)), "perf": Markup(perf_bars_svg(card)),
-              "gates": Markup(gate_intervals_svg(card))}
+              "gates": Markup(gate_intervals_svg(card)), "qat_loss": Markup(qat_loss_svg(card))}
     return _env(True).get_template("card.html.j2").render(card=card, charts=charts)
 
 
@@ -245,13 +283,51 @@ def _png_chart(card: dict, path: Path) -> Path | None:
     return path
 
 
+def _png_qat_chart(card: dict, path: Path) -> Path | None:
+    """FP32 vs PTQ vs QAT per slice, and the QAT loss curve."""
+    qat = card.get("qat")
+    if not qat:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import numpy as np
+    except ImportError:
+        return None
+    rows = qat["rows"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8), gridspec_kw={"width_ratios": [3, 2]})
+    x = np.arange(len(rows))
+    for off, key, color in ((-0.27, "fp32", "#4C72B0"), (0.0, "ptq", "#C44E52"), (0.27, "qat", "#55A868")):
+        axes[0].bar(x + off, [r[key] or 0 for r in rows], 0.27, label=key.upper(), color=color)
+    axes[0].set_xticks(x, [r["key"] for r in rows], rotation=30, ha="right", fontsize=7)
+    axes[0].set_ylabel(qat["metric"])
+    axes[0].set_title(f"{qat['metric']}: FP32 vs PTQ vs QAT", fontsize=9)
+    axes[0].legend(fontsize=8, loc="lower right")
+    losses = qat["training"]["losses"]
+    axes[1].plot(np.arange(1, len(losses) + 1), losses, color="#4C72B0", lw=1)
+    if qat["training"].get("resumed_from"):
+        axes[1].axvline(qat["training"]["resumed_from"], color="#DD8452", ls="--", lw=1, label="resumed")
+        axes[1].legend(fontsize=8)
+    axes[1].set_xlabel("step")
+    axes[1].set_title(f"QAT training loss ({qat['training']['config']['loss']})", fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90, metadata={"Software": None})
+    plt.close(fig)
+    return path
+
+
 def write_card(card: dict, out_dir: str | os.PathLike) -> CardResult:
     """Validate the card against its schema and write card.md, card.html, card.json, card_chart.png."""
     validate_card(card)
     out = Path(out_dir)
     chart = _png_chart(card, out / "card_chart.png")
+    qat_chart = _png_qat_chart(card, out / "card_qat.png")
     md = write_text_atomic(out / "card.md", render_markdown(card, chart.name if chart else None))
     html = write_text_atomic(out / "card.html", render_html(card))
     js = write_json_atomic(out / "card.json", card)
     return CardResult(str(md), str(html), str(js), str(chart) if chart else None,
-                      card["quantization"]["hardware_target"], bool(card["gates"]["passed"]))
+                      card["quantization"]["hardware_target"], bool(card["gates"]["passed"]),
+                      str(qat_chart) if qat_chart else None)

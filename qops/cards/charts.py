@@ -140,3 +140,35 @@ def gate_intervals_svg(card: dict) -> str:
     parts.append(f'<text x="{label_w + plot_w / 2}" y="{axis_y + 28}" font-size="10" text-anchor="middle">'
                  'degradation (positive = worse); black tick: allowed</text></svg>')
     return "".join(parts)
+
+
+def qat_loss_svg(card: dict) -> str:
+    """The QAT training loss per step (a polyline), with checkpoints and the resume point marked."""
+    qat = card.get("qat") or {}
+    losses = [v for v in (qat.get("training") or {}).get("losses") or [] if v is not None]
+    if len(losses) < 2:
+        return ""
+    w, h, left, top, bottom = 640, 220, 60, 20, 40
+    lo, hi = min(losses), max(losses)
+    span = (hi - lo) or 1.0
+    n = len(losses)
+
+    def pt(i: int, v: float) -> str:
+        return f"{left + (w - left - 10) * i / (n - 1):.1f},{top + (h - top - bottom) * (hi - v) / span:.1f}"
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="chart qat-loss" role="img" width="{w}" height="{h}" '
+             f'viewBox="0 0 {w} {h}"><title>QAT training loss per step</title>',
+             f'<polyline fill="none" stroke="{BLUE}" stroke-width="1.5" points="'
+             + " ".join(pt(i, v) for i, v in enumerate(losses)) + '"/>',
+             f'<text x="{left - 6}" y="{top + 4}" text-anchor="end" font-size="10" fill="{GREY}">{hi:.3g}</text>',
+             f'<text x="{left - 6}" y="{h - bottom}" text-anchor="end" font-size="10" fill="{GREY}">{lo:.3g}</text>',
+             f'<text x="{left}" y="{h - 12}" font-size="10" fill="{GREY}">step 1</text>',
+             f'<text x="{w - 10}" y="{h - 12}" text-anchor="end" font-size="10" fill="{GREY}">step {n}</text>']
+    resumed = (qat.get("training") or {}).get("resumed_from")
+    if resumed:
+        x = left + (w - left - 10) * (resumed - 1) / (n - 1)
+        parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{h - bottom}" stroke="{ORANGE}" '
+                     f'stroke-dasharray="4,3"/><text x="{x + 4:.1f}" y="{top + 10}" font-size="10" fill="{ORANGE}">'
+                     f'{escape("resumed")} at {int(resumed)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)

@@ -55,3 +55,47 @@ def side_path_data(seed: int, n: int = 1000, small: int = 60) -> pd.DataFrame:
     df["group"] = ["majority"] * (n - small) + ["small"] * small
     df["y"] = ((df.x0 + df.x1) > 0).astype(int)
     return df
+
+
+SMALL_FEATURES = ["a", "b"]
+
+
+def small_weight_program(path):
+    """A torch.export MLP (.pt2) whose PTQ loses a slice by construction and whose QAT wins it back.
+
+    h = relu(W1 x + 0.1), logits = [h1, h0], with W1 = [[1, 0.003], [-1, -0.003]]: the majority's class is the sign
+    of ``a`` (|a| in [1, 60]); the 'small' group has a = 0 and its class is the sign of ``b`` (|b| in [0.5, 1]),
+    carried only by the 0.003 weights. INT8 weights with one scale per output row (1/127, set by the weight 1)
+    round 0.003 to 0, so every PTQ model gives the small group a tie (class 0): about half of it wrong. QAT keeps
+    the gradient of the 0.003 weights through the straight-through estimator (the +0.1 bias keeps the ReLU open),
+    and the task loss grows them until the quantized model separates the group again."""
+    import torch
+
+    from qops.quantize.torch_engine import save_program
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2, bias=False)
+            with torch.no_grad():
+                self.fc1.weight.copy_(torch.tensor([[1.0, 0.003], [-1.0, -0.003]]))
+                self.fc1.bias.fill_(0.1)
+                self.fc2.weight.copy_(torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
+
+        def forward(self, features):
+            return self.fc2(torch.relu(self.fc1(features)))
+
+    ep = torch.export.export(Net().eval(), (torch.zeros(4, 2),),
+                             dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1 << 16)},))
+    return save_program(ep, path, {"qops.feature_columns": ",".join(SMALL_FEATURES)})
+
+
+def small_weight_data(seed: int, n: int = 1000, small: int = 100) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    a = rng.choice([-1, 1], n) * rng.uniform(1, 60, n)
+    a[n - small:] = 0.0
+    b = rng.choice([-1, 1], n) * rng.uniform(0.5, 1.0, n)
+    df = pd.DataFrame({"a": a.astype(np.float32), "b": b.astype(np.float32)})
+    df["group"] = ["majority"] * (n - small) + ["small"] * small
+    df["y"] = np.where(df.a != 0, df.a > 0, df.b > 0).astype(int)
+    return df

@@ -43,7 +43,7 @@ def test_a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tmp_pa
     data, y = _data()
     cfg = QatConfig(steps=24, batch_size=32, lr=1e-3, checkpoint_every=5, seed=3)
     full = _model()
-    res_full = train_qat(full, data, cfg, tmp_path / "full", labels=y)
+    full, res_full = train_qat(full, data, cfg, tmp_path / "full", labels=y)
     assert res_full.resumed_from is None and len(res_full.losses) == 24
 
     def kill_at_12(step, loss):
@@ -55,7 +55,7 @@ def test_a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tmp_pa
         train_qat(part, data, cfg, tmp_path / "run", labels=y, on_step=kill_at_12)
     assert (tmp_path / "run" / STATE).is_file() and (tmp_path / "run" / META).is_file()
     retry = _model()  # a retry is a new process: a fresh FP32 model, the checkpoint on disk
-    res = train_qat(retry, data, cfg, tmp_path / "run", labels=y)
+    retry, res = train_qat(retry, data, cfg, tmp_path / "run", labels=y)
     assert res.resumed_from == 10 and res.steps == 24  # the last checkpoint before the kill
     assert res.losses == res_full.losses
     for (k, a), (_, b) in zip(full.state_dict().items(), retry.state_dict().items()):
@@ -70,12 +70,12 @@ def test_qat_learns_and_distillation_needs_no_labels(tmp_path):
 
     data, y = _data(seed=1)
     cfg = QatConfig(steps=60, batch_size=32, lr=3e-3, checkpoint_every=30, seed=0)
-    res = train_qat(_model(), data, cfg, tmp_path / "task", labels=y)
+    _, res = train_qat(_model(), data, cfg, tmp_path / "task", labels=y)
     assert np.mean(res.losses[-10:]) < np.mean(res.losses[:10])
     teacher = _model(seed=5).eval()
     dcfg = QatConfig(steps=40, batch_size=32, lr=3e-3, checkpoint_every=40, seed=0, loss="distill")
     student = _model(seed=5)
-    res = train_qat(student, data, dcfg, tmp_path / "distill", teacher=teacher)
+    student, res = train_qat(student, data, dcfg, tmp_path / "distill", teacher=teacher)
     assert len(res.losses) == 40 and all(np.isfinite(res.losses))
     with torch.no_grad():
         x = torch.from_numpy(data["features"][:64])
@@ -85,7 +85,7 @@ def test_qat_learns_and_distillation_needs_no_labels(tmp_path):
 
 def test_bad_qat_settings_name_the_fix(tmp_path):
     data, y = _data(n=16)
-    with pytest.raises(QopsError, match="is not one torchao can train here"):
+    with pytest.raises(QopsError, match="is not one the torchao engine trains"):
         QatConfig(scheme="int3_magic")
     with pytest.raises(QopsError, match="needs labels"):
         train_qat(_model(), data, QatConfig(steps=2, batch_size=8), tmp_path / "a")

@@ -1,0 +1,225 @@
+"""The QAT job of one target: which engine and scheme serve the target, the trainable FP32 program, training on
+the spec's data, and the deployment artifact in the target's format.
+
+Targets and what QAT produces for them (:func:`plan_for`):
+
+- ONNX Runtime INT8 targets (static, dynamic, auto): PT2E QAT (``prepare_qat_pt2e`` with torchao's
+  ``X86InductorQuantizer`` in QAT mode), ``convert_pt2e``, then ``torch.onnx`` (dynamo) writes ONNX QDQ
+  (``QuantizeLinear``/``DequantizeLinear`` around the float ops, INT8 weights), which ONNX Runtime fuses into
+  integer kernels like the PTQ model's.
+- ONNX Runtime INT4 weight-only (``MatMulNBits``): torchao ``IntxWeightOnlyConfig`` (int4, groups of the target's
+  block size) through ``QATConfig``; the converted layers' own integers and scales are written as ``MatMulNBits``
+  into the FP32 ONNX graph, each layer checked against torchao's dequantized weight
+  (:mod:`qops.quantize.qat_export`). Re-quantizing the trained weights with ONNX Runtime's RTN would use another
+  scale grid and lose part of what training bought.
+- torchao targets (``torch_*``, ``nvidia_hopper_fp8``): the matching torchao or PT2E scheme, saved as a ``.pt2``
+  program like the PTQ path's.
+
+CUDA schemes (``int4_weight_only_cuda``, ``float8_dynamic``) run on the ``gpu`` queue; on a worker without CUDA
+they fail with an error naming the queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from qops.artifacts import sha256_file, write_json_atomic
+from qops.errors import QopsError
+from qops.qat import PT2E_SCHEMES, SCHEMES, QatConfig, convert, train_qat
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class QatPlan:
+    target: str
+    engine: str  # pt2e | torchao
+    scheme: str
+    output: str  # onnx_qdq | onnx_matmulnbits | pt2
+    queue: str
+    group_size: int | None = None
+
+
+_TORCH_METHOD = {"pt2e_x86_inductor": ("pt2e", "int8_static"), "int8_dynamic": ("torchao", "int8_dynamic_int8_weight"),
+                 "int4_weight_only": ("torchao", "int4_weight_only_cuda"), "float8_dynamic": ("torchao", "float8_dynamic")}
+
+
+def supported_targets() -> dict[str, str]:
+    """Target name -> default QAT scheme, for every registered target QAT can serve."""
+    from qops.targets import list_targets
+
+    out = {}
+    for name, recipe in list_targets().items():
+        try:
+            p = plan_for(recipe)
+        except QopsError:
+            continue
+        out[name] = f"{p.engine}:{p.scheme}"
+    return out
+
+
+def plan_for(recipe, engine: str | None = None, scheme: str | None = None, mode: str | None = None) -> QatPlan:
+    """How QAT serves ``recipe``'s target; ``engine``/``scheme`` override the default where the target's format
+    allows it. ``mode`` resolves an ``auto`` INT8 recipe (static or dynamic, as the PTQ path decided)."""
+    if recipe.engine == "onnxruntime" and recipe.precision == "int8" and recipe.mode in ("static", "dynamic", "auto"):
+        m = mode if recipe.mode == "auto" else recipe.mode
+        default = "int8_dynamic" if m == "dynamic" else "int8_static"
+        allowed, eng, out, group = PT2E_SCHEMES, "pt2e", "onnx_qdq", None
+    elif recipe.engine == "onnxruntime" and recipe.precision == "int4" and recipe.mode == "weight_only":
+        default, allowed, eng, out, group = "int4_weight_only", {"int4_weight_only"}, "torchao", "onnx_matmulnbits", \
+            recipe.block_size
+    elif recipe.engine == "torchao" and recipe.torch_method in _TORCH_METHOD:
+        eng, default = _TORCH_METHOD[recipe.torch_method]
+        allowed, out, group = (PT2E_SCHEMES if eng == "pt2e" else SCHEMES), "pt2", None
+    else:
+        raise QopsError(f"QAT does not serve target {recipe.target!r} ({recipe.precision} {recipe.mode}, "
+                        f"{recipe.engine}).", f"QAT serves {sorted(supported_targets())}; remove the target from "
+                        "qat.targets.")
+    chosen_engine = engine or eng
+    if chosen_engine != eng:
+        raise QopsError(f"Target {recipe.target!r} takes QAT engine {eng} (its format: {out}); {engine!r} was asked.",
+                        f"set qat engine {eng} for this target, or leave it unset.")
+    chosen = scheme or default
+    if chosen not in allowed:
+        raise QopsError(f"QAT scheme {chosen!r} does not produce target {recipe.target!r}'s format ({out}).",
+                        f"use one of {sorted(allowed)}, or leave scheme unset (default {default}).")
+    from qops.qat import CUDA_SCHEMES
+
+    queue = "gpu" if chosen in CUDA_SCHEMES else recipe.queue
+    return QatPlan(target=recipe.target, engine=eng, scheme=chosen, output=out, queue=queue, group_size=group)
+
+
+def require_cuda_for(plan: QatPlan) -> None:
+    from qops.qat import CUDA_SCHEMES
+
+    if plan.scheme not in CUDA_SCHEMES:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise QopsError(f"QAT scheme {plan.scheme} for target {plan.target!r} trains with CUDA kernels, and this "
+                        "worker has no CUDA device.",
+                        "run the target's tasks on the 'gpu' queue (a Celery worker started with --queues gpu on a "
+                        "machine with an NVIDIA GPU), or choose a CPU scheme (int8_dynamic_int4_weight, "
+                        "int4_weight_only).")
+
+
+def _program_feeds(ep, onnx_inputs, feeds: dict[str, np.ndarray]) -> list[str]:
+    """Order of the program's inputs as names of ``feeds``: by name, or the one input of a tabular model."""
+    from qops.quantize.torch_engine import program_inputs
+
+    prog = [n for n, _, _ in program_inputs(ep)]
+    if len(prog) == 1 and len(feeds) == 1:
+        return list(feeds)
+    missing = [n for n in prog if n not in feeds]
+    if missing:
+        raise QopsError(f"The torch program takes inputs {prog}; the ONNX model's feeds are {list(feeds)}.",
+                        "give qat.program the program the ONNX model was exported from (same input names).")
+    return prog
+
+
+def check_program_matches(module, onnx_path: str, feeds: dict[str, np.ndarray], order: list[str],
+                          tolerance: float = 1e-3) -> float:
+    """Run the FP32 torch program and the FP32 ONNX model on the same rows; a program that computes something
+    else (another model version) is refused. Returns the largest difference relative to the output scale."""
+    import torch
+
+    from qops.runtime import open_session
+
+    ref = open_session(onnx_path).run(None, feeds)[0]
+    with torch.no_grad():
+        out = module(*[torch.from_numpy(np.ascontiguousarray(feeds[k])) for k in order])
+    out = (out[0] if isinstance(out, (tuple, list)) else out).numpy()
+    if out.shape != ref.shape:
+        raise QopsError(f"The torch program's first output has shape {out.shape}, the ONNX model's {ref.shape}.",
+                        "give qat.program the program the ONNX source model was exported from.")
+    diff = float(np.abs(out - ref).max() / max(float(np.abs(ref).max()), 1e-6))
+    if diff > tolerance:
+        raise QopsError(f"The torch program and the ONNX source model disagree (largest difference {diff:.2e} of "
+                        "the output scale): they are not the same model.",
+                        "give qat.program the .pt2 exported from the same model version as the ONNX source.")
+    return diff
+
+
+def _head(feeds: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+    return {k: v[:n] for k, v in feeds.items()}
+
+
+def run_qat(*, source_onnx: str, program: str, recipe, plan: QatPlan, cfg: QatConfig, train_feeds: dict,
+            labels: np.ndarray | None, out_dir: str | os.PathLike, work_dir: str | os.PathLike,
+            on_step=None) -> dict:
+    """Train ``program`` (the FP32 ``.pt2``) with QAT per ``plan`` and write the target's artifact into
+    ``out_dir``. Returns the quantize-stage record (model path, sha256, sizes, recipe, notes) plus ``qat``:
+    the training record (config, losses, steps, resume point, seconds)."""
+    import torch
+
+    from qops.quantize.torch_engine import linear_modules, load_program
+
+    t0 = time.perf_counter()
+    require_cuda_for(plan)
+    out_dir, work_dir = Path(out_dir), Path(work_dir)
+    ep, meta = load_program(program)
+    from qops.data import onnx_io
+
+    order = _program_feeds(ep, onnx_io(source_onnx)[0], train_feeds)
+    diff = check_program_matches(ep.module(), source_onnx, _head(train_feeds, 64), order)
+    module = ep.module()
+    fp32_weights = None
+    if plan.engine == "torchao":
+        if linear_modules(module) == 0:
+            raise QopsError(f"{Path(program).name} has no linear layers for torchao's QAT.",
+                            "torchao QAT fake-quantizes Linear layers; use a target with engine pt2e (INT8).")
+        fp32_weights = {n: m.weight.detach().clone() for n, m in module.named_modules()
+                        if isinstance(m, torch.nn.Linear)}
+    teacher = load_program(program)[0].module() if cfg.loss == "distill" else None
+    data = {k: train_feeds[k] for k in order}
+    trained, res = train_qat(module, data, cfg, work_dir, labels=labels, teacher=teacher, on_step=on_step)
+    quantized = convert(trained, cfg)
+    examples = {k: v[:2] for k, v in data.items()}
+    notes = [f"QAT ({plan.engine} {plan.scheme}) trained {res.steps} steps on {res.rows} rows"
+             + (f", resumed at step {res.resumed_from}" if res.resumed_from else "")
+             + (f"; stopped by the time budget ({cfg.time_budget_s:.0f} s) before step {res.planned_steps}"
+                if res.stopped_by_budget else "")]
+    from qops.quantize import qat_export
+
+    if plan.output == "onnx_qdq":
+        path = qat_export.pt2e_to_onnx(quantized, examples, source_onnx, out_dir / "model.onnx")
+        detail = {}
+    elif plan.output == "onnx_matmulnbits":
+        path, detail = qat_export.torchao_int4_to_matmulnbits(quantized, fp32_weights, source_onnx,
+                                                              out_dir / "model.onnx", plan.group_size,
+                                                              recipe.accuracy_level)
+        notes.append(f"MatMulNBits written from torchao's integers for {detail['layers']} layers "
+                     f"(largest difference to torchao's dequantized weight {detail['max_abs_diff']:.2e})")
+    else:
+        path = qat_export.save_program_any(quantized, examples, dict(meta, **{"qops.torch_compile": False}),
+                                           out_dir / "model.pt2")
+        detail = {}
+    src_size = Path(source_onnx if plan.output != "pt2" else program).stat().st_size
+    size = path.stat().st_size
+    rec = recipe.to_dict()
+    rec["qat"] = {"engine": plan.engine, "scheme": plan.scheme, "output": plan.output}
+    mode = {"int8_static": "static", "int8_dynamic": "dynamic"}.get(plan.scheme, recipe.mode)
+    if plan.engine == "pt2e":  # X86InductorQuantizer: int8 symmetric per-channel weights, uint8 activations
+        rec.update(mode=mode, per_channel=True, symmetric_weights=True, weight_type="int8", activation_type="uint8",
+                   granularity="per-channel", calibration_method="ranges observed during QAT (moving-average "
+                   "min/max over the training batches)", nodes_to_exclude=[])
+    elif plan.output == "onnx_matmulnbits":
+        rec.update(block_size=plan.group_size, algorithm="qat", granularity=f"block-wise ({plan.group_size})")
+    out = {
+        "target": recipe.target, "model_path": str(path), "model_sha256": sha256_file(path),
+        "source_path": source_onnx if plan.output != "pt2" else program,
+        "source_sha256": sha256_file(source_onnx if plan.output != "pt2" else program), "size_bytes": size,
+        "source_size_bytes": src_size, "size_ratio": round(src_size / size, 4), "recipe": rec,
+        "mode": mode, "calibration_path": None, "notes": notes, "seconds": round(time.perf_counter() - t0, 2),
+        "qat": {"plan": asdict(plan), "training": asdict(res), "program": str(program),
+                "program_onnx_max_rel_diff": diff, "export": detail},
+    }
+    write_json_atomic(out_dir / "qat_result.json", out)
+    return out
