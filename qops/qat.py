@@ -247,7 +247,12 @@ def _load(model, opt, cfg: QatConfig, work: Path) -> tuple[int, list[float], flo
         raise QopsError(f"{work} holds a QAT checkpoint of another configuration ({meta.get('config')}).",
                         "use a fresh work folder for a new QAT configuration, or remove the old checkpoint.")
     tensors = load_file(str(state_path))  # safetensors: plain tensors, nothing executed
-    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    from collections import OrderedDict
+
+    sd = OrderedDict((k[len("model."):], v) for k, v in tensors.items() if k.startswith("model."))
+    # module versions (observers read them: without one, an observer's eps is reset to its old default)
+    sd._metadata = getattr(model.state_dict(), "_metadata", None)
+    model.load_state_dict(sd)
     state: dict = {}
     for key, v in tensors.items():
         if key.startswith("opt."):
@@ -289,10 +294,11 @@ def train_qat(model, data: dict[str, np.ndarray], cfg: QatConfig, work_dir: str 
     torch.manual_seed(cfg.seed)
     model = prepare(model, cfg)
     _set_mode(model, True)
+    params = [p for p in model.parameters() if p.requires_grad]  # frozen parameters stay as they are
     if cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     else:
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     resumed = _load(model, opt, cfg, work)
     start, losses, spent = resumed if resumed else (0, [], 0.0)
     if resumed:

@@ -56,31 +56,34 @@ def supported_targets() -> dict[str, str]:
 
     out = {}
     for name, recipe in list_targets().items():
-        try:
-            p = plan_for(recipe)
-        except QopsError:
-            continue
-        out[name] = f"{p.engine}:{p.scheme}"
+        d = _defaults(recipe, None)
+        if d is not None:
+            out[name] = f"{d[1]}:{d[0]}"
     return out
+
+
+def _defaults(recipe, mode: str | None):
+    """(default scheme, engine, allowed schemes, output format, group size), or None if QAT does not serve it."""
+    if recipe.engine == "onnxruntime" and recipe.precision == "int8" and recipe.mode in ("static", "dynamic", "auto"):
+        m = mode if recipe.mode == "auto" else recipe.mode
+        return ("int8_dynamic" if m == "dynamic" else "int8_static"), "pt2e", PT2E_SCHEMES, "onnx_qdq", None
+    if recipe.engine == "onnxruntime" and recipe.precision == "int4" and recipe.mode == "weight_only":
+        return "int4_weight_only", "torchao", {"int4_weight_only"}, "onnx_matmulnbits", recipe.block_size
+    if recipe.engine == "torchao" and recipe.torch_method in _TORCH_METHOD:
+        eng, default = _TORCH_METHOD[recipe.torch_method]
+        return default, eng, (PT2E_SCHEMES if eng == "pt2e" else SCHEMES), "pt2", None
+    return None
 
 
 def plan_for(recipe, engine: str | None = None, scheme: str | None = None, mode: str | None = None) -> QatPlan:
     """How QAT serves ``recipe``'s target; ``engine``/``scheme`` override the default where the target's format
     allows it. ``mode`` resolves an ``auto`` INT8 recipe (static or dynamic, as the PTQ path decided)."""
-    if recipe.engine == "onnxruntime" and recipe.precision == "int8" and recipe.mode in ("static", "dynamic", "auto"):
-        m = mode if recipe.mode == "auto" else recipe.mode
-        default = "int8_dynamic" if m == "dynamic" else "int8_static"
-        allowed, eng, out, group = PT2E_SCHEMES, "pt2e", "onnx_qdq", None
-    elif recipe.engine == "onnxruntime" and recipe.precision == "int4" and recipe.mode == "weight_only":
-        default, allowed, eng, out, group = "int4_weight_only", {"int4_weight_only"}, "torchao", "onnx_matmulnbits", \
-            recipe.block_size
-    elif recipe.engine == "torchao" and recipe.torch_method in _TORCH_METHOD:
-        eng, default = _TORCH_METHOD[recipe.torch_method]
-        allowed, out, group = (PT2E_SCHEMES if eng == "pt2e" else SCHEMES), "pt2", None
-    else:
+    d = _defaults(recipe, mode)
+    if d is None:
         raise QopsError(f"QAT does not serve target {recipe.target!r} ({recipe.precision} {recipe.mode}, "
                         f"{recipe.engine}).", f"QAT serves {sorted(supported_targets())}; remove the target from "
                         "qat.targets.")
+    default, eng, allowed, out, group = d
     chosen_engine = engine or eng
     if chosen_engine != eng:
         raise QopsError(f"Target {recipe.target!r} takes QAT engine {eng} (its format: {out}); {engine!r} was asked.",
@@ -151,15 +154,37 @@ def _head(feeds: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
     return {k: v[:n] for k, v in feeds.items()}
 
 
+def trainable_module(ep, plan: QatPlan, what: str = "the program"):
+    """The FP32 program as the module QAT trains for ``plan``, and (torchao) its linear weights before training.
+
+    torchao: ``aten.linear`` calls become ``nn.Linear`` modules (what ``quantize_`` swaps). For MatMulNBits output
+    only the linear weights train: they become MatMulNBits nodes, and everything else in the ONNX graph
+    (biases, norms, embeddings) stays the FP32 model's, so the torch and ONNX models remain the same model."""
+    import torch
+
+    from qops.quantize.torch_engine import linear_modules
+
+    module = ep.module()
+    if plan.engine != "torchao":
+        return module, None
+    if linear_modules(module) == 0:
+        raise QopsError(f"{what} has no linear layers for torchao's QAT.",
+                        "torchao QAT fake-quantizes Linear layers; use a target with engine pt2e (INT8).")
+    fp32_weights = {n: m.weight.detach().clone() for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)}
+    if plan.output == "onnx_matmulnbits":
+        weights = {f"{n}.weight" for n in fp32_weights}
+        for name, p in module.named_parameters():
+            p.requires_grad_(name in weights)
+    return module, fp32_weights
+
+
 def run_qat(*, source_onnx: str, program: str, recipe, plan: QatPlan, cfg: QatConfig, train_feeds: dict,
             labels: np.ndarray | None, out_dir: str | os.PathLike, work_dir: str | os.PathLike,
             on_step=None) -> dict:
     """Train ``program`` (the FP32 ``.pt2``) with QAT per ``plan`` and write the target's artifact into
     ``out_dir``. Returns the quantize-stage record (model path, sha256, sizes, recipe, notes) plus ``qat``:
     the training record (config, losses, steps, resume point, seconds)."""
-    import torch
-
-    from qops.quantize.torch_engine import linear_modules, load_program
+    from qops.quantize.torch_engine import load_program
 
     t0 = time.perf_counter()
     require_cuda_for(plan)
@@ -169,14 +194,7 @@ def run_qat(*, source_onnx: str, program: str, recipe, plan: QatPlan, cfg: QatCo
 
     order = _program_feeds(ep, onnx_io(source_onnx)[0], train_feeds)
     diff = check_program_matches(ep.module(), source_onnx, _head(train_feeds, 64), order)
-    module = ep.module()
-    fp32_weights = None
-    if plan.engine == "torchao":
-        if linear_modules(module) == 0:
-            raise QopsError(f"{Path(program).name} has no linear layers for torchao's QAT.",
-                            "torchao QAT fake-quantizes Linear layers; use a target with engine pt2e (INT8).")
-        fp32_weights = {n: m.weight.detach().clone() for n, m in module.named_modules()
-                        if isinstance(m, torch.nn.Linear)}
+    module, fp32_weights = trainable_module(ep, plan, Path(program).name)
     teacher = load_program(program)[0].module() if cfg.loss == "distill" else None
     data = {k: train_feeds[k] for k in order}
     trained, res = train_qat(module, data, cfg, work_dir, labels=labels, teacher=teacher, on_step=on_step)
