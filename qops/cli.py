@@ -168,16 +168,21 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_qat(args) -> int:
-    from qops.qat import QatConfig, qat_program
+    from qops.qat_job import qat_files
 
-    cfg = QatConfig(scheme=args.scheme, group_size=args.group_size, steps=args.steps, batch_size=args.batch_size,
-                    lr=args.lr, seed=args.seed, checkpoint_every=args.checkpoint_every)
-    res = qat_program(args.model, args.train, args.label, cfg, args.work_dir, args.output,
-                      features=_csv(args.features), teacher_distill=args.distill)
-    t = res.training
+    res = qat_files(program=args.model, target=args.target, train=args.train, out_dir=args.output_dir,
+                    work_dir=args.work_dir, label=args.label, distill=args.distill,
+                    features=_data_kind(args) or _csv(args.features), onnx=args.onnx, engine=args.engine,
+                    scheme=args.scheme, target_options=_options(args.option), group_size=args.group_size,
+                    steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                    optimizer=args.optimizer, weight_decay=args.weight_decay, seed=args.seed,
+                    checkpoint_every=args.checkpoint_every, time_budget_s=args.time_budget_s)
+    t = res["qat"]["training"]
     resumed = f", resumed from step {t['resumed_from']}" if t["resumed_from"] is not None else ""
-    _emit(args, res, f"{res.model_path}: QAT ({args.scheme}) {t['steps']} steps{resumed}, last loss "
-                     f"{t['losses'][-1] if t['losses'] else 'n/a'}; {res.size_bytes} bytes (FP32 {res.source_size_bytes})")
+    _emit(args, res, f"{res['model_path']}: QAT ({res['qat']['plan']['engine']} {res['qat']['plan']['scheme']}) "
+                     f"{t['steps']} steps{resumed}, loss {t['losses'][0] if t['losses'] else 'n/a'} -> "
+                     f"{t['losses'][-1] if t['losses'] else 'n/a'}; {res['size_bytes']} bytes "
+                     f"({res['size_ratio']}x smaller)" + "".join(f"\n  note: {n}" for n in res["notes"]))
     return 0
 
 
@@ -372,22 +377,31 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-trials", type=int, default=12)
     sp.add_argument("--timeout", type=float, default=900.0, help="tuning budget in seconds")
 
-    sp = add("qat", cmd_qat, "quantization-aware training of a .pt2 program (torchao QATConfig), resumable")
-    sp.add_argument("--model", required=True, help="FP32 .pt2 program with one [batch, n_features] input")
-    sp.add_argument("--train", required=True, help="training rows (parquet/CSV) with the feature columns")
+    sp = add("qat", cmd_qat, "quantization-aware training of a .pt2 program for a target, resumable")
+    sp.add_argument("--model", required=True, help="the FP32 torch.export program (.pt2)")
+    sp.add_argument("--onnx", help="the ONNX model the program was exported to (default: exported here)")
+    sp.add_argument("--target", required=True, help="hardware target (qops targets); sets the output format")
+    sp.add_argument("--option", action="append", default=[], metavar="FIELD=VALUE",
+                    help="recipe field override, repeatable (e.g. block_size=32)")
+    sp.add_argument("--engine", choices=["pt2e", "torchao"], help="default: the target's")
+    sp.add_argument("--scheme", help="default: the target's (docs/qat.md#targets)")
+    sp.add_argument("--train", required=True, help="training rows (parquet/CSV/.npz) with the model's inputs")
     sp.add_argument("--label", help="label column (task loss); omit with --distill")
     sp.add_argument("--distill", action="store_true", help="label-free: KL to the FP32 program's outputs")
     sp.add_argument("--features", help="comma-separated; default: the program's qops.feature_columns")
-    sp.add_argument("--scheme", default="int8_dynamic_int4_weight",
-                    choices=["int8_dynamic_int4_weight", "int8_dynamic_int8_weight", "int4_weight_only"])
-    sp.add_argument("--group-size", type=int, default=32)
-    sp.add_argument("--steps", type=int, default=100)
-    sp.add_argument("--batch-size", type=int, default=32)
-    sp.add_argument("--lr", type=float, default=1e-4)
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--checkpoint-every", type=int, default=25)
-    sp.add_argument("--work-dir", required=True, help="checkpoints (safetensors + JSON); a rerun resumes here")
-    sp.add_argument("--output", required=True, help="the QAT model, a .pt2 program")
+    _text_args(sp)
+    sp.add_argument("--group-size", type=int, help="int4 group size of torchao schemes (default 32)")
+    sp.add_argument("--steps", type=int)
+    sp.add_argument("--epochs", type=float)
+    sp.add_argument("--batch-size", type=int)
+    sp.add_argument("--lr", type=float)
+    sp.add_argument("--optimizer", choices=["adamw", "sgd"])
+    sp.add_argument("--weight-decay", type=float)
+    sp.add_argument("--seed", type=int)
+    sp.add_argument("--checkpoint-every", type=int)
+    sp.add_argument("--time-budget-s", type=float)
+    sp.add_argument("--work-dir", help="checkpoints (safetensors + JSON; default OUTPUT_DIR/work); a rerun resumes")
+    sp.add_argument("--output-dir", required=True, help="where the QAT model (the target's format) is written")
 
     sp = add("evaluate", cmd_evaluate, "evaluate FP32 vs quantized on a validation set")
     sp.add_argument("--fp32", required=True)

@@ -241,3 +241,46 @@ def run_qat(*, source_onnx: str, program: str, recipe, plan: QatPlan, cfg: QatCo
     }
     write_json_atomic(out_dir / "qat_result.json", out)
     return out
+
+
+def qat_files(*, program: str | os.PathLike, target: str, train: str | os.PathLike, out_dir: str | os.PathLike,
+              work_dir: str | os.PathLike | None = None, label: str | None = None, distill: bool = False,
+              features=None, onnx: str | os.PathLike | None = None, target_options: dict | None = None,
+              engine: str | None = None, scheme: str | None = None, **training) -> dict:
+    """QAT outside a pipeline (``qops qat``): train ``program`` for ``target`` on the rows of ``train`` and write
+    the target's artifact into ``out_dir``. ``onnx``: the ONNX model the program was exported to (default:
+    exported here); ``features``: tabular columns or a data kind; ``training``: :class:`~qops.qat.QatConfig`
+    fields (steps or epochs, lr, batch_size, ...). A second call with the same ``work_dir`` resumes."""
+    from qops.data import data_kind, onnx_io, read_table
+    from qops.quantize.graph import check_model, choose_mode
+    from qops.registry import fetch_source_model
+    from qops.targets import get_target
+
+    out_dir = Path(out_dir)
+    work_dir = Path(work_dir) if work_dir else out_dir / "work"
+    if Path(program).suffix.lower() != ".pt2" or not Path(program).is_file():
+        raise QopsError(f"QAT trains PyTorch programs; {program} is not an existing .pt2 file.",
+                        "export the FP32 model with torch.export (qops' retraining examples write one) or log it "
+                        "with mlflow.pytorch.log_model(serialization_format='pt2').")
+    onnx = str(onnx) if onnx else fetch_source_model(str(program), out_dir / "fp32").path
+    recipe = get_target(target, target_options)
+    mode = choose_mode(check_model(onnx).kind) if recipe.mode == "auto" else recipe.mode
+    plan = plan_for(recipe, engine=engine, scheme=scheme, mode=mode)
+    df = read_table(train, "QAT training set")
+    inputs, _ = onnx_io(onnx)
+    kind = data_kind(onnx, features, df)
+    feeds = kind.feeds(df, inputs, "QAT training set")
+    labels = None
+    if not distill:
+        if not label or label not in df.columns:
+            raise QopsError(f"The QAT training set {train} has no label column {label!r}.",
+                            "give the label column (--label), or train by distillation from the FP32 model "
+                            "(--distill, label-free).")
+        labels = df[label].to_numpy()
+    training = {k: v for k, v in training.items() if v is not None}
+    if "epochs" in training and "steps" not in training:
+        training["steps"] = None
+    cfg = QatConfig(engine=plan.engine, scheme=plan.scheme, loss="distill" if distill else "task",
+                    **{"group_size": plan.group_size or training.pop("group_size", 32), **training})
+    return run_qat(source_onnx=onnx, program=str(program), recipe=recipe, plan=plan, cfg=cfg, train_feeds=feeds,
+                   labels=labels, out_dir=out_dir, work_dir=work_dir)

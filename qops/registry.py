@@ -186,7 +186,7 @@ def _program_to_onnx(program, dst: Path, uri: str, meta: dict | None = None) -> 
                      for _, shape, dt in inputs)
     names = ["features"] if len(inputs) == 1 else [n for n, _, _ in inputs]
     try:
-        onnx_program = torch.onnx.export(program, examples, dynamo=True, input_names=names,
+        onnx_program = torch.onnx.export(program, examples, dynamo=True, input_names=names, verbose=False,
                                          output_names=["output"] if len(inputs) == 1 else None)
     except Exception as e:
         raise ModelError(f"Exporting the PyTorch source model {uri} to ONNX failed: {e}",

@@ -188,3 +188,53 @@ def test_qops_run_without_airflow_matches(demo_run, tmp_path):
             assert a["metric_quantized"] == b["metric_quantized"]  # same data, same calibration seed
         if a["gate"] == "passed" and b["gate"] == "passed":
             assert int(a["mlflow"]["version"]) == int(b["mlflow"]["version"]) + 1
+
+
+QAT_DAG = '''
+from pathlib import Path
+from qops_airflow.dag_factory import build_quantization_dag
+dag = build_quantization_dag(Path(__file__).parent / "specs" / "planted_qat.yaml", dag_id="planted_qat_quantize")
+'''
+
+
+def test_a_spec_with_qat_when_ptq_fails_registers_the_qat_model_as_champion(airflow_env):
+    """The planted model's PTQ loses a slice by construction (tests/unit/planted_models.py); with
+    qat.when: ptq_fails the DAG's gate task hands over to the qat task, whose model passes and is registered."""
+    import yaml
+    from mlflow import MlflowClient
+
+    sys.path.insert(0, str(REPO / "tests" / "unit"))
+    from planted_models import small_weight_data, small_weight_program
+
+    home, env = airflow_env
+    d = home / "planted"
+    d.mkdir()
+    small_weight_program(d / "model.pt2")
+    for name, seed, n in (("train", 0, 2000), ("pool", 1, 1000), ("val", 2, 1000)):
+        small_weight_data(seed, n, n // 10).to_parquet(d / f"{name}.parquet")
+    spec = {"name": "planted-qat", "source_model": str(d / "model.pt2"),
+            "data": {"pool": str(d / "pool.parquet"), "reference": str(d / "train.parquet"),
+                     "validation": str(d / "val.parquet"), "label": "y", "slice_columns": ["group"]},
+            "calibration": {"size": 200, "drift": {"enabled": False}},
+            "targets": ["x86_64_vnni_int8"], "target_options": {"x86_64_vnni_int8": {"mode": "static"}},
+            "qat": {"targets": {"x86_64_vnni_int8": {"when": "ptq_fails"}}, "lr": 0.01, "steps": 150,
+                    "checkpoint_every": 50},
+            "gates": {"max_latency_ratio": 50.0, "bootstrap": 200, "latency_runs": 20},
+            "artifact_root": str(home / "artifacts")}
+    (home / "dags" / "specs" / "planted_qat.yaml").write_text(yaml.safe_dump(spec))
+    (home / "dags" / "planted_qat_quantize.py").write_text(QAT_DAG)
+    r = subprocess.run([BIN / "airflow", "dags", "reserialize"], env=env, capture_output=True, text=True, cwd=home)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = dags_test(env, "planted_qat_quantize", home)
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, log[-4000:]
+    assert "failed its gates; the qat task trains a QAT model next" in log
+    latest = json.loads((home / "artifacts" / "planted-qat" / "latest_summary.json").read_text())
+    row = json.loads(Path(latest["summary"]).read_text())["targets"][0]
+    assert (row["method"], row["ptq_gate"], row["gate"]) == ("qat", "failed", "passed"), row
+    assert row["mlflow"]["registered"] and "champion" in row["mlflow"]["aliases"]
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    mv = client.get_model_version_by_alias("model-x86-64-vnni-int8", "champion")
+    assert mv.tags["qops.method"] == "qat" and mv.tags["qops.gate"] == "passed"
+    arts = {a.path for a in client.list_artifacts(mv.run_id, "card")}
+    assert "card/card_qat.png" in arts and "card/card.md" in arts

@@ -104,7 +104,7 @@ def test_qat_on_a_pt2_program_trains_converts_exports_and_evaluates(tmp_path):
     from torch import nn
 
     from qops.evaluate import evaluate
-    from qops.qat import qat_program
+    from qops.qat_job import qat_files
     from qops.quantize.torch_engine import export_fp32
 
     torch.manual_seed(0)
@@ -120,11 +120,14 @@ def test_qat_on_a_pt2_program_trains_converts_exports_and_evaluates(tmp_path):
         nn.functional.cross_entropy(net(torch.from_numpy(x[:300])), torch.from_numpy(df["y"].to_numpy()[:300])).backward()
         opt.step()
     src = export_fp32(net.eval(), feats, tmp_path / "fp32.pt2")
-    cfg = QatConfig(steps=40, batch_size=50, lr=1e-3, group_size=32, checkpoint_every=20)
-    res = qat_program(src, tmp_path / "train.parquet", "y", cfg, tmp_path / "work", tmp_path / "qat.pt2")
-    assert res.linear_layers == 2 and res.training["steps"] == 40 and (tmp_path / "work" / STATE).is_file()
-    ev = evaluate(src, res.model_path, tmp_path / "val.parquet", "y", [], latency_runs=10, bootstrap=50)
+    cfg = dict(steps=40, batch_size=50, lr=1e-3, group_size=32, checkpoint_every=20)
+    res = qat_files(program=src, target="torch_int8_dynamic", scheme="int8_dynamic_int4_weight",
+                    train=tmp_path / "train.parquet", label="y", out_dir=tmp_path / "qat", **cfg)
+    assert res["qat"]["training"]["steps"] == 40 and (tmp_path / "qat" / "work" / STATE).is_file()
+    assert res["model_path"].endswith(".pt2")
+    ev = evaluate(src, res["model_path"], tmp_path / "val.parquet", "y", [], latency_runs=10, bootstrap=50)
     acc = ev.overall["accuracy"]
     assert acc["fp32"] > 0.8 and acc["quantized"] > acc["fp32"] - 0.1  # QAT kept the task
     with pytest.raises(QopsError, match="no label column 'nope'"):
-        qat_program(src, tmp_path / "train.parquet", "nope", cfg, tmp_path / "w2", tmp_path / "q2.pt2")
+        qat_files(program=src, target="torch_int8_dynamic", train=tmp_path / "train.parquet", label="nope",
+                  out_dir=tmp_path / "q2", **cfg)

@@ -245,3 +245,26 @@ def test_a_qat_task_killed_mid_training_resumes_on_its_retry(tmp_path, mlflow_ur
     assert card.returncode == 0, card.stderr[-2000:]
     md = Path(json.loads(card.stdout)["markdown_path"]).read_text()
     assert f"resumed from the checkpoint of step {killed_at}" in md
+
+
+def test_qops_qat_cli_trains_for_a_target_and_resumes(tmp_path):
+    from qops.runtime import open_session
+
+    small_weight_program(tmp_path / "model.pt2")
+    small_weight_data(0, 2000, 200).to_parquet(tmp_path / "train.parquet")
+    args = [*QOPS, "qat", "--model", tmp_path / "model.pt2", "--target", "x86_64_vnni_int8", "--option", "mode=static",
+            "--train", tmp_path / "train.parquet", "--label", "y", "--steps", "150", "--lr", "0.01",
+            "--checkpoint-every", "50", "--output-dir", tmp_path / "out"]
+    r = subprocess.run([str(a) for a in args], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "QAT (pt2e int8_static) 150 steps" in r.stdout
+    val = small_weight_data(2, 400, 200)
+    out = open_session(tmp_path / "out" / "model.onnx").run(None, {"features": val[["a", "b"]].to_numpy()})[0]
+    small = (val.group == "small").to_numpy()
+    assert (out.argmax(1) == val.y.to_numpy())[small].mean() >= 0.95
+    r = subprocess.run([str(a) for a in args] + ["--json"], capture_output=True, text=True)
+    assert r.returncode == 0 and json.loads(r.stdout)["qat"]["training"]["resumed_from"] == 150
+    bad = [*QOPS, "qat", "--model", tmp_path / "model.pt2", "--target", "codebook_4bit", "--train",
+           tmp_path / "train.parquet", "--label", "y", "--output-dir", tmp_path / "o2"]
+    r = subprocess.run([str(a) for a in bad], capture_output=True, text=True)
+    assert r.returncode != 0 and "QAT does not serve target 'codebook_4bit'" in r.stderr and "Traceback" not in r.stderr
