@@ -233,7 +233,7 @@ def _training_table(spec: PipelineSpec, source: dict):
 def _torch_program(spec: PipelineSpec, source: dict) -> str:
     from qops.errors import QopsError
 
-    program = source.get("pt2_path") or spec.qat.program or source.get("torch_program")
+    program = spec.qat.program or source.get("pt2_path")
     if not program or not Path(program).is_file():
         raise QopsError(
             f"QAT trains a PyTorch program, and the source model {source['uri']} has none "
@@ -337,7 +337,7 @@ def stage_register(spec: PipelineSpec, run_id: str, target: str) -> dict:
     }
     if method == "qat":
         tags["qops.qat_scheme"] = f"{q['qat']['plan']['engine']}:{q['qat']['plan']['scheme']}"
-        tags["qops.calibration_sha256"] = "none (QAT)"
+        tags["qops.calibration_sha256"] = "none"  # activation ranges were observed during training
 
     def finalize_card(mlflow_info: dict | None) -> list[str]:
         """Re-render the card with the MLflow run and model version it is registered as."""

@@ -85,6 +85,9 @@ def fetch_source_model(uri: str, dest_dir: str | os.PathLike) -> SourceModel:
     if "onnx" in flavors:
         path = _single_file_onnx(local / flavors["onnx"]["data"], dest / "fp32.onnx")
         flavor = "onnx"
+        program_uri = (mv.tags or {}).get("qops.torch_program")
+        if program_uri:  # the torch.export program the ONNX model came from (QAT trains it)
+            pt2_path = _download_program(program_uri, dest / "torch_program", uri)
     elif "pytorch" in flavors:
         path = _pytorch_to_onnx(local, flavors["pytorch"], mlmodel.get("signature") or {}, dest / "fp32.onnx", uri)
         flavor = "pytorch"
@@ -97,6 +100,22 @@ def fetch_source_model(uri: str, dest_dir: str | os.PathLike) -> SourceModel:
         )
     return SourceModel(uri=uri, path=str(path), name=name, version=str(mv.version), run_id=mv.run_id, flavor=flavor,
                        pt2_path=pt2_path)
+
+
+def _download_program(program_uri: str, dest: Path, uri: str) -> str:
+    """Fetch the ``.pt2`` a model version's ``qops.torch_program`` tag names (loaded later with weights_only)."""
+    import mlflow
+
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=program_uri, dst_path=str(dest)))
+    except Exception as e:  # noqa: BLE001 - any store error: the tag is unusable
+        raise ModelError(f"Source model {uri} tags its torch program as {program_uri}, which cannot be downloaded: "
+                         f"{str(e).splitlines()[0][:200]}", "fix or remove the model version's qops.torch_program "
+                         "tag.") from None
+    if local.suffix.lower() != ".pt2" or not local.is_file():
+        raise ModelError(f"Source model {uri} tags its torch program as {program_uri}, which is not a .pt2 file.",
+                         "tag the version with the artifact URI of a torch.export archive (.pt2).")
+    return str(local)
 
 
 def _single_file_onnx(src: Path, dst: Path) -> Path:

@@ -129,6 +129,9 @@ def export_onnx(model, n_features: int, features: list[str], path: str | os.Path
     return Path(path)
 
 
+TORCH_PROGRAM_TAG = "qops.torch_program"
+
+
 def retrain_and_register(
     work_dir: str | os.PathLike,
     model_name: str = "german-credit",
@@ -151,6 +154,9 @@ def retrain_and_register(
     data = prepare_data(work / "data")
     model = train_mlp(data.train, data.features, hidden=hidden, epochs=epochs, seed=seed)
     onnx_path = export_onnx(model, len(data.features), data.features, work / "model" / "model.onnx")
+    from qops.quantize.torch_engine import export_fp32
+
+    program = export_fp32(model, data.features, work / "model" / "model.pt2")  # what QAT trains
 
     import onnxruntime as ort
 
@@ -171,8 +177,12 @@ def retrain_and_register(
             signature=infer_signature(xv[:5], logits[:5]),
             registered_model_name=model_name,
         )
+        mlflow.log_artifact(str(program), artifact_path="torch_program")
     version = info.registered_model_version
     client = MlflowClient()
+    # the torch.export program the ONNX model was exported from: the QAT stage trains it (docs/qat.md)
+    client.set_model_version_tag(model_name, version, TORCH_PROGRAM_TAG,
+                                 f"runs:/{run.info.run_id}/torch_program/{program.name}")
     client.set_registered_model_alias(model_name, alias, version)
     result = {
         "model_uri": f"models:/{model_name}@{alias}",

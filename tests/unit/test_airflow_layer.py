@@ -58,5 +58,10 @@ def test_dag_factory_builds_the_pipeline_from_the_spec(monkeypatch, tmp_path):
     assert gate.queue == "cpu" and gate.template_fields == ("spec_path", "run_key", "target")
     assert {link.name for link in gate.operator_extra_links} == {"MLflow model", "Model card"}
     assert dag.get_task("arm64_int8.card").trigger_rule == "all_done"
+    # the spec's qat block: a qat task between gate and card for arm64_int8 only, retried (it resumes)
+    qat = dag.get_task("arm64_int8.qat")
+    assert qat.upstream_task_ids == {"arm64_int8.gate"} and qat.downstream_task_ids == {"arm64_int8.card",
+                                                                                        "fail_run_if_any_task_failed"}
+    assert qat.retries == 2 and qat.queue == "cpu" and "x86_64_vnni_int8.qat" not in ids
     assert dag.get_task("fail_run_if_any_task_failed").trigger_rule == "one_failed"
     assert dag.get_task("fail_run_if_any_task_failed").upstream_task_ids == ids - {"fail_run_if_any_task_failed"}
