@@ -55,6 +55,45 @@ def fidelity(ref: np.ndarray, out: np.ndarray) -> dict:
     return res
 
 
+def qat_checks(work: Path, cuda: bool, quick: bool) -> list[dict]:
+    """QAT with the CUDA schemes (Float8 dynamic, Int4WeightOnly) through the same job the qat stage runs:
+    distillation of an MLP on random rows, converted, saved as .pt2 and run back; on a CPU dry run a CPU scheme."""
+    import pandas as pd
+    import torch
+
+    from qops.qat_job import qat_files
+    from qops.quantize.torch_engine import export_fp32
+    from qops.runtime import open_session
+
+    torch.manual_seed(0)
+    feats = [f"f{i}" for i in range(64)]
+    net = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 4)).eval()
+    program = export_fp32(net, feats, work / "qat_fp32.pt2")
+    x = np.random.default_rng(0).normal(size=(2048, 64)).astype(np.float32)
+    pd.DataFrame(x, columns=feats).to_parquet(work / "qat_train.parquet")
+    schemes = ["float8_dynamic", "int4_weight_only_cuda"] if cuda else ["int8_dynamic_int4_weight"]
+    rows = []
+    for scheme in schemes:
+        t = time.perf_counter()
+        try:
+            res = qat_files(program=program, target="torch_int8_dynamic", scheme=scheme,
+                            train=work / "qat_train.parquet", distill=True, out_dir=work / f"qat_{scheme}",
+                            steps=20 if quick else 200, lr=1e-4, batch_size=64, checkpoint_every=50)
+            sess = open_session(res["model_path"], recipe=res["recipe"])
+            ref = net(torch.from_numpy(x[:256])).detach().numpy()
+            got = sess.run(None, {"features": x[:256]})[0]
+            tr = res["qat"]["training"]
+            rows.append({"scheme": scheme, "steps": tr["steps"], "loss_first": tr["losses"][0],
+                         "loss_last": tr["losses"][-1], "train_s": tr["seconds"], "size_kb": round(res["size_bytes"] / 1e3, 1),
+                         "top1": round(float((got.argmax(1) == ref.argmax(1)).mean()), 4),
+                         "note": "" if cuda else "CPU dry run", "seconds": round(time.perf_counter() - t, 1)})
+        except Exception as e:  # noqa: BLE001
+            rows.append({"scheme": scheme, "error": f"{type(e).__name__}: {str(e)[:400]}",
+                         "trace": traceback.format_exc()[-1500:]})
+        print("QAT", rows[-1], flush=True)
+    return rows
+
+
 def main() -> int:
     import torch
 
@@ -237,6 +276,9 @@ def main() -> int:
     except Exception as e:  # noqa: BLE001
         onnx_checks.append({"error": f"{type(e).__name__}: {e}"})
     write_report(onnx_checks)
+    qat_rows = qat_checks(work, cuda, quick)
+    results.append({"model": "qat_mlp_64x256", "rows": [], "qat": qat_rows, "seconds": 0, "compiled": False})
+    write_report(onnx_checks)
     md = [f"GPU: {env['gpu']} (sm_{env['capability'][0]}{env['capability'][1]}), torch {env['torch']}, "
           f"torchao {env.get('torchao')}, onnxruntime {env.get('onnxruntime')} {env.get('ort_providers', '')}", ""]
     for r in results:
@@ -251,7 +293,16 @@ def main() -> int:
                       f"{row['cosine']:.5f} | {sq} | {row.get('top1', '—')} | "
                       f"{'' if row['size_mb'] is None else format(row['size_mb'], '.2f')} | {row['note']} |")
         md.append("")
-    md += ["ONNX targets: " + json.dumps(onnx_checks)]
+    md += ["### QAT on the gpu queue's schemes (MLP 64x256x4, distillation, qops.qat_job.qat_files)", "",
+           "| scheme | steps | loss first → last | train s | size KB | top-1 vs FP32 | note |",
+           "|---|---:|---|---:|---:|---:|---|"]
+    for q in qat_rows:
+        if "error" in q:
+            md.append(f"| {q['scheme']} | error: {q['error'][:200]} | | | | | |")
+        else:
+            md.append(f"| {q['scheme']} | {q['steps']} | {q['loss_first']} → {q['loss_last']} | {q['train_s']} | "
+                      f"{q['size_kb']} | {q['top1']} | {q['note']} |")
+    md += ["", "ONNX targets: " + json.dumps(onnx_checks)]
     (out_dir / "gpu_check.md").write_text("\n".join(md))
     print("\n".join(md))
     return 0

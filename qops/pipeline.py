@@ -161,13 +161,15 @@ def _evaluate_in(spec: PipelineSpec, run_id: str, folder: Path) -> dict:
     return out
 
 
-def _gate_in(spec: PipelineSpec, folder: Path, target: str) -> dict:
+def _gate_in(spec: PipelineSpec, folder: Path, target: str, qat_next=None) -> dict:
     from qops.gates import gate
 
     res = gate(_load(folder / "evaluation.json", "evaluate"), spec.gates)
     out = to_jsonable(res)
     out["target"] = target
     out["message"] = res.message()
+    if qat_next is not None:
+        out["qat_next"] = qat_next(out["passed"])
     write_json_atomic(folder / "gate.json", out)
     return out
 
@@ -179,12 +181,9 @@ def stage_evaluate(spec: PipelineSpec, run_id: str, target: str) -> dict:
 def stage_gate(spec: PipelineSpec, run_id: str, target: str) -> dict:
     """Gate verdict (never raises on failure: the caller decides; the operator fails the task). ``qat_next`` says
     that a failed PTQ gate is not the target's last word: QAT runs next (``qat.when: ptq_fails``) or always."""
-    out = _gate_in(spec, _tdir(spec, run_id, target), target)
     t = spec.qat.targets.get(target) if spec.qat else None
-    out["qat_next"] = bool(t and (t.when == "always" or not out["passed"]))
-    if out["qat_next"]:
-        write_json_atomic(_tdir(spec, run_id, target) / "gate.json", out)
-    return out
+    return _gate_in(spec, _tdir(spec, run_id, target), target,
+                    qat_next=lambda passed: bool(t and (t.when == "always" or not passed)))
 
 
 def candidate(spec: PipelineSpec, run_id: str, target: str) -> tuple[Path, str, str]:

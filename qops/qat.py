@@ -219,13 +219,13 @@ def _save(model, opt, step: int, losses: list[float], cfg: QatConfig, work: Path
     import torch
     from safetensors.torch import save_file
 
-    tensors = {f"model.{k}": v.detach().contiguous().clone() for k, v in model.state_dict().items()
+    tensors = {f"model.{k}": v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()
                if isinstance(v, torch.Tensor)}
     sd = opt.state_dict()
     for pid, st in sd["state"].items():
         for name, v in st.items():
             if isinstance(v, torch.Tensor):
-                tensors[f"opt.{pid}.{name}"] = v.detach().contiguous().clone().reshape(v.shape)
+                tensors[f"opt.{pid}.{name}"] = v.detach().cpu().contiguous().clone().reshape(v.shape)
     tensors["rng.torch"] = torch.get_rng_state()
     work.mkdir(parents=True, exist_ok=True)
     with atomic_path(work / STATE) as tmp:
@@ -292,6 +292,14 @@ def train_qat(model, data: dict[str, np.ndarray], cfg: QatConfig, work_dir: str 
                         "give more rows or a smaller batch_size.")
     total = cfg.total_steps(n)
     torch.manual_seed(cfg.seed)
+    device = torch.device("cuda" if cfg.needs_cuda else "cpu")  # CUDA schemes train on the GPU worker
+    if device.type == "cuda":
+        from qops.quantize.torch_engine import retarget_devices
+
+        for m in (model, teacher):
+            if m is not None:
+                m.to(device)
+                retarget_devices(m, device)
     model = prepare(model, cfg)
     _set_mode(model, True)
     params = [p for p in model.parameters() if p.requires_grad]  # frozen parameters stay as they are
@@ -303,11 +311,11 @@ def train_qat(model, data: dict[str, np.ndarray], cfg: QatConfig, work_dir: str 
     start, losses, spent = resumed if resumed else (0, [], 0.0)
     if resumed:
         log.info("QAT: resuming from step %d of %d (%s)", start, total, work / STATE)
-    tensors = {k: torch.from_numpy(np.array(v)) for k, v in data.items()}
-    y = torch.from_numpy(np.array(labels)).long() if labels is not None else None
+    tensors = {k: torch.from_numpy(np.array(v)).to(device) for k, v in data.items()}
+    y = torch.from_numpy(np.array(labels)).long().to(device) if labels is not None else None
     checkpoints, stopped, t0 = 0, False, time.perf_counter()
     for step in range(start, total):
-        idx = torch.from_numpy(_batch_indices(n, step, cfg.batch_size, cfg.seed))
+        idx = torch.from_numpy(_batch_indices(n, step, cfg.batch_size, cfg.seed)).to(device)
         batch = [tensors[k][idx] for k in names]
         opt.zero_grad()
         out = model(*batch)

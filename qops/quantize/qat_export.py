@@ -43,7 +43,8 @@ def _dynamic_shapes(examples: dict[str, np.ndarray], source_onnx: str | None):
 def _export(module, examples: dict[str, np.ndarray], source_onnx: str | None):
     import torch
 
-    args = tuple(torch.from_numpy(np.ascontiguousarray(v)) for v in examples.values())
+    dev = next(iter(module.parameters()), torch.empty(0)).device  # a GPU-trained module exports on its device
+    args = tuple(torch.from_numpy(np.ascontiguousarray(v)).to(dev) for v in examples.values())
     return torch.export.export(module, args, dynamic_shapes=_dynamic_shapes(examples, source_onnx), strict=False)
 
 

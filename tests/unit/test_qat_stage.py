@@ -268,3 +268,14 @@ def test_qops_qat_cli_trains_for_a_target_and_resumes(tmp_path):
            tmp_path / "train.parquet", "--label", "y", "--output-dir", tmp_path / "o2"]
     r = subprocess.run([str(a) for a in bad], capture_output=True, text=True)
     assert r.returncode != 0 and "QAT does not serve target 'codebook_4bit'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_docs_qat_page_lists_every_setting():
+    from qops.spec import QatSpec, QatTargetSpec
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "qat.md").read_text()
+    settings = text[text.index("## Settings"):text.index("## The card")]
+    for name in list(QatSpec.model_fields) + list(QatTargetSpec.model_fields):
+        assert f"{name}:" in settings or f"`{name}`" in settings, name
+    for target in supported_targets():
+        assert f"`{target}`" in text, target
