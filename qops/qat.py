@@ -263,6 +263,25 @@ def _load(model, opt, cfg: QatConfig, work: Path) -> tuple[int, list[float], flo
     return int(meta["step"]), list(meta["losses"]), float(meta.get("seconds", 0.0))
 
 
+def _as_list(out) -> list:
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+def _distill_loss(outs: list, teacher_outs: list, tau: float):
+    """KL divergence of the first output's softened distribution to the teacher's, plus, for each further float
+    output of the same shape (an embedding), its mean squared error relative to the teacher's mean square: the
+    student is held to everything the FP32 model serves, not only its top class."""
+    import torch
+
+    s, t = outs[0], teacher_outs[0]
+    loss = torch.nn.functional.kl_div(torch.log_softmax(s / tau, -1), torch.log_softmax(t / tau, -1),
+                                      log_target=True, reduction="batchmean") * tau * tau
+    for s, t in zip(outs[1:], teacher_outs[1:]):
+        if torch.is_floating_point(t) and s.shape == t.shape:
+            loss = loss + ((s - t) ** 2).mean() / (t.pow(2).mean() + 1e-12)
+    return loss
+
+
 def train_qat(model, data: dict[str, np.ndarray], cfg: QatConfig, work_dir: str | os.PathLike, *,
               labels: np.ndarray | None = None, teacher=None, on_step: Callable[[int, float], None] | None = None):
     """Prepare ``model`` for QAT (unless it already is), train it on ``data`` (model inputs by name, rows on
@@ -318,17 +337,13 @@ def train_qat(model, data: dict[str, np.ndarray], cfg: QatConfig, work_dir: str 
         idx = torch.from_numpy(_batch_indices(n, step, cfg.batch_size, cfg.seed)).to(device)
         batch = [tensors[k][idx] for k in names]
         opt.zero_grad()
-        out = model(*batch)
-        out = out[0] if isinstance(out, (tuple, list)) else out
+        outs = _as_list(model(*batch))
         if cfg.loss == "task":
-            loss = torch.nn.functional.cross_entropy(out, y[idx])
+            loss = torch.nn.functional.cross_entropy(outs[0], y[idx])
         else:
             with torch.no_grad():
-                t = teacher(*batch)
-                t = t[0] if isinstance(t, (tuple, list)) else t
-            tau = cfg.temperature
-            loss = torch.nn.functional.kl_div(torch.log_softmax(out / tau, -1), torch.log_softmax(t / tau, -1),
-                                              log_target=True, reduction="batchmean") * tau * tau
+                ts = _as_list(teacher(*batch))
+            loss = _distill_loss(outs, ts, cfg.temperature)
         loss.backward()
         opt.step()
         losses.append(round(float(loss.item()), 6))

@@ -215,6 +215,10 @@ def run_qat(*, source_onnx: str, program: str, recipe, plan: QatPlan, cfg: QatCo
                                                               recipe.accuracy_level)
         notes.append(f"MatMulNBits written from torchao's integers for {detail['layers']} layers "
                      f"(largest difference to torchao's dequantized weight {detail['max_abs_diff']:.2e})")
+        if "Gather" in recipe.op_types:  # embedding tables as the PTQ recipe stores them (they did not train)
+            path = qat_export.quantize_embeddings(path, recipe)
+            notes.append(f"embedding tables (Gather): INT4 blocks of {recipe.block_size} (RTN, as the PTQ recipe; "
+                         "they are not trained)")
     else:
         path = qat_export.save_program_any(quantized, examples, dict(meta, **{"qops.torch_compile": False}),
                                            out_dir / "model.pt2")

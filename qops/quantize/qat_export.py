@@ -198,3 +198,23 @@ def torchao_int4_to_matmulnbits(quantized, fp32_weights: dict, source_onnx: str,
     log.info("MatMulNBits from torchao's int4 weights: %d of %d layers (largest difference %.2e)", replaced,
              len(layers), max_diff)
     return dst, {"layers": replaced, "torch_layers": len(layers), "max_abs_diff": max_diff, "block_size": block_size}
+
+
+def quantize_embeddings(path: str | os.PathLike, recipe) -> Path:
+    """INT4 block-wise embedding tables (``GatherBlockQuantized``) on a model whose MatMuls are already
+    ``MatMulNBits``: ONNX Runtime's quantizer restricted to Gather, as the ``int4_weight_only`` recipe does."""
+    from dataclasses import replace
+
+    import onnx
+
+    from qops.quantize.ort import _copy_metadata, _nbits
+
+    path = Path(path)
+    m = onnx.load(str(path), load_external_data=False)
+    inits = {t.name for t in m.graph.initializer}
+    if not any(n.op_type == "Gather" and n.input and n.input[0] in inits for n in m.graph.node):
+        return path  # no embedding table
+    with atomic_path(path) as tmp:
+        _nbits(path, tmp, replace(recipe, op_types=("Gather",), algorithm="rtn"), 4, None, False)
+        _copy_metadata(path, tmp)
+    return path
