@@ -161,18 +161,22 @@ def news(tmp: Path, steps: int, batch: int, max_rows: int, lr: float) -> list[di
     return rows
 
 
+def _num(v) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
 def table(case: str, rows: list[dict]) -> list[str]:
     ptq, qat = rows
     worst_key = ptq["worst_slice"]
     out = [f"**{case}**", "",
-           "| Variant | size (MB) | p50 vs FP32 | " + rows[0]["metric"] + f" (FP32 → q) | {worst_key} (FP32 → q) | "
+           "| Variant | size (MB) | p50 / FP32 p50 | " + rows[0]["metric"] + f" (FP32 → q) | {worst_key} (FP32 → q) | "
            "embedding cosine | NN agreement | gates | time (s) |", "|---|---:|---:|---|---|---:|---:|---|---:|"]
     for r in rows:
         fails = "" if r["gate"] == "passed" else " (" + ", ".join(r["failed"][:3]) + ("…" if len(r["failed"]) > 3
                                                                                        else "") + ")"
         out.append(f"| {r['variant']} | {r['size_bytes'] / 1e6:.3f} | {r['latency_ratio']}x | {r['fp32']:.4f} → "
                    f"{r['value']:.4f} | {r['slices'][worst_key][0]:.4f} → {r['slices'][worst_key][1]:.4f} | "
-                   f"{r.get('embedding_cosine', 'n/a')} | {r.get('neighbor_agreement', 'n/a')} | {r['gate']}{fails} | "
+                   f"{_num(r.get('embedding_cosine'))} | {_num(r.get('neighbor_agreement'))} | {r['gate']}{fails} | "
                    f"{r['seconds']}" + (f" (training {r['train_seconds']} s, {r['steps']} steps)" if "steps" in r
                                         else "") + " |")
     rec = recovered(ptq["fp32"], ptq["value"], qat["value"])
@@ -191,17 +195,21 @@ def main() -> int:
     ap.add_argument("--news-rows", type=int, default=1000)
     ap.add_argument("--skip-news", action="store_true")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--from-json", help="rewrite the table from a results JSON of an earlier run")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for n in ("onnx_ir", "matplotlib", "PIL", "great_expectations", "urllib3"):
         logging.getLogger(n).setLevel(logging.WARNING)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = {"machine": cpu_info()}
-    with tempfile.TemporaryDirectory() as tmp:
-        results["planted"] = planted(Path(tmp))
-        if not args.skip_news:
-            results["news"] = news(Path(tmp), args.news_steps, args.news_batch, args.news_rows, args.news_lr)
+    if args.from_json:
+        results = json.loads(Path(args.from_json).read_text())
+    else:
+        results = {"machine": cpu_info(), "settings": vars(args)}
+        with tempfile.TemporaryDirectory() as tmp:
+            results["planted"] = planted(Path(tmp))
+            if not args.skip_news:
+                results["news"] = news(Path(tmp), args.news_steps, args.news_batch, args.news_rows, args.news_lr)
     lines = [f"Machine: {results['machine']}", ""]
     lines += table("Planted MLP, INT8 static (x86_64_vnni_int8): a slice carried by weights INT8 rounds to 0",
                    results["planted"])

@@ -9,7 +9,10 @@ shape), on the CUDA device:
 - FP16 and BF16 casts of the FP32 module (what ``nvidia_fp16`` serves), for reference;
 - the ``nvidia_fp16`` / ``nvidia_tensorrt_int8`` ONNX targets on ONNX Runtime's CUDA / TensorRT providers when
   the worker's onnxruntime has them (else the clear error qops gives is recorded);
-- batch-1 p50 latency and batch-64 throughput (CUDA-synchronised), fidelity to FP32 (mean cosine, SQNR, top-1).
+- batch-1 p50 latency and batch-64 throughput (CUDA-synchronised), fidelity to FP32 (mean cosine, SQNR, top-1);
+- QAT with the ``gpu`` queue's schemes (``float8_dynamic``, ``int4_weight_only_cuda``) through the job the qat stage
+  runs (``qops.qat_job.qat_files``): training on CUDA, convert, ``.pt2`` saved and run back (a CPU scheme on a dry
+  run).
 
 Writes ``$OUT/gpu_check.json`` and ``$OUT/gpu_check.md``.
 """
@@ -164,8 +167,8 @@ def main() -> int:
         ("torch_int8_dynamic", {"device": "cuda", "queue": "gpu", "torch_method": "int4_weight_only",
                                 "mode": "weight_only"}),
     ]
-    def write_report(onnx_checks=None):
-        report = {"env": env, "results": results, "onnx_targets": onnx_checks or []}
+    def write_report(onnx_checks=None, qat=None):
+        report = {"env": env, "results": results, "onnx_targets": onnx_checks or [], "qat": qat or []}
         (out_dir / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
 
     if os.environ.get("QOPS_GPU_VARIANTS"):
@@ -277,8 +280,7 @@ def main() -> int:
         onnx_checks.append({"error": f"{type(e).__name__}: {e}"})
     write_report(onnx_checks)
     qat_rows = qat_checks(work, cuda, quick)
-    results.append({"model": "qat_mlp_64x256", "rows": [], "qat": qat_rows, "seconds": 0, "compiled": False})
-    write_report(onnx_checks)
+    write_report(onnx_checks, qat_rows)
     md = [f"GPU: {env['gpu']} (sm_{env['capability'][0]}{env['capability'][1]}), torch {env['torch']}, "
           f"torchao {env.get('torchao')}, onnxruntime {env.get('onnxruntime')} {env.get('ort_providers', '')}", ""]
     for r in results:

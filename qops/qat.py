@@ -333,7 +333,11 @@ def train_qat(model, data: dict[str, np.ndarray], cfg: QatConfig, work_dir: str 
     tensors = {k: torch.from_numpy(np.array(v)).to(device) for k, v in data.items()}
     y = torch.from_numpy(np.array(labels)).long().to(device) if labels is not None else None
     checkpoints, stopped, t0 = 0, False, time.perf_counter()
-    for step in range(start, total):
+    if cfg.time_budget_s is not None and spent >= cfg.time_budget_s and start < total:
+        stopped = True  # an earlier attempt used the budget up: no more steps
+        log.warning("QAT: time budget of %.0f s already used (%.1f s); keeping step %d of %d", cfg.time_budget_s,
+                    spent, start, total)
+    for step in range(start, total if not stopped else start):
         idx = torch.from_numpy(_batch_indices(n, step, cfg.batch_size, cfg.seed)).to(device)
         batch = [tensors[k][idx] for k in names]
         opt.zero_grad()

@@ -131,3 +131,14 @@ def test_qat_on_a_pt2_program_trains_converts_exports_and_evaluates(tmp_path):
     with pytest.raises(QopsError, match="no label column 'nope'"):
         qat_files(program=src, target="torch_int8_dynamic", train=tmp_path / "train.parquet", label="nope",
                   out_dir=tmp_path / "q2", **cfg)
+
+
+def test_a_time_budget_stops_training_with_a_checkpoint_and_counts_over_retries(tmp_path):
+    data, y = _data()
+    cfg = QatConfig(steps=10_000, batch_size=32, lr=1e-3, checkpoint_every=5_000, time_budget_s=0.3)
+    _, res = train_qat(_model(), data, cfg, tmp_path, labels=y)
+    assert res.stopped_by_budget and 0 < res.steps < 10_000 and res.seconds >= 0.3
+    meta = __import__("json").loads((tmp_path / META).read_text())
+    assert meta["step"] == res.steps  # the checkpoint holds the last step trained
+    _, again = train_qat(_model(), data, cfg, tmp_path, labels=y)  # a retry: the budget is already spent
+    assert again.stopped_by_budget and again.resumed_from == res.steps and again.steps == res.steps
