@@ -279,3 +279,39 @@ def test_docs_qat_page_lists_every_setting():
         assert f"{name}:" in settings or f"`{name}`" in settings, name
     for target in supported_targets():
         assert f"`{target}`" in text, target
+
+
+def test_pt2e_qat_of_a_cnn_folds_batch_norm_and_exports_qdq(tmp_path):
+    """Conv-BN-ReLU blocks: PT2E QAT trains with batch norm, convert folds it, the ONNX QDQ file has INT8 convs
+    and no BatchNormalization, and computes what the converted torch model computes."""
+    import onnx
+    import torch
+
+    from qops.qat import convert, train_qat
+    from qops.qat_job import run_qat, trainable_module
+    from qops.quantize.torch_engine import load_program, save_program
+    from qops.registry import fetch_source_model
+    from qops.runtime import open_session
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                              torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 3)).eval()
+    ep = torch.export.export(net, (torch.randn(2, 3, 16, 16),), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    src = fetch_source_model(str(save_program(ep, tmp_path / "cnn.pt2", {})), tmp_path)
+    x = np.random.default_rng(0).normal(size=(128, 3, 16, 16)).astype(np.float32)
+    y = (x[:, 0].mean((1, 2)) > 0).astype(np.int64)
+    recipe = get_target("x86_64_vnni_int8")
+    plan = plan_for(recipe, mode="static")
+    cfg = QatConfig(engine="pt2e", scheme="int8_static", steps=8, lr=1e-3, checkpoint_every=4, batch_size=32)
+    out = run_qat(source_onnx=src.path, program=src.pt2_path, recipe=recipe, plan=plan, cfg=cfg,
+                  train_feeds={"features": x}, labels=y, out_dir=tmp_path / "o", work_dir=tmp_path / "w")
+    ops = [n.op_type for n in onnx.load(out["model_path"]).graph.node]
+    assert "Conv" in ops and "QuantizeLinear" in ops and "BatchNormalization" not in ops
+    module, _ = trainable_module(load_program(src.pt2_path)[0], plan)
+    module, res = train_qat(module, {"features": x}, cfg, tmp_path / "w", labels=y)  # the finished checkpoint
+    assert res.resumed_from == 8
+    ref = convert(module, cfg)(torch.from_numpy(x[:32])).detach().numpy()
+    got = open_session(out["model_path"]).run(None, {"features": x[:32]})[0]
+    assert np.abs(got - ref).max() <= 0.05 * np.abs(ref).max() + 1e-3
+    assert out["size_bytes"] < out["source_size_bytes"]
