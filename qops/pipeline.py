@@ -243,7 +243,7 @@ def _torch_program(spec: PipelineSpec, source: dict) -> str:
     return program
 
 
-def stage_qat(spec: PipelineSpec, run_id: str, target: str, on_step=None) -> dict:
+def stage_qat(spec: PipelineSpec, run_id: str, target: str) -> dict:
     """Quantization-aware training for ``target`` when the spec asks for it: after a failed PTQ gate
     (``qat.when: ptq_fails``) or always. Trains (resuming from the checkpoint of an earlier attempt of the same
     run), writes the target's artifact, evaluates and gates it like the PTQ model, into ``targets/<t>/qat/``."""
@@ -264,8 +264,7 @@ def stage_qat(spec: PipelineSpec, run_id: str, target: str, on_step=None) -> dic
     cfg = spec.qat.config_for(target, plan, has_label=labels is not None)
     log.info("QAT for %s (%s): %s %s on %d rows of %s", target, why, plan.engine, plan.scheme, len(df), path)
     res = run_qat(source_onnx=source["path"], program=_torch_program(spec, source), recipe=spec.recipe(target),
-                  plan=plan, cfg=cfg, train_feeds=feeds, labels=labels, out_dir=folder, work_dir=folder / "work",
-                  on_step=on_step)
+                  plan=plan, cfg=cfg, train_feeds=feeds, labels=labels, out_dir=folder, work_dir=folder / "work")
     res["qat"]["why"], res["qat"]["data"] = why, path
     write_json_atomic(folder / "quantize.json", to_jsonable(res))
     _evaluate_in(spec, run_id, folder)

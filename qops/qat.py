@@ -1,9 +1,11 @@
-"""Quantization-aware training (torchao ``QATConfig``), resumable from safe checkpoints.
+"""Quantization-aware training, resumable from safe checkpoints: the training core of the ``qat`` stage
+(docs/qat.md; the job around it is :mod:`qops.qat_job`).
 
-The training core of the QAT stage (issue: QAT as a pipeline stage). ``quantize_(model, QATConfig(base,
-step="prepare"))`` swaps ``nn.Linear``/``nn.Embedding`` for fake-quantized versions; the loop trains them
-with the task loss (labels) or by distillation (KL to the FP32 teacher's outputs); ``step="convert"`` then
-produces the quantized model. Every ``checkpoint_every`` steps the state is written under ``work_dir``:
+Two engines insert the fake quantization: torchao (``quantize_(model, QATConfig(base, step="prepare"))`` swaps
+``nn.Linear`` for fake-quantized versions; ``step="convert"`` produces torchao's quantized tensors) and PT2E
+(``prepare_qat_pt2e`` with ``X86InductorQuantizer`` in QAT mode on an exported graph; ``convert_pt2e`` gives a
+graph with quantize/dequantize ops). The loop trains with the task loss (labels) or by distillation (the FP32
+teacher's outputs). Every ``checkpoint_every`` steps the state is written under ``work_dir``:
 
 - ``qat_state.safetensors``: model parameters and buffers, optimizer tensors (``opt.<param>.<name>``) and the
   torch RNG state, as tensors: nothing is pickled, and loading runs no code;

@@ -179,8 +179,7 @@ def trainable_module(ep, plan: QatPlan, what: str = "the program"):
 
 
 def run_qat(*, source_onnx: str, program: str, recipe, plan: QatPlan, cfg: QatConfig, train_feeds: dict,
-            labels: np.ndarray | None, out_dir: str | os.PathLike, work_dir: str | os.PathLike,
-            on_step=None) -> dict:
+            labels: np.ndarray | None, out_dir: str | os.PathLike, work_dir: str | os.PathLike) -> dict:
     """Train ``program`` (the FP32 ``.pt2``) with QAT per ``plan`` and write the target's artifact into
     ``out_dir``. Returns the quantize-stage record (model path, sha256, sizes, recipe, notes) plus ``qat``:
     the training record (config, losses, steps, resume point, seconds)."""
@@ -197,7 +196,7 @@ def run_qat(*, source_onnx: str, program: str, recipe, plan: QatPlan, cfg: QatCo
     module, fp32_weights = trainable_module(ep, plan, Path(program).name)
     teacher = load_program(program)[0].module() if cfg.loss == "distill" else None
     data = {k: train_feeds[k] for k in order}
-    trained, res = train_qat(module, data, cfg, work_dir, labels=labels, teacher=teacher, on_step=on_step)
+    trained, res = train_qat(module, data, cfg, work_dir, labels=labels, teacher=teacher)
     quantized = convert(trained, cfg)
     examples = {k: v[:2] for k, v in data.items()}
     notes = [f"QAT ({plan.engine} {plan.scheme}) trained {res.steps} steps on {res.rows} rows"
