@@ -313,7 +313,7 @@ def registered_name(spec: PipelineSpec, source_name: str, target: str) -> str:
 
 def stage_register(spec: PipelineSpec, run_id: str, target: str) -> dict:
     from qops.cards import write_card
-    from qops.registry import register
+    from qops.registry import providers_for, register
 
     _mlflow(spec)
     rdir, tdir = _rdir(spec, run_id), _tdir(spec, run_id, target)
@@ -357,7 +357,7 @@ def stage_register(spec: PipelineSpec, run_id: str, target: str) -> dict:
                      "latency_p50_ms": ev["performance"]["latency_p50_ms"]["quantized"],
                      "size_bytes": ev["performance"]["size_bytes"]["quantized"]},
             params={"target": target, "mode": recipe["mode"], "granularity": recipe["granularity"], "method": method},
-            finalize_card=finalize_card,
+            finalize_card=finalize_card, execution_providers=providers_for(recipe),
         )
     except Exception:
         finalize_card(None)  # the version was rolled back: the card must not name it

@@ -289,11 +289,14 @@ def register(
     metrics: dict[str, float] | None = None,
     params: dict[str, str] | None = None,
     finalize_card=None,
+    execution_providers: list[str] | None = None,
 ) -> RegisterResult:
     """Log the quantized ONNX model (onnx flavor, with signature) and its card; register one version.
 
     ``finalize_card(mlflow_info) -> files``, if given, re-renders the card with the new version's
     lineage (run id, model name and version) before it is attached; otherwise ``card_files`` are attached.
+    ``execution_providers``: what the ONNX flavor declares for serving (MLflow's default lists CUDA first;
+    :func:`providers_for` gives a target's).
     """
     import mlflow
     import numpy as np
@@ -359,7 +362,8 @@ def register(
                 info = mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=example,
                                                 serialization_format="pt2")
             else:
-                info = mlflow.onnx.log_model(model, name="model", signature=signature)
+                info = mlflow.onnx.log_model(model, name="model", signature=signature,
+                                             onnx_execution_providers=execution_providers or ["CPUExecutionProvider"])
             mv = mlflow.register_model(info.model_uri, name, tags=safe_tags)
             version = str(mv.version)
             files = card_files
@@ -395,6 +399,15 @@ def register(
             raise RegistryError(f"Registering {name} failed and was rolled back: {e}",
                                 "check the MLflow server/backend and retry; retries are idempotent.") from e
     return RegisterResult(True, name, version, sorted(aliases), f"models:/{name}/{version}", run.info.run_id)
+
+
+def providers_for(recipe: dict) -> list[str]:
+    """The ONNX Runtime execution providers a target's model is served with, best first, ending on the CPU
+    (TensorRT falls back to CUDA, CUDA to the CPU; CPU targets list the CPU only)."""
+    ep = recipe.get("execution_provider") or "CPUExecutionProvider"
+    chain = {"TensorrtExecutionProvider": ["TensorrtExecutionProvider", "CUDAExecutionProvider"],
+             "CUDAExecutionProvider": ["CUDAExecutionProvider"]}.get(ep, [ep] if ep != "CPUExecutionProvider" else [])
+    return chain + ["CPUExecutionProvider"]
 
 
 def promote(name: str, version: str, alias: str = "champion") -> dict:

@@ -145,3 +145,13 @@ def test_pickled_pytorch_source_is_refused(mlflow_uri, tmp_path):
                                  registered_model_name="pickled")
     with pytest.raises(ModelError, match="does not unpickle"):
         fetch_source_model("models:/pickled/1", tmp_path)
+
+
+def test_registered_onnx_models_declare_their_targets_providers():
+    from qops.registry import providers_for
+    from qops.targets import get_target
+
+    assert providers_for(get_target("x86_64_vnni_int8").to_dict()) == ["CPUExecutionProvider"]
+    assert providers_for(get_target("nvidia_fp16").to_dict()) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert providers_for(get_target("nvidia_tensorrt_int8").to_dict()) == [
+        "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]

@@ -1,0 +1,149 @@
+"""Server mode: the pipeline registers into a real `mlflow server` (SQLite backend) whose artifacts live on an
+S3-compatible store (moto in server mode, on loopback) — proxied (`--artifacts-destination`, the client holds no
+S3 credentials) and direct (`--default-artifact-root s3://...`, the client writes to S3 itself through
+MLFLOW_S3_ENDPOINT_URL). Versions, tags, aliases and cards are read back with MlflowClient, the objects are
+found in the bucket, and `models:/NAME@champion` loads and predicts."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+pytestmark = pytest.mark.integration
+
+BIN = Path(sys.executable).parent
+BUCKET = "qops-artifacts"
+S3_ENV = {"AWS_ACCESS_KEY_ID": "qops-test", "AWS_SECRET_ACCESS_KEY": "qops-test-secret",
+          "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(url: str, proc, seconds: float = 90) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: the server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:
+            time.sleep(0.3)
+    raise RuntimeError(f"{url} did not come up in {seconds} s")
+
+
+@pytest.fixture(scope="module")
+def s3():
+    import boto3
+
+    port = _free_port()
+    proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **S3_ENV})
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        _wait(endpoint, proc)
+        boto3.client("s3", endpoint_url=endpoint, **_creds()).create_bucket(Bucket=BUCKET)
+        yield endpoint
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _creds() -> dict:
+    return {"aws_access_key_id": S3_ENV["AWS_ACCESS_KEY_ID"], "aws_secret_access_key": S3_ENV["AWS_SECRET_ACCESS_KEY"],
+            "region_name": S3_ENV["AWS_DEFAULT_REGION"]}
+
+
+@pytest.fixture(params=["proxied", "direct"])
+def mlflow_server(request, s3, tmp_path):
+    port = _free_port()
+    mode = request.param
+    store = ["--artifacts-destination", f"s3://{BUCKET}/proxied"] if mode == "proxied" else \
+        ["--default-artifact-root", f"s3://{BUCKET}/direct", "--no-serve-artifacts"]
+    env = {**os.environ, **S3_ENV, "MLFLOW_S3_ENDPOINT_URL": s3}
+    log = open(tmp_path / "mlflow-server.log", "w")
+    proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1", *store],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        _wait(f"{uri}/health", proc)
+        yield mode, uri, s3
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def test_pipeline_registers_into_a_tracking_server_with_s3_artifacts(mlflow_server, fp32_model, data_dir, tmp_path,
+                                                                     monkeypatch):
+    import boto3
+    import mlflow
+    from mlflow import MlflowClient
+
+    from qops.pipeline import run_pipeline
+    from qops.spec import load_spec
+
+    mode, uri, endpoint = mlflow_server
+    for k in ("MLFLOW_S3_ENDPOINT_URL", *S3_ENV):
+        monkeypatch.delenv(k, raising=False)
+    if mode == "direct":  # the client uploads to S3 itself; proxied: it holds no S3 credentials at all
+        for k, v in {**S3_ENV, "MLFLOW_S3_ENDPOINT_URL": endpoint}.items():
+            monkeypatch.setenv(k, v)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    spec = {"name": "server-mode", "source_model": str(fp32_model),
+            "data": {"pool": str(data_dir / "pool.parquet"), "reference": str(data_dir / "train.parquet"),
+                     "validation": str(data_dir / "validation.parquet"), "label": "risk",
+                     "slice_columns": ["sex"]},
+            "calibration": {"size": 100},
+            "targets": ["x86_64_int8_dynamic"],
+            # what this test checks is the registry, not the model: bounds every quantized model meets
+            "gates": {"max_overall_drop": 1.0, "max_slice_drop": 1.0, "max_fairness_increase": 1.0,
+                      "max_latency_ratio": 100.0, "bootstrap": 100, "latency_runs": 20},
+            "mlflow": {"experiment": f"qops-server-{mode}"},
+            "artifact_root": str(tmp_path / "artifacts")}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    summary = run_pipeline(load_spec(tmp_path / "spec.yaml"), run_id=f"server-{mode}", progress=False)
+    row = summary["targets"][0]
+    assert row["gate"] == "passed" and row["mlflow"]["registered"], row
+    name = row["mlflow"]["name"]
+    client = MlflowClient(tracking_uri=uri)
+    mv = client.get_model_version_by_alias(name, "champion")
+    assert str(mv.version) == str(row["mlflow"]["version"])
+    assert mv.tags["qops.target"] == "x86_64_int8_dynamic" and mv.tags["qops.gate"] == "passed"
+    assert sorted(client.get_registered_model(name).aliases) == ["candidate", "champion"]
+    assert {a.path for a in client.list_artifacts(mv.run_id, "card")} >= {"card/card.md", "card/card.json"}
+    # the objects are in the bucket, under the mode's prefix
+    keys = [o["Key"] for o in boto3.client("s3", endpoint_url=endpoint, **_creds())
+            .list_objects_v2(Bucket=BUCKET, Prefix=mode + "/").get("Contents", [])]
+    assert any(k.endswith("/MLmodel") for k in keys) and any(k.endswith("/card/card.md") for k in keys), keys[:20]
+    # serving: load by alias and predict; the ONNX flavor declares the target's providers (CPU only)
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}@champion",
+                                                     dst_path=str(tmp_path / "dl")))
+    assert yaml.safe_load((local / "MLmodel").read_text())["flavors"]["onnx"]["providers"] == ["CPUExecutionProvider"]
+    model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    import json
+
+    feats = json.loads((data_dir / "encoding.json").read_text())["features"]
+    x = pd.read_parquet(data_dir / "validation.parquet")[feats].to_numpy(np.float32)[:16]
+    out = model.predict(x)
+    out = np.asarray(next(iter(out.values())) if isinstance(out, dict) else out)  # {output name: array}
+    assert out.shape == (16, 2) and np.isfinite(out).all()
