@@ -12,6 +12,7 @@ from qops_airflow.operators import (
     QopsCardOperator,
     QopsEvaluateOperator,
     QopsGateOperator,
+    QopsPromoteOperator,
     QopsQatOperator,
     QopsQuantizeOperator,
     QopsRegisterOperator,
@@ -56,6 +57,8 @@ def build_quantization_dag(spec_path: str | Path, dag_id: str | None = None, mlf
                 if plan is not None:  # QAT on the queue its scheme needs (CUDA schemes: gpu)
                     chain.append(QopsQatOperator(task_id="qat", **{**kw, "queue": plan.queue}))
                 chain += [QopsCardOperator(task_id="card", **kw), QopsRegisterOperator(task_id="register", **kw)]
+                if spec.mlflow.promotion is not None:  # move the serving alias by policy
+                    chain.append(QopsPromoteOperator(task_id="promote", **kw))
             calibrate >> chain[0]
             for a, b in zip(chain, chain[1:]):
                 a >> b

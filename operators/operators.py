@@ -225,6 +225,31 @@ class QopsRegisterOperator(_TargetOperator):
         return res
 
 
+class QopsPromoteOperator(_TargetOperator):
+    """Move the spec's serving alias (``mlflow.promotion.alias``, e.g. ``production``) to the version this run
+    registered, when the policy allows it: gates passed, a manual approval if required (the DAG run's conf
+    ``{"approve_promotion": true}``, or ``approved=True``), and not worse than the current holder on the policy's
+    metrics. The replaced version is tagged with when and by which run. Refusals fail the task (no retries)."""
+
+    template_fields: Sequence[str] = ("spec_path", "run_key", "target", "approved")
+    stage = "promote"
+    operator_extra_links = (QopsMlflowModelLink(),)
+
+    def __init__(self, *, approved: str | bool = "{{ (dag_run.conf or {}).get('approve_promotion', False) }}",
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.approved = approved
+
+    def execute(self, context) -> dict:
+        from qops.pipeline import stage_promote
+
+        approved = self.approved if isinstance(self.approved, bool) else str(self.approved).strip().lower() in (
+            "true", "1", "yes")
+        res = self._call(stage_promote, self._spec(), self.run_key, self.target, approved=approved)
+        self.log.info("%s: %s", self.target, res["reason"])
+        return res
+
+
 class QopsSummaryOperator(_QopsStageOperator):
     """Write the run's summary.json and log the summary table."""
 

@@ -278,7 +278,10 @@ def cmd_promote(args) -> int:
     from qops.registry import configure_mlflow, promote
 
     configure_mlflow(args.tracking_uri)
-    _emit(args, promote(args.name, args.version, args.alias))
+    better = dict(kv.split(":", 1) for kv in args.better_on or [])
+    res = promote(args.name, args.version, args.alias, approved=args.approve, require_approval=args.require_approval,
+                  better_on=better or None, by=args.by)
+    _emit(args, res, f"{res['name']}: {res['reason']}")
     return 0
 
 
@@ -459,10 +462,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--target")
     sp.add_argument("--dag-id")
 
-    sp = add("promote", cmd_promote, "point an alias at a registered version whose gates passed")
+    sp = add("promote", cmd_promote, "point an alias at a registered version whose gates passed, by policy")
     sp.add_argument("--name", required=True)
     sp.add_argument("--version", required=True)
     sp.add_argument("--alias", default="champion")
+    sp.add_argument("--require-approval", action="store_true", help="refuse unless --approve is given")
+    sp.add_argument("--approve", action="store_true", help="the manual approval")
+    sp.add_argument("--better-on", action="append", metavar="METRIC:max|min",
+                    help="repeatable: the version's logged metric must be at least as good as the holder's")
+    sp.add_argument("--by", help="who promotes (tagged on the replaced version)")
     sp.add_argument("--tracking-uri")
 
     sp = add("run", cmd_run, "run the whole pipeline of a spec without Airflow")

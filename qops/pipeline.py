@@ -367,6 +367,25 @@ def stage_register(spec: PipelineSpec, run_id: str, target: str) -> dict:
     return out
 
 
+def stage_promote(spec: PipelineSpec, run_id: str, target: str, approved: bool = False) -> dict:
+    """Move ``mlflow.promotion.alias`` to the version this run registered for ``target``, by the spec's policy."""
+    from qops.errors import QopsError
+    from qops.registry import promote
+
+    p = spec.mlflow.promotion
+    if p is None:
+        return {"target": target, "promoted": False, "reason": "no mlflow.promotion in the spec"}
+    r = _load(_tdir(spec, run_id, target) / "register.json", "register")
+    if not r.get("registered") or not r.get("version"):
+        raise QopsError(f"Nothing was registered for {target} in run {run_id}: nothing to promote.",
+                        "promote after a registration whose gates passed.")
+    _mlflow(spec)
+    out = promote(r["name"], r["version"], p.alias, approved=approved, require_approval=p.require_approval,
+                  better_on=p.better_on or None, by=f"{spec.name} run {run_id}")
+    write_json_atomic(_tdir(spec, run_id, target) / "promote.json", out)
+    return {"target": target, **out}
+
+
 def stage_summary(spec: PipelineSpec, run_id: str, dag_id: str | None = None) -> dict:
     from qops.evaluate import degradation
 

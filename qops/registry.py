@@ -410,14 +410,59 @@ def providers_for(recipe: dict) -> list[str]:
     return chain + ["CPUExecutionProvider"]
 
 
-def promote(name: str, version: str, alias: str = "champion") -> dict:
-    """Point ``alias`` at a registered version whose gates passed."""
+def promote(name: str, version: str, alias: str = "champion", *, approved: bool = False,
+            require_approval: bool = False, better_on: dict[str, str] | None = None, by: str | None = None) -> dict:
+    """Point ``alias`` at ``version`` when the policy allows it; the version it replaces is tagged with when and
+    by whom (``by``: e.g. the DAG run).
+
+    Policy: the version's gates passed (always); ``require_approval``: only with ``approved``; ``better_on``
+    (metric -> ``max`` or ``min``): the version's logged metrics must be at least as good as the current
+    holder's on each. Promoting the version that already holds the alias changes nothing (retries are safe).
+    Returns ``promoted`` (bool), ``previous`` (the replaced version or None) and ``reason``."""
+    from datetime import datetime, timezone
+
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
     client = MlflowClient()
     mv = client.get_model_version(name, version)
     if mv.tags.get("qops.gate") != "passed":
         raise RegistryError(f"{name} version {version} did not pass its gates (qops.gate={mv.tags.get('qops.gate')}).",
                             "promote a version whose gates passed.")
+    try:
+        current = client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        current = None
+    out = {"name": name, "version": str(version), "alias": alias,
+           "previous": None if current is None else str(current.version)}
+    if current is not None and str(current.version) == str(version):
+        return {**out, "promoted": False, "reason": f"version {version} already holds @{alias}"}
+    if require_approval and not approved:
+        raise RegistryError(f"Promoting {name} version {version} to @{alias} needs a manual approval.",
+                            "approve it: qops promote --approve, or trigger the DAG with conf "
+                            '{"approve_promotion": true}.')
+    if better_on and current is not None:
+        mine, theirs = client.get_run(mv.run_id).data.metrics, client.get_run(current.run_id).data.metrics
+        worse = []
+        for metric, direction in better_on.items():
+            if direction not in ("max", "min"):
+                raise RegistryError(f"Promotion metric {metric!r} has direction {direction!r}.", "use max or min.")
+            if metric not in mine or metric not in theirs:
+                raise RegistryError(f"Metric {metric!r} is not logged for version {version} and the holder of "
+                                    f"@{alias} (version {current.version}).",
+                                    f"compare on logged metrics (version {version} has {sorted(mine)}).")
+            ok = mine[metric] >= theirs[metric] if direction == "max" else mine[metric] <= theirs[metric]
+            if not ok:
+                worse.append(f"{metric} {mine[metric]:.6g} vs {theirs[metric]:.6g} ({direction})")
+        if worse:
+            raise RegistryError(f"{name} version {version} is not better than version {current.version}, which "
+                                f"holds @{alias}: {'; '.join(worse)}.",
+                                "keep the current holder, or relax mlflow.promotion.better_on.")
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     client.set_registered_model_alias(name, alias, version)
-    return {"name": name, "version": str(version), "alias": alias}
+    client.set_model_version_tag(name, version, f"qops.promoted.{alias}", f"{now} by {by or 'qops promote'}")
+    if current is not None:
+        client.set_model_version_tag(name, current.version, f"qops.replaced.{alias}",
+                                     f"{now} by version {version} ({by or 'qops promote'})")
+    return {**out, "promoted": True, "reason": f"@{alias} moved from version {out['previous']} to {version}"
+            if current is not None else f"@{alias} set to version {version}"}

@@ -355,6 +355,17 @@ class StorageSpec(_Base):
     s3_region: str | None = None
 
 
+class PromotionSpec(_Base):
+    """Move a serving alias to a registered quantized version, by policy (docs/registry.md#promotion)."""
+
+    alias: str = Field("production", description="The serving alias to move.")
+    require_approval: bool = Field(False, description="Only with a manual approval: the DAG run's conf "
+                                   "{approve_promotion: true}, or qops promote --approve.")
+    better_on: dict[str, Literal["max", "min"]] = Field(
+        default_factory=dict, description="Logged metric -> max/min: the version must be at least as good as "
+        "the current holder on each (e.g. quantized_accuracy: max, latency_p50_ms: min).")
+
+
 class MlflowSpec(_Base):
     tracking_uri: str | None = Field(default=None, description="Default: $MLFLOW_TRACKING_URI.")
     registry_uri: str | None = None
@@ -368,6 +379,8 @@ class MlflowSpec(_Base):
     )
     promote_alias: str = "champion"
     candidate_alias: str = "candidate"
+    promotion: PromotionSpec | None = Field(default=None, description="Also move a serving alias (e.g. "
+                                            "production) after registration, by policy.")
 
 
 class CardSpec(_Base):

@@ -65,3 +65,20 @@ def test_dag_factory_builds_the_pipeline_from_the_spec(monkeypatch, tmp_path):
     assert qat.retries == 2 and qat.queue == "cpu" and "x86_64_vnni_int8.qat" not in ids
     assert dag.get_task("fail_run_if_any_task_failed").trigger_rule == "one_failed"
     assert dag.get_task("fail_run_if_any_task_failed").upstream_task_ids == ids - {"fail_run_if_any_task_failed"}
+
+
+def test_dag_factory_adds_a_promote_task_when_the_spec_has_a_promotion_policy(monkeypatch, tmp_path):
+    import yaml
+
+    monkeypatch.setenv("QOPS_HOME", str(tmp_path))
+    from qops_airflow.dag_factory import build_quantization_dag
+
+    raw = yaml.safe_load((REPO / "dags" / "specs" / "german_credit.yaml").read_text())
+    raw["mlflow"]["promotion"] = {"alias": "production", "require_approval": True,
+                                  "better_on": {"quantized_accuracy": "max"}}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
+    dag = build_quantization_dag(tmp_path / "spec.yaml", dag_id="p")
+    promote = dag.get_task("arm64_int8.promote")
+    assert promote.upstream_task_ids == {"arm64_int8.register"}
+    assert promote.approved == "{{ (dag_run.conf or {}).get('approve_promotion', False) }}"
+    assert "approved" in promote.template_fields

@@ -155,3 +155,29 @@ def test_registered_onnx_models_declare_their_targets_providers():
     assert providers_for(get_target("nvidia_fp16").to_dict()) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
     assert providers_for(get_target("nvidia_tensorrt_int8").to_dict()) == [
         "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def test_promotion_policy_gates_approval_and_metrics(mlflow_uri, qmodel, card_files):
+    """A serving alias moves only by policy; the replaced version is tagged; promoting the holder is a no-op."""
+    v1 = _register(qmodel, card_files, run_key="p|r1|x86|a", metrics={"quantized_accuracy": 0.80,
+                                                                      "latency_p50_ms": 1.0}).version
+    v2 = _register(qmodel, card_files, run_key="p|r2|x86|b", metrics={"quantized_accuracy": 0.78,
+                                                                      "latency_p50_ms": 0.5}).version
+    v3 = _register(qmodel, card_files, run_key="p|r3|x86|c", metrics={"quantized_accuracy": 0.82,
+                                                                      "latency_p50_ms": 0.9}).version
+    first = promote("m-x86", v1, "production", by="dag run 1")
+    assert first["promoted"] and first["previous"] is None
+    with pytest.raises(RegistryError, match="needs a manual approval"):
+        promote("m-x86", v3, "production", require_approval=True)
+    with pytest.raises(RegistryError, match=r"not better than version 1.*quantized_accuracy 0.78 vs 0.8 \(max\)"):
+        promote("m-x86", v2, "production", better_on={"quantized_accuracy": "max", "latency_p50_ms": "min"})
+    client = MlflowClient()
+    assert str(client.get_model_version_by_alias("m-x86", "production").version) == v1  # refusals moved nothing
+    res = promote("m-x86", v3, "production", require_approval=True, approved=True, by="dag run 3",
+                  better_on={"quantized_accuracy": "max", "latency_p50_ms": "min"})
+    assert res["promoted"] and res["previous"] == v1
+    assert str(client.get_model_version_by_alias("m-x86", "production").version) == v3
+    assert "by version 3 (dag run 3)" in client.get_model_version("m-x86", v1).tags["qops.replaced.production"]
+    assert client.get_model_version("m-x86", v3).tags["qops.promoted.production"].endswith("by dag run 3")
+    again = promote("m-x86", v3, "production")  # a retried task: nothing changes
+    assert not again["promoted"] and "already holds" in again["reason"]
