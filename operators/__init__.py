@@ -19,5 +19,6 @@ def get_provider_info() -> dict:
         "integrations": [{"integration-name": "qops", "tags": ["software"]}],
         "operators": [{"integration-name": "qops", "python-modules": ["qops_airflow.operators"]}],
         "hooks": [{"integration-name": "qops", "python-modules": ["qops_airflow.hooks"]}],
+        "triggers": [{"integration-name": "qops", "python-modules": ["qops_airflow.triggers"]}],
         "extra-links": ["qops_airflow.links.QopsMlflowModelLink", "qops_airflow.links.QopsModelCardLink"],
     }

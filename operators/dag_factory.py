@@ -22,9 +22,33 @@ from qops_airflow.operators import (
 )
 
 
-def spec_asset(uri: str) -> Asset:
+def spec_asset(uri: str, watchers=None) -> Asset:
     """The Asset a retraining DAG updates and the quantization DAG is scheduled on."""
-    return Asset(uri=uri, name=uri)
+    return Asset(uri=uri, name=uri, watchers=watchers or [])
+
+
+def schedule_assets(spec):
+    """``schedule_asset`` and, with ``watch``, the registry alias watcher (on the same Asset when its URI is
+    ``mlflow://NAME/ALIAS``, so retraining DAGs and promotions made anywhere else both trigger the run)."""
+    from airflow.sdk import AssetWatcher
+
+    from qops_airflow.triggers import MlflowAliasTrigger
+
+    assets = []
+    watched = spec.watched_alias() if spec.watch else None
+    watch_uri = f"mlflow://{watched[0]}/{watched[1]}" if watched else None
+    watchers = []
+    if watched:
+        watchers = [AssetWatcher(name=f"qops_{watched[0]}_{watched[1]}_alias".replace("-", "_"),
+                                 trigger=MlflowAliasTrigger(watched[0], watched[1], spec.mlflow.tracking_uri,
+                                                            spec.watch.poll_interval_s, spec.watch.fire_on_start))]
+    if spec.schedule_asset:
+        assets.append(spec_asset(spec.schedule_asset, watchers if spec.schedule_asset == watch_uri else None))
+    if watched and spec.schedule_asset != watch_uri:
+        assets.append(spec_asset(watch_uri, watchers))
+    if len(assets) == 2:
+        return assets[0] | assets[1]  # either one (a list would wait for both)
+    return assets or None
 
 
 def build_quantization_dag(spec_path: str | Path, dag_id: str | None = None, mlflow_conn_id: str | None = None,
@@ -36,7 +60,7 @@ def build_quantization_dag(spec_path: str | Path, dag_id: str | None = None, mlf
 
     spec_path = str(Path(spec_path).resolve())
     spec = load_spec(spec_path)
-    schedule = [spec_asset(spec.schedule_asset)] if spec.schedule_asset else None
+    schedule = schedule_assets(spec)
     dag_kwargs.setdefault("start_date", datetime(2026, 1, 1))
     dag_kwargs.setdefault("catchup", False)
     dag_kwargs.setdefault("tags", ["qops", "quantization"])

@@ -55,7 +55,14 @@ class QopsSourceOperator(_QopsStageOperator):
     def execute(self, context) -> dict:
         from qops.pipeline import stage_source
 
-        return self._call(stage_source, self._spec(), self.run_key)
+        from qops_airflow.triggers import source_from_events
+
+        spec = self._spec()
+        watched = spec.watched_alias()
+        uri = source_from_events(context, watched[0]) if watched else None
+        if uri:  # the run was triggered by the alias moving: quantize exactly that version
+            self.log.info("triggered by %s@%s moving: resolving %s", watched[0], watched[1], uri)
+        return self._call(stage_source, spec, self.run_key, source_uri=uri)
 
 
 class QopsCalibrateOperator(_QopsStageOperator):

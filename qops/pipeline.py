@@ -41,13 +41,16 @@ def _load(path: Path, stage: str) -> dict:
     return read_json(path)
 
 
-def stage_source(spec: PipelineSpec, run_id: str) -> dict:
-    """Resolve the source model (MLflow URI or .onnx path) to a local FP32 ONNX file."""
+def stage_source(spec: PipelineSpec, run_id: str, source_uri: str | None = None) -> dict:
+    """Resolve the source model (MLflow URI or .onnx path) to a local FP32 ONNX file. ``source_uri``: the exact
+    version a run was triggered for (``models:/NAME/VERSION``, from a registry alias event), instead of the
+    spec's ``source_model``."""
     from qops.registry import fetch_source_model
 
-    if spec.source_model.startswith("models:/"):
+    uri = source_uri or spec.source_model
+    if uri.startswith("models:/"):
         _mlflow(spec)
-    src = fetch_source_model(spec.source_model, _rdir(spec, run_id))
+    src = fetch_source_model(uri, _rdir(spec, run_id))
     out = to_jsonable(src)
     write_json_atomic(_rdir(spec, run_id) / "source.json", out)
     return out

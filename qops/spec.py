@@ -391,6 +391,14 @@ class CardSpec(_Base):
     owners: list[str] = Field(default_factory=list)
 
 
+class WatchSpec(_Base):
+    """Run the DAG when the source model's alias moves in the MLflow registry (docs/airflow.md#promotion-triggers)."""
+
+    poll_interval_s: float = Field(30.0, gt=0, description="Seconds between registry polls (triggerer).")
+    fire_on_start: bool = Field(False, description="Also run for the version holding the alias when watching "
+                                "starts (default: only for later moves).")
+
+
 class PipelineSpec(_Base):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     source_model: str = Field(description="models:/NAME@ALIAS, models:/NAME/VERSION, or a .onnx path.")
@@ -409,6 +417,8 @@ class PipelineSpec(_Base):
     schedule_asset: str | None = Field(
         default=None, description="Asset URI whose updates trigger the quantization DAG."
     )
+    watch: WatchSpec | None = Field(default=None, description="Also trigger the DAG when source_model's alias "
+                                    "(models:/NAME@ALIAS) moves to another version, set by anyone.")
 
     @field_validator("targets")
     @classmethod
@@ -428,7 +438,15 @@ class PipelineSpec(_Base):
             raise ValueError(f"target_options names target(s) {stray} that are not in targets {self.targets}")
         if self.qat is not None:
             self._check_qat()
+        if self.watch is not None and not re.match(r"^models:/[^/@]+@[^/@]+$", self.source_model):
+            raise ValueError(f"watch needs source_model as models:/NAME@ALIAS (an alias to watch); it is "
+                             f"{self.source_model!r}")
         return self
+
+    def watched_alias(self) -> tuple[str, str] | None:
+        """(model name, alias) of ``source_model`` when it is ``models:/NAME@ALIAS``."""
+        m = re.match(r"^models:/([^/@]+)@([^/@]+)$", self.source_model)
+        return (m.group(1), m.group(2)) if m else None
 
     def _check_qat(self) -> None:
         from qops.errors import QopsError
