@@ -75,7 +75,7 @@ def fetch_source_model(uri: str, dest_dir: str | os.PathLike) -> SourceModel:
         mv = (client.get_model_version_by_alias(name, m.group("alias")) if m.group("alias")
               else client.get_model_version(name, m.group("version")))
     except MlflowException as e:
-        raise ModelError(f"Source model {uri} not found in the MLflow registry: {e.message}",
+        raise ModelError(f"Source model {uri} not found in the MLflow registry: {_redact(e.message)}",
                          "register the FP32 model first (the retraining job) or fix source_model.") from None
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}",
                                                      dst_path=str(dest / "source")))
@@ -260,6 +260,52 @@ class RegisterResult:
     reused: bool = False
 
 
+def reachable(client, attempts: int = 4, backoff_s: float = 1.0) -> None:
+    """Check that the tracking server answers before anything is written: ``attempts`` tries with exponential
+    backoff (MLflow's own HTTP retries are turned off for the check, so the bound is ours), then a clear error.
+    Nothing has been registered when it fails, and a retry of the task registers idempotently."""
+    import time
+
+    from mlflow.exceptions import MlflowException
+
+    uri = _redact(mlflow_tracking_uri())
+    previous = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    last = None
+    try:
+        for i in range(attempts):
+            try:
+                client.search_experiments(max_results=1)
+                return
+            except (MlflowException, OSError) as e:  # connection refused, timeouts, 5xx
+                last = e
+                log.warning("MLflow at %s did not answer (attempt %d of %d): %s", uri, i + 1, attempts,
+                            _redact(str(e).splitlines()[0][:200]))
+                if i + 1 < attempts:
+                    time.sleep(backoff_s * 2 ** i)
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
+        else:
+            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = previous
+    raise RegistryError(f"The MLflow tracking server at {uri} did not answer after {attempts} attempts "
+                        f"({_redact(str(last).splitlines()[0][:200]) if last else 'no response'}); nothing was "
+                        "registered.",
+                        "start the server or fix the tracking URI (spec mlflow.tracking_uri, MLFLOW_TRACKING_URI or "
+                        "the Airflow connection); the task's retry registers idempotently.")
+
+
+def _redact(text: str) -> str:
+    """URLs with credentials (``scheme://user:password@host``) lose the credentials: for logs and errors."""
+    return re.sub(r"//[^/@\s]*@", "//***@", text)
+
+
+def mlflow_tracking_uri() -> str:
+    import mlflow
+
+    return mlflow.get_tracking_uri()
+
+
 def _find_version(client, name: str, run_key: str):
     from mlflow.exceptions import MlflowException
 
@@ -315,6 +361,7 @@ def register(
         return RegisterResult(registered=False, name=name,
                               reason="gates failed; not registered (set mlflow.register_failed to register it)")
     client = MlflowClient()
+    reachable(client)
     existing = _find_version(client, name, run_key)
     if existing is not None and existing.tags.get("qops.complete") == "true":
         log.info("version %s of %s already registered for run key %s: reusing it", existing.version, name, run_key)
@@ -396,7 +443,7 @@ def register(
                 except Exception:  # noqa: BLE001 - best effort rollback, the original error matters
                     log.exception("rollback of %s version %s failed", name, version)
             mlflow.set_tag("qops.registration", "rolled_back")
-            raise RegistryError(f"Registering {name} failed and was rolled back: {e}",
+            raise RegistryError(f"Registering {name} failed and was rolled back: {_redact(str(e))}",
                                 "check the MLflow server/backend and retry; retries are idempotent.") from e
     return RegisterResult(True, name, version, sorted(aliases), f"models:/{name}/{version}", run.info.run_id)
 

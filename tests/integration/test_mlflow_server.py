@@ -147,3 +147,26 @@ def test_pipeline_registers_into_a_tracking_server_with_s3_artifacts(mlflow_serv
     out = model.predict(x)
     out = np.asarray(next(iter(out.values())) if isinstance(out, dict) else out)  # {output name: array}
     assert out.shape == (16, 2) and np.isfinite(out).all()
+
+
+def test_registration_with_the_server_down_fails_fast_and_clearly(fp32_model, tmp_path, monkeypatch):
+    """No server on the port: bounded retries with backoff, then an error naming the URI (without its
+    credentials) and the fix; nothing half-written (the server was never reached)."""
+    from qops.errors import RegistryError
+    from qops.quantize import quantize
+    from qops.registry import configure_mlflow, register
+
+    port = _free_port()  # nothing listens here
+    configure_mlflow(f"http://qops:s3cret@127.0.0.1:{port}")
+    q = tmp_path / "q.onnx"
+    quantize(fp32_model, "x86_64_int8_dynamic", q)
+    card = tmp_path / "card.md"
+    card.write_text("# card\n")
+    t0 = time.time()
+    with pytest.raises(RegistryError) as e:
+        register(model_path=q, name="down", run_key="k", gate_passed=True, card_files=[card], tags={})
+    took = time.time() - t0
+    msg = str(e.value)
+    assert "did not answer after 4 attempts" in msg and "nothing was registered" in msg and "Fix:" in msg
+    assert f"127.0.0.1:{port}" in msg and "s3cret" not in msg
+    assert 7 <= took < 60  # 1 + 2 + 4 s of backoff, not MLflow's default minutes of retries
