@@ -8,15 +8,46 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_compose_file_parses_and_services_use_the_built_image():
+def test_compose_file_is_the_distributed_stack():
+    """What the compose file starts: PostgreSQL, Redis, S3 with its bucket, MLflow with S3 artifacts, every Airflow
+    service with the CeleryExecutor sharing one JWT secret and execution API URL, cpu and gpu workers (distinct
+    hostnames, the GPU reservation on the gpu one), images built from Dockerfiles that exist."""
     compose = yaml.safe_load((REPO / "docker" / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert {"postgres", "mlflow", "airflow-scheduler", "airflow-api-server", "airflow-init"} <= set(services)
-    build = services["mlflow"]["build"]
-    assert (REPO / "docker" / build["context"] / build["dockerfile"]).resolve().is_file()
+    assert {"postgres", "redis", "s3", "s3-bucket", "mlflow", "airflow-init", "airflow-api-server",
+            "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer", "worker-cpu", "worker-gpu"} <= set(services)
     for name, svc in services.items():
         for dep in svc.get("depends_on", {}):
             assert dep in services, f"{name} depends on unknown service {dep}"
+        if "build" in svc:
+            assert (REPO / "docker" / svc["build"]["context"] / svc["build"]["dockerfile"]).resolve().is_file(), name
+    airflow = {n: s for n, s in services.items() if n.startswith(("airflow-", "worker-"))}
+    envs = [s["environment"] for s in airflow.values()]
+    for key in ("AIRFLOW__CORE__EXECUTOR", "AIRFLOW__API_AUTH__JWT_SECRET", "AIRFLOW__CORE__EXECUTION_API_SERVER_URL",
+                "AIRFLOW__CELERY__BROKER_URL", "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"):
+        assert len({e[key] for e in envs}) == 1, key  # the same in every Airflow process
+    assert envs[0]["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor" and envs[0]["AIRFLOW__CELERY__BROKER_URL"].startswith(
+        "redis://redis:")
+    queues = {n: s["command"][s["command"].index("--queues") + 1] for n, s in services.items() if n.startswith("worker-")}
+    assert queues == {"worker-cpu": "cpu", "worker-gpu": "gpu"}
+    assert services["worker-cpu"]["hostname"] != services["worker-gpu"]["hostname"]
+    (device,) = services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"]
+    assert device["capabilities"] == ["gpu"] and services["worker-gpu"]["build"]["dockerfile"] == "docker/Dockerfile.gpu"
+    mlflow = services["mlflow"]["command"]
+    assert mlflow[mlflow.index("--artifacts-destination") + 1].startswith("s3://")
+    assert services["mlflow"]["environment"]["MLFLOW_S3_ENDPOINT_URL"] == "http://s3:9000"
+    pod = yaml.safe_load((REPO / "docker" / "k8s" / "gpu-pod-template.yaml").read_text())
+    assert pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+
+
+def test_gpu_dockerfile_installs_the_cuda_torch_of_the_pinned_release():
+    text = (REPO / "docker" / "Dockerfile.gpu").read_text()
+    assert "torch==2.13.0" in text and "onnxruntime-gpu==" in text and "-c constraints.txt" in text
+    assert '"--queues", "gpu"' in text
+    for line in re.findall(r"^COPY (.+)$", text, flags=re.M):
+        *srcs, _dst = line.split()
+        for src in srcs:
+            assert (REPO / src).exists(), src
 
 
 def test_dockerfile_copies_existing_paths_and_uses_constraints():
