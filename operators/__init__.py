@@ -20,5 +20,6 @@ def get_provider_info() -> dict:
         "operators": [{"integration-name": "qops", "python-modules": ["qops_airflow.operators"]}],
         "hooks": [{"integration-name": "qops", "python-modules": ["qops_airflow.hooks"]}],
         "triggers": [{"integration-name": "qops", "python-modules": ["qops_airflow.triggers"]}],
+        "connection-types": [{"hook-class-name": "qops_airflow.hooks.MlflowHook", "connection-type": "mlflow"}],
         "extra-links": ["qops_airflow.links.QopsMlflowModelLink", "qops_airflow.links.QopsModelCardLink"],
     }

@@ -13,7 +13,7 @@ class MlflowHook(BaseHook):
     With ``mlflow_conn_id`` set, the connection's ``extra.tracking_uri`` is used if present, else the
     connection's URI with an ``http``/``https`` scheme (``host``, ``port``, optional login/password,
     passed to MLflow through ``MLFLOW_TRACKING_USERNAME``/``PASSWORD`` so they never appear in URIs,
-    logs or tags). Without it: ``$MLFLOW_TRACKING_URI`` or the spec's ``mlflow.tracking_uri``.
+    logs or tags; ``extra.token`` goes to ``MLFLOW_TRACKING_TOKEN``). Without it: ``$MLFLOW_TRACKING_URI`` or the spec's ``mlflow.tracking_uri``.
     """
 
     conn_name_attr = "mlflow_conn_id"
@@ -40,4 +40,6 @@ class MlflowHook(BaseHook):
             os.environ["MLFLOW_TRACKING_USERNAME"] = conn.login
         if conn.password:
             os.environ["MLFLOW_TRACKING_PASSWORD"] = conn.password
+        if extra.get("token"):  # bearer token (Databricks-style or an auth proxy): MLflow reads it from here
+            os.environ["MLFLOW_TRACKING_TOKEN"] = extra["token"]
         return uri

@@ -6,7 +6,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
-MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 
 
 def _isolate_mlflow_env(monkeypatch):
@@ -35,13 +35,17 @@ def test_mlflow_hook_extra_tracking_uri_and_no_connection(monkeypatch):
     _isolate_mlflow_env(monkeypatch)
     monkeypatch.setenv("AIRFLOW_CONN_MLFLOW_X", '{"conn_type": "mlflow", "extra": {"tracking_uri": "sqlite:///x.db"}}')
     assert MlflowHook("mlflow_x").configure() == "sqlite:///x.db"
+    monkeypatch.setenv("AIRFLOW_CONN_MLFLOW_T", '{"conn_type": "mlflow", "host": "mlflow.example", "schema": "https", '
+                       '"extra": {"token": "tok-123"}}')
+    assert MlflowHook("mlflow_t").configure() == "https://mlflow.example"
+    assert os.environ["MLFLOW_TRACKING_TOKEN"] == "tok-123"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///y.db")
     assert MlflowHook(None).configure() == "sqlite:///y.db"
 
 
 def test_mlflow_hook_tests_leave_the_environment_as_they_found_it():
     """Runs after the two tests above (file order): none of their exports survived them."""
-    assert os.environ.get("MLFLOW_TRACKING_PASSWORD") != "s3cret"
+    assert os.environ.get("MLFLOW_TRACKING_PASSWORD") != "s3cret" and os.environ.get("MLFLOW_TRACKING_TOKEN") != "tok-123"
     assert os.environ.get("MLFLOW_TRACKING_URI") not in ("sqlite:///x.db", "sqlite:///y.db", "http://127.0.0.1:5000")
 
 
