@@ -24,7 +24,7 @@ def test_compose_file_is_the_distributed_stack():
     airflow = {n: s for n, s in services.items() if n.startswith(("airflow-", "worker-"))}
     envs = [s["environment"] for s in airflow.values()]
     for key in ("AIRFLOW__CORE__EXECUTOR", "AIRFLOW__API_AUTH__JWT_SECRET", "AIRFLOW__CORE__EXECUTION_API_SERVER_URL",
-                "AIRFLOW__CELERY__BROKER_URL", "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"):
+                "AIRFLOW__CELERY__BROKER_URL", "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "AIRFLOW__OPERATORS__DEFAULT_QUEUE"):
         assert len({e[key] for e in envs}) == 1, key  # the same in every Airflow process
     assert envs[0]["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor" and envs[0]["AIRFLOW__CELERY__BROKER_URL"].startswith(
         "redis://redis:")
