@@ -57,7 +57,7 @@ def supported_targets() -> dict[str, str]:
     out = {}
     for name, recipe in list_targets().items():
         d = _defaults(recipe, None)
-        if d is not None:
+        if d is not None and not (d[3] == "onnx_qdq" and d[0] == "int8_dynamic"):
             out[name] = f"{d[1]}:{d[0]}"
     return out
 
@@ -92,6 +92,11 @@ def plan_for(recipe, engine: str | None = None, scheme: str | None = None, mode:
     if chosen not in allowed:
         raise QopsError(f"QAT scheme {chosen!r} does not produce target {recipe.target!r}'s format ({out}).",
                         f"use one of {sorted(allowed)}, or leave scheme unset (default {default}).")
+    if out == "onnx_qdq" and chosen == "int8_dynamic":
+        raise QopsError(f"QAT with dynamic INT8 activations cannot be written as ONNX for target {recipe.target!r}: "
+                        "torch.onnx does not export PT2E's dynamic quantization (choose_qparams) in this release.",
+                        "use QAT with static activations (a static target, e.g. x86_64_vnni_int8 with mode static), "
+                        "or torch_int8_dynamic (a .pt2 program) for dynamic INT8.")
     from qops.qat import CUDA_SCHEMES
 
     queue = "gpu" if chosen in CUDA_SCHEMES else recipe.queue
