@@ -460,8 +460,9 @@ def format_summary(summary: dict) -> str:
         ml = r.get("mlflow") or {}
         mls = (f"{ml['name']} v{ml['version']} [{','.join(ml['aliases'])}]" if ml.get("registered")
                else "not registered")
+        name = r["target"] + (" (QAT)" if r.get("method") == "qat" else "")
         lines.append(
-            f"{r['target']:<21}{r['size_bytes'] / 1e6:>8.3f}{r['fp32_size_bytes'] / r['size_bytes']:>7.2f}x"
+            f"{name:<21}{r['size_bytes'] / 1e6:>8.3f}{r['fp32_size_bytes'] / r['size_bytes']:>7.2f}x"
             f"{r['latency_p50_ms']:>8.4f}{r['fp32_latency_p50_ms'] / r['latency_p50_ms']:>6.2f}x  "
             f"{r['metric_quantized']:.4f} / {r['metric_fp32']:.4f} {ws:<30}{r['gate']:<7}{mls}"
         )
