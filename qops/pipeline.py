@@ -447,14 +447,14 @@ def stage_summary(spec: PipelineSpec, run_id: str, dag_id: str | None = None) ->
 
 
 def format_summary(summary: dict) -> str:
-    head = (f"{'target':<21}{'size MB':>8}{'smaller':>8}{'p50 ms':>8}{'faster':>7}  {'metric q / fp32':<16}"
+    head = (f"{'target':<27}{'size MB':>8}{'smaller':>8}{'p50 ms':>8}{'faster':>7}  {'metric q / fp32':<16}"
             f"{'worst slice (delta)':<30}{'gate':<7}MLflow name v[aliases]")
     lines = [f"qops run {summary['run_id']} of pipeline {summary['pipeline']} (source {summary['source_model']})",
              head, "-" * (len(head) + 30)]
     cards = []
     for r in summary["targets"]:
         if "size_bytes" not in r:
-            lines.append(f"{r['target']:<21}{'(not evaluated)':<46}{r['gate']}")
+            lines.append(f"{r['target']:<27}{'(not evaluated)':<46}{r['gate']}")
             continue
         ws = f"{r['worst_slice']} ({r['worst_slice_delta']:+.4f}) " if r.get("worst_slice") else "n/a "
         ml = r.get("mlflow") or {}
@@ -462,15 +462,15 @@ def format_summary(summary: dict) -> str:
                else "not registered")
         name = r["target"] + (" (QAT)" if r.get("method") == "qat" else "")
         lines.append(
-            f"{name:<21}{r['size_bytes'] / 1e6:>8.3f}{r['fp32_size_bytes'] / r['size_bytes']:>7.2f}x"
+            f"{name:<27}{r['size_bytes'] / 1e6:>8.3f}{r['fp32_size_bytes'] / r['size_bytes']:>7.2f}x"
             f"{r['latency_p50_ms']:>8.4f}{r['fp32_latency_p50_ms'] / r['latency_p50_ms']:>6.2f}x  "
             f"{r['metric_quantized']:.4f} / {r['metric_fp32']:.4f} {ws:<30}{r['gate']:<7}{mls}"
         )
         if r.get("card"):
-            cards.append(f"  {r['target']:<21}{r['card']['markdown']}")
+            cards.append(f"  {r['target']:<27}{r['card']['markdown']}")
     first = summary["targets"][0] if summary["targets"] else {}
     if "fp32_size_bytes" in first:
-        lines.append(f"{'FP32 source':<21}{first['fp32_size_bytes'] / 1e6:>8.3f}{'':>8}"
+        lines.append(f"{'FP32 source':<27}{first['fp32_size_bytes'] / 1e6:>8.3f}{'':>8}"
                      f"{first['fp32_latency_p50_ms']:>8.4f}")
     if cards:
         lines += ["", "model cards (Markdown; card.html, card.json and card_chart.png beside each):", *cards]
