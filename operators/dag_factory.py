@@ -32,11 +32,12 @@ def schedule_assets(spec):
     ``mlflow://NAME/ALIAS``, so retraining DAGs and promotions made anywhere else both trigger the run)."""
     from airflow.sdk import AssetWatcher
 
+    from qops.alias_events import asset_uri
     from qops_airflow.triggers import MlflowAliasTrigger
 
     assets = []
     watched = spec.watched_alias() if spec.watch else None
-    watch_uri = f"mlflow://{watched[0]}/{watched[1]}" if watched else None
+    watch_uri = asset_uri(*watched) if watched else None
     watchers = []
     if watched:
         watchers = [AssetWatcher(name=f"qops_{watched[0]}_{watched[1]}_alias".replace("-", "_"),

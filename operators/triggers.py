@@ -3,14 +3,15 @@
 
 The trigger polls the registry (one ``get_model_version_by_alias`` call per interval) and keeps its watermark,
 the version it last fired for, in the registry itself: a registered-model tag ``qops.watch.<alias>``. A
-restarted triggerer therefore neither fires twice for one move nor misses a move made while it was down. The
-tag is written after the event is handed to Airflow (at-least-once: a crash in between fires the move again,
-and qops' runs are idempotent per run). The first start finds no watermark and records the current holder
+restarted triggerer therefore neither fires twice for one move nor misses a move made while it was down, and
+the webhook fast path (``qops webhook``, :mod:`qops.alias_events`) shares it: a move it announced first is not
+announced again here. The tag is written after the event is handed to Airflow (at-least-once: a crash in
+between fires the move again, and qops' runs are idempotent per run). The first start finds no watermark and records the current holder
 without firing (``fire_on_start=True`` fires for it).
 
-Each event's payload carries ``model_name``, ``alias``, ``version``, ``previous`` and ``model_uri``
-(``models:/NAME/VERSION``); Airflow stores it as the asset event's ``extra``, and the quantization DAG's
-source task resolves exactly that version (not whatever the alias points at when the task starts).
+Each event's payload carries ``model_name``, ``alias``, ``version``, ``previous``, ``model_uri``
+(``models:/NAME/VERSION``) and ``via`` (``poller``); Airflow stores it as the asset event's ``extra``, and the
+quantization DAG's source task resolves exactly that version (not whatever the alias points at when the task starts).
 """
 
 from __future__ import annotations
@@ -21,35 +22,9 @@ from typing import Any, AsyncIterator
 
 from airflow.triggers.base import BaseEventTrigger, TriggerEvent
 
+from qops.alias_events import WATERMARK_TAG, event_payload, poll_alias, set_watermark  # noqa: F401
+
 log = logging.getLogger(__name__)
-
-WATERMARK_TAG = "qops.watch.{alias}"
-
-
-def _client(tracking_uri: str | None):
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=tracking_uri) if tracking_uri else MlflowClient()
-
-
-def poll_alias(model_name: str, alias: str, tracking_uri: str | None = None) -> tuple[str | None, str | None]:
-    """(version now holding ``alias`` or None, the watermark version or None), from the registry."""
-    from mlflow.exceptions import MlflowException
-
-    client = _client(tracking_uri)
-    try:
-        holder = str(client.get_model_version_by_alias(model_name, alias).version)
-    except MlflowException:
-        holder = None
-    try:
-        seen = client.get_registered_model(model_name).tags.get(WATERMARK_TAG.format(alias=alias))
-    except MlflowException:
-        seen = None
-    return holder, seen
-
-
-def set_watermark(model_name: str, alias: str, version: str, tracking_uri: str | None = None) -> None:
-    _client(tracking_uri).set_registered_model_tag(model_name, WATERMARK_TAG.format(alias=alias), str(version))
 
 
 class MlflowAliasTrigger(BaseEventTrigger):
@@ -79,8 +54,7 @@ class MlflowAliasTrigger(BaseEventTrigger):
                     log.info("watching %s@%s from version %s", self.model_name, self.alias, holder)
                 else:
                     log.info("%s@%s moved from version %s to %s", self.model_name, self.alias, seen, holder)
-                    yield TriggerEvent({"model_name": self.model_name, "alias": self.alias, "version": holder,
-                                        "previous": seen, "model_uri": f"models:/{self.model_name}/{holder}"})
+                    yield TriggerEvent(event_payload(self.model_name, self.alias, holder, seen, via="poller"))
                 await asyncio.to_thread(set_watermark, self.model_name, self.alias, holder, self.tracking_uri)
             await asyncio.sleep(self.poll_interval)
 

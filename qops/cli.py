@@ -285,6 +285,26 @@ def cmd_promote(args) -> int:
     return 0
 
 
+def cmd_webhook(args) -> int:
+    from qops.alias_events import receiver_from_env, serve
+
+    try:
+        receiver = receiver_from_env(args.airflow_url, args.watch, args.tracking_uri)
+    except ValueError as e:
+        raise QopsError(str(e)) from None
+    server = serve(receiver, args.host, args.port, args.path)
+    logging.getLogger("qops").info("qops webhook: MLflow posts to http://%s:%d%s; watching %s; Airflow at %s",
+                                   args.host, server.server_address[1], args.path,
+                                   ", ".join(sorted(f"{n}@{a}" for n, a in receiver.watch)), args.airflow_url)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
 def cmd_run(args) -> int:
     from qops.pipeline import format_summary, run_pipeline
     from qops.spec import load_spec
@@ -472,6 +492,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="repeatable: the version's logged metric must be at least as good as the holder's")
     sp.add_argument("--by", help="who promotes (tagged on the replaced version)")
     sp.add_argument("--tracking-uri")
+
+    sp = add("webhook", cmd_webhook, "receive MLflow's model_version_alias.created webhooks (HMAC-verified with "
+             "QOPS_WEBHOOK_SECRET) and post them as asset events to Airflow")
+    sp.add_argument("--watch", action="append", required=True, metavar="NAME@ALIAS",
+                    help="repeatable: a watched source model alias (the spec's source_model with watch:)")
+    sp.add_argument("--airflow-url", required=True, help="Airflow api-server base URL (token: AIRFLOW_API_TOKEN, "
+                    "or AIRFLOW_API_USERNAME/AIRFLOW_API_PASSWORD)")
+    sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--port", type=int, default=8790)
+    sp.add_argument("--path", default="/mlflow-webhook")
+    sp.add_argument("--tracking-uri", help="MLflow server holding the watermark tags (default MLFLOW_TRACKING_URI)")
 
     sp = add("run", cmd_run, "run the whole pipeline of a spec without Airflow")
     sp.add_argument("spec")

@@ -51,7 +51,7 @@ def test_alias_moves_fire_once_each_and_survive_a_restart(versions):
         client.set_registered_model_alias("watched", "champion", v2)  # a promotion made elsewhere
         ev = await asyncio.wait_for(events.get(), 10.0)
         assert ev.payload == {"model_name": "watched", "alias": "champion", "version": v2, "previous": v1,
-                              "model_uri": f"models:/watched/{v2}"}
+                              "model_uri": f"models:/watched/{v2}", "via": "poller"}
         with pytest.raises(asyncio.TimeoutError):  # one move, one event
             await asyncio.wait_for(events.get(), 1.0)
         task.cancel()

@@ -1,0 +1,97 @@
+"""The webhook fast path's checks, against MLflow's own signing code: deliveries signed with the secret pass,
+forged, unsigned, stale and malformed ones are refused with a reason, other events and unwatched models are
+ignored, all before Airflow or the registry is contacted. (The full path — MLflow server -> receiver -> Airflow
+REST API -> DAG run — runs in tests/integration/test_celery_stack.py.)"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from mlflow.webhooks.delivery import _generate_hmac_signature
+
+from qops.alias_events import AirflowClient, Rejected, WebhookReceiver, receiver_from_env, serve, sign, verify
+
+SECRET = "s3cret"
+
+
+def _headers(body: bytes, secret: str = SECRET, ts: int | None = None, delivery: str = "d-1") -> dict:
+    ts = str(int(time.time()) if ts is None else ts)
+    return {"X-MLflow-Signature": sign(secret, delivery, ts, body), "X-MLflow-Timestamp": ts,
+            "X-MLflow-Delivery-Id": delivery}
+
+
+def _body(entity="model_version_alias", action="created", **data) -> bytes:
+    data = data or {"name": "m", "alias": "champion", "version": "2"}
+    return json.dumps({"entity": entity, "action": action, "timestamp": "2026-11-29T00:00:00Z",
+                       "data": data}).encode()
+
+
+def test_signature_matches_mlflow_and_is_verified():
+    body = _body()
+    assert sign(SECRET, "d-1", "1700000000", body) == _generate_hmac_signature(SECRET, "d-1", "1700000000",
+                                                                              body.decode())
+    assert verify(SECRET, _headers(body), body) == "d-1"
+
+
+@pytest.mark.parametrize("case, reason", [
+    ("wrong secret", "bad signature"), ("tampered body", "bad signature"), ("unsigned", "unsigned delivery"),
+    ("stale", "stale delivery"), ("bad timestamp", "not a Unix time")])
+def test_forged_or_replayed_deliveries_are_refused(case, reason):
+    body = _body()
+    headers = {"wrong secret": _headers(body, "guess"), "tampered body": _headers(_body(version="666")),
+               "unsigned": {}, "stale": _headers(body, ts=int(time.time()) - 3600),
+               "bad timestamp": {**_headers(body), "X-MLflow-Timestamp": "yesterday"}}[case]
+    with pytest.raises(Rejected, match=reason) as e:
+        verify(SECRET, headers, body)
+    assert e.value.status == 401
+
+
+class _NoAirflow(AirflowClient):
+    def _request(self, *a, **k):  # these cases must be decided before any call to Airflow
+        raise AssertionError("Airflow was contacted")
+
+
+def test_the_receiver_ignores_other_events_and_unwatched_models_over_http():
+    receiver = WebhookReceiver(SECRET, _NoAirflow("http://127.0.0.1:9"), {("m", "champion")})
+    server = serve(receiver, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/mlflow-webhook"
+
+    def post(body, headers, path=url):
+        req = urllib.request.Request(path, data=body, method="POST", headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+
+    try:
+        b = _body(entity="model_version", action="created", name="m", version="3")
+        assert post(b, _headers(b)) == (202, {"status": "ignored", "reason": "event model_version.created"})
+        b = _body(name="other", alias="champion", version="3")
+        assert post(b, _headers(b))[1]["reason"] == "other@champion is not watched"
+        b = _body(name="m", alias="champion")  # version missing
+        status, out = post(b, _headers(b))
+        assert status == 400 and "needs name, alias and version" in out["error"]
+        assert post(b"not json", _headers(b"not json"))[0] == 400
+        assert post(_body(), _headers(_body(), "guess"))[0] == 401
+        assert post(_body(), _headers(_body()), url.replace("/mlflow-webhook", "/elsewhere"))[0] == 404
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_receiver_needs_a_secret_and_well_formed_watches(monkeypatch):
+    monkeypatch.delenv("QOPS_WEBHOOK_SECRET", raising=False)
+    with pytest.raises(ValueError, match="QOPS_WEBHOOK_SECRET"):
+        receiver_from_env("http://127.0.0.1:8080", ["m@champion"])
+    monkeypatch.setenv("QOPS_WEBHOOK_SECRET", SECRET)
+    with pytest.raises(ValueError, match="NAME@ALIAS"):
+        receiver_from_env("http://127.0.0.1:8080", ["m"])
+    assert receiver_from_env("http://127.0.0.1:8080", ["m@champion", "n@prod"]).watch == {("m", "champion"),
+                                                                                         ("n", "prod")}
