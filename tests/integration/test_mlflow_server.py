@@ -7,17 +7,16 @@ found in the bucket, and `models:/NAME@champion` loads and predicts."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from servers import free_port, start_moto, wait_http
 
 pytestmark = pytest.mark.integration
 
@@ -27,35 +26,12 @@ S3_ENV = {"AWS_ACCESS_KEY_ID": "qops-test", "AWS_SECRET_ACCESS_KEY": "qops-test-
           "AWS_DEFAULT_REGION": "us-east-1"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(url: str, proc, seconds: float = 90) -> None:
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{url}: the server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return
-        except OSError:
-            time.sleep(0.3)
-    raise RuntimeError(f"{url} did not come up in {seconds} s")
-
-
 @pytest.fixture(scope="module")
 def s3():
     import boto3
 
-    port = _free_port()
-    proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **S3_ENV})
-    endpoint = f"http://127.0.0.1:{port}"
+    proc, endpoint = start_moto(S3_ENV)
     try:
-        _wait(endpoint, proc)
         boto3.client("s3", endpoint_url=endpoint, **_creds()).create_bucket(Bucket=BUCKET)
         yield endpoint
     finally:
@@ -70,7 +46,7 @@ def _creds() -> dict:
 
 @pytest.fixture(params=["proxied", "direct"])
 def mlflow_server(request, s3, tmp_path):
-    port = _free_port()
+    port = free_port()
     mode = request.param
     store = ["--artifacts-destination", f"s3://{BUCKET}/proxied"] if mode == "proxied" else \
         ["--default-artifact-root", f"s3://{BUCKET}/direct", "--no-serve-artifacts"]
@@ -81,7 +57,7 @@ def mlflow_server(request, s3, tmp_path):
                             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
     uri = f"http://127.0.0.1:{port}"
     try:
-        _wait(f"{uri}/health", proc)
+        wait_http(f"{uri}/health", proc)
         yield mode, uri, s3
     finally:
         proc.terminate()
@@ -156,7 +132,7 @@ def test_registration_with_the_server_down_fails_fast_and_clearly(fp32_model, tm
     from qops.quantize import quantize
     from qops.registry import configure_mlflow, register
 
-    port = _free_port()  # nothing listens here
+    port = free_port()  # nothing listens here
     configure_mlflow(f"http://qops:s3cret@127.0.0.1:{port}")
     q = tmp_path / "q.onnx"
     quantize(fp32_model, "x86_64_int8_dynamic", q)
@@ -170,3 +146,121 @@ def test_registration_with_the_server_down_fails_fast_and_clearly(fp32_model, tm
     assert "did not answer after 4 attempts" in msg and "nothing was registered" in msg and "Fix:" in msg
     assert f"127.0.0.1:{port}" in msg and "s3cret" not in msg
     assert 7 <= took < 60  # 1 + 2 + 4 s of backoff, not MLflow's default minutes of retries
+
+
+class _FaultyS3Proxy:
+    """An HTTP proxy in front of the S3 server that answers 500 to every PUT whose path contains ``fail_on``
+    (while set), as a store failing in the middle of an upload does; everything else is forwarded unchanged."""
+
+    def __init__(self, upstream: str) -> None:
+        import http.client
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlparse
+
+        self.fail_on: str | None = None
+        self.failed: list[str] = []
+        up = urlparse(upstream)
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _forward(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.command == "PUT" and proxy.fail_on and proxy.fail_on in self.path:
+                    proxy.failed.append(self.path)
+                    err = b"<Error><Code>InternalError</Code><Message>injected fault</Message></Error>"
+                    self.send_response(500)
+                    self.send_header("Content-Length", str(len(err)))
+                    self.end_headers()
+                    self.wfile.write(err)
+                    return
+                conn = http.client.HTTPConnection(up.hostname, up.port, timeout=60)
+                conn.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
+                for k, v in self.headers.items():
+                    conn.putheader(k, v)
+                conn.endheaders(body or None)
+                r = conn.getresponse()
+                data = r.read()
+                self.send_response(r.status)
+                for k, v in r.getheaders():
+                    if k.lower() not in ("transfer-encoding", "content-length", "connection"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
+
+            def log_message(self, *a):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("fail_on", ["/model.onnx", "/card/card.md"])
+def test_s3_failing_mid_upload_leaves_no_version_and_the_retry_registers_once(s3, fail_on, fp32_model, tmp_path,
+                                                                              monkeypatch):
+    """Direct mode through a proxy that fails the model's upload (before any version exists) or the card's
+    (after the version was created): the registration fails clearly and no version points at missing
+    artifacts; the task's retry, once S3 is back, registers exactly one complete version."""
+    import boto3
+    import mlflow
+    from mlflow import MlflowClient
+
+    from qops.errors import RegistryError
+    from qops.quantize import quantize
+    from qops.registry import configure_mlflow, register
+
+    proxy = _FaultyS3Proxy(s3)
+    port = free_port()
+    env = {**os.environ, **S3_ENV, "MLFLOW_S3_ENDPOINT_URL": s3}
+    proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 's.db'}",
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1", "--default-artifact-root",
+                             f"s3://{BUCKET}/faults", "--no-serve-artifacts"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{uri}/health", proc)
+        for k, v in {**S3_ENV, "MLFLOW_S3_ENDPOINT_URL": proxy.url, "AWS_MAX_ATTEMPTS": "2"}.items():
+            monkeypatch.setenv(k, v)
+        configure_mlflow(uri)
+        q = tmp_path / "q.onnx"
+        quantize(fp32_model, "x86_64_int8_dynamic", q)
+        card = tmp_path / "card.md"
+        card.write_text("# card\n")
+        kw = dict(model_path=q, name="s3-faults", run_key=f"run-1:{fail_on}", gate_passed=True, card_files=[card],
+                  tags={"qops.target": "x86_64_int8_dynamic"})
+        proxy.fail_on = fail_on
+        with pytest.raises(RegistryError, match="failed and was rolled back") as e:
+            register(**kw)
+        assert proxy.failed and "Fix:" in str(e.value)
+        client = MlflowClient(uri)
+        assert client.search_model_versions("name = 's3-faults'") == []  # nothing points at missing artifacts
+        if fail_on == "/card/card.md":  # the version existed for a moment; its aliases went with it
+            assert client.get_registered_model("s3-faults").aliases == {}
+        proxy.fail_on = None  # S3 is back: the retry
+        res = register(**kw)
+        again = register(**kw)  # and a retry of a task that had in fact finished
+        (mv,) = client.search_model_versions("name = 's3-faults'")
+        assert (res.version, again.version, again.reused) == (mv.version, mv.version, True)
+        assert mv.tags["qops.complete"] == "true"
+        assert client.get_model_version_by_alias("s3-faults", "champion").version == mv.version
+        keys = [o["Key"] for o in boto3.client("s3", endpoint_url=s3, **_creds())
+                .list_objects_v2(Bucket=BUCKET, Prefix="faults/").get("Contents", [])]
+        assert any(k.endswith(f"{mv.run_id}/artifacts/card/card.md") for k in keys), keys
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/s3-faults/{mv.version}",
+                                                         dst_path=str(tmp_path / "dl")))
+        assert (local / "MLmodel").is_file()
+    finally:
+        proxy.close()
+        proc.terminate()
+        proc.wait(20)

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import os
 import re
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+
+from servers import start_moto
 
 from qops.calibration import Diversity, Recency, S3Options, select_calibration, stream_sample
 from qops.errors import DataError, DriftError
@@ -21,33 +19,12 @@ from qops.errors import DataError, DriftError
 SLICES = ["sex", "age_group"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_moto(extra_env=None):
-    port = _free_port()
-    env = {**os.environ, **(extra_env or {})}
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return proc, f"http://127.0.0.1:{port}"
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("moto_server did not start")
-
-
 @pytest.fixture(scope="module")
 def s3(data_dir):
     """A real S3-compatible HTTP server (moto_server) on loopback, with the pool and reference uploaded."""
     import boto3
 
-    proc, endpoint = _start_moto()
+    proc, endpoint = start_moto()
     old = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
     os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
     client = boto3.client("s3", endpoint_url=endpoint)
@@ -100,7 +77,7 @@ def test_s3_corrupt_parquet(s3, features, tmp_path):
 
 def test_s3_access_denied(features, tmp_path, monkeypatch):
     """A server that enforces authentication (moto with IAM checks on): unknown keys are refused."""
-    proc, endpoint = _start_moto({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
+    proc, endpoint = start_moto({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
     try:
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAUNKNOWNKEY000000")
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-a-real-secret")
