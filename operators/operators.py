@@ -7,6 +7,7 @@ the Airflow run id) that names the run's artifact folder. Heavy libraries are im
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any, Sequence
 
 from airflow.sdk import BaseOperator
@@ -41,8 +42,12 @@ class _QopsStageOperator(BaseOperator):
     def _call(self, fn, *args, **kwargs):
         from qops.errors import QopsError
 
+        from qops.errors import RegistryUnavailable
+
         try:
             return fn(*args, **kwargs)
+        except RegistryUnavailable:  # an outage, nothing half-registered: the task's retries may succeed
+            raise
         except QopsError as e:  # bad input: retrying will not help, fail with the message
             raise AirflowFailException(f"qops {self.stage}: {e}") from e
 
@@ -214,6 +219,13 @@ class QopsRegisterOperator(_TargetOperator):
     stage = "register"
     operator_extra_links = (QopsMlflowModelLink(), QopsModelCardLink())
     default_trigger_rule = "all_done"
+
+    def __init__(self, **kwargs: Any) -> None:
+        # registry/S3 outages are retried with backoff; a retry reuses a completed version (one per run key)
+        kwargs.setdefault("retries", 3)
+        kwargs.setdefault("retry_delay", timedelta(seconds=30))
+        kwargs.setdefault("retry_exponential_backoff", 2.0)
+        super().__init__(**kwargs)
 
     def execute(self, context) -> dict:
         from qops.artifacts import read_json, run_dir

@@ -46,3 +46,8 @@ class GateFailed(QopsError):
 
 class RegistryError(QopsError):
     """Registration in MLflow failed; nothing was left half-registered."""
+
+
+class RegistryUnavailable(RegistryError):
+    """The registry or its artifact store failed or could not be reached; nothing was left half-registered, and
+    a later retry may succeed (operators let Airflow retry these, unlike bad input)."""

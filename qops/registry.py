@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qops import __version__
-from qops.errors import ModelError, RegistryError
+from qops.errors import ModelError, RegistryError, RegistryUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +288,7 @@ def reachable(client, attempts: int = 4, backoff_s: float = 1.0) -> None:
             os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
         else:
             os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = previous
-    raise RegistryError(f"The MLflow tracking server at {uri} did not answer after {attempts} attempts "
+    raise RegistryUnavailable(f"The MLflow tracking server at {uri} did not answer after {attempts} attempts "
                         f"({_redact(str(last).splitlines()[0][:200]) if last else 'no response'}); nothing was "
                         "registered.",
                         "start the server or fix the tracking URI (spec mlflow.tracking_uri, MLFLOW_TRACKING_URI or "
@@ -317,6 +317,38 @@ def _find_version(client, name: str, run_key: str):
         if mv.tags.get("qops.run_key") == run_key:
             return mv
     return None
+
+
+def _newest_first(mv) -> tuple[int, int]:
+    """Order of qops versions for the aliases registration moves: the newest source version, then the latest
+    registration of it (a source given as a file has no version: it ranks below registered sources)."""
+    src = (mv.tags or {}).get("qops.source_version") or ""
+    return (int(src) if src.isdigit() else -1, int(mv.version))
+
+
+def settle_aliases(client, name: str, aliases: list[str], rounds: int = 10) -> dict[str, str]:
+    """Point each of ``aliases`` at the newest complete, gate-passed qops version of ``name`` (by
+    :func:`_newest_first`); returns {alias: version}. Lock-free and safe under concurrent registrations: each writer
+    sets what it computed, then reads back and repeats until what it reads is what it would set, and since the
+    newest version only ever gets newer, the last writer's confirmation leaves every alias on the newest one —
+    two DAG runs registering at once never leave ``candidate`` and ``champion`` on versions out of order."""
+    held: dict[str, str] = {}
+    for _ in range(rounds):
+        ready = [mv for mv in client.search_model_versions(f"name = '{name}'")
+                 if (mv.tags or {}).get("qops.complete") == "true" and (mv.tags or {}).get("qops.gate") == "passed"]
+        if not ready:
+            return {}
+        best = str(max(ready, key=_newest_first).version)
+        current = {a: str(v) for a, v in client.get_registered_model(name).aliases.items()}
+        if all(current.get(a) == best for a in aliases):
+            return {a: best for a in aliases}
+        for a in aliases:
+            if current.get(a) != best:
+                client.set_registered_model_alias(name, a, best)
+        held = {a: best for a in aliases}
+    log.warning("aliases %s of %s still moving after %d rounds (registrations racing); left on %s", aliases, name,
+                rounds, held)
+    return held
 
 
 def register(
@@ -365,6 +397,8 @@ def register(
     existing = _find_version(client, name, run_key)
     if existing is not None and existing.tags.get("qops.complete") == "true":
         log.info("version %s of %s already registered for run key %s: reusing it", existing.version, name, run_key)
+        if gate_passed:  # the earlier attempt may have died before its aliases were settled
+            settle_aliases(client, name, [candidate_alias, *([promote_alias] if promote else [])])
         aliases = client.get_registered_model(name).aliases
         return RegisterResult(True, name, str(existing.version),
                               sorted(a for a, v in aliases.items() if str(v) == str(existing.version)),
@@ -428,14 +462,12 @@ def register(
                 f"Gate: {'passed' if gate_passed else 'FAILED'}. Model card: {links}.",
             )
             client.set_model_version_tag(name, version, "qops.card_uri", card_uri)
+            client.set_model_version_tag(name, version, "qops.complete", "true")
             aliases = []
             if gate_passed:
-                client.set_registered_model_alias(name, candidate_alias, version)
-                aliases.append(candidate_alias)
-                if promote:
-                    client.set_registered_model_alias(name, promote_alias, version)
-                    aliases.append(promote_alias)
-            client.set_model_version_tag(name, version, "qops.complete", "true")
+                moved = [candidate_alias, *([promote_alias] if promote else [])]
+                held = settle_aliases(client, name, moved)
+                aliases = sorted(a for a in moved if held.get(a) == version)
         except Exception as e:
             if version is not None:
                 try:
@@ -443,7 +475,7 @@ def register(
                 except Exception:  # noqa: BLE001 - best effort rollback, the original error matters
                     log.exception("rollback of %s version %s failed", name, version)
             mlflow.set_tag("qops.registration", "rolled_back")
-            raise RegistryError(f"Registering {name} failed and was rolled back: {_redact(str(e))}",
+            raise RegistryUnavailable(f"Registering {name} failed and was rolled back: {_redact(str(e))}",
                                 "check the MLflow server/backend and retry; retries are idempotent.") from e
     return RegisterResult(True, name, version, sorted(aliases), f"models:/{name}/{version}", run.info.run_id)
 

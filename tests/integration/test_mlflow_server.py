@@ -264,3 +264,57 @@ def test_s3_failing_mid_upload_leaves_no_version_and_the_retry_registers_once(s3
         proxy.close()
         proc.terminate()
         proc.wait(20)
+
+
+def test_concurrent_registrations_leave_the_aliases_on_the_newest_version(fp32_model, tmp_path, monkeypatch):
+    """Two DAG runs registering the same target at once (threads against one tracking server): every version is
+    complete, and candidate and champion end on the same, newest one — whatever the interleaving. A late
+    registration of an older source version does not take the aliases back."""
+    import threading
+
+    from mlflow import MlflowClient
+
+    from qops.quantize import quantize
+    from qops.registry import configure_mlflow, register
+
+    port = free_port()
+    proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 's.db'}",
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "2", "--artifacts-destination",
+                             str(tmp_path / "artifacts")], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                            cwd=tmp_path)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{uri}/health", proc)
+        configure_mlflow(uri)
+        q = tmp_path / "q.onnx"
+        quantize(fp32_model, "x86_64_int8_dynamic", q)
+        card = tmp_path / "card.md"
+        card.write_text("# card\n")
+        client = MlflowClient(uri)
+
+        def reg(key: str, source_version: str, out: list) -> None:
+            try:
+                out.append(register(model_path=q, name="raced", run_key=key, gate_passed=True, card_files=[card],
+                                    tags={"qops.source_version": source_version}).version)
+            except Exception as e:  # noqa: BLE001 - surfaced below
+                out.append(e)
+
+        for round_ in range(3):
+            out: list = []
+            threads = [threading.Thread(target=reg, args=(f"run-{round_}-{i}", "7", out)) for i in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert not [o for o in out if isinstance(o, Exception)], out
+            versions = client.search_model_versions("name = 'raced'")
+            assert all(mv.tags["qops.complete"] == "true" for mv in versions)
+            newest = str(max(int(mv.version) for mv in versions))
+            assert {a: str(v) for a, v in client.get_registered_model("raced").aliases.items()} == {
+                "candidate": newest, "champion": newest}, (round_, out)
+        late = register(model_path=q, name="raced", run_key="late-run-of-source-6", gate_passed=True,
+                        card_files=[card], tags={"qops.source_version": "6"})
+        assert late.aliases == [] and client.get_registered_model("raced").aliases["champion"] == newest
+    finally:
+        proc.terminate()
+        proc.wait(20)

@@ -86,3 +86,27 @@ def test_dag_factory_adds_a_promote_task_when_the_spec_has_a_promotion_policy(mo
     assert promote.upstream_task_ids == {"arm64_int8.register"}
     assert promote.approved == "{{ (dag_run.conf or {}).get('approve_promotion', False) }}"
     assert "approved" in promote.template_fields
+
+
+def test_registry_outages_are_retried_bad_input_is_not():
+    """An outage (nothing half-registered) propagates as itself, so Airflow's retries — on by default for
+    the register task, with backoff — run; bad input fails the task at once."""
+    import pytest
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from qops.errors import RegistryError, RegistryUnavailable
+    from qops_airflow.operators import QopsRegisterOperator
+
+    op = QopsRegisterOperator(task_id="register", spec_path="spec.yaml", target="x86_64_vnni_int8")
+    assert op.retries == 3 and op.retry_exponential_backoff == 2.0
+
+    def outage():
+        raise RegistryUnavailable("the server did not answer", "retry")
+
+    def bad():
+        raise RegistryError("model card missing", "run the card stage")
+
+    with pytest.raises(RegistryUnavailable):
+        op._call(outage)
+    with pytest.raises(AirflowFailException, match="model card missing"):
+        op._call(bad)
