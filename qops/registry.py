@@ -319,6 +319,19 @@ def _find_version(client, name: str, run_key: str):
     return None
 
 
+def serving_requirements(is_program: bool, execution_providers: list[str] | None = None) -> list[str]:
+    """The registered model's pip requirements, stated rather than inferred: MLflow's inference starts a Python
+    subprocess per model (seconds each), and the versions that produced and checked the artifact are the ones
+    to serve it with. GPU providers need ``onnxruntime-gpu`` (same version)."""
+    from importlib.metadata import version
+
+    reqs = [f"mlflow=={version('mlflow')}", f"numpy=={version('numpy')}"]
+    if is_program:
+        return reqs + [f"torch=={version('torch').split('+')[0]}"]
+    gpu = any(p in ("CUDAExecutionProvider", "TensorrtExecutionProvider") for p in execution_providers or [])
+    return reqs + [f"onnx=={version('onnx')}", f"{'onnxruntime-gpu' if gpu else 'onnxruntime'}=={version('onnxruntime')}"]
+
+
 def _newest_first(mv) -> tuple[int, int]:
     """Order of qops versions for the aliases registration moves: the newest source version, then the latest
     registration of it (a source given as a file has no version: it ranks below registered sources)."""
@@ -439,11 +452,12 @@ def register(
                 mlflow.log_params(params)
             if metrics:
                 mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
+            reqs = serving_requirements(is_program, execution_providers)
             if is_program:
                 info = mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=example,
-                                                serialization_format="pt2")
+                                                serialization_format="pt2", pip_requirements=reqs)
             else:
-                info = mlflow.onnx.log_model(model, name="model", signature=signature,
+                info = mlflow.onnx.log_model(model, name="model", signature=signature, pip_requirements=reqs,
                                              onnx_execution_providers=execution_providers or ["CPUExecutionProvider"])
             mv = mlflow.register_model(info.model_uri, name, tags=safe_tags)
             version = str(mv.version)

@@ -39,6 +39,20 @@ def get_hostname():
 '''
 
 
+# compose service (docker/docker-compose.yml) -> the command this script runs for it; tests/unit/test_packaging.py
+# checks that the compose file runs each with the same command (PostgreSQL and Redis are images there)
+COMPOSE_COMMANDS = {
+    "mlflow": ["mlflow", "server"],
+    "airflow-api-server": ["airflow", "api-server"],
+    "airflow-scheduler": ["airflow", "scheduler"],
+    "airflow-dag-processor": ["airflow", "dag-processor"],
+    "airflow-triggerer": ["airflow", "triggerer"],
+    "worker-cpu": ["airflow", "celery", "worker", "--queues", "cpu"],
+    "worker-gpu": ["airflow", "celery", "worker", "--queues", "gpu"],
+    "qops-webhook": ["qops", "webhook"],
+}
+
+
 def tool(name: str) -> str | None:
     """A PostgreSQL/Redis binary on PATH or in Debian's /usr/lib/postgresql/*/bin."""
     found = shutil.which(name)
@@ -106,7 +120,7 @@ class NativeStack:
             self._spawn("redis", ["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1",
                                   "--save", "", "--appendonly", "no"])
             wait_port(self.redis_port, self.procs["redis"], "redis-server")
-            self._spawn("mlflow", [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port",
+            self._spawn("mlflow", [str(BIN / "mlflow"), *COMPOSE_COMMANDS["mlflow"][1:], "--host", "127.0.0.1", "--port",
                                    str(self.mlflow_port), "--backend-store-uri",
                                    f"sqlite:///{self.home / 'mlflow.db'}", "--artifacts-destination",
                                    str(self.home / "mlflow-artifacts"), "--workers", "1"],
@@ -118,9 +132,9 @@ class NativeStack:
                                text=True, cwd=self.home)
             if r.returncode:
                 raise RuntimeError(f"airflow db migrate failed: {r.stderr[-3000:]}")
-            self._airflow("api-server", "api-server", "--port", str(self.api_port))
+            self._airflow("api-server", *COMPOSE_COMMANDS["airflow-api-server"][1:], "--port", str(self.api_port))
             for name in ("scheduler", "dag-processor", "triggerer"):
-                self._airflow(name, name)
+                self._airflow(name, *COMPOSE_COMMANDS[f"airflow-{name}"][1:])
             for q in self.queues:
                 self.start_worker(q)
             if self.webhook_conf is not None:
@@ -189,6 +203,10 @@ class NativeStack:
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"postgresql+psycopg2://{db}",
             "AIRFLOW__CELERY__BROKER_URL": f"redis://127.0.0.1:{self.redis_port}/0",
             "AIRFLOW__CELERY__RESULT_BACKEND": f"db+postgresql+psycopg2://{db}",
+            # workers import qops' libraries once; tasks, forked from them, inherit them
+            "AIRFLOW__CELERY__CELERY_CONFIG_OPTIONS": "qops_airflow.celery_config.CELERY_CONFIG",
+            # the task supervisor notices a finished task within 1 s instead of up to 5 s
+            "AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL": "1",
             "AIRFLOW__API_AUTH__JWT_SECRET": "qops-native-stack-secret-0123456789abcdef",
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{self.api_port}/execution/",
             "AIRFLOW__API__PORT": str(self.api_port), "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{self.api_port}",
@@ -229,8 +247,9 @@ class NativeStack:
 
     def start_worker(self, queue: str) -> subprocess.Popen:
         """A Celery worker for ``queue`` whose tasks report the hostname ``worker-<queue>``."""
-        return self._airflow(f"worker-{queue}", "celery", "worker", "--queues", queue, "--concurrency", "1",
-                             "--celery-hostname", f"worker-{queue}@%h", QOPS_WORKER_HOSTNAME=f"worker-{queue}")
+        cmd = COMPOSE_COMMANDS.get(f"worker-{queue}", ["airflow", "celery", "worker", "--queues", queue])
+        return self._airflow(f"worker-{queue}", *cmd[1:], "--concurrency", "1", "--celery-hostname",
+                             f"worker-{queue}@%h", QOPS_WORKER_HOSTNAME=f"worker-{queue}")
 
     def kill_worker(self, queue: str) -> None:
         """SIGKILL the worker and every process under it, as when its machine dies."""
@@ -250,7 +269,7 @@ class NativeStack:
     def _start_webhook(self) -> None:
         self.webhook_port = free_port()
         conf = self.webhook_conf
-        cmd = [str(BIN / "qops"), "webhook", "--host", "127.0.0.1", "--port", str(self.webhook_port),
+        cmd = [str(BIN / "qops"), *COMPOSE_COMMANDS["qops-webhook"][1:], "--host", "127.0.0.1", "--port", str(self.webhook_port),
                "--airflow-url", self.api]
         for w in conf.get("watch", []):
             cmd += ["--watch", w]

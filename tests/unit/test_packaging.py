@@ -78,3 +78,21 @@ def test_provider_entry_point_is_registered():
     assert eps, "qops_airflow provider entry point missing (reinstall with pip install -e .)"
     info = eps[0].load()()
     assert info["package-name"] == "qops" and "qops_airflow.operators" in info["operators"][0]["python-modules"]
+
+
+def test_compose_runs_what_the_native_stack_runs():
+    """Every process the system test starts natively (scripts/native_stack.py) is a compose service with the same
+    command, so the tested stack and the shipped one do not drift apart."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from native_stack import COMPOSE_COMMANDS
+
+    services = yaml.safe_load((REPO / "docker" / "docker-compose.yml").read_text())["services"]
+    for name, cmd in COMPOSE_COMMANDS.items():
+        assert name in services, f"the native stack runs {cmd}, the compose file has no service {name}"
+        assert services[name]["command"][:len(cmd)] == cmd, (name, services[name]["command"])
+    assert services["postgres"]["image"].startswith("postgres") and services["redis"]["image"].startswith("redis")
+    hook = services["qops-webhook"]
+    assert hook["command"][hook["command"].index("--airflow-url") + 1] == "http://airflow-api-server:8080"
+    assert services["mlflow"]["environment"]["MLFLOW_WEBHOOK_ALLOWED_SCHEMES"] == "http,https"

@@ -1,5 +1,7 @@
 """Registration against a real MLflow store (SQLite + local artifacts in a temp folder)."""
 
+from pathlib import Path
+
 import mlflow
 import numpy as np
 import pytest
@@ -45,6 +47,11 @@ def test_register_passing_model(mlflow_uri, qmodel, card_files, features):
     # card attached to the version's run
     arts = {a.path for a in client.list_artifacts(mv.run_id, "card")}
     assert arts == {"card/card.md", "card/card.json"}
+    # the serving requirements are the versions that produced and checked it
+    reqs = Path(mlflow.artifacts.download_artifacts(f"models:/m-x86/{mv.version}/requirements.txt")).read_text()
+    import onnxruntime
+
+    assert f"onnxruntime=={onnxruntime.__version__}" in reqs.split() and f"mlflow=={mlflow.__version__}" in reqs
     # load the registered quantized model back and run it
     model = mlflow.pyfunc.load_model("models:/m-x86@champion")
     out = model.predict(np.zeros((3, len(features)), dtype=np.float32))
