@@ -6,8 +6,8 @@ the version it last fired for, in the registry itself: a registered-model tag ``
 restarted triggerer therefore neither fires twice for one move nor misses a move made while it was down, and
 the webhook fast path (``qops webhook``, :mod:`qops.alias_events`) shares it: a move it announced first is not
 announced again here. The tag is written after the event is handed to Airflow (at-least-once: a crash in
-between fires the move again, and qops' runs are idempotent per run). The first start finds no watermark and records the current holder
-without firing (``fire_on_start=True`` fires for it).
+between fires the move again, and qops' runs are idempotent per run). The first start finds no watermark and
+records the current holder without firing (``fire_on_start=True`` fires for it).
 
 Each event's payload carries ``model_name``, ``alias``, ``version``, ``previous``, ``model_uri``
 (``models:/NAME/VERSION``) and ``via`` (``poller``); Airflow stores it as the asset event's ``extra``, and the

@@ -289,10 +289,10 @@ def reachable(client, attempts: int = 4, backoff_s: float = 1.0) -> None:
         else:
             os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = previous
     raise RegistryUnavailable(f"The MLflow tracking server at {uri} did not answer after {attempts} attempts "
-                        f"({_redact(str(last).splitlines()[0][:200]) if last else 'no response'}); nothing was "
-                        "registered.",
-                        "start the server or fix the tracking URI (spec mlflow.tracking_uri, MLFLOW_TRACKING_URI or "
-                        "the Airflow connection); the task's retry registers idempotently.")
+                              f"({_redact(str(last).splitlines()[0][:200]) if last else 'no response'}); nothing "
+                              "was registered.",
+                              "start the server or fix the tracking URI (spec mlflow.tracking_uri, MLFLOW_TRACKING_URI "
+                              "or the Airflow connection); the task's retry registers idempotently.")
 
 
 def _redact(text: str) -> str:
@@ -329,7 +329,8 @@ def serving_requirements(is_program: bool, execution_providers: list[str] | None
     if is_program:
         return reqs + [f"torch=={version('torch').split('+')[0]}"]
     gpu = any(p in ("CUDAExecutionProvider", "TensorrtExecutionProvider") for p in execution_providers or [])
-    return reqs + [f"onnx=={version('onnx')}", f"{'onnxruntime-gpu' if gpu else 'onnxruntime'}=={version('onnxruntime')}"]
+    runtime = "onnxruntime-gpu" if gpu else "onnxruntime"
+    return reqs + [f"onnx=={version('onnx')}", f"{runtime}=={version('onnxruntime')}"]
 
 
 def _newest_first(mv) -> tuple[int, int]:
@@ -490,7 +491,7 @@ def register(
                     log.exception("rollback of %s version %s failed", name, version)
             mlflow.set_tag("qops.registration", "rolled_back")
             raise RegistryUnavailable(f"Registering {name} failed and was rolled back: {_redact(str(e))}",
-                                "check the MLflow server/backend and retry; retries are idempotent.") from e
+                                      "check the MLflow server/backend and retry; retries are idempotent.") from e
     return RegisterResult(True, name, version, sorted(aliases), f"models:/{name}/{version}", run.info.run_id)
 
 

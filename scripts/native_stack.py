@@ -120,8 +120,8 @@ class NativeStack:
             self._spawn("redis", ["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1",
                                   "--save", "", "--appendonly", "no"])
             wait_port(self.redis_port, self.procs["redis"], "redis-server")
-            self._spawn("mlflow", [str(BIN / "mlflow"), *COMPOSE_COMMANDS["mlflow"][1:], "--host", "127.0.0.1", "--port",
-                                   str(self.mlflow_port), "--backend-store-uri",
+            self._spawn("mlflow", [str(BIN / "mlflow"), *COMPOSE_COMMANDS["mlflow"][1:], "--host", "127.0.0.1",
+                                   "--port", str(self.mlflow_port), "--backend-store-uri",
                                    f"sqlite:///{self.home / 'mlflow.db'}", "--artifacts-destination",
                                    str(self.home / "mlflow-artifacts"), "--workers", "1"],
                         env={**os.environ, "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
@@ -269,7 +269,8 @@ class NativeStack:
     def _start_webhook(self) -> None:
         self.webhook_port = free_port()
         conf = self.webhook_conf
-        cmd = [str(BIN / "qops"), *COMPOSE_COMMANDS["qops-webhook"][1:], "--host", "127.0.0.1", "--port", str(self.webhook_port),
+        cmd = [str(BIN / "qops"), *COMPOSE_COMMANDS["qops-webhook"][1:], "--host", "127.0.0.1", "--port",
+               str(self.webhook_port),
                "--airflow-url", self.api]
         for w in conf.get("watch", []):
             cmd += ["--watch", w]
