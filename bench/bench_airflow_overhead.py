@@ -108,7 +108,7 @@ def main() -> None:
                      "seconds": t_celery, "state": state, "task_seconds": busy, "tasks": len(tis)})
     for r in rows:
         r["ratio"] = r["seconds"] / t_cli
-    result = {"machine": cpu_info(), "spec": str(spec.relative_to(REPO)), "rows": rows, "work": str(home)}
+    result = {"machine": cpu_info(), "spec": str(spec.relative_to(REPO)), "rows": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"airflow_overhead_{args.example}.json").write_text(json.dumps(result, indent=2))
