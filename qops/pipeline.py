@@ -207,7 +207,7 @@ def candidate(spec: PipelineSpec, run_id: str, target: str) -> tuple[Path, str, 
 def _training_table(spec: PipelineSpec, source: dict):
     """The QAT training split as a table, the data kind, and labels (None for distillation)."""
     from qops.data import Tabular, read_table
-    from qops.errors import QopsError
+    from qops.qat_job import task_labels
 
     q = spec.qat
     path = q.data or spec.data.reference
@@ -217,18 +217,10 @@ def _training_table(spec: PipelineSpec, source: dict):
     kind = _features(spec, source)
     kind = Tabular(kind) if isinstance(kind, list) else kind
     label = q.label or spec.data.label
-    loss = q.loss or ("task" if label else "distill")
     labels = None
-    if loss == "task":
-        if not label or label not in df.columns:
-            raise QopsError(f"QAT with loss: task needs the label column {label!r} in {path}.",
-                            "set qat.label (or data.label) to the training split's label column, or qat.loss: "
-                            "distill (label-free).")
-        labels = df[label].to_numpy()
-        if labels.dtype.kind not in "iub":
-            raise QopsError(f"QAT label column {label!r} holds {labels.dtype} values; the task loss is "
-                            "cross-entropy over class indices 0..C-1.", "encode the classes as integers, or use "
-                            "qat.loss: distill.")
+    if q.resolved_loss(has_label=bool(label)) == "task":
+        labels = task_labels(df, label, path, "set qat.label (or data.label) to the training split's label column "
+                             "of class indices, or qat.loss: distill (label-free).")
     return df, kind, labels, path
 
 

@@ -251,6 +251,18 @@ def run_qat(*, source_onnx: str, program: str, recipe, plan: QatPlan, cfg: QatCo
     return out
 
 
+def task_labels(df, label: str | None, where: str, fix: str):
+    """The class indices the task loss trains on, from ``df[label]``; errors name the column and ``fix``."""
+    if not label or label not in df.columns:
+        raise QopsError(f"The QAT training set {where} has no label column {label!r}.", fix)
+    labels = df[label].to_numpy()
+    if labels.dtype.kind not in "iub":
+        raise QopsError(f"QAT label column {label!r} holds {labels.dtype} values; the task loss is cross-entropy "
+                        "over class indices 0..C-1.", "encode the classes as integers, or train label-free by "
+                        "distillation.")
+    return labels
+
+
 def qat_files(*, program: str | os.PathLike, target: str, train: str | os.PathLike, out_dir: str | os.PathLike,
               work_dir: str | os.PathLike | None = None, label: str | None = None, distill: bool = False,
               features=None, onnx: str | os.PathLike | None = None, target_options: dict | None = None,
@@ -278,13 +290,8 @@ def qat_files(*, program: str | os.PathLike, target: str, train: str | os.PathLi
     inputs, _ = onnx_io(onnx)
     kind = data_kind(onnx, features, df)
     feeds = kind.feeds(df, inputs, "QAT training set")
-    labels = None
-    if not distill:
-        if not label or label not in df.columns:
-            raise QopsError(f"The QAT training set {train} has no label column {label!r}.",
-                            "give the label column (--label), or train by distillation from the FP32 model "
-                            "(--distill, label-free).")
-        labels = df[label].to_numpy()
+    labels = None if distill else task_labels(df, label, train, "give the label column (--label), or train by "
+                                              "distillation from the FP32 model (--distill, label-free).")
     training = {k: v for k, v in training.items() if v is not None}
     if "epochs" in training and "steps" not in training:
         training["steps"] = None

@@ -331,6 +331,10 @@ class QatSpec(_Base):
             raise ValueError("set qat.steps or qat.epochs, not both")
         return self
 
+    def resolved_loss(self, has_label: bool) -> str:
+        """``loss``, or by default ``task`` when there is a label column and ``distill`` when there is none."""
+        return self.loss or ("task" if has_label else "distill")
+
     def config_for(self, target: str, plan, has_label: bool):
         """The training config of ``target`` (the qat block, then the target's overrides)."""
         from qops.qat import QatConfig
@@ -345,7 +349,7 @@ class QatSpec(_Base):
                          batch_size=t.batch_size or self.batch_size, optimizer=self.optimizer, lr=t.lr or self.lr,
                          momentum=self.momentum, weight_decay=self.weight_decay, seed=self.seed,
                          checkpoint_every=self.checkpoint_every,
-                         loss=self.loss or ("task" if has_label else "distill"), temperature=self.temperature,
+                         loss=self.resolved_loss(has_label), temperature=self.temperature,
                          time_budget_s=t.time_budget_s or self.time_budget_s)
 
 
