@@ -123,10 +123,18 @@ class AirflowClient:
     def _fetch_token(self) -> str:
         if self._static:
             return self._static
-        if self.username:
-            body = json.dumps({"username": self.username, "password": self.password or ""}).encode()
-            return self._request("POST", "/auth/token", body, auth=False)["access_token"]
-        return self._request("GET", "/auth/token", auth=False)["access_token"]
+        try:
+            if self.username:
+                body = json.dumps({"username": self.username, "password": self.password or ""}).encode()
+                return self._request("POST", "/auth/token", body, auth=False)["access_token"]
+            return self._request("GET", "/auth/token", auth=False)["access_token"]
+        except urllib.error.HTTPError as e:
+            if e.code in (401, 403, 405):
+                how = f"as {self.username!r}" if self.username else "without credentials (all-admins mode is off)"
+                raise Rejected(502, f"Airflow at {self.url} refused a token {how} (HTTP {e.code}): set "
+                               "AIRFLOW_API_TOKEN, or AIRFLOW_API_USERNAME and AIRFLOW_API_PASSWORD of a user "
+                               "allowed to create asset events") from None
+            raise
 
     def _request(self, method: str, path: str, body: bytes | None = None, auth: bool = True):
         headers = {"Content-Type": "application/json"}

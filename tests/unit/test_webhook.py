@@ -95,3 +95,33 @@ def test_the_receiver_needs_a_secret_and_well_formed_watches(monkeypatch):
         receiver_from_env("http://127.0.0.1:8080", ["m"])
     assert receiver_from_env("http://127.0.0.1:8080", ["m@champion", "n@prod"]).watch == {("m", "champion"),
                                                                                          ("n", "prod")}
+
+
+def test_refused_airflow_credentials_are_named_and_mlflow_retries(monkeypatch):
+    """Airflow refusing the token request: 502 (MLflow retries the delivery) and a message naming the variables
+    to set — checked against a real HTTP server that answers /auth/token with 401, after a verified delivery."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Refuse(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            self.send_response(401)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    airflow = ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=airflow.serve_forever, daemon=True).start()
+    client = AirflowClient(f"http://127.0.0.1:{airflow.server_address[1]}", username="hook", password="wrong")
+    receiver = WebhookReceiver(SECRET, client, {("m", "champion")})
+    # the registry side is not what this test is about: the watermark says version 1 was announced
+    monkeypatch.setattr("qops.alias_events.watermark", lambda *a, **k: "1")
+    try:
+        body = _body()
+        status, out = receiver.handle(_headers(body), body)
+        assert status == 502 and "refused a token as 'hook' (HTTP 401)" in out["error"]
+        assert "AIRFLOW_API_USERNAME and AIRFLOW_API_PASSWORD" in out["error"] and "wrong" not in out["error"]
+    finally:
+        airflow.shutdown()
+        airflow.server_close()
