@@ -22,7 +22,7 @@ from typing import Any, AsyncIterator
 
 from airflow.triggers.base import BaseEventTrigger, TriggerEvent
 
-from qops.alias_events import WATERMARK_TAG, event_payload, poll_alias, set_watermark  # noqa: F401
+from qops.alias_events import event_payload, poll_alias, set_watermark
 
 log = logging.getLogger(__name__)
 

@@ -442,7 +442,7 @@ class PipelineSpec(_Base):
             raise ValueError(f"target_options names target(s) {stray} that are not in targets {self.targets}")
         if self.qat is not None:
             self._check_qat()
-        if self.watch is not None and not re.match(r"^models:/[^/@]+@[^/@]+$", self.source_model):
+        if self.watch is not None and self.watched_alias() is None:
             raise ValueError(f"watch needs source_model as models:/NAME@ALIAS (an alias to watch); it is "
                              f"{self.source_model!r}")
         return self

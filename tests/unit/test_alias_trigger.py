@@ -38,7 +38,8 @@ def _watch(trigger) -> tuple[asyncio.Queue, asyncio.Task]:
 
 
 def test_alias_moves_fire_once_each_and_survive_a_restart(versions):
-    from qops_airflow.triggers import WATERMARK_TAG, MlflowAliasTrigger
+    from qops.alias_events import WATERMARK_TAG
+    from qops_airflow.triggers import MlflowAliasTrigger
 
     uri, (v1, v2) = versions
     client = MlflowClient()
