@@ -1,13 +1,14 @@
 # qops: two commands on a fresh machine.
 #   make demo   retrain the example models, run their quantization DAGs on Airflow (SQLite) + MLflow (SQLite):
 #               German Credit (tabular MLP) and news topics (the pretrained all-MiniLM-L6-v2 transformer)
+#   make demo-llm  the decoder-LLM example: a small Llama trained offline, INT4 (RTN, GPTQ, k-quant) and NF4
 #   make test   run the test suite
 PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.qops-installed
 
-.PHONY: install demo demo-credit demo-text test test-unit clean mlflow-ui
+.PHONY: install demo demo-credit demo-text demo-llm test test-unit clean mlflow-ui
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +26,9 @@ demo-credit: $(STAMP)
 
 demo-text: $(STAMP)
 	QOPS_DEMO_EXAMPLES=news_topics bash scripts/demo.sh
+
+demo-llm: $(STAMP)
+	QOPS_DEMO_EXAMPLES=tiny_llama bash scripts/demo.sh
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -11,6 +11,7 @@ from qops_airflow.operators import (
     QopsCalibrateOperator,
     QopsCardOperator,
     QopsEvaluateOperator,
+    QopsFinetuneOperator,
     QopsGateOperator,
     QopsPromoteOperator,
     QopsQatOperator,
@@ -71,7 +72,11 @@ def build_quantization_dag(spec_path: str | Path, dag_id: str | None = None, mlf
         source = QopsSourceOperator(task_id="resolve_source", **common)
         calibrate = QopsCalibrateOperator(task_id="calibrate", **common)
         summary = QopsSummaryOperator(task_id="summary", **common)
-        source >> calibrate
+        if spec.qlora is not None:  # QLoRA: the merged model replaces the source before calibration
+            finetune = QopsFinetuneOperator(task_id="qlora_finetune", queue=spec.qlora.queue, **common)
+            source >> finetune >> calibrate
+        else:
+            source >> calibrate
         for target in spec.targets:
             queue = spec.recipe(target).queue
             with TaskGroup(group_id=target):

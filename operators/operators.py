@@ -91,6 +91,22 @@ class QopsCalibrateOperator(_QopsStageOperator):
         return {k: res[k] for k in ("path", "sha256", "rows", "drift_passed", "drifted_columns", "drift_report_path")}
 
 
+class QopsFinetuneOperator(_QopsStageOperator):
+    """QLoRA fine-tuning of a causal LM (the spec's ``qlora`` block): NF4 base, LoRA adapters, merged full-precision
+    model exported to ONNX; it replaces the source for the later stages. A retry resumes from the last checkpoint."""
+
+    template_fields: Sequence[str] = ("spec_path", "run_key")
+    stage = "finetune"
+
+    def execute(self, context) -> dict:
+        from qops.pipeline import stage_finetune
+
+        res = self._call(stage_finetune, self._spec(), self.run_key)
+        self.log.info("QLoRA: %d steps (resumed from %d), loss %.4f; merged model %s", res["steps"],
+                      res["resumed_from"], res["final_loss"] or float("nan"), res["merged_dir"])
+        return res
+
+
 class _TargetOperator(_QopsStageOperator):
     template_fields: Sequence[str] = ("spec_path", "run_key", "target")
 

@@ -475,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--dag-id")
 
     sp = add("stage", cmd_stage, "run one pipeline stage of a spec exactly as its Airflow operator does")
-    sp.add_argument("stage", choices=["source", "calibrate", "quantize", "evaluate", "gate", "qat", "card",
+    sp.add_argument("stage", choices=["source", "finetune", "calibrate", "quantize", "evaluate", "gate", "qat", "card",
                                       "register", "summary"])
     sp.add_argument("--spec", required=True)
     sp.add_argument("--run-id", required=True)

@@ -48,12 +48,31 @@ def stage_source(spec: PipelineSpec, run_id: str, source_uri: str | None = None)
     from qops.registry import fetch_source_model
 
     uri = source_uri or spec.source_model
+    if _llm(spec):
+        from qops.llm import stages
+
+        return stages.source(spec, _rdir(spec, run_id), uri)
     if uri.startswith("models:/"):
         _mlflow(spec)
     src = fetch_source_model(uri, _rdir(spec, run_id))
     out = to_jsonable(src)
     write_json_atomic(_rdir(spec, run_id) / "source.json", out)
     return out
+
+
+def _llm(spec: PipelineSpec) -> bool:
+    return spec.data.kind == "causal_lm"
+
+
+def stage_finetune(spec: PipelineSpec, run_id: str) -> dict:
+    """QLoRA fine-tuning (``qlora`` block, causal LMs): the merged full-precision model replaces the source."""
+    from qops.errors import QopsError
+    from qops.llm import stages
+
+    if spec.qlora is None:
+        raise QopsError("The spec has no qlora block: there is nothing to fine-tune.", "add a qlora block "
+                        "(docs/llm.md#qlora) or skip this stage.")
+    return stages.finetune(spec, _rdir(spec, run_id))
 
 
 def _features(spec: PipelineSpec, source: dict):
@@ -72,6 +91,15 @@ def stage_calibrate(spec: PipelineSpec, run_id: str) -> dict:
     from qops.data import onnx_io
 
     source = _load(_rdir(spec, run_id) / "source.json", "source")
+    if _llm(spec):
+        from qops.llm import stages
+
+        if not source.get("path"):
+            from qops.errors import QopsError
+
+            raise QopsError("The source model has not been exported yet: the spec fine-tunes it first (qlora).",
+                            "run the finetune stage first (same spec and run id).")
+        return stages.calibrate(spec, _rdir(spec, run_id))
     c = spec.calibration
     res = select_calibration(
         pool=spec.data.pool, reference=spec.data.reference, output_dir=_rdir(spec, run_id) / "calibration",
@@ -122,6 +150,10 @@ def stage_quantize(spec: PipelineSpec, run_id: str, target: str) -> dict:
     from qops.quantize import quantize
 
     rdir, tdir = _rdir(spec, run_id), _tdir(spec, run_id, target)
+    if _llm(spec):
+        from qops.llm import stages
+
+        return stages.quantize(spec, rdir, tdir, target)
     source = _load(rdir / "source.json", "source")
     recipe = spec.recipe(target)
     src = _source_for(recipe, source)
@@ -150,6 +182,11 @@ def stage_quantize(spec: PipelineSpec, run_id: str, target: str) -> dict:
 def _evaluate_in(spec: PipelineSpec, run_id: str, folder: Path) -> dict:
     from qops.evaluate import evaluate
 
+    if _llm(spec):
+        from qops.llm import stages
+
+        _load(folder / "quantize.json", "quantize")
+        return stages.evaluate(spec, _rdir(spec, run_id), folder)
     source = _load(_rdir(spec, run_id) / "source.json", "source")
     q = _load(folder / "quantize.json", "quantize")
     g = spec.gates
@@ -340,6 +377,11 @@ def stage_register(spec: PipelineSpec, run_id: str, target: str) -> dict:
         write_json_atomic(tdir / "card.json", files)
         return files.files
 
+    example, extra = None, []
+    if _llm(spec) and q["model_path"].endswith(".onnx"):
+        from qops.llm.stages import register_extras
+
+        example, extra = register_extras(spec, source, q)
     try:
         res = register(
             model_path=q["model_path"], name=registered_name(spec, source["name"], target),
@@ -352,7 +394,8 @@ def stage_register(spec: PipelineSpec, run_id: str, target: str) -> dict:
                      "latency_p50_ms": ev["performance"]["latency_p50_ms"]["quantized"],
                      "size_bytes": ev["performance"]["size_bytes"]["quantized"]},
             params={"target": target, "mode": recipe["mode"], "granularity": recipe["granularity"], "method": method},
-            finalize_card=finalize_card, execution_providers=providers_for(recipe),
+            finalize_card=finalize_card, execution_providers=providers_for(recipe), example=example,
+            extra_files=extra,
         )
     except Exception:
         finalize_card(None)  # the version was rolled back: the card must not name it
@@ -474,9 +517,9 @@ def run_pipeline(spec: PipelineSpec, run_id: str | None = None, progress: bool =
     from tqdm import tqdm
 
     run_id = run_id or "cli-" + datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-    steps = [("source", None), ("calibrate", None)] + [
+    steps = [("source", None)] + ([("finetune", None)] if spec.qlora else []) + [("calibrate", None)] + [
         (s, t) for t in spec.targets for s in ("quantize", "evaluate", "gate", "qat", "card", "register")]
-    funcs = {"source": stage_source, "calibrate": stage_calibrate, "quantize": stage_quantize,
+    funcs = {"source": stage_source, "finetune": stage_finetune, "calibrate": stage_calibrate, "quantize": stage_quantize,
              "evaluate": stage_evaluate, "gate": stage_gate, "qat": stage_qat, "card": stage_card,
              "register": stage_register}
     bar = tqdm(steps, disable=not progress, unit="step")

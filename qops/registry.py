@@ -64,22 +64,7 @@ def fetch_source_model(uri: str, dest_dir: str | os.PathLike) -> SourceModel:
                                flavor="pytorch", pt2_path=str(p))
         raise ModelError(f"Source model {uri!r} is neither models:/NAME@ALIAS, models:/NAME/VERSION, an .onnx nor a "
                          ".pt2 file.", "set source_model to a registered model URI or an existing .onnx/.pt2 path.")
-    import mlflow
-    import yaml
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    client = MlflowClient()
-    name = m.group("name")
-    try:
-        mv = (client.get_model_version_by_alias(name, m.group("alias")) if m.group("alias")
-              else client.get_model_version(name, m.group("version")))
-    except MlflowException as e:
-        raise ModelError(f"Source model {uri} not found in the MLflow registry: {_redact(e.message)}",
-                         "register the FP32 model first (the retraining job) or fix source_model.") from None
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}",
-                                                     dst_path=str(dest / "source")))
-    mlmodel = yaml.safe_load((local / "MLmodel").read_text())
+    name, mv, local, mlmodel = download_model_version(uri, dest / "source")
     flavors = mlmodel.get("flavors", {})
     pt2_path = None
     if "onnx" in flavors:
@@ -100,6 +85,26 @@ def fetch_source_model(uri: str, dest_dir: str | os.PathLike) -> SourceModel:
         )
     return SourceModel(uri=uri, path=str(path), name=name, version=str(mv.version), run_id=mv.run_id, flavor=flavor,
                        pt2_path=pt2_path)
+
+
+def download_model_version(uri: str, dest: Path):
+    """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` → (name, ModelVersion, local folder, parsed MLmodel)."""
+    import mlflow
+    import yaml
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    m = _MODELS_URI.match(uri)
+    client = MlflowClient()
+    name = m.group("name")
+    try:
+        mv = (client.get_model_version_by_alias(name, m.group("alias")) if m.group("alias")
+              else client.get_model_version(name, m.group("version")))
+    except MlflowException as e:
+        raise ModelError(f"Source model {uri} not found in the MLflow registry: {_redact(e.message)}",
+                         "register the FP32 model first (the retraining job) or fix source_model.") from None
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(dest)))
+    return name, mv, local, yaml.safe_load((local / "MLmodel").read_text())
 
 
 def _download_program(program_uri: str, dest: Path, uri: str) -> str:
@@ -382,13 +387,18 @@ def register(
     params: dict[str, str] | None = None,
     finalize_card=None,
     execution_providers: list[str] | None = None,
+    example: dict | None = None,
+    extra_files: list[str | os.PathLike] | None = None,
 ) -> RegisterResult:
     """Log the quantized ONNX model (onnx flavor, with signature) and its card; register one version.
 
     ``finalize_card(mlflow_info) -> files``, if given, re-renders the card with the new version's
     lineage (run id, model name and version) before it is attached; otherwise ``card_files`` are attached.
     ``execution_providers``: what the ONNX flavor declares for serving (MLflow's default lists CUDA first;
-    :func:`providers_for` gives a target's).
+    :func:`providers_for` gives a target's). ``example``: the feed the signature is inferred from (default: one
+    built from the graph's inputs); ``extra_files``: logged beside the model under ``files/`` (a decoder's
+    ``genai_config.json`` and tokenizer: with the model they make an ONNX Runtime GenAI folder). A folder
+    ``model_path`` (a decoder LLM checkpoint for PyTorch serving) is logged with the transformers flavor.
     """
     import mlflow
     import numpy as np
@@ -398,7 +408,7 @@ def register(
     from mlflow.models import infer_signature
 
     model_path = Path(model_path)
-    if not model_path.is_file():
+    if not model_path.is_file() and not (model_path.is_dir() and (model_path / "config.json").is_file()):
         raise RegistryError(f"Quantized model {model_path} does not exist.", "run the quantize stage first.")
     missing = [str(f) for f in card_files if not Path(f).is_file()]
     if missing:
@@ -421,7 +431,10 @@ def register(
         client.delete_model_version(name, existing.version)
 
     is_program = model_path.suffix.lower() == ".pt2"
-    if is_program:  # torchao targets: a torch.export program, logged with the pytorch flavor as pt2
+    is_checkpoint = model_path.is_dir()
+    if is_checkpoint:
+        signature = model = None
+    elif is_program:  # torchao targets: a torch.export program, logged with the pytorch flavor as pt2
         from qops.data import onnx_io
         from qops.runtime import TorchSession
 
@@ -433,7 +446,7 @@ def register(
     else:
         model = onnx.load(str(model_path))
         sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-        example = example_feed(sess)
+        example = example or example_feed(sess)
         outs = sess.run(None, example)
         names = [o.name for o in sess.get_outputs()]
         if len(example) == 1 and len(names) == 1:  # one tensor in, one out: the plain tensor signature
@@ -453,8 +466,12 @@ def register(
                 mlflow.log_params(params)
             if metrics:
                 mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
-            reqs = serving_requirements(is_program, execution_providers)
-            if is_program:
+            reqs = serving_requirements(is_program or is_checkpoint, execution_providers)
+            if is_checkpoint:
+                from qops.llm.source import log_transformers_model
+
+                info = log_transformers_model(model_path, reqs)
+            elif is_program:
                 info = mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=example,
                                                 serialization_format="pt2", pip_requirements=reqs)
             else:
@@ -467,6 +484,8 @@ def register(
                 files = finalize_card({"run_id": run.info.run_id, "model_name": name, "model_version": version})
             for f in files:
                 mlflow.log_artifact(str(f), artifact_path="card")
+            for f in extra_files or []:
+                mlflow.log_artifact(str(f), artifact_path="files")
             names = sorted(Path(f).name for f in files)
             card_md = next((n for n in names if n.endswith(".md")), names[0])
             card_uri = f"runs:/{run.info.run_id}/card/{card_md}"

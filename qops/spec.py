@@ -85,12 +85,37 @@ class TensorsSpec(_Base):
     pad_value: float = Field(0, description="Right-padding value for 1-D rows of different lengths.")
 
 
+class CausalLMSpec(_Base):
+    """A text column scored by a decoder LLM: perplexity over fixed-length windows, generation speed with the KV
+    cache (docs/llm.md)."""
+
+    column: str = Field("text", description="The text column.")
+    tokenizer: str | None = Field(default=None, description="Local tokenizer directory (tokenizer.json); default: "
+                                  "the source model's own.")
+    seq_len: int = Field(128, ge=8, description="Tokens per perplexity window.")
+    stride: int = Field(64, ge=1, description="Window step; each window scores the tokens no earlier window "
+                        "scored (the sliding-window perplexity of the HF guide).")
+    max_windows_per_row: int = Field(2, ge=1, description="Windows scored per row at most (rows are documents).")
+    calibration_windows: int = Field(1, ge=1, description="Windows per calibration row fed to GPTQ.")
+    prompt_length: int = Field(64, ge=1, description="Prompt tokens for time to first token.")
+    new_tokens: int = Field(32, ge=1, description="Greedy decode steps timed per prompt (KV cache, batch 1).")
+    speed_prompts: int = Field(5, ge=1, description="Validation rows used as prompts for the generation timing.")
+
+    @model_validator(mode="after")
+    def _stride(self) -> "CausalLMSpec":
+        if self.stride > self.seq_len:
+            raise ValueError(f"data.causal_lm.stride {self.stride} is larger than seq_len {self.seq_len}: tokens "
+                             "between windows would never be scored; use stride <= seq_len")
+        return self
+
+
 class DataSpec(_Base):
-    kind: Literal["tabular", "tensors", "text", "image"] = Field(
+    kind: Literal["tabular", "tensors", "text", "image", "causal_lm"] = Field(
         "tabular", description="How rows become model feeds keyed by input name (docs/spec.md#data-kinds).")
     text: TextSpec | None = None
     image: ImageSpec | None = None
     tensors: TensorsSpec | None = None
+    causal_lm: CausalLMSpec | None = None
     pool: str = Field(description="Parquet/CSV pool to draw the calibration set from (recent production data).")
     reference: str = Field(description="Parquet/CSV reference (e.g. the training data) for the drift check.")
     validation: str = Field(description="Parquet/CSV validation set with labels and slice columns.")
@@ -106,10 +131,12 @@ class DataSpec(_Base):
 
     @model_validator(mode="after")
     def _kind_block(self) -> "DataSpec":
+        if self.kind == "causal_lm" and self.causal_lm is None:
+            self.causal_lm = CausalLMSpec()
         if self.kind in ("text", "image") and getattr(self, self.kind) is None:
             raise ValueError(f"data.kind is {self.kind} but the data.{self.kind} block is missing "
                              "(see docs/spec.md#data-kinds)")
-        for other in ("text", "image", "tensors"):
+        for other in ("text", "image", "tensors", "causal_lm"):
             if other != self.kind and getattr(self, other) is not None:
                 raise ValueError(f"data.{other} is set but data.kind is {self.kind}; set data.kind: {other} "
                                  f"or remove data.{other}")
@@ -180,9 +207,10 @@ class InconclusiveSpec(_Base):
 
 
 class GateSpec(_Base):
-    task: Literal["classification", "regression", "embedding"] = Field(
+    task: Literal["classification", "regression", "embedding", "causal_lm"] = Field(
         "classification", description="embedding: label-free, the outputs are vectors compared with FP32's "
-        "(cosine, neighbor_agreement).")
+        "(cosine, neighbor_agreement); causal_lm: next-token perplexity, agreement and KL against FP32 "
+        "(docs/llm.md). Default: causal_lm when data.kind is causal_lm.")
     metric: str = Field("accuracy", description="Primary metric: the drop checks below apply to it "
                         "(task embedding: cosine unless set).")
     output: str | None = Field(default=None, description="Model output the task reads (default: the first).")
@@ -230,6 +258,8 @@ class GateSpec(_Base):
     def _embedding_metric(self) -> "GateSpec":
         if self.task == "embedding" and "metric" not in self.model_fields_set:
             self.metric = "cosine"
+        if self.task == "causal_lm" and "metric" not in self.model_fields_set:
+            self.metric = "perplexity_increase"
         return self
 
     @model_validator(mode="after")
@@ -353,6 +383,28 @@ class QatSpec(_Base):
                          time_budget_s=t.time_budget_s or self.time_budget_s)
 
 
+class QloraSpec(_Base):
+    """QLoRA fine-tuning before quantization (data.kind causal_lm; docs/llm.md#qlora): the base in NF4 with double
+    quantization, LoRA adapters trained on the training text, merged into a full-precision copy."""
+
+    data: str | None = Field(default=None, description="Training text table; default: data.reference.")
+    column: str | None = Field(default=None, description="Text column; default: data.causal_lm.column.")
+    r: int = Field(8, ge=1, description="LoRA rank.")
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | None = Field(default=None, description="Default: every attention and MLP projection.")
+    lr: float = Field(1e-3, gt=0)
+    steps: int = Field(100, ge=1)
+    batch_size: int = Field(8, ge=1)
+    seq_len: int = Field(128, ge=8)
+    seed: int = 0
+    checkpoint_every: int = Field(25, ge=1, description="Steps between checkpoints (a retry resumes from the last).")
+    time_budget_s: float | None = Field(default=None, gt=0)
+    double_quant: bool = Field(True, description="Quantize the NF4 absmax constants again (8-bit), as QLoRA does.")
+    max_rows: int | None = Field(default=None, ge=1)
+    queue: Literal["cpu", "gpu"] = Field("cpu", description="Worker queue of the finetune task.")
+
+
 class StorageSpec(_Base):
     s3_endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint; default "
                                         "$AWS_ENDPOINT_URL_S3 / $AWS_ENDPOINT_URL or AWS.")
@@ -413,6 +465,8 @@ class PipelineSpec(_Base):
         default_factory=dict, description="Target name -> recipe fields to override (qops targets --json lists them).")
     tuning: TuningSpec = Field(default_factory=TuningSpec)
     qat: QatSpec | None = Field(default=None, description="Quantization-aware training per target (docs/qat.md).")
+    qlora: QloraSpec | None = Field(default=None, description="QLoRA fine-tuning of a causal LM before quantization "
+                                    "(docs/llm.md#qlora).")
     gates: GateSpec = Field(default_factory=GateSpec)
     mlflow: MlflowSpec = Field(default_factory=MlflowSpec)
     card: CardSpec = Field(default_factory=CardSpec)
@@ -440,6 +494,27 @@ class PipelineSpec(_Base):
         stray = sorted(set(self.target_options) - set(self.targets))
         if stray:
             raise ValueError(f"target_options names target(s) {stray} that are not in targets {self.targets}")
+        if self.data.kind == "causal_lm":
+            if "task" not in self.gates.model_fields_set:
+                self.gates.task = "causal_lm"
+                if "metric" not in self.gates.model_fields_set:
+                    self.gates.metric = "perplexity_increase"
+            if self.gates.task != "causal_lm":
+                raise ValueError(f"gates.task is {self.gates.task} but data.kind is causal_lm; use gates.task: "
+                                 "causal_lm (or leave it out)")
+            if self.qat is not None:
+                raise ValueError("qat applies to classifiers and encoders; for a causal LM use the qlora block "
+                                 "(docs/llm.md#qlora)")
+        elif self.qlora is not None:
+            raise ValueError("qlora fine-tunes causal LMs; set data.kind: causal_lm or remove the qlora block")
+        elif self.gates.task == "causal_lm":
+            raise ValueError("gates.task causal_lm needs data.kind: causal_lm")
+        from qops.llm.stages import check_targets
+
+        try:
+            check_targets(self)
+        except SpecError as e:
+            raise ValueError(str(e)) from None
         if self.qat is not None:
             self._check_qat()
         if self.watch is not None and self.watched_alias() is None:
@@ -504,6 +579,10 @@ def _resolve_paths(spec: PipelineSpec, base: Path) -> PipelineSpec:
             base / d.text.tokenizer).exists() else d.text.tokenizer  # a hub-like name stays as given: an error later
     if d.image is not None:
         d.image.root = fix(d.image.root or ".")
+    if d.causal_lm is not None and d.causal_lm.tokenizer:
+        d.causal_lm.tokenizer = fix(d.causal_lm.tokenizer)
+    if spec.qlora is not None and spec.qlora.data:
+        spec.qlora.data = fix(spec.qlora.data)
     if spec.qat is not None:
         spec.qat.data = fix(spec.qat.data) if spec.qat.data else None
         spec.qat.program = fix(spec.qat.program) if spec.qat.program else None

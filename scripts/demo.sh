@@ -6,6 +6,7 @@
 #     Asset) runs here with `airflow dags test`
 #     - german_credit: a credit-risk MLP on tabular data
 #     - news_topics: a topic head on the pretrained all-MiniLM-L6-v2 transformer (text data, named inputs)
+#     - tiny_llama (make demo-llm): a small Llama trained offline, INT4/NF4 decoder targets with a KV cache
 #  3. print each summary table and, last, `summary: <path>`
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -80,7 +81,16 @@ print(f"    retrained {r['model_name']} version {r['version']} (all-MiniLM-L6-v2
       f"accuracy {r['val_accuracy']:.4f}")
 PY
       SUMMARIES+=("$QOPS_HOME/artifacts/news-topics/latest_summary.json") ;;
-    *) echo "unknown example $ex (QOPS_DEMO_EXAMPLES takes german_credit, news_topics)"; exit 2 ;;
+    tiny_llama)
+      run_example tiny_llama_retrain tiny_llama_quantize tiny-llama
+      python - "$QOPS_HOME/llm/retrain/result.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(f"    retrained {r['model_name']} version {r['version']} ({r['parameters'] / 1e6:.1f} M-parameter Llama, "
+      f"{r['config']['steps']} steps): validation perplexity {r['val_perplexity']:.1f} (unigram {r['unigram_perplexity']:.1f})")
+PY
+      SUMMARIES+=("$QOPS_HOME/artifacts/tiny-llama/latest_summary.json") ;;
+    *) echo "unknown example $ex (QOPS_DEMO_EXAMPLES takes german_credit, news_topics, tiny_llama)"; exit 2 ;;
   esac
 done
 

@@ -77,6 +77,11 @@ def prepare_data(out_dir: str | os.PathLike, seed: int = 11) -> dict:
     idx = rng.permutation(len(df))
     n_train, n_val = int(0.45 * len(df)), int(0.30 * len(df))
     parts = {"train": idx[:n_train], "validation": idx[n_train:n_train + n_val], "pool": idx[n_train + n_val:]}
+    return write_splits(df, parts, out_dir)
+
+
+def write_splits(df: pd.DataFrame, parts: dict, out_dir: str | os.PathLike) -> dict:
+    """Each split's rows (in corpus order) as ``<name>.parquet`` in ``out_dir``, written atomically."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {}

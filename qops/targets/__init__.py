@@ -19,7 +19,7 @@ from qops.errors import TargetError
 
 Mode = Literal["static", "dynamic", "auto", "weight_only", "cast"]
 QType = Literal["int8", "uint8", "int4", "uint4", "float8e4m3fn"]
-Precision = Literal["int8", "fp16", "int4", "codebook", "fp8"]
+Precision = Literal["int8", "fp16", "int4", "codebook", "fp8", "nf4"]
 
 _MODES_BY_PRECISION = {
     "int8": ("static", "dynamic", "auto", "weight_only"),
@@ -27,6 +27,7 @@ _MODES_BY_PRECISION = {
     "int4": ("weight_only",),
     "codebook": ("weight_only",),
     "fp8": ("dynamic", "static"),
+    "nf4": ("weight_only",),
 }
 
 
@@ -62,9 +63,12 @@ class Recipe:
     op_types: tuple[str, ...] = ("MatMul", "Gemm", "Conv", "Gather")
     nodes_to_exclude: tuple[str, ...] = ()  # kept in FP32 (accuracy-aware tuning fills this)
     # INT4 weight-only (ONNX Runtime MatMulNBits)
-    algorithm: Literal["rtn", "gptq"] = "rtn"
+    algorithm: Literal["rtn", "gptq", "hqq", "k_quant"] = "rtn"  # hqq, k_quant: decoder LLM targets
     block_size: int = 128
     accuracy_level: int | None = 4  # MatMulNBits compute type: 4 = int8 activations (fast on CPUs)
+    # decoder LLMs (data.kind causal_lm): the output projection's precision (docs/llm.md#lm-head)
+    lm_head: Literal["int4", "int8", "fp32", "nf4"] = "int8"
+    model_kind: Literal["any", "causal_lm"] = "any"  # causal_lm: only for decoder LLM pipelines
     # non-uniform (codebook) weights
     codebook: Literal["kmeans", "pow2"] = "kmeans"
     codebook_bits: int = 4
@@ -101,7 +105,7 @@ class Recipe:
         if not self.op_types and not (self.precision == "int8" and self.engine == "onnxruntime"):
             bad("an empty op_types list (every op) applies to ONNX Runtime INT8 recipes only.",
                 "list the op types to quantize, e.g. ['MatMul'].")
-        if self.precision == "int4" and (self.block_size < 16 or self.block_size & (self.block_size - 1)):
+        if self.precision in ("int4", "nf4") and (self.block_size < 16 or self.block_size & (self.block_size - 1)):
             bad(f"block_size {self.block_size} is not a power of two >= 16.", "use 16, 32, 64 or 128.")
         if self.precision == "codebook" and not 2 <= self.codebook_bits <= 8:
             bad(f"codebook_bits {self.codebook_bits} is outside 2..8.", "use 4 (16 centroids) or 8.")
@@ -115,6 +119,14 @@ class Recipe:
                 "set mode='static' or 'dynamic', or drop smooth_quant_alpha.")
         if self.embedding_granularity == "per-row" and self.precision != "int8":
             bad("per-row embedding quantization is an INT8 technique.", "drop embedding_granularity.")
+        if self.lm_head == "nf4" and self.precision != "nf4" or self.lm_head == "int4" and self.precision == "nf4":
+            bad(f"lm_head {self.lm_head!r} does not fit precision {self.precision!r}.",
+                "use lm_head int8 or fp32, or the recipe's own 4-bit format.")
+        if self.precision == "nf4" and self.engine != "onnxruntime":
+            bad("NF4 targets are written as ONNX MatMulBnb4 in qops.", "set engine='onnxruntime'.")
+        if self.algorithm in ("hqq", "k_quant") and self.model_kind != "causal_lm":
+            bad(f"algorithm {self.algorithm!r} is served for decoder LLM targets (model_kind causal_lm).",
+                "use rtn or gptq, or an llm_* target.")
         if self.engine == "torchao" and self.torch_method is None:
             bad("a torchao recipe needs torch_method.", "set torch_method, e.g. 'pt2e_x86_inductor'.")
         if self.engine == "onnxruntime" and self.precision == "fp8":
@@ -125,6 +137,8 @@ class Recipe:
 
     @property
     def needs_calibration(self) -> bool:
+        if self.model_kind == "causal_lm":
+            return self.algorithm == "gptq" and self.precision == "int4"
         if self.engine == "torchao":
             return self.torch_method == "pt2e_x86_inductor"
         return self.mode in ("static", "auto") or (self.precision == "int4" and self.algorithm == "gptq") \
@@ -132,7 +146,7 @@ class Recipe:
 
     @property
     def granularity(self) -> str:
-        if self.precision in ("int4",):
+        if self.precision in ("int4", "nf4"):
             return f"block-wise ({self.block_size})"
         if self.precision == "fp16":
             return "n/a (cast)"
@@ -140,6 +154,8 @@ class Recipe:
 
     @property
     def output_suffix(self) -> str:
+        if self.model_kind == "causal_lm" and self.engine == "torchao":
+            return ""  # a checkpoint folder
         return ".pt2" if self.engine == "torchao" else ".onnx"
 
     def with_options(self, **options) -> "Recipe":
@@ -487,4 +503,77 @@ def _torch_dyn() -> Recipe:
         runtime="torch+torchao",
         execution_provider="Inductor",
         arch=None,
+    )
+
+
+# ---- decoder LLMs (data.kind causal_lm, docs/llm.md) ----------------------------------------------------------------
+
+def _llm_int4(name: str, algorithm: str, what: str) -> Recipe:
+    return Recipe(
+        target=name,
+        description=f"Decoder LLMs on CPUs: INT4 weight-only MatMulNBits ({what}), block 32, accuracy_level 4 "
+        "(int8 compute), lm_head 8-bit, embeddings 4-bit GatherBlockQuantized; ONNX Runtime (GenAI-compatible "
+        "folder).",
+        hardware="x86-64 / ARM64 CPUs (ONNX Runtime MatMulNBits kernels)",
+        mode="weight_only", precision="int4", weight_type="int4", algorithm=algorithm, block_size=32,
+        op_types=("MatMul", "Gather"), quant_format="QOperator", model_kind="causal_lm", arch=None,
+    )
+
+
+@register_target("llm_int4_rtn")
+def _llm_rtn() -> Recipe:
+    return _llm_int4("llm_int4_rtn", "rtn", "round-to-nearest, symmetric")
+
+
+@register_target("llm_int4_gptq")
+def _llm_gptq() -> Recipe:
+    return _llm_int4("llm_int4_gptq", "gptq", "GPTQ on calibration windows with the KV-cache inputs")
+
+
+@register_target("llm_int4_hqq")
+def _llm_hqq() -> Recipe:
+    return _llm_int4("llm_int4_hqq", "hqq", "HQQ, calibration-free half-quadratic zero points and scales")
+
+
+@register_target("llm_int4_kquant")
+def _llm_kquant() -> Recipe:
+    return _llm_int4("llm_int4_kquant", "k_quant", "k-quant, llama.cpp-style scale search")
+
+
+@register_target("llm_nf4")
+def _llm_nf4() -> Recipe:
+    return Recipe(
+        target="llm_nf4",
+        description="Decoder LLMs: NF4 (the bitsandbytes/QLoRA 4-bit NormalFloat code) as ONNX MatMulBnb4, block 64, "
+        "FP32 absmax per block (no double quantization in this format), lm_head 8-bit; ONNX Runtime CPU or CUDA.",
+        hardware="any (ONNX Runtime MatMulBnb4 kernels: CPU, CUDA)",
+        mode="weight_only", precision="nf4", weight_type="uint4", block_size=64, op_types=("MatMul",),
+        quant_format="QOperator", model_kind="causal_lm", arch=None,
+    )
+
+
+@register_target("llm_gpu_int4")
+def _llm_gpu_int4() -> Recipe:
+    return Recipe(
+        target="llm_gpu_int4",
+        description="Decoder LLMs on NVIDIA GPUs: torchao Int4WeightOnlyConfig (group 128) on the BF16 checkpoint, "
+        "PyTorch serving (transformers TorchAoConfig).",
+        hardware="NVIDIA GPU, compute capability >= 8.0 (Ampere+)",
+        mode="weight_only", precision="int4", weight_type="int4", engine="torchao", torch_method="int4_weight_only",
+        block_size=128, op_types=("Linear",), lm_head="int8", runtime="torch+torchao", execution_provider="CUDA",
+        device="cuda", min_compute_capability=(8, 0), queue="gpu", model_kind="causal_lm", arch=None,
+    )
+
+
+@register_target("llm_gpu_fp8")
+def _llm_gpu_fp8() -> Recipe:
+    return Recipe(
+        target="llm_gpu_fp8",
+        description="Decoder LLMs on Hopper/Ada: torchao Float8DynamicActivationFloat8WeightConfig (per-row "
+        "scales, e4m3) on the BF16 checkpoint, PyTorch serving.",
+        hardware="NVIDIA H100/H200 (sm_90) or Ada (sm_89)",
+        mode="dynamic", precision="fp8", engine="torchao", torch_method="float8_dynamic",
+        weight_type="float8e4m3fn", activation_type="float8e4m3fn", symmetric_activations=True,
+        op_types=("Linear",), runtime="torch+torchao", execution_provider="CUDA", device="cuda",
+        min_compute_capability=(8, 9), queue="gpu", model_kind="causal_lm", arch=None,
     )

@@ -1,0 +1,240 @@
+"""Decoder-LLM quantization per target.
+
+CPU, ONNX Runtime (the exported FP32 graph with its KV cache):
+- INT4 weight-only ``MatMulNBits`` with ``rtn``, ``gptq`` (calibrated on windows of the calibration set, fed with
+  the graph's empty ``past_key_values`` inputs), ``hqq`` or ``k_quant``; block size and ``accuracy_level`` from the
+  recipe;
+- ``lm_head`` as the recipe says: ``int8`` (8-bit ``MatMulNBits``, the default: the output projection is the most
+  quantization-sensitive matrix, as llama.cpp's Q4_K_M and ONNX Runtime GenAI's ``k_quant_last`` also keep it at
+  higher precision), ``int4`` (with the body) or ``fp32``;
+- embeddings as ``GatherBlockQuantized`` (4-bit RTN, block-wise per row) whatever the MatMul algorithm: ONNX
+  Runtime's GPTQ, HQQ and k-quant quantize MatMul weights only;
+- NF4 (``MatMulBnb4``, the bitsandbytes 4-bit NormalFloat code, block 64; absmax kept in FP32, so no double
+  quantization in this format).
+
+GPU, PyTorch + torchao (``queue: gpu``): INT4 weight-only (``Int4WeightOnlyConfig``) and FP8
+(``Float8DynamicActivationFloat8WeightConfig``) applied to the BF16 checkpoint at load, as ``transformers``'
+``TorchAoConfig`` does; the target's artifact is the checkpoint folder plus ``qops_torchao.json`` naming the config.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from qops.artifacts import atomic_dir, atomic_path, sha256_file, write_json_atomic
+from qops.errors import QopsError
+
+log = logging.getLogger(__name__)
+
+LM_HEAD = "/lm_head/MatMul"
+
+
+def _matmul_weights(model) -> dict[str, tuple]:
+    inits = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    return {n.name: inits[n.input[1]] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits}
+
+
+def _check_blocks(model, recipe, skip: set[str]) -> None:
+    """ONNX Runtime 1.31's GPTQ and k-quant (Intel Neural Compressor code) pack zero points two per byte per
+    column and fail on an odd number of blocks; say so before a cryptic reshape error."""
+    if recipe.algorithm not in ("gptq", "k_quant"):
+        return
+    bad = {n: k for n, (k, _) in _matmul_weights(model).items() if n not in skip and -(-k // recipe.block_size) % 2}
+    if bad:
+        name, k = next(iter(bad.items()))
+        raise QopsError(f"Target {recipe.target!r}: {recipe.algorithm} in ONNX Runtime cannot pack {len(bad)} MatMul "
+                        f"weight(s) whose input size splits into an odd number of {recipe.block_size}-blocks (e.g. "
+                        f"{name}: {k} rows).", "set target_options block_size so that every input size divides into "
+                        "an even number of blocks (e.g. 32 for sizes that are multiples of 64), or use algorithm rtn "
+                        "or hqq.")
+
+
+def _nbits_pass(model, recipe, bits: int, algo, include: list[str] | None = None, exclude: list[str] | None = None):
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    class _Quantizer(MatMulNBitsQuantizer):
+        def _generate_q4_node_config(self):  # GPTQ/k-quant ignore nodes_to_exclude: honour it here
+            cfg = super()._generate_q4_node_config()
+            for n in exclude or []:
+                cfg[n] = "fp32"  # Neural Compressor's marker for "leave this node alone"
+            return cfg
+
+    q = _Quantizer(model, bits=bits, block_size=recipe.block_size, is_symmetric=recipe.symmetric_weights,
+                   accuracy_level=recipe.accuracy_level, nodes_to_exclude=list(exclude or []),
+                   nodes_to_include=include, algo_config=algo)
+    q.process()
+    return q.model.model if hasattr(q.model, "model") else q.model
+
+
+def _op_counts(model) -> dict:
+    out: dict[str, int] = {}
+    for n in model.graph.node:
+        if n.op_type in ("MatMul", "MatMulNBits", "MatMulBnb4", "Gather", "GatherBlockQuantized"):
+            out[n.op_type] = out.get(n.op_type, 0) + 1
+    return out
+
+
+def quantize_onnx_llm(src: str | os.PathLike, recipe, out_path: str | os.PathLike, reader=None) -> dict:
+    """Quantize the exported decoder ``src`` for an ONNX ``int4`` or ``nf4`` recipe into ``out_path``."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        GPTQWeightOnlyQuantConfig,
+        HQQWeightOnlyQuantConfig,
+        KQuantWeightOnlyQuantConfig,
+    )
+    from onnxruntime.quantization.quant_utils import QuantFormat
+
+    for name in ("onnxruntime.quantization.matmul_nbits_quantizer", "onnxruntime.quantization.matmul_bnb4_quantizer",
+                 "neural_compressor"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    model = onnx.load(str(src))
+    weights = _matmul_weights(model)
+    if LM_HEAD not in weights:
+        raise QopsError(f"{src} has no {LM_HEAD} node: it is not a decoder exported by qops.",
+                        "use the source stage's export (onnxruntime-genai builder) as the FP32 model.")
+    head = recipe.lm_head
+    body_exclude = [] if head == ("nf4" if recipe.precision == "nf4" else "int4") else [LM_HEAD]
+    if recipe.precision == "nf4":
+        from onnxruntime.quantization.matmul_bnb4_quantizer import MatMulBnb4Quantizer
+
+        log.info("NF4 (MatMulBnb4, block %d) for %s", recipe.block_size, recipe.target)
+        q = MatMulBnb4Quantizer(model, quant_type=MatMulBnb4Quantizer.NF4, block_size=recipe.block_size,
+                                nodes_to_exclude=body_exclude)
+        q.process()
+        model = q.model.model
+        method = {"algorithm": "nf4 (bitsandbytes NormalFloat-4 code)", "block_size": recipe.block_size,
+                  "absmax": "fp32 per block (MatMulBnb4 has no double quantization)"}
+    else:
+        _check_blocks(model, recipe, set(body_exclude))
+        fmt = QuantFormat.QOperator
+        if recipe.algorithm == "gptq":
+            if reader is None or not len(reader):
+                raise QopsError(f"Target {recipe.target!r} (GPTQ) needs calibration windows.",
+                                "run the calibrate stage first (its set feeds GPTQ's Hessians).")
+            algo = GPTQWeightOnlyQuantConfig(calibration_data_reader=reader, block_size=128, percdamp=0.01,
+                                             actorder=False, mse=False, perchannel=True)
+        elif recipe.algorithm == "hqq":
+            algo = HQQWeightOnlyQuantConfig(block_size=recipe.block_size, bits=4)
+        elif recipe.algorithm == "k_quant":
+            algo = KQuantWeightOnlyQuantConfig()
+        else:
+            algo = DefaultWeightOnlyQuantConfig(block_size=recipe.block_size, is_symmetric=recipe.symmetric_weights,
+                                                accuracy_level=recipe.accuracy_level, quant_format=fmt,
+                                                op_types_to_quantize=("MatMul",), bits=4)
+        log.info("INT4 %s (block %d, accuracy_level %s) for %s%s", recipe.algorithm, recipe.block_size,
+                 recipe.accuracy_level, recipe.target,
+                 f" on {len(reader)} calibration windows" if recipe.algorithm == "gptq" else "")
+        model = _nbits_pass(model, recipe, 4, algo, exclude=body_exclude)
+        method = {"algorithm": recipe.algorithm, "block_size": recipe.block_size,
+                  "accuracy_level": recipe.accuracy_level, "symmetric": recipe.symmetric_weights}
+        if recipe.algorithm == "gptq":
+            method["calibration_windows"] = len(reader)
+    if head == "int8":
+        algo8 = DefaultWeightOnlyQuantConfig(block_size=recipe.block_size, is_symmetric=True,
+                                             accuracy_level=recipe.accuracy_level, op_types_to_quantize=("MatMul",),
+                                             bits=8)
+        model = _nbits_pass(model, recipe, 8, algo8, include=[LM_HEAD])
+    embeddings = "fp32"
+    if "Gather" in recipe.op_types:
+        algo_g = DefaultWeightOnlyQuantConfig(block_size=recipe.block_size, is_symmetric=recipe.symmetric_weights,
+                                              op_types_to_quantize=("Gather",), quant_axes=(("Gather", 1),), bits=4)
+        model = _nbits_pass(model, recipe, 4, algo_g)
+        embeddings = "int4 block-wise RTN (GatherBlockQuantized)" if _op_counts(model).get(
+            "GatherBlockQuantized") else "fp32 (the embedding Gather was not quantizable)"
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        onnx.save(model, str(tmp))
+    for f in ("genai_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+              "generation_config.json"):
+        if (Path(src).parent / f).is_file():
+            shutil.copy2(Path(src).parent / f, out.parent / f)
+    return {**method, "lm_head": head, "embeddings": embeddings, "ops": _op_counts(model)}
+
+
+# ---- GPU targets (PyTorch + torchao) -------------------------------------------------------------------------------
+
+def _torchao_config(recipe):
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Int4WeightOnlyConfig, PerRow
+
+    if recipe.torch_method == "int4_weight_only":
+        return Int4WeightOnlyConfig(group_size=recipe.block_size)
+    if recipe.torch_method == "float8_dynamic":
+        return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    raise QopsError(f"Target {recipe.target!r}: torch_method {recipe.torch_method!r} is not an LLM method.",
+                    "use int4_weight_only or float8_dynamic for data.kind causal_lm.")
+
+
+def require_cuda(recipe) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise QopsError(f"Target {recipe.target!r} runs on NVIDIA GPUs (torchao {recipe.torch_method}) but this worker "
+                        "has no CUDA device.", "run its tasks on the 'gpu' queue (a Celery worker with a GPU: "
+                        "airflow celery worker -q gpu), or drop the target from the spec.")
+    if recipe.min_compute_capability:
+        cap = torch.cuda.get_device_capability()
+        if tuple(cap) < tuple(recipe.min_compute_capability):
+            raise QopsError(f"Target {recipe.target!r} needs CUDA compute capability "
+                            f"{'.'.join(map(str, recipe.min_compute_capability))}+; this GPU has {cap[0]}.{cap[1]}.",
+                            "run it on an H100/H200 (sm_90) or Ada (sm_89) worker.")
+
+
+def quantize_torch_llm(hf_dir: str | os.PathLike, recipe, out_dir: str | os.PathLike) -> dict:
+    """A torchao GPU target: check the device, apply the config once to prove it loads, and write the folder."""
+    require_cuda(recipe)
+    out = Path(out_dir)
+    with atomic_dir(out) as tmp:
+        shutil.copytree(hf_dir, tmp, dirs_exist_ok=True)
+        write_json_atomic(tmp / "qops_torchao.json", {"torch_method": recipe.torch_method,
+                                                      "block_size": recipe.block_size, "dtype": "bfloat16",
+                                                      "target": recipe.target})
+    load_torch_target(out, recipe.to_dict())  # fails here, not in evaluate, when the config cannot apply
+    return {"algorithm": recipe.torch_method, "block_size": recipe.block_size, "lm_head": "bf16 (torchao skips it)",
+            "embeddings": "bf16"}
+
+
+def load_torch_target(folder: str | os.PathLike, recipe: dict | None):
+    """The decoder of a torchao target's folder: BF16 weights on CUDA, quantized in place by ``quantize_``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qops.llm.runner import TorchDecoder
+    from qops.targets import Recipe
+
+    folder = Path(folder)
+    conf_path = folder / "qops_torchao.json"
+    if not conf_path.is_file():  # the FP32 checkpoint itself (the reference for a torch target)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True).to(device)
+        return TorchDecoder(model, device, f"torch fp32 on {device}")
+    r = Recipe.from_dict(recipe) if recipe else None
+    conf = json.loads(conf_path.read_text())
+    if r is None:
+        from qops.targets import get_target
+
+        r = get_target(conf["target"])
+    require_cuda(r)
+    from torchao.quantization import quantize_
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16, local_files_only=True).to("cuda")
+    quantize_(model, _torchao_config(r))
+    return TorchDecoder(model, "cuda", f"torch+torchao {r.torch_method} on {torch.cuda.get_device_name()}")
+
+
+def model_digest(path: str | os.PathLike) -> str:
+    p = Path(path)
+    if p.is_file():
+        return sha256_file(p)
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(x for x in p.rglob("*") if x.is_file()):
+        h.update(f.relative_to(p).as_posix().encode())
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()

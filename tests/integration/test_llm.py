@@ -1,0 +1,270 @@
+"""Decoder LLMs: ONNX export with a KV cache, each CPU algorithm (RTN, GPTQ, HQQ, k-quant, NF4), the evaluation
+metrics, QLoRA (resumed after an interruption), GPU targets' errors on CPU, and the whole pipeline registering a
+QLoRA-fine-tuned, INT4-quantized model through a real MLflow store. The model is a tiny Llama trained here for a few
+steps on the shipped BBC News text: tests check fidelity to its own FP32 outputs, never which tokens it gets right.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from qops.errors import QopsError, SpecError
+
+SMALL = dict(vocab_size=1024, hidden_size=128, intermediate_size=384, layers=2, heads=4, kv_heads=2,
+             max_positions=256, steps=40, seq_len=64, batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    from qops.examples.tiny_llama import TinyLlamaConfig, build, prepare_data
+    from qops.llm.source import LlmInfo, export_onnx
+
+    root = tmp_path_factory.mktemp("llm")
+    paths = prepare_data(root / "data")
+    for name in ("validation", "pool"):  # smaller sets keep the suite fast
+        df = pd.read_parquet(paths[name])
+        df.groupby("category").head(8).reset_index(drop=True).to_parquet(paths[name])
+    build(root / "hf", paths, TinyLlamaConfig(**SMALL), progress=False)
+    ex = export_onnx(root / "hf", root / "fp32")
+    return {"root": root, "paths": paths, "hf": root / "hf", "export": ex, "info": LlmInfo(**ex["info"])}
+
+
+def _kind(llm, seq_len=64, stride=32):
+    from qops.llm.data import CausalLM
+
+    return CausalLM("text", str(llm["hf"]), seq_len, stride, 2, llm["info"].bos_token_id)
+
+
+def test_export_has_kv_cache_and_matches_pytorch(llm):
+    import onnxruntime as ort
+
+    from qops.llm.runner import OrtDecoder
+
+    ex = llm["export"]
+    assert ex["export_check"]["max_abs_logit_difference"] < 1e-3
+    assert "onnxruntime-genai" in ex["exporter"]
+    names = [i.name for i in ort.InferenceSession(ex["path"]).get_inputs()]
+    assert "past_key_values.0.key" in names and f"past_key_values.{llm['info'].num_layers - 1}.value" in names
+    folder = llm["root"] / "fp32"
+    assert (folder / "genai_config.json").is_file() and (folder / "tokenizer.json").is_file()
+    # the KV cache is used correctly: decoding token by token gives the logits of one prefill of the whole sequence
+    ids = np.array([0, 17, 99, 5, 300, 42, 7, 8], np.int64)
+    dec = OrtDecoder(ex["path"], llm["info"])
+    full = dec.prefill(ids)
+    dec.prefill(ids[:3])
+    stepped = [dec.step(int(t)) for t in ids[3:]]
+    np.testing.assert_allclose(np.stack(stepped), full[3:], atol=1e-4)
+
+
+def test_export_refuses_pickled_or_non_causal_folders(tmp_path, llm):
+    from qops.llm.source import check_hf_dir
+
+    d = tmp_path / "m"
+    shutil.copytree(llm["hf"], d)
+    for f in d.glob("*.safetensors"):
+        f.rename(f.with_suffix(".bin"))
+    with pytest.raises(QopsError, match="no .safetensors"):
+        check_hf_dir(d)
+    cfg = json.loads((llm["hf"] / "config.json").read_text())
+    cfg["architectures"] = ["BertModel"]
+    shutil.copytree(llm["hf"], tmp_path / "b")
+    (tmp_path / "b" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(QopsError, match="not a causal LM"):
+        check_hf_dir(tmp_path / "b")
+
+
+def _agreement_and_ppl(llm, path, windows):
+    from qops.llm.evaluate import score_windows
+    from qops.llm.runner import OrtDecoder
+
+    s = score_windows(OrtDecoder(llm["export"]["path"], llm["info"]), OrtDecoder(path, llm["info"]), windows,
+                      max(w.row for w in windows) + 1)
+    n = s["tokens"].sum()
+    return s["agree"].sum() / n, float(np.exp((s["nllq"].sum() - s["nll32"].sum()) / n))
+
+
+@pytest.mark.parametrize("target", ["llm_int4_rtn", "llm_int4_gptq", "llm_int4_hqq", "llm_int4_kquant", "llm_nf4"])
+def test_each_cpu_algorithm_quantizes_the_decoder(llm, target, tmp_path):
+    import onnx
+
+    from qops.llm.data import WindowReader
+    from qops.llm.quantize import LM_HEAD, quantize_onnx_llm
+    from qops.targets import get_target
+
+    recipe = get_target(target)
+    kind = _kind(llm)
+    reader = None
+    if recipe.needs_calibration:
+        windows = kind.windows(pd.read_parquet(llm["paths"]["pool"]), "pool", 1)
+        reader = WindowReader(windows, llm["info"])
+        assert "past_key_values.0.key" in reader.get_next()  # GPTQ's feeds carry the KV-cache inputs
+    out = tmp_path / "q" / "model.onnx"
+    tech = quantize_onnx_llm(llm["export"]["path"], recipe, out, reader)
+    m = onnx.load(str(out))
+    ops = {n.name: n for n in m.graph.node}
+    body_op = "MatMulBnb4" if recipe.precision == "nf4" else "MatMulNBits"
+    # per layer: qkv (fused), o, gate, up, down; lm_head is an 8-bit MatMulNBits
+    assert tech["ops"].get(body_op) == 5 * llm["info"].num_layers + (body_op == "MatMulNBits")
+    head = next(n for name, n in ops.items() if name.startswith(LM_HEAD))
+    assert head.op_type == "MatMulNBits" and {a.name: a.i for a in head.attribute}["bits"] == 8  # lm_head 8-bit
+    if recipe.precision == "int4":
+        assert tech["ops"].get("GatherBlockQuantized") == 1  # embeddings 4-bit
+    assert (out.parent / "genai_config.json").is_file()
+    fp32_size = llm["root"].joinpath("fp32", "model.onnx").stat().st_size
+    assert out.stat().st_size < 0.5 * fp32_size
+    windows = kind.windows(pd.read_parquet(llm["paths"]["validation"]), "validation", 1)
+    agree, ppl_ratio = _agreement_and_ppl(llm, out, windows)
+    assert agree > 0.6 and 0.8 < ppl_ratio < 1.25  # a faithful 4-bit copy of its FP32 model
+
+
+def test_odd_block_counts_are_refused_with_the_fix(llm, tmp_path):
+    from qops.llm.quantize import quantize_onnx_llm
+    from qops.targets import get_target
+
+    recipe = get_target("llm_int4_kquant", {"block_size": 128})  # down_proj: 384 rows = 3 blocks of 128
+    with pytest.raises(QopsError, match="odd number of 128-blocks.*block_size"):
+        quantize_onnx_llm(llm["export"]["path"], recipe, tmp_path / "m.onnx")
+
+
+def test_evaluation_metrics_are_exact_on_a_tiny_model(llm, tmp_path):
+    """FP32 against itself: no change; FP32 perplexity equals the one PyTorch computes on the same windows."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qops.llm.evaluate import evaluate_llm
+
+    kind = _kind(llm)
+    copy = tmp_path / "same.onnx"
+    shutil.copy(llm["export"]["path"], copy)
+    ev = evaluate_llm(llm["export"]["path"], copy, llm["paths"]["validation"], kind, llm["info"],
+                      slice_columns=["category"], bootstrap=100, new_tokens=4, speed_prompts=2, speed_rounds=1)
+    o = ev.overall
+    assert o["perplexity_increase"]["quantized"] == pytest.approx(0, abs=1e-6)
+    assert o["agreement"]["quantized"] == 1.0 and o["kl_divergence"]["quantized"] == pytest.approx(0, abs=1e-6)
+    assert {s["key"] for s in ev.slices} == {f"category={c}" for c in pd.read_parquet(
+        llm["paths"]["validation"])["category"].unique()}
+    # independent perplexity: the HF model's loss on the same scored tokens
+    model = AutoModelForCausalLM.from_pretrained(str(llm["hf"]), dtype=torch.float32).eval()
+    nll, n = 0.0, 0
+    for w in kind.windows(pd.read_parquet(llm["paths"]["validation"]), "validation"):
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.from_numpy(w.ids[None])).logits[0], -1).numpy()
+        pos = np.arange(w.first_scored, len(w.ids))
+        nll -= logp[pos - 1, w.ids[pos]].sum()
+        n += len(pos)
+    assert o["perplexity"]["fp32"] == pytest.approx(np.exp(nll / n), rel=1e-4)
+    perf = ev.performance
+    assert perf["ttft_ms"]["fp32"] > 0 and perf["decode_tokens_per_s"]["quantized"] > 0
+    assert perf["peak_memory_bytes"]["fp32"] and perf["peak_memory_bytes"]["fp32"] > 0
+    assert perf["size_bytes"]["fp32"] == perf["size_bytes"]["quantized"]
+
+
+def test_gpu_targets_fail_clearly_on_a_cpu_worker(llm, tmp_path):
+    import torch
+
+    from qops.llm.quantize import quantize_torch_llm
+    from qops.targets import get_target
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: bench/gpu_check.sh runs the GPU targets")
+    for name in ("llm_gpu_int4", "llm_gpu_fp8"):
+        recipe = get_target(name)
+        assert recipe.queue == "gpu"
+        with pytest.raises(QopsError, match="no CUDA device.*'gpu' queue"):
+            quantize_torch_llm(llm["hf"], recipe, tmp_path / name)
+        assert not (tmp_path / name).exists()
+
+
+def _spec(llm, tmp_path, **over):
+    from qops.spec import parse_spec
+
+    raw = {"name": "tiny", "source_model": str(llm["hf"]),
+           "data": {"kind": "causal_lm", "causal_lm": {"seq_len": 64, "stride": 32, "new_tokens": 4,
+                                                       "speed_prompts": 2},
+                    "pool": llm["paths"]["pool"], "reference": llm["paths"]["train"],
+                    "validation": llm["paths"]["validation"], "label": None, "slice_columns": ["category"]},
+           "calibration": {"size": 16, "stratify_by": ["category"], "reference_sample": 400},
+           "targets": ["llm_int4_rtn"], "artifact_root": str(tmp_path / "art"),
+           # speed is a benchmark question (docs/benchmarks.md); this test checks the plumbing
+           "gates": {"max_overall_drop": 0.25, "max_slice_drop": 0.5, "max_latency_ratio": 5.0, "bootstrap": 200,
+                     "thresholds": [{"metric": "agreement", "min_value": 0.5}]}}
+    for k, v in over.items():
+        raw[k] = v
+    return parse_spec(raw, tmp_path)
+
+
+def test_spec_keeps_llm_and_other_targets_apart(llm, tmp_path):
+    with pytest.raises(SpecError, match="decoder LLM targets"):
+        _spec(llm, tmp_path, targets=["x86_64_vnni_int8"])
+    with pytest.raises(SpecError, match="stride"):
+        _spec(llm, tmp_path, data={**_spec(llm, tmp_path).data.model_dump(),
+                                   "causal_lm": {"seq_len": 32, "stride": 64}})
+    spec = _spec(llm, tmp_path)
+    assert spec.gates.task == "causal_lm" and spec.gates.metric == "perplexity_increase"
+    from qops.spec import parse_spec
+
+    with pytest.raises(SpecError, match="data.kind is tabular"):
+        parse_spec({"name": "x", "source_model": "m.onnx", "targets": ["llm_int4_rtn"],
+                    "data": {"pool": "p.csv", "reference": "r.csv", "validation": "v.csv", "label": "y"}}, tmp_path)
+
+
+def test_qlora_trains_resumes_and_merges(llm, tmp_path, monkeypatch):
+    import torch
+    from safetensors.torch import load_file
+
+    import qops.llm.qlora as ql
+
+    cfg = ql.QloraConfig(steps=6, checkpoint_every=3, batch_size=2, seq_len=32, r=4, max_rows=40)
+    real = ql._batch
+
+    def interrupted(stream, step, c):
+        if step == 4:
+            raise KeyboardInterrupt("worker killed")
+        return real(stream, step, c)
+
+    monkeypatch.setattr(ql, "_batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ql.run_qlora(llm["hf"], llm["paths"]["train"], "text", tmp_path / "q", cfg)
+    assert json.loads((tmp_path / "q" / "checkpoint" / "state.json").read_text())["step"] == 3
+    monkeypatch.setattr(ql, "_batch", real)
+    res = ql.run_qlora(llm["hf"], llm["paths"]["train"], "text", tmp_path / "q", cfg)
+    assert res["resumed_from"] == 3 and res["steps"] == 6 and res["nf4"]["double_quant"]
+    assert (tmp_path / "q" / "adapter" / "adapter_model.safetensors").is_file()
+    base, merged = (load_file(str(p / "model.safetensors")) for p in (llm["hf"], tmp_path / "q" / "merged"))
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(base[key], merged[key])  # the adapters were merged into the projections
+    assert torch.equal(base["model.embed_tokens.weight"], merged["model.embed_tokens.weight"])
+    assert merged[key].dtype == torch.float32  # a full-precision copy, not the NF4 weights
+    assert (tmp_path / "q" / "merged" / "tokenizer.json").is_file()
+
+
+def test_pipeline_finetunes_quantizes_gates_cards_and_registers(llm, tmp_path, mlflow_uri):
+    """QLoRA -> export -> calibrate -> INT4 -> evaluate -> gate -> card -> MLflow, through `qops run`'s stages."""
+    from mlflow import MlflowClient
+
+    from qops.pipeline import run_pipeline
+
+    spec = _spec(llm, tmp_path, qlora={"steps": 4, "batch_size": 2, "seq_len": 32, "r": 4, "max_rows": 40},
+                 mlflow={"experiment": "llm-test"})
+    summary = run_pipeline(spec, run_id="r1", progress=False)
+    row = summary["targets"][0]
+    assert row["gate"] == "passed", row
+    run = tmp_path / "art" / "tiny" / "r1"
+    source = json.loads((run / "source.json").read_text())
+    assert source["finetune"]["steps"] == 4 and source["hf_dir"].endswith("merged")
+    ev = json.loads((run / "targets" / "llm_int4_rtn" / "evaluation.json").read_text())
+    assert ev["task"] == "causal_lm" and ev["primary_metric"] == "perplexity_increase"
+    card = (run / "targets" / "llm_int4_rtn" / "card" / "card.md").read_text()
+    assert "perplexity_increase" in card and "llm_int4_rtn" in card
+    reg = row["mlflow"]
+    assert reg["registered"] and "champion" in reg["aliases"]
+    client = MlflowClient()
+    mv = client.get_model_version(reg["name"], reg["version"])
+    assert mv.tags["qops.precision"] == "int4" and mv.tags["qops.gate"] == "passed"
+    files = {f.path for f in client.list_artifacts(mv.run_id, "files")}
+    assert "files/genai_config.json" in files and "files/tokenizer.json" in files
