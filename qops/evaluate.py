@@ -34,7 +34,9 @@ FIDELITY_METRICS = ("agreement", "cosine", "kl")
 EMBEDDING_METRICS = ("cosine", "neighbor_agreement")
 HIGHER_IS_BETTER = {"accuracy": True, "f1": True, "roc_auc": True, "mae": False, "rmse": False,
                     "agreement": True, "cosine": True, "kl": False, "neighbor_agreement": True,
-                    "embedding_cosine": True}
+                    "embedding_cosine": True,
+                    # decoder LLMs (qops.llm.evaluate)
+                    "perplexity": False, "perplexity_increase": False, "kl_divergence": False}
 # metric -> per-row 0/1 outcome (FP32's own agreement and neighbour agreement are 1 on every row)
 PAIRED_BINARY = {"accuracy": "correct", "agreement": "agreement", "neighbor_agreement": "neighbor_agreement"}
 FAIRNESS_METRICS = ("demographic_parity_difference", "equalized_odds_difference", "metric_gap")

@@ -56,6 +56,8 @@ def supported_targets() -> dict[str, str]:
 
     out = {}
     for name, recipe in list_targets().items():
+        if recipe.model_kind == "causal_lm":  # decoder LLMs fine-tune with the qlora stage (docs/llm.md)
+            continue
         d = _defaults(recipe, None)
         if d is not None and not (d[3] == "onnx_qdq" and d[0] == "int8_dynamic"):
             out[name] = f"{d[1]}:{d[0]}"

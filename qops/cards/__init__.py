@@ -46,7 +46,10 @@ def _method(recipe: dict, quantization: dict) -> str:
     mode = quantization.get("mode") or recipe["mode"]
     what = {"int8": f"{mode} INT8 PTQ", "fp16": "FP16 cast", "int4": f"INT4 weight-only ({recipe.get('algorithm', 'rtn').upper()}, "
             f"block {recipe.get('block_size')})", "codebook": f"non-uniform {recipe.get('codebook')} codebook "
-            f"({recipe.get('codebook_bits')}-bit indices)", "fp8": f"FP8 {mode} ({recipe.get('torch_method')})"}
+            f"({recipe.get('codebook_bits')}-bit indices)", "fp8": f"FP8 {mode} ({recipe.get('torch_method')})",
+            "nf4": f"NF4 weight-only (block {recipe.get('block_size')})"}
+    if recipe.get("model_kind") == "causal_lm" and recipe["precision"] in ("int4", "nf4"):
+        what[recipe["precision"]] += f", lm_head {recipe.get('lm_head')}"
     fmt = (f", {recipe['quant_format']}" if recipe["precision"] == "int8" and mode == "static"
            and recipe.get("engine") != "torchao" else "")
     qat = recipe.get("qat")
@@ -219,7 +222,8 @@ def front_matter(card: dict) -> str:
         "model-index": [{
             "name": card["model_details"]["name"],
             "results": [{
-                "task": {"type": f"tabular-{card['metrics']['task']}"},
+                "task": {"type": "text-generation" if card["metrics"]["task"] == "causal_lm"
+                         else f"tabular-{card['metrics']['task']}"},
                 "dataset": {"name": "validation", "type": card["pipeline"]},
                 "metrics": [{"type": m, "name": f"{m} (quantized, {target})", "value": v["quantized"]}
                             for m, v in ov.items() if v["quantized"] is not None],

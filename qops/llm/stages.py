@@ -164,7 +164,9 @@ def evaluate(spec, rdir: Path, folder: Path) -> dict:
     res = evaluate_llm(q["source_path"], q["model_path"], spec.data.validation, _kind(spec, src), _info(src),
                        slice_columns=spec.data.slice_columns, intersections=spec.data.intersections,
                        bootstrap=g.bootstrap, confidence=g.confidence, seed=g.seed, target=q["recipe"],
-                       prompt_length=c.prompt_length, new_tokens=c.new_tokens, speed_prompts=c.speed_prompts)
+                       prompt_length=c.prompt_length, new_tokens=c.new_tokens, speed_prompts=c.speed_prompts,
+                       # resident memory says nothing about a CUDA model's footprint: measured for CPU targets only
+                       measure_memory=q["recipe"].get("device") != "cuda")
     out = to_jsonable(res)
     write_json_atomic(folder / "evaluation.json", out)
     return out

@@ -164,6 +164,28 @@ def test_evaluation_metrics_are_exact_on_a_tiny_model(llm, tmp_path):
     assert perf["size_bytes"]["fp32"] == perf["size_bytes"]["quantized"]
 
 
+def test_llm_gates_read_perplexity_and_kl_as_lower_is_better():
+    """A quantized model whose perplexity rose 20% fails a 5% tolerance; one that rose 1% passes."""
+    from qops.gates import gate
+    from qops.spec import GateSpec
+
+    def ev(increase, se=0.002):
+        e = {"fp32": 0.0, "quantized": increase, "delta": increase, "ci_low": increase - 2 * se,
+             "ci_high": increase + 2 * se, "se": se, "quantized_se": se}
+        return {"overall": {"perplexity_increase": e, "agreement": {"fp32": 1, "quantized": 0.95, "delta": -0.05,
+                                                                    "quantized_se": 0.005},
+                            "kl_divergence": {"fp32": 0, "quantized": 0.01, "delta": 0.01, "quantized_se": 0.001}},
+                "slices": [], "fairness": {}, "rows": 100, "flips": None,
+                "performance": {"latency_ratio": 0.7, "size_ratio": 0.2, "latency_p50_ms": {"fp32": 1, "quantized": 0.7},
+                                "size_bytes": {"fp32": 10, "quantized": 2}}}
+
+    g = GateSpec(task="causal_lm", max_overall_drop=0.05,
+                 thresholds=[{"metric": "kl_divergence", "max_value": 0.05}, {"metric": "agreement", "min_value": 0.9}])
+    bad = gate(ev(0.20), g)
+    assert not bad.passed and "drop[perplexity_increase]" in bad.failed
+    assert gate(ev(0.01), g).passed
+
+
 def test_gpu_targets_fail_clearly_on_a_cpu_worker(llm, tmp_path):
     import torch
 
@@ -245,17 +267,24 @@ def test_qlora_trains_resumes_and_merges(llm, tmp_path, monkeypatch):
 
 def test_pipeline_finetunes_quantizes_gates_cards_and_registers(llm, tmp_path, mlflow_uri):
     """QLoRA -> export -> calibrate -> INT4 -> evaluate -> gate -> card -> MLflow, through `qops run`'s stages."""
+    import mlflow
     from mlflow import MlflowClient
 
+    from qops.llm.source import log_transformers_model
     from qops.pipeline import run_pipeline
+    from qops.registry import serving_requirements
 
+    with mlflow.start_run():  # the retraining job's side: a transformers-flavored model with alias champion
+        logged = log_transformers_model(llm["hf"], serving_requirements(True), registered_model_name="tiny-src")
+    MlflowClient().set_registered_model_alias("tiny-src", "champion", logged.registered_model_version)
     spec = _spec(llm, tmp_path, qlora={"steps": 4, "batch_size": 2, "seq_len": 32, "r": 4, "max_rows": 40},
-                 mlflow={"experiment": "llm-test"})
+                 mlflow={"experiment": "llm-test"}, source_model="models:/tiny-src@champion")
     summary = run_pipeline(spec, run_id="r1", progress=False)
     row = summary["targets"][0]
     assert row["gate"] == "passed", row
     run = tmp_path / "art" / "tiny" / "r1"
     source = json.loads((run / "source.json").read_text())
+    assert source["flavor"] == "transformers" and source["version"] == "1"
     assert source["finetune"]["steps"] == 4 and source["hf_dir"].endswith("merged")
     ev = json.loads((run / "targets" / "llm_int4_rtn" / "evaluation.json").read_text())
     assert ev["task"] == "causal_lm" and ev["primary_metric"] == "perplexity_increase"

@@ -44,7 +44,8 @@ def test_registry_has_a_target_per_hardware_kind():
                 "codebook_4bit", "nvidia_fp16", "nvidia_tensorrt_int8", "nvidia_hopper_fp8", "torch_x86_int8",
                 "torch_int8_dynamic"}
     assert expected <= set(t)
-    assert {n for n, r in t.items() if r.queue == "gpu"} == {"nvidia_fp16", "nvidia_tensorrt_int8", "nvidia_hopper_fp8"}
+    assert {n for n, r in t.items() if r.queue == "gpu"} == {"nvidia_fp16", "nvidia_tensorrt_int8", "nvidia_hopper_fp8",
+                                                             "llm_gpu_int4", "llm_gpu_fp8"}
     assert t["x86_64_avx2_int8"].reduce_range and not t["x86_64_vnni_int8"].reduce_range
     assert t["nvidia_tensorrt_int8"].symmetric_activations and t["nvidia_tensorrt_int8"].activation_type == "int8"
     assert t["nvidia_hopper_fp8"].min_compute_capability == (8, 9) and t["nvidia_hopper_fp8"].engine == "torchao"
