@@ -98,6 +98,10 @@ class QopsFinetuneOperator(_QopsStageOperator):
     template_fields: Sequence[str] = ("spec_path", "run_key")
     stage = "finetune"
 
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("retries", 2)  # a killed worker's retry resumes from the last checkpoint
+        super().__init__(**kwargs)
+
     def execute(self, context) -> dict:
         from qops.pipeline import stage_finetune
 

@@ -116,6 +116,7 @@ def quantize_onnx_llm(src: str | os.PathLike, recipe, out_path: str | os.PathLik
             if reader is None or not len(reader):
                 raise QopsError(f"Target {recipe.target!r} (GPTQ) needs calibration windows.",
                                 "run the calibrate stage first (its set feeds GPTQ's Hessians).")
+            # block_size here is GPTQ's lazy-update column batch; the quantization groups are recipe.block_size
             algo = GPTQWeightOnlyQuantConfig(calibration_data_reader=reader, block_size=128, percdamp=0.01,
                                              actorder=False, mse=False, perchannel=True)
         elif recipe.algorithm == "hqq":

@@ -88,6 +88,26 @@ def test_dag_factory_adds_a_promote_task_when_the_spec_has_a_promotion_policy(mo
     assert "approved" in promote.template_fields
 
 
+def test_dag_factory_puts_qlora_between_source_and_calibration(monkeypatch, tmp_path):
+    """The LLM example's spec with a qlora block: finetune on its queue, retried (it resumes from checkpoints)."""
+    import yaml
+
+    monkeypatch.setenv("QOPS_HOME", str(tmp_path))
+    from qops_airflow.dag_factory import build_quantization_dag
+
+    raw = yaml.safe_load((REPO / "dags" / "specs" / "tiny_llama.yaml").read_text())
+    raw["qlora"] = {"steps": 50, "queue": "gpu"}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
+    dag = build_quantization_dag(tmp_path / "spec.yaml", dag_id="l")
+    ft = dag.get_task("qlora_finetune")
+    assert ft.upstream_task_ids == {"resolve_source"} and dag.get_task("calibrate").upstream_task_ids == {
+        "qlora_finetune"}
+    assert ft.queue == "gpu" and ft.retries == 2
+    assert dag.get_task("llm_int4_gptq.quantize").queue == "cpu"
+    assert "qlora_finetune" not in build_quantization_dag(REPO / "dags" / "specs" / "tiny_llama.yaml",
+                                                          dag_id="m").task_ids
+
+
 def test_registry_outages_are_retried_bad_input_is_not():
     """An outage (nothing half-registered) propagates as itself, so Airflow's retries — on by default for
     the register task, with backoff — run; bad input fails the task at once."""
