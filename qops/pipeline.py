@@ -378,7 +378,7 @@ def stage_register(spec: PipelineSpec, run_id: str, target: str) -> dict:
         return files.files
 
     example, extra = None, []
-    if _llm(spec) and q["model_path"].endswith(".onnx"):
+    if _llm(spec):
         from qops.llm.stages import register_extras
 
         example, extra = register_extras(spec, source, q)

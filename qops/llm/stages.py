@@ -79,6 +79,7 @@ def finetune(spec, rdir: Path) -> dict:
 
 def calibrate(spec, rdir: Path) -> dict:
     from qops.calibration import select_calibration
+    from qops.calibration.select import Diversity, Recency
     from qops.calibration.sources import S3Options
 
     src = read_json(rdir / "source.json")
@@ -90,6 +91,8 @@ def calibrate(spec, rdir: Path) -> dict:
         max_kl=c.drift.max_kl_divergence, on_drift=c.drift.on_drift, min_per_slice=c.min_per_slice,
         on_small_slice=c.on_small_slice, max_psi=c.drift.max_psi, min_ks_pvalue=c.drift.min_ks_pvalue,
         max_reselect=c.drift.max_reselect, reference_sample=c.reference_sample, validation=spec.data.validation,
+        recency=Recency(**c.recency.model_dump()) if c.recency else None,
+        diversity=Diversity(**c.diversity.model_dump()) if c.diversity else None,
         model_inputs=None, s3=S3Options(spec.storage.s3_endpoint_url, spec.storage.s3_region))
     return to_jsonable(res)
 
@@ -172,13 +175,17 @@ def evaluate(spec, rdir: Path, folder: Path) -> dict:
     return out
 
 
-def register_extras(spec, source: dict, q: dict) -> tuple[dict, list[str]]:
-    """The signature's example (a short prompt with the empty KV cache) and the files that make the registered
-    ONNX model an ONNX Runtime GenAI folder (genai_config.json, tokenizer)."""
+def register_extras(spec, source: dict, q: dict) -> tuple[dict | None, list[str]]:
+    """ONNX targets: the signature's example (a short prompt with the empty KV cache) and the files that make the
+    registered model an ONNX Runtime GenAI folder (genai_config.json, tokenizer). torchao targets: their
+    ``qops_torchao.json`` (the config serving applies at load)."""
     import numpy as np
 
     from qops.llm.data import Window, WindowReader
     from qops.llm.source import GENAI_FILES
+
+    if Path(q["model_path"]).is_dir():
+        return None, [str(Path(q["model_path"]) / "qops_torchao.json")]
 
     ids = np.arange(1, 9, dtype=np.int64) % _info(source).vocab_size
     example = WindowReader([Window(0, ids, 1)], _info(source)).feed(Window(0, ids, 1))
