@@ -98,7 +98,8 @@ def main() -> int:
                                          for s in ev.slices), key=lambda kv: kv[1])})
         print(label, json.dumps({k: rows[-1][k] for k in ("ttft_ms", "decode_tokens_per_s")}), flush=True)
     hw = worker_hardware()
-    report = {"machine": {**hw, "python": platform.python_version()}, "model": {"dir": str(hf), **trained,
+    model = {"model": f"the folder given (--model, {hf.name})" if args.model else "the example, trained here"}
+    report = {"machine": {**hw, "python": platform.python_version()}, "model": {**model, **trained,
               "info": info.__dict__, "export": ex.get("export_check")}, "rows_scored": args.rows, "results": rows,
               "date": time.strftime("%Y-%m-%d")}
     out_dir = Path(args.out)

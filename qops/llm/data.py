@@ -43,7 +43,7 @@ class CausalLM(Text):
         texts = self._texts(df, what)
         enc = self.encode(texts, truncate=False)
         out = []
-        for t, e in zip(texts, enc):
+        for e in enc:
             ids = ([self.bos] if self.bos is not None else []) + list(e.ids)
             out.append(np.asarray(ids, np.int64))
         return out

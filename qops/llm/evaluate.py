@@ -113,11 +113,14 @@ def peak_memory(path: str | os.PathLike, info, prompt: np.ndarray, new_tokens: i
 
 
 def _size(path) -> int:
+    """Bytes of an ONNX model with its external data, or of a checkpoint folder's weight files."""
+    from qops.evaluate import _file_size
+
     p = Path(path)
     if p.is_dir():
         return sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and f.suffix in (".safetensors", ".onnx",
                                                                                           ".data", ".bin"))
-    return p.stat().st_size + sum(f.stat().st_size for f in p.parent.glob(p.name + ".data"))
+    return _file_size(p)
 
 
 def evaluate_llm(fp32_model, quantized_model, validation, kind, info, *, slice_columns=(), intersections=(),

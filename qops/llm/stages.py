@@ -101,6 +101,7 @@ def quantize(spec, rdir: Path, tdir: Path, target: str) -> dict:
     import pandas as pd
 
     from qops.llm.data import WindowReader
+    from qops.llm.evaluate import _size
     from qops.llm.quantize import model_digest, quantize_onnx_llm, quantize_torch_llm
 
     src = read_json(rdir / "source.json")
@@ -152,12 +153,6 @@ def _notes(recipe, technique: dict) -> list[str]:
     return notes
 
 
-def _size(path) -> int:
-    from qops.llm.evaluate import _size as size
-
-    return size(path)
-
-
 def evaluate(spec, rdir: Path, folder: Path) -> dict:
     from qops.llm.evaluate import evaluate_llm
 
@@ -187,7 +182,8 @@ def register_extras(spec, source: dict, q: dict) -> tuple[dict | None, list[str]
     if Path(q["model_path"]).is_dir():
         return None, [str(Path(q["model_path"]) / "qops_torchao.json")]
 
-    ids = np.arange(1, 9, dtype=np.int64) % _info(source).vocab_size
-    example = WindowReader([Window(0, ids, 1)], _info(source)).feed(Window(0, ids, 1))
+    info = _info(source)
+    window = Window(0, np.arange(1, 9, dtype=np.int64) % info.vocab_size, 1)
+    example = WindowReader([window], info).feed(window)
     folder = Path(q["model_path"]).parent
     return example, [str(folder / f) for f in GENAI_FILES if (folder / f).is_file()]
