@@ -32,10 +32,12 @@ class _QopsStageOperator(BaseOperator):
         self.mlflow_conn_id = mlflow_conn_id
 
     def _spec(self):
+        from qops import redact
         from qops.spec import load_spec
 
         from qops_airflow.hooks import MlflowHook
 
+        redact.install()  # the task log's handlers: no credential from MLflow, boto3 or qops reaches it
         MlflowHook(self.mlflow_conn_id).configure()
         return load_spec(self.spec_path)
 

@@ -32,12 +32,44 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+TEMP_PREFIX = ".qops-tmp-"
+
+
+def temp_prefix(what: str = "") -> str:
+    """Name prefix of this process's temporary files and folders: ``.qops-tmp-<pid>-<what>``. They live beside
+    their final location (same file system: the rename is atomic) and :func:`clean_stale_temps` removes those of
+    processes that are gone (killed mid-write)."""
+    return f"{TEMP_PREFIX}{os.getpid()}-{what}"
+
+
+def clean_stale_temps(folder: str | os.PathLike) -> list[str]:
+    """Remove ``.qops-tmp-<pid>-*`` entries in ``folder`` whose process is no longer running; returns their names."""
+    import shutil
+
+    from qops.locks import pid_alive
+
+    removed = []
+    d = Path(folder)
+    if not d.is_dir():
+        return removed
+    for p in d.glob(TEMP_PREFIX + "*"):
+        pid = p.name[len(TEMP_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid() or pid_alive(int(pid)):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p.name)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(final.name + "."), suffix=".tmp", dir=final.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -56,7 +88,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    tmp_path = Path(tempfile.mkdtemp(prefix=temp_prefix(final.name + "."), suffix=".tmp", dir=final.parent))
     try:
         yield tmp_path
         os.chmod(tmp_path, 0o777 & ~_UMASK)

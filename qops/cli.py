@@ -10,6 +10,7 @@ import sys
 
 from qops.artifacts import to_jsonable
 from qops.errors import GateFailed, QopsError
+from qops.metric_names import known_metrics
 
 
 def _csv(text: str | None) -> list[str] | None:
@@ -76,7 +77,16 @@ def _options(pairs: list[str] | None) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise QopsError(f"--option {pair!r} is not KEY=VALUE.", "e.g. --option calibration_method=percentile")
-        out[key.strip()] = yaml.safe_load(value)
+        if len(value) > 4096:
+            raise QopsError(f"--option {key.strip()} has a {len(value)}-character value.",
+                            "recipe options are short scalars or lists (e.g. --option block_size=32).")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except (yaml.YAMLError, RecursionError, ValueError) as e:
+            raise QopsError(f"--option {key.strip()}'s value is not a YAML scalar or list "
+                            f"({type(e).__name__}: {str(e).splitlines()[0][:120]}).",
+                            "give a number, a boolean, a word or a short list, e.g. --option "
+                            "nodes_to_exclude='[fc1, fc2]'.") from None
     return out
 
 
@@ -97,6 +107,10 @@ def _cli_gates(args):
     """The gates ``quantize --tune`` judges with: the spec's GateSpec from the command line."""
     from qops.spec import GateSpec
 
+    from pydantic import ValidationError
+
+    from qops.errors import SpecError
+
     thresholds = [parse_threshold(t) for t in args.threshold or []]
     named = {t["metric"] for t in thresholds}
     task = args.task or ("embedding" if not args.label and named & {"neighbor_agreement"} else "classification")
@@ -107,7 +121,12 @@ def _cli_gates(args):
         fields["output"] = args.output_name
     if args.embedding_output:
         fields["embedding_output"] = args.embedding_output
-    return GateSpec(**fields)
+    try:
+        return GateSpec(**fields)
+    except ValidationError as e:
+        raise SpecError("Invalid --threshold/--task: " + "; ".join(err["msg"].removeprefix("Value error, ")
+                                                                   for err in e.errors()),
+                        "name a known metric, e.g. --threshold 'cosine>=0.995'.") from None
 
 
 def _data_kind(args):
@@ -148,7 +167,7 @@ def cmd_quantize(args) -> int:
                            latency_runs=tcfg.latency_runs, bootstrap=tcfg.bootstrap)
         res = tune(args.model, recipe, args.output, judge, calibration=args.calibration, features=features,
                    config=TuningConfig.from_any(tcfg), ranking_data=args.calibration or args.validation,
-                   validation=args.validation)
+                   validation=args.validation, failed_output=failed_name(args.output))
         if not args.json:
             for t in res.trials:
                 print(f"  trial {t['trial']:>2} {t['phase']:<8} {t['config']:<52} {t['verdict']:<7} "
@@ -162,9 +181,19 @@ def cmd_quantize(args) -> int:
     else:
         res = quantize(args.model, args.target, args.output, calibration=args.calibration,
                        features=_data_kind(args) or _csv(args.features), options=options)
+    verdict = "" if res.passed is None else (" — passed the gates" if res.passed else
+                                              " — NO candidate passed the gates (exit 3)")
     _emit(args, res, f"{res.model_path}: {res.size_bytes} bytes ({res.size_ratio}x smaller), mode {res.mode}, "
-                     f"recipe {res.recipe_path}" + "".join(f"\n  note: {n}" for n in res.notes))
-    return 0
+                     f"recipe {res.recipe_path}{verdict}" + "".join(f"\n  note: {n}" for n in res.notes))
+    return 3 if res.passed is False else 0
+
+
+def failed_name(output: str) -> str:
+    """Where ``quantize --tune`` writes its most faithful candidate when none passes: ``q.onnx`` -> ``q.failed.onnx``."""
+    from pathlib import Path
+
+    p = Path(output)
+    return str(p.with_name(f"{p.stem}.failed{p.suffix}"))
 
 
 def cmd_qat(args) -> int:
@@ -390,7 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--label", help="label column for --tune (omit: gate on fidelity to FP32)")
     sp.add_argument("--slice-columns", help="slices gated by --tune")
     sp.add_argument("--threshold", action="append", metavar="METRIC>=VALUE",
-                    help="a gate bound for --tune (repeatable), e.g. 'cosine>=0.995' 'neighbor_agreement>=0.95'")
+                    help="a gate bound for --tune (repeatable), e.g. 'cosine>=0.995' 'neighbor_agreement>=0.95'; "
+                    f"metrics: {', '.join(known_metrics())}")
     sp.add_argument("--task", choices=["classification", "regression", "embedding"],
                     help="gated task for --tune (default: classification with --label; without, embedding when a "
                     "threshold names neighbor_agreement, else top-1 agreement)")
@@ -518,18 +548,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _terminate(signum, frame):  # noqa: ARG001 - signal handler signature
+    """SIGTERM unwinds like Ctrl-C, so temporary files and locks are cleaned up on the way out."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
+    from qops import redact
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("qops").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    redact.install()
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.func(args)
     except GateFailed as e:
-        print(f"qops: {e}", file=sys.stderr)
+        print(f"qops: {redact.redact(e)}", file=sys.stderr)
         return 3
     except QopsError as e:
-        print(f"qops: error: {e}", file=sys.stderr)
+        print(f"qops: error: {redact.redact(e)}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if type(e).__name__ != "MlflowException":
+            raise
+        print(f"qops: error: MLflow refused the request: {redact.redact(str(e).splitlines()[0][:400])} Fix: check "
+              "the tracking URI, the model name and version, and the server's log.", file=sys.stderr)
         return 2
 
 

@@ -25,21 +25,19 @@ import pandas as pd
 
 from qops.data import DataKind, data_kind, iter_feeds, onnx_io, read_table, require_columns
 from qops.errors import DataError, ModelError
+from qops.metric_names import (  # noqa: F401 - re-exported: gates and cards read them from here
+    CLASSIFICATION_METRICS,
+    EMBEDDING_METRICS,
+    FAIRNESS_METRICS,
+    FIDELITY_METRICS,
+    HIGHER_IS_BETTER,
+    REGRESSION_METRICS,
+)
 
 log = logging.getLogger(__name__)
 
-CLASSIFICATION_METRICS = ("accuracy", "f1", "roc_auc")
-REGRESSION_METRICS = ("mae", "rmse")
-FIDELITY_METRICS = ("agreement", "cosine", "kl")
-EMBEDDING_METRICS = ("cosine", "neighbor_agreement")
-HIGHER_IS_BETTER = {"accuracy": True, "f1": True, "roc_auc": True, "mae": False, "rmse": False,
-                    "agreement": True, "cosine": True, "kl": False, "neighbor_agreement": True,
-                    "embedding_cosine": True,
-                    # decoder LLMs (qops.llm.evaluate)
-                    "perplexity": False, "perplexity_increase": False, "kl_divergence": False}
 # metric -> per-row 0/1 outcome (FP32's own agreement and neighbour agreement are 1 on every row)
 PAIRED_BINARY = {"accuracy": "correct", "agreement": "agreement", "neighbor_agreement": "neighbor_agreement"}
-FAIRNESS_METRICS = ("demographic_parity_difference", "equalized_odds_difference", "metric_gap")
 
 
 def higher_is_better(metric: str) -> bool:
@@ -200,6 +198,33 @@ def output_semantics(task: str, ref: np.ndarray, outputs: str = "auto") -> str:
     if ref.shape[1] > 1:
         return "probabilities" if in_unit and np.allclose(ref.sum(axis=1), 1.0, atol=1e-3) else "logits"
     return "probabilities" if in_unit else "logits"
+
+
+def check_labels(y: np.ndarray, task: str, out: np.ndarray, label: str, path) -> np.ndarray:
+    """Labels the task can score: numbers for regression; class indices 0..K-1 of the model's K outputs (two for
+    a single-logit binary model) for classification. Anything else is a :class:`DataError` naming the values."""
+    import pandas as pd
+
+    values = pd.Series(y)
+    numeric = pd.to_numeric(values, errors="coerce")
+    bad = values[numeric.isna()]
+    if len(bad):
+        raise DataError(f"The validation set's label column {label!r} ({path}) holds non-numeric values, e.g. "
+                        f"{sorted(map(str, bad.unique()))[:5]}.",
+                        "encode the labels as numbers (class indices 0..K-1 in the order of the model's outputs), "
+                        "or set data.label: null for label-free fidelity gates.")
+    y = numeric.to_numpy()
+    if task != "classification":
+        return y.astype(float)
+    classes = out.shape[1] if out.ndim == 2 and out.shape[1] > 1 else 2
+    wrong = sorted({float(v) for v in y if v != int(v) or not 0 <= v < classes})
+    if wrong:
+        shown = [int(v) if v == int(v) else v for v in wrong[:5]]
+        raise DataError(f"The validation set's label column {label!r} ({path}) holds {shown}, which are not class "
+                        f"indices of the model: it has {classes} classes (0..{classes - 1}).",
+                        "give labels as class indices matching the model's outputs, or fix data.label (for a "
+                        "regression model set gates.task: regression).")
+    return y.astype(int)
 
 
 def _side(task: str, out: np.ndarray, ref: np.ndarray, y: np.ndarray | None, semantics: str = "logits",
@@ -616,6 +641,8 @@ def evaluate(
     if out32.shape != outq.shape:
         raise ModelError(f"FP32 output shape {out32.shape} differs from the quantized model's {outq.shape}.",
                          "quantize the same FP32 model that is evaluated.")
+    if y is not None:
+        y = check_labels(y, task, out32, label, validation)
     semantics = output_semantics(task, out32, outputs) if task != "embedding" else "embeddings"
     f32 = _side(task, out32, out32, y, semantics, emb32, emb32)
     q = _side(task, outq, out32, y, semantics, embq, emb32)

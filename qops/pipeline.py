@@ -6,16 +6,33 @@ and returns small JSON; artifacts stay in the folder, never in XCom.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 from qops import __version__
-from qops.artifacts import read_json, run_dir, to_jsonable, write_json_atomic
+from qops.artifacts import read_json, run_dir, sha256_file, to_jsonable, write_json_atomic
+from qops.errors import QopsError
+from qops.run_folder import claim, new_run_id
 from qops.spec import PipelineSpec
 
 log = logging.getLogger(__name__)
+
+
+def claimed(scope: str):
+    """A stage holds its run folder while it runs (:func:`qops.run_folder.claim`): ``run`` exclusive (run-level
+    stages that write shared inputs), ``shared`` (summary), ``target`` (the run folder shared, the target's own
+    folder exclusive). The spec binding is checked first, so a run id reused with another spec fails here."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def stage(spec: PipelineSpec, run_id: str, *args, **kwargs):
+            target = (args[0] if args else kwargs.get("target")) if scope == "target" else None
+            with claim(_rdir(spec, run_id), spec.digest(), spec.name, run_id, scope=scope, target=target):
+                return fn(spec, run_id, *args, **kwargs)
+        return stage
+    return wrap
 
 
 def _rdir(spec: PipelineSpec, run_id: str) -> Path:
@@ -41,12 +58,15 @@ def _load(path: Path, stage: str) -> dict:
     return read_json(path)
 
 
+@claimed("run")
 def stage_source(spec: PipelineSpec, run_id: str, source_uri: str | None = None) -> dict:
     """Resolve the source model (MLflow URI or .onnx path) to a local FP32 ONNX file. ``source_uri``: the exact
     version a run was triggered for (``models:/NAME/VERSION``, from a registry alias event), instead of the
     spec's ``source_model``."""
+    from qops.preflight import check_spec_data
     from qops.registry import fetch_source_model
 
+    check_spec_data(spec)  # label/slice columns and slice_overrides before any work
     uri = source_uri or spec.source_model
     if _llm(spec):
         from qops.llm import stages
@@ -64,6 +84,7 @@ def _llm(spec: PipelineSpec) -> bool:
     return spec.data.kind == "causal_lm"
 
 
+@claimed("run")
 def stage_finetune(spec: PipelineSpec, run_id: str) -> dict:
     """QLoRA fine-tuning (``qlora`` block, causal LMs): the merged full-precision model replaces the source."""
     from qops.errors import QopsError
@@ -84,6 +105,7 @@ def _features(spec: PipelineSpec, source: dict):
     return kind.features if isinstance(kind, Tabular) else kind
 
 
+@claimed("run")
 def stage_calibrate(spec: PipelineSpec, run_id: str) -> dict:
     from qops.calibration import select_calibration
     from qops.calibration.select import Diversity, Recency
@@ -146,6 +168,7 @@ def _label(spec: PipelineSpec) -> str | None:
     return None if spec.gates.task == "embedding" else spec.data.label
 
 
+@claimed("target")
 def stage_quantize(spec: PipelineSpec, run_id: str, target: str) -> dict:
     from qops.quantize import quantize
 
@@ -214,10 +237,12 @@ def _gate_in(spec: PipelineSpec, folder: Path, target: str, qat_next=None) -> di
     return out
 
 
+@claimed("target")
 def stage_evaluate(spec: PipelineSpec, run_id: str, target: str) -> dict:
     return _evaluate_in(spec, run_id, _tdir(spec, run_id, target))
 
 
+@claimed("target")
 def stage_gate(spec: PipelineSpec, run_id: str, target: str) -> dict:
     """Gate verdict (never raises on failure: the caller decides; the operator fails the task). ``qat_next`` says
     that a failed PTQ gate is not the target's last word: QAT runs next (``qat.when: ptq_fails``) or always."""
@@ -275,6 +300,7 @@ def _torch_program(spec: PipelineSpec, source: dict) -> str:
     return program
 
 
+@claimed("target")
 def stage_qat(spec: PipelineSpec, run_id: str, target: str) -> dict:
     """Quantization-aware training for ``target`` when the spec asks for it: after a failed PTQ gate
     (``qat.when: ptq_fails``) or always. Trains (resuming from the checkpoint of an earlier attempt of the same
@@ -306,6 +332,7 @@ def stage_qat(spec: PipelineSpec, run_id: str, target: str) -> dict:
             "resumed_from": res["qat"]["training"]["resumed_from"], "seconds": res["seconds"]}
 
 
+@claimed("target")
 def stage_card(spec: PipelineSpec, run_id: str, target: str, dag_id: str | None = None) -> dict:
     from qops.cards import build_card_data, write_card
 
@@ -339,10 +366,20 @@ def stage_card(spec: PipelineSpec, run_id: str, target: str, dag_id: str | None 
     return out
 
 
+def check_model_hash(q: dict) -> None:
+    """The file about to be registered is the model this run's quantize stage wrote (its recorded sha256)."""
+    path = Path(q["model_path"])
+    if path.is_file() and sha256_file(path) != q["model_sha256"]:
+        raise QopsError(f"{path} is not the model this run quantized: its sha256 is {sha256_file(path)}, the "
+                        f"quantize stage recorded {q['model_sha256']} (another process wrote the file).",
+                        "rerun the quantize stage for this target (same spec and run id), then register.")
+
+
 def registered_name(spec: PipelineSpec, source_name: str, target: str) -> str:
     return spec.mlflow.model_name.format(source=source_name, target=target.replace("_", "-"), pipeline=spec.name)
 
 
+@claimed("target")
 def stage_register(spec: PipelineSpec, run_id: str, target: str) -> dict:
     from qops.cards import write_card
     from qops.registry import providers_for, register
@@ -356,6 +393,7 @@ def stage_register(spec: PipelineSpec, run_id: str, target: str) -> dict:
     card = _load(tdir / "card.json", "card")
     ev = _load(folder / "evaluation.json", "evaluate")
     recipe, m = q["recipe"], ev["primary_metric"]
+    check_model_hash(q)
     tags = {
         "qops.pipeline": spec.name, "qops.target": target, "qops.precision": recipe["precision"],
         "qops.mode": q.get("mode") or recipe["mode"], "qops.granularity": recipe["granularity"],
@@ -405,6 +443,7 @@ def stage_register(spec: PipelineSpec, run_id: str, target: str) -> dict:
     return out
 
 
+@claimed("target")
 def stage_promote(spec: PipelineSpec, run_id: str, target: str, approved: bool = False) -> dict:
     """Move ``mlflow.promotion.alias`` to the version this run registered for ``target``, by the spec's policy."""
     from qops.errors import QopsError
@@ -424,6 +463,7 @@ def stage_promote(spec: PipelineSpec, run_id: str, target: str, approved: bool =
     return {"target": target, **out}
 
 
+@claimed("shared")
 def stage_summary(spec: PipelineSpec, run_id: str, dag_id: str | None = None) -> dict:
     from qops.evaluate import degradation
 
@@ -516,16 +556,17 @@ def run_pipeline(spec: PipelineSpec, run_id: str | None = None, progress: bool =
     """Run every stage for every target, in order, without Airflow. Gate failures do not stop other targets."""
     from tqdm import tqdm
 
-    run_id = run_id or "cli-" + datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    run_id = run_id or new_run_id()
     steps = [("source", None)] + ([("finetune", None)] if spec.qlora else []) + [("calibrate", None)] + [
         (s, t) for t in spec.targets for s in ("quantize", "evaluate", "gate", "qat", "card", "register")]
     funcs = {"source": stage_source, "finetune": stage_finetune, "calibrate": stage_calibrate, "quantize": stage_quantize,
              "evaluate": stage_evaluate, "gate": stage_gate, "qat": stage_qat, "card": stage_card,
              "register": stage_register}
-    bar = tqdm(steps, disable=not progress, unit="step")
-    for stage, target in bar:
-        bar.set_description(f"{stage}{' ' + target if target else ''}")
-        t0 = time.perf_counter()
-        funcs[stage](spec, run_id) if target is None else funcs[stage](spec, run_id, target)
-        log.info("%s %s done in %.1fs", stage, target or "", time.perf_counter() - t0)
-    return stage_summary(spec, run_id)
+    with claim(_rdir(spec, run_id), spec.digest(), spec.name, run_id, scope="run"):  # one run per folder
+        bar = tqdm(steps, disable=not progress, unit="step")
+        for stage, target in bar:
+            bar.set_description(f"{stage}{' ' + target if target else ''}")
+            t0 = time.perf_counter()
+            funcs[stage](spec, run_id) if target is None else funcs[stage](spec, run_id, target)
+            log.info("%s %s done in %.1fs", stage, target or "", time.perf_counter() - t0)
+        return stage_summary(spec, run_id)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from qops import __version__
 from qops.errors import ModelError, RegistryError, RegistryUnavailable
+from qops.mlflow_store import ensure_sqlite_store
+from qops.redact import redact, split_credentials
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +25,10 @@ _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<ve
 
 
 def configure_mlflow(tracking_uri: str | None = None, registry_uri: str | None = None) -> str:
+    """Point MLflow at the tracking (and registry) store. Credentials in the URI (``http://user:pass@host``) move
+    to ``MLFLOW_TRACKING_USERNAME``/``PASSWORD``, so MLflow never holds them in a URI it prints; MLflow's own
+    "View run at" lines are suppressed when the URI still carries a secret (a ``?token=``). A SQLite store is
+    created or checked once, under a lock (:mod:`qops.mlflow_store`). Returns the URI without credentials."""
     import mlflow
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
@@ -30,8 +36,20 @@ def configure_mlflow(tracking_uri: str | None = None, registry_uri: str | None =
         raise RegistryError("No MLflow tracking URI configured.",
                             "set mlflow.tracking_uri in the spec or the MLFLOW_TRACKING_URI environment variable "
                             "(e.g. sqlite:///mlflow.db).")
+    uri, user, password = split_credentials(uri)
+    if user is not None:
+        os.environ["MLFLOW_TRACKING_USERNAME"] = user
+    if password is not None:
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = password
+    if os.environ.get("MLFLOW_TRACKING_URI") and split_credentials(os.environ["MLFLOW_TRACKING_URI"])[1] is not None:
+        os.environ["MLFLOW_TRACKING_URI"] = split_credentials(os.environ["MLFLOW_TRACKING_URI"])[0]
+    if redact(uri) != uri:
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+    ensure_sqlite_store(uri)
     mlflow.set_tracking_uri(uri)
     if registry_uri:
+        registry_uri = split_credentials(registry_uri)[0]
+        ensure_sqlite_store(registry_uri)
         mlflow.set_registry_uri(registry_uri)
     return uri
 
@@ -96,12 +114,13 @@ def download_model_version(uri: str, dest: Path):
 
     m = _MODELS_URI.match(uri)
     client = MlflowClient()
+    reachable(client)  # a server that is down: a clear error in seconds, not "not found" after minutes
     name = m.group("name")
     try:
         mv = (client.get_model_version_by_alias(name, m.group("alias")) if m.group("alias")
               else client.get_model_version(name, m.group("version")))
     except MlflowException as e:
-        raise ModelError(f"Source model {uri} not found in the MLflow registry: {_redact(e.message)}",
+        raise ModelError(f"Source model {uri} not found in the MLflow registry: {redact(e.message)}",
                          "register the FP32 model first (the retraining job) or fix source_model.") from None
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(dest)))
     return name, mv, local, yaml.safe_load((local / "MLmodel").read_text())
@@ -273,7 +292,7 @@ def reachable(client, attempts: int = 4, backoff_s: float = 1.0) -> None:
 
     from mlflow.exceptions import MlflowException
 
-    uri = _redact(mlflow_tracking_uri())
+    uri = redact(mlflow_tracking_uri())
     previous = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
     last = None
@@ -285,7 +304,7 @@ def reachable(client, attempts: int = 4, backoff_s: float = 1.0) -> None:
             except (MlflowException, OSError) as e:  # connection refused, timeouts, 5xx
                 last = e
                 log.warning("MLflow at %s did not answer (attempt %d of %d): %s", uri, i + 1, attempts,
-                            _redact(str(e).splitlines()[0][:200]))
+                            redact(str(e).splitlines()[0][:200]))
                 if i + 1 < attempts:
                     time.sleep(backoff_s * 2 ** i)
     finally:
@@ -294,15 +313,10 @@ def reachable(client, attempts: int = 4, backoff_s: float = 1.0) -> None:
         else:
             os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = previous
     raise RegistryUnavailable(f"The MLflow tracking server at {uri} did not answer after {attempts} attempts "
-                              f"({_redact(str(last).splitlines()[0][:200]) if last else 'no response'}); nothing "
+                              f"({redact(str(last).splitlines()[0][:200]) if last else 'no response'}); nothing "
                               "was registered.",
                               "start the server or fix the tracking URI (spec mlflow.tracking_uri, MLFLOW_TRACKING_URI "
                               "or the Airflow connection); the task's retry registers idempotently.")
-
-
-def _redact(text: str) -> str:
-    """URLs with credentials (``scheme://user:password@host``) lose the credentials: for logs and errors."""
-    return re.sub(r"//[^/@\s]*@", "//***@", text)
 
 
 def mlflow_tracking_uri() -> str:
@@ -318,10 +332,41 @@ def _find_version(client, name: str, run_key: str):
         client.get_registered_model(name)
     except MlflowException:
         return None
-    for mv in client.search_model_versions(f"name = '{name}'"):
-        if mv.tags.get("qops.run_key") == run_key:
-            return mv
-    return None
+    live = [mv for mv in client.search_model_versions(f"name = '{name}'")
+            if (mv.tags or {}).get("qops.run_key") == run_key and not (mv.tags or {}).get("qops.superseded_by")]
+    return min(live, key=lambda mv: int(mv.version)) if live else None
+
+
+def first_version_for(client, name: str, run_key: str) -> str | None:
+    """The live version registered for ``run_key``: the lowest-numbered one (the first created), ignoring versions
+    a concurrent attempt has already marked superseded. Every attempt calls this right after creating its own
+    version, so of two racing creations exactly one survives."""
+    live = [int(mv.version) for mv in client.search_model_versions(f"name = '{name}'")
+            if (mv.tags or {}).get("qops.run_key") == run_key and not (mv.tags or {}).get("qops.superseded_by")]
+    return str(min(live)) if live else None
+
+
+def _await_complete(client, name: str, version: str, timeout_s: float = 600.0) -> "RegisterResult":
+    """Wait for the concurrent attempt that owns ``version`` to finish it (``qops.complete``)."""
+    import time
+
+    from mlflow.exceptions import MlflowException
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            mv = client.get_model_version(name, version)
+        except MlflowException:
+            raise RegistryUnavailable(f"The concurrent registration of {name} version {version} was rolled back.",
+                                      "retry: registration is idempotent.") from None
+        if (mv.tags or {}).get("qops.complete") == "true":
+            aliases = client.get_registered_model(name).aliases
+            return RegisterResult(True, name, str(version), sorted(a for a, v in aliases.items() if str(v) == version),
+                                  f"models:/{name}/{version}", mv.run_id, reused=True)
+        if time.monotonic() > deadline:
+            raise RegistryUnavailable(f"The concurrent registration of {name} version {version} did not complete in "
+                                      f"{timeout_s:.0f} s.", "retry once it has finished or failed.")
+        time.sleep(0.5)
 
 
 def serving_requirements(is_program: bool, execution_providers: list[str] | None = None) -> list[str]:
@@ -454,7 +499,7 @@ def register(
         else:  # named inputs and outputs: a tensor spec per name (pyfunc predicts on a dict of arrays)
             signature = named_signature(sess, example, outs)
 
-    safe_tags = {k: str(v) for k, v in tags.items()}
+    safe_tags = {k: redact(str(v)) for k, v in tags.items()}  # a tag never carries a credential
     safe_tags.update({"qops.run_key": run_key, "qops.gate": "passed" if gate_passed else "failed",
                       "qops.version": __version__})
     mlflow.set_experiment(experiment)
@@ -479,6 +524,16 @@ def register(
                                              onnx_execution_providers=execution_providers or ["CPUExecutionProvider"])
             mv = mlflow.register_model(info.model_uri, name, tags=safe_tags)
             version = str(mv.version)
+            winner = first_version_for(client, name, run_key)
+            if winner is not None and winner != version:
+                # a concurrent registration of the same run key was created first: it stays, this one goes
+                client.set_model_version_tag(name, version, "qops.superseded_by", winner)
+                client.delete_model_version(name, version)
+                version = None
+                mlflow.set_tag("qops.registration", f"superseded by version {winner}")
+                log.info("version %s of %s was registered for run key %s by a concurrent attempt: using it",
+                         winner, name, run_key)
+                return _await_complete(client, name, winner)
             files = card_files
             if finalize_card is not None:
                 files = finalize_card({"run_id": run.info.run_id, "model_name": name, "model_version": version})
@@ -509,7 +564,7 @@ def register(
                 except Exception:  # noqa: BLE001 - best effort rollback, the original error matters
                     log.exception("rollback of %s version %s failed", name, version)
             mlflow.set_tag("qops.registration", "rolled_back")
-            raise RegistryUnavailable(f"Registering {name} failed and was rolled back: {_redact(str(e))}",
+            raise RegistryUnavailable(f"Registering {name} failed and was rolled back: {redact(str(e))}",
                                       "check the MLflow server/backend and retry; retries are idempotent.") from e
     return RegisterResult(True, name, version, sorted(aliases), f"models:/{name}/{version}", run.info.run_id)
 
@@ -532,12 +587,24 @@ def promote(name: str, version: str, alias: str = "champion", *, approved: bool 
     (metric -> ``max`` or ``min``): the version's logged metrics must be at least as good as the current
     holder's on each. Promoting the version that already holds the alias changes nothing (retries are safe).
     Returns ``promoted`` (bool), ``previous`` (the replaced version or None) and ``reason``."""
-    from datetime import datetime, timezone
-
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     client = MlflowClient()
+    reachable(client)  # a server that is down: a clear error in seconds, with no credential in it
+    try:
+        return _promote(client, name, version, alias, approved, require_approval, better_on, by)
+    except MlflowException as e:
+        raise RegistryError(f"Promoting {name} version {version} to @{alias} failed: "
+                            f"{redact(str(e).splitlines()[0][:300])}",
+                            "check the model name and version (qops register prints them) and the tracking URI.") from None
+
+
+def _promote(client, name, version, alias, approved, require_approval, better_on, by) -> dict:
+    from datetime import datetime, timezone
+
+    from mlflow.exceptions import MlflowException
+
     mv = client.get_model_version(name, version)
     if mv.tags.get("qops.gate") != "passed":
         raise RegistryError(f"{name} version {version} did not pass its gates (qops.gate={mv.tags.get('qops.gate')}).",

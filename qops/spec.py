@@ -7,6 +7,7 @@ resolved against the folder of the spec file.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -18,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from qops.errors import SpecError
+from qops.metric_names import known_metrics
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -272,6 +274,20 @@ class GateSpec(_Base):
                                  "decision: point = inconclusive {overall: point, slices: point}, "
                                  "decision: bound = inconclusive {overall: fail, slices: fail}")
             self.inconclusive = implied
+        return self
+
+    @model_validator(mode="after")
+    def _known_metric_names(self) -> "GateSpec":
+        known = known_metrics(self.custom_metrics)
+        named = [("gates.metric", self.metric)] + [("gates.thresholds", t.metric) for t in self.thresholds] + [
+            ("gates.metrics", m) for m in self.metrics or []]
+        bad = [f"{where}: {m!r}" for where, m in named if m not in known]
+        if bad:
+            close = sorted({c for _, m in named for c in difflib.get_close_matches(m, known, n=2, cutoff=0.6)
+                            if m not in known})
+            raise ValueError(f"unknown metric name(s) {', '.join(bad)}"
+                             + (f" (did you mean {', '.join(close)}?)" if close else "")
+                             + f"; known metrics: {', '.join(known)} (and custom_metrics names)")
         return self
 
 

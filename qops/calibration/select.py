@@ -23,7 +23,7 @@ import pandas as pd
 from qops.artifacts import atomic_path, sha256_file, write_json_atomic, write_text_atomic
 from qops.calibration.drift import check_drift
 from qops.calibration.sources import S3Options, TableSource, as_source
-from qops.data import DataKind, Tabular, feature_matrix
+from qops.data import DataKind, Tabular, feature_matrix, require_numeric
 from qops.errors import DataError, DriftError
 
 log = logging.getLogger(__name__)
@@ -151,7 +151,7 @@ def _in_window(frame: pd.DataFrame, recency: Recency | None, cutoff) -> np.ndarr
 
 def stream_sample(source, n: int, *, strategy: str = "random", seed: int = 0, columns: list[str] | None = None,
                   stratify_by: list[str] | None = None, min_per_slice: int = 1, recency: Recency | None = None,
-                  check_columns: list[str] | None = None, allow_fewer: bool = False,
+                  check_columns: list[str] | None = None, allow_fewer: bool = False, numeric: list[str] | None = None,
                   what: str = "calibration pool", batch_size: int = 65_536) -> tuple[pd.DataFrame, dict]:
     """Sample ``n`` rows from a (possibly larger than memory) source; returns rows in pool order and stats
     (pool rows, rows per stratum in the pool, null counts of ``check_columns``). ``allow_fewer``: return
@@ -192,6 +192,8 @@ def stream_sample(source, n: int, *, strategy: str = "random", seed: int = 0, co
         keys = rng.random(len(f))  # drawn for every row, so a row's key does not depend on filters
         for c in nulls:
             nulls[c] += int(f[c].isna().sum())
+        if numeric:  # every row of the pool, not just the sampled ones: "abc" in a numeric CSV column
+            require_numeric(f, numeric, what, source.uri)
         mask = _in_window(f, recency, cutoff)
         eligible_rows += int(mask.sum())
         codes = _strata(f, stratify_by) if stratify_by else np.full(len(f), "", dtype=object)
@@ -336,8 +338,10 @@ def select_calibration(
     extra = [diversity.embedding_column] if diversity and diversity.embedding_column else []
     columns = list(dict.fromkeys(features + slice_columns + extra))
 
+    numeric = features if isinstance(kind, Tabular) else None
     ref, ref_stats = stream_sample(ref_src, reference_sample, strategy="random", seed=seed,
-                                   columns=features + slice_columns, allow_fewer=True, what="drift reference")
+                                   columns=features + slice_columns, allow_fewer=True, what="drift reference",
+                                   numeric=numeric)
     ref = ref.drop(columns=[ROW])
 
     attempts, seeds = [], [seed] + ([seed + i for i in range(1, max_reselect + 1)] if on_drift == "reselect" else [])
@@ -349,7 +353,7 @@ def select_calibration(
         else:
             chosen, stats = stream_sample(pool_src, size, strategy=strategy, seed=s, columns=columns,
                                           stratify_by=stratify_by, min_per_slice=min_per_slice, recency=recency,
-                                          check_columns=features)
+                                          check_columns=features, numeric=numeric)
         if s == seed:
             _check_pool_columns(stats, features, pool_src.uri)
         bad = [c for c, v in stats["nulls"].items() if v]  # counted over the whole pool while streaming

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from qops.errors import ModelError
 
@@ -36,10 +37,19 @@ def onnx_io(model_path: str | os.PathLike) -> tuple[list[ModelInput], dict[str, 
                 for n, shape, dt in program_inputs(ep)], meta
     import onnx
 
+    p = Path(model_path)
+    if not p.is_file():
+        raise ModelError(f"Model file {p} does not exist.", "pass the path of an .onnx model.")
+    if p.stat().st_size == 0:
+        raise ModelError(f"Model file {p} is empty (0 bytes).", "export the model again; an interrupted copy or "
+                         "download leaves an empty file.")
     try:
         model = onnx.load(str(model_path), load_external_data=False)
     except Exception as e:
         raise ModelError(f"{model_path} is not a readable ONNX model: {e}", "pass an .onnx file.") from None
+    if not model.graph.node and not model.graph.input:
+        raise ModelError(f"{p} holds no ONNX graph (no nodes, no inputs): it is not an exported model.",
+                         "export the model again (torch.onnx.export or your framework's exporter).")
     inits = {i.name for i in model.graph.initializer}
     inputs = []
     for inp in model.graph.input:

@@ -79,3 +79,18 @@ def require_columns(df: pd.DataFrame, columns: list[str], what: str, path: str |
             f"The {what}{where} lacks column(s) {missing}; it has {list(df.columns)[:30]}.",
             "add the column(s) to the data or correct the column names in the spec.",
         )
+
+
+def require_numeric(df: pd.DataFrame, columns: list[str], what: str, path: str | os.PathLike | None = None) -> None:
+    """Every value of ``columns`` is a number (NaN allowed: the NaN checks name those): a string such as
+    ``"abc"`` in a CSV column is named with its row instead of failing deep in a statistics routine."""
+    for c in columns:
+        if c not in df.columns or pd.api.types.is_numeric_dtype(df[c]) or pd.api.types.is_bool_dtype(df[c]):
+            continue
+        coerced = pd.to_numeric(df[c], errors="coerce")
+        bad = df[c][coerced.isna() & df[c].notna()]
+        if len(bad):
+            where = f" ({path})" if path else ""
+            raise DataError(f"Column {c!r} of the {what}{where} is numeric for the model but holds "
+                            f"{bad.iloc[0]!r} (row {bad.index[0]}{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}).",
+                            "clean or drop those rows upstream; the column must hold numbers only.")

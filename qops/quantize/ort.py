@@ -15,6 +15,7 @@ Every output is written under a temporary name and renamed into place, with ``<o
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Iterator
 
 from qops import __version__
-from qops.artifacts import atomic_path, sha256_file, write_json_atomic
+from qops.artifacts import atomic_path, clean_stale_temps, sha256_file, temp_prefix, write_json_atomic
 from qops.data import data_kind, feature_matrix, onnx_io, read_table
 from qops.errors import DataError, ModelError, TargetError
 from qops.targets import Recipe, get_target
@@ -57,6 +58,7 @@ class QuantizeResult:
     notes: list = field(default_factory=list)
     trials: list = field(default_factory=list)  # accuracy-aware tuning: one row per candidate
     tuning: dict = field(default_factory=dict)
+    passed: bool | None = None  # tuning: whether the written candidate passed the gates (None: not tuned)
 
 
 class TableCalibrationReader:
@@ -74,6 +76,14 @@ class TableCalibrationReader:
         self.features = data_kind(str(model_path), features, self.path)
         self._it: Iterator[dict] | None = None
         self.rows = 0
+        self._t0 = self._last = time.monotonic()
+
+    def _progress(self) -> None:
+        """A log line every 10 s while rows are read (a large calibration set takes minutes)."""
+        now = time.monotonic()
+        if now - self._last >= 10:
+            self._last = now
+            log.info("calibration: %d rows of %s read in %.0f s", self.rows, Path(self.path).name, now - self._t0)
 
     def _batches(self) -> Iterator[dict]:
         p = Path(self.path)
@@ -90,12 +100,14 @@ class TableCalibrationReader:
             for batch in pf.iter_batches(batch_size=self.batch_size, columns=cols):
                 df = batch.to_pandas()
                 self.rows += len(df)
+                self._progress()
                 yield feature_matrix(df, self.inputs, self.features, f"calibration set {p.name}")
         else:
             df = read_table(p, "calibration set")
             for start in range(0, len(df), self.batch_size):
                 chunk = df.iloc[start : start + self.batch_size]
                 self.rows += len(chunk)
+                self._progress()
                 yield feature_matrix(chunk, self.inputs, self.features, f"calibration set {p.name}")
 
     def get_next(self) -> dict | None:
@@ -106,6 +118,7 @@ class TableCalibrationReader:
     def rewind(self) -> None:
         self._it = None
         self.rows = 0
+        self._t0 = self._last = time.monotonic()
 
     def __iter__(self) -> Iterator[dict]:
         return self._batches()
@@ -149,6 +162,7 @@ def quantize(
     ``options`` override recipe fields (validated), e.g. ``{"calibration_method": "percentile"}``.
     """
     recipe = resolve_recipe(target, options)
+    check_output_path(model, output)
     if recipe.engine == "torchao":
         from qops.quantize.torch_engine import quantize_torch
 
@@ -157,21 +171,58 @@ def quantize(
     return _quantize_onnx(Path(model), recipe, Path(output), calibration, features, batch_size)
 
 
+def check_output_path(model: str | os.PathLike, output: str | os.PathLike) -> None:
+    """Refuse an ``output`` that is the source model itself (the same path, a symlink or a hard link of it): the
+    FP32 source would be overwritten and the recipe would record source hash == model hash."""
+    m, o = Path(model), Path(output)
+    same = m.resolve() == o.resolve()
+    if not same and o.exists() and m.exists():
+        try:
+            same = os.path.samefile(m, o)
+        except OSError:
+            same = False
+    if same:
+        raise DataError(f"--output {o} is the source model {m} itself (the same file{' via a link' if m != o else ''}): "
+                        "quantizing would overwrite the FP32 model.",
+                        "write the quantized model to another path, e.g. --output model.int8.onnx.")
+
+
+@contextlib.contextmanager
+def private_tempdir(folder: Path):
+    """A temporary folder beside the output (``.qops-tmp-<pid>-*``), also used by ONNX Runtime's own temporary
+    files while it is open (``tempfile.tempdir``), so a killed quantization leaves nothing in the system's TMPDIR
+    and the next quantization into the same folder removes what it left."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in clean_stale_temps(folder):
+        log.info("removed %s, left by a quantization that was killed", folder / name)
+    td = Path(tempfile.mkdtemp(prefix=temp_prefix("quant-"), dir=folder))
+    previous = tempfile.tempdir
+    tempfile.tempdir = str(td)
+    try:
+        yield td
+    finally:
+        tempfile.tempdir = previous
+        shutil.rmtree(td, ignore_errors=True)
+
+
 def _quantize_onnx(model: Path, recipe: Recipe, output: Path, calibration, features, batch_size) -> QuantizeResult:
 
     from qops.quantize import graph
 
     if not model.is_file():
         raise ModelError(f"Model file {model} does not exist.", "pass the path of an FP32 .onnx model.")
+    if model.stat().st_size == 0:
+        raise ModelError(f"Model file {model} is empty (0 bytes).", "export the FP32 model again; an interrupted copy "
+                         "or download leaves an empty file.")
     if model.suffix.lower() == ".pt2":
         raise ModelError(f"Target {recipe.target!r} quantizes ONNX models, but {model.name} is a PyTorch program.",
                          "export it to ONNX first (the pipeline does this for pt2 sources), or pick a torch_* target.")
+    check_output_path(model, output)
     t0 = time.perf_counter()
     notes: list[str] = []
     technique: dict = {}
     rows = 0
-    with tempfile.TemporaryDirectory(prefix="qops-quant-") as td:
-        td = Path(td)
+    with private_tempdir(output.parent) as td:
         report = graph.check_model(model, upgraded_path=td / "upgraded.onnx")
         if report.upgraded_from is not None:
             notes.append(f"model upgraded from opset {report.upgraded_from} to {report.opset} before quantizing")
@@ -205,6 +256,9 @@ def _quantize_onnx(model: Path, recipe: Recipe, output: Path, calibration, featu
             histogram = recipe.precision == "int8" and mode == "static" and recipe.calibration_method != "minmax"
             reader = TableCalibrationReader(str(calibration), str(model), features,
                                             1 << 30 if histogram else batch_size)
+            if _count_rows(calibration) == 0:
+                raise DataError(f"The calibration set {calibration} has no rows.",
+                                "select a non-empty calibration set (qops calibrate).")
         elif calibration is not None:
             why = (f"mode {recipe.mode} -> {mode}" if recipe.mode == "auto" else f"mode {mode}")
             msg = (f"calibration set {Path(str(calibration)).name} NOT used: target {recipe.target} quantizes with "
@@ -250,25 +304,60 @@ def _quantize_onnx(model: Path, recipe: Recipe, output: Path, calibration, featu
                 f"{'/'.join(recipe.op_types)} node with constant weights (ops: {sorted(report.op_counts)}).",
                 "pick a target whose op_types match the model (e.g. int4 needs MatMul/Gemm weights), or "
                 "set target_options op_types.")
-        _move_model(q, output, external)
-    recipe_path = output.with_suffix(output.suffix + ".recipe.json")
-    src_size, out_size = graph.model_size(model), graph.model_size(output)
-    report_d = report.to_dict()
-    report_d["left_fp32"] = {"excluded_nodes": list(recipe.nodes_to_exclude),
-                             "ops_without_quantized_kernels": report.unquantizable}
-    if report.unquantizable:
-        notes.append("left in FP32 (no quantized kernel): " +
-                     ", ".join(f"{k} x{v}" for k, v in report.unquantizable.items()))
-    result = QuantizeResult(
-        target=recipe.target, model_path=str(output), model_sha256=sha256_file(output),
-        recipe_path=str(recipe_path), source_path=str(model), source_sha256=sha256_file(model),
-        size_bytes=out_size, source_size_bytes=src_size, size_ratio=round(src_size / out_size, 3),
-        calibration_path=str(calibration) if reader is not None else None, calibration_rows=rows,
-        seconds=round(time.perf_counter() - t0, 3), recipe=recipe.to_dict(), mode=mode, graph_kind=report.kind,
-        model_report=report_d, technique=technique, notes=notes,
-    )
-    write_json_atomic(recipe_path, {"recipe": recipe.to_dict(), "result": result, "qops_version": __version__})
+        report_d = report.to_dict()
+        report_d["left_fp32"] = {"excluded_nodes": list(recipe.nodes_to_exclude),
+                                 "ops_without_quantized_kernels": report.unquantizable}
+        if report.unquantizable:
+            notes.append("left in FP32 (no quantized kernel): " +
+                         ", ".join(f"{k} x{v}" for k, v in report.unquantizable.items()))
+
+        def result_for(path: Path) -> QuantizeResult:
+            src_size, out_size = graph.model_size(model), graph.model_size(path)
+            return QuantizeResult(
+                target=recipe.target, model_path=str(output), model_sha256=sha256_file(path),
+                recipe_path=str(output.with_suffix(output.suffix + ".recipe.json")), source_path=str(model),
+                source_sha256=sha256_file(model), size_bytes=out_size, source_size_bytes=src_size,
+                size_ratio=round(src_size / out_size, 3),
+                calibration_path=str(calibration) if reader is not None else None, calibration_rows=rows,
+                seconds=round(time.perf_counter() - t0, 3), recipe=recipe.to_dict(), mode=mode,
+                graph_kind=report.kind, model_report=report_d, technique=technique, notes=notes)
+
+        return publish(q, output, result_for, external)
+
+
+def publish(tmp: Path, output: Path, result_for, external: bool = False) -> QuantizeResult:
+    """Put a finished model and its recipe in place as a pair: the recipe (naming the model's sha256) first, the
+    model last, each by an atomic rename. A kill in between leaves a recipe whose hash does not match the model
+    at ``output`` (or no model): :func:`verify_pair` tells, and no reader ever sees a model without its recipe.
+    Models with external data are moved first (their data file is renamed before the model file)."""
+    if external:
+        _move_model(tmp, output, external)
+        result = result_for(output)
+        write_json_atomic(result.recipe_path, {"recipe": result.recipe, "result": result, "qops_version": __version__})
+        return result
+    result = result_for(tmp)
+    write_json_atomic(result.recipe_path, {"recipe": result.recipe, "result": result, "qops_version": __version__})
+    if tmp.parent == output.parent or tmp.parent.parent == output.parent:
+        os.replace(tmp, output)
+    else:
+        _move_model(tmp, output, external)
     return result
+
+
+def verify_pair(model: str | os.PathLike) -> dict:
+    """The recipe of ``model`` (``<model>.recipe.json``), checked to describe this very file (its sha256)."""
+    from qops.artifacts import read_json
+
+    m = Path(model)
+    recipe = m.with_suffix(m.suffix + ".recipe.json")
+    if not m.is_file() or not recipe.is_file():
+        raise ModelError(f"{m} has no {'model' if not m.is_file() else 'recipe ' + recipe.name} beside it: the "
+                         "quantization that wrote it did not finish.", "quantize again to the same output.")
+    data = read_json(recipe)
+    if data.get("result", {}).get("model_sha256") != sha256_file(m):
+        raise ModelError(f"{recipe.name} does not describe {m.name} (sha256 differs): the quantization that wrote "
+                         "them was interrupted between the two.", "quantize again to the same output.")
+    return data
 
 
 _QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
@@ -277,6 +366,14 @@ _QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Ma
 
 
 def _count_rows(calibration) -> int:
+    p = Path(str(calibration))
+    if p.suffix.lower() in (".parquet", ".pq") and p.is_file():
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.ParquetFile(p).metadata.num_rows
+        except Exception:  # noqa: BLE001 - unreadable: read_table names the problem
+            pass
     return len(read_table(calibration, "calibration set"))
 
 

@@ -309,21 +309,28 @@ def tune(
     config: TuningConfig | dict | None = None,
     ranking_data: str | os.PathLike | None = None,
     validation: str | os.PathLike | None = None,
+    failed_output: str | os.PathLike | None = None,
 ):
     """Search ``recipe``'s space, fall back nodes if needed, write the chosen candidate to ``output``.
 
     ``ranking_data``: rows on which node sensitivity is measured overall (default: the calibration set);
-    ``validation``: the validation table, whose rows of each failing slice are measured as well."""
-    from qops.quantize.ort import quantize
+    ``validation``: the validation table, whose rows of each failing slice are measured as well.
+    ``failed_output``: where the most faithful candidate goes when none passes (``qops quantize --tune`` names it
+    ``*.failed.onnx``, so the final name never holds a failing model); default ``output`` (the pipeline, whose
+    gate stage then fails it). The result's ``passed`` says which it was."""
+    from qops.artifacts import clean_stale_temps, temp_prefix
+    from qops.quantize.ort import check_output_path, quantize
 
     cfg = TuningConfig.from_any(config)
     output = Path(output)
+    check_output_path(model, output)
     t_start = time.perf_counter()
     deadline = t_start + cfg.timeout_s
     trials: list[dict] = []
     results: dict[int, object] = {}
-    work = Path(tempfile.mkdtemp(prefix=f".{output.name}.trials-", dir=output.parent if output.parent.exists()
-                                 else None))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(output.parent)
+    work = Path(tempfile.mkdtemp(prefix=temp_prefix("trials-"), dir=output.parent))
 
     def budget_left() -> bool:
         return len(trials) < cfg.max_trials and time.perf_counter() < deadline
@@ -446,9 +453,11 @@ def tune(
         for t in trials:
             t["chosen"] = t is chosen
         res = results[chosen["trial"] - 1]
-        _install(Path(res.model_path), output)
-        res.model_path = str(output)
-        res.recipe_path = str(output.with_suffix(output.suffix + ".recipe.json"))
+        trial_model = Path(res.model_path)
+        final = output if passing or failed_output is None else Path(failed_output)
+        res.model_path = str(final)
+        res.recipe_path = str(final.with_suffix(final.suffix + ".recipe.json"))
+        res.passed = bool(passing)
         res.trials = [_row_for_card(t) for t in trials]
         res.tuning = {
             "trials": len(trials), "passed": bool(passing), "chosen_trial": chosen["trial"],
@@ -463,10 +472,14 @@ def tune(
                        "fallback_trials": reserve, "fallback_share": cfg.fallback_share},
         }
         if not passing:
-            res.notes.append(f"tuning found no candidate that passes the gates in {len(trials)} trial(s)")
+            res.notes.append(f"tuning found no candidate that passes the gates in {len(trials)} trial(s)"
+                             + (f"; the most faithful one is written to {final.name}, not {output.name}"
+                                if final != output else ""))
         from qops import __version__
 
+        # the recipe (naming the model's sha256) first, the model last: a kill between leaves no unexplained model
         write_json_atomic(res.recipe_path, {"recipe": res.recipe, "result": res, "qops_version": __version__})
+        _install(trial_model, final)
         return res
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -133,6 +133,8 @@ def test_registration_with_the_server_down_fails_fast_and_clearly(fp32_model, tm
     from qops.registry import configure_mlflow, register
 
     port = free_port()  # nothing listens here
+    for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):  # configure_mlflow moves the URI's
+        monkeypatch.setenv(k, "")  # credentials here: the test's end restores what was there before
     configure_mlflow(f"http://qops:s3cret@127.0.0.1:{port}")
     q = tmp_path / "q.onnx"
     quantize(fp32_model, "x86_64_int8_dynamic", q)

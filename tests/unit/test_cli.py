@@ -3,6 +3,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 QOPS = [sys.executable, "-m", "qops.cli"]
 
 
@@ -98,3 +100,72 @@ def test_quantize_with_options_and_tuning(fp32_model, calibration_file, data_dir
     assert t.returncode == 0, t.stderr
     assert "trial  1" in t.stdout and "trial  2" in t.stdout and "<- chosen" in t.stdout
     assert (tmp_path / "t.onnx").is_file()
+
+
+def test_tuning_with_no_passing_candidate_exits_3_and_keeps_the_final_name_free(fp32_model, calibration_file,
+                                                                                 data_dir, tmp_path):
+    out = tmp_path / "q.onnx"
+    r = run("quantize", "--model", fp32_model, "--target", "x86_64_vnni_int8", "--calibration", calibration_file,
+            "--tune", "--validation", data_dir / "validation.parquet", "--threshold", "cosine>=1.5",
+            "--max-trials", 2, "--output", out, "--json")
+    assert r.returncode == 3, r.stderr[-2000:]
+    res = json.loads(r.stdout)
+    assert res["passed"] is False and res["tuning"]["passed"] is False
+    assert not out.exists() and not (tmp_path / "q.onnx.recipe.json").exists()
+    failed = tmp_path / "q.failed.onnx"
+    assert Path(res["model_path"]) == failed and failed.is_file()
+    from qops.quantize.ort import verify_pair
+
+    assert verify_pair(failed)["result"]["passed"] is False
+
+
+def _probe_files(tmp_path, data_dir):
+    import numpy as np
+    import pandas as pd
+
+    pool = pd.read_parquet(data_dir / "pool.parquet")
+    bad = pool.astype({"num_age": object})
+    bad.loc[bad.index[len(bad) // 2], "num_age"] = "abc"  # one row deep in the pool
+    bad.to_csv(tmp_path / "pool_abc.csv", index=False)
+    v = pd.read_parquet(data_dir / "validation.parquet")
+    v.assign(risk=np.where(v["risk"] == 1, "bad", "good")).to_parquet(tmp_path / "val_str.parquet")
+    v.assign(risk=np.where(np.arange(len(v)) == 0, 7, v["risk"])).to_parquet(tmp_path / "val7.parquet")
+    feats = json.loads((data_dir / "encoding.json").read_text())["features"]
+    np.savez(tmp_path / "empty.npz", features=np.zeros((0, len(feats)), np.float32))
+    (tmp_path / "zero.onnx").write_bytes(b"")
+
+
+@pytest.mark.parametrize("probe,args,expect", [
+    ("abc in a numeric CSV column", ["calibrate", "--pool", "{t}/pool_abc.csv", "--reference", "{d}/train.parquet",
+                                     "--size", "50", "--output-dir", "{t}/cal", "--model", "{m}"], "holds 'abc'"),
+    ("string labels", ["evaluate", "--fp32", "{m}", "--quantized", "{m}", "--validation", "{t}/val_str.parquet",
+                       "--label", "risk", "--latency-runs", "10", "--bootstrap", "10"], "non-numeric values"),
+    ("label 7 for a binary model", ["evaluate", "--fp32", "{m}", "--quantized", "{m}", "--validation",
+                                    "{t}/val7.parquet", "--label", "risk", "--latency-runs", "10", "--bootstrap", "10"],
+     "2 classes"),
+    ("an empty .npz calibration set", ["quantize", "--model", "{m}", "--target", "x86_64_vnni_int8", "--calibration",
+                                       "{t}/empty.npz", "--output", "{t}/q.onnx"], "has no rows"),
+    ("--option nested too deep", ["quantize", "--model", "{m}", "--target", "x86_64_vnni_int8", "--output",
+                                  "{t}/q.onnx", "--option", "percentile=" + "[" * 3000], "not a YAML scalar"),
+    ("--option with too many digits", ["quantize", "--model", "{m}", "--target", "x86_64_vnni_int8", "--output",
+                                       "{t}/q.onnx", "--option", "percentile=1" + "0" * 4400], "character value"),
+    ("an unknown threshold metric", ["quantize", "--model", "{m}", "--target", "x86_64_vnni_int8", "--output",
+                                     "{t}/q.onnx", "--tune", "--validation", "{d}/validation.parquet", "--threshold",
+                                     "cosin>=0.9"], "did you mean cosine"),
+    ("a 0-byte .onnx", ["calibrate", "--pool", "{d}/pool.parquet", "--reference", "{d}/train.parquet", "--size", "50",
+                        "--output-dir", "{t}/cal2", "--model", "{t}/zero.onnx"], "is empty (0 bytes)"),
+    ("--output equal to --model", ["quantize", "--model", "{m}", "--target", "x86_64_int8_dynamic", "--output",
+                                   "{m}"], "is the source model"),
+    ("--output a hard link of --model", ["quantize", "--model", "{m}", "--target", "x86_64_int8_dynamic", "--output",
+                                         "{t}/link.onnx"], "via a link"),
+])
+def test_bad_input_probes_exit_2_naming_the_problem_and_the_fix(probe, args, expect, fp32_model, data_dir, tmp_path):
+    import os
+
+    _probe_files(tmp_path, data_dir)
+    os.link(fp32_model, tmp_path / "link.onnx")
+    before = Path(fp32_model).read_bytes()
+    r = run(*[a.format(t=tmp_path, d=data_dir, m=fp32_model) for a in args])
+    assert r.returncode == 2, (probe, r.returncode, r.stderr[-1500:])
+    assert "Traceback" not in r.stderr and expect in r.stderr and "Fix:" in r.stderr, (probe, r.stderr[-1500:])
+    assert Path(fp32_model).read_bytes() == before  # the source is never touched

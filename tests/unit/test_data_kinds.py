@@ -321,9 +321,14 @@ def test_cli_quantize_tunes_a_named_input_model_on_npz_with_thresholds(tmp_path)
                         tmp_path / "calib.npz", "--tune", "--validation", tmp_path / "val.npz", "--threshold",
                         "cosine>=0.9", "--threshold", "neighbor_agreement>=0.5", "--output", out, "--max-trials", "3",
                         "--json"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-3000:]
+    # a model this small may time slower than FP32 (the latency gate): then no candidate passes, exit 3, and the
+    # most faithful one is written as O.failed.onnx, never under the final name
+    assert r.returncode in (0, 3), r.stderr[-3000:]
     res = json.loads(r.stdout)
-    assert out.is_file() and res["tuning"]["trials"] >= 1 and res["calibration_rows"] == 64
+    assert res["passed"] is (r.returncode == 0) and res["tuning"]["passed"] is res["passed"]
+    written = out if res["passed"] else tmp_path / "O.failed.onnx"
+    assert written.is_file() and out.is_file() is res["passed"] and Path(res["model_path"]) == written
+    assert res["tuning"]["trials"] >= 1 and res["calibration_rows"] == 64
     r = subprocess.run([BIN / "qops", "quantize", "--model", model, "--target", "x86_64_vnni_int8", "--tune",
                         "--validation", tmp_path / "val.npz", "--threshold", "cosine=0.9", "--output", out],
                        capture_output=True, text=True)

@@ -188,3 +188,56 @@ def test_promotion_policy_gates_approval_and_metrics(mlflow_uri, qmodel, card_fi
     assert client.get_model_version("m-x86", v3).tags["qops.promoted.production"].endswith("by dag run 3")
     again = promote("m-x86", v3, "production")  # a retried task: nothing changes
     assert not again["promoted"] and "already holds" in again["reason"]
+
+
+def test_a_registration_that_lost_the_race_removes_its_own_version(mlflow_uri, qmodel, card_files, monkeypatch):
+    """The race window, made deterministic: a second attempt whose look-up ran before the first attempt's version
+    existed (``_find_version`` sees nothing) creates its own version, then finds the lower one for its run key,
+    deletes its own and returns the first — never two live versions for one run key."""
+    import qops.registry as registry
+
+    first = _register(qmodel, card_files)
+    monkeypatch.setattr(registry, "_find_version", lambda client, name, key: None)
+    second = _register(qmodel, card_files)
+    assert second.version == first.version and second.reused
+    versions = MlflowClient().search_model_versions("name = 'm-x86'")
+    assert [str(v.version) for v in versions] == [first.version]
+    runs = mlflow.search_runs(experiment_names=["qops"], output_format="list")
+    assert any(r.data.tags.get("qops.registration", "").startswith("superseded by version") for r in runs)
+
+
+def test_promote_against_a_server_that_is_down_fails_fast_without_credentials(monkeypatch):
+    import time
+
+    from servers import free_port
+
+    from qops.registry import configure_mlflow
+
+    for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):  # restored when the test ends
+        monkeypatch.setenv(k, "")
+    port = free_port()
+    configure_mlflow(f"http://bob:Hunter2-secret@127.0.0.1:{port}")
+    t0 = time.monotonic()
+    with pytest.raises(RegistryError) as e:
+        promote("m", "1", "champion")
+    assert time.monotonic() - t0 < 40
+    assert "did not answer" in str(e.value) and "Hunter2-secret" not in str(e.value) and "bob" not in str(e.value)
+    assert mlflow.get_tracking_uri() == f"http://127.0.0.1:{port}"  # the credential left the URI for the env
+    import os
+
+    assert os.environ["MLFLOW_TRACKING_PASSWORD"] == "Hunter2-secret"
+
+
+def test_a_models_uri_source_on_a_server_that_is_down_is_unavailable_not_missing(tmp_path):
+    import time
+
+    from servers import free_port
+
+    from qops.errors import RegistryUnavailable
+    from qops.registry import configure_mlflow
+
+    configure_mlflow(f"http://127.0.0.1:{free_port()}")
+    t0 = time.monotonic()
+    with pytest.raises(RegistryUnavailable) as e:
+        fetch_source_model("models:/german-credit@champion", tmp_path)
+    assert time.monotonic() - t0 < 40 and "did not answer" in str(e.value) and "not found" not in str(e.value)
