@@ -70,6 +70,11 @@ class FileLock:
             except BlockingIOError:
                 if time.monotonic() >= deadline:
                     holder = _read(fd)
+                    for _ in range(5):  # the holder writes who it is right after it takes the lock
+                        if holder or self.shared:
+                            break
+                        time.sleep(0.1)
+                        holder = _read(fd)
                     os.close(fd)
                     who = (f"process {holder.get('pid')} on {holder.get('host')} ({holder.get('what', '?')}, since "
                            f"{holder.get('since', '?')})" if holder else "another qops process")
