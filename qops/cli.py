@@ -62,10 +62,19 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
-def _text_args(sp) -> None:
+def _kind_args(sp) -> None:
     sp.add_argument("--tokenizer", help="text data: a local tokenizer directory (never downloaded)")
     sp.add_argument("--text-column", help="text data: the text column (two, comma-separated, for pairs)")
     sp.add_argument("--max-length", type=int, default=128, help="text data: tokens per row after truncation")
+    sp.add_argument("--data-kind", choices=["image"], help="image: the tables hold image paths (the spec's "
+                    "data.kind image); their preprocessing is set with the --image-* options")
+    sp.add_argument("--path-column", default="path", help="image data: the column of image paths")
+    sp.add_argument("--image-root", help="image data: folder relative paths are read from (default: as given)")
+    sp.add_argument("--resize", type=int, default=256, help="image data: shorter side resized to this (0: off)")
+    sp.add_argument("--crop", type=int, default=224, help="image data: centre crop size (0: off)")
+    sp.add_argument("--mean", default="0.485,0.456,0.406", help="image data: per-channel mean on the 0..1 scale")
+    sp.add_argument("--std", default="0.229,0.224,0.225", help="image data: per-channel std on the 0..1 scale")
+    sp.add_argument("--layout", choices=["NCHW", "NHWC"], default="NCHW", help="image data: tensor layout")
 
 
 def _options(pairs: list[str] | None) -> dict:
@@ -129,8 +138,27 @@ def _cli_gates(args):
                         "name a known metric, e.g. --threshold 'cosine>=0.995'.") from None
 
 
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise QopsError(f"{flag} {text!r} is not a comma-separated list of numbers.",
+                        f"e.g. {flag} 0.485,0.456,0.406") from None
+    if len(values) != 3:
+        raise QopsError(f"{flag} {text!r} has {len(values)} values, not one per RGB channel.",
+                        f"e.g. {flag} 0.485,0.456,0.406")
+    return values
+
+
 def _data_kind(args):
-    """A text data kind from --tokenizer/--text-column; None otherwise (tabular or inferred)."""
+    """The data kind the flags name: text (--tokenizer), image (--data-kind image); None otherwise (tabular or
+    inferred from the data and the model)."""
+    if getattr(args, "data_kind", None) == "image":
+        from qops.data import Image
+
+        return Image(path_column=args.path_column, root=args.image_root, resize=args.resize or None,
+                     crop=args.crop or None, mean=_floats(args.mean, "--mean"), std=_floats(args.std, "--std"),
+                     layout=args.layout)
     if not getattr(args, "tokenizer", None):
         return None
     from qops.data import Text
@@ -401,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", help="ONNX model: its qops.feature_columns metadata names the features, or its input "
                    "names the pool's array columns; with --tokenizer, the inputs the calibration feeds are checked "
                    "against")
-    _text_args(sp)
+    _kind_args(sp)
     sp.add_argument("--no-drift-check", action="store_true")
     sp.add_argument("--on-drift", choices=["fail", "warn", "reselect"], default="fail")
     sp.add_argument("--max-reselect", type=int, default=3)
@@ -426,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "threshold names neighbor_agreement, else top-1 agreement)")
     sp.add_argument("--output-name", help="model output the task reads (default: the first)")
     sp.add_argument("--embedding-output", help="a further output of embeddings (embedding_cosine, neighbor_agreement)")
-    _text_args(sp)
+    _kind_args(sp)
     sp.add_argument("--max-trials", type=int, default=12)
     sp.add_argument("--timeout", type=float, default=900.0, help="tuning budget in seconds")
 
@@ -442,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--label", help="label column (task loss); omit with --distill")
     sp.add_argument("--distill", action="store_true", help="label-free: KL to the FP32 program's outputs")
     sp.add_argument("--features", help="comma-separated; default: the program's qops.feature_columns")
-    _text_args(sp)
+    _kind_args(sp)
     sp.add_argument("--group-size", type=int, help="int4 group size of torchao schemes (default 32)")
     sp.add_argument("--steps", type=int)
     sp.add_argument("--epochs", type=float)
@@ -468,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--metric", help="primary metric (default: accuracy, mae, or agreement without labels)")
     sp.add_argument("--output-name", help="model output the task reads (default: the first)")
     sp.add_argument("--embedding-output", help="a further output of embeddings (embedding_cosine, neighbor_agreement)")
-    _text_args(sp)
+    _kind_args(sp)
     sp.add_argument("--bootstrap", type=int, default=1000)
     sp.add_argument("--min-slice-size", type=int, default=20)
     sp.add_argument("--latency-runs", type=int, default=300)

@@ -7,6 +7,7 @@
 #     - german_credit: a credit-risk MLP on tabular data
 #     - news_topics: a topic head on the pretrained all-MiniLM-L6-v2 transformer (text data, named inputs)
 #     - tiny_llama (make demo-llm): a small Llama trained offline, INT4/NF4 decoder targets with a KV cache
+#     - lite0_photos (make demo-image): the ImageNet-pretrained EfficientNet-Lite0 on crops of real photos
 #  3. print each summary table and, last, `summary: <path>`
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -90,7 +91,16 @@ print(f"    retrained {r['model_name']} version {r['version']} ({r['parameters']
       f"{r['config']['steps']} steps): validation perplexity {r['val_perplexity']:.1f} (unigram {r['unigram_perplexity']:.1f})")
 PY
       SUMMARIES+=("$QOPS_HOME/artifacts/tiny-llama/latest_summary.json") ;;
-    *) echo "unknown example $ex (QOPS_DEMO_EXAMPLES takes german_credit, news_topics, tiny_llama)"; exit 2 ;;
+    lite0_photos)
+      run_example lite0_photos_publish lite0_photos_quantize lite0-photos
+      python - "$QOPS_HOME/photos/result.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(f"    published {r['model_name']} version {r['version']} (EfficientNet-Lite0, ImageNet-pretrained, "
+      f"{r['parameters'] / 1e6:.2f} M parameters)")
+PY
+      SUMMARIES+=("$QOPS_HOME/artifacts/lite0-photos/latest_summary.json") ;;
+    *) echo "unknown example $ex (QOPS_DEMO_EXAMPLES takes german_credit, news_topics, tiny_llama, lite0_photos)"; exit 2 ;;
   esac
 done
 

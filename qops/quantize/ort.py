@@ -30,6 +30,7 @@ from qops import __version__
 from qops.artifacts import atomic_path, clean_stale_temps, sha256_file, temp_prefix, write_json_atomic
 from qops.data import data_kind, feature_matrix, onnx_io, read_table
 from qops.errors import DataError, ModelError, TargetError
+from qops.quantize.cnn import coverage_note, float_islands, integer_graph_ops, refine_model, wants, weighted_coverage
 from qops.targets import Recipe, get_target
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,29 @@ class TableCalibrationReader:
         c = copy.copy(self)
         c._it, c.rows = None, 0
         return c
+
+
+class StreamingReader:
+    """Feeds ONNX Runtime's calibrator one batch per ``collect_data`` call (with ``CalibStridedMinMax=1`` its loop
+    calls :meth:`set_range` per batch), so it never holds more than one batch's intermediate tensors: min-max
+    ranges and histograms (percentile, entropy, distribution) are merged batch by batch. Batches are read in order
+    from the table reader (ONNX Runtime asks for the ranges in order)."""
+
+    def __init__(self, reader: TableCalibrationReader):
+        self.reader, self._left = reader, 0
+        self._batches = -(-_count_rows(reader.path) // reader.batch_size)
+
+    def __len__(self) -> int:
+        return self._batches
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._left = end_index - start_index
+
+    def get_next(self) -> dict | None:
+        if self._left <= 0:
+            return None
+        self._left -= 1
+        return self.reader.get_next()
 
 
 def _ort_types(recipe: Recipe):
@@ -252,10 +276,11 @@ def _quantize_onnx(model: Path, recipe: Recipe, output: Path, calibration, featu
                             "set.", "pass --calibration FILE, or drop smooth_quant_alpha.")
         uses_cal = needs_cal or (recipe.smooth_quant_alpha is not None and recipe.precision == "int8")
         if uses_cal:
-            # ORT's histogram calibrators (percentile, entropy, distribution) stack batches: one batch of all rows
-            histogram = recipe.precision == "int8" and mode == "static" and recipe.calibration_method != "minmax"
+            # static INT8 calibrates in bounded batches, one batch per ONNX Runtime collection (StreamingReader):
+            # peak memory is one batch's intermediate tensors, whatever the number of rows
+            static = recipe.precision == "int8" and mode == "static"
             reader = TableCalibrationReader(str(calibration), str(model), features,
-                                            1 << 30 if histogram else batch_size)
+                                            recipe.calibration_batch if static else batch_size)
             if _count_rows(calibration) == 0:
                 raise DataError(f"The calibration set {calibration} has no rows.",
                                 "select a non-empty calibration set (qops calibrate).")
@@ -296,6 +321,15 @@ def _quantize_onnx(model: Path, recipe: Recipe, output: Path, calibration, featu
             notes.append(f"exporter debug metadata on nodes dropped from the quantized file ({stripped / 1e3:.0f} kB)")
         counts = _op_counts(q)
         technique["quantized_ops"] = {k: v for k, v in counts.items() if k in _QUANT_OPS}
+        qm = graph.load(q, external=False)
+        technique["weighted_nodes"] = weighted_coverage(graph.load(model, external=False), qm)
+        note = coverage_note(technique["weighted_nodes"])
+        if note and recipe.precision != "fp16":
+            notes.append(note)
+        if mode == "static" and recipe.precision == "int8" and recipe.quant_format == "QDQ":
+            technique["float_islands"] = float_islands(q)  # what ORT runs in float after fusing the QDQ graph
+            if technique.get("integer_graph"):
+                report.unquantizable = technique["float_islands"]["float_ops"]
         if recipe.precision == "codebook" and technique.get("weights"):
             technique["quantized_ops"]["codebook weights"] = technique["weights"]
         if not technique["quantized_ops"] and recipe.precision != "fp16":
@@ -442,14 +476,22 @@ def _int8(src: Path, dst: Path, recipe: Recipe, mode: str, reader, external: boo
     if mode == "static":
         if recipe.calibration_method == "percentile":
             extra["CalibPercentile"] = recipe.percentile
+        kind = graph.graph_kind(m)
+        if wants(recipe.integer_graph, kind):
+            op_types = integer_graph_ops(op_types)
+            technique["integer_graph"] = True
         log.info("static INT8 for %s: calibrating (%s) on %s", recipe.target, recipe.calibration_method, reader.path)
         reader.rewind()
+        extra["CalibStridedMinMax"] = 1  # with StreamingReader: ONNX Runtime collects one batch at a time
         quantize_static(
-            str(pre2), str(dst), reader, quant_format=fmt, op_types_to_quantize=op_types or None,
+            str(pre2), str(dst), StreamingReader(reader), quant_format=fmt, op_types_to_quantize=op_types or None,
             per_channel=recipe.per_channel, reduce_range=recipe.reduce_range, activation_type=at, weight_type=wt,
             calibrate_method=cm, nodes_to_exclude=exclude, use_external_data_format=external, extra_options=extra,
         )
         technique["calibration_method"] = recipe.calibration_method
+        technique["calibration_batch"] = recipe.calibration_batch
+        if recipe.quant_format == "QDQ" and (wants(recipe.bias_correction, kind) or recipe.learned_rounding):
+            technique["refinement"] = refine_model(dst, pre2, reader, recipe, kind, external)
     else:
         log.info("dynamic INT8 for %s", recipe.target)
         quantize_dynamic(

@@ -57,6 +57,14 @@ class Recipe:
     percentile: float = 99.999  # calibration_method="percentile": clip activations at this percentile
     # SmoothQuant migration strength (None: off; "auto": chosen per layer on the calibration activations)
     smooth_quant_alpha: float | Literal["auto"] | None = None
+    # static INT8 of convolutional graphs (qops.quantize.cnn): "auto" = on for convolutional graphs
+    integer_graph: Literal["auto", "on", "off"] = "auto"  # QDQ on every op ORT quantizes (Clip, Add, pooling...)
+    bias_correction: Literal["auto", "on", "off"] = "auto"  # empirical, layer by layer, on refine_rows rows
+    learned_rounding: bool = False  # AdaRound per layer (slower: ~1-2 s per layer)
+    refine_rows: int = 32  # calibration rows the layer-wise refinement reproduces FP32 on
+    rounding_iters: int = 200
+    refine_budget_s: float = 600.0
+    calibration_batch: int = 8  # rows per calibration batch: peak memory is one batch's intermediate tensors
     # INT8 embedding tables (Gather on a large weight): one scale for the table (ONNX Runtime's) or one per row
     embedding_granularity: Literal["per-tensor", "per-row"] = "per-tensor"
     # weighted ops (Gather: embedding tables); () = every op ONNX Runtime quantizes (INT8)
@@ -109,6 +117,9 @@ class Recipe:
             bad(f"block_size {self.block_size} is not a power of two >= 16.", "use 16, 32, 64 or 128.")
         if self.precision == "codebook" and not 2 <= self.codebook_bits <= 8:
             bad(f"codebook_bits {self.codebook_bits} is outside 2..8.", "use 4 (16 centroids) or 8.")
+        if self.refine_rows < 1 or self.calibration_batch < 1 or self.rounding_iters < 1:
+            bad("refine_rows, calibration_batch and rounding_iters must be at least 1.",
+                "use e.g. refine_rows=32, calibration_batch=16, rounding_iters=200.")
         if not 90.0 <= self.percentile < 100.0:
             bad(f"percentile {self.percentile} is outside [90, 100).", "use e.g. 99.99 or 99.999.")
         if isinstance(self.smooth_quant_alpha, (int, float)) and not 0.0 < self.smooth_quant_alpha < 1.0:

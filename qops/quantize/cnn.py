@@ -1,0 +1,128 @@
+"""Static INT8 for convolutional graphs: an integer graph end to end, layer-wise refinement, and the check that
+the graph really runs in integer.
+
+- :func:`integer_graph_ops`: with ``integer_graph`` on (``auto``: convolutional graphs), every op ONNX Runtime
+  quantizes gets QDQ — Clip/Relu (ReLU6) fold into the preceding quantization range, Add, Concat, pooling, Resize
+  and the like run on integer kernels, so QDQ pairs fuse instead of leaving float islands between integer ops.
+- :func:`refine_model`: bias correction (``auto``: convolutional graphs) and, on request, learned rounding
+  (:mod:`qops.quantize.refine`) on the first ``refine_rows`` calibration rows.
+- :func:`float_islands`: what ONNX Runtime runs in float after fusing the QDQ model (float ops, requantizations):
+  the count a test and the recipe's report use.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# ops that only move or reshape data (they run on the integer tensors as they are) or hold constants
+_DATA_MOVEMENT = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose",
+                  "Shape", "Gather", "Slice", "Concat", "Split", "Identity", "Constant", "Cast", "Pad"}
+
+
+def wants(setting: str, kind: str) -> bool:
+    """``on``/``off``, or ``auto``: on for convolutional graphs."""
+    return setting == "on" or (setting == "auto" and kind == "convolutional")
+
+
+def integer_graph_ops(op_types) -> list[str]:
+    """Every op type ONNX Runtime quantizes statically (its QDQ and QLinear registries), plus the recipe's own."""
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    return sorted(set(QDQRegistry) | set(QLinearOpsRegistry) | set(op_types or ()))
+
+
+def float_islands(path) -> dict:
+    """What ONNX Runtime's CPU kernels run in float in a quantized model, read off the graph ONNX Runtime itself
+    optimizes it to (QDQ fusion included): ``{"float_ops": {op type: count}, "requantizations": k}`` — compute ops
+    left in float, and the QuantizeLinear nodes inside the graph (each a float -> integer transition after a float
+    island; quantizing the model's inputs does not count). An integer graph end to end has neither."""
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix=".qops-tmp-opt-", dir=Path(path).parent) as td:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        so.optimized_model_filepath = str(Path(td) / "optimized.onnx")
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        m = onnx.load(so.optimized_model_filepath, load_external_data=False)
+    inputs = {i.name for i in m.graph.input}
+    ops = Counter(n.op_type for n in m.graph.node
+                  if n.op_type not in _DATA_MOVEMENT and not n.op_type.startswith("QLinear")
+                  and n.op_type not in _INTEGER_KERNELS and n.domain in ("", "ai.onnx", "com.microsoft"))
+    requant = sum(1 for n in m.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inputs)
+    return {"float_ops": dict(ops), "requantizations": requant}
+
+
+def refine_model(dst: Path, fp32: Path, reader, recipe, kind: str, external: bool) -> dict:
+    """Bias correction and/or learned rounding of the QDQ model at ``dst`` (rewritten in place) against ``fp32``
+    (the model ONNX Runtime quantized), on the first ``recipe.refine_rows`` rows of ``reader``."""
+    import onnx
+
+    from qops.quantize.refine import refine
+
+    feeds, rows = [], 0
+    reader.rewind()
+    while rows < recipe.refine_rows:
+        batch = reader.get_next()
+        if batch is None:
+            break
+        n = len(next(iter(batch.values())))
+        take = min(n, recipe.refine_rows - rows)
+        feeds.append({k: v[:take] for k, v in batch.items()})
+        rows += take
+    if not feeds:
+        return {"skipped": "no calibration rows"}
+    q, f = onnx.load(str(dst)), onnx.load(str(fp32))
+    bias = wants(recipe.bias_correction, kind)
+    log.info("refining %s: %s%s on %d calibration rows", recipe.target, "bias correction" if bias else "",
+             " + learned rounding" if recipe.learned_rounding else "", rows)
+    report = refine(q, f, feeds, bias_correction=bias, learned_rounding=recipe.learned_rounding,
+                    rounding_iters=recipe.rounding_iters, time_budget_s=recipe.refine_budget_s)
+    if external:
+        onnx.save(q, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=dst.name + ".data", size_threshold=1024)
+    else:
+        onnx.save(q, str(dst))
+    return report
+
+
+_INTEGER_KERNELS = {"ConvInteger": "Conv", "QLinearConv": "Conv", "MatMulInteger": "MatMul", "QLinearMatMul": "MatMul",
+                    "DynamicQuantizeMatMul": "MatMul", "MatMulNBits": "MatMul", "QGemm": "Gemm",
+                    "GatherBlockQuantized": "Gather"}
+
+
+def weighted_coverage(source, quantized) -> dict:
+    """Op type -> {"quantized": k, "total": n} over the source's nodes with constant weights (Conv, ConvTranspose,
+    Gemm, MatMul): how much of the model the target really quantized."""
+    from qops.quantize.graph import weighted_nodes
+
+    total = Counter(n.op_type for n, _ in weighted_nodes(source, ("Conv", "ConvTranspose", "Gemm", "MatMul")))
+    dq_out = {o for n in quantized.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    done = Counter()
+    for n in quantized.graph.node:
+        if n.op_type in _INTEGER_KERNELS:
+            done[_INTEGER_KERNELS[n.op_type]] += 1
+        elif n.op_type in total and len(n.input) > 1 and n.input[1] in dq_out:
+            done[n.op_type] += 1
+    # a dynamic quantizer rewrites Gemm as MatMulInteger: count what moved between the two
+    moved = max(0, done["MatMul"] - total["MatMul"])
+    if moved:
+        done["MatMul"] -= moved
+        done["Gemm"] += moved
+    return {op: {"quantized": min(done[op], n), "total": n} for op, n in sorted(total.items())}
+
+
+def coverage_note(cov: dict) -> str | None:
+    """A note when fewer than half of the weighted nodes were quantized (e.g. a CNN under a MatMul-only target)."""
+    q, t = sum(v["quantized"] for v in cov.values()), sum(v["total"] for v in cov.values())
+    if not t or q * 2 >= t:
+        return None
+    parts = ", ".join(f"{op} {v['quantized']}/{v['total']}" for op, v in cov.items())
+    return (f"only {q} of {t} weighted nodes were quantized ({parts}); the rest stay FP32, so size and speed barely "
+            "change: pick a target whose op types cover the model (e.g. a static INT8 target for a CNN)")
