@@ -317,7 +317,7 @@ def _quantize_onnx(model: Path, recipe: Recipe, output: Path, calibration, featu
                 raise DataError(f"The calibration set {calibration} has no rows.",
                                 "select a non-empty calibration set (qops calibrate).")
         stripped = _copy_metadata(model, q, external)
-        if stripped:
+        if stripped >= 1000:  # a kB or more (a tiny or negative difference is protobuf noise)
             notes.append(f"exporter debug metadata on nodes dropped from the quantized file ({stripped / 1e3:.0f} kB)")
         counts = _op_counts(q)
         technique["quantized_ops"] = {k: v for k, v in counts.items() if k in _QUANT_OPS}
