@@ -369,8 +369,9 @@ def stage_card(spec: PipelineSpec, run_id: str, target: str, dag_id: str | None 
 def check_model_hash(q: dict) -> None:
     """The file about to be registered is the model this run's quantize stage wrote (its recorded sha256)."""
     path = Path(q["model_path"])
-    if path.is_file() and sha256_file(path) != q["model_sha256"]:
-        raise QopsError(f"{path} is not the model this run quantized: its sha256 is {sha256_file(path)}, the "
+    actual = sha256_file(path) if path.is_file() else q["model_sha256"]
+    if actual != q["model_sha256"]:
+        raise QopsError(f"{path} is not the model this run quantized: its sha256 is {actual}, the "
                         f"quantize stage recorded {q['model_sha256']} (another process wrote the file).",
                         "rerun the quantize stage for this target (same spec and run id), then register.")
 

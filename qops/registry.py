@@ -41,8 +41,9 @@ def configure_mlflow(tracking_uri: str | None = None, registry_uri: str | None =
         os.environ["MLFLOW_TRACKING_USERNAME"] = user
     if password is not None:
         os.environ["MLFLOW_TRACKING_PASSWORD"] = password
-    if os.environ.get("MLFLOW_TRACKING_URI") and split_credentials(os.environ["MLFLOW_TRACKING_URI"])[1] is not None:
-        os.environ["MLFLOW_TRACKING_URI"] = split_credentials(os.environ["MLFLOW_TRACKING_URI"])[0]
+    env_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if env_uri:  # subprocesses read it too: without its credentials
+        os.environ["MLFLOW_TRACKING_URI"] = split_credentials(env_uri)[0]
     if redact(uri) != uri:
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     ensure_sqlite_store(uri)
@@ -332,18 +333,24 @@ def _find_version(client, name: str, run_key: str):
         client.get_registered_model(name)
     except MlflowException:
         return None
+    return first_version_for(client, name, run_key)
+
+
+def first_version_for(client, name: str, run_key: str):
+    """The live version registered for ``run_key``: the lowest-numbered one (the first created), ignoring versions
+    a concurrent attempt has already marked superseded. Every attempt calls this right after creating its own
+    version, so of two racing creations exactly one survives."""
     live = [mv for mv in client.search_model_versions(f"name = '{name}'")
             if (mv.tags or {}).get("qops.run_key") == run_key and not (mv.tags or {}).get("qops.superseded_by")]
     return min(live, key=lambda mv: int(mv.version)) if live else None
 
 
-def first_version_for(client, name: str, run_key: str) -> str | None:
-    """The live version registered for ``run_key``: the lowest-numbered one (the first created), ignoring versions
-    a concurrent attempt has already marked superseded. Every attempt calls this right after creating its own
-    version, so of two racing creations exactly one survives."""
-    live = [int(mv.version) for mv in client.search_model_versions(f"name = '{name}'")
-            if (mv.tags or {}).get("qops.run_key") == run_key and not (mv.tags or {}).get("qops.superseded_by")]
-    return str(min(live)) if live else None
+def _reused(client, name: str, mv) -> "RegisterResult":
+    """The result for a version registered earlier (a retry, or a concurrent attempt that got in first)."""
+    version = str(mv.version)
+    aliases = client.get_registered_model(name).aliases
+    return RegisterResult(True, name, version, sorted(a for a, v in aliases.items() if str(v) == version),
+                          f"models:/{name}/{version}", mv.run_id, reused=True)
 
 
 def _await_complete(client, name: str, version: str, timeout_s: float = 600.0) -> "RegisterResult":
@@ -360,9 +367,7 @@ def _await_complete(client, name: str, version: str, timeout_s: float = 600.0) -
             raise RegistryUnavailable(f"The concurrent registration of {name} version {version} was rolled back.",
                                       "retry: registration is idempotent.") from None
         if (mv.tags or {}).get("qops.complete") == "true":
-            aliases = client.get_registered_model(name).aliases
-            return RegisterResult(True, name, str(version), sorted(a for a, v in aliases.items() if str(v) == version),
-                                  f"models:/{name}/{version}", mv.run_id, reused=True)
+            return _reused(client, name, mv)
         if time.monotonic() > deadline:
             raise RegistryUnavailable(f"The concurrent registration of {name} version {version} did not complete in "
                                       f"{timeout_s:.0f} s.", "retry once it has finished or failed.")
@@ -468,10 +473,7 @@ def register(
         log.info("version %s of %s already registered for run key %s: reusing it", existing.version, name, run_key)
         if gate_passed:  # the earlier attempt may have died before its aliases were settled
             settle_aliases(client, name, [candidate_alias, *([promote_alias] if promote else [])])
-        aliases = client.get_registered_model(name).aliases
-        return RegisterResult(True, name, str(existing.version),
-                              sorted(a for a, v in aliases.items() if str(v) == str(existing.version)),
-                              f"models:/{name}/{existing.version}", existing.run_id, reused=True)
+        return _reused(client, name, existing)
     if existing is not None:  # an earlier attempt died between create and complete: remove it, then redo
         client.delete_model_version(name, existing.version)
 
@@ -524,7 +526,8 @@ def register(
                                              onnx_execution_providers=execution_providers or ["CPUExecutionProvider"])
             mv = mlflow.register_model(info.model_uri, name, tags=safe_tags)
             version = str(mv.version)
-            winner = first_version_for(client, name, run_key)
+            first = first_version_for(client, name, run_key)
+            winner = None if first is None else str(first.version)
             if winner is not None and winner != version:
                 # a concurrent registration of the same run key was created first: it stays, this one goes
                 client.set_model_version_tag(name, version, "qops.superseded_by", winner)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import os
 import shutil
@@ -79,6 +80,11 @@ class TableCalibrationReader:
         self.rows = 0
         self._t0 = self._last = time.monotonic()
 
+    @functools.cached_property
+    def total_rows(self) -> int:
+        """Rows of the calibration file (parquet: from its metadata, without reading it)."""
+        return _count_rows(self.path)
+
     def _progress(self) -> None:
         """A log line every 10 s while rows are read (a large calibration set takes minutes)."""
         now = time.monotonic()
@@ -138,7 +144,7 @@ class StreamingReader:
 
     def __init__(self, reader: TableCalibrationReader):
         self.reader, self._left = reader, 0
-        self._batches = -(-_count_rows(reader.path) // reader.batch_size)
+        self._batches = -(-reader.total_rows // reader.batch_size)
 
     def __len__(self) -> int:
         return self._batches
@@ -241,7 +247,6 @@ def _quantize_onnx(model: Path, recipe: Recipe, output: Path, calibration, featu
     if model.suffix.lower() == ".pt2":
         raise ModelError(f"Target {recipe.target!r} quantizes ONNX models, but {model.name} is a PyTorch program.",
                          "export it to ONNX first (the pipeline does this for pt2 sources), or pick a torch_* target.")
-    check_output_path(model, output)
     t0 = time.perf_counter()
     notes: list[str] = []
     technique: dict = {}
@@ -281,7 +286,7 @@ def _quantize_onnx(model: Path, recipe: Recipe, output: Path, calibration, featu
             static = recipe.precision == "int8" and mode == "static"
             reader = TableCalibrationReader(str(calibration), str(model), features,
                                             recipe.calibration_batch if static else batch_size)
-            if _count_rows(calibration) == 0:
+            if reader.total_rows == 0:
                 raise DataError(f"The calibration set {calibration} has no rows.",
                                 "select a non-empty calibration set (qops calibrate).")
         elif calibration is not None:
@@ -293,7 +298,7 @@ def _quantize_onnx(model: Path, recipe: Recipe, output: Path, calibration, featu
             notes.append(msg)
         q = td / "q.onnx"
         if recipe.precision == "int8" and mode in ("static", "dynamic"):
-            technique = _int8(named, q, recipe, mode, reader, external, td)
+            technique = _int8(named, q, recipe, mode, reader, external, td, report.kind)
         elif recipe.precision == "int8":  # weight_only: 8-bit MatMulNBits
             technique = _nbits(named, q, recipe, 8, reader, external)
         elif recipe.precision == "int4":
@@ -312,10 +317,7 @@ def _quantize_onnx(model: Path, recipe: Recipe, output: Path, calibration, featu
         else:  # pragma: no cover - Recipe validation rejects other combinations
             raise ModelError(f"No ONNX Runtime path for precision {recipe.precision!r}.", "pick another target.")
         if reader is not None:
-            rows = reader.rows or _count_rows(calibration)
-            if needs_cal and rows == 0:
-                raise DataError(f"The calibration set {calibration} has no rows.",
-                                "select a non-empty calibration set (qops calibrate).")
+            rows = reader.rows or reader.total_rows
         stripped = _copy_metadata(model, q, external)
         if stripped >= 1000:  # a kB or more (a tiny or negative difference is protobuf noise)
             notes.append(f"exporter debug metadata on nodes dropped from the quantized file ({stripped / 1e3:.0f} kB)")
@@ -366,16 +368,16 @@ def publish(tmp: Path, output: Path, result_for, external: bool = False) -> Quan
     Models with external data are moved first (their data file is renamed before the model file)."""
     if external:
         _move_model(tmp, output, external)
-        result = result_for(output)
-        write_json_atomic(result.recipe_path, {"recipe": result.recipe, "result": result, "qops_version": __version__})
-        return result
-    result = result_for(tmp)
-    write_json_atomic(result.recipe_path, {"recipe": result.recipe, "result": result, "qops_version": __version__})
-    if tmp.parent == output.parent or tmp.parent.parent == output.parent:
-        os.replace(tmp, output)
-    else:
-        _move_model(tmp, output, external)
+    result = result_for(output if external else tmp)
+    write_recipe(result)
+    if not external:
+        os.replace(tmp, output)  # the temporary folder is beside the output: one file system
     return result
+
+
+def write_recipe(result: QuantizeResult) -> None:
+    """``<model>.recipe.json``: the recipe used and the result, with the model's sha256."""
+    write_json_atomic(result.recipe_path, {"recipe": result.recipe, "result": result, "qops_version": __version__})
 
 
 def verify_pair(model: str | os.PathLike) -> dict:
@@ -438,7 +440,7 @@ def _save(model, path: Path, external: bool) -> None:
         onnx.save(model, str(path))
 
 
-def _int8(src: Path, dst: Path, recipe: Recipe, mode: str, reader, external: bool, td: Path) -> dict:
+def _int8(src: Path, dst: Path, recipe: Recipe, mode: str, reader, external: bool, td: Path, kind: str) -> dict:
     from onnxruntime.quantization import quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -476,7 +478,6 @@ def _int8(src: Path, dst: Path, recipe: Recipe, mode: str, reader, external: boo
     if mode == "static":
         if recipe.calibration_method == "percentile":
             extra["CalibPercentile"] = recipe.percentile
-        kind = graph.graph_kind(m)
         if wants(recipe.integer_graph, kind):
             op_types = integer_graph_ops(op_types)
             technique["integer_graph"] = True

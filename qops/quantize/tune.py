@@ -28,7 +28,7 @@ from typing import Callable
 
 import numpy as np
 
-from qops.artifacts import atomic_path, write_json_atomic
+from qops.artifacts import atomic_path
 from qops.errors import QopsError
 from qops.targets import Recipe
 
@@ -329,7 +329,7 @@ def tune(
     ``*.failed.onnx``, so the final name never holds a failing model); default ``output`` (the pipeline, whose
     gate stage then fails it). The result's ``passed`` says which it was."""
     from qops.artifacts import clean_stale_temps, temp_prefix
-    from qops.quantize.ort import check_output_path, quantize
+    from qops.quantize.ort import check_output_path, quantize, write_recipe
 
     cfg = TuningConfig.from_any(config)
     output = Path(output)
@@ -490,10 +490,8 @@ def tune(
             res.notes.append(f"tuning found no candidate that passes the gates in {len(trials)} trial(s)"
                              + (f"; the most faithful one is written to {final.name}, not {output.name}"
                                 if final != output else ""))
-        from qops import __version__
-
         # the recipe (naming the model's sha256) first, the model last: a kill between leaves no unexplained model
-        write_json_atomic(res.recipe_path, {"recipe": res.recipe, "result": res, "qops_version": __version__})
+        write_recipe(res)
         _install(trial_model, final)
         return res
     finally:
