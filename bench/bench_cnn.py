@@ -45,6 +45,13 @@ def _fidelity(ref, out) -> dict:
     return {"agreement": float((out.argmax(1) == ref.argmax(1)).mean()), "cosine": float(cos.mean())}
 
 
+def _depthwise(path) -> list[str]:
+    import onnx
+
+    return [n.name for n in onnx.load(str(path)).graph.node
+            if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute)]
+
+
 def _ort_variant(pre: Path, out: Path, xc: np.ndarray, **kw) -> Path:
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
@@ -137,6 +144,10 @@ def main() -> int:
         ("qops, integer graph + learned rounding", {"bias_correction": "off", "learned_rounding": True}),
         ("qops, integer graph + bias correction + learned rounding", {"learned_rounding": True}),
         ("qops, default with percentile calibration", {"calibration_method": "percentile"}),
+        ("qops, default + exact cross-layer equalization", {"equalization": "exact"}),
+        ("qops, default + calibrated cross-layer equalization (ReLU6 chains too)", {"equalization": "calibrated"}),
+        ("qops, default with the depthwise layers kept out of INT8 (INT16 weights, float kernels)",
+         {"nodes_to_exclude": tuple(_depthwise(fp32))}),
     )
     for name, o in qops_variants:
         s = time.perf_counter()
@@ -144,7 +155,9 @@ def main() -> int:
                      options=o)
         variants[name] = {"path": r.model_path, "seconds": round(time.perf_counter() - s, 1), "options": o,
                           "float_islands": r.technique.get("float_islands"),
-                          "refinement": r.technique.get("refinement")}
+                          "refinement": r.technique.get("refinement"),
+                          "precision": r.technique.get("precision_summary"),
+                          "equalization": r.technique.get("equalization")}
     print(f"quantized {len(variants)} variants in {time.perf_counter() - t0:.0f} s", flush=True)
     paths = {"FP32": str(fp32), **{k: v["path"] for k, v in variants.items()}}
     p50 = p50_interleaved(paths, {"pixel_values": xv[:1]}, args.runs)

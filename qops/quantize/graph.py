@@ -221,14 +221,29 @@ def gemm_to_matmul(model) -> int:
             new_nodes.append(helper.make_node("Add", [mm_out, n.input[2]], [n.output[0]], name=n.name + "_bias"))
         changed += 1
     if changed:
-        del model.graph.node[:]
-        model.graph.node.extend(new_nodes)
-        used = {i for n in model.graph.node for i in n.input}
-        keep = [t for t in model.graph.initializer if t.name in used]
-        del model.graph.initializer[:]
-        model.graph.initializer.extend(keep)
+        replace_nodes(model, new_nodes)
         onnx.checker.check_model(model)
     return changed
+
+
+def replace_nodes(model, nodes) -> None:
+    """Make ``nodes`` the graph's node list and drop the initializers no node reads any more."""
+    nodes = list(nodes)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    used = {i for n in model.graph.node for i in n.input}
+    keep = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+
+
+def consumers_of(model) -> dict[str, list]:
+    """Tensor name -> the nodes that read it."""
+    out: dict[str, list] = {}
+    for n in model.graph.node:
+        for t in n.input:
+            out.setdefault(t, []).append(n)
+    return out
 
 
 def strip_debug_metadata(model) -> int:

@@ -32,6 +32,8 @@ from qops.artifacts import atomic_path, clean_stale_temps, sha256_file, temp_pre
 from qops.data import data_kind, feature_matrix, onnx_io, read_table
 from qops.errors import DataError, ModelError, TargetError
 from qops.quantize.cnn import coverage_note, float_islands, integer_graph_ops, refine_model, wants, weighted_coverage
+from qops.quantize.equalize import equalize
+from qops.quantize.precision import precision_map, protect_wide_layers, summarize, with_activations
 from qops.targets import Recipe, get_target
 
 log = logging.getLogger(__name__)
@@ -325,6 +327,8 @@ def _quantize_onnx(model: Path, recipe: Recipe, output: Path, calibration, featu
         technique["quantized_ops"] = {k: v for k, v in counts.items() if k in _QUANT_OPS}
         qm = graph.load(q, external=False)
         technique["weighted_nodes"] = weighted_coverage(graph.load(model, external=False), qm)
+        technique["precision"] = precision_map(qm)
+        technique["precision_summary"] = summarize(technique["precision"])
         note = coverage_note(technique["weighted_nodes"])
         if note and recipe.precision != "fp16":
             notes.append(note)
@@ -470,6 +474,12 @@ def _int8(src: Path, dst: Path, recipe: Recipe, mode: str, reader, external: boo
         technique["embeddings"] = quantize_embeddings(m, nodes_to_exclude=recipe.nodes_to_exclude)
         if technique["embeddings"]["tables"]:  # the row scales are Gathers too: ORT must not quantize them
             op_types = [o for o in (op_types or _ort_default_ops(mode, recipe)) if o != "Gather"]
+    if mode == "static" and recipe.equalization != "off":
+        def batches():
+            reader.rewind()
+            return iter(reader.get_next, None)
+
+        technique["equalization"] = equalize(m, batches, mode=recipe.equalization, nodes_to_exclude=recipe.nodes_to_exclude)
     pre2 = td / "prepared.onnx"
     _save(m, pre2, external)
     wt, at, cm, fmt = _ort_types(recipe)
@@ -481,6 +491,8 @@ def _int8(src: Path, dst: Path, recipe: Recipe, mode: str, reader, external: boo
         if wants(recipe.integer_graph, kind):
             op_types = integer_graph_ops(op_types)
             technique["integer_graph"] = True
+            if exclude:  # a layer kept out of INT8 keeps its Relu/Clip with it (see qops.quantize.precision)
+                exclude = with_activations(m, exclude)
         log.info("static INT8 for %s: calibrating (%s) on %s", recipe.target, recipe.calibration_method, reader.path)
         reader.rewind()
         extra["CalibStridedMinMax"] = 1  # with StreamingReader: ONNX Runtime collects one batch at a time
@@ -491,6 +503,12 @@ def _int8(src: Path, dst: Path, recipe: Recipe, mode: str, reader, external: boo
         )
         technique["calibration_method"] = recipe.calibration_method
         technique["calibration_batch"] = recipe.calibration_batch
+        if recipe.quant_format == "QDQ":  # before refinement: it measures the model as it will run
+            qm = graph.load(dst)
+            protected = protect_wide_layers(qm)
+            if protected:  # ONNX Runtime would quantize their float weights per tensor when the model loads
+                _save(qm, dst, external)
+                technique["int16_weights"] = protected
         if recipe.quant_format == "QDQ" and (wants(recipe.bias_correction, kind) or recipe.learned_rounding):
             technique["refinement"] = refine_model(dst, pre2, reader, recipe, kind, external)
     else:

@@ -97,8 +97,8 @@ def search_space(recipe: Recipe, cfg: TuningConfig, has_calibration: bool, prefe
                  kind: str | None = None) -> list[dict]:
     """Recipe option sets to try, the recipe's own settings first (for ``mode: auto``, the mode the graph's
     structure picks first). Convolutional graphs (``kind``) try, by measured gain per second on a real mobile CNN:
-    the default (integer graph + bias correction), then learned rounding, then the other calibration methods, and
-    dynamic INT8 last (it leaves Convs in float)."""
+    the default (integer graph + bias correction), then learned rounding, then exact cross-layer equalization, then
+    the other calibration methods, and dynamic INT8 last (it leaves Convs in float)."""
     base: dict = {}
     cands: list[dict] = [base]
     if recipe.engine != "onnxruntime":
@@ -137,6 +137,7 @@ def search_space(recipe: Recipe, cfg: TuningConfig, has_calibration: bool, prefe
         if kind == "convolutional" and "static" in modes:
             first_static = basic["static"][:1]
             cands += first_static + [dict(c, learned_rounding=True) for c in first_static]
+            cands += [dict(c, equalization="exact") for c in first_static]  # Relu chains (none in ReLU6 nets)
             cands += [c for c in others if c.get("per_channel", True)] + basic["static"][1:]
             cands += [c for c in others if not c.get("per_channel", True)]
             cands += [c for m in modes if m != "static" for c in basic[m]]

@@ -60,6 +60,9 @@ class Recipe:
     # static INT8 of convolutional graphs (qops.quantize.cnn): "auto" = on for convolutional graphs
     integer_graph: Literal["auto", "on", "off"] = "auto"  # QDQ on every op ORT quantizes (Clip, Add, pooling...)
     bias_correction: Literal["auto", "on", "off"] = "auto"  # empirical, layer by layer, on refine_rows rows
+    # cross-layer equalization before static INT8 (qops.quantize.equalize): "exact" = Relu/linear chains (FP32
+    # outputs unchanged), "calibrated" = Clip(0, c) chains too (unchanged on the calibration rows only)
+    equalization: Literal["off", "exact", "calibrated"] = "off"
     learned_rounding: bool = False  # AdaRound per layer (slower: ~1-2 s per layer)
     refine_rows: int = 32  # calibration rows the layer-wise refinement reproduces FP32 on
     rounding_iters: int = 200

@@ -56,6 +56,7 @@ def test_card_files_sections_and_values(card_inputs, tmp_path):
     assert "[To be written by the model owner: set card.training_data" in md  # visible placeholder
     assert "not on the target's aarch64 hardware" in md  # arm64 target measured on an x86 worker
     assert "onnxruntime 1." in md  # library versions
+    assert "| Weight precision per layer | int8 per-channel x" in md  # the per-layer precision map
     assert "`s3://pools/p.parquet` etag `" + "e" * 32 + "`" in md and "`/data/train.parquet`, 20 bytes" in md
     assert json.loads(Path(res.json_path).read_text()) == card
     assert Path(res.chart_path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
