@@ -103,7 +103,13 @@ def weighted_coverage(source, quantized) -> dict:
     from qops.quantize.graph import weighted_nodes
 
     total = Counter(n.op_type for n, _ in weighted_nodes(source, ("Conv", "ConvTranspose", "Gemm", "MatMul")))
-    dq_out = {o for n in quantized.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    from onnx import TensorProto
+
+    narrow = {TensorProto.INT8, TensorProto.UINT8, TensorProto.INT4, TensorProto.UINT4}
+    inits = {i.name: i.data_type for i in quantized.graph.initializer}
+    # weights behind a DequantizeLinear of 8 bits or fewer (INT16 weights of layers kept out of INT8 do not count)
+    dq_out = {o for n in quantized.graph.node if n.op_type == "DequantizeLinear"
+              and inits.get(n.input[0], TensorProto.INT8) in narrow for o in n.output}
     done = Counter()
     for n in quantized.graph.node:
         if n.op_type in _INTEGER_KERNELS:

@@ -122,6 +122,7 @@ def test_a_layer_kept_out_of_int8_stays_out_when_onnx_runtime_loads_the_model(tm
     assert r.technique["precision"][dw] == "int16 per-channel"
     assert r.technique["precision_summary"] == {"int8 per-channel": 7, "int16 per-channel": 1}
     assert r.technique["float_islands"]["float_ops"] == {"Conv": 1}  # it really runs in float
+    assert r.technique["weighted_nodes"]["Conv"] == {"quantized": 6, "total": 7}
     q = onnx.load(r.model_path)
     assert at_risk(q) == []
     # the same model with that weight as a plain float initializer: ONNX Runtime fuses it into an integer kernel
