@@ -16,6 +16,8 @@ import logging
 from collections import Counter
 from pathlib import Path
 
+from qops.quantize.graph import save_model
+
 log = logging.getLogger(__name__)
 
 # ops that only move or reshape data (they run on the integer tensors as they are) or hold constants
@@ -59,6 +61,45 @@ def float_islands(path) -> dict:
     return {"float_ops": dict(ops), "requantizations": requant}
 
 
+def _first_rows(reader, rows: int) -> list[dict]:
+    """The first ``rows`` rows of ``reader`` as a list of feed batches."""
+    feeds, got = [], 0
+    reader.rewind()
+    while got < rows:
+        batch = reader.get_next()
+        if batch is None:
+            break
+        n = len(next(iter(batch.values())))
+        take = min(n, rows - got)
+        feeds.append({k: v[:take] for k, v in batch.items()})
+        got += take
+    return feeds
+
+
+def finetune_model(dst: Path, fp32: Path, reader, recipe, external: bool) -> dict:
+    """Quantization-aware fine-tuning of the QDQ model at ``dst`` (rewritten in place) towards ``fp32`` on the first
+    ``recipe.finetune_rows`` calibration rows (:mod:`qops.quantize.finetune`)."""
+    import numpy as np
+    import onnx
+
+    from qops.quantize.finetune import finetune
+
+    batches = _first_rows(reader, recipe.finetune_rows)
+    if not batches:
+        return {"skipped": "no calibration rows"}
+    feeds = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+    q, f = onnx.load(str(dst)), onnx.load(str(fp32))
+    log.info("fine-tuning %s: up to %d steps on %d calibration rows", recipe.target, recipe.finetune_steps,
+             len(next(iter(feeds.values()))))
+    report = finetune(q, f, feeds, steps=recipe.finetune_steps, lr=recipe.finetune_lr,
+                      batch_size=recipe.finetune_batch, time_budget_s=recipe.finetune_budget_s)
+    if "skipped" in report:
+        log.warning("fine-tuning skipped: %s", report["skipped"])
+        return report
+    save_model(q, dst, external)
+    return report
+
+
 def refine_model(dst: Path, fp32: Path, reader, recipe, kind: str, external: bool) -> dict:
     """Bias correction and/or learned rounding of the QDQ model at ``dst`` (rewritten in place) against ``fp32``
     (the model ONNX Runtime quantized), on the first ``recipe.refine_rows`` rows of ``reader``."""
@@ -66,16 +107,8 @@ def refine_model(dst: Path, fp32: Path, reader, recipe, kind: str, external: boo
 
     from qops.quantize.refine import refine
 
-    feeds, rows = [], 0
-    reader.rewind()
-    while rows < recipe.refine_rows:
-        batch = reader.get_next()
-        if batch is None:
-            break
-        n = len(next(iter(batch.values())))
-        take = min(n, recipe.refine_rows - rows)
-        feeds.append({k: v[:take] for k, v in batch.items()})
-        rows += take
+    feeds = _first_rows(reader, recipe.refine_rows)
+    rows = sum(len(next(iter(f.values()))) for f in feeds)
     if not feeds:
         return {"skipped": "no calibration rows"}
     q, f = onnx.load(str(dst)), onnx.load(str(fp32))
@@ -83,12 +116,9 @@ def refine_model(dst: Path, fp32: Path, reader, recipe, kind: str, external: boo
     log.info("refining %s: %s%s on %d calibration rows", recipe.target, "bias correction" if bias else "",
              " + learned rounding" if recipe.learned_rounding else "", rows)
     report = refine(q, f, feeds, bias_correction=bias, learned_rounding=recipe.learned_rounding,
-                    rounding_iters=recipe.rounding_iters, time_budget_s=recipe.refine_budget_s)
-    if external:
-        onnx.save(q, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location=dst.name + ".data", size_threshold=1024)
-    else:
-        onnx.save(q, str(dst))
+                    rounding_iters=recipe.rounding_iters, rounding_rows=recipe.rounding_rows,
+                    time_budget_s=recipe.refine_budget_s)
+    save_model(q, dst, external)
     return report
 
 

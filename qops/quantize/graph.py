@@ -70,6 +70,18 @@ def uses_external_data(model) -> bool:
     return any(_uses(t) for t in model.graph.initializer)
 
 
+def save_model(model, path: str | os.PathLike, external: bool = False) -> None:
+    """Write ``model``; with ``external``, its tensors go to one ``<name>.data`` file beside it (> 2 GB models)."""
+    import onnx
+
+    path = Path(path)
+    if external:
+        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save(model, str(path))
+
+
 def model_size(path: str | os.PathLike) -> int:
     """Bytes of the model file plus its external data files."""
     p = Path(path)

@@ -31,8 +31,17 @@ from qops import __version__
 from qops.artifacts import atomic_path, clean_stale_temps, sha256_file, temp_prefix, write_json_atomic
 from qops.data import data_kind, feature_matrix, onnx_io, read_table
 from qops.errors import DataError, ModelError, TargetError
-from qops.quantize.cnn import coverage_note, float_islands, integer_graph_ops, refine_model, wants, weighted_coverage
+from qops.quantize.cnn import (
+    coverage_note,
+    finetune_model,
+    float_islands,
+    integer_graph_ops,
+    refine_model,
+    wants,
+    weighted_coverage,
+)
 from qops.quantize.equalize import equalize
+from qops.quantize.graph import save_model
 from qops.quantize.precision import precision_map, protect_wide_layers, summarize, with_activations
 from qops.targets import Recipe, get_target
 
@@ -276,7 +285,7 @@ def _quantize_onnx(model: Path, recipe: Recipe, output: Path, calibration, featu
         graph.name_nodes(full)
         _map_excluded(model, full, recipe.nodes_to_exclude)  # unknown node names: an error naming the closest
         named = td / "named.onnx"
-        _save(full, named, external)
+        save_model(full, named, external)
         reader = None
         if recipe.smooth_quant_alpha is not None and recipe.precision == "int8" and calibration is None:
             raise DataError(f"Target {recipe.target!r} uses SmoothQuant, which measures activations on a calibration "
@@ -313,7 +322,7 @@ def _quantize_onnx(model: Path, recipe: Recipe, output: Path, calibration, featu
 
             m, technique = quantize_model(graph.load(named), recipe.op_types, recipe.codebook, recipe.codebook_bits,
                                           recipe.nodes_to_exclude, per_channel=recipe.per_channel)
-            _save(m, q, external)
+            save_model(m, q, external)
             notes.append("non-uniform codebook weights save size, not time: weights are decoded to FP32 when the "
                          "model loads, so memory use and latency are FP32's")
         else:  # pragma: no cover - Recipe validation rejects other combinations
@@ -434,16 +443,6 @@ def _op_counts(path: Path) -> dict:
     return dict(Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node))
 
 
-def _save(model, path: Path, external: bool) -> None:
-    import onnx
-
-    if external:
-        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location=path.name + ".data", size_threshold=1024)
-    else:
-        onnx.save(model, str(path))
-
-
 def _int8(src: Path, dst: Path, recipe: Recipe, mode: str, reader, external: bool, td: Path, kind: str) -> dict:
     from onnxruntime.quantization import quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -481,7 +480,7 @@ def _int8(src: Path, dst: Path, recipe: Recipe, mode: str, reader, external: boo
 
         technique["equalization"] = equalize(m, batches, mode=recipe.equalization, nodes_to_exclude=recipe.nodes_to_exclude)
     pre2 = td / "prepared.onnx"
-    _save(m, pre2, external)
+    save_model(m, pre2, external)
     wt, at, cm, fmt = _ort_types(recipe)
     extra = {"WeightSymmetric": recipe.symmetric_weights, "ActivationSymmetric": recipe.symmetric_activations}
     exclude = _map_excluded(src, m, recipe.nodes_to_exclude)
@@ -507,10 +506,12 @@ def _int8(src: Path, dst: Path, recipe: Recipe, mode: str, reader, external: boo
             qm = graph.load(dst)
             protected = protect_wide_layers(qm)
             if protected:  # ONNX Runtime would quantize their float weights per tensor when the model loads
-                _save(qm, dst, external)
+                save_model(qm, dst, external)
                 technique["int16_weights"] = protected
         if recipe.quant_format == "QDQ" and (wants(recipe.bias_correction, kind) or recipe.learned_rounding):
             technique["refinement"] = refine_model(dst, pre2, reader, recipe, kind, external)
+        if recipe.quant_format == "QDQ" and recipe.finetune_steps > 0:
+            technique["finetune"] = finetune_model(dst, pre2, reader, recipe, external)
     else:
         log.info("dynamic INT8 for %s", recipe.target)
         quantize_dynamic(
@@ -598,7 +599,7 @@ def _nbits(src: Path, dst: Path, recipe: Recipe, bits: int, reader, external: bo
                                             op_types_to_quantize=ops, bits=bits)
     if recipe.algorithm == "gptq":
         tmp = dst.with_name("gptq_in.onnx")
-        _save(m, tmp, external)
+        save_model(m, tmp, external)
         q = MatMulNBitsQuantizer(str(tmp), bits=bits, block_size=recipe.block_size,
                                  is_symmetric=recipe.symmetric_weights, accuracy_level=recipe.accuracy_level,
                                  nodes_to_exclude=list(recipe.nodes_to_exclude), algo_config=algo)
@@ -609,7 +610,7 @@ def _nbits(src: Path, dst: Path, recipe: Recipe, bits: int, reader, external: bo
     log.info("INT%d weight-only (%s, block %d) for %s", bits, recipe.algorithm, recipe.block_size, recipe.target)
     q.process()
     out = q.model.model if hasattr(q.model, "model") else q.model
-    _save(out, dst, external)
+    save_model(out, dst, external)
     return {"kind": f"int{bits}_weight_only", "algorithm": recipe.algorithm, "block_size": recipe.block_size,
             "symmetric": recipe.symmetric_weights, "accuracy_level": recipe.accuracy_level,
             "gemm_rewritten_as_matmul": converted, "op_types": list(ops), "notes": notes}
@@ -622,7 +623,7 @@ def _fp16(src: Path, dst: Path, recipe: Recipe, external: bool) -> dict:
 
     m = graph.load(src)
     out = convert_float_to_float16(m, keep_io_types=True, node_block_list=list(recipe.nodes_to_exclude) or None)
-    _save(out, dst, external)
+    save_model(out, dst, external)
     return {"kind": "fp16", "io_types": "float32 (kept)", "excluded_nodes": list(recipe.nodes_to_exclude)}
 
 

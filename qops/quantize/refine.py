@@ -15,7 +15,8 @@ few calibration rows, and then
 - **bias correction**: the mean output difference per output channel is folded into the layer's INT32 bias.
 
 Scales, zero points and the graph stay as ONNX Runtime wrote them, so the model fuses and runs exactly like the
-unrefined one. Memory is bounded by ``rows`` (the inputs of one layer at a time); time by ``time_budget_s``.
+unrefined one. Bias correction streams over its rows batch by batch (one batch of one layer's input in memory);
+learned rounding holds ``rounding_rows`` rows of one layer's input; time is bounded by ``time_budget_s``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import logging
 import time
 
 import numpy as np
+
+from qops.quantize.graph import tap_session
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +39,32 @@ def _attrs(node) -> dict:
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
-def _taps(model, tensor: str, feeds: list[dict]) -> np.ndarray:
-    from qops.quantize.graph import tap_session
-
+def _tap_batches(model, tensor: str, feeds: list[dict]):
+    """``tensor``'s value for each feed batch in turn (one session; one batch's tensor in memory at a time)."""
     sess, outs = tap_session(model, [tensor])
     i = outs.index(tensor)
     names = {x.name for x in sess.get_inputs()}
-    return np.concatenate([sess.run(None, {k: v for k, v in f.items() if k in names})[i] for f in feeds])
+    for f in feeds:
+        yield sess.run(None, {k: v for k, v in f.items() if k in names})[i]
+
+
+def _taps(model, tensor: str, feeds: list[dict]) -> np.ndarray:
+    return np.concatenate(list(_tap_batches(model, tensor, feeds)))
+
+
+def _mean_shift(layer: "_Layer", qmodel, fmodel, feeds: list[dict], w_q: np.ndarray, torch) -> np.ndarray:
+    """Per output channel, the mean of FP32 output minus quantized output over ``feeds``, batch by batch: the FP32
+    layer on FP32 inputs against the quantized weights on the quantized model's own inputs."""
+    total, count = None, 0
+    wq, W = torch.from_numpy(w_q), torch.from_numpy(layer.W)
+    with torch.no_grad():
+        for xq, xf in zip(_tap_batches(qmodel, layer.q.input[0], feeds), _tap_batches(fmodel, layer.f.input[0], feeds)):
+            d = layer.forward(torch.from_numpy(xf), W, torch) - layer.forward(torch.from_numpy(xq), wq, torch)
+            dims = [k for k in range(d.dim()) if k != 1]
+            part = d.double().sum(dim=dims).numpy()
+            total = part if total is None else total + part
+            count += d.numel() // d.shape[1]
+    return total / max(count, 1)
 
 
 class _Layer:
@@ -158,9 +180,11 @@ def _learn_rounding(layer: _Layer, xq, y, iters: int, torch) -> tuple[np.ndarray
 
 
 def refine(qmodel, fmodel, feeds: list[dict], *, bias_correction: bool = True, learned_rounding: bool = False,
-           rounding_iters: int = 200, time_budget_s: float = 600.0) -> dict:
+           rounding_iters: int = 200, rounding_rows: int = 32, time_budget_s: float = 600.0) -> dict:
     """Refine ``qmodel`` (an ONNX Runtime QDQ ModelProto, changed in place) against ``fmodel`` (the FP32 model it
-    was quantized from: same node names) on ``feeds`` (a few calibration batches). Returns what was done."""
+    was quantized from: same node names) on ``feeds`` (calibration batches). Bias correction streams over every
+    batch (one batch's layer input in memory at a time); learned rounding holds its first ``rounding_rows`` rows
+    for its iterations. Returns what was done."""
     import torch
     from onnx import numpy_helper
 
@@ -169,29 +193,35 @@ def refine(qmodel, fmodel, feeds: list[dict], *, bias_correction: bool = True, l
     report = {"layers": len(layers), "rows": int(sum(len(next(iter(f.values()))) for f in feeds)),
               "bias_corrected": 0, "rounding_learned": 0, "stopped": "done", "mse_ratio": []}
     threads = torch.get_num_threads()
+    few, rows = [], 0  # the first rounding_rows rows, for learned rounding
+    for f in feeds:
+        if rows >= rounding_rows:
+            break
+        k = min(len(next(iter(f.values()))), rounding_rows - rows)
+        few.append({n: v[:k] for n, v in f.items()})
+        rows += k
     for k, args in enumerate(layers):
         if time.perf_counter() - t0 > time_budget_s:
             report["stopped"] = f"time budget ({time_budget_s:.0f} s) used after {k} of {len(layers)} layers"
             log.warning("refinement: %s", report["stopped"])
             break
         layer = _Layer(*args)
-        xq = torch.from_numpy(_taps(qmodel, layer.q.input[0], feeds))
-        xf = torch.from_numpy(_taps(fmodel, layer.f.input[0], feeds))
-        with torch.no_grad():
-            y = layer.forward(xf, torch.from_numpy(layer.W), torch)
         w_int = layer.w_int
         if learned_rounding:
+            xq = torch.from_numpy(_taps(qmodel, layer.q.input[0], few))
+            with torch.no_grad():
+                y = layer.forward(torch.from_numpy(_taps(fmodel, layer.f.input[0], few)), torch.from_numpy(layer.W),
+                                  torch)
             w_int, before, after = _learn_rounding(layer, xq, y, rounding_iters, torch)
+            del xq, y
             if w_int is not layer.w_int:
                 layer.w_init.CopyFrom(numpy_helper.from_array(w_int, layer.w_init.name))
                 report["rounding_learned"] += 1
             report["mse_ratio"].append(round(after / before, 4) if before > 0 else 1.0)
         if bias_correction:
             s, zp = layer.shape(layer.w_scale), layer.shape(layer.w_zp)
-            with torch.no_grad():
-                yq = layer.forward(xq, torch.from_numpy((w_int.astype(np.float32) - zp) * s), torch)
-                dims = [d for d in range(y.dim()) if d != 1]
-                shift = (y - yq).mean(dim=dims).double().numpy()
+            shift = _mean_shift(layer, qmodel, fmodel, feeds, ((w_int.astype(np.float32) - zp) * s).astype(np.float32),
+                                torch)
             b_int = numpy_helper.to_array(layer.b_init).astype(np.int64) + np.round(shift / layer.b_scale).astype(np.int64)
             info = np.iinfo(np.int32)
             layer.b_init.CopyFrom(numpy_helper.from_array(np.clip(b_int, info.min, info.max).astype(np.int32),

@@ -64,9 +64,16 @@ class Recipe:
     # outputs unchanged), "calibrated" = Clip(0, c) chains too (unchanged on the calibration rows only)
     equalization: Literal["off", "exact", "calibrated"] = "off"
     learned_rounding: bool = False  # AdaRound per layer (slower: ~1-2 s per layer)
-    refine_rows: int = 32  # calibration rows the layer-wise refinement reproduces FP32 on
+    refine_rows: int = 128  # calibration rows bias correction reproduces FP32's mean output on (streamed)
+    rounding_rows: int = 32  # of those, the rows learned rounding fits (held in memory, one layer at a time)
     rounding_iters: int = 200
     refine_budget_s: float = 600.0
+    # quantization-aware fine-tuning of the static QDQ graph itself (qops.quantize.finetune): 0 steps = off
+    finetune_steps: int = 0
+    finetune_lr: float = 1e-5
+    finetune_batch: int = 8
+    finetune_rows: int = 512  # calibration rows loaded for it (a held-out fifth picks the best step)
+    finetune_budget_s: float = 1200.0
     calibration_batch: int = 8  # rows per calibration batch: peak memory is one batch's intermediate tensors
     # INT8 embedding tables (Gather on a large weight): one scale for the table (ONNX Runtime's) or one per row
     embedding_granularity: Literal["per-tensor", "per-row"] = "per-tensor"
@@ -120,9 +127,12 @@ class Recipe:
             bad(f"block_size {self.block_size} is not a power of two >= 16.", "use 16, 32, 64 or 128.")
         if self.precision == "codebook" and not 2 <= self.codebook_bits <= 8:
             bad(f"codebook_bits {self.codebook_bits} is outside 2..8.", "use 4 (16 centroids) or 8.")
-        if self.refine_rows < 1 or self.calibration_batch < 1 or self.rounding_iters < 1:
-            bad("refine_rows, calibration_batch and rounding_iters must be at least 1.",
-                "use e.g. refine_rows=32, calibration_batch=16, rounding_iters=200.")
+        if self.finetune_steps < 0 or self.finetune_lr <= 0 or self.finetune_batch < 1 or self.finetune_rows < 2:
+            bad("finetune_steps must be >= 0, finetune_lr > 0, finetune_batch >= 1 and finetune_rows >= 2.",
+                "use e.g. finetune_steps=300, finetune_lr=1e-5, finetune_batch=8, finetune_rows=512.")
+        if min(self.refine_rows, self.rounding_rows, self.calibration_batch, self.rounding_iters) < 1:
+            bad("refine_rows, rounding_rows, calibration_batch and rounding_iters must be at least 1.",
+                "use e.g. refine_rows=128, rounding_rows=32, calibration_batch=16, rounding_iters=200.")
         if not 90.0 <= self.percentile < 100.0:
             bad(f"percentile {self.percentile} is outside [90, 100).", "use e.g. 99.99 or 99.999.")
         if isinstance(self.smooth_quant_alpha, (int, float)) and not 0.0 < self.smooth_quant_alpha < 1.0:

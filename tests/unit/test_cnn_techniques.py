@@ -99,10 +99,25 @@ def test_bias_correction_removes_the_mean_output_shift_it_measures(cnn):
     assert err[1] < err[0], err
 
 
+def test_bias_correction_streamed_batch_by_batch_equals_one_pass_over_its_rows(cnn):
+    def biases(res):
+        m = onnx.load(res.model_path)
+        return {i.name: numpy_helper.to_array(i) for i in m.graph.initializer
+                if i.data_type == onnx.TensorProto.INT32 and not i.name.endswith("zero_point")}
+
+    streamed = _q(cnn, "bc4", bias_correction="on", refine_rows=96, calibration_batch=4)
+    whole = _q(cnn, "bc96", bias_correction="on", refine_rows=96, calibration_batch=96)
+    assert streamed.technique["refinement"]["rows"] == whole.technique["refinement"]["rows"] == 96
+    a, b = biases(streamed), biases(whole)
+    assert a.keys() == b.keys() and len(a) == 8
+    for k in a:  # the same correction up to summation order (one INT32 step)
+        assert np.abs(a[k].astype(np.int64) - b[k].astype(np.int64)).max() <= 1, k
+
+
 def test_learned_rounding_moves_weights_by_at_most_one_step_and_never_hurts_a_layer(cnn):
     d, model, _ = cnn
     near = _q(cnn, "near", bias_correction="off")
-    ada = _q(cnn, "ada", bias_correction="off", learned_rounding=True, rounding_iters=150, refine_rows=48)
+    ada = _q(cnn, "ada", bias_correction="off", learned_rounding=True, rounding_iters=150, rounding_rows=48)
     ref = ada.technique["refinement"]
     assert ref["rounding_learned"] >= 1 and ref["rounding_mse_ratio_median"] <= 1.0
     a = {i.name: numpy_helper.to_array(i) for i in onnx.load(ada.model_path).graph.initializer}
