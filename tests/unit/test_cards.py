@@ -139,3 +139,22 @@ def test_card_shows_three_way_decisions_and_what_slices_can_protect(card_inputs)
     assert html.count('class="gate-row"') == len(rows) > 0  # the gate chart: one interval per change check
     for c in rows:
         assert f'data-status="{c["status"]}"' in html
+
+
+def test_card_shows_equalization_fine_tuning_and_layers_kept_out_of_int8(card_inputs):
+    import copy
+
+    inputs = copy.deepcopy(card_inputs)
+    t = inputs["quantization"]["technique"]
+    t["precision"] = {"/conv1": "int8 per-channel", "/dw<1>": "int16 per-channel"}
+    t["precision_summary"] = {"int8 per-channel": 1, "int16 per-channel": 1}
+    t["equalization"] = {"mode": "exact", "chains": 3, "channels_scaled": 40, "channels": 64}
+    t["finetune"] = {"steps": 120, "kept_step": 100, "train_rows": 400, "held_out_rows": 100, "stopped": "steps done",
+                     "held_out_before": {"loss": 0.2, "agreement": 0.9, "cosine": 0.99},
+                     "held_out_after": {"loss": 0.1, "agreement": 0.95, "cosine": 0.995}}
+    card = build_card_data(**inputs)
+    md, html = render_markdown(card), render_html(card)
+    assert "| Weight precision per layer | int8 per-channel x1, int16 per-channel x1 — not INT8: /dw&lt;1&gt; (int16" in md
+    assert "| Cross-layer equalization | exact: 40 of 64 channels in 3 chains scaled |" in md
+    assert "kept step 100: held-out agreement 0.900 → 0.950, cosine 0.9900 → 0.9950 on 100 held-out rows" in md
+    assert "/dw&lt;1&gt; (int16 per-channel)" in html and "Quantization-aware fine-tuning" in html
