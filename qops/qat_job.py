@@ -142,9 +142,19 @@ def check_program_matches(module, onnx_path: str, feeds: dict[str, np.ndarray], 
 
     from qops.runtime import open_session
 
-    ref = open_session(onnx_path).run(None, feeds)[0]
+    rows = len(next(iter(feeds.values())))
     with torch.no_grad():
-        out = module(*[torch.from_numpy(np.ascontiguousarray(feeds[k])) for k in order])
+        try:
+            out = module(*[torch.from_numpy(np.ascontiguousarray(feeds[k])) for k in order])
+        except Exception as e:  # a program exported with a fixed batch size refuses any other (a shape guard)
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise QopsError(
+                f"The torch program does not run on a batch of {rows} rows: {first}. QAT trains on batches, so the "
+                ".pt2 needs a dynamic batch dimension (a program exported from a batch-1 example is fixed to 1).",
+                "export it again with a dynamic batch: torch.export.export(model, (x,), dynamic_shapes="
+                "{'x': {0: torch.export.Dim('batch')}}) (x: the forward's argument name), then "
+                "torch.export.save(ep, 'model.pt2').") from None
+    ref = open_session(onnx_path).run(None, feeds)[0]
     out = (out[0] if isinstance(out, (tuple, list)) else out).numpy()
     if out.shape != ref.shape:
         raise QopsError(f"The torch program's first output has shape {out.shape}, the ONNX model's {ref.shape}.",

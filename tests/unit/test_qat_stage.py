@@ -318,3 +318,24 @@ def test_pt2e_qat_of_a_cnn_folds_batch_norm_and_exports_qdq(tmp_path):
     got = open_session(out["model_path"]).run(None, {"features": x[:32]})[0]
     assert np.abs(got - ref).max() <= 0.05 * np.abs(ref).max() + 1e-3
     assert out["size_bytes"] < out["source_size_bytes"]
+
+
+def test_a_program_exported_for_batch_1_is_refused_with_the_export_recipe(tmp_path):
+    import pandas as pd
+    import torch
+
+    from qops.quantize.torch_engine import save_program
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).eval()
+    ep = torch.export.export(m, (torch.randn(1, 8),))  # no dynamic_shapes: the batch is fixed to 1
+    save_program(ep, tmp_path / "b1.pt2", {"qops.feature_columns": ",".join(f"f{i}" for i in range(8))})
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame(rng.normal(size=(64, 8)).astype(np.float32), columns=[f"f{i}" for i in range(8)])
+    df.assign(y=rng.integers(0, 3, 64)).to_parquet(tmp_path / "train.parquet")
+    r = subprocess.run([str(a) for a in [*QOPS, "qat", "--model", tmp_path / "b1.pt2", "--target", "x86_64_vnni_int8",
+                                         "--train", tmp_path / "train.parquet", "--label", "y", "--steps", "2",
+                                         "--output-dir", tmp_path / "out"]], capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "dynamic batch dimension" in r.stderr and "torch.export.Dim('batch')" in r.stderr
+    assert "Traceback" not in r.stderr
