@@ -148,6 +148,7 @@ def main() -> int:
         ("qops, default + calibrated cross-layer equalization (ReLU6 chains too)", {"equalization": "calibrated"}),
         ("qops, default with the depthwise layers kept out of INT8 (INT16 weights, float kernels)",
          {"nodes_to_exclude": tuple(_depthwise(fp32))}),
+        ("qops, default + quantization-aware fine-tuning (300 steps)", {"finetune_steps": 300}),
     )
     for name, o in qops_variants:
         s = time.perf_counter()
@@ -157,7 +158,8 @@ def main() -> int:
                           "float_islands": r.technique.get("float_islands"),
                           "refinement": r.technique.get("refinement"),
                           "precision": r.technique.get("precision_summary"),
-                          "equalization": r.technique.get("equalization")}
+                          "equalization": r.technique.get("equalization"),
+                          "finetune": r.technique.get("finetune")}
     print(f"quantized {len(variants)} variants in {time.perf_counter() - t0:.0f} s", flush=True)
     paths = {"FP32": str(fp32), **{k: v["path"] for k, v in variants.items()}}
     p50 = p50_interleaved(paths, {"pixel_values": xv[:1]}, args.runs)
@@ -171,6 +173,8 @@ def main() -> int:
                      **({k: v for k, v in variants[name].items() if k != "path"} if name in variants else {})})
         print(rows[-1]["variant"], rows[-1]["agreement"], rows[-1]["cosine"], rows[-1]["b1_speedup"], flush=True)
     memory = {}
+    if args.skip_memory and (Path(args.out) / "cnn.json").exists():  # keep the last measured figures
+        memory = json.loads((Path(args.out) / "cnn.json").read_text()).get("peak_rss_mb") or {}
     if not args.skip_memory:
         for n in (100, 1000):
             memory[n] = round(peak_rss_quantize(work, fp32, Path(tables["pool"]), n, []), 0)

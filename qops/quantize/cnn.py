@@ -16,7 +16,9 @@ import logging
 from collections import Counter
 from pathlib import Path
 
-from qops.quantize.graph import save_model
+from qops.quantize.finetune import finetune
+from qops.quantize.graph import save_model, weighted_nodes
+from qops.quantize.refine import refine
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +84,6 @@ def finetune_model(dst: Path, fp32: Path, reader, recipe, external: bool) -> dic
     import numpy as np
     import onnx
 
-    from qops.quantize.finetune import finetune
-
     batches = _first_rows(reader, recipe.finetune_rows)
     if not batches:
         return {"skipped": "no calibration rows"}
@@ -104,8 +104,6 @@ def refine_model(dst: Path, fp32: Path, reader, recipe, kind: str, external: boo
     """Bias correction and/or learned rounding of the QDQ model at ``dst`` (rewritten in place) against ``fp32``
     (the model ONNX Runtime quantized), on the first ``recipe.refine_rows`` rows of ``reader``."""
     import onnx
-
-    from qops.quantize.refine import refine
 
     feeds = _first_rows(reader, recipe.refine_rows)
     rows = sum(len(next(iter(f.values()))) for f in feeds)
@@ -130,8 +128,6 @@ _INTEGER_KERNELS = {"ConvInteger": "Conv", "QLinearConv": "Conv", "MatMulInteger
 def weighted_coverage(source, quantized) -> dict:
     """Op type -> {"quantized": k, "total": n} over the source's nodes with constant weights (Conv, ConvTranspose,
     Gemm, MatMul): how much of the model the target really quantized."""
-    from qops.quantize.graph import weighted_nodes
-
     total = Counter(n.op_type for n, _ in weighted_nodes(source, ("Conv", "ConvTranspose", "Gemm", "MatMul")))
     from onnx import TensorProto
 

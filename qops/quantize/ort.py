@@ -610,10 +610,23 @@ def _nbits(src: Path, dst: Path, recipe: Recipe, bits: int, reader, external: bo
     log.info("INT%d weight-only (%s, block %d) for %s", bits, recipe.algorithm, recipe.block_size, recipe.target)
     q.process()
     out = q.model.model if hasattr(q.model, "model") else q.model
-    save_model(out, dst, external)
-    return {"kind": f"int{bits}_weight_only", "algorithm": recipe.algorithm, "block_size": recipe.block_size,
-            "symmetric": recipe.symmetric_weights, "accuracy_level": recipe.accuracy_level,
-            "gemm_rewritten_as_matmul": converted, "op_types": list(ops), "notes": notes}
+    kept = [n.name for n in out.graph.node if n.name in set(recipe.nodes_to_exclude) and n.op_type == "MatMul"]
+    technique = {"kind": f"int{bits}_weight_only", "algorithm": recipe.algorithm, "block_size": recipe.block_size,
+                 "symmetric": recipe.symmetric_weights, "accuracy_level": recipe.accuracy_level,
+                 "gemm_rewritten_as_matmul": converted, "op_types": list(ops), "notes": notes}
+    if kept and recipe.fallback_precision == "int8":
+        # mixed precision: the layers kept out of INT4 get dynamic INT8 weights (per channel) instead of FP32
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        nbits = dst.with_name(dst.stem + "_nbits.onnx")
+        save_model(out, nbits, external)
+        quantize_dynamic(str(nbits), str(dst), op_types_to_quantize=["MatMul"], nodes_to_quantize=kept,
+                         per_channel=True, weight_type=QuantType.QInt8, use_external_data_format=external,
+                         extra_options={"DefaultTensorType": 1})  # FLOAT: shape inference stops at MatMulNBits
+        technique["int8_layers"] = kept
+    else:
+        save_model(out, dst, external)
+    return technique
 
 
 def _fp16(src: Path, dst: Path, recipe: Recipe, external: bool) -> dict:

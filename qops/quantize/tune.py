@@ -384,7 +384,8 @@ def tune(
         kind = graph_kind(load(model, external=False))
         preferred = choose_mode(kind) if recipe.mode == "auto" else None
     space = search_space(recipe, cfg, calibration is not None, preferred, kind)
-    fallback_on = cfg.max_fallback_nodes > 0 and recipe.engine == "onnxruntime" and recipe.precision == "int8"
+    # node fallback: INT8 layers back to FP32 (INT16 weights in static QDQ graphs), INT4 layers to INT8 or FP32
+    fallback_on = cfg.max_fallback_nodes > 0 and recipe.engine == "onnxruntime" and recipe.precision in ("int8", "int4")
     reserve = min(cfg.max_trials - 1, max(2, math.ceil(cfg.fallback_share * cfg.max_trials))) if fallback_on else 0
     search_budget = cfg.max_trials - reserve
     stop = ""
@@ -546,14 +547,16 @@ def _rank_for(model, quantized_path, recipe: Recipe, features, data, validation,
 
     feats = features  # None: the reader takes the kind from the data (.npz) or the model's metadata
     sets: dict[str, list[dict]] = {}
+    # INT4 falls back layer by layer to INT8 (MatMul); embedding tables stay INT4
+    ops = ("MatMul",) if recipe.precision == "int4" else recipe.op_types
     if data is not None:
         sets["overall"] = rank_nodes(model, quantized_path, TableCalibrationReader(str(data), str(model), feats, 256),
-                                     recipe.op_types)
+                                     ops)
     for key in slices[:3]:
         path = _slice_table(validation, key, work) if validation is not None else None
         if path is not None:
             sets[key] = rank_nodes(model, quantized_path, TableCalibrationReader(str(path), str(model), feats, 256),
-                                   recipe.op_types)
+                                   ops)
     return merge_rankings(sets)
 
 

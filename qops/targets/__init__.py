@@ -83,6 +83,8 @@ class Recipe:
     # INT4 weight-only (ONNX Runtime MatMulNBits)
     algorithm: Literal["rtn", "gptq", "hqq", "k_quant"] = "rtn"  # hqq, k_quant: decoder LLM targets
     block_size: int = 128
+    # weight-only INT4/INT8: the precision of the layers kept out of it (nodes_to_exclude; the tuner's fallback)
+    fallback_precision: Literal["int8", "fp32"] = "int8"  # int8: dynamic INT8 per channel (MatMulInteger)
     accuracy_level: int | None = 4  # MatMulNBits compute type: 4 = int8 activations (fast on CPUs)
     # decoder LLMs (data.kind causal_lm): the output projection's precision (docs/llm.md#lm-head)
     lm_head: Literal["int4", "int8", "fp32", "nf4"] = "int8"

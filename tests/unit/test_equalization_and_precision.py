@@ -135,3 +135,38 @@ def test_a_layer_kept_out_of_int8_stays_out_when_onnx_runtime_loads_the_model(tm
     onnx.save(q, tmp_path / "unprotected.onnx")
     assert [n.name for n in at_risk(q)] == [dw]
     assert float_islands(tmp_path / "unprotected.onnx")["float_ops"] == {}  # quantized behind the recipe's back
+
+
+def _matmul_chain(path, width=64, layers=3, seed=0):
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    nodes, inits, x = [], [], "x"
+    for i in range(layers):
+        w = rng.normal(0, 0.2, (width, width)).astype(np.float32)
+        w[:, 0] *= 40  # an outlier column: coarse at 4 bits in its block
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [f"h{i}"], name=f"mm{i}"))
+        nodes.append(helper.make_node("Relu", [f"h{i}"], [f"r{i}"], name=f"relu{i}"))
+        x = f"r{i}"
+    g = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", width])],
+                          [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["n", width])], inits)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    return path
+
+
+@pytest.mark.parametrize("fallback", ["int8", "fp32"])
+def test_layers_kept_out_of_int4_get_int8_or_fp32_weights(tmp_path, fallback):
+    from qops.quantize import quantize
+
+    model = _matmul_chain(tmp_path / "m.onnx")
+    x = np.random.default_rng(1).normal(0, 1, (32, 64)).astype(np.float32)
+    run = lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]  # noqa: E731
+    r = quantize(model, "int4_weight_only", tmp_path / f"q_{fallback}.onnx",
+                 options={"block_size": 32, "op_types": ["MatMul"], "nodes_to_exclude": ["mm1"],
+                          "fallback_precision": fallback})
+    kept = "MatMulInteger" if fallback == "int8" else "fp32"
+    assert r.technique["precision_summary"] == {"MatMulNBits": 2, kept: 1}
+    assert r.technique.get("int8_layers", []) == (["mm1"] if fallback == "int8" else [])
+    ref, out = run(model), run(r.model_path)
+    assert float(np.mean((out - ref) ** 2)) < 0.05 * float(np.mean(ref ** 2))
