@@ -11,6 +11,7 @@ own without patching qops. A spec can override any recipe field per target (``ta
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Callable, Literal
@@ -291,6 +292,13 @@ def _coerce(target: str, name: str, value, tp):
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string, in specs and --option alike
+            try:
+                f = float(value.strip())
+            except ValueError:
+                bad()
+            if math.isfinite(f):
+                return f
         bad()
     if tp is str:
         if isinstance(value, str):

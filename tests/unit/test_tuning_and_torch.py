@@ -435,6 +435,9 @@ def test_every_recipe_field_rejects_a_wrong_value_naming_the_option():
 
 def test_recipe_options_parse_lists_and_reject_typos():
     r = get_target("x86_64_vnni_int8")
+    assert r.with_options(finetune_lr="1e-5").finetune_lr == 1e-5  # YAML 1.1 reads 1e-5 as a string
+    with pytest.raises(TargetError, match="finetune_lr='nan'"):
+        r.with_options(finetune_lr="nan")
     assert r.with_options(nodes_to_exclude="/a,/b").nodes_to_exclude == ("/a", "/b")  # never split into characters
     assert r.with_options(nodes_to_exclude=["/a", "/b"]).nodes_to_exclude == ("/a", "/b")
     assert r.with_options(op_types="MatMul, Gemm").op_types == ("MatMul", "Gemm")
