@@ -170,7 +170,7 @@ def _label(opts: dict) -> str:
     parts = []
     for k, v in opts.items():
         if k == "nodes_to_exclude":
-            parts.append(f"{len(v)} node(s) in FP32")
+            parts.append(f"{len(v)} node(s) kept out")  # FP32, INT16 weights or INT8: technique.precision
         elif k == "per_channel":
             parts.append("per-channel" if v else "per-tensor")
         elif k == "op_types":
