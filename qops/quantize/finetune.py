@@ -15,9 +15,9 @@ the ONNX QDQ graph, after integer-graph quantization, bias correction and the re
 It trains by distillation from the FP32 model's outputs (KL divergence of the softened outputs plus a relative
 squared error that keeps the logits calibrated, not only their ranking), on the calibration rows less a held-out
 share, evaluates the held-out rows every ``eval_every`` steps, keeps the state with the lowest held-out loss
-(smoother than top-1 agreement on a few rows), stops early when it no longer improves, and writes the best weights and biases back as INT8/INT32
-initializers. The graph, the scales and the zero points are unchanged: the model runs exactly as fast as the PTQ
-model it started from. BatchNorm was folded into the convolutions on export, as the literature folds it before QAT
+(smoother than top-1 agreement on a few rows), stops early when it no longer improves, and writes the best
+weights and biases back as INT8/INT32 initializers. The graph, the scales and the zero points are unchanged: the
+model runs exactly as fast as the PTQ model it started from. BatchNorm was folded into the convolutions on export, as the literature folds it before QAT
 ends (Krishnamoorthi 2018, section 3.2).
 """
 
@@ -65,7 +65,6 @@ class QdqModule:
                 self.const[n.output[0]] = torch.from_numpy(np.array(numpy_helper.to_array(_attrs(n)["value"])))
         self.params = torch.nn.ParameterDict()
         self.weight_dq: dict[str, dict] = {}  # DQ output -> how its parameter is fake-quantized
-        producer = {o: n for n in model.graph.node for o in n.output}
         consumers: dict[str, list] = {}
         for n in model.graph.node:
             for t in n.input:
@@ -93,7 +92,6 @@ class QdqModule:
             self.weight_dq[n.output[0]] = {"key": key, "init": n.input[0], "scale": s, "zp": z, "axis": axis,
                                            "qmin": qmin, "qmax": float(info.max), "dtype": q.dtype,
                                            "bias": q.dtype == np.int32}
-        del producer
         self.inputs = [i.name for i in model.graph.input if i.name not in self.inits]
         self.outputs = [o.name for o in model.graph.output]
         for n in model.graph.node:
@@ -250,7 +248,8 @@ _OPS = {
     "Div": lambda self, n, a: a[0] / a[1],
     "Relu": lambda self, n, a: self.torch.relu(a[0]),
     "Sigmoid": lambda self, n, a: self.torch.sigmoid(a[0]),
-    "HardSigmoid": lambda self, n, a: self.torch.clamp(a[0] * _attrs(n).get("alpha", 0.2) + _attrs(n).get("beta", 0.5), 0, 1),
+    "HardSigmoid": lambda self, n, a: self.torch.clamp(a[0] * _attrs(n).get("alpha", 0.2)
+                                                       + _attrs(n).get("beta", 0.5), 0, 1),
     "Clip": _clip,
     "GlobalAveragePool": lambda self, n, a: a[0].mean(dim=tuple(range(2, a[0].dim())), keepdim=True),
     "GlobalMaxPool": lambda self, n, a: a[0].amax(dim=tuple(range(2, a[0].dim())), keepdim=True),

@@ -478,7 +478,8 @@ def _int8(src: Path, dst: Path, recipe: Recipe, mode: str, reader, external: boo
             reader.rewind()
             return iter(reader.get_next, None)
 
-        technique["equalization"] = equalize(m, batches, mode=recipe.equalization, nodes_to_exclude=recipe.nodes_to_exclude)
+        technique["equalization"] = equalize(m, batches, mode=recipe.equalization,
+                                             nodes_to_exclude=recipe.nodes_to_exclude)
     pre2 = td / "prepared.onnx"
     save_model(m, pre2, external)
     wt, at, cm, fmt = _ort_types(recipe)
