@@ -24,17 +24,11 @@ import time
 
 import numpy as np
 
-from qops.quantize.graph import consumers_of, tap_session
+from qops.quantize.graph import consumers_of, node_attrs, tap_session
 
 log = logging.getLogger(__name__)
 
 _ACTS = ("Relu", "Clip")
-
-
-def _attrs(node) -> dict:
-    import onnx
-
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
 def _const(model, name: str):
@@ -46,7 +40,7 @@ def _const(model, name: str):
             return numpy_helper.to_array(i)
     for n in model.graph.node:
         if n.op_type == "Constant" and n.output[0] == name:
-            return numpy_helper.to_array(_attrs(n)["value"])
+            return numpy_helper.to_array(node_attrs(n)["value"])
     return None
 
 
@@ -54,7 +48,7 @@ def _clip_bounds(model, node) -> tuple[float | None, float | None]:
     """(min, max) of a Clip node (attributes before opset 11, inputs after); None where absent or not constant."""
     if node.op_type == "Relu":
         return 0.0, None
-    a = _attrs(node)
+    a = node_attrs(node)
     if "min" in a or "max" in a:
         return a.get("min"), a.get("max")
     lo = _const(model, node.input[1]) if len(node.input) > 1 and node.input[1] else None
@@ -80,13 +74,13 @@ def _kind(node, inits) -> str | None:
         return None
     w = inits[node.input[1]]
     if node.op_type == "Gemm":
-        a = _attrs(node)
+        a = node_attrs(node)
         if a.get("transA", 0) or len(w.dims) != 2:
             return None
         return "gemm"
     if node.op_type != "Conv":
         return None
-    g = _attrs(node).get("group", 1)
+    g = node_attrs(node).get("group", 1)
     if g == 1:
         return "dense"
     if g == w.dims[0] and w.dims[1] == 1:
@@ -129,9 +123,9 @@ def find_pairs(model, nodes_to_exclude=(), clip: bool = True) -> list[Pair]:
         if kb == "gemm" and _kind(a, inits) != "gemm":
             continue  # a Conv feeding a Gemm goes through a flatten/pool in real graphs: not a direct chain
         wa, wb = inits[a.input[1]], inits[b.input[1]]
-        out_a = wa.dims[0] if _kind(a, inits) != "gemm" else wa.dims[0 if _attrs(a).get("transB", 0) else 1]
+        out_a = wa.dims[0] if _kind(a, inits) != "gemm" else wa.dims[0 if node_attrs(a).get("transB", 0) else 1]
         in_b = (wb.dims[1] if kb == "dense" else wb.dims[0] if kb == "depthwise"
-                else wb.dims[1 if _attrs(b).get("transB", 0) else 0])
+                else wb.dims[1 if node_attrs(b).get("transB", 0) else 0])
         if out_a != in_b:
             continue
         pairs.append(Pair(a, act, b, clip))
@@ -227,7 +221,7 @@ def apply_scales(model, pair: Pair, t: np.ndarray) -> None:
 
     ka, kb = _kind(pair.a, inits), _kind(pair.b, inits)
     wa = numpy_helper.to_array(inits[pair.a.input[1]]).astype(np.float64)
-    if ka == "gemm" and not _attrs(pair.a).get("transB", 0):
+    if ka == "gemm" and not node_attrs(pair.a).get("transB", 0):
         wa = wa * t[None, :]
     else:
         wa = wa * t.reshape((-1,) + (1,) * (wa.ndim - 1))
@@ -239,7 +233,7 @@ def apply_scales(model, pair: Pair, t: np.ndarray) -> None:
         wb = wb / t.reshape((-1,) + (1,) * (wb.ndim - 1))
     elif kb == "dense":
         wb = wb / t.reshape((1, -1) + (1,) * (wb.ndim - 2))
-    elif _attrs(pair.b).get("transB", 0):
+    elif node_attrs(pair.b).get("transB", 0):
         wb = wb / t[None, :]
     else:
         wb = wb / t[:, None]
@@ -265,7 +259,7 @@ def equalize(model, batches_fn, *, mode: str = "exact", margin: float = 0.5, max
     for p in pairs:
         kb = _kind(p.b, inits)
         wb = numpy_helper.to_array(inits[p.b.input[1]])
-        t = scales_for(p, stats, wb, kb, bool(_attrs(p.b).get("transB", 0)), margin=margin, max_scale=max_scale)
+        t = scales_for(p, stats, wb, kb, bool(node_attrs(p.b).get("transB", 0)), margin=margin, max_scale=max_scale)
         if np.any(t != 1.0):
             apply_scales(model, p, t)
             inits = {i.name: i for i in model.graph.initializer}

@@ -28,17 +28,13 @@ import time
 
 import numpy as np
 
+from qops.quantize.graph import node_attrs
+
 log = logging.getLogger(__name__)
 
 
 class UnsupportedGraph(ValueError):
     """The QDQ graph has an op this simulator does not run."""
-
-
-def _attrs(node) -> dict:
-    import onnx
-
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
 def _shape(v, axis: int, ndim: int):
@@ -62,7 +58,7 @@ class QdqModule:
         self.const = {k: torch.from_numpy(np.array(v)) for k, v in self.inits.items()}
         for n in model.graph.node:
             if n.op_type == "Constant":
-                self.const[n.output[0]] = torch.from_numpy(np.array(numpy_helper.to_array(_attrs(n)["value"])))
+                self.const[n.output[0]] = torch.from_numpy(np.array(numpy_helper.to_array(node_attrs(n)["value"])))
         self.params = torch.nn.ParameterDict()
         self.weight_dq: dict[str, dict] = {}  # DQ output -> how its parameter is fake-quantized
         consumers: dict[str, list] = {}
@@ -80,7 +76,7 @@ class QdqModule:
                 continue
             scale = self.inits[n.input[1]].astype(np.float32)
             zp = self.inits[n.input[2]].astype(np.float32) if len(n.input) > 2 and n.input[2] else np.zeros_like(scale)
-            axis = _attrs(n).get("axis", 1)
+            axis = node_attrs(n).get("axis", 1)
             if q.ndim == 1:
                 axis = 0
             s, z = torch.from_numpy(scale), torch.from_numpy(zp)
@@ -151,7 +147,7 @@ def _q(self, n, a):
     torch = self.torch
     x, s = a[0], a[1]
     z = a[2] if len(a) > 2 and a[2] is not None else torch.zeros((), dtype=torch.float32)
-    axis = _attrs(n).get("axis", 1)
+    axis = node_attrs(n).get("axis", 1)
     dtype = z.dtype
     info = {torch.uint8: (0, 255), torch.int8: (-128, 127), torch.int16: (-32768, 32767),
             torch.uint16: (0, 65535)}.get(dtype, (-128, 127))
@@ -163,7 +159,7 @@ def _q(self, n, a):
 def _dq(self, n, a):
     x, s = a[0], a[1]
     z = a[2] if len(a) > 2 and a[2] is not None else None
-    axis = _attrs(n).get("axis", 1)
+    axis = node_attrs(n).get("axis", 1)
     x = x.float()
     s_ = _shape(s.float(), axis, x.dim())
     return (x - _shape(z.float(), axis, x.dim())) * s_ if z is not None else x * s_
@@ -172,7 +168,7 @@ def _dq(self, n, a):
 def _conv(self, n, a):
     import torch.nn.functional as F
 
-    at = _attrs(n)
+    at = node_attrs(n)
     x, w = a[0], a[1]
     b = a[2] if len(a) > 2 else None
     k = w.dim() - 2
@@ -189,7 +185,7 @@ def _conv(self, n, a):
 
 
 def _gemm(self, n, a):
-    at = _attrs(n)
+    at = node_attrs(n)
     x, w = a[0], a[1]
     if at.get("transA", 0):
         x = x.t()
@@ -202,7 +198,7 @@ def _gemm(self, n, a):
 
 
 def _clip(self, n, a):
-    at = _attrs(n)
+    at = node_attrs(n)
     lo = a[1] if len(a) > 1 and a[1] is not None else at.get("min")
     hi = a[2] if len(a) > 2 and a[2] is not None else at.get("max")
     lo = float(lo) if lo is not None else None
@@ -213,7 +209,7 @@ def _clip(self, n, a):
 def _pool(self, n, a):
     import torch.nn.functional as F
 
-    at = _attrs(n)
+    at = node_attrs(n)
     k = at["kernel_shape"]
     pads = at.get("pads", [0] * (2 * len(k)))
     if any(pads[i] != pads[i + len(k)] for i in range(len(k))):
@@ -232,7 +228,7 @@ def _reshape(self, n, a):
 
 
 def _flatten(self, n, a):
-    axis = _attrs(n).get("axis", 1)
+    axis = node_attrs(n).get("axis", 1)
     return a[0].reshape(int(np.prod(a[0].shape[:axis])) if axis else 1, -1)
 
 
@@ -248,8 +244,8 @@ _OPS = {
     "Div": lambda self, n, a: a[0] / a[1],
     "Relu": lambda self, n, a: self.torch.relu(a[0]),
     "Sigmoid": lambda self, n, a: self.torch.sigmoid(a[0]),
-    "HardSigmoid": lambda self, n, a: self.torch.clamp(a[0] * _attrs(n).get("alpha", 0.2)
-                                                       + _attrs(n).get("beta", 0.5), 0, 1),
+    "HardSigmoid": lambda self, n, a: self.torch.clamp(a[0] * node_attrs(n).get("alpha", 0.2)
+                                                       + node_attrs(n).get("beta", 0.5), 0, 1),
     "Clip": _clip,
     "GlobalAveragePool": lambda self, n, a: a[0].mean(dim=tuple(range(2, a[0].dim())), keepdim=True),
     "GlobalMaxPool": lambda self, n, a: a[0].amax(dim=tuple(range(2, a[0].dim())), keepdim=True),
@@ -258,12 +254,12 @@ _OPS = {
     "Reshape": _reshape,
     "Flatten": _flatten,
     "Identity": lambda self, n, a: a[0],
-    "Concat": lambda self, n, a: self.torch.cat([x for x in a], dim=_attrs(n)["axis"]),
-    "Transpose": lambda self, n, a: a[0].permute(*_attrs(n)["perm"]),
+    "Concat": lambda self, n, a: self.torch.cat([x for x in a], dim=node_attrs(n)["axis"]),
+    "Transpose": lambda self, n, a: a[0].permute(*node_attrs(n)["perm"]),
     "Squeeze": lambda self, n, a: a[0].reshape([d for i, d in enumerate(a[0].shape)
                                                 if i not in [int(x) % a[0].dim() for x in a[1].tolist()]]),
     "Unsqueeze": lambda self, n, a: a[0].reshape(_unsqueezed(a[0].shape, a[1].tolist())),
-    "Softmax": lambda self, n, a: self.torch.softmax(a[0], dim=_attrs(n).get("axis", -1)),
+    "Softmax": lambda self, n, a: self.torch.softmax(a[0], dim=node_attrs(n).get("axis", -1)),
 }
 
 

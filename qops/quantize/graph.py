@@ -188,6 +188,13 @@ def name_nodes(model) -> int:
     return count
 
 
+def node_attrs(node) -> dict:
+    """A node's attributes by name, as Python values."""
+    from onnx import helper
+
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
 def initializers(model) -> dict:
     return {i.name: i for i in model.graph.initializer}
 
@@ -216,7 +223,7 @@ def gemm_to_matmul(model) -> int:
     inits = initializers(model)
     new_nodes, changed = [], 0
     for n in model.graph.node:
-        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        attrs = node_attrs(n)
         if (n.op_type != "Gemm" or n.input[1] not in inits or attrs.get("transA", 0)
                 or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
             new_nodes.append(n)

@@ -18,16 +18,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from qops.quantize.graph import consumers_of, replace_nodes
+from qops.quantize.graph import consumers_of, node_attrs, replace_nodes
 
 WEIGHTED = ("Conv", "ConvTranspose", "Gemm")
 MS_DOMAIN = "com.microsoft"
-
-
-def _attrs(node) -> dict:
-    import onnx
-
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
 def _leads_to_quantize(node, consumers) -> bool:
@@ -88,7 +82,7 @@ def _weight_axis(node) -> int:
     if node.op_type == "ConvTranspose":
         return 1
     if node.op_type == "Gemm":
-        return 0 if _attrs(node).get("transB", 0) else 1
+        return 0 if node_attrs(node).get("transB", 0) else 1
     return 0
 
 
@@ -102,7 +96,7 @@ def protect_wide_layers(model) -> list[str]:
     new_nodes = []
     for n in at_risk(model):
         w = numpy_helper.to_array(inits[n.input[1]]).astype(np.float64)
-        axis = _weight_axis(n) if n.op_type != "ConvTranspose" or _attrs(n).get("group", 1) == 1 else None
+        axis = _weight_axis(n) if n.op_type != "ConvTranspose" or node_attrs(n).get("group", 1) == 1 else None
         if axis is None:  # grouped transposed convolution: one scale for the tensor
             scale = np.array(max(float(np.abs(w).max()), 1e-12) / 32767.0)
         else:

@@ -26,17 +26,11 @@ import time
 
 import numpy as np
 
-from qops.quantize.graph import tap_session
+from qops.quantize.graph import node_attrs, tap_session
 
 log = logging.getLogger(__name__)
 
 _ZETA, _GAMMA = 1.1, -0.1  # AdaRound's rectified sigmoid stretch
-
-
-def _attrs(node) -> dict:
-    import onnx
-
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
 def _tap_batches(model, tensor: str, feeds: list[dict]):
@@ -81,10 +75,10 @@ class _Layer:
         zp = qinit.get(wdq.input[2]) if len(wdq.input) > 2 else None
         self.w_zp = numpy_helper.to_array(zp).astype(np.float32) if zp is not None else np.zeros_like(self.w_scale)
         self.b_scale = numpy_helper.to_array(qinit[bdq.input[1]]).astype(np.float64)
-        self.axis = _attrs(wdq).get("axis", 1)
+        self.axis = node_attrs(wdq).get("axis", 1)
         self.W = numpy_helper.to_array(finit[fnode.input[1]]).astype(np.float32)
         self.b = numpy_helper.to_array(finit[fnode.input[2]]).astype(np.float32)
-        self.attrs = _attrs(qnode)
+        self.attrs = node_attrs(qnode)
         info = np.iinfo(self.w_int.dtype)
         self.qmin, self.qmax = float(info.min), float(info.max)
         if self.w_int.dtype == np.int8 and np.all(self.w_zp == 0) and self.w_int.min() >= -127:
@@ -136,7 +130,7 @@ def _eligible(qmodel, fmodel) -> list[tuple]:
                 and w.input[0] in qinit and b.input[0] in qinit and len(fn.input) > 2
                 and fn.input[1] in finit and fn.input[2] in finit):
             continue
-        if n.op_type == "Gemm" and _attrs(n).get("transA", 0):
+        if n.op_type == "Gemm" and node_attrs(n).get("transA", 0):
             continue
         out.append((n, fn, qinit, finit, producer))
     return out
