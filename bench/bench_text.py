@@ -102,15 +102,19 @@ def main() -> int:
     quantize_static(str(fp32), str(work / "ort_static.onnx"), _Reader(cal_batches))
     variants["ORT quantize_static defaults"] = work / "ort_static.onnx"
 
+    def tuned_on_tune_split(target: str, out: Path, gates, trials: int):
+        """qops tuning judged on the tuning split (never measured): (result, seconds)."""
+        judge = gate_judge(str(fp32), str(work / "tune.parquet"), None, gates, features=kind, latency_runs=100,
+                           bootstrap=200)
+        t0 = time.perf_counter()
+        res = tune(str(fp32), get_target(target), out, judge, calibration=str(work / "calib.npz"),
+                   config=TuningConfig(max_trials=trials), ranking_data=str(work / "calib.npz"),
+                   validation=str(work / "tune.parquet"))
+        return res, time.perf_counter() - t0
+
     gates = GateSpec(task="embedding", thresholds=[{"metric": "cosine", "min_value": 0.995},
                                                    {"metric": "neighbor_agreement", "min_value": 0.95}])
-    judge = gate_judge(str(fp32), str(work / "tune.parquet"), None, gates, features=kind, latency_runs=100,
-                       bootstrap=200)
-    t0 = time.perf_counter()
-    tuned = tune(str(fp32), get_target("x86_64_vnni_int8"), work / "qops.onnx", judge,
-                 calibration=str(work / "calib.npz"), config=TuningConfig(max_trials=args.max_trials),
-                 ranking_data=str(work / "calib.npz"), validation=str(work / "tune.parquet"))
-    tune_s = time.perf_counter() - t0
+    tuned, tune_s = tuned_on_tune_split("x86_64_vnni_int8", work / "qops.onnx", gates, args.max_trials)
     chosen = next(t for t in tuned.trials if t["chosen"])
     variants[f"qops tuned ({chosen['config']})"] = work / "qops.onnx"
     tuned4, tune4_s = None, 0.0
@@ -128,13 +132,8 @@ def main() -> int:
         gates4 = GateSpec(task="embedding", max_latency_ratio=1.0,
                           thresholds=[{"metric": "cosine", "min_value": 0.98},
                                       {"metric": "neighbor_agreement", "min_value": 0.90}])
-        judge4 = gate_judge(str(fp32), str(work / "tune.parquet"), None, gates4, features=kind, latency_runs=100,
-                            bootstrap=200)
-        t0 = time.perf_counter()
-        tuned4 = tune(str(fp32), get_target("int4_weight_only"), work / "qops_int4_tuned.onnx", judge4,
-                      calibration=str(work / "calib.npz"), config=TuningConfig(max_trials=args.int4_trials),
-                      ranking_data=str(work / "calib.npz"), validation=str(work / "tune.parquet"))
-        tune4_s = time.perf_counter() - t0
+        tuned4, tune4_s = tuned_on_tune_split("int4_weight_only", work / "qops_int4_tuned.onnx", gates4,
+                                              args.int4_trials)
         chosen4 = next(t for t in tuned4.trials if t["chosen"])
         verdict4 = "" if tuned4.passed else "; no candidate passed the tuning gates"
         variants[f"qops int4 tuned ({chosen4['config']}{verdict4})"] = work / "qops_int4_tuned.onnx"

@@ -36,8 +36,15 @@ def _mobile_cnn(path, seed=0):
                 m.running_var.copy_(torch.rand(m.num_features) ** 4 * 2 + 1e-3)
                 m.running_mean.copy_(torch.randn(m.num_features) * 0.3)
                 m.weight.copy_(1 + torch.rand(m.num_features))
+    return export_image_model(net, path, 32)
+
+
+def export_image_model(net, path, side: int):
+    """``net`` (eval mode) as ONNX: input ``pixel_values`` [n, 3, side, side], output ``logits``, dynamic batch."""
+    import torch
+
     net.eval()
-    torch.onnx.export(net, (torch.randn(2, 3, 32, 32),), str(path), input_names=["pixel_values"],
+    torch.onnx.export(net, (torch.randn(2, 3, side, side),), str(path), input_names=["pixel_values"],
                       output_names=["logits"], dynamic_axes={"pixel_values": {0: "n"}, "logits": {0: "n"}},
                       opset_version=17, dynamo=False)
     return path

@@ -8,7 +8,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from tests.unit.test_cnn_techniques import _mobile_cnn
+from tests.unit.test_cnn_techniques import _mobile_cnn, export_image_model
 
 
 def _run(model, x):
@@ -32,11 +32,7 @@ def _relu_net(path, seed=0, squash=100.0):
         net[0].weight[idx] /= squash
         net[0].bias[idx] /= squash
         net[2].weight[idx] *= squash
-    net.eval()
-    torch.onnx.export(net, (torch.randn(2, 3, 16, 16),), str(path), input_names=["pixel_values"],
-                      output_names=["logits"], dynamic_axes={"pixel_values": {0: "n"}, "logits": {0: "n"}},
-                      opset_version=17, dynamo=False)
-    return path
+    return export_image_model(net, path, 16)
 
 
 @pytest.fixture(scope="module")
