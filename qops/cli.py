@@ -233,14 +233,32 @@ def cmd_qat(args) -> int:
                     scheme=args.scheme, target_options=_options(args.option), group_size=args.group_size,
                     steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                     optimizer=args.optimizer, weight_decay=args.weight_decay, seed=args.seed,
-                    checkpoint_every=args.checkpoint_every, time_budget_s=args.time_budget_s)
+                    checkpoint_every=args.checkpoint_every, time_budget_s=args.time_budget_s, holdout=args.holdout,
+                    patience=args.patience, freeze_after=args.freeze_after, logit_mse=args.logit_mse,
+                    compare=not args.no_compare)
     t = res["qat"]["training"]
     resumed = f", resumed from step {t['resumed_from']}" if t["resumed_from"] is not None else ""
+    best = (f"; kept step {t['best_step']} (lowest loss on {t['holdout_rows']} held-out rows"
+            + (", stopped early" if t["stopped_early"] else "") + ")") if t["best_step"] is not None else ""
     _emit(args, res, f"{res['model_path']}: QAT ({res['qat']['plan']['engine']} {res['qat']['plan']['scheme']}) "
                      f"{t['steps']} steps{resumed}, loss {t['losses'][0] if t['losses'] else 'n/a'} -> "
-                     f"{t['losses'][-1] if t['losses'] else 'n/a'}; {res['size_bytes']} bytes "
-                     f"({res['size_ratio']}x smaller)" + "".join(f"\n  note: {n}" for n in res["notes"]))
+                     f"{t['losses'][-1] if t['losses'] else 'n/a'}{best}; {res['size_bytes']} bytes "
+                     f"({res['size_ratio']}x smaller)" + "".join(f"\n  note: {n}" for n in res["notes"])
+                     + _comparison_table(res.get("comparison")))
     return 0
+
+
+def _comparison_table(cmp: dict | None) -> str:
+    """FP32/PTQ/QAT on the held-out rows, as lines under ``qops qat``'s summary."""
+    if not cmp or not cmp.get("rows"):
+        return f"\n  {cmp['note']}" if cmp else ""
+    cols = [c for c in ("accuracy", "top1_agreement", "cosine_mean", "sqnr_db") if c in cmp["qat"]]
+    lines = [f"\n  on {cmp['rows']} held-out rows (neither trained nor calibrated on):",
+             "    " + f"{'model':<6}" + "".join(f"{c:>16}" for c in cols)]
+    for name in ("fp32", "ptq", "qat"):
+        lines.append("    " + f"{name.upper():<6}" + "".join(
+            f"{'-' if cmp[name].get(c) is None else cmp[name][c]:>16}" for c in cols))
+    return "\n".join(lines)
 
 
 def cmd_evaluate(args) -> int:
@@ -481,6 +499,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int)
     sp.add_argument("--checkpoint-every", type=int)
     sp.add_argument("--time-budget-s", type=float)
+    sp.add_argument("--holdout", type=float, help="fraction of the rows held out: best checkpoint, early stop, "
+                    "and the FP32/PTQ/QAT report (default 0.2)")
+    sp.add_argument("--patience", type=int, help="checkpoints without a better held-out loss before stopping "
+                    "(default 8)")
+    sp.add_argument("--freeze-after", type=float, help="fraction of the steps after which BN statistics and "
+                    "ranges freeze (default 0.5)")
+    sp.add_argument("--logit-mse", type=float, help="distill: weight of the logits' relative MSE (default 1.0)")
+    sp.add_argument("--no-compare", action="store_true", help="skip the PTQ model and the FP32/PTQ/QAT report")
     sp.add_argument("--work-dir", help="checkpoints (safetensors + JSON; default OUTPUT_DIR/work); a rerun resumes")
     sp.add_argument("--output-dir", required=True, help="where the QAT model (the target's format) is written")
 
@@ -581,6 +607,9 @@ def _terminate(signum, frame):  # noqa: ARG001 - signal handler signature
     raise SystemExit(128 + signum)
 
 
+QUIET_LOGGERS = ("torchao", "torch.onnx._internal.exporter._registration", "torch.utils._pytree")
+
+
 def main(argv: list[str] | None = None) -> int:
     import signal
 
@@ -590,6 +619,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("qops").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    if not args.verbose:  # harmless at import/export: torchao's extensions for other Pythons/GPUs, no triton; no
+        for name in QUIET_LOGGERS:  # torchvision ops to register with torch.onnx. --verbose shows them.
+            logging.getLogger(name).setLevel(logging.ERROR)
     redact.install()
     signal.signal(signal.SIGTERM, _terminate)
     try:

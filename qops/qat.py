@@ -5,22 +5,23 @@ Two engines insert the fake quantization: torchao (``quantize_(model, QATConfig(
 ``nn.Linear`` for fake-quantized versions; ``step="convert"`` produces torchao's quantized tensors) and PT2E
 (``prepare_qat_pt2e`` with ``X86InductorQuantizer`` in QAT mode on an exported graph; ``convert_pt2e`` gives a
 graph with quantize/dequantize ops). The loop trains with the task loss (labels) or by distillation (the FP32
-teacher's outputs). Every ``checkpoint_every`` steps the state is written under ``work_dir``:
+teacher's outputs: KL on the softened logits plus their relative MSE, so the logits stay calibrated).
 
-- ``qat_state.safetensors``: model parameters and buffers, optimizer tensors (``opt.<param>.<name>``) and the
-  torch RNG state, as tensors: nothing is pickled, and loading runs no code;
-- ``qat_state.json``: the step, the loss history, the optimizer's scalar settings, the config.
+A seeded ``holdout`` fraction of the rows never trains: at every checkpoint it is scored (the same loss, model in
+eval mode, observers paused), the best-scoring weights are kept and restored at the end, and ``patience``
+checkpoints without improvement stop training early. After ``freeze_after`` of the planned steps, batch-norm
+statistics and activation ranges freeze (eval-mode batch norm, observers off) while the weights keep training, as
+Krishnamoorthi (2018) and the PyTorch QAT recipe do.
 
-Both are written to temporary names and renamed (the JSON last, naming the step the tensors hold), so a task
-killed mid-write leaves the previous checkpoint intact. ``train_qat`` on a ``work_dir`` that holds a
-checkpoint of the same config resumes from it: an Airflow retry continues where the killed attempt stopped,
-and with the same seed ends with the same weights as an uninterrupted run. Batches are drawn from a
-permutation seeded by (seed, epoch), so the data order does not depend on process state.
+Every ``checkpoint_every`` steps the state is written under ``work_dir`` (:mod:`qops.qat_state`: safetensors and
+JSON, nothing pickled, renamed into place). ``train_qat`` on a ``work_dir`` that holds a checkpoint of the same
+config resumes from it: an Airflow retry continues where the killed attempt stopped, and with the same seed ends
+with the same weights as an uninterrupted run. Batches are drawn from a permutation seeded by (seed, epoch), so
+the data order does not depend on process state.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import asdict, dataclass, field
@@ -29,13 +30,12 @@ from typing import Callable
 
 import numpy as np
 
-from qops.artifacts import atomic_path, write_json_atomic
 from qops.errors import QopsError
+from qops.qat_state import META, STATE, Progress, load_state, save_state
 
 log = logging.getLogger(__name__)
 
-STATE = "qat_state.safetensors"
-META = "qat_state.json"
+__all__ = ["META", "STATE", "QatConfig", "QatResult", "convert", "distill_loss", "holdout_split", "prepare", "train_qat"]
 
 
 @dataclass
@@ -55,6 +55,10 @@ class QatConfig:
     loss: str = "task"  # task (cross-entropy with labels) | distill (KL to the FP32 teacher)
     temperature: float = 1.0
     time_budget_s: float | None = None  # stop (with a checkpoint) once training took this long, across retries
+    holdout: float = 0.2  # fraction of the rows held out, scored at each checkpoint; the best weights are kept
+    patience: int | None = 8  # checkpoints without a better held-out loss before training stops (None: never)
+    freeze_after: float | None = 0.5  # fraction of the planned steps after which BN stats and ranges freeze
+    logit_mse: float = 1.0  # distill: weight of the logits' relative MSE beside the KL
 
     def __post_init__(self) -> None:
         known = SCHEMES if self.engine == "torchao" else PT2E_SCHEMES if self.engine == "pt2e" else None
@@ -72,6 +76,12 @@ class QatConfig:
         if (self.steps is not None and self.steps < 1) or (self.epochs is not None and self.epochs <= 0) \
                 or self.batch_size < 1 or self.checkpoint_every < 1:
             raise QopsError("QAT steps/epochs, batch_size and checkpoint_every must be positive.", "set them >= 1.")
+        if not 0 <= self.holdout < 1 or (self.patience is not None and self.patience < 1) or self.logit_mse < 0 \
+                or (self.freeze_after is not None and not 0 < self.freeze_after <= 1):
+            raise QopsError(f"QAT holdout {self.holdout}, patience {self.patience}, freeze_after "
+                            f"{self.freeze_after} or logit_mse {self.logit_mse} is out of range.",
+                            "use 0 <= holdout < 1, patience >= 1 (or null), 0 < freeze_after <= 1 (or null), "
+                            "logit_mse >= 0.")
 
     def total_steps(self, rows: int) -> int:
         if self.steps is not None:
@@ -143,7 +153,12 @@ class QatResult:
     planned_steps: int = 0
     stopped_by_budget: bool = False
     seconds: float = 0.0  # training time over all attempts
-    rows: int = 0
+    rows: int = 0  # training rows (held-out rows excluded)
+    holdout_rows: int = 0
+    evals: list[list[float]] = field(default_factory=list)  # [step, held-out loss] at each checkpoint
+    best_step: int | None = None  # the step whose weights the result holds (lowest held-out loss)
+    stopped_early: bool = False  # patience ran out
+    frozen_at: int | None = None  # the step BN statistics and activation ranges froze at
 
 
 def prepare(model, cfg: QatConfig):
@@ -217,84 +232,109 @@ def _batch_indices(n: int, step: int, batch_size: int, seed: int) -> np.ndarray:
     return order[k * batch_size:(k + 1) * batch_size]
 
 
-def _save(model, opt, step: int, losses: list[float], cfg: QatConfig, work: Path, seconds: float) -> None:
-    import torch
-    from safetensors.torch import save_file
-
-    tensors = {f"model.{k}": v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()
-               if isinstance(v, torch.Tensor)}
-    sd = opt.state_dict()
-    for pid, st in sd["state"].items():
-        for name, v in st.items():
-            if isinstance(v, torch.Tensor):
-                tensors[f"opt.{pid}.{name}"] = v.detach().cpu().contiguous().clone().reshape(v.shape)
-    tensors["rng.torch"] = torch.get_rng_state()
-    work.mkdir(parents=True, exist_ok=True)
-    with atomic_path(work / STATE) as tmp:
-        save_file(tensors, str(tmp))
-    groups = [{k: v for k, v in g.items() if k != "params"} | {"params": g["params"]} for g in sd["param_groups"]]
-    write_json_atomic(work / META, {"step": step, "losses": losses, "config": asdict(cfg), "seconds": seconds,
-                                    "param_groups": groups, "state_ids": sorted(sd["state"])})
-
-
-def _load(model, opt, cfg: QatConfig, work: Path) -> tuple[int, list[float], float] | None:
-    import torch
-    from safetensors.torch import load_file
-
-    meta_path, state_path = work / META, work / STATE
-    if not (meta_path.is_file() and state_path.is_file()):
-        return None
-    meta = json.loads(meta_path.read_text())
-    if meta.get("config") != asdict(cfg):
-        raise QopsError(f"{work} holds a QAT checkpoint of another configuration ({meta.get('config')}).",
-                        "use a fresh work folder for a new QAT configuration, or remove the old checkpoint.")
-    tensors = load_file(str(state_path))  # safetensors: plain tensors, nothing executed
-    from collections import OrderedDict
-
-    sd = OrderedDict((k[len("model."):], v) for k, v in tensors.items() if k.startswith("model."))
-    # module versions (observers read them: without one, an observer's eps is reset to its old default)
-    sd._metadata = getattr(model.state_dict(), "_metadata", None)
-    model.load_state_dict(sd)
-    state: dict = {}
-    for key, v in tensors.items():
-        if key.startswith("opt."):
-            _, pid, name = key.split(".", 2)
-            state.setdefault(int(pid), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    torch.set_rng_state(tensors["rng.torch"])
-    return int(meta["step"]), list(meta["losses"]), float(meta.get("seconds", 0.0))
+def holdout_split(n: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training rows, held-out rows) of ``n``: a seeded ``holdout`` fraction held out (none when it is < 1 row).
+    ``qops qat`` reports FP32/PTQ/QAT fidelity on the same held-out rows."""
+    k = int(n * holdout)
+    if k < 1:
+        return np.arange(n), np.arange(0)
+    order = np.random.default_rng([seed, 104729]).permutation(n)
+    return np.sort(order[k:]), np.sort(order[:k])
 
 
 def _as_list(out) -> list:
     return list(out) if isinstance(out, (tuple, list)) else [out]
 
 
-def _distill_loss(outs: list, teacher_outs: list, tau: float):
-    """KL divergence of the first output's softened distribution to the teacher's, plus, for each further float
-    output of the same shape (an embedding), its mean squared error relative to the teacher's mean square: the
+def _relative_mse(s, t):
+    return ((s - t) ** 2).mean() / (t.pow(2).mean() + 1e-12)
+
+
+def distill_loss(outs: list, teacher_outs: list, tau: float, logit_mse: float = 1.0):
+    """KL divergence of the first output's softened distribution to the teacher's plus ``logit_mse`` times the
+    logits' mean squared error relative to the teacher's mean square (KL alone lets every logit drift by the same
+    constant), plus, for each further float output of the same shape (an embedding), its relative MSE: the
     student is held to everything the FP32 model serves, not only its top class."""
     import torch
 
     s, t = outs[0], teacher_outs[0]
     loss = torch.nn.functional.kl_div(torch.log_softmax(s / tau, -1), torch.log_softmax(t / tau, -1),
                                       log_target=True, reduction="batchmean") * tau * tau
+    if logit_mse:
+        loss = loss + logit_mse * _relative_mse(s, t)
     for s, t in zip(outs[1:], teacher_outs[1:]):
         if torch.is_floating_point(t) and s.shape == t.shape:
-            loss = loss + ((s - t) ** 2).mean() / (t.pow(2).mean() + 1e-12)
+            loss = loss + _relative_mse(s, t)
     return loss
+
+
+def _freeze(model) -> None:
+    """Batch norm on its running statistics and activation ranges fixed; the weights keep training."""
+    from torchao.quantization.pt2e.fake_quantize import disable_observer
+
+    _set_mode(model, False)
+    model.apply(disable_observer)
+
+
+def _batched(tensors: list, batch_size: int):
+    n = len(tensors[0])
+    for i in range(0, n, batch_size):
+        yield [t[i:i + batch_size] for t in tensors]
+
+
+def _loss(model_outs: list, cfg: QatConfig, y=None, teacher_outs: list | None = None):
+    import torch
+
+    if cfg.loss == "task":
+        return torch.nn.functional.cross_entropy(model_outs[0], y)
+    return distill_loss(model_outs, teacher_outs, cfg.temperature, cfg.logit_mse)
+
+
+def _heldout_loss(model, held: list, held_y, teacher_held: list | None, cfg: QatConfig, frozen: bool) -> float:
+    """The training loss on the held-out rows, the model in eval mode with its observers paused (scoring must
+    not move the activation ranges); training mode is restored unless the model is frozen."""
+    import torch
+    from torchao.quantization.pt2e.fake_quantize import disable_observer, enable_observer
+
+    _set_mode(model, False)
+    model.apply(disable_observer)
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for i, batch in enumerate(_batched(held, cfg.batch_size)):
+            rows = slice(i * cfg.batch_size, i * cfg.batch_size + len(batch[0]))
+            outs = _as_list(model(*batch))
+            ts = [t[rows] for t in teacher_held] if teacher_held is not None else None
+            total += float(_loss(outs, cfg, held_y[rows] if held_y is not None else None, ts)) * len(batch[0])
+            n += len(batch[0])
+    if not frozen:
+        _set_mode(model, True)
+        model.apply(enable_observer)
+    return total / max(n, 1)
+
+
+def _teacher_outputs(teacher, held: list, batch_size: int) -> list | None:
+    import torch
+
+    if teacher is None or not len(held[0]):
+        return None
+    with torch.no_grad():
+        parts = [_as_list(teacher(*b)) for b in _batched(held, batch_size)]
+    return [torch.cat([p[j] for p in parts]) for j in range(len(parts[0]))]
 
 
 def train_qat(model, data: dict[str, np.ndarray], cfg: QatConfig, work_dir: str | os.PathLike, *,
               labels: np.ndarray | None = None, teacher=None, on_step: Callable[[int, float], None] | None = None):
     """Prepare ``model`` for QAT (unless it already is), train it on ``data`` (model inputs by name, rows on
     axis 0), checkpointing under ``work_dir`` and resuming from a checkpoint found there. Returns
-    ``(prepared, result)``: the trained fake-quantized model (call :func:`convert` on it) and a :class:`QatResult`.
+    ``(prepared, result)``: the trained fake-quantized model (call :func:`convert` on it) with the weights of the
+    best held-out checkpoint, and a :class:`QatResult`.
 
     ``cfg.loss``: ``task`` needs ``labels`` (classification, cross-entropy); ``distill`` needs ``teacher``
-    (the FP32 module; KL divergence of the student's to the teacher's softened outputs, no labels needed).
+    (the FP32 module; KL of the student's to the teacher's softened outputs plus the logits' relative MSE).
+    ``cfg.holdout`` of the rows (seeded, :func:`holdout_split`) are scored at each checkpoint instead of trained on.
     ``on_step(step, loss)`` is called after every step (progress; a test uses it to kill the run).
     ``cfg.time_budget_s`` ends training early, after a checkpoint, once the time spent (over all attempts) passes
-    it; the result says so.
+    it; ``cfg.patience`` checkpoints without a better held-out loss do too; the result says which.
     """
     import time
 
@@ -302,16 +342,19 @@ def train_qat(model, data: dict[str, np.ndarray], cfg: QatConfig, work_dir: str 
 
     work = Path(work_dir)
     names = list(data)
-    n = len(data[names[0]])
+    n_all = len(data[names[0]])
     if cfg.loss == "task" and labels is None:
         raise QopsError("QAT with loss: task needs labels.", "give the training split's label column, or use "
                         "loss: distill (KL to the FP32 teacher, label-free).")
     if cfg.loss == "distill" and teacher is None:
         raise QopsError("QAT with loss: distill needs the FP32 teacher.", "pass the FP32 model as teacher.")
+    train_rows, held_rows = holdout_split(n_all, cfg.holdout, cfg.seed)
+    n = len(train_rows)
     if n < cfg.batch_size:
-        raise QopsError(f"QAT has {n} training rows, fewer than batch_size {cfg.batch_size}.",
-                        "give more rows or a smaller batch_size.")
+        raise QopsError(f"QAT has {n} training rows ({len(held_rows)} more held out), fewer than batch_size "
+                        f"{cfg.batch_size}.", "give more rows, a smaller batch_size or a smaller holdout.")
     total = cfg.total_steps(n)
+    freeze_at = None if cfg.freeze_after is None else max(1, int(round(total * cfg.freeze_after)))
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if cfg.needs_cuda else "cpu")  # CUDA schemes train on the GPU worker
     if device.type == "cuda":
@@ -328,44 +371,80 @@ def train_qat(model, data: dict[str, np.ndarray], cfg: QatConfig, work_dir: str 
         opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     else:
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    resumed = _load(model, opt, cfg, work)
-    start, losses, spent = resumed if resumed else (0, [], 0.0)
+    config = asdict(cfg)
+    resumed = load_state(model, opt, config, work)
+    prog, best = resumed if resumed else (Progress(), None)
+    start = prog.step
     if resumed:
         log.info("QAT: resuming from step %d of %d (%s)", start, total, work / STATE)
-    tensors = {k: torch.from_numpy(np.array(v)).to(device) for k, v in data.items()}
-    y = torch.from_numpy(np.array(labels)).long().to(device) if labels is not None else None
-    checkpoints, stopped, t0 = 0, False, time.perf_counter()
-    if cfg.time_budget_s is not None and spent >= cfg.time_budget_s and start < total:
+
+    def rows_of(idx):
+        return [torch.from_numpy(np.ascontiguousarray(np.asarray(data[k])[idx])).to(device) for k in names]
+
+    tensors, held = rows_of(train_rows), rows_of(held_rows)
+    y_all = torch.from_numpy(np.array(labels)).long().to(device) if labels is not None else None
+    y = y_all[torch.from_numpy(train_rows).to(device)] if y_all is not None else None
+    held_y = y_all[torch.from_numpy(held_rows).to(device)] if y_all is not None else None
+    teacher_held = _teacher_outputs(teacher, held, cfg.batch_size) if cfg.loss == "distill" else None
+    checkpoints, stopped, early, frozen, t0 = 0, False, False, False, time.perf_counter()
+    since_best = sum(1 for s, _ in prog.evals if prog.best_step is not None and s > prog.best_step)
+    if cfg.time_budget_s is not None and prog.seconds >= cfg.time_budget_s and start < total:
         stopped = True  # an earlier attempt used the budget up: no more steps
         log.warning("QAT: time budget of %.0f s already used (%.1f s); keeping step %d of %d", cfg.time_budget_s,
-                    spent, start, total)
+                    prog.seconds, start, total)
+    if cfg.patience is not None and since_best >= cfg.patience and start < total:
+        stopped = early = True  # an earlier attempt ran out of patience
+    spent = prog.seconds
     for step in range(start, total if not stopped else start):
+        if freeze_at is not None and step >= freeze_at and not frozen:
+            _freeze(model)
+            frozen = True
+            log.info("QAT: batch-norm statistics and activation ranges frozen at step %d of %d", step, total)
         idx = torch.from_numpy(_batch_indices(n, step, cfg.batch_size, cfg.seed)).to(device)
-        batch = [tensors[k][idx] for k in names]
+        batch = [t[idx] for t in tensors]
         opt.zero_grad()
         outs = _as_list(model(*batch))
-        if cfg.loss == "task":
-            loss = torch.nn.functional.cross_entropy(outs[0], y[idx])
-        else:
+        ts = None
+        if cfg.loss == "distill":
             with torch.no_grad():
                 ts = _as_list(teacher(*batch))
-            loss = _distill_loss(outs, ts, cfg.temperature)
+        loss = _loss(outs, cfg, y[idx] if y is not None else None, ts)
         loss.backward()
         opt.step()
-        losses.append(round(float(loss.item()), 6))
-        elapsed = spent + time.perf_counter() - t0
-        stopped = cfg.time_budget_s is not None and elapsed >= cfg.time_budget_s and step + 1 < total
+        prog.losses.append(round(float(loss.item()), 6))
+        prog.step = step + 1
+        prog.seconds = spent + time.perf_counter() - t0
+        stopped = cfg.time_budget_s is not None and prog.seconds >= cfg.time_budget_s and step + 1 < total
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total or stopped:
-            _save(model, opt, step + 1, losses, cfg, work, elapsed)
+            if len(held_rows):
+                h = round(_heldout_loss(model, held, held_y, teacher_held, cfg, frozen), 6)
+                prog.evals.append([step + 1, h])
+                if prog.best_loss is None or h < prog.best_loss:
+                    prog.best_step, prog.best_loss, since_best = step + 1, h, 0
+                    best = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                else:
+                    since_best += 1
+                early = cfg.patience is not None and since_best >= cfg.patience and step + 1 < total
+                stopped = stopped or early
+                log.info("QAT step %d/%d: held-out loss %.5f (best %.5f at step %d)", step + 1, total, h,
+                         prog.best_loss, prog.best_step)
+            save_state(model, opt, prog, config, work, best)
             checkpoints += 1
         if on_step is not None:
-            on_step(step + 1, losses[-1])
+            on_step(step + 1, prog.losses[-1])
         if (step + 1) % max(1, total // 10) == 0:
-            log.info("QAT step %d/%d loss %.5f", step + 1, total, losses[-1])
+            log.info("QAT step %d/%d loss %.5f", step + 1, total, prog.losses[-1])
         if stopped:
-            log.warning("QAT: time budget of %.0f s used up after step %d of %d", cfg.time_budget_s, step + 1, total)
+            log.warning("QAT: %s after step %d of %d", f"no better held-out loss in {cfg.patience} checkpoints"
+                        if early else f"time budget of {cfg.time_budget_s:.0f} s used up", step + 1, total)
             break
+    if best is not None and prog.best_step != prog.step:
+        model.load_state_dict(best)
+        log.info("QAT: keeping the weights of step %d (lowest held-out loss %.5f)", prog.best_step, prog.best_loss)
     _set_mode(model, False)
-    return model, QatResult(steps=len(losses), planned_steps=total, resumed_from=start if resumed else None,
-                            losses=losses, checkpoints=checkpoints, config=asdict(cfg), stopped_by_budget=stopped,
-                            seconds=round(spent + time.perf_counter() - t0, 2), rows=n)
+    return model, QatResult(steps=len(prog.losses), planned_steps=total, resumed_from=start if resumed else None,
+                            losses=prog.losses, checkpoints=checkpoints, config=config,
+                            stopped_by_budget=stopped and not early, seconds=round(spent + time.perf_counter() - t0, 2),
+                            rows=n, holdout_rows=len(held_rows), evals=prog.evals, best_step=prog.best_step,
+                            stopped_early=early,
+                            frozen_at=freeze_at if freeze_at is not None and prog.step > freeze_at else None)

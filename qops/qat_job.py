@@ -31,7 +31,7 @@ import numpy as np
 
 from qops.artifacts import sha256_file, write_json_atomic
 from qops.errors import QopsError
-from qops.qat import PT2E_SCHEMES, SCHEMES, QatConfig, convert, train_qat
+from qops.qat import PT2E_SCHEMES, SCHEMES, QatConfig, convert, holdout_split, train_qat
 
 log = logging.getLogger(__name__)
 
@@ -278,11 +278,13 @@ def task_labels(df, label: str | None, where: str, fix: str):
 def qat_files(*, program: str | os.PathLike, target: str, train: str | os.PathLike, out_dir: str | os.PathLike,
               work_dir: str | os.PathLike | None = None, label: str | None = None, distill: bool = False,
               features=None, onnx: str | os.PathLike | None = None, target_options: dict | None = None,
-              engine: str | None = None, scheme: str | None = None, **training) -> dict:
+              engine: str | None = None, scheme: str | None = None, compare: bool = True, **training) -> dict:
     """QAT outside a pipeline (``qops qat``): train ``program`` for ``target`` on the rows of ``train`` and write
     the target's artifact into ``out_dir``. ``onnx``: the ONNX model the program was exported to (default:
     exported here); ``features``: tabular columns or a data kind; ``training``: :class:`~qops.qat.QatConfig`
-    fields (steps or epochs, lr, batch_size, ...). A second call with the same ``work_dir`` resumes."""
+    fields (steps or epochs, lr, batch_size, ...). A second call with the same ``work_dir`` resumes. ``compare``:
+    also quantize with the target's PTQ recipe on the training rows and report FP32/PTQ/QAT fidelity on the rows
+    QAT held out (``comparison`` in the result; :func:`compare_on_holdout`)."""
     from qops.data import data_kind, onnx_io, read_table
     from qops.quantize.graph import check_model, choose_mode
     from qops.registry import fetch_source_model
@@ -309,5 +311,54 @@ def qat_files(*, program: str | os.PathLike, target: str, train: str | os.PathLi
         training["steps"] = None
     cfg = QatConfig(engine=plan.engine, scheme=plan.scheme, loss="distill" if distill else "task",
                     **{"group_size": plan.group_size or training.pop("group_size", 32), **training})
-    return run_qat(source_onnx=onnx, program=str(program), recipe=recipe, plan=plan, cfg=cfg, train_feeds=feeds,
-                   labels=labels, out_dir=out_dir, work_dir=work_dir)
+    res = run_qat(source_onnx=onnx, program=str(program), recipe=recipe, plan=plan, cfg=cfg, train_feeds=feeds,
+                  labels=labels, out_dir=out_dir, work_dir=work_dir)
+    if compare:
+        src = onnx if plan.output != "pt2" else str(program)
+        res["comparison"] = compare_on_holdout(source=src, qat_model=res["model_path"], train=train, df=df,
+                                               feeds=feeds, cfg=cfg, recipe=recipe, features=features,
+                                               out_dir=out_dir, labels=labels, options=target_options)
+        write_json_atomic(out_dir / "qat_result.json", res)
+    return res
+
+
+def _subset_file(train: str | os.PathLike, df, rows: np.ndarray, dest: Path) -> Path:
+    """The training file's ``rows`` in its own format (``.npz`` arrays stay arrays), for PTQ's calibration."""
+    if Path(train).suffix.lower() == ".npz":
+        with np.load(train, allow_pickle=False) as z:
+            arrays = {k: z[k][rows] for k in z.files}
+        out = dest.with_suffix(".npz")
+        np.savez(out, **arrays)
+        return out
+    out = dest.with_suffix(".parquet")
+    df.iloc[rows].to_parquet(out)
+    return out
+
+
+def compare_on_holdout(*, source: str, qat_model: str, train, df, feeds: dict, cfg: QatConfig, recipe, features,
+                       out_dir: Path, labels: np.ndarray | None = None, options: dict | None = None) -> dict:
+    """FP32 vs PTQ vs QAT on the rows QAT held out (never trained on, never calibrated on): the target's PTQ recipe
+    calibrated on the training rows, then each model's output fidelity to FP32 (and accuracy where labels are
+    known). Returns ``{"rows": n, "fp32": {...}, "ptq": {...}, "qat": {...}, "ptq_model": path}``."""
+    from qops.evaluate import output_fidelity, run_model
+    from qops.quantize import quantize
+
+    train_rows, held = holdout_split(len(df), cfg.holdout, cfg.seed)
+    if not len(held):
+        return {"rows": 0, "note": "no held-out rows (holdout 0): nothing to compare on"}
+    work = out_dir / "ptq"
+    work.mkdir(parents=True, exist_ok=True)
+    calib = _subset_file(train, df, train_rows, work / "calibration")
+    log.info("QAT report: PTQ of %s on the %d training rows, FP32/PTQ/QAT on %d held-out rows", recipe.target,
+             len(train_rows), len(held))
+    ptq = quantize(source, recipe, work / Path(qat_model).name, calibration=calib, features=features)
+    feed = {k: v[held] for k, v in feeds.items()}
+    ref = run_model(source, feed, recipe.to_dict())
+    out: dict = {"rows": int(len(held)), "ptq_model": str(ptq.model_path)}
+    y = labels[held] if labels is not None else None
+    for name, path in (("fp32", source), ("ptq", ptq.model_path), ("qat", qat_model)):
+        got = ref if name == "fp32" else run_model(path, feed, recipe.to_dict())
+        out[name] = output_fidelity("classification" if got.shape[1] > 1 else "regression", ref, got)
+        if y is not None and got.shape[1] > 1:
+            out[name]["accuracy"] = round(float((got.argmax(1) == y).mean()), 6)
+    return out

@@ -370,6 +370,13 @@ class QatSpec(_Base):
     time_budget_s: float | None = Field(default=None, gt=0, description="Stop training (with a checkpoint) after "
                                         "this long, counted over retries.")
     group_size: int = Field(32, ge=1, description="int4 group size of the torchao schemes.")
+    holdout: float = Field(0.2, ge=0, lt=1, description="Fraction of the training rows held out: scored at every "
+                           "checkpoint; the best-scoring weights are kept (0: none).")
+    patience: int | None = Field(8, ge=1, description="Checkpoints without a better held-out loss before training "
+                                 "stops early (null: never).")
+    freeze_after: float | None = Field(0.5, gt=0, le=1, description="Fraction of the planned steps after which "
+                                       "batch-norm statistics and activation ranges freeze (null: never).")
+    logit_mse: float = Field(1.0, ge=0, description="distill: weight of the logits' relative MSE beside the KL.")
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> "QatSpec":
@@ -396,7 +403,8 @@ class QatSpec(_Base):
                          momentum=self.momentum, weight_decay=self.weight_decay, seed=self.seed,
                          checkpoint_every=self.checkpoint_every,
                          loss=self.resolved_loss(has_label), temperature=self.temperature,
-                         time_budget_s=t.time_budget_s or self.time_budget_s)
+                         time_budget_s=t.time_budget_s or self.time_budget_s, holdout=self.holdout,
+                         patience=self.patience, freeze_after=self.freeze_after, logit_mse=self.logit_mse)
 
 
 class QloraSpec(_Base):

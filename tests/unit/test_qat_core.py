@@ -142,3 +142,78 @@ def test_a_time_budget_stops_training_with_a_checkpoint_and_counts_over_retries(
     assert meta["step"] == res.steps  # the checkpoint holds the last step trained
     _, again = train_qat(_model(), data, cfg, tmp_path, labels=y)  # a retry: the budget is already spent
     assert again.stopped_by_budget and again.resumed_from == res.steps and again.steps == res.steps
+
+
+def test_held_out_rows_keep_the_best_weights_and_patience_stops_a_diverging_run(tmp_path):
+    """A learning rate that blows the model up after a few steps: the held-out rows score each checkpoint, the
+    run stops once `patience` checkpoints brought nothing better, and the model it returns is the best one (its
+    held-out loss is the lowest recorded, finite), not the diverged last step."""
+    import torch
+
+    data, y = _data(n=320)
+    cfg = QatConfig(steps=200, batch_size=32, lr=0.05, optimizer="sgd", momentum=0.99, checkpoint_every=2,
+                    patience=3, seed=1, holdout=0.25)
+    model, res = train_qat(_model(), data, cfg, tmp_path / "w", labels=y)
+    assert res.holdout_rows == 80 and res.rows == 240
+    assert res.stopped_early and not res.stopped_by_budget and res.steps < 200
+    losses = [h for _, h in res.evals]
+    best = min(range(len(losses)), key=lambda i: (not np.isfinite(losses[i]), losses[i]))
+    assert res.best_step == res.evals[best][0] < res.steps
+    assert len(res.evals) - 1 - best == 3  # stopped after exactly `patience` checkpoints without improvement
+    assert not np.isfinite(losses[-1]) or losses[-1] > losses[best]
+    from qops.qat import holdout_split
+
+    _, held = holdout_split(320, 0.25, 1)
+    with torch.no_grad():
+        out = model(torch.from_numpy(data["features"][held]))
+    ce = float(torch.nn.functional.cross_entropy(out, torch.from_numpy(y[held])))
+    assert abs(ce - losses[best]) < 1e-4  # the returned weights are the best checkpoint's
+    # a retry of the finished run trains nothing more and keeps the same best step
+    _, again = train_qat(_model(), data, cfg, tmp_path / "w", labels=y)
+    assert again.stopped_early and again.steps == res.steps and again.best_step == res.best_step
+
+
+def test_distillation_loss_sees_a_constant_logit_drift_that_kl_alone_ignores():
+    import torch
+
+    from qops.qat import distill_loss
+
+    t = torch.randn(16, 10)
+    drifted = t + 3.0  # the same softmax: KL is 0
+    assert float(distill_loss([drifted], [t], 1.0, logit_mse=0.0)) < 1e-6
+    assert float(distill_loss([drifted], [t], 1.0, logit_mse=1.0)) > 0.5
+    assert float(distill_loss([t], [t], 1.0, logit_mse=1.0)) < 1e-6
+
+
+def test_batch_norm_statistics_and_ranges_freeze_after_the_warm_up(tmp_path):
+    """PT2E conv-BN net, freeze_after 0.5 of 8 steps: the checkpoints of step 4 and step 8 hold the same BN
+    running statistics and activation ranges, while the weights kept training."""
+    import shutil
+
+    import torch
+    from safetensors.numpy import load_file
+
+    from qops.qat import STATE
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 3)).eval()
+    ep = torch.export.export(net, (torch.randn(2, 3, 8, 8),), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    x = np.random.default_rng(0).normal(size=(160, 3, 8, 8)).astype(np.float32)
+    y = (x[:, 0].mean((1, 2)) > 0).astype(np.int64)
+    cfg = QatConfig(engine="pt2e", scheme="int8_static", steps=8, lr=1e-2, checkpoint_every=4, batch_size=32,
+                    freeze_after=0.5, patience=None)
+
+    def keep_step_4(step, loss):
+        if step == 4:
+            shutil.copy(tmp_path / "w" / STATE, tmp_path / "step4.safetensors")
+
+    _, res = train_qat(ep.module(), {"features": x}, cfg, tmp_path / "w", labels=y, on_step=keep_step_4)
+    assert res.frozen_at == 4 and res.steps == 8
+    a, b = load_file(str(tmp_path / "step4.safetensors")), load_file(str(tmp_path / "w" / STATE))
+    frozen = [k for k in a if k.startswith("model.") and k.endswith(("running_mean", "running_var", "min_val",
+                                                                      "max_val", ".scale", "zero_point"))]
+    assert any("running_mean" in k for k in frozen) and any("min_val" in k for k in frozen)
+    for k in frozen:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert not np.array_equal(a["model.0.weight"], b["model.0.weight"])

@@ -232,13 +232,16 @@ def test_a_qat_task_killed_mid_training_resumes_on_its_retry(tmp_path, mlflow_ur
     r = subprocess.run(_stage(spec, "killed", "qat", tmp_path), capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     retry = json.loads(r.stdout)
-    assert retry["ran"] and retry["resumed_from"] == killed_at and retry["steps"] == 4000
+    assert retry["ran"] and retry["resumed_from"] == killed_at
     r = subprocess.run(_stage(spec, "whole", "qat", tmp_path), capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert json.loads(r.stdout)["resumed_from"] is None
+    whole_res = json.loads(r.stdout)
+    assert whole_res["resumed_from"] is None and whole_res["steps"] == retry["steps"]
     whole = work.parents[4] / "whole" / "targets" / "x86_64_vnni_int8" / "qat" / "work"
     a, b = json.loads((work / "qat_state.json").read_text()), json.loads((whole / "qat_state.json").read_text())
-    assert a["step"] == b["step"] == 4000 and a["losses"] == b["losses"]
+    # the same end (4000 steps, or an early stop on the held-out rows at the same step) and the same best step
+    assert a["step"] == b["step"] == retry["steps"] and a["losses"] == b["losses"] and a["evals"] == b["evals"]
+    assert a["best_step"] == b["best_step"] is not None
     ta, tb = load_file(str(work / "qat_state.safetensors")), load_file(str(whole / "qat_state.safetensors"))
     assert ta.keys() == tb.keys()
     for k in ta:
@@ -248,6 +251,7 @@ def test_a_qat_task_killed_mid_training_resumes_on_its_retry(tmp_path, mlflow_ur
     assert card.returncode == 0, card.stderr[-2000:]
     md = Path(json.loads(card.stdout)["markdown_path"]).read_text()
     assert f"resumed from the checkpoint of step {killed_at}" in md
+    assert f"weights of step {a['best_step']} kept (lowest held-out loss)" in md
 
 
 def test_qops_qat_cli_trains_for_a_target_and_resumes(tmp_path):
@@ -260,13 +264,20 @@ def test_qops_qat_cli_trains_for_a_target_and_resumes(tmp_path):
             "--checkpoint-every", "50", "--output-dir", tmp_path / "out"]
     r = subprocess.run([str(a) for a in args], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "QAT (pt2e int8_static) 150 steps" in r.stdout
+    assert "QAT (pt2e int8_static) 150 steps" in r.stdout and "on 400 held-out rows" in r.stdout
     val = small_weight_data(2, 400, 200)
     out = open_session(tmp_path / "out" / "model.onnx").run(None, {"features": val[["a", "b"]].to_numpy()})[0]
     small = (val.group == "small").to_numpy()
     assert (out.argmax(1) == val.y.to_numpy())[small].mean() >= 0.95
     r = subprocess.run([str(a) for a in args] + ["--json"], capture_output=True, text=True)
     assert r.returncode == 0 and json.loads(r.stdout)["qat"]["training"]["resumed_from"] == 150
+    res = json.loads(r.stdout)
+    cmp, t = res["comparison"], res["qat"]["training"]
+    # 2000 rows: 400 held out (never trained on, never in PTQ's calibration), scored at every checkpoint
+    assert cmp["rows"] == t["holdout_rows"] == 400 and t["rows"] == 1600 and len(t["evals"]) == 3
+    assert cmp["fp32"]["top1_agreement"] == 1.0 and Path(cmp["ptq_model"]).is_file()
+    # the planted slice: PTQ rounds its weights to 0, QAT learns around it (on rows it never saw)
+    assert cmp["qat"]["accuracy"] >= 0.99 and cmp["ptq"]["accuracy"] <= cmp["qat"]["accuracy"] - 0.03
     bad = [*QOPS, "qat", "--model", tmp_path / "model.pt2", "--target", "codebook_4bit", "--train",
            tmp_path / "train.parquet", "--label", "y", "--output-dir", tmp_path / "o2"]
     r = subprocess.run([str(a) for a in bad], capture_output=True, text=True)
