@@ -96,3 +96,31 @@ def test_compose_runs_what_the_native_stack_runs():
     hook = services["qops-webhook"]
     assert hook["command"][hook["command"].index("--airflow-url") + 1] == "http://airflow-api-server:8080"
     assert services["mlflow"]["environment"]["MLFLOW_WEBHOOK_ALLOWED_SCHEMES"] == "http,https"
+
+
+def test_the_wheel_holds_every_package_and_its_data(tmp_path):
+    """What `pip install .` (and so docker/Dockerfile) installs is what the tests test: every directory of qops/
+    and operators/ with Python files is in the built wheel, with the card templates, schema and datasets."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    src = tmp_path / "src"  # a clean copy: a stale build/ folder in the checkout would hide a missing package
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "build")
+    for part in ("qops", "operators"):
+        shutil.copytree(REPO / part, src / part, ignore=ignore)
+    for f in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / f, src / f)
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                        str(tmp_path), str(src)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (wheel,) = tmp_path.glob("qops-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    dirs = {p.parent for p in (REPO / "qops").rglob("*.py") if "__pycache__" not in p.parts}
+    for d in dirs:
+        assert f"{d.relative_to(REPO).as_posix()}/__init__.py" in names, d
+    assert {"qops_airflow/__init__.py", "qops_airflow/operators.py", "qops_airflow/dag_factory.py"} <= names
+    for data in ("qops/cards/templates/card.md.j2", "qops/cards/schema/card-1.0.schema.json"):
+        assert data in names, data
+    assert any(n.startswith("qops/datasets/data/") and n.endswith(".csv") for n in names)
