@@ -234,7 +234,8 @@ def cmd_qat(args) -> int:
                     steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                     optimizer=args.optimizer, weight_decay=args.weight_decay, seed=args.seed,
                     checkpoint_every=args.checkpoint_every, time_budget_s=args.time_budget_s, holdout=args.holdout,
-                    patience=args.patience, freeze_after=args.freeze_after, logit_mse=args.logit_mse,
+                    patience=args.patience, freeze_after=args.freeze_after,
+                    bn_freeze_after=args.bn_freeze_after, logit_mse=args.logit_mse,
                     compare=not args.no_compare)
     t = res["qat"]["training"]
     resumed = f", resumed from step {t['resumed_from']}" if t["resumed_from"] is not None else ""
@@ -503,8 +504,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "and the FP32/PTQ/QAT report (default 0.2)")
     sp.add_argument("--patience", type=int, help="checkpoints without a better held-out loss before stopping "
                     "(default 8)")
-    sp.add_argument("--freeze-after", type=float, help="fraction of the steps after which BN statistics and "
-                    "ranges freeze (default 0.5)")
+    sp.add_argument("--freeze-after", type=float, help="fraction of the steps after which activation ranges and "
+                    "weight scales freeze (default 0.5)")
+    sp.add_argument("--bn-freeze-after", type=float, help="fraction of the steps after which batch norm uses its "
+                    "running statistics (default 0: the pretrained ones throughout)")
     sp.add_argument("--logit-mse", type=float, help="distill: weight of the logits' relative MSE (default 1.0)")
     sp.add_argument("--no-compare", action="store_true", help="skip the PTQ model and the FP32/PTQ/QAT report")
     sp.add_argument("--work-dir", help="checkpoints (safetensors + JSON; default OUTPUT_DIR/work); a rerun resumes")

@@ -9,9 +9,11 @@ teacher's outputs: KL on the softened logits plus their relative MSE, so the log
 
 A seeded ``holdout`` fraction of the rows never trains: at every checkpoint it is scored (the same loss, model in
 eval mode, observers paused), the best-scoring weights are kept and restored at the end, and ``patience``
-checkpoints without improvement stop training early. After ``freeze_after`` of the planned steps, batch-norm
-statistics and activation ranges freeze (eval-mode batch norm, observers off) while the weights keep training, as
-Krishnamoorthi (2018) and the PyTorch QAT recipe do.
+checkpoints without improvement stop training early. Batch norm runs on its running statistics from
+``bn_freeze_after`` of the planned steps (default 0: the pretrained statistics are kept, as fine-tuning on a few
+hundred rows needs; their batches would overwrite ImageNet-scale statistics), and after ``freeze_after`` the
+observers stop (activation ranges and weight scales fixed) while the weights keep training, as Krishnamoorthi
+(2018) and the PyTorch QAT recipe do.
 
 Every ``checkpoint_every`` steps the state is written under ``work_dir`` (:mod:`qops.qat_state`: safetensors and
 JSON, nothing pickled, renamed into place). ``train_qat`` on a ``work_dir`` that holds a checkpoint of the same
@@ -31,6 +33,7 @@ from typing import Callable
 import numpy as np
 
 from qops.errors import QopsError
+from qops.qat_loss import as_list, distill_loss, training_loss
 from qops.qat_state import META, STATE, Progress, load_state, save_state
 
 log = logging.getLogger(__name__)
@@ -57,7 +60,8 @@ class QatConfig:
     time_budget_s: float | None = None  # stop (with a checkpoint) once training took this long, across retries
     holdout: float = 0.2  # fraction of the rows held out, scored at each checkpoint; the best weights are kept
     patience: int | None = 8  # checkpoints without a better held-out loss before training stops (None: never)
-    freeze_after: float | None = 0.5  # fraction of the planned steps after which BN stats and ranges freeze
+    bn_freeze_after: float | None = 0.0  # fraction of the planned steps after which BN uses its running stats
+    freeze_after: float | None = 0.5  # fraction of the planned steps after which the observers (ranges) freeze
     logit_mse: float = 1.0  # distill: weight of the logits' relative MSE beside the KL
 
     def __post_init__(self) -> None:
@@ -77,10 +81,13 @@ class QatConfig:
                 or self.batch_size < 1 or self.checkpoint_every < 1:
             raise QopsError("QAT steps/epochs, batch_size and checkpoint_every must be positive.", "set them >= 1.")
         if not 0 <= self.holdout < 1 or (self.patience is not None and self.patience < 1) or self.logit_mse < 0 \
-                or (self.freeze_after is not None and not 0 < self.freeze_after <= 1):
+                or (self.freeze_after is not None and not 0 < self.freeze_after <= 1) \
+                or (self.bn_freeze_after is not None and not 0 <= self.bn_freeze_after <= 1):
             raise QopsError(f"QAT holdout {self.holdout}, patience {self.patience}, freeze_after "
-                            f"{self.freeze_after} or logit_mse {self.logit_mse} is out of range.",
+                            f"{self.freeze_after}, bn_freeze_after {self.bn_freeze_after} or logit_mse "
+                            f"{self.logit_mse} is out of range.",
                             "use 0 <= holdout < 1, patience >= 1 (or null), 0 < freeze_after <= 1 (or null), "
+                            "0 <= bn_freeze_after <= 1 (or null), "
                             "logit_mse >= 0.")
 
     def total_steps(self, rows: int) -> int:
@@ -158,7 +165,8 @@ class QatResult:
     evals: list[list[float]] = field(default_factory=list)  # [step, held-out loss] at each checkpoint
     best_step: int | None = None  # the step whose weights the result holds (lowest held-out loss)
     stopped_early: bool = False  # patience ran out
-    frozen_at: int | None = None  # the step BN statistics and activation ranges froze at
+    frozen_at: int | None = None  # the step the activation ranges (observers) froze at
+    bn_frozen_at: int | None = None  # the step batch norm switched to its running statistics
 
 
 def prepare(model, cfg: QatConfig):
@@ -242,38 +250,8 @@ def holdout_split(n: int, holdout: float, seed: int) -> tuple[np.ndarray, np.nda
     return np.sort(order[k:]), np.sort(order[:k])
 
 
-def _as_list(out) -> list:
-    return list(out) if isinstance(out, (tuple, list)) else [out]
-
-
-def _relative_mse(s, t):
-    return ((s - t) ** 2).mean() / (t.pow(2).mean() + 1e-12)
-
-
-def distill_loss(outs: list, teacher_outs: list, tau: float, logit_mse: float = 1.0):
-    """KL divergence of the first output's softened distribution to the teacher's plus ``logit_mse`` times the
-    logits' mean squared error relative to the teacher's mean square (KL alone lets every logit drift by the same
-    constant), plus, for each further float output of the same shape (an embedding), its relative MSE: the
-    student is held to everything the FP32 model serves, not only its top class."""
-    import torch
-
-    s, t = outs[0], teacher_outs[0]
-    loss = torch.nn.functional.kl_div(torch.log_softmax(s / tau, -1), torch.log_softmax(t / tau, -1),
-                                      log_target=True, reduction="batchmean") * tau * tau
-    if logit_mse:
-        loss = loss + logit_mse * _relative_mse(s, t)
-    for s, t in zip(outs[1:], teacher_outs[1:]):
-        if torch.is_floating_point(t) and s.shape == t.shape:
-            loss = loss + _relative_mse(s, t)
-    return loss
-
-
-def _freeze(model) -> None:
-    """Batch norm on its running statistics and activation ranges fixed; the weights keep training."""
-    from torchao.quantization.pt2e.fake_quantize import disable_observer
-
-    _set_mode(model, False)
-    model.apply(disable_observer)
+def _at(fraction: float | None, total: int) -> int | None:
+    return None if fraction is None else int(round(total * fraction))
 
 
 def _batched(tensors: list, batch_size: int):
@@ -282,17 +260,10 @@ def _batched(tensors: list, batch_size: int):
         yield [t[i:i + batch_size] for t in tensors]
 
 
-def _loss(model_outs: list, cfg: QatConfig, y=None, teacher_outs: list | None = None):
-    import torch
-
-    if cfg.loss == "task":
-        return torch.nn.functional.cross_entropy(model_outs[0], y)
-    return distill_loss(model_outs, teacher_outs, cfg.temperature, cfg.logit_mse)
-
-
-def _heldout_loss(model, held: list, held_y, teacher_held: list | None, cfg: QatConfig, frozen: bool) -> float:
+def _heldout_loss(model, held: list, held_y, teacher_held: list | None, cfg: QatConfig, train_mode: bool,
+                  observing: bool) -> float:
     """The training loss on the held-out rows, the model in eval mode with its observers paused (scoring must
-    not move the activation ranges); training mode is restored unless the model is frozen."""
+    not move the activation ranges); afterwards training mode and the observers are back as they were."""
     import torch
     from torchao.quantization.pt2e.fake_quantize import disable_observer, enable_observer
 
@@ -302,12 +273,13 @@ def _heldout_loss(model, held: list, held_y, teacher_held: list | None, cfg: Qat
     with torch.no_grad():
         for i, batch in enumerate(_batched(held, cfg.batch_size)):
             rows = slice(i * cfg.batch_size, i * cfg.batch_size + len(batch[0]))
-            outs = _as_list(model(*batch))
+            outs = as_list(model(*batch))
             ts = [t[rows] for t in teacher_held] if teacher_held is not None else None
-            total += float(_loss(outs, cfg, held_y[rows] if held_y is not None else None, ts)) * len(batch[0])
+            total += float(training_loss(outs, cfg, held_y[rows] if held_y is not None else None, ts)) * len(batch[0])
             n += len(batch[0])
-    if not frozen:
+    if train_mode:
         _set_mode(model, True)
+    if observing:
         model.apply(enable_observer)
     return total / max(n, 1)
 
@@ -318,7 +290,7 @@ def _teacher_outputs(teacher, held: list, batch_size: int) -> list | None:
     if teacher is None or not len(held[0]):
         return None
     with torch.no_grad():
-        parts = [_as_list(teacher(*b)) for b in _batched(held, batch_size)]
+        parts = [as_list(teacher(*b)) for b in _batched(held, batch_size)]
     return [torch.cat([p[j] for p in parts]) for j in range(len(parts[0]))]
 
 
@@ -354,7 +326,7 @@ def train_qat(model, data: dict[str, np.ndarray], cfg: QatConfig, work_dir: str 
         raise QopsError(f"QAT has {n} training rows ({len(held_rows)} more held out), fewer than batch_size "
                         f"{cfg.batch_size}.", "give more rows, a smaller batch_size or a smaller holdout.")
     total = cfg.total_steps(n)
-    freeze_at = None if cfg.freeze_after is None else max(1, int(round(total * cfg.freeze_after)))
+    freeze_at, bn_at = _at(cfg.freeze_after, total), _at(cfg.bn_freeze_after, total)
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if cfg.needs_cuda else "cpu")  # CUDA schemes train on the GPU worker
     if device.type == "cuda":
@@ -386,7 +358,7 @@ def train_qat(model, data: dict[str, np.ndarray], cfg: QatConfig, work_dir: str 
     y = y_all[torch.from_numpy(train_rows).to(device)] if y_all is not None else None
     held_y = y_all[torch.from_numpy(held_rows).to(device)] if y_all is not None else None
     teacher_held = _teacher_outputs(teacher, held, cfg.batch_size) if cfg.loss == "distill" else None
-    checkpoints, stopped, early, frozen, t0 = 0, False, False, False, time.perf_counter()
+    checkpoints, stopped, early, frozen, bn_frozen, t0 = 0, False, False, False, False, time.perf_counter()
     since_best = sum(1 for s, _ in prog.evals if prog.best_step is not None and s > prog.best_step)
     if cfg.time_budget_s is not None and prog.seconds >= cfg.time_budget_s and start < total:
         stopped = True  # an earlier attempt used the budget up: no more steps
@@ -396,19 +368,24 @@ def train_qat(model, data: dict[str, np.ndarray], cfg: QatConfig, work_dir: str 
         stopped = early = True  # an earlier attempt ran out of patience
     spent = prog.seconds
     for step in range(start, total if not stopped else start):
-        if freeze_at is not None and step >= freeze_at and not frozen:
-            _freeze(model)
+        if bn_at is not None and step >= bn_at and not bn_frozen:
+            _set_mode(model, False)  # batch norm on its running statistics (and dropout off)
+            bn_frozen = True
+        if freeze_at is not None and step >= max(freeze_at, 1) and not frozen:
+            from torchao.quantization.pt2e.fake_quantize import disable_observer
+
+            model.apply(disable_observer)
             frozen = True
-            log.info("QAT: batch-norm statistics and activation ranges frozen at step %d of %d", step, total)
+            log.info("QAT: activation ranges and weight scales frozen at step %d of %d", step, total)
         idx = torch.from_numpy(_batch_indices(n, step, cfg.batch_size, cfg.seed)).to(device)
         batch = [t[idx] for t in tensors]
         opt.zero_grad()
-        outs = _as_list(model(*batch))
+        outs = as_list(model(*batch))
         ts = None
         if cfg.loss == "distill":
             with torch.no_grad():
-                ts = _as_list(teacher(*batch))
-        loss = _loss(outs, cfg, y[idx] if y is not None else None, ts)
+                ts = as_list(teacher(*batch))
+        loss = training_loss(outs, cfg, y[idx] if y is not None else None, ts)
         loss.backward()
         opt.step()
         prog.losses.append(round(float(loss.item()), 6))
@@ -417,7 +394,7 @@ def train_qat(model, data: dict[str, np.ndarray], cfg: QatConfig, work_dir: str 
         stopped = cfg.time_budget_s is not None and prog.seconds >= cfg.time_budget_s and step + 1 < total
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total or stopped:
             if len(held_rows):
-                h = round(_heldout_loss(model, held, held_y, teacher_held, cfg, frozen), 6)
+                h = round(_heldout_loss(model, held, held_y, teacher_held, cfg, not bn_frozen, not frozen), 6)
                 prog.evals.append([step + 1, h])
                 if prog.best_loss is None or h < prog.best_loss:
                     prog.best_step, prog.best_loss, since_best = step + 1, h, 0
@@ -447,4 +424,5 @@ def train_qat(model, data: dict[str, np.ndarray], cfg: QatConfig, work_dir: str 
                             stopped_by_budget=stopped and not early, seconds=round(spent + time.perf_counter() - t0, 2),
                             rows=n, holdout_rows=len(held_rows), evals=prog.evals, best_step=prog.best_step,
                             stopped_early=early,
-                            frozen_at=freeze_at if freeze_at is not None and prog.step > freeze_at else None)
+                            frozen_at=freeze_at if freeze_at is not None and prog.step > freeze_at else None,
+                            bn_frozen_at=bn_at if bn_at is not None and prog.step > bn_at else None)

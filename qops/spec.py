@@ -374,8 +374,11 @@ class QatSpec(_Base):
                            "checkpoint; the best-scoring weights are kept (0: none).")
     patience: int | None = Field(8, ge=1, description="Checkpoints without a better held-out loss before training "
                                  "stops early (null: never).")
+    bn_freeze_after: float | None = Field(0.0, ge=0, le=1, description="Fraction of the planned steps after which "
+                                          "batch norm uses its running statistics (0: keep the pretrained ones; "
+                                          "null: batch statistics throughout).")
     freeze_after: float | None = Field(0.5, gt=0, le=1, description="Fraction of the planned steps after which "
-                                       "batch-norm statistics and activation ranges freeze (null: never).")
+                                       "the observers stop: activation ranges and weight scales fixed (null: never).")
     logit_mse: float = Field(1.0, ge=0, description="distill: weight of the logits' relative MSE beside the KL.")
 
     @model_validator(mode="after")
@@ -404,7 +407,8 @@ class QatSpec(_Base):
                          checkpoint_every=self.checkpoint_every,
                          loss=self.resolved_loss(has_label), temperature=self.temperature,
                          time_budget_s=t.time_budget_s or self.time_budget_s, holdout=self.holdout,
-                         patience=self.patience, freeze_after=self.freeze_after, logit_mse=self.logit_mse)
+                         patience=self.patience, freeze_after=self.freeze_after,
+                         bn_freeze_after=self.bn_freeze_after, logit_mse=self.logit_mse)
 
 
 class QloraSpec(_Base):

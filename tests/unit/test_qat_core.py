@@ -186,8 +186,9 @@ def test_distillation_loss_sees_a_constant_logit_drift_that_kl_alone_ignores():
 
 
 def test_batch_norm_statistics_and_ranges_freeze_after_the_warm_up(tmp_path):
-    """PT2E conv-BN net, freeze_after 0.5 of 8 steps: the checkpoints of step 4 and step 8 hold the same BN
-    running statistics and activation ranges, while the weights kept training."""
+    """PT2E conv-BN net, bn_freeze_after and freeze_after 0.5 of 8 steps: the checkpoints of step 4 and step 8 hold
+    the same BN running statistics and activation ranges, while the weights kept training. By default
+    (bn_freeze_after 0) the pretrained BN statistics are never overwritten by the training batches."""
     import shutil
 
     import torch
@@ -195,21 +196,26 @@ def test_batch_norm_statistics_and_ranges_freeze_after_the_warm_up(tmp_path):
 
     from qops.qat import STATE
 
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
-                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 3)).eval()
-    ep = torch.export.export(net, (torch.randn(2, 3, 8, 8),), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    def program():  # a fresh export each time: training mutates the exported module's buffers in place
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                  torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 3)).eval()
+        net[1].running_mean.copy_(torch.linspace(-1, 1, 8))  # "pretrained" statistics, unlike these batches'
+        ep = torch.export.export(net, (torch.randn(2, 3, 8, 8),), dynamic_shapes=({0: torch.export.Dim("batch")},))
+        return ep.module()
+
+    pretrained = np.linspace(-1, 1, 8, dtype=np.float32)
     x = np.random.default_rng(0).normal(size=(160, 3, 8, 8)).astype(np.float32)
     y = (x[:, 0].mean((1, 2)) > 0).astype(np.int64)
     cfg = QatConfig(engine="pt2e", scheme="int8_static", steps=8, lr=1e-2, checkpoint_every=4, batch_size=32,
-                    freeze_after=0.5, patience=None)
+                    freeze_after=0.5, bn_freeze_after=0.5, patience=None)
 
     def keep_step_4(step, loss):
         if step == 4:
             shutil.copy(tmp_path / "w" / STATE, tmp_path / "step4.safetensors")
 
-    _, res = train_qat(ep.module(), {"features": x}, cfg, tmp_path / "w", labels=y, on_step=keep_step_4)
-    assert res.frozen_at == 4 and res.steps == 8
+    _, res = train_qat(program(), {"features": x}, cfg, tmp_path / "w", labels=y, on_step=keep_step_4)
+    assert res.frozen_at == res.bn_frozen_at == 4 and res.steps == 8
     a, b = load_file(str(tmp_path / "step4.safetensors")), load_file(str(tmp_path / "w" / STATE))
     frozen = [k for k in a if k.startswith("model.") and k.endswith(("running_mean", "running_var", "min_val",
                                                                       "max_val", ".scale", "zero_point"))]
@@ -217,3 +223,9 @@ def test_batch_norm_statistics_and_ranges_freeze_after_the_warm_up(tmp_path):
     for k in frozen:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     assert not np.array_equal(a["model.0.weight"], b["model.0.weight"])
+    assert not np.allclose(a["model.1.running_mean"], pretrained)  # 4 steps on batch statistics moved them
+    _, res = train_qat(program(), {"features": x}, QatConfig(engine="pt2e", scheme="int8_static", steps=8,
+                       lr=1e-2, checkpoint_every=4, batch_size=32), tmp_path / "default", labels=y)
+    assert res.bn_frozen_at == 0 and res.frozen_at == 4
+    np.testing.assert_allclose(load_file(str(tmp_path / "default" / STATE))["model.1.running_mean"], pretrained,
+                               atol=1e-6)
