@@ -274,10 +274,11 @@ def _quantize_onnx(model: Path, recipe: Recipe, output: Path, calibration, featu
             mode = graph.choose_mode(report.kind)
             notes.append(f"mode auto -> {mode} ({report.kind} graph)")
         needs_cal = (recipe.precision == "int8" and mode == "static") or \
-            (recipe.precision == "int4" and recipe.algorithm == "gptq")
+            (recipe.precision == "int4" and recipe.algorithm in ("gptq", "awq"))
         if needs_cal and calibration is None:
+            what = recipe.algorithm.upper() if recipe.precision == "int4" else "static quantization"
             raise DataError(
-                f"Target {recipe.target!r} uses {'GPTQ' if recipe.precision == 'int4' else 'static quantization'}, "
+                f"Target {recipe.target!r} uses {what}, "
                 "which needs a calibration set.",
                 "pass --calibration FILE (parquet/CSV with the model's feature columns), e.g. from `qops calibrate`.",
             )
@@ -590,14 +591,23 @@ def _nbits(src: Path, dst: Path, recipe: Recipe, bits: int, reader, external: bo
         except Exception as e:  # noqa: BLE001 - fall back to MatMul only, and say so
             ops = ("MatMul",)
             notes.append(f"embeddings (Gather) left in FP32: upgrading to opset 21 failed ({str(e)[:120]})")
+    if recipe.algorithm == "awq":
+        from qops.quantize.awq import apply_awq
+
+        notes.append("AWQ: weights scaled per input channel by mean |activation|^alpha on the calibration rows "
+                     "(alpha searched per activation), then round-to-nearest")
+        awq_report = apply_awq(m, reader, recipe.block_size, recipe.symmetric_weights, recipe.nodes_to_exclude)
     if recipe.algorithm == "gptq":
         reader.rewind()
         algo = GPTQWeightOnlyQuantConfig(calibration_data_reader=reader, block_size=recipe.block_size,
                                          percdamp=0.01, actorder=False, mse=False, perchannel=True)
     else:
+        emb_block = recipe.embedding_block_size or recipe.block_size
+        split = "Gather" in ops and emb_block != recipe.block_size  # embeddings in a second pass, own block size
         algo = DefaultWeightOnlyQuantConfig(block_size=recipe.block_size, is_symmetric=recipe.symmetric_weights,
                                             accuracy_level=recipe.accuracy_level, quant_format=QuantFormat.QOperator,
-                                            op_types_to_quantize=ops, bits=bits)
+                                            op_types_to_quantize=tuple(o for o in ops if o != "Gather" or not split),
+                                            bits=bits)
     if recipe.algorithm == "gptq":
         tmp = dst.with_name("gptq_in.onnx")
         save_model(m, tmp, external)
@@ -611,10 +621,22 @@ def _nbits(src: Path, dst: Path, recipe: Recipe, bits: int, reader, external: bo
     log.info("INT%d weight-only (%s, block %d) for %s", bits, recipe.algorithm, recipe.block_size, recipe.target)
     q.process()
     out = q.model.model if hasattr(q.model, "model") else q.model
+    if recipe.algorithm != "gptq" and split:
+        emb = DefaultWeightOnlyQuantConfig(block_size=emb_block, is_symmetric=recipe.symmetric_weights,
+                                           accuracy_level=recipe.accuracy_level, quant_format=QuantFormat.QOperator,
+                                           op_types_to_quantize=("Gather",), bits=bits)
+        q = MatMulNBitsQuantizer(out, bits=bits, block_size=emb_block, is_symmetric=recipe.symmetric_weights,
+                                 accuracy_level=recipe.accuracy_level, nodes_to_exclude=list(recipe.nodes_to_exclude),
+                                 algo_config=emb)
+        q.process()
+        out = q.model.model if hasattr(q.model, "model") else q.model
+        notes.append(f"embedding tables (Gather) in INT4 blocks of {emb_block}")
     kept = [n.name for n in out.graph.node if n.name in set(recipe.nodes_to_exclude) and n.op_type == "MatMul"]
     technique = {"kind": f"int{bits}_weight_only", "algorithm": recipe.algorithm, "block_size": recipe.block_size,
-                 "symmetric": recipe.symmetric_weights, "accuracy_level": recipe.accuracy_level,
+                 "embedding_block_size": recipe.embedding_block_size or recipe.block_size, "symmetric": recipe.symmetric_weights, "accuracy_level": recipe.accuracy_level,
                  "gemm_rewritten_as_matmul": converted, "op_types": list(ops), "notes": notes}
+    if recipe.algorithm == "awq":
+        technique["awq"] = awq_report
     if kept and recipe.fallback_precision == "int8":
         # mixed precision: the layers kept out of INT4 get dynamic INT8 weights (per channel) instead of FP32
         from onnxruntime.quantization import QuantType, quantize_dynamic

@@ -97,6 +97,22 @@ def best_alpha(x: np.ndarray, weights: list[np.ndarray], xmax: np.ndarray, wmax:
     return (None if best == "none" else float(best)), errors
 
 
+def insert_after_producers(model, new_nodes: list) -> None:
+    """Insert each ``(activation, node)`` right after the node producing ``activation`` (graph inputs: first),
+    keeping the graph topologically sorted."""
+    producers = {o: i for i, n in enumerate(model.graph.node) for o in n.output}
+    nodes = list(model.graph.node)
+    after: dict[int, list] = {}
+    for act, n in new_nodes:
+        after.setdefault(producers.get(act, -1), []).append(n)
+    ordered = after.get(-1, [])
+    for i, n in enumerate(nodes):
+        ordered.append(n)
+        ordered += after.get(i, [])
+    del model.graph.node[:]
+    model.graph.node.extend(ordered)
+
+
 def smooth(model, reader, alpha: float | str = 0.5, op_types=("MatMul", "Gemm"), nodes_to_exclude=()) -> dict:
     """Apply SmoothQuant to ``model`` in place. Returns a report (activations smoothed, scale ranges)."""
     from onnx import helper, numpy_helper
@@ -160,17 +176,6 @@ def smooth(model, reader, alpha: float | str = 0.5, op_types=("MatMul", "Gemm"),
             node.input[0] = out
         report["smoothed"] += 1
         report["scales"][act] = [float(s.min()), float(s.max())]
-    # insert each Mul right after the producer of its activation (graph inputs: at the front)
-    producers = {o: i for i, n in enumerate(model.graph.node) for o in n.output}
-    nodes = list(model.graph.node)
-    after: dict[int, list] = {}
-    for act, n in new_nodes:
-        after.setdefault(producers.get(act, -1), []).append(n)
-    ordered = after.get(-1, [])
-    for i, n in enumerate(nodes):
-        ordered.append(n)
-        ordered += after.get(i, [])
-    del model.graph.node[:]
-    model.graph.node.extend(ordered)
+    insert_after_producers(model, new_nodes)
     log.info("SmoothQuant (alpha=%s): %d activations smoothed", alpha, report["smoothed"])
     return report

@@ -150,7 +150,7 @@ def search_space(recipe: Recipe, cfg: TuningConfig, has_calibration: bool, prefe
             cands += [{"mode": m, "smooth_quant_alpha": a, "per_channel": True, "embedding_granularity": eg}
                       for m in modes for a in alphas for eg in egs]
     elif recipe.precision == "int4":
-        for algo, block in itertools.product(["rtn"] + (["gptq"] if has_calibration else []), [128, 32]):
+        for algo, block in itertools.product(["rtn"] + (["awq", "gptq"] if has_calibration else []), [128, 32]):
             cands.append({"algorithm": algo, "block_size": block})
     elif recipe.precision == "codebook":
         cands += [{"codebook": "kmeans"}, {"codebook": "pow2"}]

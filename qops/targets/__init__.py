@@ -82,8 +82,9 @@ class Recipe:
     op_types: tuple[str, ...] = ("MatMul", "Gemm", "Conv", "Gather")
     nodes_to_exclude: tuple[str, ...] = ()  # kept in FP32 (accuracy-aware tuning fills this)
     # INT4 weight-only (ONNX Runtime MatMulNBits)
-    algorithm: Literal["rtn", "gptq", "hqq", "k_quant"] = "rtn"  # hqq, k_quant: decoder LLM targets
+    algorithm: Literal["rtn", "gptq", "awq", "hqq", "k_quant"] = "rtn"  # hqq, k_quant: decoder LLM targets
     block_size: int = 128
+    embedding_block_size: int | None = None  # INT4 embedding tables (GatherBlockQuantized); None: block_size
     # weight-only INT4/INT8: the precision of the layers kept out of it (nodes_to_exclude; the tuner's fallback)
     fallback_precision: Literal["int8", "fp32"] = "int8"  # int8: dynamic INT8 per channel (MatMulInteger)
     accuracy_level: int | None = 4  # MatMulNBits compute type: 4 = int8 activations (fast on CPUs)
@@ -168,7 +169,7 @@ class Recipe:
             return self.algorithm == "gptq" and self.precision == "int4"
         if self.engine == "torchao":
             return self.torch_method == "pt2e_x86_inductor"
-        return self.mode in ("static", "auto") or (self.precision == "int4" and self.algorithm == "gptq") \
+        return self.mode in ("static", "auto") or (self.precision == "int4" and self.algorithm in ("gptq", "awq")) \
             or self.smooth_quant_alpha is not None
 
     @property
