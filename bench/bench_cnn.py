@@ -61,8 +61,9 @@ def _ort_variant(pre: Path, out: Path, xc: np.ndarray, **kw) -> Path:
     return out
 
 
-def peak_rss_quantize(work: Path, model: Path, table: Path, rows: int, extra: list[str]) -> float:
-    """Peak RSS (MB) of one `qops quantize` process on the first ``rows`` calibration images."""
+def peak_rss_quantize(work: Path, model: Path, table: Path, rows: int, extra: list[str], ok=(0,)) -> float:
+    """Peak RSS (MB) of one `qops quantize` process on the first ``rows`` calibration images (``ok``: the exit
+    codes that count as a run: `--tune` exits 3 when no candidate passes its gates)."""
     sub = work / f"cal{rows}.parquet"
     df = pd.read_parquet(table)
     pd.concat([df] * (rows // len(df) + 1), ignore_index=True).head(rows).to_parquet(sub)
@@ -74,10 +75,17 @@ def peak_rss_quantize(work: Path, model: Path, table: Path, rows: int, extra: li
                         "--resize", "224", "--crop", "224", "--mean", ",".join(map(str, LITE_MEAN)),
                         "--std", ",".join(map(str, LITE_STD)), "--output", str(work / f"rss{rows}.onnx"), *extra],
                        capture_output=True, text=True)
-    if r.returncode != 0:
+    if r.returncode not in ok:
         raise RuntimeError(r.stderr[-2000:])
     line = next(x for x in r.stderr.splitlines() if "Maximum resident set size" in x)  # GNU time, in kB
     return int(line.split(":")[-1]) / 1024
+
+
+def _tune_line(res: dict) -> str:
+    return ("Peak RSS of `qops quantize --tune` (6 trials, gates agreement >= 0.95 and cosine >= 0.99 on 320 crops "
+            "of the calibration photos; GNU time): " + ", ".join(
+                f"{n} calibration images: {v:.0f} MB in {res['tune_seconds'][n]:.0f} s"
+                for n, v in res["tune_peak_rss_mb"].items()))
 
 
 def _memory_line(memory: dict) -> str:
@@ -93,6 +101,8 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=150)
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--memory-only", action="store_true", help="only the peak-RSS rows (into the existing json)")
+    ap.add_argument("--tune-memory", action="store_true",
+                    help="only peak RSS and time of `qops quantize --tune` on 100 and 1000 calibration images")
     args = ap.parse_args()
     from onnxruntime.quantization import CalibrationMethod
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -103,6 +113,22 @@ def main() -> int:
 
     work = Path(args.work)
     work.mkdir(exist_ok=True)
+    if args.tune_memory:
+        tables = photo_tables(work, per_photo=args.per_photo)
+        res = json.loads((Path(args.out) / "cnn.json").read_text())
+        tune = ["--tune", "--validation", tables["reference"], "--threshold", "agreement>=0.95", "--threshold",
+                "cosine>=0.99", "--max-trials", "6", "--timeout", "600"]
+        res["tune_peak_rss_mb"], res["tune_seconds"] = {}, {}
+        for n in (100, 1000):
+            t0 = time.perf_counter()
+            res["tune_peak_rss_mb"][n] = round(peak_rss_quantize(work, work / "fp32.onnx", work / "pool.parquet", n,
+                                                                 tune, ok=(0, 3)), 0)
+            res["tune_seconds"][n] = round(time.perf_counter() - t0, 0)
+            print(n, res["tune_peak_rss_mb"][n], res["tune_seconds"][n], flush=True)
+        (Path(args.out) / "cnn.json").write_text(json.dumps(res, indent=2) + "\n")
+        md = (Path(args.out) / "cnn.md").read_text().split("\nPeak RSS of `qops quantize --tune`")[0].rstrip("\n")
+        (Path(args.out) / "cnn.md").write_text(md + "\n\n" + _tune_line(res) + "\n")
+        return 0
     if args.memory_only:
         res = json.loads((Path(args.out) / "cnn.json").read_text())
         res["peak_rss_mb"] = {n: round(peak_rss_quantize(work, work / "fp32.onnx", work / "pool.parquet", n, []), 0)

@@ -58,7 +58,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=300)
     ap.add_argument("--max-trials", type=int, default=8)
     ap.add_argument("--tune-rows", type=int, default=300, help="articles the tuner judges candidates on (not measured)")
-    ap.add_argument("--int4-trials", type=int, default=6)
+    ap.add_argument("--int4-trials", type=int, default=10)
     ap.add_argument("--skip-int4", action="store_true")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
@@ -129,6 +129,12 @@ def main() -> int:
         variants["ORT MatMulNBits INT4 (RTN, block 32, MatMul only)"] = work / "ort_int4.onnx"
         quantize(fp32, "int4_weight_only", work / "qops_int4.onnx", calibration=work / "calib.npz", features=kind)
         variants["qops int4_weight_only (recipe: RTN, block 128, INT4 embeddings)"] = work / "qops_int4.onnx"
+        for label, opts in (("AWQ, block 32, INT4 embeddings block 32", {"algorithm": "awq", "block_size": 32}),
+                            ("AWQ, block 64, INT4 embeddings block 128",
+                             {"algorithm": "awq", "block_size": 64, "embedding_block_size": 128})):
+            out = work / f"qops_int4_{len(variants)}.onnx"
+            quantize(fp32, "int4_weight_only", out, calibration=work / "calib.npz", features=kind, options=opts)
+            variants[f"qops int4_weight_only ({label})"] = out
         gates4 = GateSpec(task="embedding", max_latency_ratio=1.0,
                           thresholds=[{"metric": "cosine", "min_value": 0.98},
                                       {"metric": "neighbor_agreement", "min_value": 0.90}])
