@@ -40,6 +40,7 @@ from qops.quantize.cnn import (
     wants,
     weighted_coverage,
 )
+from qops.quantize.calib_cache import cache_file
 from qops.quantize.equalize import equalize
 from qops.quantize.graph import save_model
 from qops.quantize.precision import precision_map, protect_wide_layers, summarize, with_activations
@@ -497,10 +498,15 @@ def _int8(src: Path, dst: Path, recipe: Recipe, mode: str, reader, external: boo
         log.info("static INT8 for %s: calibrating (%s) on %s", recipe.target, recipe.calibration_method, reader.path)
         reader.rewind()
         extra["CalibStridedMinMax"] = 1  # with StreamingReader: ONNX Runtime collects one batch at a time
+        cache = cache_file(pre2, reader, cm, op_types, extra)  # the tuner's trials share ranges (calib_cache)
+        technique["calibration_reused"] = bool(cache and cache.is_file())
+        if technique["calibration_reused"]:
+            log.info("static INT8: activation ranges reused from an earlier trial (%s)", cache.name)
         quantize_static(
             str(pre2), str(dst), StreamingReader(reader), quant_format=fmt, op_types_to_quantize=op_types or None,
             per_channel=recipe.per_channel, reduce_range=recipe.reduce_range, activation_type=at, weight_type=wt,
             calibrate_method=cm, nodes_to_exclude=exclude, use_external_data_format=external, extra_options=extra,
+            calibration_cache_path=str(cache) if cache else None,
         )
         technique["calibration_method"] = recipe.calibration_method
         technique["calibration_batch"] = recipe.calibration_batch

@@ -30,6 +30,7 @@ import numpy as np
 
 from qops.artifacts import atomic_path
 from qops.errors import QopsError
+from qops.quantize.calib_cache import calibration_cache
 from qops.targets import Recipe
 
 log = logging.getLogger(__name__)
@@ -351,8 +352,9 @@ def tune(
         row = {"trial": idx + 1, "phase": phase, "config": _label(opts), "options": opts}
         t0 = time.perf_counter()
         try:
-            res = quantize(model, recipe, work / f"trial{idx:02d}{recipe.output_suffix}", calibration=calibration,
-                           features=features, options=opts)
+            with calibration_cache(work / "calibration-cache"):  # trials calibrating the same graph share ranges
+                res = quantize(model, recipe, work / f"trial{idx:02d}{recipe.output_suffix}",
+                               calibration=calibration, features=features, options=opts)
             verdict = judge(res)
         except QopsError as e:
             row.update(passed=False, verdict="error", reasons=[e.problem], seconds=round(time.perf_counter() - t0, 2))

@@ -160,3 +160,27 @@ def test_a_target_that_leaves_most_of_a_cnn_in_float_says_so(cnn):
     res = quantize(model, "int4_weight_only", d / "int4.onnx")
     assert res.technique["weighted_nodes"]["Conv"] == {"quantized": 0, "total": 7}
     assert any("only 1 of 8 weighted nodes were quantized" in n for n in res.notes), res.notes
+
+
+def test_tuning_trials_that_calibrate_the_same_graph_reuse_its_ranges(cnn, tmp_path):
+    """Inside a calibration_cache block (the tuner's trials), a second static quantization of the same prepared
+    graph with the same calibration reuses the first one's ranges, and its model is the one computed from scratch;
+    another calibration method (or another graph) computes its own."""
+    from qops.quantize import quantize
+    from qops.quantize.calib_cache import calibration_cache
+
+    d, model, _ = cnn
+    cal = d / "cal.npz"
+    q = lambda name, **o: quantize(model, "x86_64_vnni_int8", tmp_path / f"{name}.onnx", calibration=cal,  # noqa: E731
+                                   options={"bias_correction": "off", **o})
+    with calibration_cache(tmp_path / "cache"):
+        a = q("a")
+        b = q("b", per_channel=False)  # weights differ, activation ranges do not
+        c = q("c", calibration_method="percentile")
+        a2 = q("a2")
+    assert [r.technique["calibration_reused"] for r in (a, b, c, a2)] == [False, True, False, True]
+    assert len(list((tmp_path / "cache").glob("ranges-*.json"))) == 2
+    fresh = q("fresh")  # outside the block: nothing cached, computed again
+    assert fresh.technique["calibration_reused"] is False
+    x = np.load(cal)["pixel_values"][:8]
+    np.testing.assert_array_equal(_run(a2.model_path, x), _run(fresh.model_path, x))

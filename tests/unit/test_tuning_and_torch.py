@@ -42,7 +42,9 @@ def test_search_space_starts_with_the_structural_choice_and_covers_the_axes():
     # without calibration data only dynamic candidates remain
     assert {c["mode"] for c in search_space(get_target("x86_64_vnni_int8"), TuningConfig(), False)} == {"dynamic"}
     assert search_space(get_target("int4_weight_only"), TuningConfig(), True)[1:] == [
-        {"block_size": 32}, {"algorithm": "gptq"}, {"algorithm": "gptq", "block_size": 32}]
+        {"block_size": 32}, {"algorithm": "awq"}, {"algorithm": "awq", "block_size": 32}, {"algorithm": "gptq"},
+        {"algorithm": "gptq", "block_size": 32}]
+    assert search_space(get_target("int4_weight_only"), TuningConfig(), False)[1:] == [{"block_size": 32}]
 
 
 def test_tuning_keeps_the_fastest_passing_candidate(fp32_model, calibration_file, data_dir, tmp_path):
