@@ -92,7 +92,7 @@ def _session(model_path: str | os.PathLike, threads: int | None = None, recipe: 
     return open_session(model_path, threads, recipe)
 
 
-def _file_size(path) -> int:
+def file_size(path) -> int:
     if str(path).lower().endswith(".onnx"):
         from qops.quantize.graph import model_size
 
@@ -415,7 +415,7 @@ class _Scorer:
         return None if agree is None else int(np.sum(agree[rows] < 0.5))
 
 
-def _slice_keys(df: pd.DataFrame, dims: list[list[str]]) -> list[tuple[str, str, np.ndarray]]:
+def slice_keys(df: pd.DataFrame, dims: list[list[str]]) -> list[tuple[str, str, np.ndarray]]:
     """(dimension name, slice key, row indices) for every value of every slice dimension."""
     out = []
     for cols in dims:
@@ -652,14 +652,14 @@ def evaluate(
     everything = np.arange(len(df))
     overall = scorer.score(everything, "__overall__")
     slices = [{"dimension": d, "key": k, "n": int(len(rows)), "flips": scorer.flips(rows),
-               "metrics": scorer.score(rows, k)} for d, k, rows in _slice_keys(df, dims)]
+               "metrics": scorer.score(rows, k)} for d, k, rows in slice_keys(df, dims)]
     fairness = _fairness(y, f32, q, df, dims, primary, scorer, min_slice_size) if dims else {}
     log.info("timing batch-1 latency: %d interleaved runs per model", latency_runs)
     runners: list = []
     lat_feed, lat_shape = kind.latency_feed(df, onnx_io(fp32_model)[0])
     lat32, latq = measure_latency([fp32_model, quantized_model], lat_feed, runs=latency_runs, recipe=target,
                                   describe=runners)
-    size32, sizeq = _file_size(fp32_model), _file_size(quantized_model)
+    size32, sizeq = file_size(fp32_model), file_size(quantized_model)
     hw = worker_hardware()
     p50_32, p50_q = float(np.median(lat32)) * 1e3, float(np.median(latq)) * 1e3
     performance = {

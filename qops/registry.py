@@ -21,7 +21,7 @@ from qops.redact import redact, split_credentials
 
 log = logging.getLogger(__name__)
 
-_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
+MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
 
 def configure_mlflow(tracking_uri: str | None = None, registry_uri: str | None = None) -> str:
@@ -69,7 +69,7 @@ class SourceModel:
 def fetch_source_model(uri: str, dest_dir: str | os.PathLike) -> SourceModel:
     """Resolve ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION`` (or a local .onnx path) to a local ONNX file."""
     dest = Path(dest_dir)
-    m = _MODELS_URI.match(uri)
+    m = MODELS_URI.match(uri)
     if not m:
         p = Path(uri)
         if p.suffix == ".onnx" and p.is_file():
@@ -87,7 +87,7 @@ def fetch_source_model(uri: str, dest_dir: str | os.PathLike) -> SourceModel:
     flavors = mlmodel.get("flavors", {})
     pt2_path = None
     if "onnx" in flavors:
-        path = _single_file_onnx(local / flavors["onnx"]["data"], dest / "fp32.onnx")
+        path = single_file_onnx(local / flavors["onnx"]["data"], dest / "fp32.onnx")
         flavor = "onnx"
         program_uri = (mv.tags or {}).get("qops.torch_program")
         if program_uri:  # the torch.export program the ONNX model came from (QAT trains it)
@@ -113,7 +113,7 @@ def download_model_version(uri: str, dest: Path):
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    m = _MODELS_URI.match(uri)
+    m = MODELS_URI.match(uri)
     client = MlflowClient()
     reachable(client)  # a server that is down: a clear error in seconds, not "not found" after minutes
     name = m.group("name")
@@ -143,7 +143,7 @@ def _download_program(program_uri: str, dest: Path, uri: str) -> str:
     return str(local)
 
 
-def _single_file_onnx(src: Path, dst: Path) -> Path:
+def single_file_onnx(src: Path, dst: Path) -> Path:
     """MLflow stores ONNX weights as external data; fold them into one file (when under 2 GB) so sizes,
     hashes and the quantizer see the whole model."""
     import onnx

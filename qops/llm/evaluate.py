@@ -112,15 +112,15 @@ def peak_memory(path: str | os.PathLike, info, prompt: np.ndarray, new_tokens: i
         return None
 
 
-def _size(path) -> int:
+def artifact_size(path) -> int:
     """Bytes of an ONNX model with its external data, or of a checkpoint folder's weight files."""
-    from qops.evaluate import _file_size
+    from qops.evaluate import file_size
 
     p = Path(path)
     if p.is_dir():
         return sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and f.suffix in (".safetensors", ".onnx",
                                                                                           ".data", ".bin"))
-    return _file_size(p)
+    return file_size(p)
 
 
 def evaluate_llm(fp32_model, quantized_model, validation, kind, info, *, slice_columns=(), intersections=(),
@@ -128,7 +128,7 @@ def evaluate_llm(fp32_model, quantized_model, validation, kind, info, *, slice_c
                  prompt_length: int = 64, new_tokens: int = 32, speed_prompts: int = 5, speed_rounds: int = 2,
                  max_rows: int | None = None, fp32_decoder=None, measure_memory: bool = True):
     """FP32 vs quantized decoder on the validation rows (``kind``: :class:`qops.llm.data.CausalLM`)."""
-    from qops.evaluate import EvaluationResult, _slice_keys, hardware_match, worker_hardware
+    from qops.evaluate import EvaluationResult, slice_keys, hardware_match, worker_hardware
     from qops.llm.runner import generation_timing, open_decoder
 
     slice_columns = list(slice_columns)
@@ -151,7 +151,7 @@ def evaluate_llm(fp32_model, quantized_model, validation, kind, info, *, slice_c
     dims = [[c] for c in slice_columns] + intersections
     slices = [{"dimension": d, "key": k, "n": int(len(rows)), "flips": None,
                "metrics": score_rows(sums, rows, k, bootstrap, confidence, seed)}
-              for d, k, rows in _slice_keys(df, dims)]
+              for d, k, rows in slice_keys(df, dims)]
     # generation speed: prompts of prompt_length tokens from the longest rows (fixed, seeded choice)
     toks = kind.tokens(df, "validation set")
     order = np.argsort([-len(t) for t in toks], kind="stable")[:speed_prompts]
@@ -163,7 +163,7 @@ def evaluate_llm(fp32_model, quantized_model, validation, kind, info, *, slice_c
     if measure_memory:
         mem32 = peak_memory(fp32_model, info, prompts[0], new_tokens, None)
         memq = peak_memory(quantized_model, info, prompts[0], new_tokens, target)
-    s32, sq = _size(fp32_model), _size(quantized_model)
+    s32, sq = artifact_size(fp32_model), artifact_size(quantized_model)
     hw = worker_hardware()
     performance = {
         "size_bytes": {"fp32": int(s32), "quantized": int(sq)},

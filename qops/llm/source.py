@@ -84,9 +84,9 @@ def check_hf_dir(path: str | os.PathLike, what: str = "source model") -> Path:
 def resolve_hf_dir(uri: str, dest: Path) -> dict:
     """``uri``: a local folder, or ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION`` of a transformers-flavor model.
     Returns the source's JSON (``hf_dir`` is a complete folder: config, weights and tokenizer)."""
-    from qops.registry import _MODELS_URI, download_model_version
+    from qops.registry import MODELS_URI, download_model_version
 
-    if not _MODELS_URI.match(uri):
+    if not MODELS_URI.match(uri):
         p = check_hf_dir(uri)
         return {"uri": uri, "name": p.name, "version": None, "run_id": None, "flavor": "transformers",
                 "hf_dir": str(p)}
@@ -135,9 +135,9 @@ def export_onnx(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, check: bo
         raise ModelError(f"The ONNX export of {hf_dir} failed (onnxruntime-genai model builder):\n{tail}",
                          "check that the architecture is one the builder supports (Llama, Mistral, Qwen, Phi, Gemma, "
                          "...) and that the folder loads with AutoModelForCausalLM.from_pretrained.")
-    from qops.registry import _single_file_onnx
+    from qops.registry import single_file_onnx
 
-    _single_file_onnx(work / "raw" / "model.onnx", work / "model.onnx")
+    single_file_onnx(work / "raw" / "model.onnx", work / "model.onnx")
     for f in GENAI_FILES:
         src = (work / "raw" / f) if (work / "raw" / f).is_file() else hf_dir / f
         if src.is_file():

@@ -101,7 +101,7 @@ def quantize(spec, rdir: Path, tdir: Path, target: str) -> dict:
     import pandas as pd
 
     from qops.llm.data import WindowReader
-    from qops.llm.evaluate import _size
+    from qops.llm.evaluate import artifact_size
     from qops.llm.quantize import model_digest, quantize_onnx_llm, quantize_torch_llm
 
     src = read_json(rdir / "source.json")
@@ -130,8 +130,8 @@ def quantize(spec, rdir: Path, tdir: Path, target: str) -> dict:
         out = tdir / "model" / "model.onnx"
         technique = quantize_onnx_llm(src["path"], recipe, out, reader)
         ref = src["path"]
-    size = _size(out)
-    fp32_size = _size(ref)
+    size = artifact_size(out)
+    fp32_size = artifact_size(ref)
     res = {
         "target": target, "model_path": str(out), "model_sha256": model_digest(out), "recipe_path": "",
         "source_path": str(ref), "source_sha256": model_digest(ref) if Path(ref).is_dir() else sha256_file(ref),

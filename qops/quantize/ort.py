@@ -313,9 +313,9 @@ def _quantize_onnx(model: Path, recipe: Recipe, output: Path, calibration, featu
         if recipe.precision == "int8" and mode in ("static", "dynamic"):
             technique = _int8(named, q, recipe, mode, reader, external, td, report.kind)
         elif recipe.precision == "int8":  # weight_only: 8-bit MatMulNBits
-            technique = _nbits(named, q, recipe, 8, reader, external)
+            technique = quantize_nbits(named, q, recipe, 8, reader, external)
         elif recipe.precision == "int4":
-            technique = _nbits(named, q, recipe, 4, reader, external)
+            technique = quantize_nbits(named, q, recipe, 4, reader, external)
             notes += technique.pop("notes", [])
         elif recipe.precision == "fp16":
             technique = _fp16(named, q, recipe, external)
@@ -331,7 +331,7 @@ def _quantize_onnx(model: Path, recipe: Recipe, output: Path, calibration, featu
             raise ModelError(f"No ONNX Runtime path for precision {recipe.precision!r}.", "pick another target.")
         if reader is not None:
             rows = reader.rows or reader.total_rows
-        stripped = _copy_metadata(model, q, external)
+        stripped = copy_metadata(model, q, external)
         if stripped >= 1000:  # a kB or more (a tiny or negative difference is protobuf noise)
             notes.append(f"exporter debug metadata on nodes dropped from the quantized file ({stripped / 1e3:.0f} kB)")
         counts = _op_counts(q)
@@ -382,7 +382,7 @@ def publish(tmp: Path, output: Path, result_for, external: bool = False) -> Quan
     at ``output`` (or no model): :func:`verify_pair` tells, and no reader ever sees a model without its recipe.
     Models with external data are moved first (their data file is renamed before the model file)."""
     if external:
-        _move_model(tmp, output, external)
+        move_model(tmp, output, external)
     result = result_for(output if external else tmp)
     write_recipe(result)
     if not external:
@@ -570,7 +570,7 @@ def _map_excluded(original_path: Path, prepared, names) -> list[str]:
     return out
 
 
-def _nbits(src: Path, dst: Path, recipe: Recipe, bits: int, reader, external: bool) -> dict:
+def quantize_nbits(src: Path, dst: Path, recipe: Recipe, bits: int, reader, external: bool) -> dict:
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
         GPTQWeightOnlyQuantConfig,
@@ -647,7 +647,7 @@ def _nbits(src: Path, dst: Path, recipe: Recipe, bits: int, reader, external: bo
         # mixed precision: the layers kept out of INT4 get dynamic INT8 weights (per channel) instead of FP32
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        nbits = dst.with_name(dst.stem + "_nbits.onnx")
+        nbits = dst.with_name(dst.stem + "quantize_nbits.onnx")
         save_model(out, nbits, external)
         quantize_dynamic(str(nbits), str(dst), op_types_to_quantize=["MatMul"], nodes_to_quantize=kept,
                          per_channel=True, weight_type=QuantType.QInt8, use_external_data_format=external,
@@ -669,7 +669,7 @@ def _fp16(src: Path, dst: Path, recipe: Recipe, external: bool) -> dict:
     return {"kind": "fp16", "io_types": "float32 (kept)", "excluded_nodes": list(recipe.nodes_to_exclude)}
 
 
-def _move_model(tmp: Path, output: Path, external: bool) -> None:
+def move_model(tmp: Path, output: Path, external: bool) -> None:
     """Move the finished model into place: external data first, the model file last (atomic rename)."""
     output.parent.mkdir(parents=True, exist_ok=True)
     if external:
@@ -687,7 +687,7 @@ def _move_model(tmp: Path, output: Path, external: bool) -> None:
         shutil.copyfile(tmp, t)
 
 
-def _copy_metadata(src: Path, dst: Path, external: bool = False) -> int:
+def copy_metadata(src: Path, dst: Path, external: bool = False) -> int:
     """Carry the source model's metadata_props (feature columns etc.) into the quantized model and drop the
     exporter's per-node debug metadata from it, in one load and save. Returns the debug bytes dropped."""
     import onnx

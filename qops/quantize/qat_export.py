@@ -53,7 +53,7 @@ def pt2e_to_onnx(converted, examples: dict[str, np.ndarray], source_onnx: str, d
     import onnx
     import torch
 
-    from qops.quantize.ort import _copy_metadata
+    from qops.quantize.ort import copy_metadata
 
     dst = Path(dst)
     src = onnx.load(str(source_onnx), load_external_data=False)
@@ -67,7 +67,7 @@ def pt2e_to_onnx(converted, examples: dict[str, np.ndarray], source_onnx: str, d
                          "use a .pt2 target for this model (torch_x86_int8), or report the operator it names.") from None
     with atomic_path(dst) as tmp:
         prog.save(str(tmp))
-        _copy_metadata(Path(source_onnx), tmp)
+        copy_metadata(Path(source_onnx), tmp)
     return dst
 
 
@@ -124,7 +124,7 @@ def torchao_int4_to_matmulnbits(quantized, fp32_weights: dict, source_onnx: str,
     import onnx
     from onnx import helper, numpy_helper
 
-    from qops.quantize.ort import _copy_metadata
+    from qops.quantize.ort import copy_metadata
 
     layers = {}
     for name, mod in quantized.named_modules():
@@ -194,7 +194,7 @@ def torchao_int4_to_matmulnbits(quantized, fp32_weights: dict, source_onnx: str,
     dst = Path(dst)
     with atomic_path(dst) as tmp:
         onnx.save(model, str(tmp))
-        _copy_metadata(Path(source_onnx), tmp)
+        copy_metadata(Path(source_onnx), tmp)
     log.info("MatMulNBits from torchao's int4 weights: %d of %d layers (largest difference %.2e)", replaced,
              len(layers), max_diff)
     return dst, {"layers": replaced, "torch_layers": len(layers), "max_abs_diff": max_diff, "block_size": block_size}
@@ -207,7 +207,7 @@ def quantize_embeddings(path: str | os.PathLike, recipe) -> Path:
 
     import onnx
 
-    from qops.quantize.ort import _copy_metadata, _nbits
+    from qops.quantize.ort import copy_metadata, quantize_nbits
 
     path = Path(path)
     m = onnx.load(str(path), load_external_data=False)
@@ -215,6 +215,6 @@ def quantize_embeddings(path: str | os.PathLike, recipe) -> Path:
     if not any(n.op_type == "Gather" and n.input and n.input[0] in inits for n in m.graph.node):
         return path  # no embedding table
     with atomic_path(path) as tmp:
-        _nbits(path, tmp, replace(recipe, op_types=("Gather",), algorithm="rtn"), 4, None, False)
-        _copy_metadata(path, tmp)
+        quantize_nbits(path, tmp, replace(recipe, op_types=("Gather",), algorithm="rtn"), 4, None, False)
+        copy_metadata(path, tmp)
     return path

@@ -597,9 +597,9 @@ def _install(src: Path, dst: Path) -> None:
     """Copy the chosen candidate (and its external data) into place, model file last."""
     data = src.with_name(src.name + ".data")
     if data.is_file():
-        from qops.quantize.ort import _move_model
+        from qops.quantize.ort import move_model
 
-        _move_model(src, dst, external=True)
+        move_model(src, dst, external=True)
         return
     with atomic_path(dst) as tmp:
         shutil.copyfile(src, tmp)
