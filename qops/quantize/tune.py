@@ -181,15 +181,65 @@ def _label(opts: dict) -> str:
     return ", ".join(parts)
 
 
+def stream_sqnr_sums(fm, qm, pairs: list[tuple[str, str]], weights: list[str], reader, max_batches: int,
+                     memory_budget: int) -> dict:
+    """Run the float and the quantized model on the same rows, chunk by chunk, and keep per tensor pair
+    (float tensor, quantized tensor) of ``pairs`` only the sums SQNR needs: ``{(f, q): [sum f^2, sum (f - q)^2,
+    shapes differ]}``, plus ``{("weight", q): array}`` for the quantized model's dequantized ``weights``
+    (constants, kept once).
+    Each reader batch is split into chunks of as many rows as fit ``memory_budget`` bytes of tapped tensors
+    (measured on a first one-row chunk), so a CNN's intermediate maps never pile up over the rows."""
+    from qops.quantize.graph import tap_session
+
+    f_wanted = sorted({f for f, _ in pairs})
+    q_wanted = sorted({q for _, q in pairs} | set(weights))
+    fs, f_names = tap_session(fm, f_wanted)
+    qs, q_names = tap_session(qm, q_wanted)
+    sums: dict = {}
+    chunk = 1
+    reader.rewind()
+    for _ in range(max_batches):
+        feed = reader.get_next()
+        if feed is None:
+            break
+        rows = len(next(iter(feed.values())))
+        start = 0
+        while start < rows:
+            part = {k: v[start:start + chunk] for k, v in feed.items()}
+            start += chunk
+            fo = dict(zip(f_names, fs.run(None, part)))
+            qo = dict(zip(q_names, qs.run(None, part)))
+            if chunk == 1:  # size the next chunks from what one row's tensors take
+                per_row = sum(np.asarray(a).nbytes for a in fo.values()) + sum(
+                    np.asarray(a).nbytes for a in qo.values())
+                chunk = max(1, int(memory_budget // max(per_row, 1)))
+            for f, q in pairs:
+                if f not in fo or q not in qo:
+                    continue
+                a, b = np.asarray(fo[f], np.float64), np.asarray(qo[q], np.float64)
+                acc = sums.setdefault((f, q), [0.0, 0.0, False])
+                if a.shape != b.shape:
+                    acc[2] = True
+                    continue
+                acc[0] += float(np.sum(a * a))
+                acc[1] += float(np.sum((a - b) ** 2))
+            for q in weights:
+                if ("weight", q) not in sums and q in qo:
+                    sums[("weight", q)] = np.asarray(qo[q])
+    reader.rewind()
+    return sums
+
+
 def rank_nodes(float_model: str | os.PathLike, quantized_model: str | os.PathLike, reader, op_types,
-               max_batches: int = 8) -> list[dict]:
+               max_batches: int = 8, memory_budget: int = 256 << 20) -> list[dict]:
     """Every quantized node ranked by the signal-to-quantization-noise ratio it loses (worst first).
 
     For each node of the float model that the quantized model changed (its op type is among ``op_types``, or
     any op when ``op_types`` is empty; it was replaced, or reads a DequantizeLinear output), as ONNX Runtime's
     ``qdq_loss_debug`` matches them: the node's output in the quantized model, before and after its own
     QuantizeLinear/DequantizeLinear pair, against the float output, minus the SQNR of its activation inputs;
-    the SQNR of its dequantized weights is reported beside it. Over up to ``max_batches`` batches of ``reader``.
+    the SQNR of its dequantized weights is reported beside it. Over up to ``max_batches`` batches of ``reader``,
+    streamed (:func:`stream_sqnr_sums`): memory is bounded by ``memory_budget``, not by the number of rows.
     """
     import onnx
 
@@ -240,46 +290,30 @@ def rank_nodes(float_model: str | os.PathLike, quantized_model: str | os.PathLik
         return []
     f_wanted = sorted({t for L in layers for t in L["acts"] + [L["out"]]} - graph_inputs)
     q_have = set(producer) | {i.name for i in qm.graph.input}
-    q_wanted = sorted({t for L in layers for t in L["acts"] + [L["out"]] + ([L["out_dq"]] if L["out_dq"] else [])
-                       + L["weights"] if t in q_have} - graph_inputs)
+    f_have = set(f_wanted)
+    pairs = sorted({(L["out"], t) for L in layers for t in (L["out"], L["out_dq"]) if t and t in q_have}
+                   | {(a, a) for L in layers for a in L["acts"] if a in f_have and a in q_have})
+    weights = sorted({w for L in layers for w in L["weights"] if w in q_have})
+    sums = stream_sqnr_sums(fm, qm, [p for p in pairs if p[0] in f_have], weights, reader, max_batches,
+                            memory_budget)
 
-    def run(model, wanted) -> dict[str, list]:
-        sess, names = tap_session(model, wanted)
-        acc: dict[str, list] = {t: [] for t in wanted}
-        reader.rewind()
-        for _ in range(max_batches):
-            feed = reader.get_next()
-            if feed is None:
-                break
-            outs = dict(zip(names, sess.run(None, feed)))
-            for t in wanted:
-                acc[t].append(outs[t])
-        reader.rewind()
-        return acc
-
-    fa, qa = run(fm, f_wanted), run(qm, q_wanted)
-
-    def cat(arrs) -> np.ndarray:
-        return np.concatenate([np.asarray(a, np.float64).ravel() for a in arrs])
-
-    def sqnr(ref: np.ndarray, got: np.ndarray) -> float:
-        if ref.shape != got.shape:
+    def sqnr(pair: tuple[str, str]) -> float:
+        """SQNR (dB) of quantized tensor pair[1] against float tensor pair[0], from the streamed sums."""
+        got = sums.get(pair)
+        if got is None or got[2]:  # never seen, or shapes differ
             return float("nan")
-        noise = float(np.sum((ref - got) ** 2))
-        return float("inf") if noise == 0 else float(10 * np.log10(max(float(np.sum(ref**2)), 1e-30) / noise))
+        signal, noise, _ = got
+        return float("inf") if noise == 0 else float(10 * np.log10(max(signal, 1e-30) / noise))
 
     f_weights = {i.name: onnx.numpy_helper.to_array(i) for i in fm.graph.initializer}
     ranked = []
     for L in layers:
-        ref = cat(fa[L["out"]]) if L["out"] in fa and fa[L["out"]] else None
-        if ref is None:
-            continue
-        outs = [sqnr(ref, cat(qa[t])) for t in (L["out"], L["out_dq"]) if t and t in qa and qa[t]]
+        outs = [sqnr((L["out"], t)) for t in (L["out"], L["out_dq"]) if t]
         outs = [v for v in outs if not np.isnan(v)]
         if not outs:
             continue
         s_out = min(outs)
-        ins = [sqnr(cat(fa[a]), cat(qa[a])) for a in L["acts"] if a in fa and a in qa and fa[a] and qa[a]]
+        ins = [sqnr((a, a)) for a in L["acts"]]
         ins = [v for v in ins if not np.isnan(v)]
         s_in = min(ins) if ins else float("inf")  # graph inputs reach both models unchanged
         if np.isfinite(s_in):
@@ -288,8 +322,11 @@ def rank_nodes(float_model: str | os.PathLike, quantized_model: str | os.PathLik
             lost = 60.0 - s_out if np.isfinite(s_out) else 0.0
         w_sqnr = None
         for wq, wf in zip(L["weights"], L["float_weights"]):
-            if wq in qa and qa[wq] and wf in f_weights and np.asarray(qa[wq][0]).shape == f_weights[wf].shape:
-                v = sqnr(np.asarray(f_weights[wf], np.float64).ravel(), np.asarray(qa[wq][0], np.float64).ravel())
+            w = sums.get(("weight", wq))
+            if w is not None and wf in f_weights and w.shape == f_weights[wf].shape:
+                ref = np.asarray(f_weights[wf], np.float64).ravel()
+                noise = float(np.sum((ref - np.asarray(w, np.float64).ravel()) ** 2))
+                v = float("inf") if noise == 0 else float(10 * np.log10(max(float(np.sum(ref**2)), 1e-30) / noise))
                 w_sqnr = v if w_sqnr is None else min(w_sqnr, v)
         ranked.append({"node": L["node"], "op_type": L["op_type"],
                        "sqnr_out_db": round(s_out, 2) if np.isfinite(s_out) else None,

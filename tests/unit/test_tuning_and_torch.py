@@ -107,6 +107,25 @@ def test_node_ranking_puts_the_planted_sensitive_layer_first(tmp_path):
     assert ranked[0]["sqnr_lost_db"] > ranked[-1]["sqnr_lost_db"] + 10
 
 
+def test_node_ranking_streams_its_rows_in_chunks_with_the_result_of_one_pass(tmp_path):
+    """The ranking keeps only running sums per tensor: split into one-row chunks (a budget of 1 byte) it ranks a
+    static INT8 model exactly as in one pass over all rows, so memory does not grow with the ranking rows."""
+    from qops.quantize.ort import TableCalibrationReader
+
+    fp32 = _outlier_mlp(tmp_path / "m.onnx")
+    cols = [f"f{i}" for i in range(8)]
+    pd.DataFrame(np.random.default_rng(1).normal(size=(96, 8)).astype(np.float32), columns=cols).to_parquet(
+        tmp_path / "cal.parquet")
+    q = quantize(fp32, "x86_64_vnni_int8", tmp_path / "q.onnx", calibration=tmp_path / "cal.parquet", features=cols)
+    rank = lambda budget: rank_nodes(fp32, q.model_path, TableCalibrationReader(  # noqa: E731
+        str(tmp_path / "cal.parquet"), str(fp32), cols, 32), (), memory_budget=budget)
+    chunked, whole = rank(1), rank(1 << 30)
+    assert [r["node"] for r in chunked] == [r["node"] for r in whole] and len(whole) >= 2
+    for a, b in zip(chunked, whole):
+        assert a["sqnr_lost_db"] == pytest.approx(b["sqnr_lost_db"], abs=1e-6)
+        assert a["weight_sqnr_db"] == b["weight_sqnr_db"]
+
+
 def test_fallback_keeps_the_sensitive_node_in_fp32_until_the_gates_pass(tmp_path):
     """Label-free gate on fidelity: no INT8 candidate of the outlier model reaches it; keeping the worst node
     (ranked by SQNR lost) in FP32 does."""
