@@ -579,6 +579,9 @@ def _slice_table(validation, key: str, work: Path) -> Path | None:
     return path
 
 
+RANK_BATCH, RANK_BATCHES = 32, 64  # node ranking reads up to 2,048 rows, 32 at a time (32 images: 19 MB)
+
+
 def _rank_for(model, quantized_path, recipe: Recipe, features, data, validation, slices: list[str],
               work: Path) -> list[dict]:
     """Node ranking of one base candidate, over the ranking rows and over the rows of each failing slice."""
@@ -589,13 +592,13 @@ def _rank_for(model, quantized_path, recipe: Recipe, features, data, validation,
     # INT4 falls back layer by layer to INT8 (MatMul); embedding tables stay INT4
     ops = ("MatMul",) if recipe.precision == "int4" else recipe.op_types
     if data is not None:
-        sets["overall"] = rank_nodes(model, quantized_path, TableCalibrationReader(str(data), str(model), feats, 256),
-                                     ops)
+        sets["overall"] = rank_nodes(model, quantized_path, TableCalibrationReader(str(data), str(model), feats,
+                                                                                    RANK_BATCH), ops, RANK_BATCHES)
     for key in slices[:3]:
         path = _slice_table(validation, key, work) if validation is not None else None
         if path is not None:
-            sets[key] = rank_nodes(model, quantized_path, TableCalibrationReader(str(path), str(model), feats, 256),
-                                   ops)
+            sets[key] = rank_nodes(model, quantized_path, TableCalibrationReader(str(path), str(model), feats,
+                                                                                 RANK_BATCH), ops, RANK_BATCHES)
     return merge_rankings(sets)
 
 
