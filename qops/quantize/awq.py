@@ -25,13 +25,23 @@ log = logging.getLogger(__name__)
 ALPHAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
+def _blocks(w: np.ndarray, block: int) -> np.ndarray:
+    """``w`` ([in, out]) as ``[in/block, block, out]`` (zero-padded)."""
+    return np.pad(w, ((0, (-w.shape[0]) % block), (0, 0))).reshape(-1, block, w.shape[1])
+
+
+def clipped(w: np.ndarray, block: int, ratio=1.0) -> np.ndarray:
+    """``w`` with each block's range shrunk by ``ratio`` (a scalar or ``[in/block, 1, out]``): what
+    round-to-nearest then quantizes."""
+    b = _blocks(w, block)
+    b = np.clip(b, b.min(axis=1, keepdims=True) * ratio, b.max(axis=1, keepdims=True) * ratio)
+    return b.reshape(-1, w.shape[1])[:w.shape[0]]
+
+
 def fake_quant_blockwise(w: np.ndarray, block: int, symmetric: bool, ratio=1.0) -> np.ndarray:
     """``w`` ([in, out]) quantized to 4 bits in blocks of ``block`` input rows per output column, dequantized;
-    ``ratio`` (a scalar or one per block and column, ``[in/block, 1, out]``) shrinks each block's range first."""
-    k, n = w.shape
-    pad = (-k) % block
-    b = np.pad(w, ((0, pad), (0, 0))).reshape(-1, block, n)
-    b = np.clip(b, b.min(axis=1, keepdims=True) * ratio, b.max(axis=1, keepdims=True) * ratio)
+    ``ratio`` shrinks each block's range first (:func:`clipped`)."""
+    b = _blocks(clipped(w, block, ratio) if np.any(np.asarray(ratio) != 1.0) else w, block)
     if symmetric:
         mx, mn = b.max(axis=1, keepdims=True), b.min(axis=1, keepdims=True)
         peak = np.where(np.abs(mx) > np.abs(mn), mx, mn)
@@ -44,7 +54,7 @@ def fake_quant_blockwise(w: np.ndarray, block: int, symmetric: bool, ratio=1.0) 
         scale = np.where(scale > 0, scale, 1.0)
         zp = np.round(-mn / scale)
         q = (np.clip(np.round(b / scale) + zp, 0, 15) - zp) * scale
-    return q.reshape(-1, n)[:k]
+    return q.reshape(-1, w.shape[1])[:w.shape[0]]
 
 
 def awq_scales(x: np.ndarray, weights: list[np.ndarray], block: int, symmetric: bool,
@@ -71,24 +81,13 @@ def clip_ratios(x: np.ndarray, w: np.ndarray, block: int, symmetric: bool, grid=
     """AWQ's weight clipping: per block and output column, the share of the block's range (``[in/block, 1, out]``)
     whose quantized weights reproduce ``x @ w`` best on the sample (blocks are independent: block g of the
     output error is ``x[:, g] @ (w_g - q(w_g))``)."""
-    k, n = w.shape
-    pad = (-k) % block
-    xb = np.pad(x, ((0, 0), (0, pad))).reshape(len(x), -1, block)
+    xb = _blocks(x.T, block).transpose(2, 0, 1)  # [rows, in/block, block]
     errs = []
     for r in grid:
-        d = (np.pad(w - fake_quant_blockwise(w, block, symmetric, r), ((0, pad), (0, 0)))).reshape(-1, block, n)
+        d = _blocks(w - fake_quant_blockwise(w, block, symmetric, r), block)
         errs.append(np.stack([np.sum((xb[:, g] @ d[g]) ** 2, axis=0) for g in range(d.shape[0])]))  # [blocks, out]
     best = np.argmin(np.stack(errs), axis=0)  # [blocks, out]
     return np.asarray(grid, dtype=np.float32)[best][:, None, :]
-
-
-def clipped(w: np.ndarray, block: int, ratio: np.ndarray) -> np.ndarray:
-    """``w`` with each block's range shrunk by ``ratio``: what round-to-nearest then quantizes as simulated."""
-    k, n = w.shape
-    pad = (-k) % block
-    b = np.pad(w, ((0, pad), (0, 0))).reshape(-1, block, n)
-    b = np.clip(b, b.min(axis=1, keepdims=True) * ratio, b.max(axis=1, keepdims=True) * ratio)
-    return b.reshape(-1, n)[:k]
 
 
 def apply_awq(model, reader, block: int, symmetric: bool, nodes_to_exclude=(), max_rows: int = 512,
