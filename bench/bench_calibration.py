@@ -41,13 +41,15 @@ def make_pool(path: Path, rows: int) -> None:
 
 
 def one_run(pool: str, strategy: str, out: str) -> None:
-    from qops.calibration import Diversity, select_calibration
+    from qops.calibration import select_calibration
+    from qops.spec import CalibrationSpec, DiversitySpec, DriftSpec
 
     features = [f"f{i:02d}" for i in range(48)]
     t0 = time.perf_counter()
-    res = select_calibration(pool, pool, out, size=1000, features=features, slice_columns=["region", "segment"],
-                             strategy=strategy, seed=0, on_drift="warn",
-                             diversity=Diversity(candidates=10) if strategy == "diversity" else None)
+    spec = CalibrationSpec(size=1000, strategy=strategy, seed=0, drift=DriftSpec(on_drift="warn"),
+                           diversity=DiversitySpec(candidates=10) if strategy == "diversity" else None)
+    res = select_calibration(spec, pool=pool, reference=pool, output_dir=out, features=features,
+                             slice_columns=["region", "segment"])
     wall = time.perf_counter() - t0
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"strategy": strategy, "seconds": round(wall, 1), "peak_rss_mb": round(peak_mb),

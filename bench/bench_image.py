@@ -77,7 +77,7 @@ def main() -> int:
     from qops.evaluate import evaluate
     from qops.gates import gate
     from qops.quantize import quantize
-    from qops.spec import GateSpec
+    from qops.spec import CalibrationSpec, GateSpec
 
     t_start = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="qops-bench-image-"))
@@ -95,9 +95,9 @@ def main() -> int:
     fp32 = work / "cnn.onnx"
     torch.onnx.export(model, (torch.zeros(1, 3, 32, 32),), str(fp32), input_names=["pixels"], output_names=["logits"],
                       dynamic_axes={"pixels": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
-    cal = select_calibration(pool=paths["pool"], reference=paths["train"], output_dir=work / "calibration", size=128,
-                             features=kind, slice_columns=["digit"], validation=paths["validation"],
-                             model_inputs=onnx_io(fp32)[0])
+    cal = select_calibration(CalibrationSpec(size=128), pool=paths["pool"], reference=paths["train"],
+                             output_dir=work / "calibration", features=kind, slice_columns=["digit"],
+                             validation=paths["validation"], model_inputs=onnx_io(fp32)[0])
     gates = GateSpec(metric="accuracy", max_overall_drop=0.01, max_slice_drop=0.03, fairness_metrics=["metric_gap"])
     results = []
     for target in ("x86_64_vnni_int8", "arm64_int8"):

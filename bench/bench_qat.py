@@ -79,7 +79,7 @@ def planted(tmp: Path) -> list[dict]:
     from planted_models import small_weight_data, small_weight_program
 
     from qops.data import Tabular, onnx_io
-    from qops.qat_job import qat_files
+    from qops.qat.job import qat_files
     from qops.quantize import quantize
     from qops.registry import fetch_source_model
     from qops.spec import GateSpec
@@ -118,7 +118,7 @@ def news(tmp: Path, steps: int, batch: int, max_rows: int, lr: float) -> list[di
     import yaml
 
     from qops.examples import news as ex
-    from qops.qat_job import qat_files
+    from qops.qat.job import qat_files
     from qops.quantize import quantize
     from qops.quantize.torch_engine import save_program
     from qops.spec import GateSpec

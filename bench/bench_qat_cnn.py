@@ -56,7 +56,7 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from qops.data.kinds import Image
     from qops.examples.photos import export_lite0, image_kind_options, photo_tables
-    from qops.qat_job import qat_files
+    from qops.qat.job import qat_files
 
     work = Path(args.work)
     work.mkdir(exist_ok=True)

@@ -99,7 +99,7 @@ def fidelity(ref: np.ndarray, out: np.ndarray, y: np.ndarray | None) -> dict:
 
 def prepare(name: str, work: Path):
     """FP32 ONNX model, calibration file, validation file, features, label, gate spec for tuning."""
-    from qops.spec import GateSpec, MetricThreshold
+    from qops.spec import CalibrationSpec, GateSpec, MetricThreshold
 
     d = work / name
     d.mkdir(parents=True, exist_ok=True)
@@ -110,8 +110,8 @@ def prepare(name: str, work: Path):
         data = prepare_data(d / "data")
         fp32 = export_onnx(train_mlp(data.train, data.features, hidden=1024, epochs=60), len(data.features),
                            data.features, d / "fp32.onnx")
-        cal = select_calibration(data.pool, data.train, d / "cal", size=150, features=data.features,
-                                 slice_columns=["sex", "age_group"]).path
+        cal = select_calibration(CalibrationSpec(size=150), pool=data.pool, reference=data.train, output_dir=d / "cal",
+                                 features=data.features, slice_columns=["sex", "age_group"]).path
         gates = GateSpec(metric="accuracy", max_overall_drop=0.01, max_slice_drop=0.03)
         return dict(fp32=fp32, cal=cal, val=data.validation, features=data.features, label="risk",
                     slices=["sex", "age_group"], gates=gates, task="classification",
@@ -155,7 +155,8 @@ def bench_model(name: str, work: Path, runs: int, trials: int) -> dict:
     from qops.gates import gate
     from qops.quantize import quantize
     from qops.quantize.graph import model_size
-    from qops.quantize.tune import TuningConfig, tune
+    from qops.quantize.tune import tune
+    from qops.spec import TuningSpec
 
     p = prepare(name, work)
     d = work / name
@@ -184,7 +185,7 @@ def bench_model(name: str, work: Path, runs: int, trials: int) -> dict:
     t0 = time.perf_counter()
     tuned = tune(p["fp32"], _recipe("x86_64_vnni_int8"), d / "qops_tuned.onnx",
                  judge, calibration=p["cal"], features=p["features"],
-                 config=TuningConfig(max_trials=trials, timeout_s=1800))
+                 config=TuningSpec(max_trials=trials, timeout_s=1800))
     tune_s = time.perf_counter() - t0
     paths[f"qops x86_64_vnni_int8, tuned ({tuned.tuning['chosen_config']})"] = d / "qops_tuned.onnx"
     int4 = quantize(p["fp32"], "int4_weight_only", d / "qops_int4.onnx", calibration=p["cal"], features=p["features"])

@@ -69,7 +69,8 @@ def main() -> int:
     from qops.evaluate import nearest_neighbors
     from qops.examples import news
     from qops.quantize.graph import model_size
-    from qops.quantize.tune import TuningConfig, gate_judge, tune
+    from qops.quantize.tune import gate_judge, tune
+    from qops.spec import TuningSpec
     from qops.spec import GateSpec
     from qops.targets import get_target
 
@@ -108,7 +109,7 @@ def main() -> int:
                            bootstrap=200)
         t0 = time.perf_counter()
         res = tune(str(fp32), get_target(target), out, judge, calibration=str(work / "calib.npz"),
-                   config=TuningConfig(max_trials=trials), ranking_data=str(work / "calib.npz"),
+                   config=TuningSpec(max_trials=trials), ranking_data=str(work / "calib.npz"),
                    validation=str(work / "tune.parquet"))
         return res, time.perf_counter() - t0
 

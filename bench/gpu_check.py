@@ -67,7 +67,7 @@ def qat_checks(work: Path, cuda: bool, quick: bool) -> list[dict]:
     import pandas as pd
     import torch
 
-    from qops.qat_job import qat_files
+    from qops.qat.job import qat_files
     from qops.quantize.torch_engine import export_fp32
     from qops.runtime import open_session
 
@@ -277,7 +277,7 @@ def main() -> int:
                     return t.to(dt) if (dt is not None and kind == "float") else t
                 measure(label, lambda: mod(prep(xb)), lambda: mod(prep(row1)), res.size_bytes / 1e6,
                         note=f"{res.technique.get('config', '')} {res.technique.get('compute_dtype', '')}, "
-                             f"archive {res.size_ratio}x smaller than FP32 .pt2")
+                             f"archive {1 / res.size_ratio:.2f}x smaller than FP32 .pt2")
                 # the runner's own numpy path (as evaluation uses it) agrees with the module call
                 np.testing.assert_allclose(runner.run(None, feed_1)[0], runner.run(None, feed_b)[0][:1],
                                            rtol=0.1, atol=0.05)

@@ -7,20 +7,7 @@ from pathlib import Path
 
 from airflow.sdk import DAG, Asset, TaskGroup
 
-from qops_airflow.operators import (
-    QopsCalibrateOperator,
-    QopsCardOperator,
-    QopsEvaluateOperator,
-    QopsFinetuneOperator,
-    QopsGateOperator,
-    QopsPromoteOperator,
-    QopsQatOperator,
-    QopsQuantizeOperator,
-    QopsRegisterOperator,
-    QopsSourceOperator,
-    QopsSummaryOperator,
-    QopsWatcherOperator,
-)
+from qops_airflow.operators import OPERATORS, QopsWatcherOperator
 
 
 def spec_asset(uri: str, watchers=None) -> Asset:
@@ -55,9 +42,11 @@ def schedule_assets(spec):
 
 def build_quantization_dag(spec_path: str | Path, dag_id: str | None = None, mlflow_conn_id: str | None = None,
                            **dag_kwargs) -> DAG:
-    """One DAG per spec: source -> calibrate -> per target (quantize -> evaluate -> gate [-> qat] -> card -> register)
-    -> summary, and a watcher task that fails the run if any task failed. Scheduled on ``spec.schedule_asset``
-    when set. Target tasks go to the target's queue."""
+    """One DAG per spec, built from qops' stage table (:mod:`qops.pipeline.table`, the graph ``qops run`` runs):
+    the run-level stages in a chain (source [-> qlora_finetune] -> calibrate), then per target a task group
+    (quantize -> evaluate -> gate [-> qat] -> card -> register [-> promote]) on the target's queue, then summary,
+    and a watcher task that fails the run if any task failed. Scheduled on ``spec.schedule_asset`` when set."""
+    from qops.pipeline.table import BY_NAME, RUN_STAGES, TARGET_STAGES
     from qops.spec import load_spec
 
     spec_path = str(Path(spec_path).resolve())
@@ -67,34 +56,29 @@ def build_quantization_dag(spec_path: str | Path, dag_id: str | None = None, mlf
     dag_kwargs.setdefault("catchup", False)
     dag_kwargs.setdefault("tags", ["qops", "quantization"])
     common = {"spec_path": spec_path, "mlflow_conn_id": mlflow_conn_id}
+
+    def task(st, target=None):
+        kw = {**common, **({"target": target} if target else {})}
+        queue = st.queue(spec, target)
+        if queue:
+            kw["queue"] = queue
+        return OPERATORS[st.name](task_id=st.task_id, **kw)
+
     with DAG(dag_id or f"qops_{spec.name.replace('-', '_')}_quantize", schedule=schedule,
              doc_md=f"Quantization pipeline `{spec.name}` built from `{Path(spec_path).name}`.", **dag_kwargs) as dag:
-        source = QopsSourceOperator(task_id="resolve_source", **common)
-        calibrate = QopsCalibrateOperator(task_id="calibrate", **common)
-        summary = QopsSummaryOperator(task_id="summary", **common)
-        if spec.qlora is not None:  # QLoRA: the merged model replaces the source before calibration
-            finetune = QopsFinetuneOperator(task_id="qlora_finetune", queue=spec.qlora.queue, **common)
-            source >> finetune >> calibrate
-        else:
-            source >> calibrate
+        run_chain = [task(st) for st in RUN_STAGES if st.applies(spec)]
+        for a, b in zip(run_chain, run_chain[1:]):
+            a >> b
+        summary = task(BY_NAME["summary"])
         for target in spec.targets:
-            queue = spec.recipe(target).queue
             with TaskGroup(group_id=target):
-                kw = {**common, "target": target, "queue": queue}
-                chain = [QopsQuantizeOperator(task_id="quantize", **kw), QopsEvaluateOperator(task_id="evaluate", **kw),
-                         QopsGateOperator(task_id="gate", **kw)]
-                plan = spec.qat_plan(target)
-                if plan is not None:  # QAT on the queue its scheme needs (CUDA schemes: gpu)
-                    chain.append(QopsQatOperator(task_id="qat", **{**kw, "queue": plan.queue}))
-                chain += [QopsCardOperator(task_id="card", **kw), QopsRegisterOperator(task_id="register", **kw)]
-                if spec.mlflow.promotion is not None:  # move the serving alias by policy
-                    chain.append(QopsPromoteOperator(task_id="promote", **kw))
-            calibrate >> chain[0]
+                chain = [task(st, target) for st in TARGET_STAGES if st.applies(spec, target)]
+            run_chain[-1] >> chain[0]
             for a, b in zip(chain, chain[1:]):
                 a >> b
             chain[-1] >> summary
         watcher = QopsWatcherOperator(task_id="fail_run_if_any_task_failed")
-        for task in dag.tasks:
-            if task is not watcher:
-                task >> watcher
+        for t in dag.tasks:
+            if t is not watcher:
+                t >> watcher
     return dag

@@ -24,13 +24,14 @@ def mlflow_ui_base() -> str:
 
 
 def _target_dir(operator) -> tuple[Path, dict]:
-    from qops.artifacts import read_json, run_dir
+    from qops.artifacts import read_json
+    from qops.run_folder import RunLayout
     from qops.spec import load_spec
 
     spec = load_spec(operator.spec_path)
-    rdir = run_dir(spec.artifact_root, spec.name, operator.run_key)
-    source = read_json(rdir / "source.json") if (rdir / "source.json").is_file() else {"name": "model"}
-    return rdir / "targets" / operator.target, {"spec": spec, "source": source}
+    layout = RunLayout.of(spec, operator.run_key)
+    source = read_json(layout.source) if layout.source.is_file() else {"name": "model"}
+    return layout.target(operator.target), {"spec": spec, "source": source}
 
 
 class QopsMlflowModelLink(BaseOperatorLink):
@@ -39,10 +40,11 @@ class QopsMlflowModelLink(BaseOperatorLink):
     def get_link(self, operator, *, ti_key) -> str:
         from qops.artifacts import read_json
         from qops.pipeline import registered_name
+        from qops.run_folder import RunLayout
 
         tdir, ctx = _target_dir(operator)
         name = registered_name(ctx["spec"], ctx["source"]["name"], operator.target)
-        reg = tdir / "register.json"
+        reg = tdir / RunLayout.REGISTER
         if reg.is_file() and read_json(reg).get("registered"):
             return f"{mlflow_ui_base()}/#/models/{name}/versions/{read_json(reg)['version']}"
         return f"{mlflow_ui_base()}/#/models/{name}"
@@ -53,9 +55,10 @@ class QopsModelCardLink(BaseOperatorLink):
 
     def get_link(self, operator, *, ti_key) -> str:
         from qops.artifacts import read_json
+        from qops.run_folder import RunLayout
 
         tdir, _ = _target_dir(operator)
-        card = tdir / "card.json"
+        card = tdir / RunLayout.CARD
         if not card.is_file():
             return ""
         return Path(read_json(card)["html_path"]).resolve().as_uri()

@@ -39,23 +39,33 @@ def cmd_targets(args) -> int:
     return 0
 
 
-def cmd_calibrate(args) -> int:
-    from qops.calibration import select_calibration
+def calibration_section(args):
+    """The spec's ``calibration`` section from ``qops calibrate``'s flags (unset flags: the section's defaults)."""
+    from qops.spec import CalibrationSpec, DiversitySpec, DriftSpec, RecencySpec
 
-    from qops.calibration import Diversity, Recency, S3Options
+    def given(**kw):
+        return {k: v for k, v in kw.items() if v is not None}
+
+    drift = DriftSpec(**given(enabled=False if args.no_drift_check else None, on_drift=args.on_drift,
+                              max_reselect=args.max_reselect))
+    return CalibrationSpec(**given(
+        size=args.size, strategy=args.strategy, seed=args.seed, min_per_slice=args.min_per_slice,
+        on_small_slice=args.on_small_slice, drift=drift,
+        recency=RecencySpec(column=args.recency_column, window_days=args.recency_days) if args.recency_column
+        else None,
+        diversity=DiversitySpec(**given(embedding_column=args.embedding_column)) if args.strategy == "diversity"
+        else None))
+
+
+def cmd_calibrate(args) -> int:
+    from qops.calibration import S3Options, select_calibration
     from qops.data import onnx_io
 
     features = _data_kind(args) or _csv(args.features) or _model_kind(args.model, args.pool)
-    res = select_calibration(
-        pool=args.pool, reference=args.reference, output_dir=args.output_dir, size=args.size, features=features,
-        slice_columns=_csv(args.slice_columns), strategy=args.strategy, seed=args.seed,
-        drift_enabled=not args.no_drift_check, on_drift=args.on_drift, max_reselect=args.max_reselect,
-        min_per_slice=args.min_per_slice, on_small_slice=args.on_small_slice,
-        recency=Recency(args.recency_column, args.recency_days) if args.recency_column else None,
-        diversity=Diversity(embedding_column=args.embedding_column) if args.strategy == "diversity" else None,
-        validation=args.validation, model_inputs=onnx_io(args.model)[0] if args.model else None,
-        s3=S3Options(args.s3_endpoint_url),
-    )
+    res = select_calibration(calibration_section(args), pool=args.pool, reference=args.reference,
+                             output_dir=args.output_dir, features=features, slice_columns=_csv(args.slice_columns),
+                             validation=args.validation, model_inputs=onnx_io(args.model)[0] if args.model else None,
+                             s3=S3Options(args.s3_endpoint_url))
     feeds = f"; feeds by input name: {res.feeds_path}" if res.feeds_path else ""
     _emit(args, res, f"calibration set: {res.path} ({res.rows} rows, sha256 {res.sha256}){feeds}; "
                      f"drift {'passed' if res.drift_passed else 'DRIFT in ' + ', '.join(res.drifted_columns)}")
@@ -181,7 +191,7 @@ def cmd_quantize(args) -> int:
 
     options = _options(args.option)
     if args.tune:
-        from qops.quantize.tune import TuningConfig, gate_judge, tune
+        from qops.quantize.tune import gate_judge, tune
         from qops.spec import TuningSpec
 
         if not args.validation:
@@ -194,7 +204,7 @@ def cmd_quantize(args) -> int:
                            slice_columns=_csv(args.slice_columns), features=features,
                            latency_runs=tcfg.latency_runs, bootstrap=tcfg.bootstrap)
         res = tune(args.model, recipe, args.output, judge, calibration=args.calibration, features=features,
-                   config=TuningConfig.from_any(tcfg), ranking_data=args.calibration or args.validation,
+                   config=tcfg, ranking_data=args.calibration or args.validation,
                    validation=args.validation, failed_output=failed_name(args.output))
         if not args.json:
             for t in res.trials:
@@ -211,7 +221,7 @@ def cmd_quantize(args) -> int:
                        features=_data_kind(args) or _csv(args.features), options=options)
     verdict = "" if res.passed is None else (" — passed the gates" if res.passed else
                                               " — NO candidate passed the gates (exit 3)")
-    _emit(args, res, f"{res.model_path}: {res.size_bytes} bytes ({res.size_ratio}x smaller), mode {res.mode}, "
+    _emit(args, res, f"{res.model_path}: {res.size_bytes} bytes ({1 / res.size_ratio:.2f}x smaller), mode {res.mode}, "
                      f"recipe {res.recipe_path}{verdict}" + "".join(f"\n  note: {n}" for n in res.notes))
     return 3 if res.passed is False else 0
 
@@ -225,7 +235,7 @@ def failed_name(output: str) -> str:
 
 
 def cmd_qat(args) -> int:
-    from qops.qat_job import qat_files
+    from qops.qat.job import qat_files
 
     res = qat_files(program=args.model, target=args.target, train=args.train, out_dir=args.output_dir,
                     work_dir=args.work_dir, label=args.label, distill=args.distill,
@@ -244,7 +254,7 @@ def cmd_qat(args) -> int:
     _emit(args, res, f"{res['model_path']}: QAT ({res['qat']['plan']['engine']} {res['qat']['plan']['scheme']}) "
                      f"{t['steps']} steps{resumed}, loss {t['losses'][0] if t['losses'] else 'n/a'} -> "
                      f"{t['losses'][-1] if t['losses'] else 'n/a'}{best}; {res['size_bytes']} bytes "
-                     f"({res['size_ratio']}x smaller)" + "".join(f"\n  note: {n}" for n in res["notes"])
+                     f"({1 / res['size_ratio']:.2f}x smaller)" + "".join(f"\n  note: {n}" for n in res["notes"])
                      + _comparison_table(res.get("comparison")))
     return 0
 
@@ -328,24 +338,20 @@ def cmd_register(args) -> int:
 
 
 def cmd_stage(args) -> int:
-    """Run one stage exactly as its Airflow operator does (same spec, same run folder)."""
-    from qops import pipeline
-    from qops.errors import QopsError
+    """Run one stage exactly as its Airflow operator does (same spec, same run folder, same stage table: a skipped
+    stage exits 0 and says why, a result the stage's failure rule rejects exits 3)."""
+    from qops.pipeline import call_stage, stage
     from qops.spec import load_spec
 
-    spec = load_spec(args.spec)
-    fn = getattr(pipeline, f"stage_{args.stage}")
-    per_target = args.stage in ("quantize", "evaluate", "gate", "qat", "card", "register")
-    if per_target and not args.target:
-        raise QopsError(f"Stage {args.stage!r} runs per target.", f"pass --target (one of {spec.targets}).")
-    extra = {"dag_id": args.dag_id} if args.stage in ("card", "summary") else {}
-    res = fn(spec, args.run_id, args.target, **extra) if per_target else fn(spec, args.run_id, **extra)
+    st = stage(args.stage)
+    res = call_stage(st, load_spec(args.spec), args.run_id, args.target, dag_id=args.dag_id, approved=args.approve)
     _emit(args, res)
-    if args.stage == "gate" and not res["passed"] and not res.get("qat_next"):
-        print(res["message"], file=sys.stderr)
-        return 3
-    if args.stage == "qat" and res["ran"] and not res["passed"]:
-        print(res["message"], file=sys.stderr)
+    if res.get("skipped"):
+        print(f"qops stage {st.name}: skipped: {res['reason']}", file=sys.stderr)
+        return 0
+    failure = st.failed(res) if st.failed else None
+    if failure:
+        print(failure, file=sys.stderr)
         return 3
     return 0
 
@@ -385,7 +391,7 @@ def cmd_run(args) -> int:
     from qops.pipeline import format_summary, run_pipeline
     from qops.spec import load_spec
 
-    summary = run_pipeline(load_spec(args.spec), run_id=args.run_id, progress=not args.json)
+    summary = run_pipeline(load_spec(args.spec), run_id=args.run_id, progress=not args.json, approved=args.approve)
     if args.json:
         _emit(args, summary)
     else:
@@ -433,11 +439,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--reference", required=True)
     sp.add_argument("--size", type=int, required=True)
     sp.add_argument("--output-dir", required=True)
-    sp.add_argument("--strategy", choices=["random", "stratified", "diversity"], default="stratified")
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--strategy", choices=["random", "stratified", "diversity"], help="default: stratified")
+    sp.add_argument("--seed", type=int)
     sp.add_argument("--slice-columns", help="comma-separated")
-    sp.add_argument("--min-per-slice", type=int, default=1)
-    sp.add_argument("--on-small-slice", choices=["warn", "fail"], default="warn")
+    sp.add_argument("--min-per-slice", type=int)
+    sp.add_argument("--on-small-slice", choices=["warn", "fail"])
     sp.add_argument("--recency-column", help="timestamp column for a recency window")
     sp.add_argument("--recency-days", type=float, default=30.0)
     sp.add_argument("--embedding-column", help="diversity sampling over this list/array column")
@@ -450,8 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "against")
     _kind_args(sp)
     sp.add_argument("--no-drift-check", action="store_true")
-    sp.add_argument("--on-drift", choices=["fail", "warn", "reselect"], default="fail")
-    sp.add_argument("--max-reselect", type=int, default=3)
+    sp.add_argument("--on-drift", choices=["fail", "warn", "reselect"], help="default: fail")
+    sp.add_argument("--max-reselect", type=int)
 
     sp = add("quantize", cmd_quantize, "quantize a model (ONNX, or .pt2 for torch_* targets) for a hardware target")
     sp.add_argument("--model", required=True)
@@ -562,12 +568,13 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--dag-id")
 
     sp = add("stage", cmd_stage, "run one pipeline stage of a spec exactly as its Airflow operator does")
-    sp.add_argument("stage", choices=["source", "finetune", "calibrate", "quantize", "evaluate", "gate", "qat", "card",
-                                      "register", "summary"])
+    sp.add_argument("stage", help="a stage of the stage table: source, finetune, calibrate, quantize, evaluate, gate, "
+                    "qat, card, register, promote, summary (docs/architecture.md#the-stage-table)")
     sp.add_argument("--spec", required=True)
     sp.add_argument("--run-id", required=True)
     sp.add_argument("--target")
     sp.add_argument("--dag-id")
+    sp.add_argument("--approve", action="store_true", help="promote: the manual approval a policy may require")
 
     sp = add("promote", cmd_promote, "point an alias at a registered version whose gates passed, by policy")
     sp.add_argument("--name", required=True)
@@ -591,9 +598,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--path", default="/mlflow-webhook")
     sp.add_argument("--tracking-uri", help="MLflow server holding the watermark tags (default MLFLOW_TRACKING_URI)")
 
-    sp = add("run", cmd_run, "run the whole pipeline of a spec without Airflow")
+    sp = add("run", cmd_run, "run the whole pipeline of a spec without Airflow (the DAG's stages, promotion included)")
     sp.add_argument("spec")
     sp.add_argument("--run-id")
+    sp.add_argument("--approve", action="store_true", help="the manual approval mlflow.promotion may require")
 
     sp = add("summary", cmd_summary, "print a run's summary table (exit 3 when no target passed its gates)")
     sp.add_argument("path", help="summary.json or latest_summary.json")

@@ -685,3 +685,18 @@ def evaluate(
         embedding_output=embedding_output,
         embedding_fidelity=output_fidelity("embedding", emb32, embq) if embedding_output else {},
     )
+
+
+def evaluate_with_gates(fp32_model, quantized_model, validation, gates, *, label: str | None,
+                        slice_columns: list[str] | None = None, intersections: list[list[str]] | None = None,
+                        features=None, target: dict | None = None, latency_runs: int | None = None,
+                        bootstrap: int | None = None) -> EvaluationResult:
+    """:func:`evaluate` with its settings taken whole from the spec's ``gates`` section (a
+    :class:`~qops.spec.GateSpec`): the evaluate stage, and the tuner's judge (fewer timed runs and resamples)."""
+    g = gates
+    return evaluate(fp32_model, quantized_model, validation, label, slice_columns, features=features, metric=g.metric,
+                    latency_runs=g.latency_runs if latency_runs is None else latency_runs, task=g.task,
+                    metrics=g.metrics, custom_metrics=g.custom_metrics, intersections=intersections,
+                    min_slice_size=g.min_slice_size, bootstrap=g.bootstrap if bootstrap is None else bootstrap,
+                    confidence=g.confidence, seed=g.seed, target=target, outputs=g.outputs, output=g.output,
+                    embedding_output=g.embedding_output, batch_size=g.batch_size)

@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
-from qops.artifacts import read_json
+from qops.artifacts import read_json, run_dir
 from qops.errors import SpecError
 from qops.locks import FileLock
 
@@ -78,7 +78,63 @@ def claim(rdir: Path, spec_sha256: str, pipeline: str, run_id: str, *, scope: st
         stack.enter_context(FileLock(rdir / RUN_LOCK, what=f"run folder {rdir}", shared=scope != "run",
                                      fix=_busy_fix(run_id), note=note))
         if scope == "target" and target:
-            tdir = rdir / "targets" / target
+            tdir = rdir / "targets" / target  # RunLayout.target
             stack.enter_context(FileLock(tdir / TARGET_LOCK, what=f"target folder {tdir}", fix=_busy_fix(run_id),
                                          note=note))
         yield bind_spec(rdir, spec_sha256, pipeline, run_id)
+
+
+CALIBRATION_MANIFEST = "calibration.json"
+CALIBRATION_FEEDS = "calibration_feeds.npz"
+LATEST_SUMMARY = "latest_summary.json"
+
+
+class RunLayout:
+    """Every path of a run folder, in one place: ``<artifact_root>/<pipeline>/<run_id>/`` holds ``run.json``,
+    ``source.json``, ``calibration/``, ``summary.json`` and one ``targets/<target>/`` per target, which holds the
+    stage files (``quantize.json``, ``evaluation.json``, ``gate.json``, ``card.json``, ``register.json``,
+    ``promote.json``) and, for a QAT model, the same files again under ``qat/``."""
+
+    SOURCE = "source.json"
+    QUANTIZE = "quantize.json"
+    EVALUATION = "evaluation.json"
+    GATE = "gate.json"
+    CARD = "card.json"
+    REGISTER = "register.json"
+    PROMOTE = "promote.json"
+    SUMMARY = "summary.json"
+
+    def __init__(self, artifact_root: str | os.PathLike, pipeline: str, run_id: str):
+        self.artifact_root, self.pipeline, self.run_id = str(artifact_root), pipeline, run_id
+        self.root = run_dir(self.artifact_root, pipeline, run_id)
+
+    @classmethod
+    def of(cls, spec, run_id: str) -> "RunLayout":
+        return cls(spec.artifact_root, spec.name, run_id)
+
+    @property
+    def source(self) -> Path:
+        return self.root / self.SOURCE
+
+    @property
+    def calibration_dir(self) -> Path:
+        return self.root / "calibration"
+
+    @property
+    def calibration(self) -> Path:
+        return self.calibration_dir / CALIBRATION_MANIFEST
+
+    @property
+    def summary(self) -> Path:
+        return self.root / self.SUMMARY
+
+    @property
+    def latest_summary(self) -> Path:
+        return Path(self.artifact_root) / self.pipeline / LATEST_SUMMARY
+
+    def target(self, target: str) -> Path:
+        return self.root / "targets" / target
+
+    @staticmethod
+    def qat(target_dir: Path) -> Path:
+        return Path(target_dir) / "qat"

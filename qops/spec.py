@@ -18,8 +18,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from qops.errors import SpecError
+from qops.errors import QopsError, SpecError
 from qops.metric_names import known_metrics
+from qops.qat.plan import config_for, plan_for
+from qops.targets import get_target, list_targets
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -391,25 +393,6 @@ class QatSpec(_Base):
         """``loss``, or by default ``task`` when there is a label column and ``distill`` when there is none."""
         return self.loss or ("task" if has_label else "distill")
 
-    def config_for(self, target: str, plan, has_label: bool):
-        """The training config of ``target`` (the qat block, then the target's overrides)."""
-        from qops.qat import QatConfig
-
-        t = self.targets[target]
-        steps = t.steps if t.steps is not None else (None if t.epochs is not None else self.steps)
-        epochs = t.epochs if t.epochs is not None else (None if t.steps is not None else self.epochs)
-        if steps is None and epochs is None:
-            epochs = 3.0
-        group = t.group_size or plan.group_size or self.group_size
-        return QatConfig(scheme=plan.scheme, engine=plan.engine, group_size=group, steps=steps, epochs=epochs,
-                         batch_size=t.batch_size or self.batch_size, optimizer=self.optimizer, lr=t.lr or self.lr,
-                         momentum=self.momentum, weight_decay=self.weight_decay, seed=self.seed,
-                         checkpoint_every=self.checkpoint_every,
-                         loss=self.resolved_loss(has_label), temperature=self.temperature,
-                         time_budget_s=t.time_budget_s or self.time_budget_s, holdout=self.holdout,
-                         patience=self.patience, freeze_after=self.freeze_after,
-                         bn_freeze_after=self.bn_freeze_after, logit_mse=self.logit_mse)
-
 
 class QloraSpec(_Base):
     """QLoRA fine-tuning before quantization (data.kind causal_lm; docs/llm.md#qlora): the base in NF4 with double
@@ -515,8 +498,6 @@ class PipelineSpec(_Base):
 
     @model_validator(mode="after")
     def _check_known_targets(self) -> "PipelineSpec":
-        from qops.targets import get_target  # late import: targets imports nothing from spec
-
         for t in self.targets:
             get_target(t, self.target_options.get(t))  # raises TargetError naming the problem and the fix
         stray = sorted(set(self.target_options) - set(self.targets))
@@ -537,12 +518,7 @@ class PipelineSpec(_Base):
             raise ValueError("qlora fine-tunes causal LMs; set data.kind: causal_lm or remove the qlora block")
         elif self.gates.task == "causal_lm":
             raise ValueError("gates.task causal_lm needs data.kind: causal_lm")
-        from qops.llm.stages import check_targets
-
-        try:
-            check_targets(self)
-        except SpecError as e:
-            raise ValueError(str(e)) from None
+        self._check_model_kinds()
         if self.qat is not None:
             self._check_qat()
         if self.watch is not None and self.watched_alias() is None:
@@ -550,15 +526,25 @@ class PipelineSpec(_Base):
                              f"{self.source_model!r}")
         return self
 
+    def _check_model_kinds(self) -> None:
+        """Every target of a causal_lm spec must be an LLM recipe, and LLM recipes only serve causal_lm specs."""
+        llm = self.data.kind == "causal_lm"
+        for t in self.targets:
+            r = self.recipe(t)
+            if llm and r.model_kind != "causal_lm":
+                ok = [n for n, x in list_targets().items() if x.model_kind == "causal_lm"]
+                raise ValueError(f"Target {t!r} quantizes ONNX graphs of any kind; data.kind causal_lm takes decoder "
+                                 f"LLM targets (KV-cache aware, lm_head and embedding choices). Fix: use one of {ok}.")
+            if not llm and r.model_kind == "causal_lm":
+                raise ValueError(f"Target {t!r} is a decoder-LLM target but data.kind is {self.data.kind}. Fix: set "
+                                 "data.kind: causal_lm (docs/llm.md), or pick a target from `qops targets`.")
+
     def watched_alias(self) -> tuple[str, str] | None:
         """(model name, alias) of ``source_model`` when it is ``models:/NAME@ALIAS``."""
         m = re.match(r"^models:/([^/@]+)@([^/@]+)$", self.source_model)
         return (m.group(1), m.group(2)) if m else None
 
     def _check_qat(self) -> None:
-        from qops.errors import QopsError
-        from qops.qat_job import plan_for
-
         stray = sorted(set(self.qat.targets) - set(self.targets))
         if stray:
             raise ValueError(f"qat.targets names target(s) {stray} that are not in targets {self.targets}")
@@ -571,22 +557,18 @@ class PipelineSpec(_Base):
                     raise QopsError(f"target {name} stores blocks of {plan.group_size}; qat group_size "
                                     f"{t.group_size} would not fit", "drop qat group_size for this target, or set "
                                     "target_options block_size to the same value")
-                self.qat.config_for(name, plan, has_label=bool(self.qat.label or self.data.label))
+                config_for(self.qat, name, plan, has_label=bool(self.qat.label or self.data.label))
             except QopsError as e:
                 raise ValueError(f"qat.targets.{name}: {e}") from None
 
     def qat_plan(self, target: str, mode: str | None = None):
         """The QAT plan of ``target`` (None when the spec has no QAT for it)."""
-        from qops.qat_job import plan_for
-
         if self.qat is None or target not in self.qat.targets:
             return None
         t = self.qat.targets[target]
         return plan_for(self.recipe(target), engine=t.engine, scheme=t.scheme, mode=mode)
 
     def recipe(self, target: str):
-        from qops.targets import get_target
-
         return get_target(target, self.target_options.get(target))
 
     def digest(self) -> str:

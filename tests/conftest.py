@@ -43,9 +43,11 @@ def fp32_model(data_dir, features, tmp_path_factory):
 @pytest.fixture(scope="session")
 def calibration_file(data_dir, features, tmp_path_factory):
     from qops.calibration import select_calibration
+    from qops.spec import CalibrationSpec
 
-    res = select_calibration(data_dir / "pool.parquet", data_dir / "train.parquet",
-                             tmp_path_factory.mktemp("cal"), size=120, features=features, slice_columns=SLICES)
+    res = select_calibration(CalibrationSpec(size=120), pool=data_dir / "pool.parquet",
+                             reference=data_dir / "train.parquet", output_dir=tmp_path_factory.mktemp("cal"),
+                             features=features, slice_columns=SLICES)
     return Path(res.path)
 
 

@@ -25,22 +25,11 @@ from qops.calibration.drift import check_drift
 from qops.calibration.sources import S3Options, TableSource, as_source
 from qops.data import DataKind, Tabular, feature_matrix, require_numeric
 from qops.errors import DataError, DriftError
+from qops.run_folder import CALIBRATION_FEEDS, CALIBRATION_MANIFEST
+from qops.spec import CalibrationSpec, DiversitySpec, RecencySpec
 
 log = logging.getLogger(__name__)
 ROW = "__qops_row__"
-
-
-@dataclass
-class Recency:
-    column: str
-    window_days: float
-
-
-@dataclass
-class Diversity:
-    columns: list[str] | None = None  # numeric columns (default: the features)
-    embedding_column: str | None = None  # a list/array column, used instead of columns
-    candidates: int = 20  # candidate reservoir = candidates * n rows
 
 
 @dataclass
@@ -127,7 +116,7 @@ class _Reservoir:
         self.frame, self.keys, self.codes = frame.iloc[keep].reset_index(drop=True), keys[keep], codes[keep]
 
 
-def _cutoff(source: TableSource, recency: Recency | None):
+def _cutoff(source: TableSource, recency: RecencySpec | None):
     if recency is None:
         return None
     latest = None
@@ -142,7 +131,7 @@ def _cutoff(source: TableSource, recency: Recency | None):
     return latest - pd.Timedelta(days=recency.window_days)
 
 
-def _in_window(frame: pd.DataFrame, recency: Recency | None, cutoff) -> np.ndarray:
+def _in_window(frame: pd.DataFrame, recency: RecencySpec | None, cutoff) -> np.ndarray:
     if recency is None:
         return np.ones(len(frame), dtype=bool)
     ts = pd.to_datetime(frame[recency.column], utc=True, errors="coerce")
@@ -150,7 +139,7 @@ def _in_window(frame: pd.DataFrame, recency: Recency | None, cutoff) -> np.ndarr
 
 
 def stream_sample(source, n: int, *, strategy: str = "random", seed: int = 0, columns: list[str] | None = None,
-                  stratify_by: list[str] | None = None, min_per_slice: int = 1, recency: Recency | None = None,
+                  stratify_by: list[str] | None = None, min_per_slice: int = 1, recency: RecencySpec | None = None,
                   check_columns: list[str] | None = None, allow_fewer: bool = False, numeric: list[str] | None = None,
                   what: str = "calibration pool", batch_size: int = 65_536) -> tuple[pd.DataFrame, dict]:
     """Sample ``n`` rows from a (possibly larger than memory) source; returns rows in pool order and stats
@@ -221,8 +210,8 @@ def k_center_greedy(points: np.ndarray, n: int) -> np.ndarray:
     return np.array(sorted(chosen))
 
 
-def diversity_sample(source, n: int, *, seed: int, features: list[str], diversity: Diversity,
-                     columns: list[str] | None, recency: Recency | None, check_columns: list[str] | None):
+def diversity_sample(source, n: int, *, seed: int, features: list[str], diversity: DiversitySpec,
+                     columns: list[str] | None, recency: RecencySpec | None, check_columns: list[str] | None):
     """k-center greedy among a random candidate reservoir of up to ``diversity.candidates * n`` rows."""
     candidates, stats = stream_sample(source, n * diversity.candidates, strategy="random", seed=seed,
                                       columns=columns, recency=recency, check_columns=check_columns,
@@ -275,7 +264,7 @@ def _check_schema(chosen: pd.DataFrame, kind: DataKind, validation: TableSource 
 
 def _write_feeds(feeds: dict, out: Path) -> dict:
     """The calibration feeds as an ``.npz`` of arrays named like the model inputs (atomic), with a manifest."""
-    path = out / "calibration_feeds.npz"
+    path = out / CALIBRATION_FEEDS
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **feeds)
@@ -284,38 +273,27 @@ def _write_feeds(feeds: dict, out: Path) -> dict:
 
 
 def select_calibration(
+    calibration: CalibrationSpec,
+    *,
     pool,
     reference,
     output_dir: str | os.PathLike,
-    size: int,
     features,
     slice_columns: list[str] | None = None,
-    strategy: str = "stratified",
-    seed: int = 0,
-    stratify_by: list[str] | None = None,
-    drift_enabled: bool = True,
-    quantile_tolerance: float = 0.1,
-    max_kl: float = 0.5,
-    on_drift: str = "fail",
-    *,
-    min_per_slice: int = 1,
-    on_small_slice: str = "warn",
-    recency: Recency | None = None,
-    diversity: Diversity | None = None,
-    max_psi: float = 0.25,
-    min_ks_pvalue: float = 0.001,
-    max_reselect: int = 3,
-    reference_sample: int = 100_000,
     validation=None,
     model_inputs: list | None = None,
     s3: S3Options | None = None,
 ) -> CalibrationResult:
-    """Select the calibration set, check it for drift, and write ``calibration.parquet``, its manifest
-    (``calibration.json``) and the drift report (JSON and text).
+    """Select the calibration set by the spec's ``calibration`` section, check it for drift against
+    ``reference``, and write ``calibration.parquet``, its manifest (``calibration.json``) and the drift report
+    (JSON and text). ``features``: tabular feature columns or a :class:`~qops.data.DataKind`.
 
-    ``on_drift``: ``fail`` (write the report, not the set, raise :class:`DriftError`), ``warn`` (keep the
-    set, record the drift), or ``reselect`` (try up to ``max_reselect`` new seeds, then fail).
+    ``calibration.drift.on_drift``: ``fail`` (write the report, not the set, raise :class:`DriftError`), ``warn``
+    (keep the set, record the drift), or ``reselect`` (try up to ``max_reselect`` new seeds, then fail).
     """
+    c, d = calibration, calibration.drift
+    size, strategy, seed, recency, diversity = c.size, c.strategy, c.seed, c.recency, c.diversity
+    min_per_slice, on_drift = c.min_per_slice, d.on_drift
     if strategy not in ("random", "stratified", "diversity"):
         raise DataError(f"Unknown calibration strategy {strategy!r}.", "use 'random', 'stratified' or 'diversity'.")
     kind = features if isinstance(features, DataKind) else Tabular(list(features))
@@ -326,7 +304,7 @@ def select_calibration(
                         "neither by default.", "set calibration.diversity.embedding_column (e.g. precomputed "
                         "embeddings) or diversity.columns, or use strategy: stratified.")
     slice_columns = list(slice_columns or [])
-    stratify_by = list(stratify_by or slice_columns)
+    stratify_by = list(c.stratify_by or slice_columns)
     out = Path(output_dir)
     pool_src, ref_src = as_source(pool, s3, "calibration pool"), as_source(reference, s3, "drift reference")
     val_src = as_source(validation, s3, "validation set") if validation is not None else None
@@ -339,16 +317,16 @@ def select_calibration(
     columns = list(dict.fromkeys(features + slice_columns + extra))
 
     numeric = features if isinstance(kind, Tabular) else None
-    ref, ref_stats = stream_sample(ref_src, reference_sample, strategy="random", seed=seed,
+    ref, ref_stats = stream_sample(ref_src, c.reference_sample, strategy="random", seed=seed,
                                    columns=features + slice_columns, allow_fewer=True, what="drift reference",
                                    numeric=numeric)
     ref = ref.drop(columns=[ROW])
 
-    attempts, seeds = [], [seed] + ([seed + i for i in range(1, max_reselect + 1)] if on_drift == "reselect" else [])
+    attempts, seeds = [], [seed] + ([seed + i for i in range(1, d.max_reselect + 1)] if on_drift == "reselect" else [])
     report = None
     for s in seeds:
         if strategy == "diversity":
-            chosen, stats = diversity_sample(pool_src, size, seed=s, features=features, diversity=diversity or Diversity(),
+            chosen, stats = diversity_sample(pool_src, size, seed=s, features=features, diversity=diversity or DiversitySpec(),
                                              columns=columns, recency=recency, check_columns=features)
         else:
             chosen, stats = stream_sample(pool_src, size, strategy=strategy, seed=s, columns=columns,
@@ -363,13 +341,13 @@ def select_calibration(
                 f"({sum(stats['nulls'][c] for c in bad)} row(s)).",
                 "impute or drop those rows upstream; calibration data must be what the model sees in serving.")
         log.info("selected %d of %d pool rows (%s, seed %d)", len(chosen), stats["pool_rows"], strategy, s)
-        if not drift_enabled:
+        if not d.enabled:
             attempts.append({"seed": s, "drift_passed": None})
             break
         sample_x, ref_x, numeric = _drift_frames(kind, chosen, ref)
         report = check_drift(sample_x, ref_x, numeric=numeric, categorical=slice_columns,
-                             quantile_tolerance=quantile_tolerance, max_kl=max_kl, max_psi=max_psi,
-                             min_ks_pvalue=min_ks_pvalue, extra_checks=kind.drift_extra(chosen, ref, max_psi))
+                             quantile_tolerance=d.quantile_tolerance, max_kl=d.max_kl_divergence, max_psi=d.max_psi,
+                             min_ks_pvalue=d.min_ks_pvalue, extra_checks=kind.drift_extra(chosen, ref, d.max_psi))
         attempts.append({"seed": s, "drift_passed": report.passed, "drifted_columns": report.drifted_columns})
         log.info("%s", report.text())
         if report.passed:
@@ -394,7 +372,7 @@ def select_calibration(
             report=report.__dict__,
         )
     used_seed = attempts[-1]["seed"]
-    warnings = _slice_minimums(chosen, stratify_by, min_per_slice, on_small_slice, stats)
+    warnings = _slice_minimums(chosen, stratify_by, min_per_slice, c.on_small_slice, stats)
     feeds = _check_schema(chosen, kind, val_src, model_inputs, "the calibration set")
     cal_path = out / "calibration.parquet"
     with atomic_path(cal_path) as tmp:
@@ -406,16 +384,16 @@ def select_calibration(
         path=str(cal_path), sha256=sha256_file(cal_path), rows=len(chosen), strategy=strategy, seed=used_seed,
         pool=pool_src.uri, pool_rows=stats["pool_rows"], reference=ref_src.uri, rows_per_slice=per_slice,
         drift_passed=passed, drifted_columns=drifted, drift_report_path=str(report_path),
-        manifest_path=str(out / "calibration.json"), attempts=attempts, warnings=warnings,
+        manifest_path=str(out / CALIBRATION_MANIFEST), attempts=attempts, warnings=warnings,
         feeds_path=feeds_manifest["path"] if feeds_manifest else None,
         feeds_sha256=feeds_manifest["sha256"] if feeds_manifest else None,
         feeds=feeds_manifest["inputs"] if feeds_manifest else {}, data=kind.describe(),
     )
     manifest = {**result.__dict__, "sources": {"pool": pool_src.describe(), "reference": ref_src.describe()},
-                "recency": None if recency is None else {**recency.__dict__, "cutoff": stats.get("cutoff")},
+                "recency": None if recency is None else {**recency.model_dump(), "cutoff": stats.get("cutoff")},
                 "min_per_slice": min_per_slice, "pool_rows_per_stratum": stats["pool_rows_per_stratum"],
                 "stratify_by": stratify_by if strategy == "stratified" else []}
-    write_json_atomic(out / "calibration.json", manifest)
+    write_json_atomic(out / CALIBRATION_MANIFEST, manifest)
     return result
 
 

@@ -15,34 +15,17 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from qops.artifacts import atomic_dir, write_json_atomic
 from qops.errors import DataError
+from qops.spec import QloraSpec
 
 log = logging.getLogger(__name__)
 
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-@dataclass
-class QloraConfig:
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
-    target_modules: list[str] | None = None
-    lr: float = 1e-3
-    steps: int = 100
-    batch_size: int = 8
-    seq_len: int = 128
-    seed: int = 0
-    checkpoint_every: int = 25
-    time_budget_s: float | None = None
-    double_quant: bool = True
-    max_rows: int | None = None
 
 
 def _token_stream(base_dir: Path, data, column: str, max_rows: int | None, seed: int) -> np.ndarray:
@@ -59,7 +42,7 @@ def _token_stream(base_dir: Path, data, column: str, max_rows: int | None, seed:
     return ids
 
 
-def _batch(stream: np.ndarray, step: int, cfg: QloraConfig):
+def _batch(stream: np.ndarray, step: int, cfg: QloraSpec):
     import torch
 
     rng = np.random.default_rng([cfg.seed, step])
@@ -86,7 +69,7 @@ def load_nf4(base_dir: Path, double_quant: bool = True):
                         "input size to be a multiple of 64.") from None
 
 
-def run_qlora(base_dir: str | os.PathLike, data, column: str, out_dir: str | os.PathLike, cfg: QloraConfig) -> dict:
+def run_qlora(base_dir: str | os.PathLike, data, column: str, out_dir: str | os.PathLike, cfg: QloraSpec) -> dict:
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
@@ -189,7 +172,7 @@ def run_qlora(base_dir: str | os.PathLike, data, column: str, out_dir: str | os.
               "steps": steps_done, "resumed_from": resumed_from, "initial_loss": first, "final_loss": last,
               "trainable_parameters": int(trainable), "seconds": round(spent + time.perf_counter() - t0, 2),
               "nf4": {"quant_type": "nf4", "double_quant": cfg.double_quant, "library": "bitsandbytes"},
-              "config": asdict(cfg), "tokens": int(len(stream))}
+              "config": cfg.model_dump(exclude={"data", "column", "queue"}), "tokens": int(len(stream))}
     write_json_atomic(out / "result.json", result)
     shutil.rmtree(ck, ignore_errors=True)
     return result

@@ -59,7 +59,7 @@ class QuantizeResult:
     source_sha256: str
     size_bytes: int
     source_size_bytes: int
-    size_ratio: float
+    size_ratio: float  # output size / source size (0.25: four times smaller), as in evaluations
     calibration_path: str | None
     calibration_rows: int
     seconds: float
@@ -368,7 +368,7 @@ def _quantize_onnx(model: Path, recipe: Recipe, output: Path, calibration, featu
                 target=recipe.target, model_path=str(output), model_sha256=sha256_file(path),
                 recipe_path=str(output.with_suffix(output.suffix + ".recipe.json")), source_path=str(model),
                 source_sha256=sha256_file(model), size_bytes=out_size, source_size_bytes=src_size,
-                size_ratio=round(src_size / out_size, 3),
+                size_ratio=round(out_size / src_size, 4),
                 calibration_path=str(calibration) if reader is not None else None, calibration_rows=rows,
                 seconds=round(time.perf_counter() - t0, 3), recipe=recipe.to_dict(), mode=mode,
                 graph_kind=report.kind, model_report=report_d, technique=technique, notes=notes)

@@ -342,7 +342,7 @@ def quantize_torch(model, recipe: Recipe, output, calibration=None, features=Non
     result = QuantizeResult(
         target=recipe.target, model_path=str(output), model_sha256=sha256_file(output), recipe_path=str(recipe_path),
         source_path=str(model), source_sha256=sha256_file(model), size_bytes=out, source_size_bytes=src,
-        size_ratio=round(src / out, 3), calibration_path=str(calibration) if rows else None, calibration_rows=rows,
+        size_ratio=round(out / src, 4), calibration_path=str(calibration) if rows else None, calibration_rows=rows,
         seconds=round(time.perf_counter() - t0, 3), recipe=recipe.to_dict(), mode=recipe.mode, graph_kind=None,
         engine="torchao", technique=technique,
         notes=["served through torch.compile (Inductor)"] if recipe.torch_compile else [],

@@ -31,36 +31,10 @@ import numpy as np
 from qops.artifacts import atomic_path
 from qops.errors import QopsError
 from qops.quantize.calib_cache import calibration_cache
+from qops.spec import TuningSpec
 from qops.targets import Recipe
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TuningConfig:
-    max_trials: int = 12
-    timeout_s: float = 900.0
-    calibration_methods: list = field(default_factory=lambda: ["minmax", "percentile", "entropy"])
-    granularities: list = field(default_factory=lambda: ["per-channel", "per-tensor"])
-    modes: list | None = None  # None: the recipe's mode ("auto": both static and dynamic)
-    smooth_quant_alphas: list | None = None  # None: ["auto", 0.7] for attention graphs with calibration data
-    embedding_granularities: list | None = None  # None: per-row for attention graphs, else the recipe's
-    activation_types: list | None = None  # static INT8 activations to try (None: the recipe's)
-    try_all_ops: bool = True  # static INT8: also quantize every op ORT can (Relu, pooling, Add...), not just weights
-    max_fallback_nodes: int = 8
-    fallback_share: float = 0.5  # share of max_trials kept for node fallback (at least 2 trials)
-    latency_tie: float = 0.03  # latency ratios within 3% of the fastest count as equally fast
-    size_tie: float = 0.05  # then the smallest file (within 5%), then the most faithful
-
-    @classmethod
-    def from_any(cls, obj) -> "TuningConfig":
-        if obj is None:
-            return cls()
-        if isinstance(obj, cls):
-            return obj
-        d = obj.model_dump() if hasattr(obj, "model_dump") else dict(obj)
-        names = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 Judge = Callable[[object], dict]  # QuantizeResult -> {passed, failures, latency_ratio, size_ratio, fidelity, metrics}
@@ -70,16 +44,13 @@ def gate_judge(fp32_model, validation, label, gates, *, slice_columns=None, feat
                latency_runs: int = 200, bootstrap: int = 200) -> Judge:
     """The usual judge: ``qops.evaluate.evaluate`` on the validation set (fewer resamples and timed runs than
     the evaluate stage) and ``qops.gates.gate`` with the given GateSpec."""
-    from qops.evaluate import evaluate
+    from qops.evaluate import evaluate_with_gates
     from qops.gates import gate
 
     def judge(res) -> dict:
-        ev = evaluate(fp32_model, res.model_path, validation, label, slice_columns or [], features=features,
-                      metric=gates.metric, latency_runs=latency_runs, task=gates.task, metrics=gates.metrics,
-                      custom_metrics=gates.custom_metrics, intersections=intersections,
-                      min_slice_size=gates.min_slice_size, bootstrap=bootstrap, confidence=gates.confidence,
-                      seed=gates.seed, target=res.recipe, outputs=gates.outputs, output=gates.output,
-                      embedding_output=gates.embedding_output, batch_size=gates.batch_size)
+        ev = evaluate_with_gates(fp32_model, res.model_path, validation, gates, label=label,
+                                 slice_columns=slice_columns or [], intersections=intersections, features=features,
+                                 target=res.recipe, latency_runs=latency_runs, bootstrap=bootstrap)
         verdict = gate(ev, gates)
         primary = ev.overall[ev.primary_metric]
         failing = [c.name.split(":", 1)[1][:-1] for c in verdict.checks
@@ -94,7 +65,7 @@ def gate_judge(fp32_model, validation, label, gates, *, slice_columns=None, feat
     return judge
 
 
-def search_space(recipe: Recipe, cfg: TuningConfig, has_calibration: bool, preferred_mode: str | None = None,
+def search_space(recipe: Recipe, cfg: TuningSpec, has_calibration: bool, preferred_mode: str | None = None,
                  kind: str | None = None) -> list[dict]:
     """Recipe option sets to try, the recipe's own settings first (for ``mode: auto``, the mode the graph's
     structure picks first). Convolutional graphs (``kind``) try, by measured gain per second on a real mobile CNN:
@@ -355,7 +326,7 @@ def tune(
     judge: Judge,
     calibration: str | os.PathLike | None = None,
     features: list[str] | None = None,
-    config: TuningConfig | dict | None = None,
+    config: TuningSpec | dict | None = None,
     ranking_data: str | os.PathLike | None = None,
     validation: str | os.PathLike | None = None,
     failed_output: str | os.PathLike | None = None,
@@ -370,7 +341,7 @@ def tune(
     from qops.artifacts import clean_stale_temps, temp_prefix
     from qops.quantize.ort import check_output_path, quantize, write_recipe
 
-    cfg = TuningConfig.from_any(config)
+    cfg = TuningSpec(**config) if isinstance(config, dict) else (config or TuningSpec())
     output = Path(output)
     check_output_path(model, output)
     t_start = time.perf_counter()

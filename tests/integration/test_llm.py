@@ -243,7 +243,7 @@ def test_qlora_trains_resumes_and_merges(llm, tmp_path, monkeypatch):
 
     import qops.llm.qlora as ql
 
-    cfg = ql.QloraConfig(steps=6, checkpoint_every=3, batch_size=2, seq_len=32, r=4, max_rows=40)
+    cfg = ql.QloraSpec(steps=6, checkpoint_every=3, batch_size=2, seq_len=32, r=4, max_rows=40)
     real = ql._batch
 
     def interrupted(stream, step, c):

@@ -2,6 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from qops.spec import CalibrationSpec
 from qops.calibration import check_drift, select_calibration, select_rows
 from qops.errors import DataError, DriftError
 
@@ -29,8 +30,7 @@ def test_random_selection_is_deterministic(data_dir):
 
 
 def test_select_calibration_writes_set_hash_and_report(data_dir, features, tmp_path):
-    res = select_calibration(data_dir / "pool.parquet", data_dir / "train.parquet", tmp_path, size=120,
-                             features=features, slice_columns=SLICES, seed=0)
+    res = select_calibration(CalibrationSpec(size=120, seed=0), pool=data_dir / "pool.parquet", reference=data_dir / "train.parquet", output_dir=tmp_path, features=features, slice_columns=SLICES)
     assert res.rows == 120 and res.drift_passed
     df = pd.read_parquet(res.path)
     assert len(df) == 120 and set(features) <= set(df.columns)
@@ -47,8 +47,7 @@ def test_drift_fails_naming_column_and_writes_no_calibration_set(data_dir, featu
     pool["num_age"] = pool["num_age"] + 1.5  # production population got much older
     pool.to_parquet(tmp_path / "pool.parquet")
     with pytest.raises(DriftError, match=r"num_age") as e:
-        select_calibration(tmp_path / "pool.parquet", data_dir / "train.parquet", tmp_path / "out", size=120,
-                           features=features, slice_columns=SLICES)
+        select_calibration(CalibrationSpec(size=120), pool=tmp_path / "pool.parquet", reference=data_dir / "train.parquet", output_dir=tmp_path / "out", features=features, slice_columns=SLICES)
     assert "num_age" in e.value.report["drifted_columns"]
     assert (tmp_path / "out" / "drift_report.json").is_file()
     assert not (tmp_path / "out" / "calibration.parquet").exists()
@@ -65,21 +64,18 @@ def test_unseen_category_is_drift(data_dir, features):
 
 def test_pool_smaller_than_n(data_dir, features, tmp_path):
     with pytest.raises(DataError, match=r"has 200 rows, fewer than the 500 requested.*calibration.size"):
-        select_calibration(data_dir / "pool.parquet", data_dir / "train.parquet", tmp_path, size=500,
-                           features=features, slice_columns=SLICES)
+        select_calibration(CalibrationSpec(size=500), pool=data_dir / "pool.parquet", reference=data_dir / "train.parquet", output_dir=tmp_path, features=features, slice_columns=SLICES)
 
 
 def test_empty_pool(data_dir, features, tmp_path):
     pd.read_parquet(data_dir / "pool.parquet").iloc[:0].to_parquet(tmp_path / "empty.parquet")
     with pytest.raises(DataError, match="pool is empty"):
-        select_calibration(tmp_path / "empty.parquet", data_dir / "train.parquet", tmp_path / "o", size=10,
-                           features=features, slice_columns=SLICES)
+        select_calibration(CalibrationSpec(size=10), pool=tmp_path / "empty.parquet", reference=data_dir / "train.parquet", output_dir=tmp_path / "o", features=features, slice_columns=SLICES)
 
 
 def test_missing_slice_column(data_dir, features, tmp_path):
     with pytest.raises(DataError, match=r"lacks column\(s\) \['region'\]"):
-        select_calibration(data_dir / "pool.parquet", data_dir / "train.parquet", tmp_path, size=10,
-                           features=features, slice_columns=["sex", "region"])
+        select_calibration(CalibrationSpec(size=10), pool=data_dir / "pool.parquet", reference=data_dir / "train.parquet", output_dir=tmp_path, features=features, slice_columns=["sex", "region"])
 
 
 def test_nan_in_features(data_dir, features, tmp_path):
@@ -87,12 +83,10 @@ def test_nan_in_features(data_dir, features, tmp_path):
     pool.loc[pool.index[:3], "num_duration"] = np.nan
     pool.to_parquet(tmp_path / "nan.parquet")
     with pytest.raises(DataError, match=r"NaN in feature column\(s\) \['num_duration'\] \(3 row"):
-        select_calibration(tmp_path / "nan.parquet", data_dir / "train.parquet", tmp_path / "o", size=10,
-                           features=features, slice_columns=SLICES)
+        select_calibration(CalibrationSpec(size=10), pool=tmp_path / "nan.parquet", reference=data_dir / "train.parquet", output_dir=tmp_path / "o", features=features, slice_columns=SLICES)
     assert not (tmp_path / "o" / "calibration.parquet").exists()
 
 
 def test_missing_file_is_named(data_dir, features, tmp_path):
     with pytest.raises(DataError, match="calibration pool file .*nope.parquet does not exist"):
-        select_calibration(tmp_path / "nope.parquet", data_dir / "train.parquet", tmp_path, size=10,
-                           features=features)
+        select_calibration(CalibrationSpec(size=10), pool=tmp_path / "nope.parquet", reference=data_dir / "train.parquet", output_dir=tmp_path, features=features)

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from qops.spec import CalibrationSpec
 from qops.data import Image, Tabular, Tensors, Text, check_feed, data_kind, onnx_io, read_table
 from qops.errors import DataError
 
@@ -268,9 +269,7 @@ def test_calibrate_quantize_evaluate_on_text(tokenizer_dir, tmp_path):
     texts(300, 1).to_parquet(tmp_path / "pool.parquet")
     texts(300, 2).to_parquet(tmp_path / "ref.parquet")
     texts(120, 3).to_parquet(tmp_path / "val.parquet")
-    cal = select_calibration(pool=tmp_path / "pool.parquet", reference=tmp_path / "ref.parquet",
-                             output_dir=tmp_path / "cal", size=60, features=kind, slice_columns=["topic"],
-                             validation=tmp_path / "val.parquet", model_inputs=onnx_io(model)[0])
+    cal = select_calibration(CalibrationSpec(size=60), pool=tmp_path / "pool.parquet", reference=tmp_path / "ref.parquet", output_dir=tmp_path / "cal", features=kind, slice_columns=["topic"], validation=tmp_path / "val.parquet", model_inputs=onnx_io(model)[0])
     assert cal.drift_passed and cal.data["kind"] == "text"
     assert set(cal.feeds) == {"input_ids", "attention_mask"} and cal.feeds["input_ids"]["shape"][0] == 60
     checked = {c.column for c in json_checks(cal.drift_report_path)}
@@ -392,7 +391,8 @@ def test_pt2_program_with_several_inputs_exports_to_onnx_with_their_names(tmp_pa
 def test_gptq_and_node_fallback_run_on_named_input_feeds(tmp_path):
     """INT4 GPTQ calibrates on the .npz feeds; tuning ranks nodes and falls back over the same named inputs."""
     from qops.quantize import quantize
-    from qops.quantize.tune import TuningConfig, gate_judge, tune
+    from qops.quantize.tune import gate_judge, tune
+    from qops.spec import TuningSpec
     from qops.spec import GateSpec
     from qops.targets import get_target
 
@@ -409,7 +409,7 @@ def test_gptq_and_node_fallback_run_on_named_input_feeds(tmp_path):
                      max_size_ratio=50)
     judge = gate_judge(str(model), str(tmp_path / "val.npz"), None, gates, latency_runs=10, bootstrap=20)
     res = tune(str(model), get_target("x86_64_int8_dynamic"), tmp_path / "t.onnx", judge,
-               calibration=str(tmp_path / "calib.npz"), config=TuningConfig(max_trials=4),
+               calibration=str(tmp_path / "calib.npz"), config=TuningSpec(max_trials=4),
                ranking_data=str(tmp_path / "calib.npz"), validation=str(tmp_path / "val.npz"))
     ranked = {r["node"] for r in res.tuning["node_ranking"]}
     assert ranked & {"dense", "embed"}, res.tuning["node_ranking"]

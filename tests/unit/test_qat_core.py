@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from qops.errors import QopsError
-from qops.qat import META, STATE, QatConfig, convert, train_qat
+from qops.qat.config import QatConfig
+from qops.qat.state import META, STATE
+from qops.qat.train import convert, train_qat
 
 
 def _model(seed=0):
@@ -104,7 +106,7 @@ def test_qat_on_a_pt2_program_trains_converts_exports_and_evaluates(tmp_path):
     from torch import nn
 
     from qops.evaluate import evaluate
-    from qops.qat_job import qat_files
+    from qops.qat.job import qat_files
     from qops.quantize.torch_engine import export_fp32
 
     torch.manual_seed(0)
@@ -161,7 +163,7 @@ def test_held_out_rows_keep_the_best_weights_and_patience_stops_a_diverging_run(
     assert res.best_step == res.evals[best][0] < res.steps
     assert len(res.evals) - 1 - best == 3  # stopped after exactly `patience` checkpoints without improvement
     assert not np.isfinite(losses[-1]) or losses[-1] > losses[best]
-    from qops.qat import holdout_split
+    from qops.qat.train import holdout_split
 
     _, held = holdout_split(320, 0.25, 1)
     with torch.no_grad():
@@ -176,7 +178,7 @@ def test_held_out_rows_keep_the_best_weights_and_patience_stops_a_diverging_run(
 def test_distillation_loss_sees_a_constant_logit_drift_that_kl_alone_ignores():
     import torch
 
-    from qops.qat import distill_loss
+    from qops.qat.loss import distill_loss
 
     t = torch.randn(16, 10)
     drifted = t + 3.0  # the same softmax: KL is 0
@@ -194,7 +196,7 @@ def test_batch_norm_statistics_and_ranges_freeze_after_the_warm_up(tmp_path):
     import torch
     from safetensors.numpy import load_file
 
-    from qops.qat import STATE
+    from qops.qat.state import STATE
 
     def program():  # a fresh export each time: training mutates the exported module's buffers in place
         torch.manual_seed(0)

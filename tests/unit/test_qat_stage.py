@@ -17,8 +17,8 @@ import yaml
 
 from planted_models import small_weight_data, small_weight_program
 from qops.errors import QopsError, SpecError
-from qops.qat import QatConfig
-from qops.qat_job import plan_for, require_cuda_for, supported_targets
+from qops.qat.config import QatConfig
+from qops.qat.plan import config_for, plan_for, require_cuda_for, supported_targets
 from qops.spec import parse_spec
 from qops.targets import get_target
 
@@ -70,7 +70,7 @@ def _spec(tmp_path, **over):
 
 def test_the_qat_block_is_validated_with_fixes(tmp_path):
     spec = _spec(tmp_path)
-    cfg = spec.qat.config_for("x86_64_vnni_int8", spec.qat_plan("x86_64_vnni_int8"), has_label=True)
+    cfg = config_for(spec.qat, "x86_64_vnni_int8", spec.qat_plan("x86_64_vnni_int8"), has_label=True)
     assert (cfg.engine, cfg.scheme, cfg.loss, cfg.epochs, cfg.steps) == ("pt2e", "int8_static", "task", 3.0, None)
     assert spec.qat_plan("codebook_4bit") is None
     with pytest.raises(SpecError, match="qat.targets names target"):
@@ -105,8 +105,8 @@ def test_qat_artifacts_compute_what_the_converted_torch_model_computes(target, t
     import onnx
     import torch
 
-    from qops.qat import convert, train_qat
-    from qops.qat_job import run_qat
+    from qops.qat.train import convert, train_qat
+    from qops.qat.job import run_qat
     from qops.registry import fetch_source_model
     from qops.runtime import open_session
 
@@ -122,7 +122,7 @@ def test_qat_artifacts_compute_what_the_converted_torch_model_computes(target, t
                   train_feeds={"features": x}, labels=y, out_dir=tmp_path / "out", work_dir=tmp_path / "work")
     ops = {n.op_type for n in onnx.load(out["model_path"]).graph.node}
     # the same training again (resumes from the finished checkpoint: no step retrained), converted in torch
-    from qops.qat_job import trainable_module
+    from qops.qat.job import trainable_module
     from qops.quantize.torch_engine import load_program
 
     module, _ = trainable_module(load_program(src.pt2_path)[0], plan)
@@ -301,8 +301,8 @@ def test_pt2e_qat_of_a_cnn_folds_batch_norm_and_exports_qdq(tmp_path):
     import onnx
     import torch
 
-    from qops.qat import convert, train_qat
-    from qops.qat_job import run_qat, trainable_module
+    from qops.qat.train import convert, train_qat
+    from qops.qat.job import run_qat, trainable_module
     from qops.quantize.torch_engine import load_program, save_program
     from qops.registry import fetch_source_model
     from qops.runtime import open_session

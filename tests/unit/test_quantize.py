@@ -18,7 +18,7 @@ def _ops(path):
 def test_each_cpu_target_quantizes_and_runs(target, fp32_model, calibration_file, data_dir, features, tmp_path):
     out = tmp_path / f"{target}.onnx"
     res = quantize(fp32_model, target, out, calibration=calibration_file)
-    assert out.is_file() and res.size_ratio > 3.5  # INT8 weights: ~4x smaller than FP32
+    assert out.is_file() and res.size_ratio < 1 / 3.5  # INT8 weights: ~4x smaller than FP32
     ops = _ops(out)
     if target == "x86_64_int8_dynamic":
         assert "DynamicQuantizeLinear" in ops or "MatMulInteger" in ops

@@ -10,7 +10,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qops.errors import TargetError
 from qops.quantize import quantize
-from qops.quantize.tune import TuningConfig, rank_nodes, search_space, tune
+from qops.quantize.tune import rank_nodes, search_space, tune
+from qops.spec import TuningSpec
 from qops.spec import GateSpec, MetricThreshold
 from qops.targets import get_target
 
@@ -33,25 +34,25 @@ def _judge(fp32, data_dir, gates, features=None, label="risk"):
 
 
 def test_search_space_starts_with_the_structural_choice_and_covers_the_axes():
-    cands = search_space(get_target("x86_64_vnni_int8"), TuningConfig(), True, preferred_mode="dynamic")
+    cands = search_space(get_target("x86_64_vnni_int8"), TuningSpec(), True, preferred_mode="dynamic")
     assert cands[0]["mode"] == "dynamic"  # attention graph: dynamic first
     assert {c.get("calibration_method", "minmax") for c in cands if c["mode"] == "static"} == \
         {"minmax", "percentile", "entropy"}
     assert {c.get("per_channel", True) for c in cands} == {True, False}
     assert any(c.get("op_types") == () for c in cands)
     # without calibration data only dynamic candidates remain
-    assert {c["mode"] for c in search_space(get_target("x86_64_vnni_int8"), TuningConfig(), False)} == {"dynamic"}
-    assert search_space(get_target("int4_weight_only"), TuningConfig(), True)[1:] == [
+    assert {c["mode"] for c in search_space(get_target("x86_64_vnni_int8"), TuningSpec(), False)} == {"dynamic"}
+    assert search_space(get_target("int4_weight_only"), TuningSpec(), True)[1:] == [
         {"block_size": 32}, {"algorithm": "awq"}, {"algorithm": "awq", "block_size": 32}, {"algorithm": "gptq"},
         {"algorithm": "gptq", "block_size": 32}]
-    assert search_space(get_target("int4_weight_only"), TuningConfig(), False)[1:] == [{"block_size": 32}]
+    assert search_space(get_target("int4_weight_only"), TuningSpec(), False)[1:] == [{"block_size": 32}]
 
 
 def test_tuning_keeps_the_fastest_passing_candidate(fp32_model, calibration_file, data_dir, tmp_path):
     # whether INT8 beats FP32 at batch 1 depends on the CPU: the latency bound is loose, the choice is the subject
     gates = GateSpec(max_overall_drop=0.02, max_slice_drop=0.1, max_fairness_increase=0.1, max_latency_ratio=5.0)
     res = tune(fp32_model, get_target("x86_64_vnni_int8"), tmp_path / "q.onnx", _judge(fp32_model, data_dir, gates),
-               calibration=calibration_file, config=TuningConfig(max_trials=6))
+               calibration=calibration_file, config=TuningSpec(max_trials=6))
     trials = res.trials
     assert len(trials) == 6 and res.tuning["trials"] == 6
     passing = [t for t in trials if t["verdict"] == "passed"]
@@ -153,7 +154,7 @@ def test_fallback_keeps_the_sensitive_node_in_fp32_until_the_gates_pass(tmp_path
 
     recipe = get_target("x86_64_int8_dynamic", {"per_channel": False})
     res = tune(fp32, recipe, tmp_path / "q.onnx", judge, calibration=tmp_path / "cal.parquet", features=cols,
-               config=TuningConfig(max_trials=6, granularities=["per-tensor"], try_all_ops=False,
+               config=TuningSpec(max_trials=6, granularities=["per-tensor"], try_all_ops=False,
                                    max_fallback_nodes=3))
     phases = [t["phase"] for t in res.trials]
     assert phases[0] == "search" and "fallback" in phases
@@ -168,7 +169,7 @@ def test_fallback_keeps_the_sensitive_node_in_fp32_until_the_gates_pass(tmp_path
 def test_tuning_that_finds_nothing_keeps_the_most_faithful_and_says_so(fp32_model, data_dir, tmp_path):
     gates = GateSpec(thresholds=[MetricThreshold(metric="cosine", min_value=1.01)])  # unreachable
     res = tune(fp32_model, get_target("x86_64_int8_dynamic"), tmp_path / "q.onnx", _judge(fp32_model, data_dir, gates),
-               config=TuningConfig(max_trials=3, max_fallback_nodes=1))
+               config=TuningSpec(max_trials=3, max_fallback_nodes=1))
     assert not res.tuning["passed"] and all(t["verdict"] == "failed" for t in res.trials)
     assert any("no candidate that passes the gates" in n for n in res.notes)
     best = max(res.trials, key=lambda t: t["sqnr_db"] or 0)
@@ -246,7 +247,7 @@ def test_torchao_int8_dynamic_program_round_trips(fp32_program, data_dir, featur
     sqnr_db = 10 * np.log10(np.sum(ref**2) / np.sum((out - ref) ** 2))
     assert sqnr_db > (30 if _onednn_has_vnni() else 8), sqnr_db
     assert (ref.argmax(1) == out.argmax(1)).mean() >= 0.9
-    assert res.size_ratio > 1.5  # INT8 weights (archive overhead dominates a model this small)
+    assert 1 / res.size_ratio > 1.5  # INT8 weights (archive overhead dominates a model this small)
 
 
 def test_pt2e_x86_inductor_static_quantization_evaluates_compiled(fp32_program, calibration_file, data_dir, tmp_path):
@@ -254,7 +255,7 @@ def test_pt2e_x86_inductor_static_quantization_evaluates_compiled(fp32_program, 
 
     res = quantize(fp32_program, "torch_x86_int8", tmp_path / "q.pt2", calibration=calibration_file)
     assert res.calibration_rows == 120 and res.technique["fp32_tensors_dropped"] >= 4
-    assert res.size_ratio > 1.5  # the FP32 weights PT2E folded into INT8 constants are not carried along
+    assert 1 / res.size_ratio > 1.5  # the FP32 weights PT2E folded into INT8 constants are not carried along
     ev = evaluate(fp32_program, res.model_path, data_dir / "validation.parquet", "risk", ["sex"], latency_runs=20,
                   bootstrap=20, target=res.recipe)
     assert ev.fidelity["top1_agreement"] >= 0.9 and ev.fidelity["cosine_mean"] > 0.99
@@ -369,7 +370,7 @@ def test_planted_side_path_only_fallback_passes_within_the_default_budget(side_p
     input); keeping the one sensitive Gemm in FP32 restores it. The default budget (12 trials) keeps trials for
     fallback, the node ranking measured on the failing slice's rows puts that Gemm first, and tuning passes."""
     fp32, judge = side_path
-    cfg = TuningConfig()
+    cfg = TuningSpec()
     assert len(search_space(get_target("x86_64_vnni_int8"), cfg, True, "static")) > cfg.max_trials  # grid > budget
     res = tune(fp32, get_target("x86_64_vnni_int8"), tmp_path / "q.onnx", judge, calibration=tmp_path / "cal.parquet",
                config=cfg, validation=tmp_path / "val.parquet")
@@ -397,7 +398,7 @@ def test_fallback_tries_more_than_one_base_and_says_why_it_stopped(side_path, tm
     """Static only, all four basic candidates fail; fallback starts from the most faithful and from the one that
     quantizes the fewest op types, alternating, and the result says why tuning stopped."""
     fp32, judge = side_path
-    cfg = TuningConfig(max_trials=8, modes=["static"], calibration_methods=["minmax"])
+    cfg = TuningSpec(max_trials=8, modes=["static"], calibration_methods=["minmax"])
     res = tune(fp32, get_target("x86_64_vnni_int8"), tmp_path / "q.onnx", judge, calibration=tmp_path / "cal.parquet",
                config=cfg, validation=tmp_path / "val.parquet")
     fb = [t for t in res.trials if t["phase"] == "fallback"]
@@ -417,7 +418,7 @@ def test_fallback_tries_more_than_one_base_and_says_why_it_stopped(side_path, tm
 def test_tuning_stop_reason_when_the_budget_runs_out(fp32_model, data_dir, tmp_path):
     gates = GateSpec(thresholds=[MetricThreshold(metric="cosine", min_value=1.01)])  # unreachable
     res = tune(fp32_model, get_target("x86_64_int8_dynamic"), tmp_path / "q.onnx", _judge(fp32_model, data_dir, gates),
-               config=TuningConfig(max_trials=4, max_fallback_nodes=8), ranking_data=data_dir / "validation.parquet")
+               config=TuningSpec(max_trials=4, max_fallback_nodes=8), ranking_data=data_dir / "validation.parquet")
     assert res.tuning["stopped"].startswith("trial budget used (4 trials: 2 search, 2 kept for fallback)")
     assert [t["phase"] for t in res.trials] == ["search", "search", "fallback", "fallback"]
 
@@ -491,7 +492,7 @@ def test_fallback_trials_it_did_not_need_go_back_to_the_search(side_path, tmp_pa
         return {"passed": ok, "failures": [] if ok else ["judge: entropy calibration wanted"], "latency_ratio": None,
                 "size_ratio": None, "fidelity": {"sqnr_db": 1.0}}
 
-    cfg = TuningConfig(max_trials=12, modes=["static"], max_fallback_nodes=1)
+    cfg = TuningSpec(max_trials=12, modes=["static"], max_fallback_nodes=1)
     res = tune(fp32, get_target("x86_64_vnni_int8"), tmp_path / "q.onnx", judge, calibration=tmp_path / "cal.parquet",
                config=cfg, validation=tmp_path / "val.parquet")
     phases = [t["phase"] for t in res.trials]

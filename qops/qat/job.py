@@ -28,102 +28,30 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from pydantic import ValidationError
 
 from qops.artifacts import sha256_file, write_json_atomic
 from qops.errors import QopsError
-from qops.qat import PT2E_SCHEMES, SCHEMES, QatConfig, convert, holdout_split, train_qat
+from qops.qat.config import QatConfig
+from qops.qat.plan import QatPlan, config_for, plan_for, require_cuda_for
+from qops.qat.train import convert, holdout_split, train_qat
+from qops.quantize.graph import check_model, choose_mode
+from qops.data import data_kind, onnx_io, read_table
+from qops.registry import fetch_source_model
+from qops.spec import QatSpec, QatTargetSpec
+from qops.targets import get_target
+from qops.evaluate import output_fidelity, run_model
+from qops.qat import export as qat_export
+from qops.quantize import quantize
+from qops.quantize.torch_engine import linear_modules, load_program, program_inputs
+from qops.runtime import open_session
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class QatPlan:
-    target: str
-    engine: str  # pt2e | torchao
-    scheme: str
-    output: str  # onnx_qdq | onnx_matmulnbits | pt2
-    queue: str
-    group_size: int | None = None
-
-
-_TORCH_METHOD = {"pt2e_x86_inductor": ("pt2e", "int8_static"), "int8_dynamic": ("torchao", "int8_dynamic_int8_weight"),
-                 "int4_weight_only": ("torchao", "int4_weight_only_cuda"), "float8_dynamic": ("torchao", "float8_dynamic")}
-
-
-def supported_targets() -> dict[str, str]:
-    """Target name -> default QAT scheme, for every registered target QAT can serve."""
-    from qops.targets import list_targets
-
-    out = {}
-    for name, recipe in list_targets().items():
-        if recipe.model_kind == "causal_lm":  # decoder LLMs fine-tune with the qlora stage (docs/llm.md)
-            continue
-        d = _defaults(recipe, None)
-        if d is not None and not (d[3] == "onnx_qdq" and d[0] == "int8_dynamic"):
-            out[name] = f"{d[1]}:{d[0]}"
-    return out
-
-
-def _defaults(recipe, mode: str | None):
-    """(default scheme, engine, allowed schemes, output format, group size), or None if QAT does not serve it."""
-    if recipe.engine == "onnxruntime" and recipe.precision == "int8" and recipe.mode in ("static", "dynamic", "auto"):
-        m = mode if recipe.mode == "auto" else recipe.mode
-        return ("int8_dynamic" if m == "dynamic" else "int8_static"), "pt2e", PT2E_SCHEMES, "onnx_qdq", None
-    if recipe.engine == "onnxruntime" and recipe.precision == "int4" and recipe.mode == "weight_only":
-        return "int4_weight_only", "torchao", {"int4_weight_only"}, "onnx_matmulnbits", recipe.block_size
-    if recipe.engine == "torchao" and recipe.torch_method in _TORCH_METHOD:
-        eng, default = _TORCH_METHOD[recipe.torch_method]
-        return default, eng, (PT2E_SCHEMES if eng == "pt2e" else SCHEMES), "pt2", None
-    return None
-
-
-def plan_for(recipe, engine: str | None = None, scheme: str | None = None, mode: str | None = None) -> QatPlan:
-    """How QAT serves ``recipe``'s target; ``engine``/``scheme`` override the default where the target's format
-    allows it. ``mode`` resolves an ``auto`` INT8 recipe (static or dynamic, as the PTQ path decided)."""
-    d = _defaults(recipe, mode)
-    if d is None:
-        raise QopsError(f"QAT does not serve target {recipe.target!r} ({recipe.precision} {recipe.mode}, "
-                        f"{recipe.engine}).", f"QAT serves {sorted(supported_targets())}; remove the target from "
-                        "qat.targets.")
-    default, eng, allowed, out, group = d
-    chosen_engine = engine or eng
-    if chosen_engine != eng:
-        raise QopsError(f"Target {recipe.target!r} takes QAT engine {eng} (its format: {out}); {engine!r} was asked.",
-                        f"set qat engine {eng} for this target, or leave it unset.")
-    chosen = scheme or default
-    if chosen not in allowed:
-        raise QopsError(f"QAT scheme {chosen!r} does not produce target {recipe.target!r}'s format ({out}).",
-                        f"use one of {sorted(allowed)}, or leave scheme unset (default {default}).")
-    if out == "onnx_qdq" and chosen == "int8_dynamic":
-        raise QopsError(f"QAT with dynamic INT8 activations cannot be written as ONNX for target {recipe.target!r}: "
-                        "torch.onnx does not export PT2E's dynamic quantization (choose_qparams) in this release.",
-                        "use QAT with static activations (a static target, e.g. x86_64_vnni_int8 with mode static), "
-                        "or torch_int8_dynamic (a .pt2 program) for dynamic INT8.")
-    from qops.qat import CUDA_SCHEMES
-
-    queue = "gpu" if chosen in CUDA_SCHEMES else recipe.queue
-    return QatPlan(target=recipe.target, engine=eng, scheme=chosen, output=out, queue=queue, group_size=group)
-
-
-def require_cuda_for(plan: QatPlan) -> None:
-    from qops.qat import CUDA_SCHEMES
-
-    if plan.scheme not in CUDA_SCHEMES:
-        return
-    import torch
-
-    if not torch.cuda.is_available():
-        raise QopsError(f"QAT scheme {plan.scheme} for target {plan.target!r} trains with CUDA kernels, and this "
-                        "worker has no CUDA device.",
-                        "run the target's tasks on the 'gpu' queue (a Celery worker started with --queues gpu on a "
-                        "machine with an NVIDIA GPU), or choose a CPU scheme (int8_dynamic_int4_weight, "
-                        "int4_weight_only).")
+DEFAULT_STEPS = 100  # `qops qat` without --steps or --epochs
 
 
 def _program_feeds(ep, onnx_inputs, feeds: dict[str, np.ndarray]) -> list[str]:
     """Order of the program's inputs as names of ``feeds``: by name, or the one input of a tabular model."""
-    from qops.quantize.torch_engine import program_inputs
-
     prog = [n for n, _, _ in program_inputs(ep)]
     if len(prog) == 1 and len(feeds) == 1:
         return list(feeds)
@@ -139,8 +67,6 @@ def check_program_matches(module, onnx_path: str, feeds: dict[str, np.ndarray], 
     """Run the FP32 torch program and the FP32 ONNX model on the same rows; a program that computes something
     else (another model version) is refused. Returns the largest difference relative to the output scale."""
     import torch
-
-    from qops.runtime import open_session
 
     rows = len(next(iter(feeds.values())))
     with torch.no_grad():
@@ -179,8 +105,6 @@ def trainable_module(ep, plan: QatPlan, what: str = "the program"):
     (biases, norms, embeddings) stays the FP32 model's, so the torch and ONNX models remain the same model."""
     import torch
 
-    from qops.quantize.torch_engine import linear_modules
-
     module = ep.module()
     if plan.engine != "torchao":
         return module, None
@@ -200,13 +124,10 @@ def run_qat(*, source_onnx: str, program: str, recipe, plan: QatPlan, cfg: QatCo
     """Train ``program`` (the FP32 ``.pt2``) with QAT per ``plan`` and write the target's artifact into
     ``out_dir``. Returns the quantize-stage record (model path, sha256, sizes, recipe, notes) plus ``qat``:
     the training record (config, losses, steps, resume point, seconds)."""
-    from qops.quantize.torch_engine import load_program
-
     t0 = time.perf_counter()
     require_cuda_for(plan)
     out_dir, work_dir = Path(out_dir), Path(work_dir)
     ep, meta = load_program(program)
-    from qops.data import onnx_io
 
     order = _program_feeds(ep, onnx_io(source_onnx)[0], train_feeds)
     diff = check_program_matches(ep.module(), source_onnx, _head(train_feeds, 64), order)
@@ -220,7 +141,6 @@ def run_qat(*, source_onnx: str, program: str, recipe, plan: QatPlan, cfg: QatCo
              + (f", resumed at step {res.resumed_from}" if res.resumed_from else "")
              + (f"; stopped by the time budget ({cfg.time_budget_s:.0f} s) before step {res.planned_steps}"
                 if res.stopped_by_budget else "")]
-    from qops.quantize import qat_export
 
     if plan.output == "onnx_qdq":
         path = qat_export.pt2e_to_onnx(quantized, examples, source_onnx, out_dir / "model.onnx")
@@ -254,13 +174,21 @@ def run_qat(*, source_onnx: str, program: str, recipe, plan: QatPlan, cfg: QatCo
         "target": recipe.target, "model_path": str(path), "model_sha256": sha256_file(path),
         "source_path": source_onnx if plan.output != "pt2" else program,
         "source_sha256": sha256_file(source_onnx if plan.output != "pt2" else program), "size_bytes": size,
-        "source_size_bytes": src_size, "size_ratio": round(src_size / size, 4), "recipe": rec,
+        "source_size_bytes": src_size, "size_ratio": round(size / src_size, 4), "recipe": rec,
         "mode": mode, "calibration_path": None, "notes": notes, "seconds": round(time.perf_counter() - t0, 2),
         "qat": {"plan": asdict(plan), "training": asdict(res), "program": str(program),
                 "program_onnx_max_rel_diff": diff, "export": detail},
     }
     write_json_atomic(out_dir / "qat_result.json", out)
     return out
+
+
+def resolve_mode(recipe, onnx_path, ptq_mode: str | None = None) -> str:
+    """The INT8 mode QAT matches: the PTQ model's (the pipeline: as quantize/tuning decided), else an ``auto``
+    recipe's choice for the graph (``qops qat``), else the recipe's own."""
+    if ptq_mode:
+        return ptq_mode
+    return choose_mode(check_model(str(onnx_path)).kind) if recipe.mode == "auto" else recipe.mode
 
 
 def task_labels(df, label: str | None, where: str, fix: str):
@@ -285,11 +213,6 @@ def qat_files(*, program: str | os.PathLike, target: str, train: str | os.PathLi
     fields (steps or epochs, lr, batch_size, ...). A second call with the same ``work_dir`` resumes. ``compare``:
     also quantize with the target's PTQ recipe on the training rows and report FP32/PTQ/QAT fidelity on the rows
     QAT held out (``comparison`` in the result; :func:`compare_on_holdout`)."""
-    from qops.data import data_kind, onnx_io, read_table
-    from qops.quantize.graph import check_model, choose_mode
-    from qops.registry import fetch_source_model
-    from qops.targets import get_target
-
     out_dir = Path(out_dir)
     work_dir = Path(work_dir) if work_dir else out_dir / "work"
     if Path(program).suffix.lower() != ".pt2" or not Path(program).is_file():
@@ -298,19 +221,24 @@ def qat_files(*, program: str | os.PathLike, target: str, train: str | os.PathLi
                         "with mlflow.pytorch.log_model(serialization_format='pt2').")
     onnx = str(onnx) if onnx else fetch_source_model(str(program), out_dir / "fp32").path
     recipe = get_target(target, target_options)
-    mode = choose_mode(check_model(onnx).kind) if recipe.mode == "auto" else recipe.mode
-    plan = plan_for(recipe, engine=engine, scheme=scheme, mode=mode)
+    training = {k: v for k, v in training.items() if v is not None}
+    if "steps" not in training and "epochs" not in training:
+        training["steps"] = DEFAULT_STEPS
+    try:
+        qat = QatSpec(targets={target: QatTargetSpec(when="always", engine=engine, scheme=scheme)},
+                      loss="distill" if distill else "task", label=label, **training)
+    except ValidationError as e:
+        raise QopsError("Invalid QAT settings: " + "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}"
+                                                             for err in e.errors()),
+                        "see `qops qat --help` for each option's range.") from None
+    plan = plan_for(recipe, engine=engine, scheme=scheme, mode=resolve_mode(recipe, onnx))
     df = read_table(train, "QAT training set")
     inputs, _ = onnx_io(onnx)
     kind = data_kind(onnx, features, df)
     feeds = kind.feeds(df, inputs, "QAT training set")
     labels = None if distill else task_labels(df, label, train, "give the label column (--label), or train by "
                                               "distillation from the FP32 model (--distill, label-free).")
-    training = {k: v for k, v in training.items() if v is not None}
-    if "epochs" in training and "steps" not in training:
-        training["steps"] = None
-    cfg = QatConfig(engine=plan.engine, scheme=plan.scheme, loss="distill" if distill else "task",
-                    **{"group_size": plan.group_size or training.pop("group_size", 32), **training})
+    cfg = config_for(qat, target, plan, has_label=labels is not None)
     res = run_qat(source_onnx=onnx, program=str(program), recipe=recipe, plan=plan, cfg=cfg, train_feeds=feeds,
                   labels=labels, out_dir=out_dir, work_dir=work_dir)
     if compare:
@@ -340,9 +268,6 @@ def compare_on_holdout(*, source: str, qat_model: str, train, df, feeds: dict, c
     """FP32 vs PTQ vs QAT on the rows QAT held out (never trained on, never calibrated on): the target's PTQ recipe
     calibrated on the training rows, then each model's output fidelity to FP32 (and accuracy where labels are
     known). Returns ``{"rows": n, "fp32": {...}, "ptq": {...}, "qat": {...}, "ptq_model": path}``."""
-    from qops.evaluate import output_fidelity, run_model
-    from qops.quantize import quantize
-
     train_rows, held = holdout_split(len(df), cfg.holdout, cfg.seed)
     if not len(held):
         return {"rows": 0, "note": "no held-out rows (holdout 0): nothing to compare on"}

@@ -1,0 +1,40 @@
+"""The protocol every model family implements. Each method gets the spec and the run's :class:`RunLayout`; results
+are the JSON-able dicts (or the :class:`~qops.quantize.QuantizeResult`) the stage writes to the run folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+from qops.errors import QopsError
+from qops.run_folder import RunLayout
+
+
+class Modality(Protocol):
+    name: str
+
+    def source(self, spec, layout: RunLayout, uri: str) -> dict:
+        """Resolve ``uri`` to the FP32 model the later stages read; returns (and writes) ``source.json``."""
+
+    def finetune(self, spec, layout: RunLayout) -> dict:
+        """Fine-tune the source before calibration (the spec's ``qlora`` block)."""
+
+    def calibration_kind(self, spec, source: dict):
+        """The data kind (or tabular feature list) the calibration set is selected and checked with, and the
+        model inputs its feeds must fit (None: not materialised)."""
+
+    def quantize(self, spec, layout: RunLayout, target: str, calibration: dict | None):
+        """Quantize the source for ``target``; returns a :class:`~qops.quantize.QuantizeResult`."""
+
+    def evaluate(self, spec, layout: RunLayout, folder: Path, quantized: dict) -> dict:
+        """FP32 vs quantized on the validation slices; returns the evaluation written to ``folder``."""
+
+    def qat(self, spec, layout: RunLayout, target: str, folder: Path, why: str) -> dict:
+        """Quantization-aware training of ``target`` into ``folder``."""
+
+    def register_extras(self, spec, source: dict, quantized: dict) -> tuple[dict | None, list[str]]:
+        """The registered model's input example and the extra files logged beside it."""
+
+
+def unsupported(modality: str, what: str, fix: str):
+    raise QopsError(f"{what} does not apply to {modality} models.", fix)

@@ -1,0 +1,139 @@
+"""ONNX-graph models fed by input name: tabular, tensors, text and image data (:mod:`qops.data.kinds`). Quantized
+by ONNX Runtime (or torchao for ``torch_*`` targets), optionally tuned, evaluated by :func:`qops.evaluate.evaluate`,
+trained further by QAT (:mod:`qops.qat`)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from qops.artifacts import read_json, to_jsonable, write_json_atomic
+from qops.data import Tabular, kind_from_spec, onnx_io, read_table
+from qops.errors import QopsError
+from qops.evaluate import evaluate_with_gates
+from qops.modality.base import unsupported
+from qops.qat.job import resolve_mode, run_qat, task_labels
+from qops.qat.plan import config_for, plan_for
+from qops.quantize import quantize
+from qops.quantize.tune import gate_judge, tune
+from qops.registry import configure_mlflow, fetch_source_model
+from qops.run_folder import RunLayout
+
+log = logging.getLogger(__name__)
+
+
+def features(spec, source: dict):
+    """Tabular: the feature column list; other kinds: the :class:`~qops.data.DataKind` built from the spec."""
+    inputs, meta = onnx_io(source["path"])
+    kind = kind_from_spec(spec.data, inputs, meta)
+    return kind.features if isinstance(kind, Tabular) else kind
+
+
+def label(spec) -> str | None:
+    return None if spec.gates.task == "embedding" else spec.data.label
+
+
+def source_for(recipe, source: dict) -> str:
+    """The FP32 model a target quantizes: the ONNX export, or the torch.export program for torchao targets."""
+    if recipe.engine != "torchao":
+        return source["path"]
+    if not source.get("pt2_path"):
+        raise QopsError(
+            f"Target {recipe.target!r} quantizes PyTorch programs, but the source model {source['uri']} is "
+            f"{source['flavor']}-flavored (no torch.export program).",
+            "log the FP32 model with mlflow.pytorch.log_model(..., serialization_format='pt2') or set source_model "
+            "to a .pt2 file; or drop the torch_* targets from this spec.")
+    return source["pt2_path"]
+
+
+def torch_program(spec, source: dict) -> str:
+    program = spec.qat.program or source.get("pt2_path")
+    if not program or not Path(program).is_file():
+        raise QopsError(
+            f"QAT trains a PyTorch program, and the source model {source['uri']} has none "
+            f"({'not found: ' + str(program) if program else source['flavor'] + '-flavored'}).",
+            "log the FP32 model with mlflow.pytorch.log_model(..., serialization_format='pt2'), tag its model version "
+            "qops.torch_program with the artifact URI of its .pt2 program (the retraining examples do), or set "
+            "qat.program to the .pt2 file the ONNX model was exported from.")
+    return program
+
+
+class GraphModality:
+    name = "graph"
+
+    def source(self, spec, layout: RunLayout, uri: str) -> dict:
+        if uri.startswith("models:/"):
+            configure_mlflow(spec.mlflow.tracking_uri, spec.mlflow.registry_uri)
+        out = to_jsonable(fetch_source_model(uri, layout.root))
+        write_json_atomic(layout.source, out)
+        return out
+
+    def finetune(self, spec, layout: RunLayout) -> dict:
+        unsupported("ONNX-graph", "QLoRA fine-tuning", "set data.kind: causal_lm, or remove the qlora block.")
+
+    def calibration_kind(self, spec, source: dict):
+        return features(spec, source), onnx_io(source["path"])[0]
+
+    def quantize(self, spec, layout: RunLayout, target: str, calibration: dict | None):
+        source = read_json(layout.source)
+        recipe = spec.recipe(target)
+        src = source_for(recipe, source)
+        cal = None
+        if calibration is not None:
+            # ONNX engines read the materialised feeds (named arrays, as checked against the graph); torch the table
+            cal = calibration.get("feeds_path") if recipe.engine != "torchao" and calibration.get("feeds_path") \
+                else calibration["path"]
+        feats = features(spec, source)
+        out_path = layout.target(target) / f"model{recipe.output_suffix}"
+        t = spec.tuning
+        if t.enabled and (t.targets is None or target in t.targets):
+            log.info("tuning %s: up to %d trials / %.0f s", target, t.max_trials, t.timeout_s)
+            judge = gate_judge(src, spec.data.validation, label(spec), spec.gates,
+                               slice_columns=spec.data.slice_columns, features=feats,
+                               intersections=spec.data.intersections, latency_runs=t.latency_runs,
+                               bootstrap=t.bootstrap)
+            return tune(src, recipe, out_path, judge, calibration=cal, features=feats, config=t,
+                        ranking_data=cal or spec.data.validation, validation=spec.data.validation)
+        return quantize(src, recipe, out_path, calibration=cal, features=feats)
+
+    def evaluate(self, spec, layout: RunLayout, folder: Path, quantized: dict) -> dict:
+        source = read_json(layout.source)
+        d = spec.data
+        res = evaluate_with_gates(quantized["source_path"], quantized["model_path"], d.validation, spec.gates,
+                                  label=label(spec), slice_columns=d.slice_columns, intersections=d.intersections,
+                                  features=features(spec, source), target=quantized["recipe"])
+        return to_jsonable(res)
+
+    def training_table(self, spec, source: dict):
+        """The QAT training split as a table, the data kind, and labels (None for distillation)."""
+        q = spec.qat
+        path = q.data or spec.data.reference
+        df = read_table(path, "QAT training set")
+        if q.max_rows and len(df) > q.max_rows:
+            df = df.sample(q.max_rows, random_state=q.seed).sort_index()
+        kind = features(spec, source)
+        kind = Tabular(kind) if isinstance(kind, list) else kind
+        lab = q.label or spec.data.label
+        labels = None
+        if q.resolved_loss(has_label=bool(lab)) == "task":
+            labels = task_labels(df, lab, path, "set qat.label (or data.label) to the training split's label "
+                                 "column of class indices, or qat.loss: distill (label-free).")
+        return df, kind, labels, path
+
+    def qat(self, spec, layout: RunLayout, target: str, folder: Path, why: str) -> dict:
+        source = read_json(layout.source)
+        ptq = read_json(layout.target(target) / RunLayout.QUANTIZE)
+        recipe = spec.recipe(target)
+        t = spec.qat.targets[target]
+        plan = plan_for(recipe, engine=t.engine, scheme=t.scheme, mode=resolve_mode(recipe, source["path"], ptq.get("mode")))
+        df, kind, labels, path = self.training_table(spec, source)
+        feeds = kind.feeds(df, onnx_io(source["path"])[0], "QAT training set")
+        cfg = config_for(spec.qat, target, plan, has_label=labels is not None)
+        log.info("QAT for %s (%s): %s %s on %d rows of %s", target, why, plan.engine, plan.scheme, len(df), path)
+        res = run_qat(source_onnx=source["path"], program=torch_program(spec, source), recipe=recipe, plan=plan,
+                      cfg=cfg, train_feeds=feeds, labels=labels, out_dir=folder, work_dir=folder / "work")
+        res["qat"]["why"], res["qat"]["data"] = why, path
+        return res
+
+    def register_extras(self, spec, source: dict, quantized: dict) -> tuple[dict | None, list[str]]:
+        return None, []

@@ -1,0 +1,159 @@
+"""Per-target stages that publish: the model card, the MLflow registration, the promotion of the serving alias.
+Each decides for itself when it has nothing to do (its skip rule), so ``qops run``, ``qops stage`` and Airflow
+skip alike."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qops.artifacts import read_json, sha256_file, to_jsonable, write_json_atomic
+from qops.cards import build_card_data, qat_section, write_card
+from qops.errors import QopsError
+from qops.modality import modality_for
+from qops.pipeline.common import claimed, required, skipped
+from qops.pipeline.per_target import candidate
+from qops.registry import configure_mlflow, promote, providers_for, register
+from qops.run_folder import RunLayout
+
+
+@claimed("target")
+def stage_card(spec, run_id: str, target: str, dag_id: str | None = None) -> dict:
+    """The model card of the target's candidate (Markdown, HTML, JSON, chart); written after a failed gate too, to
+    document it. Skipped when the candidate has no gate result (an upstream stage failed before its gate)."""
+    layout = RunLayout.of(spec, run_id)
+    tdir = layout.target(target)
+    folder, method, why = candidate(spec, run_id, target)
+    if not (folder / RunLayout.GATE).is_file():
+        return skipped(target, f"no gate result for the {method.upper()} model of {target}: an upstream stage "
+                       "failed before its gate")
+    q = required(folder / RunLayout.QUANTIZE, "quantize" if method == "ptq" else "qat")
+    qat = None
+    if method == "qat":
+        qat = qat_section(required(tdir / RunLayout.EVALUATION, "evaluate"), required(tdir / RunLayout.GATE, "gate"),
+                          required(folder / RunLayout.EVALUATION, "qat"), q, why, spec.qat.targets[target].when)
+    card = build_card_data(
+        pipeline=spec.name,
+        source=required(layout.source, "source"),
+        target_recipe=q["recipe"],  # the recipe actually used (target options and tuning applied)
+        calibration=read_json(layout.calibration) if q.get("calibration_path") and layout.calibration.is_file()
+        else None,
+        quantization=q,
+        evaluation=required(folder / RunLayout.EVALUATION, "evaluate"),
+        gate_result=required(folder / RunLayout.GATE, "gate"),
+        gate_settings=spec.gates.model_dump(),
+        qat=qat,
+        human=spec.card.model_dump(),
+        lineage={"dag_id": dag_id or "qops-cli", "run_id": run_id, "spec_sha256": spec.digest(),
+                 "artifact_dir": str(folder)},
+    )
+    out = to_jsonable(write_card(card, tdir / "card"))
+    out["method"] = method
+    write_json_atomic(tdir / RunLayout.CARD, out)
+    return out
+
+
+def check_model_hash(q: dict) -> None:
+    """The file about to be registered is the model this run's quantize stage wrote (its recorded sha256)."""
+    path = Path(q["model_path"])
+    actual = sha256_file(path) if path.is_file() else q["model_sha256"]
+    if actual != q["model_sha256"]:
+        raise QopsError(f"{path} is not the model this run quantized: its sha256 is {actual}, the "
+                        f"quantize stage recorded {q['model_sha256']} (another process wrote the file).",
+                        "rerun the quantize stage for this target (same spec and run id), then register.")
+
+
+def registered_name(spec, source_name: str, target: str) -> str:
+    return spec.mlflow.model_name.format(source=source_name, target=target.replace("_", "-"), pipeline=spec.name)
+
+
+def registry_tags(spec, run_id: str, target: str, source: dict, q: dict, method: str, layout: RunLayout) -> dict:
+    recipe = q["recipe"]
+    tags = {
+        "qops.pipeline": spec.name, "qops.target": target, "qops.precision": recipe["precision"],
+        "qops.mode": q.get("mode") or recipe["mode"], "qops.granularity": recipe["granularity"],
+        "qops.source_model": source["name"], "qops.source_version": source["version"] or "",
+        "qops.source_uri": source["uri"], "qops.model_sha256": q["model_sha256"],
+        "qops.calibration_sha256": read_json(layout.calibration)["sha256"] if q.get("calibration_path") else "none",
+        "qops.run_id": run_id, "qops.method": method,
+    }
+    if method == "qat":
+        tags["qops.qat_scheme"] = f"{q['qat']['plan']['engine']}:{q['qat']['plan']['scheme']}"
+        tags["qops.calibration_sha256"] = "none"  # activation ranges were observed during training
+    return tags
+
+
+@claimed("target")
+def stage_register(spec, run_id: str, target: str) -> dict:
+    """Log and register the candidate in MLflow with tags, card and aliases. Skipped without a model card, and after
+    failed gates unless ``mlflow.register_failed`` (then ``register.json`` says why it was not registered)."""
+    layout = RunLayout.of(spec, run_id)
+    tdir = layout.target(target)
+    folder, method, _ = candidate(spec, run_id, target)
+    if not (tdir / RunLayout.CARD).is_file() or not (folder / RunLayout.GATE).is_file():
+        return skipped(target, f"no model card for {target}: an upstream stage failed", registered=False)
+    g = read_json(folder / RunLayout.GATE)
+    if not g["passed"] and not spec.mlflow.register_failed:
+        name = registered_name(spec, required(layout.source, "source")["name"], target)
+        out = skipped(target, f"gates failed for the {method.upper()} model of {target}: not registered "
+                      "(mlflow.register_failed is off)", registered=False, name=name, version=None, aliases=[])
+        write_json_atomic(tdir / RunLayout.REGISTER, out)
+        return out
+    configure_mlflow(spec.mlflow.tracking_uri, spec.mlflow.registry_uri)
+    source = required(layout.source, "source")
+    q = required(folder / RunLayout.QUANTIZE, "quantize")
+    card = required(tdir / RunLayout.CARD, "card")
+    ev = required(folder / RunLayout.EVALUATION, "evaluate")
+    recipe, m = q["recipe"], ev["primary_metric"]
+    check_model_hash(q)
+
+    def finalize_card(mlflow_info: dict | None) -> list[str]:
+        """Re-render the card with the MLflow run and model version it is registered as."""
+        data = read_json(card["json_path"])
+        data["lineage"]["mlflow"] = mlflow_info
+        files = write_card(data, Path(card["json_path"]).parent)
+        write_json_atomic(tdir / RunLayout.CARD, files)
+        return files.files
+
+    example, extra = modality_for(spec).register_extras(spec, source, q)
+    try:
+        res = register(
+            model_path=q["model_path"], name=registered_name(spec, source["name"], target),
+            run_key=f"{spec.name}|{run_id}|{target}|{q['model_sha256'][:16]}",
+            tags=registry_tags(spec, run_id, target, source, q, method, layout), gate_passed=g["passed"],
+            card_files=[p for p in (card["markdown_path"], card["html_path"], card["json_path"], card["chart_path"],
+                                    card.get("qat_chart_path")) if p],
+            register_failed=spec.mlflow.register_failed, promote=True, candidate_alias=spec.mlflow.candidate_alias,
+            promote_alias=spec.mlflow.promote_alias, experiment=spec.mlflow.experiment,
+            metrics={"fp32_" + m: ev["overall"][m]["fp32"], "quantized_" + m: ev["overall"][m]["quantized"],
+                     "latency_p50_ms": ev["performance"]["latency_p50_ms"]["quantized"],
+                     "size_bytes": ev["performance"]["size_bytes"]["quantized"]},
+            params={"target": target, "mode": recipe["mode"], "granularity": recipe["granularity"], "method": method},
+            finalize_card=finalize_card, execution_providers=providers_for(recipe), example=example,
+            extra_files=extra,
+        )
+    except Exception:
+        finalize_card(None)  # the version was rolled back: the card must not name it
+        raise
+    out = to_jsonable(res)
+    write_json_atomic(tdir / RunLayout.REGISTER, out)
+    return out
+
+
+@claimed("target")
+def stage_promote(spec, run_id: str, target: str, approved: bool = False) -> dict:
+    """Move ``mlflow.promotion.alias`` to the version this run registered for ``target``, by the spec's policy.
+    Skipped when nothing was registered for the target in this run (failed gates, or an upstream failure)."""
+    p = spec.mlflow.promotion
+    if p is None:
+        return skipped(target, "no mlflow.promotion in the spec", promoted=False)
+    tdir = RunLayout.of(spec, run_id).target(target)
+    reg = tdir / RunLayout.REGISTER
+    r = read_json(reg) if reg.is_file() else {}
+    if not r.get("registered") or not r.get("version"):
+        return skipped(target, f"nothing was registered for {target} in run {run_id}: nothing to promote",
+                       promoted=False)
+    configure_mlflow(spec.mlflow.tracking_uri, spec.mlflow.registry_uri)
+    out = promote(r["name"], r["version"], p.alias, approved=approved, require_approval=p.require_approval,
+                  better_on=p.better_on or None, by=f"{spec.name} run {run_id}")
+    write_json_atomic(tdir / RunLayout.PROMOTE, out)
+    return {"target": target, **out}

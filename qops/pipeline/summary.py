@@ -1,0 +1,102 @@
+"""The run's summary: one row per target (size, latency, primary metric, worst slice, gate, MLflow version, card),
+written to ``summary.json`` and printed as a table by ``qops run`` and the summary task."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from qops import __version__
+from qops.artifacts import read_json, write_json_atomic
+from qops.evaluate import degradation
+from qops.pipeline.common import claimed
+from qops.pipeline.per_target import candidate
+from qops.run_folder import RunLayout
+
+
+@claimed("shared")
+def stage_summary(spec, run_id: str, dag_id: str | None = None) -> dict:
+    layout = RunLayout.of(spec, run_id)
+    rdir = layout.root
+    rows = []
+    for target in spec.targets:
+        tdir, (cdir, method, why) = layout.target(target), candidate(spec, run_id, target)
+        row: dict = {"target": target, "method": method}
+        if method == "qat" or spec.qat and target in spec.qat.targets:
+            row["method_reason"] = why
+            if (tdir / RunLayout.GATE).is_file():
+                row["ptq_gate"] = "passed" if read_json(tdir / RunLayout.GATE)["passed"] else "failed"
+        if not (cdir / RunLayout.GATE).is_file() and method == "qat":
+            row["qat_error"] = "QAT did not finish (see the qat task's log)"
+        tdir = cdir
+        if (tdir / RunLayout.EVALUATION).is_file():
+            ev = read_json(tdir / RunLayout.EVALUATION)
+            m = ev["primary_metric"]
+            worst = max(
+                ((s["key"], s["metrics"][m]) for s in ev["slices"]
+                 if s["n"] >= spec.gates.min_slice_size and s["metrics"][m]["delta"] is not None),
+                key=lambda kv: degradation(m, kv[1]["fp32"], kv[1]["quantized"]), default=(None, None),
+            )
+            perf = ev["performance"]
+            row.update({
+                "size_bytes": perf["size_bytes"]["quantized"], "fp32_size_bytes": perf["size_bytes"]["fp32"],
+                "latency_p50_ms": perf["latency_p50_ms"]["quantized"],
+                "fp32_latency_p50_ms": perf["latency_p50_ms"]["fp32"],
+                "metric": m, "metric_quantized": ev["overall"][m]["quantized"], "metric_fp32": ev["overall"][m]["fp32"],
+                "worst_slice": worst[0], "worst_slice_delta": None if worst[1] is None else worst[1]["delta"],
+                "on_target_hardware": ev["hardware_match"].get("matches"),
+            })
+        if (tdir / RunLayout.GATE).is_file():
+            g = read_json(tdir / RunLayout.GATE)
+            row["gate"] = "passed" if g["passed"] else "failed"
+            row["failed_checks"] = g["failed"]
+            row["inconclusive_checks"] = g.get("inconclusive") or []
+            row["unprotected_slices"] = [u["slice"] for u in g.get("unprotected") or []]
+        else:
+            row["gate"] = "not run"
+        tdir = layout.target(target)
+        if (tdir / RunLayout.REGISTER).is_file():
+            r = read_json(tdir / RunLayout.REGISTER)
+            row["mlflow"] = {"name": r["name"], "version": r["version"], "aliases": r["aliases"],
+                             "registered": r["registered"]}
+        if (tdir / RunLayout.CARD).is_file():
+            c = read_json(tdir / RunLayout.CARD)
+            row["card"] = {"markdown": c["markdown_path"], "json": c["json_path"], "html": c["html_path"]}
+        rows.append(row)
+    summary = {"pipeline": spec.name, "run_id": run_id, "dag_id": dag_id, "qops_version": __version__,
+               "source_model": spec.source_model, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               "targets": rows, "run_dir": str(rdir)}
+    write_json_atomic(layout.summary, summary)
+    write_json_atomic(layout.latest_summary, {"summary": str(layout.summary)})
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    head = (f"{'target':<27}{'size MB':>8}{'smaller':>8}{'p50 ms':>8}{'faster':>7}  {'metric q / fp32':<16}"
+            f"{'worst slice (delta)':<30}{'gate':<7}MLflow name v[aliases]")
+    lines = [f"qops run {summary['run_id']} of pipeline {summary['pipeline']} (source {summary['source_model']})",
+             head, "-" * (len(head) + 30)]
+    cards = []
+    for r in summary["targets"]:
+        if "size_bytes" not in r:
+            lines.append(f"{r['target']:<27}{'(not evaluated)':<46}{r['gate']}")
+            continue
+        ws = f"{r['worst_slice']} ({r['worst_slice_delta']:+.4f}) " if r.get("worst_slice") else "n/a "
+        ml = r.get("mlflow") or {}
+        mls = (f"{ml['name']} v{ml['version']} [{','.join(ml['aliases'])}]" if ml.get("registered")
+               else "not registered")
+        name = r["target"] + (" (QAT)" if r.get("method") == "qat" else "")
+        lines.append(
+            f"{name:<27}{r['size_bytes'] / 1e6:>8.3f}{r['fp32_size_bytes'] / r['size_bytes']:>7.2f}x"
+            f"{r['latency_p50_ms']:>8.4f}{r['fp32_latency_p50_ms'] / r['latency_p50_ms']:>6.2f}x  "
+            f"{r['metric_quantized']:.4f} / {r['metric_fp32']:.4f} {ws:<30}{r['gate']:<7}{mls}"
+        )
+        if r.get("card"):
+            cards.append(f"  {r['target']:<27}{r['card']['markdown']}")
+    first = summary["targets"][0] if summary["targets"] else {}
+    if "fp32_size_bytes" in first:
+        lines.append(f"{'FP32 source':<27}{first['fp32_size_bytes'] / 1e6:>8.3f}{'':>8}"
+                     f"{first['fp32_latency_p50_ms']:>8.4f}")
+    if cards:
+        lines += ["", "model cards (Markdown; card.html, card.json and card_chart.png beside each):", *cards]
+    return "\n".join(lines)
+
