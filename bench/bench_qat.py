@@ -118,9 +118,9 @@ def news(tmp: Path, steps: int, batch: int, max_rows: int, lr: float) -> list[di
     import yaml
 
     from qops.examples import news as ex
+    from qops.programs import save_program
     from qops.qat.job import qat_files
     from qops.quantize import quantize
-    from qops.quantize.torch_engine import save_program
     from qops.spec import GateSpec
     from qops.targets import get_target
 

@@ -19,7 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -32,7 +31,7 @@ def export_program(path: Path) -> Path:
     import torch
 
     from qops.examples.photos import build_lite0
-    from qops.quantize.torch_engine import save_program
+    from qops.programs import save_program
 
     if not path.exists():
         ep = torch.export.export(build_lite0(), (torch.randn(2, 3, 224, 224),),

@@ -70,8 +70,7 @@ def main() -> int:
     from qops.examples import news
     from qops.quantize.graph import model_size
     from qops.quantize.tune import gate_judge, tune
-    from qops.spec import TuningSpec
-    from qops.spec import GateSpec
+    from qops.spec import GateSpec, TuningSpec
     from qops.targets import get_target
 
     t_start = time.perf_counter()

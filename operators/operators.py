@@ -45,7 +45,6 @@ class QopsStageOperator(BaseOperator):
     def _spec(self):
         from qops import redact
         from qops.spec import load_spec
-
         from qops_airflow.hooks import MlflowHook
 
         redact.install()  # the task log's handlers: no credential from MLflow, boto3 or qops reaches it

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from qops.locks import pid_alive
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -45,8 +46,6 @@ def temp_prefix(what: str = "") -> str:
 def clean_stale_temps(folder: str | os.PathLike) -> list[str]:
     """Remove ``.qops-tmp-<pid>-*`` entries in ``folder`` whose process is no longer running; returns their names."""
     import shutil
-
-    from qops.locks import pid_alive
 
     removed = []
     d = Path(folder)

@@ -124,11 +124,10 @@ def parse_threshold(text: str) -> dict:
 
 def _cli_gates(args):
     """The gates ``quantize --tune`` judges with: the spec's GateSpec from the command line."""
-    from qops.spec import GateSpec
-
     from pydantic import ValidationError
 
     from qops.errors import SpecError
+    from qops.spec import GateSpec
 
     thresholds = [parse_threshold(t) for t in args.threshold or []]
     named = {t["metric"] for t in thresholds}
@@ -187,7 +186,7 @@ def _model_kind(model, data):
 
 def cmd_quantize(args) -> int:
     from qops.quantize import quantize
-    from qops.quantize.ort import resolve_recipe
+    from qops.quantize.api import resolve_recipe
 
     options = _options(args.option)
     if args.tune:

@@ -33,6 +33,9 @@ from qops.metric_names import (  # noqa: F401 - re-exported: gates and cards rea
     HIGHER_IS_BETTER,
     REGRESSION_METRICS,
 )
+from qops.quantize.graph import model_size
+from qops.runtime import open_session
+from qops.stats import tango_interval
 
 log = logging.getLogger(__name__)
 
@@ -87,15 +90,11 @@ def hardware_match(recipe: dict | None, hw: dict) -> dict:
 
 
 def _session(model_path: str | os.PathLike, threads: int | None = None, recipe: dict | None = None):
-    from qops.runtime import open_session
-
     return open_session(model_path, threads, recipe)
 
 
 def file_size(path) -> int:
     if str(path).lower().endswith(".onnx"):
-        from qops.quantize.graph import model_size
-
         return model_size(path)  # with external data
     return Path(path).stat().st_size
 
@@ -372,8 +371,6 @@ class _Scorer:
         """Point values for both models and an interval of (quantized - FP32) per metric: Tango's score interval
         from the discordant rows for paired binary metrics (accuracy, agreement), else the paired bootstrap
         (percentile interval, plus its standard errors for the gates' multiplicity-adjusted levels)."""
-        from qops.stats import tango_interval
-
         out = {}
         # seed per slice key: the same inputs give the same intervals
         rng = np.random.default_rng([self.seed, *key.encode()])

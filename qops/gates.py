@@ -14,7 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from qops import stats
+from qops.artifacts import to_jsonable
 from qops.evaluate import FAIRNESS_METRICS, higher_is_better
+from qops.spec import GateSpec
 
 
 @dataclass
@@ -67,7 +69,6 @@ def _as_dict(obj) -> dict:
         return obj
     if hasattr(obj, "model_dump"):
         return obj.model_dump()
-    from qops.artifacts import to_jsonable
 
     return to_jsonable(obj)
 
@@ -122,8 +123,6 @@ def _change_check(name: str, metric: str, entry: dict, tol: float, kind: str, fa
 
 def gate(evaluation, spec) -> GateResult:
     """Apply the gates. ``evaluation``: EvaluationResult or its JSON; ``spec``: GateSpec or its dict."""
-    from qops.spec import GateSpec
-
     ev = _as_dict(evaluation)
     # a plain dict (e.g. settings stored by an earlier version) gets GateSpec's defaults and its decision alias
     g = (spec if isinstance(spec, GateSpec) else GateSpec.model_validate(_as_dict(spec))).model_dump()

@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from qops.errors import RegistryError
-from qops.locks import FileLock
+from qops.locks import FileLock, pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +73,10 @@ def _holds_user_data(path: Path) -> bool:
 
 def _expected() -> tuple[str, set[str]]:
     """MLflow's head schema revision and the tables its ORM defines."""
-    from mlflow.store.db.base_sql_model import Base
-    from mlflow.store.db.utils import _get_latest_schema_revision
-
     import mlflow.store.model_registry.dbmodels.models  # noqa: F401 - registers the registry tables on Base
     import mlflow.store.tracking.dbmodels.models  # noqa: F401 - registers the tracking tables on Base
+    from mlflow.store.db.base_sql_model import Base
+    from mlflow.store.db.utils import _get_latest_schema_revision
 
     return _get_latest_schema_revision(), set(Base.metadata.tables)
 
@@ -98,8 +97,6 @@ def _create(path: Path) -> None:
 
 
 def _clean_stale_temps(path: Path) -> None:
-    from qops.locks import pid_alive
-
     for p in path.parent.glob(f".{path.name}.qops-tmp-*"):  # the database and its -journal
         pid = p.name.split(".qops-tmp-", 1)[1].split("-", 1)[0]
         if pid.isdigit() and not pid_alive(int(pid)):

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from qops.errors import ModelError, TargetError
+from qops.programs import load_program, retarget_devices
 
 _EP_INSTALL = {
     "CUDAExecutionProvider": "onnxruntime-gpu (CUDA 12/13) on a GPU worker",
@@ -68,8 +69,6 @@ def _torch_module(path: str, stamp: tuple, compile: bool | None, device: str | N
     same model for predictions and again for timing, and ``torch.compile`` is the expensive part."""
     import torch
 
-    from qops.quantize.torch_engine import load_program
-
     ep, meta = load_program(path)
     dev = torch.device(device or meta.get("qops.device", "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -77,8 +76,6 @@ def _torch_module(path: str, stamp: tuple, compile: bool | None, device: str | N
                           "route the task to the 'gpu' queue.")
     module = ep.module()
     if dev.type != "cpu":
-        from qops.quantize.torch_engine import retarget_devices
-
         module = module.to(dev)
         retarget_devices(module, dev)
     first = next((p for p in list(module.parameters()) + list(module.buffers()) if p.is_floating_point()), None)

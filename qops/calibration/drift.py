@@ -20,19 +20,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from qops.data.kinds.base import ColumnCheck
+
 log = logging.getLogger(__name__)
 
 QUANTILES = [0.05, 0.25, 0.5, 0.75, 0.95]
-
-
-@dataclass
-class ColumnCheck:
-    column: str
-    kind: str  # numeric | categorical
-    expectation: str
-    passed: bool
-    observed: object = None
-    expected: object = None
 
 
 @dataclass

@@ -15,6 +15,7 @@ from typing import Iterator
 
 import pandas as pd
 
+from qops.artifacts import sha256_file
 from qops.errors import DataError
 
 
@@ -148,8 +149,6 @@ class TableSource:
             out = {"uri": str(p), "files": len(files), "bytes": int(sum(f.stat().st_size for f in files)),
                    "mtime": max((f.stat().st_mtime for f in files), default=None)}
             if p.is_file():
-                from qops.artifacts import sha256_file
-
                 out["sha256"] = sha256_file(p)
             return out
         bucket, key = self._split()

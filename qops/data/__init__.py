@@ -8,10 +8,19 @@ import os
 import numpy as np
 import pandas as pd
 
-from qops.data.kinds import (DataKind, Image, Tabular, Tensors, Text, check_feed, features_for, infer_kind,
-                             kind_from_spec)
-from qops.data.model_io import ModelInput, onnx_io, onnx_outputs
+from qops.data.kinds import (
+    DataKind,
+    Image,
+    Tabular,
+    Tensors,
+    Text,
+    check_feed,
+    features_for,
+    infer_kind,
+    kind_from_spec,
+)
 from qops.data.tables import read_npz, read_table, require_columns, require_numeric
+from qops.programs import ModelInput, onnx_io, onnx_outputs
 
 __all__ = ["DataKind", "Image", "ModelInput", "Tabular", "Tensors", "Text", "check_feed", "data_kind",
            "feature_columns_for", "feature_matrix", "iter_feeds", "kind_from_spec", "onnx_io", "onnx_outputs",

@@ -17,6 +17,8 @@ import pandas as pd
 
 from qops.artifacts import atomic_path, write_json_atomic
 from qops.datasets import load_german_credit
+from qops.quantize.torch_engine import export_fp32
+from qops.registry import configure_mlflow
 
 log = logging.getLogger(__name__)
 
@@ -147,14 +149,11 @@ def retrain_and_register(
     from mlflow import MlflowClient
     from mlflow.models import infer_signature
 
-    from qops.registry import configure_mlflow
-
     configure_mlflow(tracking_uri)
     work = Path(work_dir)
     data = prepare_data(work / "data")
     model = train_mlp(data.train, data.features, hidden=hidden, epochs=epochs, seed=seed)
     onnx_path = export_onnx(model, len(data.features), data.features, work / "model" / "model.onnx")
-    from qops.quantize.torch_engine import export_fp32
 
     program = export_fp32(model, data.features, work / "model" / "model.pt2")  # what QAT trains
 

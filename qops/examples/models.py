@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from qops.artifacts import atomic_path
+
 
 @dataclass(frozen=True)
 class BertConfig:
@@ -97,8 +99,6 @@ def export_bert_onnx(model, cfg: BertConfig, path: str | os.PathLike) -> Path:
     import onnx
     import torch
 
-    from qops.artifacts import atomic_path
-
     ids = torch.zeros(1, cfg.seq_len, dtype=torch.long)
     with atomic_path(path) as tmp:
         torch.onnx.export(model, (ids,), str(tmp), input_names=["input_ids"], output_names=["embedding"],
@@ -177,8 +177,6 @@ def export_onnx_2d(model, features: list[str], path: str | os.PathLike, input_na
     """Export a model with one float ``[batch, n_features]`` input (dynamic batch) and its feature metadata."""
     import onnx
     import torch
-
-    from qops.artifacts import atomic_path
 
     with atomic_path(path) as tmp:
         torch.onnx.export(model, (torch.zeros(1, len(features)),), str(tmp), input_names=[input_name],

@@ -22,7 +22,9 @@ import numpy as np
 import pandas as pd
 
 from qops.artifacts import atomic_path, write_json_atomic
+from qops.data import Text, onnx_io
 from qops.errors import DataError
+from qops.registry import configure_mlflow, named_signature
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +136,6 @@ def load_encoder():
 
 
 def text_kind(max_length: int = MAX_LENGTH):
-    from qops.data import Text
-
     return Text(["text"], str(minilm_dir()), max_length=max_length)
 
 
@@ -227,8 +227,6 @@ def retrain_and_register(work_dir: str | os.PathLike, model_name: str = "news-to
     import onnx
     import onnxruntime as ort
     from mlflow import MlflowClient
-    from qops.data import onnx_io
-    from qops.registry import configure_mlflow, named_signature
 
     configure_mlflow(tracking_uri)
     work = Path(work_dir)

@@ -18,6 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from qops.artifacts import atomic_path, write_json_atomic
+from qops.data import Image, onnx_io
+from qops.registry import configure_mlflow, named_signature
+
 # every one a real photograph (no charts, logos, text or synthetic images)
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "stereo_motorcycle", "hubble_deep_field", "retina",
           "immunohistochemistry", "camera", "brick", "grass", "gravel", "moon", "china", "flower", "grace_hopper")
@@ -111,8 +115,6 @@ def export_lite0(path: str | os.PathLike, model=None) -> Path:
     import onnxruntime as ort
     import torch
 
-    from qops.artifacts import atomic_path
-
     model = model or build_lite0()
     x = torch.randn(2, 3, 224, 224)
     path = Path(path)
@@ -142,10 +144,6 @@ def publish_and_register(work_dir: str | os.PathLike, model_name: str = "lite0-p
     import onnxruntime as ort
     from mlflow import MlflowClient
 
-    from qops.artifacts import write_json_atomic
-    from qops.data import Image
-    from qops.registry import configure_mlflow, named_signature
-
     configure_mlflow(tracking_uri)
     work = Path(work_dir)
     paths = photo_tables(work / "data", per_photo=per_photo)
@@ -155,7 +153,6 @@ def publish_and_register(work_dir: str | os.PathLike, model_name: str = "lite0-p
 
     val = pd.read_parquet(paths["validation"])
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    from qops.data import onnx_io
 
     example = kind.feeds(val.iloc[:2], onnx_io(onnx_path)[0], "example")
     outs = sess.run(None, example)

@@ -27,6 +27,9 @@ import numpy as np
 import pandas as pd
 
 from qops.artifacts import atomic_dir, write_json_atomic
+from qops.examples.news import load_corpus, write_splits
+from qops.registry import log_transformers_model
+from qops.registry import configure_mlflow, serving_requirements
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +54,6 @@ class TinyLlamaConfig:
 
 def prepare_data(out_dir: str | os.PathLike, seed: int = 7) -> dict:
     """Split 70/15/15 into train (drift reference, QLoRA text), validation and a production pool."""
-    from qops.examples.news import load_corpus, write_splits
-
     df = load_corpus()[["doc_id", "text", "category", "words", "length"]]
     idx = np.random.default_rng(seed).permutation(len(df))
     n_train, n_val = int(0.70 * len(df)), int(0.15 * len(df))
@@ -166,13 +167,10 @@ def retrain_and_register(work_dir: str | os.PathLike, model_name: str = "tiny-ll
                          tracking_uri: str | None = None, alias: str = "champion",
                          cfg: TinyLlamaConfig | None = None) -> dict:
     """The retraining job: data splits, tokenizer and model, MLflow (transformers flavor), alias ``alias``."""
-    import mlflow
-    from mlflow import MlflowClient
-
     from importlib.metadata import version
 
-    from qops.llm.source import log_transformers_model
-    from qops.registry import configure_mlflow, serving_requirements
+    import mlflow
+    from mlflow import MlflowClient
 
     configure_mlflow(tracking_uri)
     work = Path(work_dir)

@@ -25,6 +25,8 @@ import numpy as np
 
 from qops.data.tables import read_table, require_columns
 from qops.errors import DataError
+from qops.evaluate import EvaluationResult, file_size, hardware_match, slice_keys, worker_hardware
+from qops.llm.runner import generation_timing, open_decoder
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +116,6 @@ def peak_memory(path: str | os.PathLike, info, prompt: np.ndarray, new_tokens: i
 
 def artifact_size(path) -> int:
     """Bytes of an ONNX model with its external data, or of a checkpoint folder's weight files."""
-    from qops.evaluate import file_size
-
     p = Path(path)
     if p.is_dir():
         return sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and f.suffix in (".safetensors", ".onnx",
@@ -128,9 +128,6 @@ def evaluate_llm(fp32_model, quantized_model, validation, kind, info, *, slice_c
                  prompt_length: int = 64, new_tokens: int = 32, speed_prompts: int = 5, speed_rounds: int = 2,
                  max_rows: int | None = None, fp32_decoder=None, measure_memory: bool = True):
     """FP32 vs quantized decoder on the validation rows (``kind``: :class:`qops.llm.data.CausalLM`)."""
-    from qops.evaluate import EvaluationResult, slice_keys, hardware_match, worker_hardware
-    from qops.llm.runner import generation_timing, open_decoder
-
     slice_columns = list(slice_columns)
     intersections = [list(i) for i in intersections]
     df = read_table(validation, "validation set")

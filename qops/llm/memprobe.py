@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import sys
 
+from qops.llm.runner import open_decoder
+from qops.llm.source import LlmInfo
+
 
 def _rss_bytes() -> int:
     with open("/proc/self/statm", encoding="ascii") as f:
@@ -26,8 +29,6 @@ def main() -> None:
     import numpy as np
 
     args = json.loads(sys.stdin.read())
-    from qops.llm.runner import open_decoder
-    from qops.llm.source import LlmInfo
 
     info = LlmInfo(**args["info"])
     if not args["path"].endswith(".onnx"):

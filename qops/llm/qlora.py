@@ -20,7 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from qops.artifacts import atomic_dir, write_json_atomic
+from qops.data.tables import read_table, require_columns
 from qops.errors import DataError
+from qops.llm.data import CausalLM
+from qops.llm.source import LlmInfo
 from qops.spec import QloraSpec
 
 log = logging.getLogger(__name__)
@@ -29,10 +32,6 @@ LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 
 
 def _token_stream(base_dir: Path, data, column: str, max_rows: int | None, seed: int) -> np.ndarray:
-    from qops.data.tables import read_table, require_columns
-    from qops.llm.data import CausalLM
-    from qops.llm.source import LlmInfo
-
     df = read_table(data, "QLoRA training data")
     require_columns(df, [column], "QLoRA training data", data)
     if max_rows and len(df) > max_rows:

@@ -19,7 +19,6 @@ GPU, PyTorch + torchao (``queue: gpu``): INT4 weight-only (``Int4WeightOnlyConfi
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -27,6 +26,7 @@ from pathlib import Path
 
 from qops.artifacts import atomic_dir, atomic_path, sha256_file, write_json_atomic
 from qops.errors import QopsError
+from qops.llm.torch_target import load_torch_target, require_cuda
 
 log = logging.getLogger(__name__)
 
@@ -160,32 +160,6 @@ def quantize_onnx_llm(src: str | os.PathLike, recipe, out_path: str | os.PathLik
 
 # ---- GPU targets (PyTorch + torchao) -------------------------------------------------------------------------------
 
-def _torchao_config(recipe):
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Int4WeightOnlyConfig, PerRow
-
-    if recipe.torch_method == "int4_weight_only":
-        return Int4WeightOnlyConfig(group_size=recipe.block_size)
-    if recipe.torch_method == "float8_dynamic":
-        return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
-    raise QopsError(f"Target {recipe.target!r}: torch_method {recipe.torch_method!r} is not an LLM method.",
-                    "use int4_weight_only or float8_dynamic for data.kind causal_lm.")
-
-
-def require_cuda(recipe) -> None:
-    import torch
-
-    if not torch.cuda.is_available():
-        raise QopsError(f"Target {recipe.target!r} runs on NVIDIA GPUs (torchao {recipe.torch_method}) but this worker "
-                        "has no CUDA device.", "run its tasks on the 'gpu' queue (a Celery worker with a GPU: "
-                        "airflow celery worker -q gpu), or drop the target from the spec.")
-    if recipe.min_compute_capability:
-        cap = torch.cuda.get_device_capability()
-        if tuple(cap) < tuple(recipe.min_compute_capability):
-            raise QopsError(f"Target {recipe.target!r} needs CUDA compute capability "
-                            f"{'.'.join(map(str, recipe.min_compute_capability))}+; this GPU has {cap[0]}.{cap[1]}.",
-                            "run it on an H100/H200 (sm_90) or Ada (sm_89) worker.")
-
-
 def quantize_torch_llm(hf_dir: str | os.PathLike, recipe, out_dir: str | os.PathLike) -> dict:
     """A torchao GPU target: check the device, apply the config once to prove it loads, and write the folder."""
     require_cuda(recipe)
@@ -198,34 +172,6 @@ def quantize_torch_llm(hf_dir: str | os.PathLike, recipe, out_dir: str | os.Path
     load_torch_target(out, recipe.to_dict())  # fails here, not in evaluate, when the config cannot apply
     return {"algorithm": recipe.torch_method, "block_size": recipe.block_size, "lm_head": "bf16 (torchao skips it)",
             "embeddings": "bf16"}
-
-
-def load_torch_target(folder: str | os.PathLike, recipe: dict | None):
-    """The decoder of a torchao target's folder: BF16 weights on CUDA, quantized in place by ``quantize_``."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from qops.llm.runner import TorchDecoder
-    from qops.targets import Recipe
-
-    folder = Path(folder)
-    conf_path = folder / "qops_torchao.json"
-    if not conf_path.is_file():  # the FP32 checkpoint itself (the reference for a torch target)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True).to(device)
-        return TorchDecoder(model, device, f"torch fp32 on {device}")
-    r = Recipe.from_dict(recipe) if recipe else None
-    conf = json.loads(conf_path.read_text())
-    if r is None:
-        from qops.targets import get_target
-
-        r = get_target(conf["target"])
-    require_cuda(r)
-    from torchao.quantization import quantize_
-
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16, local_files_only=True).to("cuda")
-    quantize_(model, _torchao_config(r))
-    return TorchDecoder(model, "cuda", f"torch+torchao {r.torch_method} on {torch.cuda.get_device_name()}")
 
 
 def model_digest(path: str | os.PathLike) -> str:

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from qops.errors import ModelError
+from qops.llm.torch_target import load_torch_target
+from qops.runtime import check_provider
 
 
 class OrtDecoder:
@@ -70,35 +72,6 @@ class OrtDecoder:
         return self._run(np.array([token], np.int64))[-1]
 
 
-class TorchDecoder:
-    """A ``transformers`` causal LM (optionally quantized in place by torchao) with its ``DynamicCache``."""
-
-    kind = "torch"
-
-    def __init__(self, model, device: str = "cpu", describe: str = "torch"):
-        self.model, self.device, self.describe = model.eval(), device, describe
-        self.cache = None
-
-    def _run(self, ids) -> np.ndarray:
-        import torch
-
-        with torch.inference_mode():
-            x = torch.as_tensor(np.asarray(ids, np.int64)[None], device=self.device)
-            out = self.model(input_ids=x, past_key_values=self.cache, use_cache=True)
-            self.cache = out.past_key_values
-            logits = out.logits[0].float()
-            if self.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            return logits.cpu().numpy()
-
-    def prefill(self, ids) -> np.ndarray:
-        self.cache = None
-        return self._run(ids)
-
-    def step(self, token: int) -> np.ndarray:
-        return self._run([token])[-1]
-
-
 def open_decoder(path: str | os.PathLike, info, threads: int | None = None, recipe: dict | None = None):
     """The decoder of a model file or folder: ``.onnx`` through ONNX Runtime; a folder (a torchao target's
     checkpoint, see :mod:`qops.llm.quantize`) through PyTorch on the recipe's device."""
@@ -106,11 +79,8 @@ def open_decoder(path: str | os.PathLike, info, threads: int | None = None, reci
     if p.suffix == ".onnx":
         providers = None
         if recipe and recipe.get("execution_provider") not in (None, "CPUExecutionProvider", "CUDA", "Inductor"):
-            from qops.runtime import check_provider
-
             providers = check_provider(recipe)
         return OrtDecoder(p, info, threads=threads, providers=providers)
-    from qops.llm.quantize import load_torch_target
 
     return load_torch_target(p, recipe)
 

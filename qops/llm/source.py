@@ -24,6 +24,8 @@ from pathlib import Path
 
 from qops.artifacts import atomic_dir, write_json_atomic
 from qops.errors import ModelError
+from qops.llm.runner import OrtDecoder
+from qops.registry import MODELS_URI, download_model_version, single_file_onnx
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +86,6 @@ def check_hf_dir(path: str | os.PathLike, what: str = "source model") -> Path:
 def resolve_hf_dir(uri: str, dest: Path) -> dict:
     """``uri``: a local folder, or ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION`` of a transformers-flavor model.
     Returns the source's JSON (``hf_dir`` is a complete folder: config, weights and tokenizer)."""
-    from qops.registry import MODELS_URI, download_model_version
-
     if not MODELS_URI.match(uri):
         p = check_hf_dir(uri)
         return {"uri": uri, "name": p.name, "version": None, "run_id": None, "flavor": "transformers",
@@ -135,7 +135,6 @@ def export_onnx(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, check: bo
         raise ModelError(f"The ONNX export of {hf_dir} failed (onnxruntime-genai model builder):\n{tail}",
                          "check that the architecture is one the builder supports (Llama, Mistral, Qwen, Phi, Gemma, "
                          "...) and that the folder loads with AutoModelForCausalLM.from_pretrained.")
-    from qops.registry import single_file_onnx
 
     single_file_onnx(work / "raw" / "model.onnx", work / "model.onnx")
     for f in GENAI_FILES:
@@ -161,8 +160,6 @@ def check_export(hf_dir: Path, onnx_path: Path, info: LlmInfo, tolerance: float 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from qops.llm.runner import OrtDecoder
-
     ids = (np.arange(24, dtype=np.int64) * 37 + 5) % info.vocab_size
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, local_files_only=True).eval()
     with torch.no_grad():
@@ -187,31 +184,3 @@ def _version(dist: str) -> str:
         return version(dist)
     except PackageNotFoundError:
         return "?"
-
-
-def log_transformers_model(folder: str | os.PathLike, pip_requirements: list[str], **kwargs):
-    """Log a causal-LM folder with MLflow's transformers flavor, offline. MLflow 3.17 cannot log a local checkpoint
-    path with transformers 5 (its task table changed), so the model and tokenizer are loaded and logged as
-    objects; requirements are stated (its inference pins torchvision, which an LLM does not need)."""
-    import mlflow
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import huggingface_hub.constants as hub
-
-    old = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    old_hub = hub.HF_HUB_OFFLINE
-    os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")  # no model-card or licence look-ups
-    hub.HF_HUB_OFFLINE = True  # read at import time by huggingface_hub: set it where it is read
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True)
-        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        return mlflow.transformers.log_model({"model": model, "tokenizer": tok}, name="model",
-                                             task="text-generation", pip_requirements=pip_requirements, **kwargs)
-    finally:
-        hub.HF_HUB_OFFLINE = old_hub
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v

@@ -8,6 +8,7 @@ from typing import Callable
 
 from qops.errors import QopsError
 
+
 @dataclass
 class QatConfig:
     scheme: str = "int8_dynamic_int4_weight"  # see SCHEMES (engine torchao) and PT2E_SCHEMES (engine pt2e)

@@ -18,7 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from qops.artifacts import atomic_path
+from qops.data import onnx_io
 from qops.errors import ModelError
+from qops.programs import save_program
+from qops.quantize.int4 import quantize_nbits
+from qops.quantize.result import copy_metadata
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +34,6 @@ def _dynamic_shapes(examples: dict[str, np.ndarray], source_onnx: str | None):
     dyn = {}
     shapes = {}
     if source_onnx:
-        from qops.data import onnx_io
-
         shapes = {i.name: i.shape for i in onnx_io(source_onnx)[0]}
     for k, v in examples.items():
         s = shapes.get(k) or (None,) + tuple(v.shape[1:])
@@ -53,8 +55,6 @@ def pt2e_to_onnx(converted, examples: dict[str, np.ndarray], source_onnx: str, d
     import onnx
     import torch
 
-    from qops.quantize.ort import copy_metadata
-
     dst = Path(dst)
     src = onnx.load(str(source_onnx), load_external_data=False)
     in_names = [i.name for i in src.graph.input if i.name not in {t.name for t in src.graph.initializer}]
@@ -73,8 +73,6 @@ def pt2e_to_onnx(converted, examples: dict[str, np.ndarray], source_onnx: str, d
 
 def save_program_any(module, examples: dict[str, np.ndarray], meta: dict, dst: str | os.PathLike) -> Path:
     """Export a (torchao-converted) module with dynamic batch (and sequence) dimensions as a ``.pt2``."""
-    from qops.quantize.torch_engine import save_program
-
     return save_program(_export(module, examples, None), dst, meta)
 
 
@@ -123,8 +121,6 @@ def torchao_int4_to_matmulnbits(quantized, fp32_weights: dict, source_onnx: str,
     their FP32 values (``fp32_weights``: module name -> weight before training), so names need not agree."""
     import onnx
     from onnx import helper, numpy_helper
-
-    from qops.quantize.ort import copy_metadata
 
     layers = {}
     for name, mod in quantized.named_modules():
@@ -206,8 +202,6 @@ def quantize_embeddings(path: str | os.PathLike, recipe) -> Path:
     from dataclasses import replace
 
     import onnx
-
-    from qops.quantize.ort import copy_metadata, quantize_nbits
 
     path = Path(path)
     m = onnx.load(str(path), load_external_data=False)

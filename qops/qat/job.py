@@ -24,27 +24,28 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 from pydantic import ValidationError
 
 from qops.artifacts import sha256_file, write_json_atomic
+from qops.data import data_kind, onnx_io, read_table
 from qops.errors import QopsError
+from qops.evaluate import output_fidelity, run_model
+from qops.programs import load_program, program_inputs
+from qops.qat import export as qat_export
 from qops.qat.config import QatConfig
 from qops.qat.plan import QatPlan, config_for, plan_for, require_cuda_for
 from qops.qat.train import convert, holdout_split, train_qat
+from qops.quantize import quantize
 from qops.quantize.graph import check_model, choose_mode
-from qops.data import data_kind, onnx_io, read_table
+from qops.quantize.torch_engine import linear_modules
 from qops.registry import fetch_source_model
+from qops.runtime import open_session
 from qops.spec import QatSpec, QatTargetSpec
 from qops.targets import get_target
-from qops.evaluate import output_fidelity, run_model
-from qops.qat import export as qat_export
-from qops.quantize import quantize
-from qops.quantize.torch_engine import linear_modules, load_program, program_inputs
-from qops.runtime import open_session
 
 log = logging.getLogger(__name__)
 DEFAULT_STEPS = 100  # `qops qat` without --steps or --epochs

@@ -33,9 +33,10 @@ from typing import Callable
 import numpy as np
 
 from qops.errors import QopsError
+from qops.programs import retarget_devices
+from qops.qat.config import PT2E_SCHEMES, SCHEMES, QatConfig
 from qops.qat.loss import as_list, distill_loss, training_loss
 from qops.qat.state import META, STATE, Progress, load_state, save_state
-from qops.qat.config import CUDA_SCHEMES, PT2E_SCHEMES, SCHEMES, QatConfig
 
 log = logging.getLogger(__name__)
 
@@ -221,8 +222,6 @@ def train_qat(model, data: dict[str, np.ndarray], cfg: QatConfig, work_dir: str 
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if cfg.needs_cuda else "cpu")  # CUDA schemes train on the GPU worker
     if device.type == "cuda":
-        from qops.quantize.torch_engine import retarget_devices
-
         for m in (model, teacher):
             if m is not None:
                 m.to(device)

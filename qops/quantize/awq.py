@@ -20,6 +20,9 @@ import logging
 
 import numpy as np
 
+from qops.quantize.graph import initializers, weighted_nodes
+from qops.quantize.smoothquant import activation_samples, insert_after_producers
+
 log = logging.getLogger(__name__)
 
 ALPHAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -96,9 +99,6 @@ def apply_awq(model, reader, block: int, symmetric: bool, nodes_to_exclude=(), m
     shrink each block's range where that lowers the layer's output error. Returns a report: activations scaled,
     the alpha of each, the relative output error of plain rounding, after scaling, and after clipping."""
     from onnx import helper, numpy_helper
-
-    from qops.quantize.graph import initializers, weighted_nodes
-    from qops.quantize.smoothquant import activation_samples, insert_after_producers
 
     inits = initializers(model)
     exclude = set(nodes_to_exclude)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from qops.quantize.graph import default_opset, weighted_nodes
+
 
 def kmeans_codebook(w: np.ndarray, k: int, iters: int = 25, sample: int = 200_000, seed: int = 0) -> np.ndarray:
     """Sorted 1-D k-means centroids of ``w`` (Lloyd, quantile initialisation, sample for large tensors)."""
@@ -76,8 +78,6 @@ def quantize_model(model, op_types, kind: str = "kmeans", bits: int = 4, nodes_t
     indices are 4-bit; the report lists weights replaced, per-weight SQNR (dB) and nodes skipped.
     """
     from onnx import TensorProto, helper, numpy_helper, version_converter
-
-    from qops.quantize.graph import default_opset, weighted_nodes
 
     if bits <= 4 and default_opset(model) < 21:
         model = version_converter.convert_version(model, 21)

@@ -15,6 +15,8 @@ import logging
 
 import numpy as np
 
+from qops.quantize.graph import initializers
+
 log = logging.getLogger(__name__)
 
 
@@ -22,8 +24,6 @@ def quantize_embeddings(model, min_rows: int = 256, nodes_to_exclude=()) -> dict
     """Rewrite every ``Gather`` on a 2-D float initializer with at least ``min_rows`` rows (axis 0) in place.
     Returns a report: the tables rewritten, their shapes, and the worst row's relative error."""
     from onnx import TensorProto, helper, numpy_helper
-
-    from qops.quantize.graph import initializers
 
     inits = initializers(model)
     users: dict[str, int] = {}

@@ -109,7 +109,6 @@ class QdqModule:
         return (q - z) * s
 
     def forward(self, feeds: dict):
-        torch = self.torch
         env = dict(self.const)
         env.update(feeds)
         for n in self.model.graph.node:

@@ -21,13 +21,13 @@ import logging
 
 import numpy as np
 
+from qops.quantize.graph import initializers, tap_session, weighted_nodes
+
 log = logging.getLogger(__name__)
 
 
 def activation_absmax(model, tensors: list[str], reader) -> dict[str, np.ndarray]:
     """Per-channel (last axis) max |x| of ``tensors`` over all batches of a calibration ``reader``."""
-    from qops.quantize.graph import tap_session
-
     sess, names = tap_session(model, tensors)
     stats: dict[str, np.ndarray] = {}
     reader.rewind()
@@ -46,8 +46,6 @@ AUTO_ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
 def activation_samples(model, tensors: list[str], reader, max_rows: int = 1024, seed: int = 0) -> dict:
     """Per tensor: up to ``max_rows`` rows (all leading axes flattened) sampled uniformly from every batch of a
     calibration reader, and the per-channel max |x| over all rows."""
-    from qops.quantize.graph import tap_session
-
     sess, names = tap_session(model, tensors)
     rng = np.random.default_rng(seed)
     rows: dict[str, list] = {t: [] for t in tensors}
@@ -116,8 +114,6 @@ def insert_after_producers(model, new_nodes: list) -> None:
 def smooth(model, reader, alpha: float | str = 0.5, op_types=("MatMul", "Gemm"), nodes_to_exclude=()) -> dict:
     """Apply SmoothQuant to ``model`` in place. Returns a report (activations smoothed, scale ranges)."""
     from onnx import helper, numpy_helper
-
-    from qops.quantize.graph import initializers, weighted_nodes
 
     inits = initializers(model)
     exclude = set(nodes_to_exclude)

@@ -14,8 +14,6 @@ The feature columns travel in the archive's ``extra_files`` (``qops.json``).
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import os
 import time
@@ -24,15 +22,14 @@ from pathlib import Path
 import numpy as np
 
 from qops import __version__
-from qops.artifacts import atomic_path, sha256_file, write_json_atomic
+from qops.artifacts import sha256_file, write_json_atomic
+from qops.data import read_table
 from qops.errors import DataError, ModelError, TargetError
+from qops.programs import export_module, load_program, program_inputs, retarget_devices
+from qops.quantize.result import QuantizeResult
 from qops.targets import Recipe
 
 log = logging.getLogger(__name__)
-
-META_FILE = "qops.json"
-MAX_BATCH = 1 << 16
-
 
 def require_torch_runtime(recipe: Recipe) -> None:
     """Raise a TargetError naming what to install or which queue to use when this worker cannot run ``recipe``."""
@@ -60,84 +57,6 @@ def require_torch_runtime(recipe: Recipe) -> None:
                 f"Target {recipe.target!r} needs compute capability >= {need}; this worker's "
                 f"{torch.cuda.get_device_name()} is {cap[0]}.{cap[1]}.",
                 f"route it to GPUs of the target's kind ({recipe.hardware}) or pick nvidia_fp16.")
-
-
-def save_program(program, path: str | os.PathLike, meta: dict) -> Path:
-    """``torch.export.save`` to a temporary name, then rename (never a half-written archive)."""
-    import torch
-
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            torch.export.save(program, f, extra_files={META_FILE: json.dumps(meta)})
-    return Path(path)
-
-
-@contextlib.contextmanager
-def weights_only_loads():
-    """Inside, every ``torch.load`` is ``weights_only=True``: ``torch.export.load`` falls back to full unpickling
-    when a safe load fails, which would run code from an untrusted archive. Tensor subclasses of torchao
-    (quantized weights) are allowed by name."""
-    import torch
-
-    real = torch.load
-
-    def safe(*args, **kwargs):
-        kwargs["weights_only"] = True
-        return real(*args, **kwargs)
-
-    allowed = []
-    try:
-        import torchao.quantization as tq
-
-        allowed = [getattr(tq, n) for n in dir(tq) if n.endswith("Tensor") and isinstance(getattr(tq, n), type)]
-    except ImportError:
-        pass
-    torch.load = safe
-    try:
-        with torch.serialization.safe_globals(allowed):
-            yield
-    finally:
-        torch.load = real
-
-
-def load_program(path: str | os.PathLike):
-    """Load a ``.pt2`` program and its qops metadata (``torch.export.load`` with every tensor load
-    ``weights_only=True``: nothing in the archive is unpickled as code)."""
-    import torch
-
-    extra = {META_FILE: ""}
-    try:
-        with weights_only_loads():
-            ep = torch.export.load(str(path), extra_files=extra)
-    except Exception as e:
-        raise ModelError(f"{path} is not a readable torch.export program (.pt2): {str(e).splitlines()[0][:200]}",
-                         "save the model with torch.export.save (a .pt2 archive).") from None
-    try:
-        meta = json.loads(extra[META_FILE]) if extra[META_FILE] else {}
-    except ValueError:
-        meta = {}
-    return ep, meta
-
-
-def program_inputs(ep) -> list[tuple[str, tuple, str]]:
-    """(name, shape with None for dynamic dims, dtype name) of the program's user inputs."""
-    out = []
-    user = set(ep.graph_signature.user_inputs)
-    for node in ep.graph.nodes:
-        if node.op == "placeholder" and node.name in user:
-            val = node.meta.get("val")
-            shape = tuple(int(d) if isinstance(d, int) or str(d).isdigit() else None for d in val.shape)
-            out.append((node.name, shape, str(val.dtype).replace("torch.", "")))
-    return out
-
-
-def export_module(module, example, meta: dict, path: str | os.PathLike) -> Path:
-    """Export ``module`` with a dynamic batch dimension and save it."""
-    import torch
-
-    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    ep = torch.export.export(module, (example,), dynamic_shapes=({0: batch},), strict=False)
-    return save_program(ep, path, meta)
 
 
 def linear_modules(gm) -> int:
@@ -172,25 +91,6 @@ def linear_modules(gm) -> int:
     gm.delete_all_unused_submodules()
     gm.recompile()
     return count
-
-
-def retarget_devices(gm, device) -> int:
-    """Point ``device=`` arguments baked into an exported graph (``torch.arange(..., device=cpu)`` traced on the
-    CPU) at ``device``, so the program runs where its weights now are. Returns how many were changed."""
-    import torch
-
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())  # tensors report cuda:0, not cuda
-    changed = 0
-    for node in gm.graph.nodes:
-        dev = node.kwargs.get("device")
-        if isinstance(dev, torch.device) and dev != device:
-            node.kwargs = {**node.kwargs, "device": device}
-            changed += 1
-    if changed:
-        gm.recompile()
-    return changed
 
 
 def drop_unused_tensors(gm) -> int:
@@ -229,8 +129,6 @@ def _config(method: str):
 
 
 def _table_batches(calibration, features: list[str], batch_size: int, dtype=np.float32):
-    from qops.data import read_table
-
     df = read_table(calibration, "calibration set")
     missing = [c for c in features if c not in df.columns]
     if missing:
@@ -244,8 +142,6 @@ def _table_batches(calibration, features: list[str], batch_size: int, dtype=np.f
 
 def quantize_torch(model, recipe: Recipe, output, calibration=None, features=None, batch_size: int = 64):
     """Quantize a ``.pt2`` program with torchao for ``recipe``; writes ``output`` (.pt2) and its recipe JSON."""
-    from qops.quantize.ort import QuantizeResult
-
     model, output = Path(model), Path(output)
     if not model.is_file():
         raise ModelError(f"Model file {model} does not exist.", "pass the path of an FP32 .pt2 program.")

@@ -22,15 +22,21 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from qops.artifacts import atomic_path
+from qops.artifacts import atomic_path, clean_stale_temps, temp_prefix
+from qops.data import read_table
 from qops.errors import QopsError
+from qops.evaluate import evaluate_with_gates
+from qops.gates import gate
+from qops.quantize.api import quantize
 from qops.quantize.calib_cache import calibration_cache
+from qops.quantize.graph import choose_mode, graph_kind, load, name_nodes, tap_session
+from qops.quantize.readers import TableCalibrationReader
+from qops.quantize.result import check_output_path, move_model, write_recipe
 from qops.spec import TuningSpec
 from qops.targets import Recipe
 
@@ -44,9 +50,6 @@ def gate_judge(fp32_model, validation, label, gates, *, slice_columns=None, feat
                latency_runs: int = 200, bootstrap: int = 200) -> Judge:
     """The usual judge: ``qops.evaluate.evaluate`` on the validation set (fewer resamples and timed runs than
     the evaluate stage) and ``qops.gates.gate`` with the given GateSpec."""
-    from qops.evaluate import evaluate_with_gates
-    from qops.gates import gate
-
     def judge(res) -> dict:
         ev = evaluate_with_gates(fp32_model, res.model_path, validation, gates, label=label,
                                  slice_columns=slice_columns or [], intersections=intersections, features=features,
@@ -160,8 +163,6 @@ def stream_sqnr_sums(fm, qm, pairs: list[tuple[str, str]], weights: list[str], r
     (constants, kept once).
     Each reader batch is split into chunks of as many rows as fit ``memory_budget`` bytes of tapped tensors
     (measured on a first one-row chunk), so a CNN's intermediate maps never pile up over the rows."""
-    from qops.quantize.graph import tap_session
-
     f_wanted = sorted({f for f, _ in pairs})
     q_wanted = sorted({q for _, q in pairs} | set(weights))
     fs, f_names = tap_session(fm, f_wanted)
@@ -213,8 +214,6 @@ def rank_nodes(float_model: str | os.PathLike, quantized_model: str | os.PathLik
     streamed (:func:`stream_sqnr_sums`): memory is bounded by ``memory_budget``, not by the number of rows.
     """
     import onnx
-
-    from qops.quantize.graph import name_nodes, tap_session
 
     fm = onnx.load(str(float_model))
     name_nodes(fm)
@@ -338,9 +337,6 @@ def tune(
     ``failed_output``: where the most faithful candidate goes when none passes (``qops quantize --tune`` names it
     ``*.failed.onnx``, so the final name never holds a failing model); default ``output`` (the pipeline, whose
     gate stage then fails it). The result's ``passed`` says which it was."""
-    from qops.artifacts import clean_stale_temps, temp_prefix
-    from qops.quantize.ort import check_output_path, quantize, write_recipe
-
     cfg = TuningSpec(**config) if isinstance(config, dict) else (config or TuningSpec())
     output = Path(output)
     check_output_path(model, output)
@@ -389,8 +385,6 @@ def tune(
 
     preferred = kind = None
     if recipe.engine == "onnxruntime":
-        from qops.quantize.graph import choose_mode, graph_kind, load
-
         kind = graph_kind(load(model, external=False))
         preferred = choose_mode(kind) if recipe.mode == "auto" else None
     space = search_space(recipe, cfg, calibration is not None, preferred, kind)
@@ -532,8 +526,6 @@ def _fallback_bases(trials: list[dict], results: dict, recipe: Recipe) -> list[d
 
 def _slice_table(validation, key: str, work: Path) -> Path | None:
     """Rows of ``validation`` in slice ``key`` ('col=value & col2=value2'), written to a parquet file."""
-    from qops.data import read_table
-
     df = read_table(validation, "validation set")
     mask = np.ones(len(df), dtype=bool)
     for part in key.split(" & "):
@@ -556,8 +548,6 @@ RANK_BATCH, RANK_BATCHES = 32, 64  # node ranking reads up to 2,048 rows, 32 at 
 def _rank_for(model, quantized_path, recipe: Recipe, features, data, validation, slices: list[str],
               work: Path) -> list[dict]:
     """Node ranking of one base candidate, over the ranking rows and over the rows of each failing slice."""
-    from qops.quantize.ort import TableCalibrationReader
-
     feats = features  # None: the reader takes the kind from the data (.npz) or the model's metadata
     sets: dict[str, list[dict]] = {}
     # INT4 falls back layer by layer to INT8 (MatMul); embedding tables stay INT4
@@ -608,8 +598,6 @@ def _install(src: Path, dst: Path) -> None:
     """Copy the chosen candidate (and its external data) into place, model file last."""
     data = src.with_name(src.name + ".data")
     if data.is_file():
-        from qops.quantize.ort import move_model
-
         move_model(src, dst, external=True)
         return
     with atomic_path(dst) as tmp:

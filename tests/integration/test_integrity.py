@@ -196,7 +196,6 @@ def test_sqlite_store_killed_during_creation_or_left_half_migrated(tmp_path):
     repaired when it holds no data, and named with the fix when it does."""
     import sqlite3
 
-    from qops.mlflow_store import ensure_sqlite_store
 
     db = tmp_path / "k.db"
     uri = f"sqlite:///{db}"
@@ -295,7 +294,7 @@ def test_quantize_killed_at_any_point_leaves_no_temp_files_and_no_unpaired_model
     describes it (same sha256), and the next quantization removes what a killed one left beside the output."""
     import pandas as pd
 
-    from qops.quantize.ort import verify_pair
+    from qops.quantize.result import verify_pair
 
     tmpdir = tmp_path / "tmpdir"
     tmpdir.mkdir()

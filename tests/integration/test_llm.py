@@ -272,7 +272,7 @@ def test_pipeline_finetunes_quantizes_gates_cards_and_registers(llm, tmp_path, m
     import mlflow
     from mlflow import MlflowClient
 
-    from qops.llm.source import log_transformers_model
+    from qops.registry import log_transformers_model
     from qops.pipeline import run_pipeline
     from qops.registry import serving_requirements
 

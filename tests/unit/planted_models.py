@@ -71,7 +71,7 @@ def small_weight_program(path):
     and the task loss grows them until the quantized model separates the group again."""
     import torch
 
-    from qops.quantize.torch_engine import save_program
+    from qops.programs import save_program
 
     class Net(torch.nn.Module):
         def __init__(self):

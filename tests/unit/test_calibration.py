@@ -2,9 +2,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from qops.spec import CalibrationSpec
 from qops.calibration import check_drift, select_calibration, select_rows
 from qops.errors import DataError, DriftError
+from qops.spec import CalibrationSpec
 
 SLICES = ["sex", "age_group"]
 

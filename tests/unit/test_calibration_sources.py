@@ -10,12 +10,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from servers import start_moto
 
-from qops.spec import CalibrationSpec, DiversitySpec, DriftSpec, RecencySpec
 from qops.calibration import S3Options, select_calibration, stream_sample
 from qops.errors import DataError, DriftError
+from qops.spec import CalibrationSpec, DiversitySpec, DriftSpec, RecencySpec
 
 SLICES = ["sex", "age_group"]
 

@@ -114,7 +114,7 @@ def test_tuning_with_no_passing_candidate_exits_3_and_keeps_the_final_name_free(
     assert not out.exists() and not (tmp_path / "q.onnx.recipe.json").exists()
     failed = tmp_path / "q.failed.onnx"
     assert Path(res["model_path"]) == failed and failed.is_file()
-    from qops.quantize.ort import verify_pair
+    from qops.quantize.result import verify_pair
 
     assert verify_pair(failed)["result"]["passed"] is False
 

@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from qops.spec import CalibrationSpec
 from qops.data import Image, Tabular, Tensors, Text, check_feed, data_kind, onnx_io, read_table
 from qops.errors import DataError
+from qops.spec import CalibrationSpec
 
 BIN = Path(sys.executable).parent
 WORDS = ("market shares bank profit economy film music award actor election minister vote party football "
@@ -361,8 +361,8 @@ def test_multi_input_model_registers_and_predicts_on_a_dict(tmp_path, monkeypatc
 def test_pt2_program_with_several_inputs_exports_to_onnx_with_their_names(tmp_path):
     import torch
 
+    from qops.programs import save_program
     from qops.registry import fetch_source_model
-    from qops.quantize.torch_engine import save_program
 
     class TwoInputs(torch.nn.Module):
         def __init__(self):
@@ -392,8 +392,7 @@ def test_gptq_and_node_fallback_run_on_named_input_feeds(tmp_path):
     """INT4 GPTQ calibrates on the .npz feeds; tuning ranks nodes and falls back over the same named inputs."""
     from qops.quantize import quantize
     from qops.quantize.tune import gate_judge, tune
-    from qops.spec import TuningSpec
-    from qops.spec import GateSpec
+    from qops.spec import GateSpec, TuningSpec
     from qops.targets import get_target
 
     model = token_model(tmp_path / "m.onnx", vocab=40, dim=32)

@@ -138,9 +138,9 @@ def test_unknown_metric_names_are_refused_when_the_spec_loads():
 
 
 def _spec(tmp_path, data_dir, fp32_model, **gates):
-    from qops.spec import load_spec
-
     import yaml
+
+    from qops.spec import load_spec
 
     d = {"name": "pre", "source_model": str(fp32_model), "targets": ["x86_64_int8_dynamic"],
          "data": {"pool": str(data_dir / "pool.parquet"), "reference": str(data_dir / "train.parquet"),

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
 from planted_models import small_weight_data, small_weight_program
+
 from qops.errors import QopsError, SpecError
 from qops.qat.config import QatConfig
 from qops.qat.plan import config_for, plan_for, require_cuda_for, supported_targets
@@ -90,7 +90,7 @@ def test_the_qat_block_is_validated_with_fixes(tmp_path):
 def _mlp_program(path, width=64):
     import torch
 
-    from qops.quantize.torch_engine import save_program
+    from qops.programs import save_program
 
     torch.manual_seed(0)
     m = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.ReLU(), torch.nn.Linear(width, 3)).eval()
@@ -105,8 +105,8 @@ def test_qat_artifacts_compute_what_the_converted_torch_model_computes(target, t
     import onnx
     import torch
 
-    from qops.qat.train import convert, train_qat
     from qops.qat.job import run_qat
+    from qops.qat.train import convert, train_qat
     from qops.registry import fetch_source_model
     from qops.runtime import open_session
 
@@ -122,8 +122,8 @@ def test_qat_artifacts_compute_what_the_converted_torch_model_computes(target, t
                   train_feeds={"features": x}, labels=y, out_dir=tmp_path / "out", work_dir=tmp_path / "work")
     ops = {n.op_type for n in onnx.load(out["model_path"]).graph.node}
     # the same training again (resumes from the finished checkpoint: no step retrained), converted in torch
+    from qops.programs import load_program
     from qops.qat.job import trainable_module
-    from qops.quantize.torch_engine import load_program
 
     module, _ = trainable_module(load_program(src.pt2_path)[0], plan)
     module, res = train_qat(module, {"features": x}, cfg, tmp_path / "work", labels=y)
@@ -301,9 +301,9 @@ def test_pt2e_qat_of_a_cnn_folds_batch_norm_and_exports_qdq(tmp_path):
     import onnx
     import torch
 
-    from qops.qat.train import convert, train_qat
+    from qops.programs import load_program, save_program
     from qops.qat.job import run_qat, trainable_module
-    from qops.quantize.torch_engine import load_program, save_program
+    from qops.qat.train import convert, train_qat
     from qops.registry import fetch_source_model
     from qops.runtime import open_session
 
@@ -335,7 +335,7 @@ def test_a_program_exported_for_batch_1_is_refused_with_the_export_recipe(tmp_pa
     import pandas as pd
     import torch
 
-    from qops.quantize.torch_engine import save_program
+    from qops.programs import save_program
 
     torch.manual_seed(0)
     m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).eval()

@@ -212,7 +212,7 @@ def test_codebook_weights_save_size_not_time(kind, fp32_model, tmp_path, x_val, 
 
 def test_smoothquant_preserves_the_fp32_function_and_quantizes(fp32_model, calibration_file, features, tmp_path,
                                                                x_val, ref):
-    from qops.quantize.ort import TableCalibrationReader
+    from qops.quantize.readers import TableCalibrationReader
     from qops.quantize.smoothquant import smooth
 
     m = onnx.load(str(fp32_model))

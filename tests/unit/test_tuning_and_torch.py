@@ -11,8 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 from qops.errors import TargetError
 from qops.quantize import quantize
 from qops.quantize.tune import rank_nodes, search_space, tune
-from qops.spec import TuningSpec
-from qops.spec import GateSpec, MetricThreshold
+from qops.spec import GateSpec, MetricThreshold, TuningSpec
 from qops.targets import get_target
 
 SLICES = ["sex", "age_group"]
@@ -95,7 +94,7 @@ def _outlier_mlp(path):
 
 
 def test_node_ranking_puts_the_planted_sensitive_layer_first(tmp_path):
-    from qops.quantize.ort import TableCalibrationReader
+    from qops.quantize.readers import TableCalibrationReader
 
     fp32 = _outlier_mlp(tmp_path / "m.onnx")
     cols = [f"f{i}" for i in range(8)]
@@ -111,7 +110,7 @@ def test_node_ranking_puts_the_planted_sensitive_layer_first(tmp_path):
 def test_node_ranking_streams_its_rows_in_chunks_with_the_result_of_one_pass(tmp_path):
     """The ranking keeps only running sums per tensor: split into one-row chunks (a budget of 1 byte) it ranks a
     static INT8 model exactly as in one pass over all rows, so memory does not grow with the ranking rows."""
-    from qops.quantize.ort import TableCalibrationReader
+    from qops.quantize.readers import TableCalibrationReader
 
     fp32 = _outlier_mlp(tmp_path / "m.onnx")
     cols = [f"f{i}" for i in range(8)]
@@ -293,7 +292,8 @@ def test_a_program_archive_carrying_a_pickled_object_is_refused_unexecuted(tmp_p
     import torch
 
     from qops.errors import ModelError
-    from qops.quantize.torch_engine import export_fp32, load_program
+    from qops.programs import load_program
+    from qops.quantize.torch_engine import export_fp32
 
     good = export_fp32(torch.nn.Sequential(torch.nn.Linear(4, 4)), list("abcd"), tmp_path / "good.pt2")
     marker = tmp_path / "pwned"
@@ -318,7 +318,7 @@ def test_pipeline_from_a_pt2_source_serves_torch_and_onnx_targets(fp32_program, 
     import mlflow
 
     from qops.pipeline import run_pipeline
-    from qops.quantize.torch_engine import weights_only_loads
+    from qops.programs import weights_only_loads
     from qops.spec import parse_spec
 
     spec = parse_spec({

@@ -1,0 +1,92 @@
+"""Decoders of torchao targets, run by PyTorch: a ``transformers`` causal LM (BF16 on CUDA, quantized in place by
+torchao's ``quantize_``) with its ``DynamicCache``, behind the same ``prefill``/``step`` interface as
+:class:`qops.llm.runner.OrtDecoder`. torch, transformers and torchao are imported where used."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from qops.errors import QopsError
+from qops.targets import Recipe, get_target
+
+
+class TorchDecoder:
+    """A ``transformers`` causal LM (optionally quantized in place by torchao) with its ``DynamicCache``."""
+
+    kind = "torch"
+
+    def __init__(self, model, device: str = "cpu", describe: str = "torch"):
+        self.model, self.device, self.describe = model.eval(), device, describe
+        self.cache = None
+
+    def _run(self, ids) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            x = torch.as_tensor(np.asarray(ids, np.int64)[None], device=self.device)
+            out = self.model(input_ids=x, past_key_values=self.cache, use_cache=True)
+            self.cache = out.past_key_values
+            logits = out.logits[0].float()
+            if self.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            return logits.cpu().numpy()
+
+    def prefill(self, ids) -> np.ndarray:
+        self.cache = None
+        return self._run(ids)
+
+    def step(self, token: int) -> np.ndarray:
+        return self._run([token])[-1]
+
+
+def torchao_config(recipe):
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Int4WeightOnlyConfig, PerRow
+
+    if recipe.torch_method == "int4_weight_only":
+        return Int4WeightOnlyConfig(group_size=recipe.block_size)
+    if recipe.torch_method == "float8_dynamic":
+        return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    raise QopsError(f"Target {recipe.target!r}: torch_method {recipe.torch_method!r} is not an LLM method.",
+                    "use int4_weight_only or float8_dynamic for data.kind causal_lm.")
+
+
+def require_cuda(recipe) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise QopsError(f"Target {recipe.target!r} runs on NVIDIA GPUs (torchao {recipe.torch_method}) but this worker "
+                        "has no CUDA device.", "run its tasks on the 'gpu' queue (a Celery worker with a GPU: "
+                        "airflow celery worker -q gpu), or drop the target from the spec.")
+    if recipe.min_compute_capability:
+        cap = torch.cuda.get_device_capability()
+        if tuple(cap) < tuple(recipe.min_compute_capability):
+            raise QopsError(f"Target {recipe.target!r} needs CUDA compute capability "
+                            f"{'.'.join(map(str, recipe.min_compute_capability))}+; this GPU has {cap[0]}.{cap[1]}.",
+                            "run it on an H100/H200 (sm_90) or Ada (sm_89) worker.")
+
+
+def load_torch_target(folder: str | os.PathLike, recipe: dict | None):
+    """The decoder of a torchao target's folder: BF16 weights on CUDA, quantized in place by ``quantize_``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(folder)
+    conf_path = folder / "qops_torchao.json"
+    if not conf_path.is_file():  # the FP32 checkpoint itself (the reference for a torch target)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True).to(device)
+        return TorchDecoder(model, device, f"torch fp32 on {device}")
+    r = Recipe.from_dict(recipe) if recipe else None
+    conf = json.loads(conf_path.read_text())
+    if r is None:
+        r = get_target(conf["target"])
+    require_cuda(r)
+    from torchao.quantization import quantize_
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16, local_files_only=True).to("cuda")
+    quantize_(model, torchao_config(r))
+    return TorchDecoder(model, "cuda", f"torch+torchao {r.torch_method} on {torch.cuda.get_device_name()}")

@@ -1,0 +1,312 @@
+"""Register one quantized model: log it with its flavor (onnx, pytorch ``.pt2``, transformers folder), signature,
+card and tags, create one version per run key, settle aliases.
+
+Registration never leaves a half-registered version: a version is created with all its tags in one
+call, and if anything after it fails (description, aliases) the version is deleted again. Retries
+are idempotent: a version carries ``qops.run_key`` (pipeline, run, target, model hash) and a retry
+with the same key returns the existing version instead of creating another."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qops import __version__
+from qops.data import onnx_io
+from qops.errors import RegistryError, RegistryUnavailable
+from qops.redact import redact
+from qops.registry.aliases import settle_aliases
+from qops.registry.client import reachable
+from qops.runtime import TorchSession
+
+log = logging.getLogger(__name__)
+
+
+def example_feed(sess) -> dict:
+    """A small valid feed for every input of an ONNX Runtime session: batch 2, other dynamic dimensions 8;
+    integer inputs (token ids, masks) are ones, floats zeros."""
+    import numpy as np
+
+    types = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+             "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
+             "tensor(uint8)": np.uint8, "tensor(int8)": np.int8}
+    feed = {}
+    for inp in sess.get_inputs():
+        dims = [d if isinstance(d, int) and d > 0 else (2 if i == 0 else 8) for i, d in enumerate(inp.shape)]
+        dtype = types.get(inp.type, np.float32)
+        feed[inp.name] = (np.ones if np.issubdtype(dtype, np.integer) else np.zeros)(dims, dtype=dtype)
+    return feed
+
+
+def named_signature(sess, example: dict, outs: list):
+    """An MLflow signature with one tensor spec per input and output name; dimensions the graph leaves dynamic
+    (batch, sequence) are -1, so any batch and sequence length is accepted."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    def spec(node, array):
+        dims = [d if isinstance(d, int) and d > 0 else -1 for d in node.shape]
+        return TensorSpec(array.dtype, tuple(dims), node.name)
+
+    return ModelSignature(inputs=Schema([spec(i, example[i.name]) for i in sess.get_inputs()]),
+                          outputs=Schema([spec(o, a) for o, a in zip(sess.get_outputs(), outs)]))
+
+
+@dataclass
+class RegisterResult:
+    registered: bool
+    name: str
+    version: str | None = None
+    aliases: list[str] = field(default_factory=list)
+    model_uri: str | None = None
+    run_id: str | None = None
+    reason: str = ""
+    reused: bool = False
+
+
+def _find_version(client, name: str, run_key: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        return None
+    return first_version_for(client, name, run_key)
+
+
+def first_version_for(client, name: str, run_key: str):
+    """The live version registered for ``run_key``: the lowest-numbered one (the first created), ignoring versions
+    a concurrent attempt has already marked superseded. Every attempt calls this right after creating its own
+    version, so of two racing creations exactly one survives."""
+    live = [mv for mv in client.search_model_versions(f"name = '{name}'")
+            if (mv.tags or {}).get("qops.run_key") == run_key and not (mv.tags or {}).get("qops.superseded_by")]
+    return min(live, key=lambda mv: int(mv.version)) if live else None
+
+
+def _reused(client, name: str, mv) -> "RegisterResult":
+    """The result for a version registered earlier (a retry, or a concurrent attempt that got in first)."""
+    version = str(mv.version)
+    aliases = client.get_registered_model(name).aliases
+    return RegisterResult(True, name, version, sorted(a for a, v in aliases.items() if str(v) == version),
+                          f"models:/{name}/{version}", mv.run_id, reused=True)
+
+
+def _await_complete(client, name: str, version: str, timeout_s: float = 600.0) -> "RegisterResult":
+    """Wait for the concurrent attempt that owns ``version`` to finish it (``qops.complete``)."""
+    import time
+
+    from mlflow.exceptions import MlflowException
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            mv = client.get_model_version(name, version)
+        except MlflowException:
+            raise RegistryUnavailable(f"The concurrent registration of {name} version {version} was rolled back.",
+                                      "retry: registration is idempotent.") from None
+        if (mv.tags or {}).get("qops.complete") == "true":
+            return _reused(client, name, mv)
+        if time.monotonic() > deadline:
+            raise RegistryUnavailable(f"The concurrent registration of {name} version {version} did not complete in "
+                                      f"{timeout_s:.0f} s.", "retry once it has finished or failed.")
+        time.sleep(0.5)
+
+
+def serving_requirements(is_program: bool, execution_providers: list[str] | None = None) -> list[str]:
+    """The registered model's pip requirements, stated rather than inferred: MLflow's inference starts a Python
+    subprocess per model (seconds each), and the versions that produced and checked the artifact are the ones
+    to serve it with. GPU providers need ``onnxruntime-gpu`` (same version)."""
+    from importlib.metadata import version
+
+    reqs = [f"mlflow=={version('mlflow')}", f"numpy=={version('numpy')}"]
+    if is_program:
+        return reqs + [f"torch=={version('torch').split('+')[0]}"]
+    gpu = any(p in ("CUDAExecutionProvider", "TensorrtExecutionProvider") for p in execution_providers or [])
+    runtime = "onnxruntime-gpu" if gpu else "onnxruntime"
+    return reqs + [f"onnx=={version('onnx')}", f"{runtime}=={version('onnxruntime')}"]
+
+
+def register(
+    *,
+    model_path: str | os.PathLike,
+    name: str,
+    run_key: str,
+    tags: dict[str, str],
+    gate_passed: bool,
+    card_files: list[str | os.PathLike],
+    register_failed: bool = False,
+    promote: bool = True,
+    candidate_alias: str = "candidate",
+    promote_alias: str = "champion",
+    experiment: str = "qops",
+    metrics: dict[str, float] | None = None,
+    params: dict[str, str] | None = None,
+    finalize_card=None,
+    execution_providers: list[str] | None = None,
+    example: dict | None = None,
+    extra_files: list[str | os.PathLike] | None = None,
+) -> RegisterResult:
+    """Log the quantized ONNX model (onnx flavor, with signature) and its card; register one version.
+
+    ``finalize_card(mlflow_info) -> files``, if given, re-renders the card with the new version's
+    lineage (run id, model name and version) before it is attached; otherwise ``card_files`` are attached.
+    ``execution_providers``: what the ONNX flavor declares for serving (MLflow's default lists CUDA first;
+    :func:`providers_for` gives a target's). ``example``: the feed the signature is inferred from (default: one
+    built from the graph's inputs); ``extra_files``: logged beside the model under ``files/`` (a decoder's
+    ``genai_config.json`` and tokenizer: with the model they make an ONNX Runtime GenAI folder). A folder
+    ``model_path`` (a decoder LLM checkpoint for PyTorch serving) is logged with the transformers flavor.
+    """
+    import mlflow
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from mlflow import MlflowClient
+    from mlflow.models import infer_signature
+
+    model_path = Path(model_path)
+    if not model_path.is_file() and not (model_path.is_dir() and (model_path / "config.json").is_file()):
+        raise RegistryError(f"Quantized model {model_path} does not exist.", "run the quantize stage first.")
+    missing = [str(f) for f in card_files if not Path(f).is_file()]
+    if missing:
+        raise RegistryError(f"Model card file(s) {missing} do not exist.", "run the card stage before registering.")
+    if not gate_passed and not register_failed:
+        return RegisterResult(registered=False, name=name,
+                              reason="gates failed; not registered (set mlflow.register_failed to register it)")
+    client = MlflowClient()
+    reachable(client)
+    existing = _find_version(client, name, run_key)
+    if existing is not None and existing.tags.get("qops.complete") == "true":
+        log.info("version %s of %s already registered for run key %s: reusing it", existing.version, name, run_key)
+        if gate_passed:  # the earlier attempt may have died before its aliases were settled
+            settle_aliases(client, name, [candidate_alias, *([promote_alias] if promote else [])])
+        return _reused(client, name, existing)
+    if existing is not None:  # an earlier attempt died between create and complete: remove it, then redo
+        client.delete_model_version(name, existing.version)
+
+    is_program = model_path.suffix.lower() == ".pt2"
+    is_checkpoint = model_path.is_dir()
+    if is_checkpoint:
+        signature = model = None
+    elif is_program:  # torchao targets: a torch.export program, logged with the pytorch flavor as pt2
+
+        width = onnx_io(model_path)[0][0].width or 1
+        example = np.zeros((2, width), dtype=np.float32)
+        runner = TorchSession(model_path, compile=False)
+        signature = infer_signature(example, runner.run(None, {"x": example})[0])
+        model = runner.module
+    else:
+        model = onnx.load(str(model_path))
+        sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+        example = example or example_feed(sess)
+        outs = sess.run(None, example)
+        names = [o.name for o in sess.get_outputs()]
+        if len(example) == 1 and len(names) == 1:  # one tensor in, one out: the plain tensor signature
+            signature = infer_signature(next(iter(example.values())), outs[0])
+        else:  # named inputs and outputs: a tensor spec per name (pyfunc predicts on a dict of arrays)
+            signature = named_signature(sess, example, outs)
+
+    safe_tags = {k: redact(str(v)) for k, v in tags.items()}  # a tag never carries a credential
+    safe_tags.update({"qops.run_key": run_key, "qops.gate": "passed" if gate_passed else "failed",
+                      "qops.version": __version__})
+    mlflow.set_experiment(experiment)
+    version = None
+    with mlflow.start_run(run_name=f"register-{name}") as run:
+        try:
+            mlflow.set_tags(safe_tags)
+            if params:
+                mlflow.log_params(params)
+            if metrics:
+                mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
+            reqs = serving_requirements(is_program or is_checkpoint, execution_providers)
+            if is_checkpoint:
+                info = log_transformers_model(model_path, reqs)
+            elif is_program:
+                info = mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=example,
+                                                serialization_format="pt2", pip_requirements=reqs)
+            else:
+                info = mlflow.onnx.log_model(model, name="model", signature=signature, pip_requirements=reqs,
+                                             onnx_execution_providers=execution_providers or ["CPUExecutionProvider"])
+            mv = mlflow.register_model(info.model_uri, name, tags=safe_tags)
+            version = str(mv.version)
+            first = first_version_for(client, name, run_key)
+            winner = None if first is None else str(first.version)
+            if winner is not None and winner != version:
+                # a concurrent registration of the same run key was created first: it stays, this one goes
+                client.set_model_version_tag(name, version, "qops.superseded_by", winner)
+                client.delete_model_version(name, version)
+                version = None
+                mlflow.set_tag("qops.registration", f"superseded by version {winner}")
+                log.info("version %s of %s was registered for run key %s by a concurrent attempt: using it",
+                         winner, name, run_key)
+                return _await_complete(client, name, winner)
+            files = card_files
+            if finalize_card is not None:
+                files = finalize_card({"run_id": run.info.run_id, "model_name": name, "model_version": version})
+            for f in files:
+                mlflow.log_artifact(str(f), artifact_path="card")
+            for f in extra_files or []:
+                mlflow.log_artifact(str(f), artifact_path="files")
+            names = sorted(Path(f).name for f in files)
+            card_md = next((n for n in names if n.endswith(".md")), names[0])
+            card_uri = f"runs:/{run.info.run_id}/card/{card_md}"
+            links = ", ".join(f"`runs:/{run.info.run_id}/card/{n}`" for n in names)
+            client.update_model_version(
+                name, version,
+                description=f"Quantized by qops {__version__} for target `{tags.get('qops.target', '?')}`. "
+                f"Gate: {'passed' if gate_passed else 'FAILED'}. Model card: {links}.",
+            )
+            client.set_model_version_tag(name, version, "qops.card_uri", card_uri)
+            client.set_model_version_tag(name, version, "qops.complete", "true")
+            aliases = []
+            if gate_passed:
+                moved = [candidate_alias, *([promote_alias] if promote else [])]
+                held = settle_aliases(client, name, moved)
+                aliases = sorted(a for a in moved if held.get(a) == version)
+        except Exception as e:
+            if version is not None:
+                try:
+                    client.delete_model_version(name, version)
+                except Exception:  # noqa: BLE001 - best effort rollback, the original error matters
+                    log.exception("rollback of %s version %s failed", name, version)
+            mlflow.set_tag("qops.registration", "rolled_back")
+            raise RegistryUnavailable(f"Registering {name} failed and was rolled back: {redact(str(e))}",
+                                      "check the MLflow server/backend and retry; retries are idempotent.") from e
+    return RegisterResult(True, name, version, sorted(aliases), f"models:/{name}/{version}", run.info.run_id)
+
+
+def providers_for(recipe: dict) -> list[str]:
+    """The ONNX Runtime execution providers a target's model is served with, best first, ending on the CPU
+    (TensorRT falls back to CUDA, CUDA to the CPU; CPU targets list the CPU only)."""
+    ep = recipe.get("execution_provider") or "CPUExecutionProvider"
+    chain = {"TensorrtExecutionProvider": ["TensorrtExecutionProvider", "CUDAExecutionProvider"],
+             "CUDAExecutionProvider": ["CUDAExecutionProvider"]}.get(ep, [ep] if ep != "CPUExecutionProvider" else [])
+    return chain + ["CPUExecutionProvider"]
+
+
+def log_transformers_model(folder: str | os.PathLike, pip_requirements: list[str], **kwargs):
+    """Log a causal-LM folder with MLflow's transformers flavor, offline. MLflow 3.17 cannot log a local checkpoint
+    path with transformers 5 (its task table changed), so the model and tokenizer are loaded and logged as
+    objects; requirements are stated (its inference pins torchvision, which an LLM does not need)."""
+    import huggingface_hub.constants as hub
+    import mlflow
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    old = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    old_hub = hub.HF_HUB_OFFLINE
+    os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")  # no model-card or licence look-ups
+    hub.HF_HUB_OFFLINE = True  # read at import time by huggingface_hub: set it where it is read
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        return mlflow.transformers.log_model({"model": model, "tokenizer": tok}, name="model",
+                                             task="text-generation", pip_requirements=pip_requirements, **kwargs)
+    finally:
+        hub.HF_HUB_OFFLINE = old_hub
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
