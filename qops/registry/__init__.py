@@ -1,10 +1,10 @@
 """MLflow, in four modules: ``client`` (where the tracking server is, whether it answers), ``source`` (fetch the
-source model into the run folder), ``register`` (log and register one quantized model per run key, idempotently)
+source model into the run folder), ``registration`` (log and register one quantized model per run key, idempotently)
 and ``aliases`` (``candidate``/``champion``, promotion by policy)."""
 
 from qops.registry.aliases import promote, settle_aliases
 from qops.registry.client import MODELS_URI, configure_mlflow, mlflow_tracking_uri, reachable
-from qops.registry.register import (
+from qops.registry.registration import (
     RegisterResult,
     example_feed,
     first_version_for,

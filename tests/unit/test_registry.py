@@ -194,7 +194,7 @@ def test_a_registration_that_lost_the_race_removes_its_own_version(mlflow_uri, q
     """The race window, made deterministic: a second attempt whose look-up ran before the first attempt's version
     existed (``_find_version`` sees nothing) creates its own version, then finds the lower one for its run key,
     deletes its own and returns the first — never two live versions for one run key."""
-    import qops.registry as registry
+    import qops.registry.registration as registry
 
     first = _register(qmodel, card_files)
     monkeypatch.setattr(registry, "_find_version", lambda client, name, key: None)
