@@ -66,7 +66,7 @@ def main() -> int:
     from onnxruntime.quantization import quantize_dynamic, quantize_static
 
     from qops.data import onnx_io
-    from qops.evaluate import nearest_neighbors
+    from qops.evaluate.outputs import nearest_neighbors
     from qops.examples import news
     from qops.quantize.graph import model_size
     from qops.quantize.tune import gate_judge, tune

@@ -298,13 +298,14 @@ def json_checks(path):
 
 
 def test_neighbor_agreement_counts_rows_whose_nearest_neighbour_changes():
-    from qops.evaluate import _side, nearest_neighbors
+    from qops.evaluate.metrics import model_side
+    from qops.evaluate.outputs import nearest_neighbors
 
     ref = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
     assert nearest_neighbors(ref).tolist() == [1, 0, 3, 2]
     moved = ref.copy()
     moved[1] = [0.2, 0.8]  # row 1 now sits next to rows 2 and 3
-    side = _side("embedding", moved, ref, None, "embeddings")
+    side = model_side("embedding", moved, ref, None, "embeddings")
     # row 1's neighbour becomes row 3 and row 0 (whose neighbour was row 1) keeps it: only row 1 changes
     assert side.rows["neighbor_agreement"].tolist() == [1.0, 0.0, 1.0, 1.0]
 

@@ -10,7 +10,8 @@ from pydantic import ValidationError
 
 from qops import stats
 from qops.errors import SpecError
-from qops.evaluate import _side, fairness_values, output_semantics
+from qops.evaluate.metrics import model_side, output_semantics
+from qops.evaluate.slices import fairness_values
 from qops.gates import gate
 from qops.spec import GateSpec, InconclusiveSpec, MetricThreshold, parse_spec
 
@@ -171,9 +172,9 @@ def test_outputs_are_read_once_from_the_fp32_model():
     ref = np.array([[0.2], [0.7], [0.4], [0.9]])
     out = np.array([[-0.01], [0.71], [0.41], [0.88]])  # the quantized model dips just below 0 on one row
     assert output_semantics("classification", ref, "auto") == "probabilities"
-    same = _side("classification", out, ref, None, output_semantics("classification", ref, "auto"))
+    same = model_side("classification", out, ref, None, output_semantics("classification", ref, "auto"))
     assert same.rows["agreement"].tolist() == [1.0, 1.0, 1.0, 1.0]
-    as_logits = _side("classification", out, ref, None, "logits")  # declared logits: both cut at 0
+    as_logits = model_side("classification", out, ref, None, "logits")  # declared logits: both cut at 0
     assert as_logits.pred.tolist() == [0, 1, 1, 1] and as_logits.rows["agreement"].tolist() == [0.0, 1, 1, 1]
     assert output_semantics("classification", np.array([[2.0, -1.0]]), "auto") == "logits"
     assert output_semantics("classification", np.array([[0.3, 0.7], [0.5, 0.5]]), "auto") == "probabilities"
@@ -182,13 +183,13 @@ def test_outputs_are_read_once_from_the_fp32_model():
 def test_bootstrap_fairness_definitions_match_fairlearn():
     from fairlearn.metrics import demographic_parity_difference, equalized_odds_difference
 
-    from qops.evaluate import _Side
+    from qops.evaluate.metrics import Side
 
     rng = np.random.default_rng(3)
     y = rng.integers(0, 2, 300)
     pred = np.where(rng.random(300) < 0.8, y, 1 - y)
     sens = rng.choice(["a", "b", "c"], 300)
-    side = _Side(pred=pred, score=None, rows={"correct": (pred == y).astype(float)})
+    side = Side(pred=pred, score=None, rows={"correct": (pred == y).astype(float)})
     codes = np.array([["a", "b", "c"].index(s) for s in sens])
     v = fairness_values(y, side, codes, 3, np.arange(300)[None, :], "accuracy")
     assert v["demographic_parity_difference"][0] == pytest.approx(
