@@ -68,8 +68,9 @@ def main() -> int:
     from qops.data import onnx_io
     from qops.evaluate.outputs import nearest_neighbors
     from qops.examples import news
+    from qops.gates import gate_judge
     from qops.quantize.graph import model_size
-    from qops.quantize.tune import gate_judge, tune
+    from qops.quantize.tune import tune
     from qops.spec import GateSpec, TuningSpec
     from qops.targets import get_target
 

@@ -190,7 +190,8 @@ def cmd_quantize(args) -> int:
 
     options = _options(args.option)
     if args.tune:
-        from qops.quantize.tune import gate_judge, tune
+        from qops.gates import gate_judge
+        from qops.quantize.tune import tune
         from qops.spec import TuningSpec
 
         if not args.validation:

@@ -12,10 +12,11 @@ multiplicity (Holm by default). The statistics live in :mod:`qops.stats`; docs/g
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 from qops import stats
 from qops.artifacts import to_jsonable
-from qops.evaluate import FAIRNESS_METRICS, higher_is_better
+from qops.evaluate import FAIRNESS_METRICS, evaluate_with_gates, higher_is_better
 from qops.spec import GateSpec
 
 
@@ -351,3 +352,26 @@ def _f(v, signed: bool = False) -> str:
     if v is None:
         return "n/a"
     return f"{v:+.4f}" if signed else f"{v:.4f}"
+
+
+def gate_judge(fp32_model, validation, label, gates, *, slice_columns=None, features=None, intersections=None,
+               latency_runs: int = 200, bootstrap: int = 200) -> Callable[[object], dict]:
+    """The tuner's usual judge (:func:`qops.quantize.tune.tune` takes any ``QuantizeResult -> dict`` callable):
+    :func:`qops.evaluate.evaluate_with_gates` on the validation set (fewer resamples and timed runs than the
+    evaluate stage) and :func:`gate` with the given GateSpec."""
+    def judge(res) -> dict:
+        ev = evaluate_with_gates(fp32_model, res.model_path, validation, gates, label=label,
+                                 slice_columns=slice_columns or [], intersections=intersections, features=features,
+                                 target=res.recipe, latency_runs=latency_runs, bootstrap=bootstrap)
+        verdict = gate(ev, gates)
+        primary = ev.overall[ev.primary_metric]
+        failing = [c.name.split(":", 1)[1][:-1] for c in verdict.checks
+                   if c.name.startswith("slice_drop[") and (not c.passed or c.status == "failed")]
+        return {"passed": verdict.passed, "failing_slices": list(dict.fromkeys(failing)),
+                "max_latency_ratio": gates.max_latency_ratio,
+                "failures": [f"{c.name}: {c.detail}" for c in verdict.checks if not c.passed],
+                "latency_ratio": ev.performance["latency_ratio"], "size_ratio": ev.performance["size_ratio"],
+                "fidelity": ev.fidelity,
+                "metrics": {ev.primary_metric: {"fp32": primary["fp32"], "quantized": primary["quantized"]}}}
+
+    return judge

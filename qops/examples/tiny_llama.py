@@ -28,8 +28,7 @@ import pandas as pd
 
 from qops.artifacts import atomic_dir, write_json_atomic
 from qops.examples.news import load_corpus, write_splits
-from qops.registry import log_transformers_model
-from qops.registry import configure_mlflow, serving_requirements
+from qops.registry import configure_mlflow, log_transformers_model, serving_requirements
 
 log = logging.getLogger(__name__)
 

@@ -11,11 +11,12 @@ from qops.artifacts import read_json, to_jsonable, write_json_atomic
 from qops.data import Tabular, kind_from_spec, onnx_io, read_table
 from qops.errors import QopsError
 from qops.evaluate import evaluate_with_gates
+from qops.gates import gate_judge
 from qops.modality.base import unsupported
 from qops.qat.job import resolve_mode, run_qat, task_labels
 from qops.qat.plan import config_for, plan_for
 from qops.quantize import quantize
-from qops.quantize.tune import gate_judge, tune
+from qops.quantize.tune import tune
 from qops.registry import configure_mlflow, fetch_source_model
 from qops.run_folder import RunLayout
 

@@ -272,9 +272,8 @@ def test_pipeline_finetunes_quantizes_gates_cards_and_registers(llm, tmp_path, m
     import mlflow
     from mlflow import MlflowClient
 
-    from qops.registry import log_transformers_model
     from qops.pipeline import run_pipeline
-    from qops.registry import serving_requirements
+    from qops.registry import log_transformers_model, serving_requirements
 
     with mlflow.start_run():  # the retraining job's side: a transformers-flavored model with alias champion
         logged = log_transformers_model(llm["hf"], serving_requirements(True), registered_model_name="tiny-src")

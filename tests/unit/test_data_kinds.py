@@ -391,8 +391,9 @@ def test_pt2_program_with_several_inputs_exports_to_onnx_with_their_names(tmp_pa
 
 def test_gptq_and_node_fallback_run_on_named_input_feeds(tmp_path):
     """INT4 GPTQ calibrates on the .npz feeds; tuning ranks nodes and falls back over the same named inputs."""
+    from qops.gates import gate_judge
     from qops.quantize import quantize
-    from qops.quantize.tune import gate_judge, tune
+    from qops.quantize.tune import tune
     from qops.spec import GateSpec, TuningSpec
     from qops.targets import get_target
 

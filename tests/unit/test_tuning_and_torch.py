@@ -353,7 +353,7 @@ def side_path(tmp_path):
     """The planted side-path model, its calibration and validation sets, and a judge with the spec's gates."""
     from planted_models import side_path_data, side_path_model
 
-    from qops.quantize.tune import gate_judge
+    from qops.gates import gate_judge
 
     fp32 = side_path_model(tmp_path / "m.onnx")
     side_path_data(1).to_parquet(tmp_path / "cal.parquet")
