@@ -34,7 +34,7 @@ def test_user_registered_target(monkeypatch):
     try:
         assert get_target("my_board_int8").hardware == "x"
     finally:
-        t._REGISTRY.pop("my_board_int8")
+        t.unregister_target("my_board_int8")
 
 
 def test_invalid_recipe_is_rejected_with_fix():

@@ -432,10 +432,10 @@ def test_every_recipe_field_rejects_a_wrong_value_naming_the_option():
     import dataclasses
     import typing
 
-    from qops.targets import Recipe, _field_types
+    from qops.targets import Recipe, field_types
 
     recipe = get_target("x86_64_vnni_int8")
-    hints = _field_types()
+    hints = field_types()
     checked = 0
     for f in dataclasses.fields(Recipe):
         if f.name in ("target", "version"):

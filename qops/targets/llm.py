@@ -1,0 +1,78 @@
+"""Decoder-LLM targets (``model_kind: causal_lm``): INT4 (RTN, GPTQ, HQQ, k-quant) and NF4 as ONNX Runtime
+GenAI models, and torchao's INT4/FP8 on CUDA."""
+
+from __future__ import annotations
+
+from qops.targets.recipe import Recipe
+from qops.targets.registry import register_target
+
+
+def _llm_int4(name: str, algorithm: str, what: str) -> Recipe:
+    return Recipe(
+        target=name,
+        description=f"Decoder LLMs on CPUs: INT4 weight-only MatMulNBits ({what}), block 32, accuracy_level 4 "
+        "(int8 compute), lm_head 8-bit, embeddings 4-bit GatherBlockQuantized; ONNX Runtime (GenAI-compatible "
+        "folder).",
+        hardware="x86-64 / ARM64 CPUs (ONNX Runtime MatMulNBits kernels)",
+        mode="weight_only", precision="int4", weight_type="int4", algorithm=algorithm, block_size=32,
+        op_types=("MatMul", "Gather"), quant_format="QOperator", model_kind="causal_lm", arch=None,
+    )
+
+
+@register_target("llm_int4_rtn")
+def _llm_rtn() -> Recipe:
+    return _llm_int4("llm_int4_rtn", "rtn", "round-to-nearest, symmetric")
+
+
+@register_target("llm_int4_gptq")
+def _llm_gptq() -> Recipe:
+    return _llm_int4("llm_int4_gptq", "gptq", "GPTQ on calibration windows with the KV-cache inputs")
+
+
+@register_target("llm_int4_hqq")
+def _llm_hqq() -> Recipe:
+    return _llm_int4("llm_int4_hqq", "hqq", "HQQ, calibration-free half-quadratic zero points and scales")
+
+
+@register_target("llm_int4_kquant")
+def _llm_kquant() -> Recipe:
+    return _llm_int4("llm_int4_kquant", "k_quant", "k-quant, llama.cpp-style scale search")
+
+
+@register_target("llm_nf4")
+def _llm_nf4() -> Recipe:
+    return Recipe(
+        target="llm_nf4",
+        description="Decoder LLMs: NF4 (the bitsandbytes/QLoRA 4-bit NormalFloat code) as ONNX MatMulBnb4, block 64, "
+        "FP32 absmax per block (no double quantization in this format), lm_head 8-bit; ONNX Runtime CPU or CUDA.",
+        hardware="any (ONNX Runtime MatMulBnb4 kernels: CPU, CUDA)",
+        mode="weight_only", precision="nf4", weight_type="uint4", block_size=64, op_types=("MatMul",),
+        quant_format="QOperator", model_kind="causal_lm", arch=None,
+    )
+
+
+@register_target("llm_gpu_int4")
+def _llm_gpu_int4() -> Recipe:
+    return Recipe(
+        target="llm_gpu_int4",
+        description="Decoder LLMs on NVIDIA GPUs: torchao Int4WeightOnlyConfig (group 128) on the BF16 checkpoint, "
+        "PyTorch serving (transformers TorchAoConfig).",
+        hardware="NVIDIA GPU, compute capability >= 8.0 (Ampere+)",
+        mode="weight_only", precision="int4", weight_type="int4", engine="torchao", torch_method="int4_weight_only",
+        block_size=128, op_types=("Linear",), lm_head="int8", runtime="torch+torchao", execution_provider="CUDA",
+        device="cuda", min_compute_capability=(8, 0), queue="gpu", model_kind="causal_lm", arch=None,
+    )
+
+
+@register_target("llm_gpu_fp8")
+def _llm_gpu_fp8() -> Recipe:
+    return Recipe(
+        target="llm_gpu_fp8",
+        description="Decoder LLMs on Hopper/Ada: torchao Float8DynamicActivationFloat8WeightConfig (per-row "
+        "scales, e4m3) on the BF16 checkpoint, PyTorch serving.",
+        hardware="NVIDIA H100/H200 (sm_90) or Ada (sm_89)",
+        mode="dynamic", precision="fp8", engine="torchao", torch_method="float8_dynamic",
+        weight_type="float8e4m3fn", activation_type="float8e4m3fn", symmetric_activations=True,
+        op_types=("Linear",), runtime="torch+torchao", execution_provider="CUDA", device="cuda",
+        min_compute_capability=(8, 9), queue="gpu", model_kind="causal_lm", arch=None,
+    )
