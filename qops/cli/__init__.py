@@ -307,6 +307,3 @@ def main(argv: list[str] | None = None) -> int:
               "the tracking URI, the model name and version, and the server's log.", file=sys.stderr)
         return 2
 
-
-if __name__ == "__main__":
-    sys.exit(main())
