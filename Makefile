@@ -3,13 +3,14 @@
 #               German Credit (tabular MLP) and news topics (the pretrained all-MiniLM-L6-v2 transformer)
 #   make demo-llm  the decoder-LLM example: a small Llama trained offline, INT4 (RTN, GPTQ, k-quant) and NF4
 #   make demo-image  the image example: the ImageNet-pretrained EfficientNet-Lite0 on crops of real photos
+#   make lint   ruff (pinned): unused imports and names, import order
 #   make test   run the test suite
 PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.qops-installed
 
-.PHONY: install demo demo-credit demo-text demo-llm demo-image test test-unit clean mlflow-ui
+.PHONY: install demo demo-credit demo-text demo-llm demo-image lint test test-unit clean mlflow-ui
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +34,9 @@ demo-llm: $(STAMP)
 
 demo-image: $(STAMP)
 	QOPS_DEMO_EXAMPLES=lite0_photos bash scripts/demo.sh
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check qops operators tests bench scripts dags
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -58,6 +58,8 @@ def test_dockerfile_copies_existing_paths_and_uses_constraints():
         for src in srcs:
             assert (REPO / src).exists(), src
     assert "-c constraints.txt" in text and "torch==2.13.0" in text
+    # installed as the wheel test installs it: built from pyproject.toml + setup.py, never editable
+    assert "setup.py" in text and '".[production]"' in text and "pip install -e" not in text
 
 
 def test_torch_pinned_exactly_and_all_dependencies_constrained():
@@ -98,29 +100,88 @@ def test_compose_runs_what_the_native_stack_runs():
     assert services["mlflow"]["environment"]["MLFLOW_WEBHOOK_ALLOWED_SCHEMES"] == "http,https"
 
 
-def test_the_wheel_holds_every_package_and_its_data(tmp_path):
-    """What `pip install .` (and so docker/Dockerfile) installs is what the tests test: every directory of qops/
-    and operators/ with Python files is in the built wheel, with the card templates, schema and datasets."""
+def build_wheel(tmp_path) -> Path:
+    """The wheel `pip install .` builds, from a clean copy of the tracked sources: a stale build/ folder in the
+    checkout would hide a missing package."""
     import shutil
     import subprocess
     import sys
-    import zipfile
 
-    src = tmp_path / "src"  # a clean copy: a stale build/ folder in the checkout would hide a missing package
+    src = tmp_path / "src"
     ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "build")
     for part in ("qops", "operators"):
         shutil.copytree(REPO / part, src / part, ignore=ignore)
-    for f in ("pyproject.toml", "README.md"):
+    for f in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copy(REPO / f, src / f)
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
                         str(tmp_path), str(src)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     (wheel,) = tmp_path.glob("qops-*.whl")
-    names = set(zipfile.ZipFile(wheel).namelist())
-    dirs = {p.parent for p in (REPO / "qops").rglob("*.py") if "__pycache__" not in p.parts}
-    for d in dirs:
-        assert f"{d.relative_to(REPO).as_posix()}/__init__.py" in names, d
+    return wheel
+
+
+def test_the_wheel_holds_every_package_and_its_data(tmp_path):
+    """Every directory of qops/ and operators/ with Python files is in the built wheel (packages are discovered,
+    not listed), with the card templates, schema and datasets."""
+    import zipfile
+
+    names = set(zipfile.ZipFile(build_wheel(tmp_path)).namelist())
+    for root, pkg in ((REPO / "qops", "qops"), (REPO / "operators", "qops_airflow")):
+        for d in {p.parent for p in root.rglob("*.py") if "__pycache__" not in p.parts}:
+            assert f"{pkg}/{d.relative_to(root).as_posix()}/__init__.py".replace("/./", "/") in names, d
     assert {"qops_airflow/__init__.py", "qops_airflow/operators.py", "qops_airflow/dag_factory.py"} <= names
     for data in ("qops/cards/templates/card.md.j2", "qops/cards/schema/card-1.0.schema.json"):
         assert data in names, data
     assert any(n.startswith("qops/datasets/data/") and n.endswith(".csv") for n in names)
+
+
+INSTALLED_CHECK = """
+import importlib, json, pkgutil, sys
+from pathlib import Path
+import qops, qops_airflow
+from qops.spec import load_spec
+out = {"qops": qops.__file__, "qops_airflow": qops_airflow.__file__, "modules": 0, "specs": []}
+for pkg in (qops, qops_airflow):
+    for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."):
+        if m.name.endswith("__main__"):
+            continue
+        importlib.import_module(m.name)
+        out["modules"] += 1
+for spec in sorted(Path(sys.argv[1]).glob("*.yaml")):
+    out["specs"].append(load_spec(spec).name)
+print(json.dumps(out))
+"""
+
+
+def test_the_built_wheel_installs_and_works_outside_the_checkout(tmp_path):
+    """The wheel installed non-editable into a fresh virtual environment (the pinned dependencies reused from this
+    environment's site-packages, as a path after its own) imports every module from its own site-packages, loads
+    every example spec and runs `qops targets` — what docker/Dockerfile's `pip install .` gives a worker."""
+    import json
+    import os
+    import site
+    import subprocess
+    import sys
+    import venv
+
+    wheel = build_wheel(tmp_path)
+    env_dir = tmp_path / "fresh"
+    venv.EnvBuilder(with_pip=False).create(env_dir)
+    py = env_dir / "bin" / "python"
+    own = subprocess.run([str(py), "-c", "import site; print(site.getsitepackages()[0])"], capture_output=True,
+                         text=True, check=True).stdout.strip()
+    # dependencies from here, after the fresh site-packages; .pth files there (the editable qops) are not run
+    (Path(own) / "pinned_deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    r = subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "--no-index", "-q",
+                        str(wheel)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    r = subprocess.run([str(py), "-c", INSTALLED_CHECK, str(REPO / "dags" / "specs")], capture_output=True, text=True,
+                       cwd=tmp_path, env=clean)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["qops"].startswith(own) and out["qops_airflow"].startswith(own), out  # the wheel, not the checkout
+    assert out["modules"] >= 80 and len(out["specs"]) == len(list((REPO / "dags" / "specs").glob("*.yaml")))
+    r = subprocess.run([str(env_dir / "bin" / "qops"), "targets"], capture_output=True, text=True, cwd=tmp_path,
+                       env=clean)
+    assert r.returncode == 0 and "x86_64_vnni_int8" in r.stdout, r.stderr[-2000:]
