@@ -14,7 +14,7 @@ shape), on the CUDA device:
   News text) through ``qops.llm``: perplexity change, next-token agreement and KL against the FP32 model on CUDA,
   time to first token and decode tokens/s at batch 1 with the KV cache (on a CPU dry run: the targets' errors);
 - QAT with the ``gpu`` queue's schemes (``float8_dynamic``, ``int4_weight_only_cuda``) through the job the qat stage
-  runs (``qops.qat_job.qat_files``): training on CUDA, convert, ``.pt2`` saved and run back (a CPU scheme on a dry
+  runs (``qops.qat.job.qat_files``): training on CUDA, convert, ``.pt2`` saved and run back (a CPU scheme on a dry
   run).
 
 Writes ``$OUT/gpu_check.json`` and ``$OUT/gpu_check.md``.
@@ -339,7 +339,7 @@ def main() -> int:
                       f"{row['cosine']:.5f} | {sq} | {row.get('top1', '—')} | "
                       f"{'' if row['size_mb'] is None else format(row['size_mb'], '.2f')} | {row['note']} |")
         md.append("")
-    md += ["### QAT on the gpu queue's schemes (MLP 64x256x4, distillation, qops.qat_job.qat_files)", "",
+    md += ["### QAT on the gpu queue's schemes (MLP 64x256x4, distillation, qops.qat.job.qat_files)", "",
            "| scheme | steps | loss first → last | train s | size KB | top-1 vs FP32 | note |",
            "|---|---:|---|---:|---:|---:|---|"]
     for q in qat_rows:

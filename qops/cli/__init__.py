@@ -250,9 +250,10 @@ def cmd_summary(args) -> int:
 
     from qops.artifacts import read_json
     from qops.pipeline import format_summary
+    from qops.run_folder import LATEST_SUMMARY
 
     path = Path(args.path)
-    if path.name == "latest_summary.json":
+    if path.name == LATEST_SUMMARY:
         path = Path(read_json(path)["summary"])
     summary = read_json(path)
     print(format_summary(summary))

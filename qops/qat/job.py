@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import ValidationError
 
-from qops.artifacts import sha256_file, write_json_atomic
+from qops.artifacts import sha256_file, to_jsonable, write_json_atomic
 from qops.data import data_kind, onnx_io, read_table
 from qops.errors import QopsError
 from qops.evaluate import output_fidelity, run_model
@@ -39,7 +39,7 @@ from qops.qat import export as qat_export
 from qops.qat.config import QatConfig
 from qops.qat.plan import QatPlan, config_for, plan_for, require_cuda_for
 from qops.qat.train import convert, holdout_split, train_qat
-from qops.quantize import quantize
+from qops.quantize import QuantizeResult, quantize
 from qops.quantize.graph import check_model, choose_mode
 from qops.quantize.torch_engine import linear_modules
 from qops.registry import fetch_source_model
@@ -171,15 +171,14 @@ def run_qat(*, source_onnx: str, program: str, recipe, plan: QatPlan, cfg: QatCo
                    "min/max over the training batches)", nodes_to_exclude=[])
     elif plan.output == "onnx_matmulnbits":
         rec.update(block_size=plan.group_size, algorithm="qat", granularity=f"block-wise ({plan.group_size})")
-    out = {
-        "target": recipe.target, "model_path": str(path), "model_sha256": sha256_file(path),
-        "source_path": source_onnx if plan.output != "pt2" else program,
-        "source_sha256": sha256_file(source_onnx if plan.output != "pt2" else program), "size_bytes": size,
-        "source_size_bytes": src_size, "size_ratio": round(size / src_size, 4), "recipe": rec,
-        "mode": mode, "calibration_path": None, "notes": notes, "seconds": round(time.perf_counter() - t0, 2),
-        "qat": {"plan": asdict(plan), "training": asdict(res), "program": str(program),
-                "program_onnx_max_rel_diff": diff, "export": detail},
-    }
+    src = source_onnx if plan.output != "pt2" else program
+    out = to_jsonable(QuantizeResult(
+        target=recipe.target, model_path=str(path), model_sha256=sha256_file(path), recipe_path="",
+        source_path=str(src), source_sha256=sha256_file(src), size_bytes=size, source_size_bytes=src_size,
+        size_ratio=round(size / src_size, 4), calibration_path=None, calibration_rows=0,
+        seconds=round(time.perf_counter() - t0, 2), recipe=rec, mode=mode, engine=recipe.engine, notes=notes,
+        qat={"plan": asdict(plan), "training": asdict(res), "program": str(program),
+             "program_onnx_max_rel_diff": diff, "export": detail}))
     write_json_atomic(out_dir / "qat_result.json", out)
     return out
 

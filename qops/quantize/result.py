@@ -45,6 +45,7 @@ class QuantizeResult:
     trials: list = field(default_factory=list)  # accuracy-aware tuning: one row per candidate
     tuning: dict = field(default_factory=dict)
     passed: bool | None = None  # tuning: whether the written candidate passed the gates (None: not tuned)
+    qat: dict = field(default_factory=dict)  # QAT: plan, training history, export check (empty for PTQ)
 
 
 def check_output_path(model: str | os.PathLike, output: str | os.PathLike) -> None:
