@@ -33,7 +33,7 @@ from qops.evaluate.metrics import (
 )
 from qops.evaluate.outputs import fp32_outputs, run_model
 from qops.evaluate.slices import slice_fairness, slice_keys
-from qops.metric_names import (  # noqa: F401 - re-exported: gates and cards read them from here
+from qops.metric_names import (
     CLASSIFICATION_METRICS,
     EMBEDDING_METRICS,
     FAIRNESS_METRICS,

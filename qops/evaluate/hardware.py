@@ -11,14 +11,6 @@ from pathlib import Path
 import numpy as np
 
 from qops.evaluate.outputs import model_session
-from qops.metric_names import (  # noqa: F401 - re-exported: gates and cards read them from here
-    CLASSIFICATION_METRICS,
-    EMBEDDING_METRICS,
-    FAIRNESS_METRICS,
-    FIDELITY_METRICS,
-    HIGHER_IS_BETTER,
-    REGRESSION_METRICS,
-)
 from qops.quantize.graph import model_size
 
 

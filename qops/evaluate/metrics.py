@@ -13,10 +13,9 @@ import pandas as pd
 
 from qops.errors import DataError
 from qops.evaluate.outputs import nearest_neighbors
-from qops.metric_names import (  # noqa: F401 - re-exported: gates and cards read them from here
+from qops.metric_names import (
     CLASSIFICATION_METRICS,
     EMBEDDING_METRICS,
-    FAIRNESS_METRICS,
     FIDELITY_METRICS,
     HIGHER_IS_BETTER,
     REGRESSION_METRICS,

@@ -10,14 +10,6 @@ import numpy as np
 
 from qops.data import DataKind, iter_feeds, onnx_io
 from qops.errors import DataError, ModelError
-from qops.metric_names import (  # noqa: F401 - re-exported: gates and cards read them from here
-    CLASSIFICATION_METRICS,
-    EMBEDDING_METRICS,
-    FAIRNESS_METRICS,
-    FIDELITY_METRICS,
-    HIGHER_IS_BETTER,
-    REGRESSION_METRICS,
-)
 from qops.runtime import open_session
 
 FP32_CACHE: dict = {}  # FP32 outputs of the last (file, rows) evaluated: one entry

@@ -9,14 +9,6 @@ import numpy as np
 import pandas as pd
 
 from qops.evaluate.metrics import PAIRED_BINARY, Scorer, Side
-from qops.metric_names import (  # noqa: F401 - re-exported: gates and cards read them from here
-    CLASSIFICATION_METRICS,
-    EMBEDDING_METRICS,
-    FAIRNESS_METRICS,
-    FIDELITY_METRICS,
-    HIGHER_IS_BETTER,
-    REGRESSION_METRICS,
-)
 
 
 def slice_keys(df: pd.DataFrame, dims: list[list[str]]) -> list[tuple[str, str, np.ndarray]]:

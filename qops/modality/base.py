@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Protocol
 
 from qops.errors import QopsError
+from qops.registry import configure_mlflow
 from qops.run_folder import RunLayout
 
 
@@ -38,3 +39,9 @@ class Modality(Protocol):
 
 def unsupported(modality: str, what: str, fix: str):
     raise QopsError(f"{what} does not apply to {modality} models.", fix)
+
+
+def registry_for(spec, uri: str) -> None:
+    """A ``models:/`` source is read from the spec's MLflow registry: point the client at it first."""
+    if uri.startswith("models:/"):
+        configure_mlflow(spec.mlflow.tracking_uri, spec.mlflow.registry_uri)

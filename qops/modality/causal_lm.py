@@ -17,9 +17,8 @@ from qops.llm.evaluate import artifact_size, evaluate_llm
 from qops.llm.qlora import run_qlora
 from qops.llm.quantize import model_digest, quantize_onnx_llm, quantize_torch_llm
 from qops.llm.source import GENAI_FILES, LlmInfo, export_onnx, resolve_hf_dir
-from qops.modality.base import unsupported
+from qops.modality.base import registry_for, unsupported
 from qops.quantize import QuantizeResult
-from qops.registry import configure_mlflow
 from qops.run_folder import RunLayout
 
 
@@ -43,8 +42,7 @@ class CausalLmModality:
     name = "causal_lm"
 
     def source(self, spec, layout: RunLayout, uri: str) -> dict:
-        if uri.startswith("models:/"):
-            configure_mlflow(spec.mlflow.tracking_uri, spec.mlflow.registry_uri)
+        registry_for(spec, uri)
         src = resolve_hf_dir(uri, layout.root)
         src.update(info=LlmInfo.from_hf(src["hf_dir"]).__dict__, pt2_path=None, path=None,
                    base_hf_dir=src["hf_dir"])

@@ -12,12 +12,12 @@ from qops.data import Tabular, kind_from_spec, onnx_io, read_table
 from qops.errors import QopsError
 from qops.evaluate import evaluate_with_gates
 from qops.gates import gate_judge
-from qops.modality.base import unsupported
+from qops.modality.base import registry_for, unsupported
 from qops.qat.job import resolve_mode, run_qat, task_labels
 from qops.qat.plan import config_for, plan_for
 from qops.quantize import quantize
 from qops.quantize.tune import tune
-from qops.registry import configure_mlflow, fetch_source_model
+from qops.registry import fetch_source_model
 from qops.run_folder import RunLayout
 
 log = logging.getLogger(__name__)
@@ -63,8 +63,7 @@ class GraphModality:
     name = "graph"
 
     def source(self, spec, layout: RunLayout, uri: str) -> dict:
-        if uri.startswith("models:/"):
-            configure_mlflow(spec.mlflow.tracking_uri, spec.mlflow.registry_uri)
+        registry_for(spec, uri)
         out = to_jsonable(fetch_source_model(uri, layout.root))
         write_json_atomic(layout.source, out)
         return out

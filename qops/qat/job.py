@@ -1,23 +1,7 @@
-"""The QAT job of one target: which engine and scheme serve the target, the trainable FP32 program, training on
-the spec's data, and the deployment artifact in the target's format.
-
-Targets and what QAT produces for them (:func:`plan_for`):
-
-- ONNX Runtime INT8 targets (static, dynamic, auto): PT2E QAT (``prepare_qat_pt2e`` with torchao's
-  ``X86InductorQuantizer`` in QAT mode), ``convert_pt2e``, then ``torch.onnx`` (dynamo) writes ONNX QDQ
-  (``QuantizeLinear``/``DequantizeLinear`` around the float ops, INT8 weights), which ONNX Runtime fuses into
-  integer kernels like the PTQ model's.
-- ONNX Runtime INT4 weight-only (``MatMulNBits``): torchao ``IntxWeightOnlyConfig`` (int4, groups of the target's
-  block size) through ``QATConfig``; the converted layers' own integers and scales are written as ``MatMulNBits``
-  into the FP32 ONNX graph, each layer checked against torchao's dequantized weight
-  (:mod:`qops.quantize.qat_export`). Re-quantizing the trained weights with ONNX Runtime's RTN would use another
-  scale grid and lose part of what training bought.
-- torchao targets (``torch_*``, ``nvidia_hopper_fp8``): the matching torchao or PT2E scheme, saved as a ``.pt2``
-  program like the PTQ path's.
-
-CUDA schemes (``int4_weight_only_cuda``, ``float8_dynamic``) run on the ``gpu`` queue; on a worker without CUDA
-they fail with an error naming the queue.
-"""
+"""The QAT job of one target: the trainable FP32 program (checked against the ONNX model it was exported from),
+training on the given rows (:mod:`qops.qat.train`), and the deployment artifact in the target's format
+(:mod:`qops.qat.export`); which engine and scheme serve a target is :mod:`qops.qat.plan`. :func:`qat_files` is
+``qops qat``: the same job outside a pipeline, with the FP32/PTQ/QAT report on held-out rows."""
 
 from __future__ import annotations
 

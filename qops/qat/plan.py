@@ -10,7 +10,7 @@ Targets and what QAT produces for them (:func:`plan_for`):
 - ONNX Runtime INT4 weight-only (``MatMulNBits``): torchao ``IntxWeightOnlyConfig`` (int4, groups of the target's
   block size) through ``QATConfig``; the converted layers' own integers and scales are written as ``MatMulNBits``
   into the FP32 ONNX graph, each layer checked against torchao's dequantized weight
-  (:mod:`qops.quantize.qat_export`). Re-quantizing the trained weights with ONNX Runtime's RTN would use another
+  (:mod:`qops.qat.export`). Re-quantizing the trained weights with ONNX Runtime's RTN would use another
   scale grid and lose part of what training bought.
 - torchao targets (``torch_*``, ``nvidia_hopper_fp8``): the matching torchao or PT2E scheme, saved as a ``.pt2``
   program like the PTQ path's.
