@@ -71,6 +71,34 @@ def test_dag_factory_builds_the_pipeline_from_the_spec(monkeypatch, tmp_path):
     assert dag.get_task("fail_run_if_any_task_failed").upstream_task_ids == ids - {"fail_run_if_any_task_failed"}
 
 
+def test_the_dag_and_qops_run_read_one_stage_table(monkeypatch, tmp_path):
+    """Every task of the DAG is a (stage, target) of the plan `qops run` executes, with the table's queue, retries
+    and trigger rule, and nothing else but the watcher."""
+    import yaml
+
+    monkeypatch.setenv("QOPS_HOME", str(tmp_path))
+    from qops.pipeline import plan
+    from qops.spec import load_spec
+    from qops_airflow.dag_factory import build_quantization_dag
+
+    raw = yaml.safe_load((REPO / "dags" / "specs" / "german_credit.yaml").read_text())
+    raw["mlflow"]["promotion"] = {"alias": "production"}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
+    spec = load_spec(tmp_path / "spec.yaml")
+    dag = build_quantization_dag(tmp_path / "spec.yaml", dag_id="t")
+    steps = plan(spec)
+    ids = {f"{t}.{st.task_id}" if t else st.task_id: (st, t) for st, t in steps}
+    assert set(dag.task_ids) == set(ids) | {"fail_run_if_any_task_failed"}
+    assert [st.name for st, t in steps if t == "arm64_int8"] == ["quantize", "evaluate", "gate", "qat", "card",
+                                                                   "register", "promote"]
+    for task_id, (st, t) in ids.items():
+        task = dag.get_task(task_id)
+        assert (task.trigger_rule == "all_done") == st.after_failure, task_id
+        assert task.retries == (st.retries or task.retries), task_id
+        if st.queue(spec, t):
+            assert task.queue == st.queue(spec, t), task_id
+
+
 def test_dag_factory_adds_a_promote_task_when_the_spec_has_a_promotion_policy(monkeypatch, tmp_path):
     import yaml
 

@@ -78,6 +78,55 @@ def test_stage_subcommand_runs_the_operator_stages_in_a_run_folder(fp32_model, d
     tdir = tmp_path / "art" / "cli-stages" / "r1" / "targets" / "x86_64_int8_dynamic"
     assert {p.name for p in tdir.iterdir()} >= {"model.onnx", "quantize.json", "evaluation.json", "gate.json"}
 
+    # after the failed gate: the card documents it; register and promote skip by their own rules, as Airflow does
+    r = run("stage", "card", *common, "--target", "x86_64_int8_dynamic", "--json")
+    assert r.returncode == 0 and (tdir / "card" / "card.md").is_file(), r.stderr
+    r = run("stage", "register", *common, "--target", "x86_64_int8_dynamic", "--json")
+    assert r.returncode == 0 and "skipped: gates failed" in r.stderr, r.stderr
+    reg = json.loads((tdir / "register.json").read_text())
+    assert reg["skipped"] and not reg["registered"] and "register_failed is off" in reg["reason"]
+    r = run("stage", "promote", *common, "--target", "x86_64_int8_dynamic")
+    assert r.returncode == 0 and "no mlflow.promotion" in r.stderr
+    r = run("stage", "nonsense", *common)
+    assert r.returncode == 2 and "There is no stage 'nonsense'" in r.stderr
+
+
+def test_airflow_operators_skip_and_fail_where_qops_stage_does(fp32_model, data_dir, tmp_path, monkeypatch):
+    """The register operator skips on the register stage's own rule (a failed gate, register_failed off) and the
+    gate operator fails on the gate's rule after pushing the result — the decisions `qops stage` makes."""
+    from types import SimpleNamespace
+
+    import yaml
+    from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
+    from qops.pipeline import stage_calibrate, stage_evaluate, stage_quantize, stage_source
+    from qops.spec import load_spec
+    from qops_airflow.operators import QopsCardOperator, QopsGateOperator, QopsRegisterOperator
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    spec = {"name": "ops", "source_model": str(fp32_model), "targets": ["x86_64_int8_dynamic"],
+            "artifact_root": str(tmp_path / "art"),
+            "data": {"pool": str(data_dir / "pool.parquet"), "reference": str(data_dir / "train.parquet"),
+                     "validation": str(data_dir / "validation.parquet"), "label": "risk"},
+            "calibration": {"size": 80}, "gates": {"latency_runs": 20, "max_latency_ratio": 0.001}}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    loaded, t = load_spec(path), "x86_64_int8_dynamic"
+    stage_source(loaded, "r")
+    stage_calibrate(loaded, "r")
+    stage_quantize(loaded, "r", t)
+    stage_evaluate(loaded, "r", t)
+    pushed = {}
+    ti = SimpleNamespace(xcom_push=lambda key, value: pushed.__setitem__(key, value))
+    context = {"dag": SimpleNamespace(dag_id="d"), "ti": ti}
+    kw = {"spec_path": str(path), "run_key": "r", "target": t}
+    with pytest.raises(AirflowFailException, match="latency_ratio"):
+        QopsGateOperator(task_id="gate", **kw).execute(context)
+    assert pushed["gate_result"]["passed"] is False  # pushed before failing
+    assert QopsCardOperator(task_id="card", **kw).execute(context)["method"] == "ptq"
+    with pytest.raises(AirflowSkipException, match="gates failed for the PTQ model"):
+        QopsRegisterOperator(task_id="register", **kw).execute(context)
+
 
 def test_targets_table_lists_every_target_with_engine_and_queue():
     r = run("targets")

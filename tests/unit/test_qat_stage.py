@@ -165,9 +165,10 @@ def test_a_failing_ptq_target_becomes_a_registered_qat_champion(tmp_path, mlflow
     from mlflow import MlflowClient
 
     from qops.pipeline import run_pipeline
-    from qops.spec import load_spec
+    from qops.spec import PromotionSpec, load_spec
 
     spec = load_spec(_planted(tmp_path))
+    spec.mlflow.promotion = PromotionSpec(alias="production")  # qops run promotes as the DAG does (one stage table)
     s = run_pipeline(spec, run_id="r1", progress=False)
     row = s["targets"][0]
     assert (row["method"], row["ptq_gate"], row["gate"]) == ("qat", "failed", "passed"), row
@@ -187,6 +188,9 @@ def test_a_failing_ptq_target_becomes_a_registered_qat_champion(tmp_path, mlflow
     mv = MlflowClient().get_model_version_by_alias("model-x86-64-vnni-int8", "champion")
     assert mv.tags["qops.method"] == "qat" and mv.tags["qops.qat_scheme"] == "pt2e:int8_static"
     assert mv.tags["qops.model_sha256"] == json.loads((tdir / "qat" / "quantize.json").read_text())["model_sha256"]
+    promoted = json.loads((tdir / "promote.json").read_text())
+    assert promoted["promoted"] and MlflowClient().get_model_version_by_alias(
+        "model-x86-64-vnni-int8", "production").version == mv.version
 
     # when PTQ passes, ptq_fails leaves QAT out: loose gates, a second run
     loose = tmp_path / "loose"
