@@ -173,7 +173,8 @@ def test_failed_gate_fails_the_task_documents_it_and_registers_nothing(airflow_e
     assert gate["passed"] is False and gate["failed"] == ["latency_ratio"]
     card = next(tdir.glob("*/targets/x86_64_int8_dynamic/card/card.md")).read_text()
     assert "Gate verdict: FAILED" in card
-    assert not list(tdir.glob("*/targets/x86_64_int8_dynamic/register.json"))
+    reg = json.loads(next(tdir.glob("*/targets/x86_64_int8_dynamic/register.json")).read_text())
+    assert reg["skipped"] and not reg["registered"] and "register_failed is off" in reg["reason"]  # the task skipped
     names = {m.name for m in MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"]).search_registered_models()}
     assert "strict-x86-64-int8-dynamic" not in names and "german-credit-x86-64-int8-dynamic" in names
 
