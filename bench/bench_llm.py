@@ -1,12 +1,16 @@
 """Decoder-LLM benchmark: FP32 vs INT4 RTN / GPTQ / HQQ / k-quant vs NF4 on one model, one run.
 
-For each CPU target (and RTN with a 4-bit lm_head, to show the lm_head choice): file size, perplexity change,
+For each CPU target (and RTN with a 4-bit lm_head, to show the lm_head choice; the bitsandbytes targets as
+Transformers folders, compared with the FP32 checkpoint in PyTorch): file size, perplexity change,
 next-token agreement and KL against FP32 (validation windows, bootstrap intervals over documents), time to first
 token and decode tokens/s at batch 1 with the KV cache (interleaved with FP32), peak resident memory.
 
-    python bench/bench_llm.py [--model HF_DIR] [--steps 300] [--rows 200] [--out bench/results]
+    python bench/bench_llm.py [--model HF_DIR] [--steps 300] [--rows 200] [--outliers] [--out bench/results]
 
-Without --model it trains the example Llama (qops.examples.tiny_llama) first. Writes llm.json and llm.md.
+Without --model it trains the example Llama (qops.examples.tiny_llama) first. ``--outliers`` benchmarks a second
+model beside it: the same weights with real-LLM outlier channels (qops.examples.outliers: a few hidden channels
+scaled up after every RMSNorm and the consuming projections' input columns down, FP32 outputs unchanged), and
+reports each site's activation max/median before and after. Writes llm.json and llm.md.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 VARIANTS = [("llm_int4_rtn", {}), ("llm_int4_rtn", {"lm_head": "int4"}), ("llm_int4_gptq", {}),
-            ("llm_int4_hqq", {}), ("llm_int4_kquant", {}), ("llm_nf4", {})]
+            ("llm_int4_hqq", {}), ("llm_int4_kquant", {}), ("llm_nf4", {}), ("hf_bnb_nf4", {}), ("hf_bnb_int8", {})]
 
 # Published 4-bit results of real models, for context (WikiText-2 perplexity, FP16 -> 4-bit, group 128)
 PUBLISHED = [
@@ -43,6 +47,9 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--rows", type=int, default=200, help="validation documents scored")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--outliers", action="store_true", help="also benchmark the model with outlier channels")
+    ap.add_argument("--outlier-channels", type=int, default=4)
+    ap.add_argument("--outlier-scale", type=float, default=64.0)
     ap.add_argument("--render", action="store_true", help="only rewrite llm.md from an existing llm.json")
     args = ap.parse_args()
     if args.render:
@@ -57,6 +64,7 @@ def main() -> int:
 
     from qops.evaluate import worker_hardware
     from qops.examples.tiny_llama import TinyLlamaConfig, build, prepare_data
+    from qops.llm.bnb import quantize_bnb_llm
     from qops.llm.data import CausalLM, WindowReader
     from qops.llm.evaluate import evaluate_llm
     from qops.llm.quantize import quantize_onnx_llm
@@ -73,35 +81,49 @@ def main() -> int:
         trained = build(work / "hf", paths, TinyLlamaConfig(steps=args.steps))
         trained["train_s"] = round(time.perf_counter() - t0, 1)
         hf = work / "hf"
-    ex = export_onnx(hf, work / "fp32")
-    info = LlmInfo(**ex["info"])
-    kind = CausalLM("text", str(hf), 128, 64, 2, info.bos_token_id)
+    models = [("plain", hf)]
+    outliers = None
+    if args.outliers:
+        outliers = outlier_copy(hf, work / "hf-outliers", paths, args.outlier_channels, args.outlier_scale)
+        models.append(("outliers", work / "hf-outliers"))
     cal = pd.read_parquet(paths["pool"]).groupby("category").head(13)
-    rows = []
-    for target, opts in VARIANTS:
-        recipe = get_target(target, opts or None)
-        label = target + "".join(f" ({k}={v})" for k, v in opts.items())
-        reader = WindowReader(kind.windows(cal, "calibration", 1), info) if recipe.needs_calibration else None
-        t0 = time.perf_counter()
-        out = work / label.replace(" ", "_").replace("(", "").replace(")", "").replace("=", "-") / "model.onnx"
-        tech = quantize_onnx_llm(ex["path"], recipe, out, reader)
-        qs = time.perf_counter() - t0
-        ev = evaluate_llm(ex["path"], out, paths["validation"], kind, info, slice_columns=["category"],
-                          bootstrap=1000, target=recipe.to_dict(), max_rows=args.rows, speed_rounds=3)
-        o, p = ev.overall, ev.performance
-        rows.append({"variant": label, "quantize_s": round(qs, 2), "technique": tech,
-                     "size_bytes": p["size_bytes"], "perplexity": o["perplexity"],
-                     "perplexity_increase": o["perplexity_increase"], "agreement": o["agreement"],
-                     "kl_divergence": o["kl_divergence"], "ttft_ms": p["ttft_ms"],
-                     "decode_tokens_per_s": p["decode_tokens_per_s"], "peak_memory_bytes": p["peak_memory_bytes"],
-                     "worst_slice": max(((s["key"], s["metrics"]["perplexity_increase"]["quantized"])
-                                         for s in ev.slices), key=lambda kv: kv[1])})
-        print(label, json.dumps({k: rows[-1][k] for k in ("ttft_ms", "decode_tokens_per_s")}), flush=True)
+    rows, exports = [], {}
+    for name, folder in models:
+        ex = export_onnx(folder, work / f"fp32-{name}")
+        exports[name] = ex.get("export_check")
+        info = LlmInfo(**ex["info"])
+        kind = CausalLM("text", str(folder), 128, 64, 2, info.bos_token_id)
+        for target, opts in VARIANTS:
+            recipe = get_target(target, opts or None)
+            label = target + "".join(f" ({k}={v})" for k, v in opts.items())
+            reader = WindowReader(kind.windows(cal, "calibration", 1), info) if recipe.needs_calibration else None
+            t0 = time.perf_counter()
+            out = work / name / label.replace(" ", "_").replace("(", "").replace(")", "").replace("=", "-") / "model.onnx"
+            ref = ex["path"]
+            if recipe.engine == "bitsandbytes":  # a Transformers folder, compared with the FP32 checkpoint in torch
+                out, ref = out.parent, str(folder)
+                tech = quantize_bnb_llm(folder, recipe, out)
+            else:
+                tech = quantize_onnx_llm(ex["path"], recipe, out, reader)
+            qs = time.perf_counter() - t0
+            ev = evaluate_llm(ref, out, paths["validation"], kind, info, slice_columns=["category"],
+                              bootstrap=1000, target=recipe.to_dict(), max_rows=args.rows, speed_rounds=3)
+            o, p = ev.overall, ev.performance
+            rows.append({"model": name, "variant": label, "runtime": recipe.runtime, "quantize_s": round(qs, 2), "technique": tech,
+                         "size_bytes": p["size_bytes"], "perplexity": o["perplexity"],
+                         "perplexity_increase": o["perplexity_increase"], "agreement": o["agreement"],
+                         "kl_divergence": o["kl_divergence"], "ttft_ms": p["ttft_ms"],
+                         "decode_tokens_per_s": p["decode_tokens_per_s"],
+                         "peak_memory_bytes": p["peak_memory_bytes"],
+                         "worst_slice": max(((s["key"], s["metrics"]["perplexity_increase"]["quantized"])
+                                             for s in ev.slices), key=lambda kv: kv[1])})
+            print(name, label, json.dumps({k: rows[-1][k] for k in ("perplexity_increase", "decode_tokens_per_s")}),
+                  flush=True)
     hw = worker_hardware()
     model = {"model": f"the folder given (--model, {hf.name})" if args.model else "the example, trained here"}
     report = {"machine": {**hw, "python": platform.python_version()}, "model": {**model, **trained,
-              "info": info.__dict__, "export": ex.get("export_check")}, "rows_scored": args.rows, "results": rows,
-              "date": time.strftime("%Y-%m-%d")}
+              "info": info.__dict__, "export": exports}, "outliers": outliers, "rows_scored": args.rows,
+              "results": rows, "date": time.strftime("%Y-%m-%d")}
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "llm.json").write_text(json.dumps(report, indent=1, default=str))
@@ -111,25 +133,65 @@ def main() -> int:
     return 0
 
 
+def outlier_copy(hf: Path, dest: Path, paths: dict, channels: int, scale: float) -> dict:
+    """The model at ``hf`` with outlier channels (qops.examples.outliers), saved at ``dest`` with its tokenizer;
+    returns the transformation and each site's activation max/median on validation text before and after."""
+    import shutil
+
+    import numpy as np
+    import pandas as pd
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qops.examples.outliers import activation_stats, add_outlier_channels
+
+    model = AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32, local_files_only=True).eval()
+    tok = AutoTokenizer.from_pretrained(str(hf), local_files_only=True)
+    texts = pd.read_parquet(paths["validation"])["text"].head(8).tolist()
+    ids = np.array([tok(t)["input_ids"][:128] for t in texts if len(tok(t)["input_ids"]) >= 128])
+    with torch.inference_mode():
+        before_logits = model(input_ids=torch.as_tensor(ids)).logits
+    before = activation_stats(model, ids)
+    done = add_outlier_channels(model, channels=channels, scale=scale)
+    after = activation_stats(model, ids)
+    with torch.inference_mode():
+        diff = float((model(input_ids=torch.as_tensor(ids)).logits - before_logits).abs().max()
+                     / before_logits.abs().max())
+    model.save_pretrained(str(dest))
+    for f in Path(hf).iterdir():
+        if f.is_file() and not (dest / f.name).exists():
+            shutil.copy(f, dest / f.name)
+    return {**done, "logits_max_rel_diff": diff,
+            "activations": {k: {"before": before[k], "after": after[k]} for k in before}}
+
+
 def render(report: dict) -> str:
     rows = report["results"]
     md = [f"Machine: {report['machine'].get('cpu_model', '?')}, {report['machine'].get('cpu_count')} cores; ONNX "
           f"Runtime CPU; {report['rows_scored']} validation documents, windows of 128 tokens (stride 64, up to 2 per "
           "document).", "",
-          "| variant | size MB | perplexity (FP32 → q) | increase [95% CI] | agreement | KL | TTFT ms (FP32 → q) | "
-          "decode tok/s (FP32 → q) | peak MB (FP32 → q) |", "|---|---:|---|---|---:|---:|---|---|---|"]
+          "| model | variant | size MB | perplexity (FP32 → q) | increase [95% CI] | agreement | KL | TTFT ms (FP32 → q) | "
+          "decode tok/s (FP32 → q) | peak MB (FP32 → q) |", "|---|---|---:|---|---|---:|---:|---|---|---|"]
     first = rows[0]
-    md.append(f"| FP32 | {first['size_bytes']['fp32'] / 1e6:.2f} | {first['perplexity']['fp32']:.1f} | | 1 | 0 | | | "
+    md.append(f"| | FP32 | {first['size_bytes']['fp32'] / 1e6:.2f} | {first['perplexity']['fp32']:.1f} | | 1 | 0 | | | "
               f"{(first['peak_memory_bytes']['fp32'] or 0) / 1e6:.1f} |")
     for r in rows:
         pi = r["perplexity_increase"]
         mem = r["peak_memory_bytes"]
-        md.append(f"| {r['variant']} | {r['size_bytes']['quantized'] / 1e6:.2f} | {r['perplexity']['fp32']:.1f} → "
+        md.append(f"| {r.get('model', 'plain')} | {r['variant']} | {r['size_bytes']['quantized'] / 1e6:.2f} | {r['perplexity']['fp32']:.1f} → "
                   f"{r['perplexity']['quantized']:.1f} | {pi['quantized']:+.2%} [{pi['ci_low']:+.2%}, {pi['ci_high']:+.2%}] "
                   f"| {r['agreement']['quantized']:.4f} | {r['kl_divergence']['quantized']:.5f} | "
                   f"{r['ttft_ms']['fp32']:.2f} → {r['ttft_ms']['quantized']:.2f} | {r['decode_tokens_per_s']['fp32']:.0f} → "
                   f"{r['decode_tokens_per_s']['quantized']:.0f} | {(mem['fp32'] or 0) / 1e6:.1f} → "
                   f"{(mem['quantized'] or 0) / 1e6:.1f} |")
+    if report.get("outliers"):
+        o = report["outliers"]
+        md += ["", f"Outlier model: channels {o['channels']} scaled x{o['scale']:g} after every RMSNorm, the consuming "
+               f"projections' input columns divided by the same (FP32 logits changed by {o['logits_max_rel_diff']:.1e} "
+               "of their largest value). Activation max / median over channels at each site:", "",
+               "| site | plain | outliers |", "|---|---:|---:|"]
+        md += [f"| {k} | {v['before']['max_over_median']:.1f} | {v['after']['max_over_median']:.1f} |"
+               for k, v in o["activations"].items()]
     md += ["", "Published 4-bit deltas of real models, for context:", "", "| model and method | perplexity | source |",
            "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in PUBLISHED]
     return "\n".join(md) + "\n"

@@ -69,12 +69,28 @@ def require_cuda(recipe) -> None:
                             "run it on an H100/H200 (sm_90) or Ada (sm_89) worker.")
 
 
+def bnb_quantization(folder: Path) -> dict | None:
+    """The ``quantization_config`` of a bitsandbytes checkpoint folder, else None."""
+    conf = Path(folder) / "config.json"
+    quant = json.loads(conf.read_text()).get("quantization_config") if conf.is_file() else None
+    return quant if quant and quant.get("quant_method") == "bitsandbytes" else None
+
+
 def load_torch_target(folder: str | os.PathLike, recipe: dict | None):
-    """The decoder of a torchao target's folder: BF16 weights on CUDA, quantized in place by ``quantize_``."""
+    """The decoder of a checkpoint folder: a torchao target's (BF16 weights on CUDA, quantized in place by
+    ``quantize_``), a bitsandbytes target's (reloaded by transformers from its ``quantization_config``), or the FP32
+    checkpoint itself (the reference)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     folder = Path(folder)
+    quant = bnb_quantization(folder)
+    if quant is not None:  # a bitsandbytes folder: transformers applies its quantization_config at load
+        r = Recipe.from_dict(recipe) if recipe else None
+        device = r.device if r else ("cuda" if torch.cuda.is_available() else "cpu")
+        model = AutoModelForCausalLM.from_pretrained(str(folder), device_map=device, local_files_only=True)
+        what = "nf4" if quant.get("load_in_4bit") else "int8"
+        return TorchDecoder(model, device, f"transformers+bitsandbytes {what} on {device}")
     conf_path = folder / "qops_torchao.json"
     if not conf_path.is_file():  # the FP32 checkpoint itself (the reference for a torch target)
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -12,6 +12,7 @@ import pandas as pd
 
 from qops.artifacts import read_json, sha256_file, to_jsonable, write_json_atomic
 from qops.errors import QopsError
+from qops.llm.bnb import quantize_bnb_llm
 from qops.llm.data import Window, WindowReader, kind_for
 from qops.llm.evaluate import artifact_size, evaluate_llm
 from qops.llm.qlora import run_qlora
@@ -76,9 +77,10 @@ class CausalLmModality:
         tdir = layout.target(target)
         t0 = time.perf_counter()
         cal_path, rows = None, 0
-        if recipe.engine == "torchao":
+        if recipe.engine in ("torchao", "bitsandbytes"):  # Transformers checkpoint folders
             out = tdir / "model"
-            technique = quantize_torch_llm(src["hf_dir"], recipe, out)
+            quantize_folder = quantize_torch_llm if recipe.engine == "torchao" else quantize_bnb_llm
+            technique = quantize_folder(src["hf_dir"], recipe, out)
             ref = src["hf_dir"]
         else:
             reader = None
@@ -117,9 +119,11 @@ class CausalLmModality:
     def register_extras(self, spec, source: dict, quantized: dict) -> tuple[dict | None, list[str]]:
         """ONNX targets: the signature's example (a short prompt with the empty KV cache) and the files that make
         the registered model an ONNX Runtime GenAI folder (genai_config.json, tokenizer). torchao targets: their
-        ``qops_torchao.json`` (the config serving applies at load)."""
-        if Path(quantized["model_path"]).is_dir():
-            return None, [str(Path(quantized["model_path"]) / "qops_torchao.json")]
+        ``qops_torchao.json`` (the config serving applies at load); bitsandbytes targets: nothing (their
+        ``quantization_config`` is in the logged model's config)."""
+        if Path(quantized["model_path"]).is_dir():  # the transformers flavor logs the folder's model and tokenizer
+            conf = Path(quantized["model_path"]) / "qops_torchao.json"
+            return None, [str(conf)] if conf.is_file() else []
         llm = info(source)
         window = Window(0, np.arange(1, 9, dtype=np.int64) % llm.vocab_size, 1)
         example = WindowReader([window], llm).feed(window)

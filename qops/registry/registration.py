@@ -8,6 +8,7 @@ with the same key returns the existing version instead of creating another."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -114,13 +115,15 @@ def _await_complete(client, name: str, version: str, timeout_s: float = 600.0) -
         time.sleep(0.5)
 
 
-def serving_requirements(is_program: bool, execution_providers: list[str] | None = None) -> list[str]:
+def serving_requirements(is_program: bool, execution_providers: list[str] | None = None,
+                         extra: tuple[str, ...] = ()) -> list[str]:
     """The registered model's pip requirements, stated rather than inferred: MLflow's inference starts a Python
     subprocess per model (seconds each), and the versions that produced and checked the artifact are the ones
-    to serve it with. GPU providers need ``onnxruntime-gpu`` (same version)."""
+    to serve it with. GPU providers need ``onnxruntime-gpu`` (same version); ``extra``: further distributions
+    the model needs at load (``bitsandbytes`` for a bitsandbytes checkpoint)."""
     from importlib.metadata import version
 
-    reqs = [f"mlflow=={version('mlflow')}", f"numpy=={version('numpy')}"]
+    reqs = [f"mlflow=={version('mlflow')}", f"numpy=={version('numpy')}"] + [f"{d}=={version(d)}" for d in extra]
     if is_program:
         return reqs + [f"torch=={version('torch').split('+')[0]}"]
     gpu = any(p in ("CUDAExecutionProvider", "TensorrtExecutionProvider") for p in execution_providers or [])
@@ -219,8 +222,12 @@ def register(
                 mlflow.log_params(params)
             if metrics:
                 mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
-            reqs = serving_requirements(is_program or is_checkpoint, execution_providers)
-            if is_checkpoint:
+            bnb = is_checkpoint and '"bitsandbytes"' in (model_path / "config.json").read_text()
+            reqs = serving_requirements(is_program or is_checkpoint, execution_providers,
+                                        ("bitsandbytes",) if bnb else ())
+            if bnb:
+                info = log_bnb_transformers_model(model_path, reqs)
+            elif is_checkpoint:
                 info = log_transformers_model(model_path, reqs)
             elif is_program:
                 info = mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=example,
@@ -285,24 +292,17 @@ def providers_for(recipe: dict) -> list[str]:
     return chain + ["CPUExecutionProvider"]
 
 
-def log_transformers_model(folder: str | os.PathLike, pip_requirements: list[str], **kwargs):
-    """Log a causal-LM folder with MLflow's transformers flavor, offline. MLflow 3.17 cannot log a local checkpoint
-    path with transformers 5 (its task table changed), so the model and tokenizer are loaded and logged as
-    objects; requirements are stated (its inference pins torchvision, which an LLM does not need)."""
+@contextlib.contextmanager
+def offline_hub():
+    """No Hugging Face Hub look-ups (model cards, licences) while transformers and MLflow load and save."""
     import huggingface_hub.constants as hub
-    import mlflow
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     old = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     old_hub = hub.HF_HUB_OFFLINE
-    os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")  # no model-card or licence look-ups
+    os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     hub.HF_HUB_OFFLINE = True  # read at import time by huggingface_hub: set it where it is read
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True)
-        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        return mlflow.transformers.log_model({"model": model, "tokenizer": tok}, name="model",
-                                             task="text-generation", pip_requirements=pip_requirements, **kwargs)
+        yield
     finally:
         hub.HF_HUB_OFFLINE = old_hub
         for k, v in old.items():
@@ -310,3 +310,53 @@ def log_transformers_model(folder: str | os.PathLike, pip_requirements: list[str
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def log_transformers_model(folder: str | os.PathLike, pip_requirements: list[str], **kwargs):
+    """Log a causal-LM folder with MLflow's transformers flavor, offline. MLflow 3.17 cannot log a local checkpoint
+    path with transformers 5 (its task table changed), so the model and tokenizer are loaded and logged as
+    objects; requirements are stated (its inference pins torchvision, which an LLM does not need)."""
+    import mlflow
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with offline_hub():
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        return mlflow.transformers.log_model({"model": model, "tokenizer": tok}, name="model",
+                                             task="text-generation", pip_requirements=pip_requirements, **kwargs)
+
+
+def log_bnb_transformers_model(folder: str | os.PathLike, pip_requirements: list[str]):
+    """Log a bitsandbytes checkpoint folder with the transformers flavor, its weights byte for byte: transformers
+    cannot re-save a model loaded from a pre-quantized folder (no reverse of the bitsandbytes deserialization), and
+    a re-save of NF4 with double quantization is not exact. So the flavor's files are written from the loaded model
+    (its conversion record dropped), then its weights and config are replaced by the folder's own, and the model
+    directory is logged to the active run. Returns an object with ``model_uri`` like ``log_model``'s."""
+    import shutil
+    import tempfile
+    from types import SimpleNamespace
+
+    import mlflow
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(folder)
+    with offline_hub():
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    model._weight_conversions = [c for c in getattr(model, "_weight_conversions", None) or []
+                                 if not any("Deserialize" in type(op).__name__ for op in getattr(c, "operations", []))]
+    with tempfile.TemporaryDirectory(prefix="qops-bnb-") as td:
+        path = Path(td) / "model"
+        with offline_hub():
+            mlflow.transformers.save_model({"model": model, "tokenizer": tok}, path=str(path), task="text-generation",
+                                           pip_requirements=pip_requirements)
+        weights = path / "model"
+        for f in weights.glob("*.safetensors*"):
+            f.unlink()
+        for f in list(folder.glob("*.safetensors")) + list(folder.glob("*.safetensors.index.json")) + [
+                folder / "config.json"]:
+            shutil.copy(f, weights / f.name)
+        mlflow.log_artifacts(str(path), artifact_path="model")
+    return SimpleNamespace(model_uri=f"runs:/{mlflow.active_run().info.run_id}/model")

@@ -1,5 +1,6 @@
 """Decoder-LLM targets (``model_kind: causal_lm``): INT4 (RTN, GPTQ, HQQ, k-quant) and NF4 as ONNX Runtime
-GenAI models, and torchao's INT4/FP8 on CUDA."""
+GenAI models; NF4 and LLM.int8() as Transformers folders that bitsandbytes loads (the guide's
+``BitsAndBytesConfig`` workflow); torchao's INT4/FP8 on CUDA."""
 
 from __future__ import annotations
 
@@ -76,3 +77,27 @@ def _llm_gpu_fp8() -> Recipe:
         op_types=("Linear",), runtime="torch+torchao", execution_provider="CUDA", device="cuda",
         min_compute_capability=(8, 9), queue="gpu", model_kind="causal_lm", arch=None,
     )
+
+
+def _hf_bnb(name: str, precision: str, what: str) -> Recipe:
+    return Recipe(
+        target=name,
+        description=f"Decoder LLMs as a Hugging Face Transformers folder quantized by bitsandbytes ({what}); "
+        "from_pretrained reloads it from its quantization_config. Compute dtype FP32 on CPU workers; with "
+        "device cuda (queue gpu) BF16.",
+        hardware="CPUs (bitsandbytes' CPU backend) or NVIDIA GPUs",
+        mode="weight_only", precision=precision, engine="bitsandbytes",
+        weight_type="uint4" if precision == "nf4" else "int8", block_size=64, op_types=("MatMul",),
+        quant_format="QOperator", model_kind="causal_lm", lm_head="fp32", runtime="transformers+bitsandbytes",
+        execution_provider="torch", arch=None,
+    )
+
+
+@register_target("hf_bnb_nf4")
+def _hf_bnb_nf4() -> Recipe:
+    return _hf_bnb("hf_bnb_nf4", "nf4", "NF4 with double quantization, blocks of 64: QLoRA's format")
+
+
+@register_target("hf_bnb_int8")
+def _hf_bnb_int8() -> Recipe:
+    return _hf_bnb("hf_bnb_int8", "int8", "LLM.int8(): int8 weights per row, outlier features in 16-bit")

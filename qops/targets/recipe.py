@@ -49,7 +49,7 @@ class Recipe:
     hardware: str
     mode: Mode
     precision: Precision = "int8"
-    engine: Literal["onnxruntime", "torchao"] = "onnxruntime"
+    engine: Literal["onnxruntime", "torchao", "bitsandbytes"] = "onnxruntime"
     weight_type: QType = "int8"
     activation_type: QType = "uint8"
     per_channel: bool = True
@@ -153,8 +153,13 @@ class Recipe:
         if self.lm_head == "nf4" and self.precision != "nf4" or self.lm_head == "int4" and self.precision == "nf4":
             bad(f"lm_head {self.lm_head!r} does not fit precision {self.precision!r}.",
                 "use lm_head int8 or fp32, or the recipe's own 4-bit format.")
-        if self.precision == "nf4" and self.engine != "onnxruntime":
-            bad("NF4 targets are written as ONNX MatMulBnb4 in qops.", "set engine='onnxruntime'.")
+        if self.precision == "nf4" and self.engine not in ("onnxruntime", "bitsandbytes"):
+            bad("NF4 is written as ONNX MatMulBnb4 (engine onnxruntime) or as a Transformers folder quantized by "
+                "bitsandbytes (engine bitsandbytes).", "set engine='onnxruntime' or 'bitsandbytes'.")
+        if self.engine == "bitsandbytes" and (self.model_kind != "causal_lm" or self.precision not in ("nf4", "int8")
+                                              or self.mode != "weight_only"):
+            bad("the bitsandbytes engine loads decoder LLMs in NF4 or LLM.int8() weights (model_kind causal_lm, "
+                "mode weight_only).", "use precision nf4 or int8, mode weight_only, model_kind causal_lm.")
         if self.algorithm in ("hqq", "k_quant") and self.model_kind != "causal_lm":
             bad(f"algorithm {self.algorithm!r} is served for decoder LLM targets (model_kind causal_lm).",
                 "use rtn or gptq, or an llm_* target.")
@@ -179,13 +184,15 @@ class Recipe:
     def granularity(self) -> str:
         if self.precision in ("int4", "nf4"):
             return f"block-wise ({self.block_size})"
+        if self.engine == "bitsandbytes":  # LLM.int8(): rows of weights, outlier columns kept in 16-bit
+            return "per-channel"
         if self.precision == "fp16":
             return "n/a (cast)"
         return "per-channel" if self.per_channel else "per-tensor"
 
     @property
     def output_suffix(self) -> str:
-        if self.model_kind == "causal_lm" and self.engine == "torchao":
+        if self.model_kind == "causal_lm" and self.engine in ("torchao", "bitsandbytes"):
             return ""  # a checkpoint folder
         return ".pt2" if self.engine == "torchao" else ".onnx"
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -298,3 +299,97 @@ def test_pipeline_finetunes_quantizes_gates_cards_and_registers(llm, tmp_path, m
     assert mv.tags["qops.precision"] == "int4" and mv.tags["qops.gate"] == "passed"
     files = {f.path for f in client.list_artifacts(mv.run_id, "files")}
     assert "files/genai_config.json" in files and "files/tokenizer.json" in files
+
+
+def test_outlier_channels_keep_the_function_and_give_real_llm_statistics(llm):
+    """The benchmark's outlier model: a few hidden channels scaled up after every RMSNorm and the consuming
+    projections' input columns scaled down keep the logits (to float rounding) while the projections' inputs get
+    channels far above the rest, as in real LLM checkpoints."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qops.examples.outliers import activation_stats, add_outlier_channels
+
+    model = AutoModelForCausalLM.from_pretrained(str(llm["hf"]), dtype=torch.float32, local_files_only=True).eval()
+    ids = np.random.default_rng(0).integers(1, llm["info"].vocab_size, size=(2, 48))
+    with torch.inference_mode():
+        before = model(input_ids=torch.as_tensor(ids)).logits.numpy()
+    plain = activation_stats(model, ids)
+    done = add_outlier_channels(model, channels=3, scale=80.0, seed=1)
+    assert len(done["channels"]) == 3 and done["sites"] == 2 * len(model.model.layers)
+    with torch.inference_mode():
+        after = model(input_ids=torch.as_tensor(ids)).logits.numpy()
+    assert np.abs(after - before).max() <= 1e-5 * np.abs(before).max()
+    outliers = activation_stats(model, ids)
+    assert set(outliers) == set(plain) and len(plain) == 2 * len(model.model.layers)
+    for site, s in plain.items():  # every site: its largest channel now towers over the median channel
+        assert outliers[site]["max_over_median"] > max(20.0, 2 * s["max_over_median"]), (site, s, outliers[site])
+    with pytest.raises(ValueError, match="channels must be"):
+        add_outlier_channels(model, channels=0)
+
+
+@pytest.mark.parametrize("target", ["hf_bnb_nf4", "hf_bnb_int8"])
+def test_bitsandbytes_targets_write_folders_transformers_reloads(llm, target, tmp_path):
+    """The guide's workflow as a target: the checkpoint loaded with BitsAndBytesConfig (NF4 + double quantization;
+    LLM.int8()), saved as a Transformers folder whose quantization_config reloads it as a quantized model, and
+    evaluated by loading that folder back (perplexity, agreement, KL against the FP32 checkpoint; decode speed)."""
+    import bitsandbytes as bnb
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qops.llm.bnb import quantize_bnb_llm
+    from qops.llm.evaluate import artifact_size, evaluate_llm
+    from qops.targets import get_target
+
+    recipe = get_target(target)
+    out = tmp_path / "model"
+    tech = quantize_bnb_llm(llm["hf"], recipe, out)
+    conf = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert conf["quant_method"] == "bitsandbytes" and tech["bitsandbytes"] == bnb.__version__
+    if target == "hf_bnb_nf4":
+        assert conf["load_in_4bit"] and conf["bnb_4bit_quant_type"] == "nf4" and conf["bnb_4bit_use_double_quant"]
+    else:
+        assert conf["load_in_8bit"]
+    assert (out / "tokenizer.json").is_file()
+    model = AutoModelForCausalLM.from_pretrained(str(out), device_map="cpu", local_files_only=True)
+    layer = model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, bnb.nn.Linear4bit if target == "hf_bnb_nf4" else bnb.nn.Linear8bitLt)
+    assert isinstance(model.lm_head, torch.nn.Linear) and not isinstance(model.lm_head, bnb.nn.Linear4bit)
+    assert artifact_size(out) < 0.7 * artifact_size(llm["hf"])
+    ev = evaluate_llm(str(llm["hf"]), str(out), llm["paths"]["validation"], _kind(llm), llm["info"],
+                      bootstrap=50, new_tokens=4, speed_prompts=2, speed_rounds=1, target=recipe.to_dict(),
+                      measure_memory=False)
+    o = ev.overall
+    assert o["agreement"]["quantized"] > 0.6 and abs(o["perplexity_increase"]["quantized"]) < 0.25
+    assert ev.performance["decode_tokens_per_s"]["quantized"] > 0
+
+
+def test_bitsandbytes_target_runs_the_pipeline_and_loads_back_from_the_registry(llm, tmp_path, mlflow_uri):
+    """hf_bnb_nf4 through `qops run`'s stages: a Transformers folder gated against the FP32 checkpoint, carded,
+    registered with the transformers flavor (bitsandbytes in its requirements), and
+    `mlflow.transformers.load_model("models:/...@champion")` returns the 4-bit model."""
+    import bitsandbytes as bnb
+    import mlflow
+    from mlflow import MlflowClient
+
+    from qops.pipeline import run_pipeline
+
+    spec = _spec(llm, tmp_path, targets=["hf_bnb_nf4"], mlflow={"experiment": "llm-bnb"},
+                 gates={"max_overall_drop": 0.25, "max_slice_drop": 0.5, "max_latency_ratio": 100.0,
+                        "bootstrap": 100, "thresholds": [{"metric": "agreement", "min_value": 0.5}]})
+    row = run_pipeline(spec, run_id="b1", progress=False)["targets"][0]
+    assert row["gate"] == "passed" and row["mlflow"]["registered"] and "champion" in row["mlflow"]["aliases"], row
+    q = json.loads((tmp_path / "art" / "tiny" / "b1" / "targets" / "hf_bnb_nf4" / "quantize.json").read_text())
+    assert q["engine"] == "bitsandbytes" and q["size_ratio"] < 0.7 and q["technique"]["algorithm"].startswith(
+        "bitsandbytes NF4")
+    name = row["mlflow"]["name"]
+    mv = MlflowClient().get_model_version(name, row["mlflow"]["version"])
+    assert mv.tags["qops.precision"] == "nf4"
+    reqs = mlflow.pyfunc.get_model_dependencies(f"models:/{name}@champion")
+    assert "bitsandbytes==" in Path(reqs).read_text()
+    loaded = mlflow.transformers.load_model(f"models:/{name}@champion", return_type="components")
+    assert isinstance(loaded["model"].model.layers[0].mlp.up_proj, bnb.nn.Linear4bit)
+    # the registered weights are the evaluated folder's, byte for byte (a re-save of NF4 is not exact)
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@champion"))
+    folder = Path(q["model_path"])
+    assert (local / "model" / "model.safetensors").read_bytes() == (folder / "model.safetensors").read_bytes()
