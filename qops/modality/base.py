@@ -36,6 +36,10 @@ class Modality(Protocol):
     def register_extras(self, spec, source: dict, quantized: dict) -> tuple[dict | None, list[str]]:
         """The registered model's input example and the extra files logged beside it."""
 
+    def serves(self, spec):
+        """``model_uri -> {"passed": ...}``: load a registered version in its serving runtime before its aliases
+        move (None: no such check for this family)."""
+
 
 def unsupported(modality: str, what: str, fix: str):
     raise QopsError(f"{what} does not apply to {modality} models.", fix)

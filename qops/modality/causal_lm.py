@@ -17,6 +17,7 @@ from qops.llm.data import Window, WindowReader, kind_for
 from qops.llm.evaluate import artifact_size, evaluate_llm
 from qops.llm.qlora import run_qlora
 from qops.llm.quantize import model_digest, quantize_onnx_llm, quantize_torch_llm
+from qops.llm.serves import serves_in_fresh_process
 from qops.llm.source import GENAI_FILES, LlmInfo, export_onnx, resolve_hf_dir
 from qops.modality.base import registry_for, unsupported
 from qops.quantize import QuantizeResult
@@ -129,3 +130,6 @@ class CausalLmModality:
         example = WindowReader([window], llm).feed(window)
         folder = Path(quantized["model_path"]).parent
         return example, [str(folder / f) for f in GENAI_FILES if (folder / f).is_file()]
+
+    def serves(self, spec):
+        return serves_in_fresh_process if spec.gates.serves else None

@@ -137,3 +137,6 @@ class GraphModality:
 
     def register_extras(self, spec, source: dict, quantized: dict) -> tuple[dict | None, list[str]]:
         return None, []
+
+    def serves(self, spec):
+        return None  # the register stage's own load (signature from a real run of the graph) is the check

@@ -114,7 +114,8 @@ def stage_register(spec, run_id: str, target: str) -> dict:
         write_json_atomic(tdir / RunLayout.CARD, files)
         return files.files
 
-    example, extra = modality_for(spec).register_extras(spec, source, q)
+    modality = modality_for(spec)
+    example, extra = modality.register_extras(spec, source, q)
     try:
         res = register(
             model_path=q["model_path"], name=registered_name(spec, source["name"], target),
@@ -129,7 +130,7 @@ def stage_register(spec, run_id: str, target: str) -> dict:
                      "size_bytes": ev["performance"]["size_bytes"]["quantized"]},
             params={"target": target, "mode": recipe["mode"], "granularity": recipe["granularity"], "method": method},
             finalize_card=finalize_card, execution_providers=providers_for(recipe), example=example,
-            extra_files=extra,
+            extra_files=extra, serves=modality.serves(spec),
         )
     except Exception:
         finalize_card(None)  # the version was rolled back: the card must not name it

@@ -65,6 +65,7 @@ class RegisterResult:
     run_id: str | None = None
     reason: str = ""
     reused: bool = False
+    serves: dict | None = None  # the serving check of a decoder LLM (loaded in its runtime, generated)
 
 
 def _find_version(client, name: str, run_key: str):
@@ -150,6 +151,7 @@ def register(
     execution_providers: list[str] | None = None,
     example: dict | None = None,
     extra_files: list[str | os.PathLike] | None = None,
+    serves=None,
 ) -> RegisterResult:
     """Log the quantized ONNX model (onnx flavor, with signature) and its card; register one version.
 
@@ -160,6 +162,8 @@ def register(
     built from the graph's inputs); ``extra_files``: logged beside the model under ``files/`` (a decoder's
     ``genai_config.json`` and tokenizer: with the model they make an ONNX Runtime GenAI folder). A folder
     ``model_path`` (a decoder LLM checkpoint for PyTorch serving) is logged with the transformers flavor.
+    ``serves(model_uri) -> {"passed": bool, ...}``, if given, loads the new version in its serving runtime before
+    any alias moves: a failure keeps the version (tagged ``qops.serves=failed``) without aliases.
     """
     import mlflow
     import numpy as np
@@ -248,13 +252,18 @@ def register(
                 log.info("version %s of %s was registered for run key %s by a concurrent attempt: using it",
                          winner, name, run_key)
                 return _await_complete(client, name, winner)
-            files = card_files
-            if finalize_card is not None:
-                files = finalize_card({"run_id": run.info.run_id, "model_name": name, "model_version": version})
-            for f in files:
-                mlflow.log_artifact(str(f), artifact_path="card")
             for f in extra_files or []:
                 mlflow.log_artifact(str(f), artifact_path="files")
+            served = serves(f"models:/{name}/{version}") if serves is not None else None
+            if served is not None:
+                client.set_model_version_tag(name, version, "qops.serves", "passed" if served["passed"] else "failed")
+                mlflow.log_dict(served, "serves.json")
+            files = card_files
+            if finalize_card is not None:
+                files = finalize_card({"run_id": run.info.run_id, "model_name": name, "model_version": version,
+                                       **({"serves": served} if served is not None else {})})
+            for f in files:
+                mlflow.log_artifact(str(f), artifact_path="card")
             names = sorted(Path(f).name for f in files)
             card_md = next((n for n in names if n.endswith(".md")), names[0])
             card_uri = f"runs:/{run.info.run_id}/card/{card_md}"
@@ -262,12 +271,14 @@ def register(
             client.update_model_version(
                 name, version,
                 description=f"Quantized by qops {__version__} for target `{tags.get('qops.target', '?')}`. "
-                f"Gate: {'passed' if gate_passed else 'FAILED'}. Model card: {links}.",
+                f"Gate: {'passed' if gate_passed else 'FAILED'}."
+                + ("" if served is None else f" Serves: {'passed' if served['passed'] else 'FAILED'}.")
+                + f" Model card: {links}.",
             )
             client.set_model_version_tag(name, version, "qops.card_uri", card_uri)
             client.set_model_version_tag(name, version, "qops.complete", "true")
             aliases = []
-            if gate_passed:
+            if gate_passed and (served is None or served["passed"]):
                 moved = [candidate_alias, *([promote_alias] if promote else [])]
                 held = settle_aliases(client, name, moved)
                 aliases = sorted(a for a in moved if held.get(a) == version)
@@ -280,7 +291,9 @@ def register(
             mlflow.set_tag("qops.registration", "rolled_back")
             raise RegistryUnavailable(f"Registering {name} failed and was rolled back: {redact(str(e))}",
                                       "check the MLflow server/backend and retry; retries are idempotent.") from e
-    return RegisterResult(True, name, version, sorted(aliases), f"models:/{name}/{version}", run.info.run_id)
+    reason = "" if served is None or served["passed"] else f"serves failed: {served.get('error', served)}"
+    return RegisterResult(True, name, version, sorted(aliases), f"models:/{name}/{version}", run.info.run_id,
+                          reason=reason, serves=served)
 
 
 def providers_for(recipe: dict) -> list[str]:

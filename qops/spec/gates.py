@@ -79,6 +79,9 @@ class GateSpec(Base):
     max_fairness_value: float | None = Field(default=None, ge=0, description="Optional absolute bound.")
     max_latency_ratio: float = Field(1.0, gt=0, description="Quantized batch-1 p50 latency / FP32's.")
     max_size_ratio: float = Field(1.0, gt=0, description="Quantized file size / FP32's.")
+    serves: bool = Field(True, description="Decoder LLMs: after registration, load the registered version in its "
+                         "serving runtime in a fresh process and generate a fixed prompt; a failure keeps the "
+                         "candidate/champion aliases where they are and is in the card.")
     latency_runs: int = Field(300, ge=10, description="Timed batch-1 runs per model (after warm-up).")
 
     @model_validator(mode="after")

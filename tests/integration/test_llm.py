@@ -299,6 +299,8 @@ def test_pipeline_finetunes_quantizes_gates_cards_and_registers(llm, tmp_path, m
     assert mv.tags["qops.precision"] == "int4" and mv.tags["qops.gate"] == "passed"
     files = {f.path for f in client.list_artifacts(mv.run_id, "files")}
     assert "files/genai_config.json" in files and "files/tokenizer.json" in files
+    assert mv.tags["qops.serves"] == "passed"  # ONNX Runtime GenAI loaded the registered files and generated
+    assert "| Serves (registered version loaded by onnxruntime-genai" in card_md_of(run, "llm_int4_rtn")
 
 
 def test_outlier_channels_keep_the_function_and_give_real_llm_statistics(llm):
@@ -384,7 +386,7 @@ def test_bitsandbytes_target_runs_the_pipeline_and_loads_back_from_the_registry(
         "bitsandbytes NF4")
     name = row["mlflow"]["name"]
     mv = MlflowClient().get_model_version(name, row["mlflow"]["version"])
-    assert mv.tags["qops.precision"] == "nf4"
+    assert mv.tags["qops.precision"] == "nf4" and mv.tags["qops.serves"] == "passed"
     reqs = mlflow.pyfunc.get_model_dependencies(f"models:/{name}@champion")
     assert "bitsandbytes==" in Path(reqs).read_text()
     loaded = mlflow.transformers.load_model(f"models:/{name}@champion", return_type="components")
@@ -393,3 +395,34 @@ def test_bitsandbytes_target_runs_the_pipeline_and_loads_back_from_the_registry(
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@champion"))
     folder = Path(q["model_path"])
     assert (local / "model" / "model.safetensors").read_bytes() == (folder / "model.safetensors").read_bytes()
+
+
+def card_md_of(run, target):
+    return (run / "targets" / target / "card" / "card.md").read_text()
+
+
+def test_a_registered_llm_its_runtime_cannot_serve_gets_no_alias(llm, tmp_path, mlflow_uri):
+    """Serve before promote: the second run's GenAI config is corrupted after its gates passed; ONNX Runtime GenAI
+    cannot load the registered version in a fresh process, so it keeps no alias (champion stays on the first run's
+    version), is tagged qops.serves=failed, and its card says so."""
+    from mlflow import MlflowClient
+
+    from qops.pipeline import STAGES, run_pipeline
+
+    spec = _spec(llm, tmp_path, mlflow={"experiment": "llm-serves"})
+    first = run_pipeline(spec, run_id="s1", progress=False)["targets"][0]["mlflow"]
+    assert first["registered"] and "champion" in first["aliases"]
+    for st in STAGES:  # the second run, stage by stage, up to the register stage
+        if st.name == "register":
+            break
+        if st.applies(spec, "llm_int4_rtn"):
+            st.fn(spec, "s2", "llm_int4_rtn") if st.per_target else st.fn(spec, "s2")
+    run = tmp_path / "art" / "tiny" / "s2"
+    (run / "targets" / "llm_int4_rtn" / "model" / "genai_config.json").write_text('{"model": {"type": "nonsense"}}')
+    reg = next(st for st in STAGES if st.name == "register").fn(spec, "s2", "llm_int4_rtn")
+    assert reg["registered"] and reg["aliases"] == [] and not reg["serves"]["passed"] and reg["serves"]["error"]
+    client = MlflowClient()
+    assert client.get_model_version(reg["name"], reg["version"]).tags["qops.serves"] == "failed"
+    assert str(client.get_model_version_by_alias(reg["name"], "champion").version) == first["version"]
+    assert "**FAILED**" in card_md_of(run, "llm_int4_rtn") and "aliases not moved" in card_md_of(run, "llm_int4_rtn")
+
