@@ -90,7 +90,7 @@ def main() -> int:
     rows, exports = [], {}
     for name, folder in models:
         ex = export_onnx(folder, work / f"fp32-{name}")
-        exports[name] = ex.get("export_check")
+        exports[name] = {k: v for k, v in (ex.get("export_check") or {}).items() if k != "dir"}  # no temp paths
         info = LlmInfo(**ex["info"])
         kind = CausalLM("text", str(folder), 128, 64, 2, info.bos_token_id)
         for target, opts in VARIANTS:
