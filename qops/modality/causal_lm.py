@@ -34,7 +34,7 @@ def kind(spec, source: dict):
 
 def notes(recipe, technique: dict) -> list[str]:
     out = [f"lm_head: {technique.get('lm_head')}; embeddings: {technique.get('embeddings')}"]
-    if recipe.precision == "nf4":
+    if recipe.precision == "nf4" and recipe.engine == "onnxruntime":
         out.append("NF4 as ONNX MatMulBnb4 keeps one FP32 absmax per block of 64 (0.5 bit per weight); "
                    "bitsandbytes' double quantization (8-bit absmax, 0.127 bit) has no ONNX form")
     return out
