@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-VARIANTS = [("llm_int4_rtn", {}), ("llm_int4_rtn", {"lm_head": "int4"}), ("llm_int4_gptq", {}),
+VARIANTS = [("llm_int4_rtn", {}), ("llm_int4_rtn", {"lm_head": "int4"}), ("llm_int4_gptq", {}), ("llm_int4_awq", {}),
             ("llm_int4_hqq", {}), ("llm_int4_kquant", {}), ("llm_nf4", {}), ("hf_bnb_nf4", {}), ("hf_bnb_int8", {})]
 
 # Published 4-bit results of real models, for context (WikiText-2 perplexity, FP16 -> 4-bit, group 128)

@@ -27,6 +27,7 @@ from pathlib import Path
 from qops.artifacts import atomic_dir, atomic_path, sha256_file, write_json_atomic
 from qops.errors import QopsError
 from qops.llm.torch_target import load_torch_target, require_cuda
+from qops.quantize.awq import apply_awq
 
 log = logging.getLogger(__name__)
 
@@ -112,10 +113,13 @@ def quantize_onnx_llm(src: str | os.PathLike, recipe, out_path: str | os.PathLik
     else:
         _check_blocks(model, recipe, set(body_exclude))
         fmt = QuantFormat.QOperator
+        if recipe.algorithm in ("gptq", "awq") and (reader is None or not len(reader)):
+            raise QopsError(f"Target {recipe.target!r} ({recipe.algorithm.upper()}) needs calibration windows.",
+                            "run the calibrate stage first (its set feeds the activation statistics).")
+        awq = None
+        if recipe.algorithm == "awq":  # scale the salient input channels, then round-to-nearest below
+            awq = apply_awq(model, reader, recipe.block_size, recipe.symmetric_weights, nodes_to_exclude=body_exclude)
         if recipe.algorithm == "gptq":
-            if reader is None or not len(reader):
-                raise QopsError(f"Target {recipe.target!r} (GPTQ) needs calibration windows.",
-                                "run the calibrate stage first (its set feeds GPTQ's Hessians).")
             # block_size here is GPTQ's lazy-update column batch; the quantization groups are recipe.block_size
             algo = GPTQWeightOnlyQuantConfig(calibration_data_reader=reader, block_size=128, percdamp=0.01,
                                              actorder=False, mse=False, perchannel=True)
@@ -133,8 +137,11 @@ def quantize_onnx_llm(src: str | os.PathLike, recipe, out_path: str | os.PathLik
         model = _nbits_pass(model, recipe, 4, algo, exclude=body_exclude)
         method = {"algorithm": recipe.algorithm, "block_size": recipe.block_size,
                   "accuracy_level": recipe.accuracy_level, "symmetric": recipe.symmetric_weights}
-        if recipe.algorithm == "gptq":
+        if recipe.algorithm in ("gptq", "awq"):
             method["calibration_windows"] = len(reader)
+        if awq is not None:
+            method["awq"] = {k: awq[k] for k in ("scaled", "activations", "mean_relative_error_rtn",
+                                                 "mean_relative_error") if k in awq}
     if head == "int8":
         algo8 = DefaultWeightOnlyQuantConfig(block_size=recipe.block_size, is_symmetric=True,
                                              accuracy_level=recipe.accuracy_level, op_types_to_quantize=("MatMul",),

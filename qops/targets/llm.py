@@ -30,6 +30,12 @@ def _llm_gptq() -> Recipe:
     return _llm_int4("llm_int4_gptq", "gptq", "GPTQ on calibration windows with the KV-cache inputs")
 
 
+@register_target("llm_int4_awq")
+def _llm_awq() -> Recipe:
+    return _llm_int4("llm_int4_awq", "awq", "AWQ: activation-aware per-channel scales and clipping searched on "
+                     "calibration windows, then round-to-nearest")
+
+
 @register_target("llm_int4_hqq")
 def _llm_hqq() -> Recipe:
     return _llm_int4("llm_int4_hqq", "hqq", "HQQ, calibration-free half-quadratic zero points and scales")

@@ -174,7 +174,7 @@ class Recipe:
     @property
     def needs_calibration(self) -> bool:
         if self.model_kind == "causal_lm":
-            return self.algorithm == "gptq" and self.precision == "int4"
+            return self.algorithm in ("gptq", "awq") and self.precision == "int4"
         if self.engine == "torchao":
             return self.torch_method == "pt2e_x86_inductor"
         return self.mode in ("static", "auto") or (self.precision == "int4" and self.algorithm in ("gptq", "awq")) \

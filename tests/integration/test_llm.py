@@ -91,7 +91,8 @@ def _agreement_and_ppl(llm, path, windows):
     return s["agree"].sum() / n, float(np.exp((s["nllq"].sum() - s["nll32"].sum()) / n))
 
 
-@pytest.mark.parametrize("target", ["llm_int4_rtn", "llm_int4_gptq", "llm_int4_hqq", "llm_int4_kquant", "llm_nf4"])
+@pytest.mark.parametrize("target", ["llm_int4_rtn", "llm_int4_gptq", "llm_int4_awq", "llm_int4_hqq", "llm_int4_kquant",
+                                    "llm_nf4"])
 def test_each_cpu_algorithm_quantizes_the_decoder(llm, target, tmp_path):
     import onnx
 
@@ -105,7 +106,7 @@ def test_each_cpu_algorithm_quantizes_the_decoder(llm, target, tmp_path):
     if recipe.needs_calibration:
         windows = kind.windows(pd.read_parquet(llm["paths"]["pool"]), "pool", 1)
         reader = WindowReader(windows, llm["info"])
-        assert "past_key_values.0.key" in reader.get_next()  # GPTQ's feeds carry the KV-cache inputs
+        assert "past_key_values.0.key" in reader.get_next()  # GPTQ's and AWQ's feeds carry the KV-cache inputs
     out = tmp_path / "q" / "model.onnx"
     tech = quantize_onnx_llm(llm["export"]["path"], recipe, out, reader)
     m = onnx.load(str(out))
@@ -117,6 +118,10 @@ def test_each_cpu_algorithm_quantizes_the_decoder(llm, target, tmp_path):
     assert head.op_type == "MatMulNBits" and {a.name: a.i for a in head.attribute}["bits"] == 8  # lm_head 8-bit
     if recipe.precision == "int4":
         assert tech["ops"].get("GatherBlockQuantized") == 1  # embeddings 4-bit
+    if recipe.algorithm == "awq":  # per layer: the inputs of qkv, o, gate/up and down; never worse than RTN
+        awq = tech["awq"]
+        assert awq["activations"] == 4 * llm["info"].num_layers
+        assert awq["mean_relative_error"] <= awq["mean_relative_error_rtn"]
     assert (out.parent / "genai_config.json").is_file()
     fp32_size = llm["root"].joinpath("fp32", "model.onnx").stat().st_size
     assert out.stat().st_size < 0.5 * fp32_size
