@@ -23,9 +23,10 @@ from qops.run_folder import RunLayout
 log = logging.getLogger(__name__)
 
 
-def features(spec, source: dict):
-    """Tabular: the feature column list; other kinds: the :class:`~qops.data.DataKind` built from the spec."""
-    inputs, meta = onnx_io(source["path"])
+def features(spec, source: dict, graph_io=None):
+    """Tabular: the feature column list; other kinds: the :class:`~qops.data.DataKind` built from the spec.
+    ``graph_io``: the source graph's ``onnx_io`` when the caller already read it."""
+    inputs, meta = graph_io or onnx_io(source["path"])
     kind = kind_from_spec(spec.data, inputs, meta)
     return kind.features if isinstance(kind, Tabular) else kind
 
@@ -72,7 +73,8 @@ class GraphModality:
         unsupported("ONNX-graph", "QLoRA fine-tuning", "set data.kind: causal_lm, or remove the qlora block.")
 
     def calibration_kind(self, spec, source: dict):
-        return features(spec, source), onnx_io(source["path"])[0]
+        graph_io = onnx_io(source["path"])  # read the graph once for the kind and the inputs its feeds must fit
+        return features(spec, source, graph_io), graph_io[0]
 
     def quantize(self, spec, layout: RunLayout, target: str, calibration: dict | None):
         source = read_json(layout.source)

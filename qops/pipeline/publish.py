@@ -27,10 +27,12 @@ def stage_card(spec, run_id: str, target: str, dag_id: str | None = None) -> dic
         return skipped(target, f"no gate result for the {method.upper()} model of {target}: an upstream stage "
                        "failed before its gate")
     q = required(folder / RunLayout.QUANTIZE, "quantize" if method == "ptq" else "qat")
+    evaluation = required(folder / RunLayout.EVALUATION, "evaluate" if method == "ptq" else "qat")
+    gate_result = required(folder / RunLayout.GATE, "gate")
     qat = None
     if method == "qat":
         qat = qat_section(required(tdir / RunLayout.EVALUATION, "evaluate"), required(tdir / RunLayout.GATE, "gate"),
-                          required(folder / RunLayout.EVALUATION, "qat"), q, why, spec.qat.targets[target].when)
+                          evaluation, q, why, spec.qat.targets[target].when)
     card = build_card_data(
         pipeline=spec.name,
         source=required(layout.source, "source"),
@@ -38,8 +40,8 @@ def stage_card(spec, run_id: str, target: str, dag_id: str | None = None) -> dic
         calibration=read_json(layout.calibration) if q.get("calibration_path") and layout.calibration.is_file()
         else None,
         quantization=q,
-        evaluation=required(folder / RunLayout.EVALUATION, "evaluate"),
-        gate_result=required(folder / RunLayout.GATE, "gate"),
+        evaluation=evaluation,
+        gate_result=gate_result,
         gate_settings=spec.gates.model_dump(),
         qat=qat,
         human=spec.card.model_dump(),
