@@ -12,10 +12,13 @@ STAMP  := $(VENV)/.qops-installed
 
 .PHONY: install demo demo-credit demo-text demo-llm demo-image lint test test-unit clean mlflow-ui
 
-$(STAMP): pyproject.toml constraints.txt
+# llama-cpp-python is built from its sdist (llama.cpp for this CPU: about 4 minutes on 2 cores); its converter
+# (convert_hf_to_gguf.py, not in the wheel) is then copied from the same sdist into the venv
+$(STAMP): pyproject.toml constraints.txt scripts/llama_cpp_converter.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip==25.3"
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	$(PY) scripts/llama_cpp_converter.py
 	@touch $(STAMP)
 
 install: $(STAMP)

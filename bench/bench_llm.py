@@ -7,7 +7,8 @@ token and decode tokens/s at batch 1 with the KV cache (interleaved with FP32), 
 
     python bench/bench_llm.py [--model HF_DIR] [--steps 300] [--rows 200] [--outliers] [--out bench/results]
 
-Without --model it trains the example Llama (qops.examples.tiny_llama) first. ``--outliers`` benchmarks a second
+GGUF targets are written by llama.cpp's converter and quantizer and run by llama.cpp (llama-cpp-python), against
+the FP32 ONNX model. Without --model it trains the example Llama (qops.examples.tiny_llama) first. ``--outliers`` benchmarks a second
 model beside it: the same weights with real-LLM outlier channels (qops.examples.outliers: a few hidden channels
 scaled up after every RMSNorm and the consuming projections' input columns down, FP32 outputs unchanged), and
 reports each site's activation max/median before and after. Writes llm.json and llm.md.
@@ -27,7 +28,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 VARIANTS = [("llm_int4_rtn", {}), ("llm_int4_rtn", {"lm_head": "int4"}), ("llm_int4_gptq", {}), ("llm_int4_awq", {}),
-            ("llm_int4_hqq", {}), ("llm_int4_kquant", {}), ("llm_nf4", {}), ("hf_bnb_nf4", {}), ("hf_bnb_int8", {})]
+            ("llm_int4_hqq", {}), ("llm_int4_kquant", {}), ("llm_nf4", {}), ("hf_bnb_nf4", {}), ("hf_bnb_int8", {}),
+            ("gguf_q8_0", {}), ("gguf_q4_k_m", {}), ("gguf_q4_k_m", {"kv_cache_type": "q8_0"}), ("gguf_q4_0", {}),
+            ("gguf_q4_k_m", {"imatrix": False})]
 
 # Published 4-bit results of real models, for context (WikiText-2 perplexity, FP16 -> 4-bit, group 128)
 PUBLISHED = [
@@ -51,6 +54,7 @@ def main() -> int:
     ap.add_argument("--outlier-channels", type=int, default=4)
     ap.add_argument("--outlier-scale", type=float, default=64.0)
     ap.add_argument("--render", action="store_true", help="only rewrite llm.md from an existing llm.json")
+    ap.add_argument("--only", help="comma-separated target names: benchmark only these variants")
     args = ap.parse_args()
     if args.render:
         report = json.loads((Path(args.out) / "llm.json").read_text())
@@ -67,6 +71,7 @@ def main() -> int:
     from qops.llm.bnb import quantize_bnb_llm
     from qops.llm.data import CausalLM, WindowReader
     from qops.llm.evaluate import evaluate_llm
+    from qops.llm.gguf import F32_NAME, quantize_gguf_llm
     from qops.llm.quantize import quantize_onnx_llm
     from qops.llm.source import LlmInfo, export_onnx
     from qops.targets import get_target
@@ -94,6 +99,8 @@ def main() -> int:
         info = LlmInfo(**ex["info"])
         kind = CausalLM("text", str(folder), 128, 64, 2, info.bos_token_id)
         for target, opts in VARIANTS:
+            if args.only and target not in args.only.split(","):
+                continue
             recipe = get_target(target, opts or None)
             label = target + "".join(f" ({k}={v})" for k, v in opts.items())
             reader = WindowReader(kind.windows(cal, "calibration", 1), info) if recipe.needs_calibration else None
@@ -103,6 +110,10 @@ def main() -> int:
             if recipe.engine == "bitsandbytes":  # a Transformers folder, compared with the FP32 checkpoint in torch
                 out, ref = out.parent, str(folder)
                 tech = quantize_bnb_llm(folder, recipe, out)
+            elif recipe.engine == "llama.cpp":  # GGUF from the checkpoint, compared with the FP32 ONNX model
+                out = out.with_suffix(".gguf")
+                windows = kind.windows(cal, "calibration", 1) if recipe.imatrix else None
+                tech = quantize_gguf_llm(folder, recipe, out, work / name / F32_NAME, info.num_layers, windows)
             else:
                 tech = quantize_onnx_llm(ex["path"], recipe, out, reader)
             qs = time.perf_counter() - t0
@@ -168,7 +179,7 @@ def outlier_copy(hf: Path, dest: Path, paths: dict, channels: int, scale: float)
 def render(report: dict) -> str:
     rows = report["results"]
     md = [f"Machine: {report['machine'].get('cpu_model', '?')}, {report['machine'].get('cpu_count')} cores; ONNX "
-          f"Runtime CPU; {report['rows_scored']} validation documents, windows of 128 tokens (stride 64, up to 2 per "
+          f"Runtime CPU (GGUF rows: llama.cpp, all cores); {report['rows_scored']} validation documents, windows of 128 tokens (stride 64, up to 2 per "
           "document).", "",
           "| model | variant | size MB | perplexity (FP32 → q) | increase [95% CI] | agreement | KL | TTFT ms (FP32 → q) | "
           "decode tok/s (FP32 → q) | peak MB (FP32 → q) |", "|---|---|---:|---|---|---:|---:|---|---|---|"]

@@ -48,6 +48,11 @@ def _method(recipe: dict, quantization: dict) -> str:
             f"block {recipe.get('block_size')})", "codebook": f"non-uniform {recipe.get('codebook')} codebook "
             f"({recipe.get('codebook_bits')}-bit indices)", "fp8": f"FP8 {mode} ({recipe.get('torch_method')})",
             "nf4": f"NF4 weight-only (block {recipe.get('block_size')})"}
+    if recipe.get("engine") == "llama.cpp":
+        imatrix = ", importance matrix" if (quantization.get("technique") or {}).get("imatrix") else ""
+        return f"GGUF {recipe.get('gguf_type')} weight-only{imatrix}, KV cache {recipe.get('kv_cache_type')} (llama.cpp)"
+    if recipe.get("engine") == "compressed-tensors":
+        return f"compressed-tensors {(quantization.get('technique') or {}).get('algorithm', '')} (vLLM)"
     if recipe.get("model_kind") == "causal_lm" and recipe["precision"] in ("int4", "nf4"):
         what[recipe["precision"]] += f", lm_head {recipe.get('lm_head')}"
     fmt = (f", {recipe['quant_format']}" if recipe["precision"] == "int8" and mode == "static"

@@ -52,6 +52,8 @@ def quantize_bnb_llm(hf_dir: str | os.PathLike, recipe, out_dir: str | os.PathLi
     load_torch_target(out, recipe.to_dict())
     fmt = "NF4, double quantization, blocks of 64" if recipe.precision == "nf4" else "LLM.int8() (threshold 6.0)"
     return {"algorithm": f"bitsandbytes {fmt}", "bitsandbytes": version("bitsandbytes"),
+            "serving_format": f"Transformers folder, bitsandbytes {version('bitsandbytes')} {recipe.precision} "
+            f"(transformers {version('transformers')})",
             "transformers": version("transformers"), "compute_dtype": str(compute).replace("torch.", ""),
             "lm_head": f"{str(compute).replace('torch.', '')} (bitsandbytes keeps it)",
             "embeddings": str(compute).replace("torch.", ""),

@@ -31,7 +31,9 @@ def main() -> None:
     args = json.loads(sys.stdin.read())
 
     info = LlmInfo(**args["info"])
-    if not args["path"].endswith(".onnx"):
+    if args["path"].endswith(".gguf"):
+        import llama_cpp  # noqa: F401 - counted in the baseline, not in the model's memory
+    elif not args["path"].endswith(".onnx"):
         import torch  # noqa: F401 - counted in the baseline, not in the model's memory
     import onnxruntime  # noqa: F401
 
@@ -41,7 +43,8 @@ def main() -> None:
     except OSError:
         pass
     base = _rss_bytes()
-    dec = open_decoder(args["path"], info, threads=1, recipe=args.get("recipe"))
+    # greedy decoding needs the last position's logits only (llama.cpp then computes no others, as a server)
+    dec = open_decoder(args["path"], info, threads=1, recipe=args.get("recipe"), all_logits=False)
     tok = int(np.argmax(dec.prefill(np.asarray(args["prompt"], np.int64))[-1]))
     for _ in range(args["new_tokens"]):
         tok = int(np.argmax(dec.step(tok)))

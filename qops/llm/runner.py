@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from qops.errors import ModelError
+from qops.llm.llamacpp import LlamaCppDecoder
 from qops.llm.torch_target import load_torch_target
 from qops.runtime import check_provider
 
@@ -72,15 +73,18 @@ class OrtDecoder:
         return self._run(np.array([token], np.int64))[-1]
 
 
-def open_decoder(path: str | os.PathLike, info, threads: int | None = None, recipe: dict | None = None):
-    """The decoder of a model file or folder: ``.onnx`` through ONNX Runtime; a folder (a torchao target's
-    checkpoint, see :mod:`qops.llm.quantize`) through PyTorch on the recipe's device."""
+def open_decoder(path: str | os.PathLike, info, threads: int | None = None, recipe: dict | None = None,
+                 all_logits: bool = True):
+    """The decoder of a model file or folder: ``.onnx`` through ONNX Runtime, ``.gguf`` through llama.cpp; a folder
+    (a torchao, bitsandbytes or compressed-tensors checkpoint) through PyTorch on the recipe's device."""
     p = Path(path)
     if p.suffix == ".onnx":
         providers = None
         if recipe and recipe.get("execution_provider") not in (None, "CPUExecutionProvider", "CUDA", "Inductor"):
             providers = check_provider(recipe)
         return OrtDecoder(p, info, threads=threads, providers=providers)
+    if p.suffix == ".gguf":
+        return LlamaCppDecoder(p, info, threads=threads, recipe=recipe, all_logits=all_logits)
 
     return load_torch_target(p, recipe)
 

@@ -1,6 +1,7 @@
 """Serve before promote: load a registered decoder LLM the way its serving stack will — ONNX Runtime GenAI for the
 ONNX targets (the ``model/`` and ``files/`` artifacts assembled into a GenAI folder), Transformers (with
-bitsandbytes when the checkpoint says so) for the folder targets — and generate a fixed prompt greedily, in a fresh
+bitsandbytes or compressed-tensors when the checkpoint says so) for the folder targets, llama.cpp for GGUF files
+— and generate a fixed prompt greedily, in a fresh
 Python process (what a server does on start), so a checkpoint the runtime refuses never gets an alias.
 
 ``python -m qops.llm.serves MODEL_URI`` prints one JSON line; :func:`serves_in_fresh_process` runs it."""
@@ -16,7 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from qops.registry import MODELS_URI
+from qops.llm.llamacpp import generate_text, gguf_file
+from qops.registry import MODELS_URI, prequantized
 
 PROMPT = "The government said on Monday that"
 NEW_TOKENS = 8
@@ -75,11 +77,15 @@ def serve_check(model_uri: str, prompt: str = PROMPT, new_tokens: int = NEW_TOKE
     t0 = time.perf_counter()
     local = Path(mlflow.artifacts.download_artifacts(model_uri))
     flavors = yaml.safe_load((local / "MLmodel").read_text())["flavors"]
+    gguf = gguf_file(local) if "onnx" not in flavors and "transformers" not in flavors else None
     if "transformers" in flavors:
-        conf = local / "model" / "config.json"
-        bnb = conf.is_file() and '"bitsandbytes"' in conf.read_text()
-        runtime = "transformers+bitsandbytes" if bnb else "transformers"
+        quant = prequantized(local / "model")
+        runtime = f"transformers+{quant}" if quant else "transformers"
         text, n = generate_transformers(model_uri, prompt, new_tokens)
+    elif gguf is not None:  # what llama-server does with the file: load it, tokenize, decode greedily
+        kv = (flavors.get("python_function", {}).get("config") or {}).get("kv_cache_type", "f16")
+        runtime = f"llama.cpp (KV cache {kv})"
+        text, n = generate_text(gguf, prompt, new_tokens, kv_cache_type=kv)
     else:
         runtime = "onnxruntime-genai"
         with tempfile.TemporaryDirectory(prefix="qops-serves-") as td:

@@ -69,11 +69,11 @@ def require_cuda(recipe) -> None:
                             "run it on an H100/H200 (sm_90) or Ada (sm_89) worker.")
 
 
-def bnb_quantization(folder: Path) -> dict | None:
-    """The ``quantization_config`` of a bitsandbytes checkpoint folder, else None."""
+def prequantized_config(folder: Path) -> dict | None:
+    """The ``quantization_config`` of a bitsandbytes or compressed-tensors checkpoint folder, else None."""
     conf = Path(folder) / "config.json"
     quant = json.loads(conf.read_text()).get("quantization_config") if conf.is_file() else None
-    return quant if quant and quant.get("quant_method") == "bitsandbytes" else None
+    return quant if quant and quant.get("quant_method") in ("bitsandbytes", "compressed-tensors") else None
 
 
 def load_torch_target(folder: str | os.PathLike, recipe: dict | None):
@@ -84,7 +84,14 @@ def load_torch_target(folder: str | os.PathLike, recipe: dict | None):
     from transformers import AutoModelForCausalLM
 
     folder = Path(folder)
-    quant = bnb_quantization(folder)
+    quant = prequantized_config(folder)
+    if quant is not None and quant["quant_method"] == "compressed-tensors":  # decompressed at load on CPU
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = AutoModelForCausalLM.from_pretrained(str(folder), device_map=device, local_files_only=True)
+        acts = any((g or {}).get("input_activations") for g in (quant.get("config_groups") or {}).values())
+        return TorchDecoder(model, device, f"transformers+compressed-tensors {quant.get('format')} on {device} "
+                            + ("(weights decompressed, activation quantization emulated)" if acts and device == "cpu"
+                               else "(weights decompressed)" if device == "cpu" else ""))
     if quant is not None:  # a bitsandbytes folder: transformers applies its quantization_config at load
         r = Recipe.from_dict(recipe) if recipe else None
         device = r.device if r else ("cuda" if torch.cuda.is_available() else "cpu")

@@ -78,6 +78,8 @@ def registry_tags(spec, run_id: str, target: str, source: dict, q: dict, method:
         "qops.calibration_sha256": read_json(layout.calibration)["sha256"] if q.get("calibration_path") else "none",
         "qops.run_id": run_id, "qops.method": method,
     }
+    if (q.get("technique") or {}).get("serving_format"):  # what a serving stack loads, and which version wrote it
+        tags["qops.format"] = q["technique"]["serving_format"]
     if method == "qat":
         tags["qops.qat_scheme"] = f"{q['qat']['plan']['engine']}:{q['qat']['plan']['scheme']}"
         tags["qops.calibration_sha256"] = "none"  # activation ranges were observed during training
@@ -130,7 +132,8 @@ def stage_register(spec, run_id: str, target: str) -> dict:
             metrics={"fp32_" + m: ev["overall"][m]["fp32"], "quantized_" + m: ev["overall"][m]["quantized"],
                      "latency_p50_ms": ev["performance"]["latency_p50_ms"]["quantized"],
                      "size_bytes": ev["performance"]["size_bytes"]["quantized"]},
-            params={"target": target, "mode": recipe["mode"], "granularity": recipe["granularity"], "method": method},
+            params={"target": target, "mode": recipe["mode"], "granularity": recipe["granularity"], "method": method,
+                    **({"kv_cache_type": recipe["kv_cache_type"]} if recipe.get("engine") == "llama.cpp" else {})},
             finalize_card=finalize_card, execution_providers=providers_for(recipe), example=example,
             extra_files=extra, serves=modality.serves(spec),
         )

@@ -8,7 +8,6 @@ with the same key returns the existing version instead of creating another."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from qops.errors import RegistryError, RegistryUnavailable
 from qops.redact import redact
 from qops.registry.aliases import settle_aliases
 from qops.registry.client import reachable
+from qops.registry.flavors import log_gguf_model, log_prequantized_transformers_model, log_transformers_model
 from qops.runtime import TorchSession
 
 log = logging.getLogger(__name__)
@@ -194,7 +194,8 @@ def register(
 
     is_program = model_path.suffix.lower() == ".pt2"
     is_checkpoint = model_path.is_dir()
-    if is_checkpoint:
+    is_gguf = model_path.suffix.lower() == ".gguf"
+    if is_checkpoint or is_gguf:
         signature = model = None
     elif is_program:  # torchao targets: a torch.export program, logged with the pytorch flavor as pt2
 
@@ -226,17 +227,21 @@ def register(
                 mlflow.log_params(params)
             if metrics:
                 mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
-            bnb = is_checkpoint and '"bitsandbytes"' in (model_path / "config.json").read_text()
-            reqs = serving_requirements(is_program or is_checkpoint, execution_providers,
-                                        ("bitsandbytes",) if bnb else ())
-            if bnb:
-                info = log_bnb_transformers_model(model_path, reqs)
+            quant = prequantized(model_path) if is_checkpoint else None
+            if is_gguf:
+                reqs = gguf_requirements()
+                info = log_gguf_model(model_path, reqs, kv_cache_type=(params or {}).get("kv_cache_type", "f16"))
+            elif quant:
+                reqs = serving_requirements(True, execution_providers, QUANT_DISTRIBUTIONS[quant])
+                info = log_prequantized_transformers_model(model_path, reqs)
             elif is_checkpoint:
-                info = log_transformers_model(model_path, reqs)
+                info = log_transformers_model(model_path, serving_requirements(True, execution_providers))
             elif is_program:
+                reqs = serving_requirements(True, execution_providers)
                 info = mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=example,
                                                 serialization_format="pt2", pip_requirements=reqs)
             else:
+                reqs = serving_requirements(False, execution_providers)
                 info = mlflow.onnx.log_model(model, name="model", signature=signature, pip_requirements=reqs,
                                              onnx_execution_providers=execution_providers or ["CPUExecutionProvider"])
             mv = mlflow.register_model(info.model_uri, name, tags=safe_tags)
@@ -296,6 +301,27 @@ def register(
                           reason=reason, serves=served)
 
 
+# a pre-quantized Transformers folder's quant_method -> the distributions that load it
+QUANT_DISTRIBUTIONS = {"bitsandbytes": ("bitsandbytes",), "compressed-tensors": ("compressed-tensors",)}
+
+
+def prequantized(folder: Path) -> str | None:
+    """The ``quant_method`` of a checkpoint folder's ``quantization_config`` (bitsandbytes, compressed-tensors)."""
+    import json
+
+    conf = folder / "config.json"
+    quant = json.loads(conf.read_text()).get("quantization_config") if conf.is_file() else None
+    return quant.get("quant_method") if quant and quant.get("quant_method") in QUANT_DISTRIBUTIONS else None
+
+
+def gguf_requirements() -> list[str]:
+    """A GGUF model's pyfunc needs MLflow and llama.cpp (``llama-cpp-python``, built from its sdist)."""
+    from importlib.metadata import version
+
+    return [f"mlflow=={version('mlflow')}", f"numpy=={version('numpy')}",
+            f"llama-cpp-python=={version('llama-cpp-python')}"]
+
+
 def providers_for(recipe: dict) -> list[str]:
     """The ONNX Runtime execution providers a target's model is served with, best first, ending on the CPU
     (TensorRT falls back to CUDA, CUDA to the CPU; CPU targets list the CPU only)."""
@@ -303,73 +329,3 @@ def providers_for(recipe: dict) -> list[str]:
     chain = {"TensorrtExecutionProvider": ["TensorrtExecutionProvider", "CUDAExecutionProvider"],
              "CUDAExecutionProvider": ["CUDAExecutionProvider"]}.get(ep, [ep] if ep != "CPUExecutionProvider" else [])
     return chain + ["CPUExecutionProvider"]
-
-
-@contextlib.contextmanager
-def offline_hub():
-    """No Hugging Face Hub look-ups (model cards, licences) while transformers and MLflow load and save."""
-    import huggingface_hub.constants as hub
-
-    old = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    old_hub = hub.HF_HUB_OFFLINE
-    os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    hub.HF_HUB_OFFLINE = True  # read at import time by huggingface_hub: set it where it is read
-    try:
-        yield
-    finally:
-        hub.HF_HUB_OFFLINE = old_hub
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def log_transformers_model(folder: str | os.PathLike, pip_requirements: list[str], **kwargs):
-    """Log a causal-LM folder with MLflow's transformers flavor, offline. MLflow 3.17 cannot log a local checkpoint
-    path with transformers 5 (its task table changed), so the model and tokenizer are loaded and logged as
-    objects; requirements are stated (its inference pins torchvision, which an LLM does not need)."""
-    import mlflow
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    with offline_hub():
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True)
-        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        return mlflow.transformers.log_model({"model": model, "tokenizer": tok}, name="model",
-                                             task="text-generation", pip_requirements=pip_requirements, **kwargs)
-
-
-def log_bnb_transformers_model(folder: str | os.PathLike, pip_requirements: list[str]):
-    """Log a bitsandbytes checkpoint folder with the transformers flavor, its weights byte for byte: transformers
-    cannot re-save a model loaded from a pre-quantized folder (no reverse of the bitsandbytes deserialization), and
-    a re-save of NF4 with double quantization is not exact. So the flavor's files are written from the loaded model
-    (its conversion record dropped), then its weights and config are replaced by the folder's own, and the model
-    directory is logged to the active run. Returns an object with ``model_uri`` like ``log_model``'s."""
-    import shutil
-    import tempfile
-    from types import SimpleNamespace
-
-    import mlflow
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = Path(folder)
-    with offline_hub():
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True)
-        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    model._weight_conversions = [c for c in getattr(model, "_weight_conversions", None) or []
-                                 if not any("Deserialize" in type(op).__name__ for op in getattr(c, "operations", []))]
-    with tempfile.TemporaryDirectory(prefix="qops-bnb-") as td:
-        path = Path(td) / "model"
-        with offline_hub():
-            mlflow.transformers.save_model({"model": model, "tokenizer": tok}, path=str(path), task="text-generation",
-                                           pip_requirements=pip_requirements)
-        weights = path / "model"
-        for f in weights.glob("*.safetensors*"):
-            f.unlink()
-        for f in list(folder.glob("*.safetensors")) + list(folder.glob("*.safetensors.index.json")) + [
-                folder / "config.json"]:
-            shutil.copy(f, weights / f.name)
-        mlflow.log_artifacts(str(path), artifact_path="model")
-    return SimpleNamespace(model_uri=f"runs:/{mlflow.active_run().info.run_id}/model")

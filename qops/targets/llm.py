@@ -1,6 +1,6 @@
 """Decoder-LLM targets (``model_kind: causal_lm``): INT4 (RTN, GPTQ, HQQ, k-quant) and NF4 as ONNX Runtime
 GenAI models; NF4 and LLM.int8() as Transformers folders that bitsandbytes loads (the guide's
-``BitsAndBytesConfig`` workflow); torchao's INT4/FP8 on CUDA."""
+``BitsAndBytesConfig`` workflow); GGUF (Q8_0, Q4_K_M, Q4_0) for llama.cpp; torchao's INT4/FP8 on CUDA."""
 
 from __future__ import annotations
 
@@ -107,3 +107,72 @@ def _hf_bnb_nf4() -> Recipe:
 @register_target("hf_bnb_int8")
 def _hf_bnb_int8() -> Recipe:
     return _hf_bnb("hf_bnb_int8", "int8", "LLM.int8(): int8 weights per row, outlier features in 16-bit")
+
+
+def _gguf(name: str, gguf_type: str, precision: str, what: str) -> Recipe:
+    return Recipe(
+        target=name,
+        description=f"Decoder LLMs as GGUF {gguf_type} for llama.cpp ({what}), converted and quantized by llama.cpp's "
+        "own converter and quantizer" + (" with an importance matrix from the calibration set" if gguf_type != "Q8_0"
+                                            else "") + "; serve with llama-server or llama-cpp-python. KV cache f16 "
+        "(target option kv_cache_type: q8_0).",
+        hardware="x86-64 / ARM64 CPUs (llama.cpp's ggml kernels; the same file runs on llama.cpp's GPU backends)",
+        mode="weight_only", precision=precision, weight_type="int4" if precision == "int4" else "int8",
+        engine="llama.cpp", gguf_type=gguf_type, block_size=32, op_types=("MatMul", "Gather"),
+        quant_format="QOperator", model_kind="causal_lm", lm_head="int8", imatrix=gguf_type != "Q8_0",
+        runtime="llama.cpp", execution_provider="llama.cpp CPU", arch=None,
+    )
+
+
+@register_target("gguf_q8_0")
+def _gguf_q8_0() -> Recipe:
+    return _gguf("gguf_q8_0", "Q8_0", "int8", "8-bit blocks of 32 with one FP16 scale")
+
+
+@register_target("gguf_q4_k_m")
+def _gguf_q4_k_m() -> Recipe:
+    return _gguf("gguf_q4_k_m", "Q4_K_M", "int4", "4-bit k-quants with 6-bit block scales; attn_v, ffn_down and "
+                 "the output in Q6_K where llama.cpp's mix says")
+
+
+@register_target("gguf_q4_0")
+def _gguf_q4_0() -> Recipe:
+    return _gguf("gguf_q4_0", "Q4_0", "int4", "4-bit blocks of 32 with one FP16 scale: the floor")
+
+
+def _ct(name: str, precision: str, mode: str, algorithm: str, what: str, **kw) -> Recipe:
+    return Recipe(
+        target=name,
+        description=f"Decoder LLMs as a compressed-tensors checkpoint for vLLM / SGLang ({what}), written by the "
+        "compressed-tensors library from qops' calibrated weights; lm_head kept in the checkpoint's dtype. "
+        "Transformers reloads it (on CPU: weights decompressed, activation quantization emulated).",
+        hardware="NVIDIA GPUs under vLLM/SGLang (Marlin / CUTLASS kernels; FP8 compute on sm_89+); evaluated here "
+        "through Transformers",
+        mode=mode, precision=precision, engine="compressed-tensors", algorithm=algorithm,
+        weight_type={"int4": "int4", "int8": "int8", "fp8": "float8e4m3fn"}[precision],
+        activation_type="float8e4m3fn" if precision == "fp8" else "int8", symmetric_activations=True,
+        block_size=128, op_types=("MatMul",), model_kind="causal_lm", lm_head="fp32",
+        runtime="vllm (compressed-tensors)", execution_provider="torch", arch=None, **kw,
+    )
+
+
+@register_target("ct_w4a16_gptq")
+def _ct_w4a16_gptq() -> Recipe:
+    return _ct("ct_w4a16_gptq", "int4", "weight_only", "gptq", "W4A16: int4 weights in groups of 128 by GPTQ")
+
+
+@register_target("ct_w4a16_awq")
+def _ct_w4a16_awq() -> Recipe:
+    return _ct("ct_w4a16_awq", "int4", "weight_only", "awq", "W4A16: int4 weights in groups of 128 by AWQ")
+
+
+@register_target("ct_w8a8_int8")
+def _ct_w8a8() -> Recipe:
+    return _ct("ct_w8a8_int8", "int8", "dynamic", "gptq", "W8A8 INT8: SmoothQuant, then GPTQ int8 weights per "
+               "channel; int8 activations per token at run time", smooth_quant_alpha=0.5)
+
+
+@register_target("ct_fp8_dynamic")
+def _ct_fp8() -> Recipe:
+    return _ct("ct_fp8_dynamic", "fp8", "dynamic", "rtn", "FP8 dynamic: e4m3 weights per channel, e4m3 "
+               "activations per token at run time; no calibration")

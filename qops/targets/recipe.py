@@ -49,7 +49,7 @@ class Recipe:
     hardware: str
     mode: Mode
     precision: Precision = "int8"
-    engine: Literal["onnxruntime", "torchao", "bitsandbytes"] = "onnxruntime"
+    engine: Literal["onnxruntime", "torchao", "bitsandbytes", "llama.cpp", "compressed-tensors"] = "onnxruntime"
     weight_type: QType = "int8"
     activation_type: QType = "uint8"
     per_channel: bool = True
@@ -94,6 +94,11 @@ class Recipe:
     # decoder LLMs (data.kind causal_lm): the output projection's precision (docs/llm.md#lm-head)
     lm_head: Literal["int4", "int8", "fp32", "nf4"] = "int8"
     model_kind: Literal["any", "causal_lm"] = "any"  # causal_lm: only for decoder LLM pipelines
+    # GGUF for llama.cpp (engine llama.cpp): the file type llama-quantize writes, whether an importance matrix from
+    # the calibration set weighs its rounding, and the KV-cache element type the runtime allocates
+    gguf_type: Literal["Q8_0", "Q4_K_M", "Q4_0"] | None = None
+    imatrix: bool = True
+    kv_cache_type: Literal["f16", "q8_0"] = "f16"
     # non-uniform (codebook) weights
     codebook: Literal["kmeans", "pow2"] = "kmeans"
     codebook_bits: int = 4
@@ -160,11 +165,28 @@ class Recipe:
                                               or self.mode != "weight_only"):
             bad("the bitsandbytes engine loads decoder LLMs in NF4 or LLM.int8() weights (model_kind causal_lm, "
                 "mode weight_only).", "use precision nf4 or int8, mode weight_only, model_kind causal_lm.")
+        if self.engine == "llama.cpp" and (self.model_kind != "causal_lm" or self.gguf_type is None
+                                           or self.mode != "weight_only"):
+            bad("the llama.cpp engine writes decoder LLMs as GGUF (model_kind causal_lm, mode weight_only, a "
+                "gguf_type).", "use a gguf_* target (qops targets), or set gguf_type to Q8_0, Q4_K_M or Q4_0.")
+        if self.gguf_type is not None and self.engine != "llama.cpp":
+            bad(f"gguf_type {self.gguf_type!r} is a llama.cpp file type.", "drop gguf_type, or use a gguf_* target.")
+        if self.kv_cache_type != "f16" and self.engine != "llama.cpp":
+            bad("kv_cache_type is an option of llama.cpp targets (ONNX Runtime and PyTorch keep the KV cache in the "
+                "model's dtype).", "drop kv_cache_type, or use a gguf_* target.")
         if self.algorithm in ("hqq", "k_quant") and self.model_kind != "causal_lm":
             bad(f"algorithm {self.algorithm!r} is served for decoder LLM targets (model_kind causal_lm).",
                 "use rtn or gptq, or an llm_* target.")
         if self.engine == "torchao" and self.torch_method is None:
             bad("a torchao recipe needs torch_method.", "set torch_method, e.g. 'pt2e_x86_inductor'.")
+        if self.engine == "compressed-tensors" and (self.model_kind != "causal_lm" or (self.precision, self.mode) not in (
+                ("int4", "weight_only"), ("int8", "dynamic"), ("fp8", "dynamic"))):
+            bad("the compressed-tensors engine writes decoder LLMs as W4A16 (int4, weight_only), W8A8 (int8, "
+                "dynamic) or FP8 dynamic (fp8, dynamic).", "use a ct_* target (qops targets).")
+        if self.engine == "compressed-tensors" and self.algorithm not in ("rtn", "gptq", "awq"):
+            bad(f"algorithm {self.algorithm!r} is not one qops runs for compressed-tensors.", "use gptq, awq or rtn.")
+        if self.engine == "compressed-tensors" and self.precision == "fp8" and self.algorithm != "rtn":
+            bad("FP8 dynamic rounds weights to the e4m3 grid (no GPTQ/AWQ search in qops).", "use algorithm rtn.")
         if self.engine == "onnxruntime" and self.precision == "fp8":
             bad("FP8 is served through torchao on Hopper GPUs in qops.", "set engine='torchao', "
                 "torch_method='float8_dynamic'.")
@@ -174,6 +196,10 @@ class Recipe:
     @property
     def needs_calibration(self) -> bool:
         if self.model_kind == "causal_lm":
+            if self.engine == "llama.cpp":
+                return self.imatrix
+            if self.engine == "compressed-tensors":
+                return self.algorithm in ("gptq", "awq") or self.smooth_quant_alpha is not None
             return self.algorithm in ("gptq", "awq") and self.precision == "int4"
         if self.engine == "torchao":
             return self.torch_method == "pt2e_x86_inductor"
@@ -182,6 +208,8 @@ class Recipe:
 
     @property
     def granularity(self) -> str:
+        if self.engine == "llama.cpp":  # Q8_0/Q4_0 blocks of 32; k-quants: blocks of 32 in super-blocks of 256
+            return f"block-wise ({self.block_size})"
         if self.precision in ("int4", "nf4"):
             return f"block-wise ({self.block_size})"
         if self.engine == "bitsandbytes":  # LLM.int8(): rows of weights, outlier columns kept in 16-bit
@@ -192,8 +220,10 @@ class Recipe:
 
     @property
     def output_suffix(self) -> str:
-        if self.model_kind == "causal_lm" and self.engine in ("torchao", "bitsandbytes"):
+        if self.model_kind == "causal_lm" and self.engine in ("torchao", "bitsandbytes", "compressed-tensors"):
             return ""  # a checkpoint folder
+        if self.engine == "llama.cpp":
+            return ".gguf"
         return ".pt2" if self.engine == "torchao" else ".onnx"
 
     def with_options(self, **options) -> "Recipe":

@@ -431,3 +431,178 @@ def test_a_registered_llm_its_runtime_cannot_serve_gets_no_alias(llm, tmp_path, 
     assert str(client.get_model_version_by_alias(reg["name"], "champion").version) == first["version"]
     assert "**FAILED**" in card_md_of(run, "llm_int4_rtn") and "aliases not moved" in card_md_of(run, "llm_int4_rtn")
 
+
+
+def test_gguf_conversion_keeps_the_function_and_the_tokenizer(llm, tmp_path):
+    """llama.cpp's converter (with the byte-level BPE tokenizer named gpt-2) writes an FP32 GGUF whose logits are
+    the ONNX export's to 1e-3 and whose tokenizer splits text as the checkpoint's does; llama.cpp's quantizer then
+    writes each type with the importance matrix of the calibration windows."""
+    from transformers import AutoTokenizer
+
+    from qops.llm.gguf import convert_hf, importance_matrix, quantize_gguf, tensor_types
+    from qops.llm.llamacpp import LlamaCppDecoder, open_llama
+    from qops.llm.runner import OrtDecoder
+
+    f32 = tmp_path / "model-f32.gguf"
+    convert_hf(llm["hf"], f32)
+    tok = AutoTokenizer.from_pretrained(str(llm["hf"]))
+    texts = pd.read_parquet(llm["paths"]["validation"])["text"].tolist()[:6]
+    lc = open_llama(f32, n_ctx=256, logits_all=False)
+    for t in texts:
+        assert lc.tokenize(t[:400].encode(), add_bos=False) == tok(t[:400])["input_ids"]
+    ids = [llm["info"].bos_token_id] + tok(texts[0])["input_ids"][:60]
+    ref = OrtDecoder(llm["export"]["path"], llm["info"]).prefill(ids)
+    got = LlamaCppDecoder(f32, llm["info"]).prefill(ids)
+    assert np.abs(ref - got).max() < 1e-3
+    windows = _kind(llm).windows(pd.read_parquet(llm["paths"]["pool"]).head(6), "pool")
+    im = importance_matrix(llm["hf"], windows, llm["info"].num_layers)
+    assert im["entries"] == 7 * llm["info"].num_layers + 1 and im["tokens"] == sum(len(w.ids) for w in windows)
+    assert all(v.min() > 0 and np.isfinite(v).all() for v in im["values"].values())
+    q = tmp_path / "q4_0.gguf"
+    quantize_gguf(f32, q, "Q4_0", im["values"])
+    assert tensor_types(q).get("q4_0", 0) >= 7 * llm["info"].num_layers and q.stat().st_size < f32.stat().st_size / 4
+    agree = (LlamaCppDecoder(q, llm["info"]).prefill(ids).argmax(-1) == ref.argmax(-1)).mean()
+    assert agree > 0.6
+
+
+def test_gguf_targets_run_the_pipeline_serve_in_llama_cpp_and_load_from_the_registry(llm, tmp_path, mlflow_uri):
+    """gguf_q4_k_m (KV cache q8_0) and gguf_q8_0 through the pipeline: evaluated by llama.cpp against the FP32 ONNX
+    model, carded, registered as a pyfunc whose code loads the GGUF with llama.cpp, served in a fresh process
+    before the aliases move; `mlflow.pyfunc.load_model("models:/...@champion").predict` generates."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from qops.pipeline import run_pipeline
+
+    spec = _spec(llm, tmp_path, targets=["gguf_q4_k_m", "gguf_q8_0"], mlflow={"experiment": "llm-gguf"},
+                 target_options={"gguf_q4_k_m": {"kv_cache_type": "q8_0"}},
+                 gates={"max_overall_drop": 0.25, "max_slice_drop": 0.5, "max_latency_ratio": 100.0,
+                        "bootstrap": 100, "thresholds": [{"metric": "agreement", "min_value": 0.5}]})
+    rows = {r["target"]: r for r in run_pipeline(spec, run_id="g1", progress=False)["targets"]}
+    run = tmp_path / "art" / "tiny" / "g1"
+    for target, row in rows.items():
+        assert row["gate"] == "passed" and row["mlflow"]["registered"] and "champion" in row["mlflow"]["aliases"], row
+        q = json.loads((run / "targets" / target / "quantize.json").read_text())
+        ev = json.loads((run / "targets" / target / "evaluation.json").read_text())
+        assert q["engine"] == "llama.cpp" and q["model_path"].endswith(".gguf") and q["source_path"].endswith(".onnx")
+        assert ev["performance"]["latency_method"].count("llama.cpp") == 1
+        assert ev["performance"]["peak_memory_bytes"]["quantized"] > 0
+        mv = MlflowClient().get_model_version(row["mlflow"]["name"], row["mlflow"]["version"])
+        reg = json.loads((run / "targets" / target / "register.json").read_text())
+        assert mv.tags["qops.serves"] == "passed" and reg["serves"]["runtime"].startswith("llama.cpp")
+        assert "llama-server -m model.gguf" in card_md_of(run, target) and "GGUF " in card_md_of(run, target)
+    q4 = json.loads((run / "targets" / "gguf_q4_k_m" / "quantize.json").read_text())
+    assert q4["technique"]["imatrix"]["windows"] > 0 and q4["technique"]["kv_cache_type"] == "q8_0"
+    reg = json.loads((run / "targets" / "gguf_q4_k_m" / "register.json").read_text())
+    assert reg["serves"]["runtime"] == "llama.cpp (KV cache q8_0)"
+    name = rows["gguf_q4_k_m"]["mlflow"]["name"]
+    assert "llama-cpp-python==" in Path(mlflow.pyfunc.get_model_dependencies(f"models:/{name}@champion")).read_text()
+    model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    out = model.predict(pd.DataFrame({"prompt": ["The government said on Monday that"]}), params={"max_tokens": 4})
+    assert len(out) == 1 and isinstance(out[0], str) and out[0]
+
+
+@pytest.mark.parametrize("target", ["ct_w4a16_gptq", "ct_w4a16_awq", "ct_w8a8_int8", "ct_fp8_dynamic"])
+def test_compressed_tensors_targets_write_what_transformers_reloads(llm, target, tmp_path):
+    """Each compressed-tensors target writes its scheme's layout (packed int4 / int8 / e4m3 weights with scales) and a
+    quantization_config Transformers reloads; the reloaded layers' weights sit on the scheme's grid, and the model
+    keeps agreeing with FP32."""
+    import torch
+    from safetensors import safe_open
+
+    from qops.llm.ct import quantize_ct_llm
+    from qops.llm.torch_target import load_torch_target
+    from qops.targets import get_target
+
+    recipe = get_target(target)
+    windows = _kind(llm).windows(pd.read_parquet(llm["paths"]["pool"]).head(12), "pool") \
+        if recipe.needs_calibration else None
+    tech = quantize_ct_llm(llm["hf"], recipe, tmp_path / "ct", windows)
+    conf = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert conf["quant_method"] == "compressed-tensors" and conf["ignore"] == ["lm_head"]
+    group = conf["config_groups"]["group_0"]
+    with safe_open(str(tmp_path / "ct" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        q = "model.layers.0.mlp.down_proj"
+        if recipe.precision == "int4":
+            assert conf["format"] == "pack-quantized" and group["weights"]["group_size"] == 128
+            assert f.get_tensor(f"{q}.weight_packed").dtype == torch.int32 and f"{q}.weight" not in keys
+        elif recipe.precision == "int8":
+            assert conf["format"] == "int-quantized" and group["input_activations"]["strategy"] == "token"
+            assert f.get_tensor(f"{q}.weight").dtype == torch.int8 and tech["smoothquant"]["sites"] == 4
+        else:
+            assert conf["format"] == "float-quantized" and f.get_tensor(f"{q}.weight").dtype == torch.float8_e4m3fn
+        assert f"{q}.weight_scale" in keys and "lm_head.weight" in keys
+    dec = load_torch_target(tmp_path / "ct", recipe.to_dict())
+    assert "compressed-tensors" in dec.describe
+    ids = [llm["info"].bos_token_id] + list(range(10, 70))
+    ref = load_torch_target(llm["hf"], None).prefill(ids)
+    got = dec.prefill(ids)
+    assert (ref.argmax(-1) == got.argmax(-1)).mean() > 0.8
+    if recipe.precision == "int4":  # dequantized weights: at most 16 levels per group of 128
+        w = dec.model.model.layers[0].mlp.down_proj.weight.detach().float()
+        assert len(torch.unique(w[0, :128])) <= 16
+
+
+def test_torch_gptq_and_awq_beat_round_to_nearest_on_the_layer_outputs(llm):
+    """qops' PyTorch GPTQ lowers each layer's output error on its calibration inputs below round-to-nearest's, and
+    SmoothQuant and AWQ's folds leave the FP32 function unchanged."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qops.llm.torch_quant import awq, fake_quant, gptq_weight, qparams, smoothquant
+
+    model = AutoModelForCausalLM.from_pretrained(str(llm["hf"]), dtype=torch.float32).eval()
+    windows = _kind(llm).windows(pd.read_parquet(llm["paths"]["pool"]).head(12), "pool")
+    ids = torch.as_tensor(windows[0].ids)[None]
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    xs = []
+    h = model.model.layers[1].mlp.down_proj.register_forward_hook(lambda m, a, o: xs.append(a[0].reshape(-1, 384)))
+    with torch.no_grad():
+        for w in windows:
+            model(input_ids=torch.as_tensor(w.ids)[None])
+    h.remove()
+    x = torch.cat(xs).double()
+    w = model.model.layers[1].mlp.down_proj.weight.detach()
+    wq, _ = gptq_weight(w, (2 * x.T @ x / len(x)).float(), 4, 128)
+    scale, qmin, qmax = qparams(w, 4, 128)
+    rtn = fake_quant(w, scale, qmin, qmax, 128)
+    err = lambda q: float(((x.float() @ (q - w).T) ** 2).mean())  # noqa: E731
+    assert err(wq) < 0.9 * err(rtn)
+    smoothquant(model, windows, 0.5)
+    awq(model, windows, 4, 128)
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+    assert float((after - before).abs().max() / before.abs().max()) < 1e-4
+
+
+def test_compressed_tensors_target_runs_the_pipeline_and_loads_back_from_the_registry(llm, tmp_path, mlflow_uri):
+    """ct_w8a8_int8 through the pipeline: calibrated on the drift-checked set, evaluated through Transformers,
+    registered with the transformers flavor (its weights byte for byte, compressed-tensors in the requirements, the
+    format and version in a tag), served in a fresh process; `mlflow.transformers.load_model` returns it."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from qops.pipeline import run_pipeline
+
+    spec = _spec(llm, tmp_path, targets=["ct_w8a8_int8"], mlflow={"experiment": "llm-ct"},
+                 gates={"max_overall_drop": 0.25, "max_slice_drop": 0.5, "max_latency_ratio": 100.0,
+                        "bootstrap": 100, "thresholds": [{"metric": "agreement", "min_value": 0.5}]})
+    row = run_pipeline(spec, run_id="c1", progress=False)["targets"][0]
+    assert row["gate"] == "passed" and "champion" in row["mlflow"]["aliases"], row
+    run = tmp_path / "art" / "tiny" / "c1"
+    q = json.loads((run / "targets" / "ct_w8a8_int8" / "quantize.json").read_text())
+    assert q["calibration_rows"] > 0 and q["technique"]["calibration_windows"] > 0
+    reg = json.loads((run / "targets" / "ct_w8a8_int8" / "register.json").read_text())
+    assert reg["serves"]["passed"] and reg["serves"]["runtime"] == "transformers+compressed-tensors"
+    name = row["mlflow"]["name"]
+    mv = MlflowClient().get_model_version(name, row["mlflow"]["version"])
+    assert mv.tags["qops.format"].startswith("compressed-tensors 0.") and "int-quantized" in mv.tags["qops.format"]
+    assert "compressed-tensors==" in Path(mlflow.pyfunc.get_model_dependencies(f"models:/{name}@champion")).read_text()
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@champion"))
+    folder = Path(q["model_path"])
+    assert (local / "model" / "model.safetensors").read_bytes() == (folder / "model.safetensors").read_bytes()
+    loaded = mlflow.transformers.load_model(f"models:/{name}@champion", return_type="components")
+    assert loaded["model"].config.quantization_config.quant_method == "compressed-tensors"
+    assert "vllm serve" in card_md_of(run, "ct_w8a8_int8")

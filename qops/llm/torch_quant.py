@@ -1,0 +1,275 @@
+"""Calibrated weight quantization of a Hugging Face decoder's ``nn.Linear`` layers in PyTorch, the algorithms
+llm-compressor's recipes run, for checkpoints written in the compressed-tensors format (:mod:`qops.llm.ct`):
+
+- **SmoothQuant** (Xiao et al. 2023): per input channel ``s_j = max|X_j|^a / max|W_:,j|^(1-a)``; the RMSNorm
+  before Q/K/V and before gate/up is divided by ``s``, the layers' input columns multiplied: FP32 outputs are
+  unchanged while activation outliers move into the weights (W8A8 then quantizes activations per token).
+- **AWQ** (Lin et al. 2024): per smoothing site (input RMSNorm → Q/K/V, post-attention RMSNorm → gate/up, up →
+  down, V → O when no grouped-query attention), scales ``s = mean|X|^a / mean|W~|^(1-a)`` (llm-compressor's
+  duo scaling; ``W~`` the weight normalised per group), ``a`` searched on a grid by the output error of the quantized
+  layers on calibration tokens; folded exactly like SmoothQuant.
+- **GPTQ** (Frantar et al. 2023): column by column with the inverse Hessian of the layer's calibration inputs,
+  rounding error pushed to the columns not yet quantized; decoder layer by decoder layer, each layer's Hessians
+  gathered through the already-quantized layers before it (the sequential schedule).
+
+Memory does not grow with the calibration set: statistics are running sums or maxima (Hessians: ``in x in`` per
+layer of one decoder layer at a time), and AWQ keeps a fixed-size sample of tokens per site.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from qops.errors import QopsError
+
+log = logging.getLogger(__name__)
+
+AWQ_GRID = 20
+AWQ_TOKENS = 2048  # tokens sampled per smoothing site for the AWQ search
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def forward_windows(model, windows) -> None:
+    torch = _torch()
+    with torch.inference_mode():
+        for w in windows:
+            model(input_ids=torch.as_tensor(np.asarray(w.ids, np.int64))[None])
+
+
+def decoder_layers(model):
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise QopsError(f"{type(model).__name__} has no model.layers: qops' GPTQ/AWQ/SmoothQuant walk Llama-family "
+                        "decoders (Llama, Mistral, Qwen2, Gemma).", "use an ONNX or GGUF target for this model.")
+    return layers
+
+
+def smoothing_sites(model) -> list[tuple[str, object, list]]:
+    """(name, the module whose output feeds the layers, [the layers]) per site of every decoder layer."""
+    sites = []
+    for i, layer in enumerate(decoder_layers(model)):
+        att, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        try:
+            sites.append((f"layers.{i}.input_layernorm", layer.input_layernorm,
+                          [att.q_proj, att.k_proj, att.v_proj]))
+            sites.append((f"layers.{i}.post_attention_layernorm", layer.post_attention_layernorm,
+                          [mlp.gate_proj, mlp.up_proj]))
+            sites.append((f"layers.{i}.mlp.up_proj", mlp.up_proj, [mlp.down_proj]))
+            if att.v_proj.out_features == att.o_proj.in_features:  # no GQA: V's rows map to O's columns
+                sites.append((f"layers.{i}.self_attn.v_proj", att.v_proj, [att.o_proj]))
+        except AttributeError as e:
+            raise QopsError(f"Decoder layer {i} of {type(model).__name__} lacks a Llama-family module ({e}).",
+                            "AWQ and SmoothQuant fold scales into Llama-family layers (input_layernorm, q/k/v_proj, "
+                            "post_attention_layernorm, gate/up/down_proj); use an ONNX or GGUF target.") from None
+    return sites
+
+
+def fold(smooth, layers, s) -> None:
+    """Divide ``smooth``'s output channels by ``s`` and multiply ``layers``' input columns by it (exact)."""
+    torch = _torch()
+    with torch.no_grad():
+        if isinstance(smooth, torch.nn.Linear):
+            smooth.weight.div_(s[:, None])
+            if smooth.bias is not None:
+                smooth.bias.div_(s)
+        else:  # RMSNorm (Gemma's adds 1 to its weight: fold into the effective scale)
+            offset = 1.0 if "Gemma" in type(smooth).__name__ else 0.0
+            smooth.weight.copy_((smooth.weight + offset) / s - offset)
+        for lin in layers:
+            lin.weight.mul_(s[None, :])
+
+
+def _collect(model, sites, stat):
+    """Run-time statistics of each site's input to its layers, gathered with hooks on the first layer."""
+    hooks = []
+    for name, _smooth, layers in sites:
+        hooks.append(layers[0].register_forward_hook(lambda m, a, o, name=name: stat(name, a[0])))
+    return hooks
+
+
+def smoothquant(model, windows, alpha: float = 0.5) -> dict:
+    """SmoothQuant on the norm → linear sites (per-channel activation maxima over the calibration windows)."""
+    torch = _torch()
+    sites = [s for s in smoothing_sites(model) if "layernorm" in s[0]]
+    amax: dict[str, object] = {}
+
+    def stat(name, x):
+        m = x.detach().reshape(-1, x.shape[-1]).abs().amax(0).float()
+        amax[name] = m if name not in amax else torch.maximum(amax[name], m)
+
+    hooks = _collect(model, sites, stat)
+    try:
+        forward_windows(model, windows)
+    finally:
+        for h in hooks:
+            h.remove()
+    ratios = []
+    for name, smooth, layers in sites:
+        wmax = torch.stack([lin.weight.detach().abs().amax(0) for lin in layers]).amax(0).float()
+        s = (amax[name].clamp(min=1e-5) ** alpha / wmax.clamp(min=1e-5) ** (1 - alpha)).clamp(min=1e-5)
+        fold(smooth, layers, s)
+        ratios.append(float((amax[name].max() / amax[name].median().clamp(min=1e-8))))
+    return {"alpha": alpha, "sites": len(sites), "activation_max_over_median_before": round(float(np.median(ratios)), 1)}
+
+
+def qparams(w, bits: int, group: int | None):
+    """Symmetric scales as compressed-tensors computes them (absmax / ((2^bits - 1) / 2)), per group of ``group``
+    input columns or per output row; and the integer range."""
+    torch = _torch()
+    qmax, qmin = 2 ** (bits - 1) - 1, -(2 ** (bits - 1))
+    g = w.reshape(w.shape[0], -1, group) if group else w[:, None, :]
+    scale = g.abs().amax(-1) / ((qmax - qmin) / 2)
+    return torch.where(scale == 0, torch.ones_like(scale), scale), qmin, qmax
+
+
+def fake_quant(w, scale, qmin: int, qmax: int, group: int | None):
+    """``w`` on the grid of ``scale`` ([out, groups]), as the compressor will round it."""
+    torch = _torch()
+    s = scale.repeat_interleave(group, dim=1) if group else scale
+    return torch.clamp(torch.round(w / s), qmin, qmax) * s
+
+
+def awq(model, windows, bits: int, group: int) -> dict:
+    """AWQ scale search and folding on every site; returns the chosen exponent per site."""
+    torch = _torch()
+    sites = smoothing_sites(model)
+    gen = torch.Generator().manual_seed(0)
+    xs: dict[str, list] = {}
+    seen: dict[str, int] = {}
+
+    def stat(name, x):  # reservoir-like fixed-size token sample per site
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        have = sum(len(t) for t in xs.get(name, []))
+        seen[name] = seen.get(name, 0) + len(x)
+        if have < AWQ_TOKENS:
+            xs.setdefault(name, []).append(x[:AWQ_TOKENS - have].clone())
+        else:
+            keep = torch.rand(len(x), generator=gen) < AWQ_TOKENS / seen[name]
+            if keep.any():
+                pool = torch.cat(xs[name])
+                idx = torch.randint(0, len(pool), (int(keep.sum()),), generator=gen)
+                pool[idx] = x[keep]
+                xs[name] = [pool]
+
+    hooks = _collect(model, sites, stat)
+    try:
+        forward_windows(model, windows)
+    finally:
+        for h in hooks:
+            h.remove()
+    chosen = {}
+    with torch.no_grad():
+        for name, smooth, layers in sites:
+            x = torch.cat(xs[name])
+            ws = [lin.weight.detach().float() for lin in layers]
+            ref = [x @ w.T for w in ws]
+            x_mean = x.abs().mean(0)
+            w_norm = torch.cat([(w.reshape(w.shape[0], -1, group).abs() / w.reshape(w.shape[0], -1, group).abs()
+                                 .amax(-1, keepdim=True).clamp(min=1e-8)).reshape(w.shape) for w in ws])
+            w_mean = w_norm.mean(0)
+            best, best_err = None, None
+            for k in range(AWQ_GRID + 1):
+                a = k / AWQ_GRID
+                s = (x_mean.clamp(min=1e-4) ** a / (w_mean.clamp(min=1e-4) ** (1 - a))).clamp(min=1e-4)
+                s = s / (s.max() * s.min()).sqrt()
+                err = 0.0
+                for w, r in zip(ws, ref):
+                    scale, qmin, qmax = qparams(w * s, bits, group)
+                    wq = fake_quant(w * s, scale, qmin, qmax, group) / s
+                    err += float(((x @ wq.T - r) ** 2).mean())
+                if best_err is None or err < best_err:
+                    best, best_err = (a, s), err
+            chosen[name] = best[0]
+            fold(smooth, layers, best[1])
+    return {"sites": len(sites), "tokens_per_site": min(AWQ_TOKENS, max(seen.values()) if seen else 0),
+            "alpha_median": float(np.median(list(chosen.values()))) if chosen else None}
+
+
+def gptq_weight(w, hessian, bits: int, group: int | None, block: int = 128, damp: float = 0.01):
+    """GPTQ of one weight ``w`` ([out, in]) against ``hessian`` ([in, in]): the dequantized weight and scales."""
+    torch = _torch()
+    w = w.clone().double()
+    h = hessian.clone().double()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(len(h), dtype=h.dtype)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    cols = w.shape[1]
+    q = torch.zeros_like(w)
+    qmax, qmin = 2 ** (bits - 1) - 1, -(2 ** (bits - 1))
+    if group is None:
+        scales, _, _ = qparams(w, bits, None)
+        scales = scales.double()
+    else:
+        scales = torch.zeros(w.shape[0], cols // group, dtype=w.dtype)
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        w1, err1, hinv1 = w[:, i1:i2].clone(), torch.zeros_like(w[:, i1:i2]), hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if group is not None and col % group == 0:  # the group's scale from its current (updated) weights
+                g = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :group]
+                scales[:, col // group] = qparams(g, bits, None)[0][:, 0]
+            s = scales[:, col // group] if group is not None else scales[:, 0]
+            qc = torch.clamp(torch.round(w1[:, i] / s), qmin, qmax) * s
+            q[:, col] = qc
+            e = (w1[:, i] - qc) / hinv1[i, i]
+            w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return q.float(), scales.float()
+
+
+def gptq(model, windows, bits: int, group: int | None, skip=("lm_head",), progress=None) -> dict:
+    """Sequential GPTQ over the decoder layers; sets each Linear's weight to its dequantized GPTQ weight and
+    returns {module name: scales}."""
+    torch = _torch()
+    names = {m: n for n, m in model.named_modules()}
+    out: dict[str, object] = {}
+    layers = decoder_layers(model)
+    for li, layer in enumerate(layers):
+        linears = [(names[m], m) for m in layer.modules() if isinstance(m, torch.nn.Linear)
+                   and not any(names[m].endswith(s) for s in skip)]
+        hs = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in linears}
+        count = {n: 0 for n, _ in linears}
+
+        def hook(m, a, o, n):
+            x = a[0].detach().reshape(-1, a[0].shape[-1]).double()
+            hs[n] += 2 * x.T @ x
+            count[n] += len(x)
+
+        hooks = [m.register_forward_hook(lambda m, a, o, n=n: hook(m, a, o, n)) for n, m in linears]
+        try:
+            forward_windows(model, windows)
+        finally:
+            for h in hooks:
+                h.remove()
+        with torch.no_grad():
+            for n, m in linears:
+                wq, scales = gptq_weight(m.weight.detach(), hs[n] / max(count[n], 1), bits, group)
+                m.weight.copy_(wq)
+                out[n] = scales
+        if progress:
+            progress(li + 1, len(layers))
+    return out
+
+
+def rtn(model, bits: int, group: int | None, skip=("lm_head",)) -> dict:
+    """Round-to-nearest of every Linear (but ``skip``); returns {module name: scales}."""
+    torch = _torch()
+    out = {}
+    with torch.no_grad():
+        for n, m in model.named_modules():
+            if isinstance(m, torch.nn.Linear) and not any(n.endswith(s) for s in skip):
+                scale, qmin, qmax = qparams(m.weight, bits, group)
+                m.weight.copy_(fake_quant(m.weight, scale, qmin, qmax, group))
+                out[n] = scale
+    return out
