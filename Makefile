@@ -1,7 +1,8 @@
 # qops: two commands on a fresh machine.
 #   make demo   retrain the example models, run their quantization DAGs on Airflow (SQLite) + MLflow (SQLite):
 #               German Credit (tabular MLP) and news topics (the pretrained all-MiniLM-L6-v2 transformer)
-#   make demo-llm  the decoder-LLM example: a small Llama trained offline, INT4 (RTN, GPTQ, k-quant) and NF4
+#   make demo-llm  the decoder-LLM example: a small Llama trained offline; ONNX INT4 (RTN, GPTQ, k-quant) and NF4,
+#               GGUF Q4_K_M and Q8_0 (llama.cpp), compressed-tensors W4A16 GPTQ and W8A8 (vLLM)
 #   make demo-image  the image example: the ImageNet-pretrained EfficientNet-Lite0 on crops of real photos
 #   make lint   ruff (pinned): unused imports and names, import order
 #   make test   run the test suite

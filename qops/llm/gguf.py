@@ -162,6 +162,7 @@ def quantize_gguf(f32_path: str | os.PathLike, out_path: str | os.PathLike, gguf
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    logging.getLogger("llama-cpp-python").setLevel(logging.WARNING)  # llama.cpp's per-tensor lines are INFO
     with atomic_path(out) as tmp:
         rc = llama_cpp.llama_model_quantize(str(f32_path).encode(), str(tmp).encode(), ctypes.byref(params))
         if rc != 0 or not Path(tmp).is_file():

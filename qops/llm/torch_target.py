@@ -58,7 +58,8 @@ def require_cuda(recipe) -> None:
     import torch
 
     if not torch.cuda.is_available():
-        raise QopsError(f"Target {recipe.target!r} runs on NVIDIA GPUs (torchao {recipe.torch_method}) but this worker "
+        what = f"{recipe.engine} {recipe.torch_method}" if recipe.torch_method else f"{recipe.engine}, device cuda"
+        raise QopsError(f"Target {recipe.target!r} runs on NVIDIA GPUs ({what}) but this worker "
                         "has no CUDA device.", "run its tasks on the 'gpu' queue (a Celery worker with a GPU: "
                         "airflow celery worker -q gpu), or drop the target from the spec.")
     if recipe.min_compute_capability:

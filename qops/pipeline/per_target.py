@@ -36,7 +36,7 @@ def evaluate_in(spec, layout: RunLayout, folder: Path) -> dict:
 
 
 def gate_in(spec, folder: Path, target: str, qat_next=None) -> dict:
-    res = gate(required(folder / RunLayout.EVALUATION, "evaluate"), spec.gates)
+    res = gate(required(folder / RunLayout.EVALUATION, "evaluate"), spec.gates_for(target))
     out = to_jsonable(res)
     out["target"] = target
     out["message"] = res.message()

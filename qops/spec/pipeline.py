@@ -8,7 +8,7 @@ import json
 import re
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from qops.errors import QopsError
 from qops.qat.plan import config_for, plan_for
@@ -83,6 +83,9 @@ class PipelineSpec(Base):
     qlora: QloraSpec | None = Field(default=None, description="QLoRA fine-tuning of a causal LM before quantization "
                                     "(docs/llm.md#qlora).")
     gates: GateSpec = Field(default_factory=GateSpec)
+    target_gates: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Target name -> gates fields that differ for that target (e.g. "
+        "max_latency_ratio for a target evaluated off its serving hardware); the rest come from gates.")
     mlflow: MlflowSpec = Field(default_factory=MlflowSpec)
     card: CardSpec = Field(default_factory=CardSpec)
     storage: StorageSpec = Field(default_factory=StorageSpec)
@@ -104,9 +107,10 @@ class PipelineSpec(Base):
     def _check_known_targets(self) -> "PipelineSpec":
         for t in self.targets:
             get_target(t, self.target_options.get(t))  # raises TargetError naming the problem and the fix
-        stray = sorted(set(self.target_options) - set(self.targets))
-        if stray:
-            raise ValueError(f"target_options names target(s) {stray} that are not in targets {self.targets}")
+        for field, names in (("target_options", self.target_options), ("target_gates", self.target_gates)):
+            stray = sorted(set(names) - set(self.targets))
+            if stray:
+                raise ValueError(f"{field} names target(s) {stray} that are not in targets {self.targets}")
         if self.data.kind == "causal_lm":
             if "task" not in self.gates.model_fields_set:
                 self.gates.task = "causal_lm"
@@ -123,6 +127,12 @@ class PipelineSpec(Base):
         elif self.gates.task == "causal_lm":
             raise ValueError("gates.task causal_lm needs data.kind: causal_lm")
         self._check_model_kinds()
+        for t in self.target_gates:
+            try:
+                self.gates_for(t)
+            except ValidationError as e:
+                raise ValueError(f"target_gates.{t}: " + "; ".join(
+                    f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())) from None
         if self.qat is not None:
             self._check_qat()
         if self.watch is not None and self.watched_alias() is None:
@@ -174,6 +184,11 @@ class PipelineSpec(Base):
 
     def recipe(self, target: str):
         return get_target(target, self.target_options.get(target))
+
+    def gates_for(self, target: str) -> GateSpec:
+        """The gates of one target: ``gates`` with the target's ``target_gates`` fields."""
+        over = self.target_gates.get(target)
+        return GateSpec.model_validate({**self.gates.model_dump(), **over}) if over else self.gates
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()
