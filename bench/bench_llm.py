@@ -33,6 +33,7 @@ VARIANTS = [("llm_int4_rtn", {}), ("llm_int4_rtn", {"lm_head": "int4"}), ("llm_i
             ("llm_int4_hqq", {}), ("llm_int4_kquant", {}), ("llm_nf4", {}), ("hf_bnb_nf4", {}), ("hf_bnb_int8", {}),
             ("gguf_q8_0", {}), ("gguf_q4_k_m", {}), ("gguf_q4_k_m", {"kv_cache_type": "q8_0"}), ("gguf_q4_0", {}),
             ("gguf_q4_k_m", {"imatrix": False}),
+            ("llm_w8a8_sq", {"smooth_quant_alpha": None}), ("llm_w8a8_sq", {}),
             ("ct_w4a16_gptq", {"algorithm": "rtn"}), ("ct_w4a16_gptq", {}), ("ct_w4a16_awq", {}),
             ("ct_w8a8_int8", {"smooth_quant_alpha": None}), ("ct_w8a8_int8", {}), ("ct_fp8_dynamic", {})]
 

@@ -100,6 +100,8 @@ def quantize_onnx_llm(src: str | os.PathLike, recipe, out_path: str | os.PathLik
                         "use the source stage's export (onnxruntime-genai builder) as the FP32 model.")
     head = recipe.lm_head
     body_exclude = [] if head == ("nf4" if recipe.precision == "nf4" else "int4") else [LM_HEAD]
+    if recipe.precision == "int8":  # W8A8: SmoothQuant, then dynamic INT8 (activations per tensor at run time)
+        return quantize_w8a8_llm(model, src, recipe, out_path, reader)
     if recipe.precision == "nf4":
         from onnxruntime.quantization.matmul_bnb4_quantizer import MatMulBnb4Quantizer
 
@@ -158,11 +160,57 @@ def quantize_onnx_llm(src: str | os.PathLike, recipe, out_path: str | os.PathLik
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
         onnx.save(model, str(tmp))
+    copy_genai_files(src, out)
+    return {**method, "lm_head": head, "embeddings": embeddings, "ops": _op_counts(model)}
+
+
+def quantize_w8a8_llm(model, src, recipe, out_path, reader) -> dict:
+    """W8A8 for the exported decoder: SmoothQuant on the calibration windows (with the KV-cache inputs; the
+    inverse scales become a ``Mul`` after each RMSNorm output, the weights' rows are scaled), then ONNX Runtime's
+    dynamic INT8 (int8 weights per channel, uint8 activations quantized per tensor at run time by
+    ``DynamicQuantizeMatMul``) on the MatMuls with constant weights, lm_head included; embeddings stay FP32."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from qops.quantize.smoothquant import smooth
+
+    sq = None
+    if recipe.smooth_quant_alpha is not None:
+        if reader is None or not len(reader):
+            raise QopsError(f"Target {recipe.target!r} (SmoothQuant) needs calibration windows.",
+                            "run the calibrate stage first (its set feeds the activation maxima).")
+        sq = smooth(model, reader, recipe.smooth_quant_alpha, op_types=("MatMul",))
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        staged = Path(str(tmp) + ".fp32.onnx")
+        onnx.save(model, str(staged))
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(max(level, logging.WARNING))  # ONNX Runtime's quantizer logs every tensor on the root logger
+        try:
+            quantize_dynamic(str(staged), str(tmp), weight_type=QuantType.QInt8, per_channel=True,
+                             op_types_to_quantize=["MatMul"], extra_options={"MatMulConstBOnly": True})
+        finally:
+            root.setLevel(level)
+            staged.unlink(missing_ok=True)
+    copy_genai_files(src, out)
+    quantized = onnx.load(str(out), load_external_data=False)
+    ops = {}
+    for n in quantized.graph.node:
+        if n.op_type in ("MatMul", "MatMulInteger", "DynamicQuantizeMatMul", "Gather"):
+            ops[n.op_type] = ops.get(n.op_type, 0) + 1
+    return {"algorithm": ("SmoothQuant (alpha %s) + " % recipe.smooth_quant_alpha if sq else "")
+            + "dynamic INT8 (ONNX Runtime quantize_dynamic)", "smoothquant": {k: sq[k] for k in ("smoothed", "alpha")}
+            if sq else None, "calibration_windows": len(reader) if sq else 0, "lm_head": "int8 (dynamic)",
+            "embeddings": "fp32", "ops": ops}
+
+
+def copy_genai_files(src, out: Path) -> None:
     for f in ("genai_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
               "generation_config.json"):
         if (Path(src).parent / f).is_file():
             shutil.copy2(Path(src).parent / f, out.parent / f)
-    return {**method, "lm_head": head, "embeddings": embeddings, "ops": _op_counts(model)}
 
 
 # ---- GPU targets (PyTorch + torchao) -------------------------------------------------------------------------------

@@ -46,6 +46,19 @@ def _llm_kquant() -> Recipe:
     return _llm_int4("llm_int4_kquant", "k_quant", "k-quant, llama.cpp-style scale search")
 
 
+@register_target("llm_w8a8_sq")
+def _llm_w8a8() -> Recipe:
+    return Recipe(
+        target="llm_w8a8_sq",
+        description="Decoder LLMs on CPUs: W8A8 — SmoothQuant (alpha 0.5, calibration windows with the KV-cache "
+        "inputs), then dynamic INT8 MatMuls (int8 weights per channel, activations per tensor at run time), "
+        "lm_head included, embeddings FP32; ONNX Runtime (GenAI-compatible folder).",
+        hardware="x86-64 with AVX-512 VNNI / AMX, ARM64 with dot-product (ONNX Runtime's int8 GEMMs)",
+        mode="dynamic", precision="int8", weight_type="int8", activation_type="uint8", smooth_quant_alpha=0.5,
+        op_types=("MatMul",), quant_format="QOperator", model_kind="causal_lm", arch=None,
+    )
+
+
 @register_target("llm_nf4")
 def _llm_nf4() -> Recipe:
     return Recipe(

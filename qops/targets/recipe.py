@@ -200,7 +200,8 @@ class Recipe:
                 return self.imatrix
             if self.engine == "compressed-tensors":
                 return self.algorithm in ("gptq", "awq") or self.smooth_quant_alpha is not None
-            return self.algorithm in ("gptq", "awq") and self.precision == "int4"
+            return self.algorithm in ("gptq", "awq") and self.precision == "int4" \
+                or self.smooth_quant_alpha is not None
         if self.engine == "torchao":
             return self.torch_method == "pt2e_x86_inductor"
         return self.mode in ("static", "auto") or (self.precision == "int4" and self.algorithm in ("gptq", "awq")) \

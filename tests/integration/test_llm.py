@@ -91,6 +91,29 @@ def _agreement_and_ppl(llm, path, windows):
     return s["agree"].sum() / n, float(np.exp((s["nllq"].sum() - s["nll32"].sum()) / n))
 
 
+def test_w8a8_smoothquant_decoder_moves_outliers_into_the_weights(llm, tmp_path):
+    """llm_w8a8_sq: SmoothQuant (a Mul after each smoothed activation) then dynamic INT8 MatMuls, lm_head included;
+    the model stays faithful to FP32."""
+    import onnx
+
+    from qops.llm.data import WindowReader
+    from qops.llm.quantize import quantize_onnx_llm
+    from qops.targets import get_target
+
+    kind = _kind(llm)
+    reader = WindowReader(kind.windows(pd.read_parquet(llm["paths"]["pool"]), "pool", 1), llm["info"])
+    out = tmp_path / "w8" / "model.onnx"
+    tech = quantize_onnx_llm(llm["export"]["path"], get_target("llm_w8a8_sq"), out, reader)
+    m = onnx.load(str(out))
+    smooth = [n for n in m.graph.node if n.op_type == "Mul" and n.name.endswith("_smooth_inv_mul")]
+    # per layer: after input_layernorm, attention, post_attention_layernorm, the SwiGLU product; and the final norm
+    assert tech["smoothquant"]["smoothed"] == len(smooth) == 4 * llm["info"].num_layers + 1
+    assert tech["ops"]["MatMulInteger"] == 5 * llm["info"].num_layers + 1 and "MatMul" not in tech["ops"]
+    windows = kind.windows(pd.read_parquet(llm["paths"]["validation"]), "validation", 1)
+    agree, ppl_ratio = _agreement_and_ppl(llm, out, windows)
+    assert agree > 0.8 and 0.9 < ppl_ratio < 1.1
+
+
 @pytest.mark.parametrize("target", ["llm_int4_rtn", "llm_int4_gptq", "llm_int4_awq", "llm_int4_hqq", "llm_int4_kquant",
                                     "llm_nf4"])
 def test_each_cpu_algorithm_quantizes_the_decoder(llm, target, tmp_path):
@@ -241,6 +264,29 @@ def test_spec_keeps_llm_and_other_targets_apart(llm, tmp_path):
     with pytest.raises(SpecError, match="data.kind is tabular"):
         parse_spec({"name": "x", "source_model": "m.onnx", "targets": ["llm_int4_rtn"],
                     "data": {"pool": "p.csv", "reference": "r.csv", "validation": "v.csv", "label": "y"}}, tmp_path)
+    for target in ("gguf_q4_k_m", "ct_w4a16_gptq"):  # the new formats are decoder-LLM targets too
+        with pytest.raises(SpecError, match="data.kind is tabular"):
+            parse_spec({"name": "x", "source_model": "m.onnx", "targets": [target],
+                        "data": {"pool": "p.csv", "reference": "r.csv", "validation": "v.csv", "label": "y"}},
+                       tmp_path)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"llm_int4_rtn": {"kv_cache_type": "q8_0"}}, "kv_cache_type is an option of llama.cpp targets"),
+    ({"llm_int4_rtn": {"gguf_type": "Q4_K_M"}}, "is a llama.cpp file type"),
+    ({"gguf_q4_k_m": {"gguf_type": "Q2_K"}}, "gguf_type='Q2_K' is not one of"),
+    ({"gguf_q4_k_m": {"kv_cache_type": "q4_0"}}, "kv_cache_type='q4_0' is not one of"),
+    ({"ct_fp8_dynamic": {"algorithm": "gptq"}}, "FP8 dynamic rounds weights"),
+    ({"ct_w4a16_gptq": {"algorithm": "hqq"}}, "not one qops runs for compressed-tensors"),
+    ({"ct_w8a8_int8": {"mode": "weight_only"}}, "SmoothQuant migrates activation outliers"),
+])
+def test_unsupported_format_combinations_are_spec_errors(llm, tmp_path, options, message):
+    """Each unsupported combination of a serving format's options fails when the spec is read (exit 2), naming the
+    fix."""
+    target = next(iter(options))
+    with pytest.raises(QopsError, match=message) as e:
+        _spec(llm, tmp_path, targets=[target], target_options=options)
+    assert "Fix:" in str(e.value)  # a QopsError other than GateFailed: the CLI exits 2
 
 
 def test_qlora_trains_resumes_and_merges(llm, tmp_path, monkeypatch):
@@ -463,6 +509,10 @@ def test_gguf_conversion_keeps_the_function_and_the_tokenizer(llm, tmp_path):
     assert tensor_types(q).get("q4_0", 0) >= 7 * llm["info"].num_layers and q.stat().st_size < f32.stat().st_size / 4
     agree = (LlamaCppDecoder(q, llm["info"]).prefill(ids).argmax(-1) == ref.argmax(-1)).mean()
     assert agree > 0.6
+    bad = tmp_path / "truncated.gguf"  # a damaged file: llama.cpp refuses it, and the error says so
+    bad.write_bytes(q.read_bytes()[: q.stat().st_size // 2])
+    with pytest.raises(ValueError, match="Failed to load model"):
+        open_llama(bad, n_ctx=64, logits_all=False)
 
 
 def test_gguf_targets_run_the_pipeline_serve_in_llama_cpp_and_load_from_the_registry(llm, tmp_path, mlflow_uri):
