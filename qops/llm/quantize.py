@@ -28,6 +28,7 @@ from qops.artifacts import atomic_dir, atomic_path, sha256_file, write_json_atom
 from qops.errors import QopsError
 from qops.llm.torch_target import load_torch_target, require_cuda
 from qops.quantize.awq import apply_awq
+from qops.quantize.smoothquant import smooth
 
 log = logging.getLogger(__name__)
 
@@ -171,8 +172,6 @@ def quantize_w8a8_llm(model, src, recipe, out_path, reader) -> dict:
     ``DynamicQuantizeMatMul``) on the MatMuls with constant weights, lm_head included; embeddings stay FP32."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    from qops.quantize.smoothquant import smooth
 
     sq = None
     if recipe.smooth_quant_alpha is not None:
