@@ -86,12 +86,15 @@ def fold(smooth, layers, s) -> None:
             lin.weight.mul_(s[None, :])
 
 
-def _collect(model, sites, stat):
-    """Run-time statistics of each site's input to its layers, gathered with hooks on the first layer."""
-    hooks = []
-    for name, _smooth, layers in sites:
-        hooks.append(layers[0].register_forward_hook(lambda m, a, o, name=name: stat(name, a[0])))
-    return hooks
+def observe(model, sites, stat, windows) -> None:
+    """Run the calibration windows with ``stat(site name, input)`` hooked on each site's first layer."""
+    hooks = [layers[0].register_forward_hook(lambda m, a, o, name=name: stat(name, a[0]))
+             for name, _smooth, layers in sites]
+    try:
+        forward_windows(model, windows)
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def smoothquant(model, windows, alpha: float = 0.5) -> dict:
@@ -104,12 +107,7 @@ def smoothquant(model, windows, alpha: float = 0.5) -> dict:
         m = x.detach().reshape(-1, x.shape[-1]).abs().amax(0).float()
         amax[name] = m if name not in amax else torch.maximum(amax[name], m)
 
-    hooks = _collect(model, sites, stat)
-    try:
-        forward_windows(model, windows)
-    finally:
-        for h in hooks:
-            h.remove()
+    observe(model, sites, stat, windows)
     ratios = []
     for name, smooth, layers in sites:
         wmax = torch.stack([lin.weight.detach().abs().amax(0) for lin in layers]).amax(0).float()
@@ -158,12 +156,7 @@ def awq(model, windows, bits: int, group: int) -> dict:
                 pool[idx] = x[keep]
                 xs[name] = [pool]
 
-    hooks = _collect(model, sites, stat)
-    try:
-        forward_windows(model, windows)
-    finally:
-        for h in hooks:
-            h.remove()
+    observe(model, sites, stat, windows)
     chosen = {}
     with torch.no_grad():
         for name, smooth, layers in sites:
