@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from qops.errors import QopsError
+from qops.registry import quantization_config
 from qops.targets import Recipe, get_target
 
 
@@ -70,13 +71,6 @@ def require_cuda(recipe) -> None:
                             "run it on an H100/H200 (sm_90) or Ada (sm_89) worker.")
 
 
-def prequantized_config(folder: Path) -> dict | None:
-    """The ``quantization_config`` of a bitsandbytes or compressed-tensors checkpoint folder, else None."""
-    conf = Path(folder) / "config.json"
-    quant = json.loads(conf.read_text()).get("quantization_config") if conf.is_file() else None
-    return quant if quant and quant.get("quant_method") in ("bitsandbytes", "compressed-tensors") else None
-
-
 def load_torch_target(folder: str | os.PathLike, recipe: dict | None):
     """The decoder of a checkpoint folder: a torchao target's (BF16 weights on CUDA, quantized in place by
     ``quantize_``), a bitsandbytes target's (reloaded by transformers from its ``quantization_config``), or the FP32
@@ -85,7 +79,7 @@ def load_torch_target(folder: str | os.PathLike, recipe: dict | None):
     from transformers import AutoModelForCausalLM
 
     folder = Path(folder)
-    quant = prequantized_config(folder)
+    quant = quantization_config(folder)
     if quant is not None and quant["quant_method"] == "compressed-tensors":  # decompressed at load on CPU
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = AutoModelForCausalLM.from_pretrained(str(folder), device_map=device, local_files_only=True)

@@ -12,9 +12,10 @@ from qops.registry.registration import (
     named_signature,
     prequantized,
     providers_for,
+    quantization_config,
     register,
     serving_requirements,
 )
 from qops.registry.source import SourceModel, download_model_version, fetch_source_model, single_file_onnx
 
-__all__ = ["MODELS_URI", "RegisterResult", "SourceModel", "configure_mlflow", "download_model_version", "example_feed", "fetch_source_model", "first_version_for", "log_transformers_model", "mlflow_tracking_uri", "named_signature", "prequantized", "promote", "providers_for", "reachable", "register", "serving_requirements", "settle_aliases", "single_file_onnx"]
+__all__ = ["MODELS_URI", "RegisterResult", "SourceModel", "configure_mlflow", "download_model_version", "example_feed", "fetch_source_model", "first_version_for", "log_transformers_model", "mlflow_tracking_uri", "named_signature", "prequantized", "promote", "providers_for", "quantization_config", "reachable", "register", "serving_requirements", "settle_aliases", "single_file_onnx"]

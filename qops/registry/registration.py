@@ -1,5 +1,5 @@
-"""Register one quantized model: log it with its flavor (onnx, pytorch ``.pt2``, transformers folder), signature,
-card and tags, create one version per run key, settle aliases.
+"""Register one quantized model: log it with its flavor (onnx, pytorch ``.pt2``, transformers folder, GGUF as a
+pyfunc), signature, card and tags, create one version per run key, settle aliases.
 
 Registration never leaves a half-registered version: a version is created with all its tags in one
 call, and if anything after it fails (description, aliases) the version is deleted again. Retries
@@ -305,13 +305,20 @@ def register(
 QUANT_DISTRIBUTIONS = {"bitsandbytes": ("bitsandbytes",), "compressed-tensors": ("compressed-tensors",)}
 
 
-def prequantized(folder: Path) -> str | None:
-    """The ``quant_method`` of a checkpoint folder's ``quantization_config`` (bitsandbytes, compressed-tensors)."""
+def quantization_config(folder: str | os.PathLike) -> dict | None:
+    """The ``quantization_config`` of a pre-quantized checkpoint folder (bitsandbytes, compressed-tensors), else
+    None."""
     import json
 
-    conf = folder / "config.json"
+    conf = Path(folder) / "config.json"
     quant = json.loads(conf.read_text()).get("quantization_config") if conf.is_file() else None
-    return quant.get("quant_method") if quant and quant.get("quant_method") in QUANT_DISTRIBUTIONS else None
+    return quant if quant and quant.get("quant_method") in QUANT_DISTRIBUTIONS else None
+
+
+def prequantized(folder: str | os.PathLike) -> str | None:
+    """The ``quant_method`` of a pre-quantized checkpoint folder (bitsandbytes, compressed-tensors), else None."""
+    quant = quantization_config(folder)
+    return quant["quant_method"] if quant else None
 
 
 def gguf_requirements() -> list[str]:
