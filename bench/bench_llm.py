@@ -147,7 +147,8 @@ def main() -> int:
               "results": rows, "date": time.strftime("%Y-%m-%d")}
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "llm.json").write_text(json.dumps(report, indent=1, default=str))
+    # no machine paths in the committed results: the temporary work folder is written as <work>
+    (out_dir / "llm.json").write_text(json.dumps(report, indent=1, default=str).replace(str(work), "<work>"))
     md = render(report)
     (out_dir / "llm.md").write_text(md)
     print(md)
