@@ -19,6 +19,23 @@ def _newest_first(mv) -> tuple[int, int]:
     return (int(src) if src.isdigit() else -1, int(mv.version))
 
 
+def set_alias(client, name: str, alias: str, version: str) -> bool:
+    """Set ``alias``; False when a concurrent writer created the same alias in the same instant (MLflow's SQL store
+    selects, then inserts: two first-time writers collide on the alias's unique key). The caller reads back and
+    retries; any other failure is raised."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.set_registered_model_alias(name, alias, version)
+        return True
+    except MlflowException as e:
+        text = str(e)
+        if "UNIQUE constraint" not in text and "IntegrityError" not in text and "duplicate key" not in text:
+            raise
+        log.info("alias %s of %s was created concurrently by another registration: reading it back", alias, name)
+        return False
+
+
 def settle_aliases(client, name: str, aliases: list[str], rounds: int = 10) -> dict[str, str]:
     """Point each of ``aliases`` at the newest complete, gate-passed qops version of ``name`` (by
     :func:`_newest_first`); returns {alias: version}. Lock-free and safe under concurrent registrations: each writer
@@ -37,7 +54,7 @@ def settle_aliases(client, name: str, aliases: list[str], rounds: int = 10) -> d
             return {a: best for a in aliases}
         for a in aliases:
             if current.get(a) != best:
-                client.set_registered_model_alias(name, a, best)
+                set_alias(client, name, a, best)
         held = {a: best for a in aliases}
     log.warning("aliases %s of %s still moving after %d rounds (registrations racing); left on %s", aliases, name,
                 rounds, held)

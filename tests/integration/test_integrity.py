@@ -345,3 +345,48 @@ def test_quantize_killed_at_any_point_leaves_no_temp_files_and_no_unpaired_model
     verify_pair(out_dir / "q.onnx")
     assert not [p.name for p in out_dir.iterdir() if p.name.startswith(".qops-tmp-")]
     assert not left_in_tmpdir()
+
+
+def test_aliases_settle_when_a_concurrent_writer_creates_the_same_alias_first(fp32_model, tmp_path):
+    """MLflow's SQL store sets an alias by select-then-insert, so two registrations setting a new alias in the same
+    instant collide on its unique key (a tracking server answers BAD_REQUEST "UNIQUE constraint failed", as a CI run
+    of the concurrent-registration test hit once). The store is real; the collision is injected at the point it
+    happens: the alias appears (another writer) and the store raises. settle_aliases reads back and confirms instead
+    of rolling the registration back; any other store error still propagates."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from qops.quantize import quantize
+    from qops.registry import configure_mlflow, register, settle_aliases
+
+    configure_mlflow(f"sqlite:///{tmp_path / 'm.db'}")
+    q = tmp_path / "q.onnx"
+    quantize(fp32_model, "x86_64_int8_dynamic", q)
+    card = tmp_path / "card.md"
+    card.write_text("# card\n")
+    first = register(model_path=q, name="collide", run_key="k1", gate_passed=True, card_files=[card], tags={},
+                     promote=False)
+    real = MlflowClient()
+
+    class Colliding:  # the real client, with the other writer's insert landing first on the first alias write
+        def __init__(self, error: str):
+            self.error, self.done = error, False
+
+        def __getattr__(self, attr):
+            return getattr(real, attr)
+
+        def set_registered_model_alias(self, name, alias, version):
+            if not self.done:
+                self.done = True
+                real.set_registered_model_alias(name, alias, version)  # the concurrent writer's insert
+                raise MlflowException(self.error)
+            return real.set_registered_model_alias(name, alias, version)
+
+    held = settle_aliases(Colliding("BAD_REQUEST: (sqlite3.IntegrityError) UNIQUE constraint failed: "
+                                    "registered_model_aliases.name, registered_model_aliases.alias"),
+                          "collide", ["candidate", "champion"])
+    assert held == {"candidate": first.version, "champion": first.version}
+    assert {a: str(v) for a, v in real.get_registered_model("collide").aliases.items()} == held
+    real.delete_registered_model_alias("collide", "champion")
+    with pytest.raises(MlflowException, match="PERMISSION_DENIED"):
+        settle_aliases(Colliding("PERMISSION_DENIED: not allowed"), "collide", ["champion"])
