@@ -173,8 +173,12 @@ def quantize_gguf(f32_path: str | os.PathLike, out_path: str | os.PathLike, gguf
 
 def tensor_types(path: str | os.PathLike) -> dict[str, int]:
     """How many tensors of each ggml type a GGUF file holds (e.g. ``{"q4_K": 12, "q6_K": 3, "f32": 9}``)."""
+    return type_counts(_reader(path).tensors)
+
+
+def type_counts(tensors) -> dict[str, int]:
     out: dict[str, int] = {}
-    for t in _reader(path).tensors:
+    for t in tensors:
         k = t.tensor_type.name.lower().replace("_k", "_K")
         out[k] = out.get(k, 0) + 1
     return dict(sorted(out.items()))
@@ -202,9 +206,9 @@ def quantize_gguf_llm(hf_dir: str | os.PathLike, recipe, out_path: str | os.Path
     log.info("llama.cpp quantizer: %s for %s", recipe.gguf_type, recipe.target)
     q = quantize_gguf(f32, out_path, recipe.gguf_type, imatrix["values"] if imatrix else None)
     log.info("%s written in %.2f s", recipe.gguf_type, q["seconds"])
-    types = tensor_types(out_path)
-    out_types = {t.name: t.tensor_type.name for t in _reader(out_path).tensors
-                 if t.name in ("output.weight", "token_embd.weight")}
+    tensors = _reader(out_path).tensors  # one read of the written file: type counts and lm_head/embedding types
+    types = type_counts(tensors)
+    out_types = {t.name: t.tensor_type.name for t in tensors if t.name in ("output.weight", "token_embd.weight")}
     technique = {"algorithm": f"llama.cpp {recipe.gguf_type}" + (" with an importance matrix" if imatrix else ""),
                  "gguf_type": recipe.gguf_type, "tensor_types": types,
                  "serving_format": f"GGUF {recipe.gguf_type} for llama.cpp (written by llama-cpp-python "
