@@ -13,8 +13,8 @@ class MlflowHook(BaseHook):
     With ``mlflow_conn_id`` set, the connection's ``extra.tracking_uri`` is used if present, else the
     connection's URI with an ``http``/``https`` scheme (``host``, ``port``, optional login/password,
     passed to MLflow through ``MLFLOW_TRACKING_USERNAME``/``PASSWORD`` so they never appear in URIs,
-    logs or tags; ``extra.token`` goes to ``MLFLOW_TRACKING_TOKEN``). Without it: ``$MLFLOW_TRACKING_URI`` or the
-    spec's ``mlflow.tracking_uri``.
+    logs or tags; ``extra.token`` goes to ``MLFLOW_TRACKING_TOKEN``); the operators then use it over the spec's
+    ``mlflow.tracking_uri``. Without it: the spec's ``mlflow.tracking_uri``, else ``$MLFLOW_TRACKING_URI``.
     """
 
     conn_name_attr = "mlflow_conn_id"

@@ -48,8 +48,11 @@ class QopsStageOperator(BaseOperator):
         from qops_airflow.hooks import MlflowHook
 
         redact.install()  # the task log's handlers: no credential from MLflow, boto3 or qops reaches it
-        MlflowHook(self.mlflow_conn_id).configure()
-        return load_spec(self.spec_path)
+        uri = MlflowHook(self.mlflow_conn_id).configure()
+        spec = load_spec(self.spec_path)
+        if self.mlflow_conn_id and uri:  # the connection wins over the spec's tracking URI (docs/airflow.md)
+            spec.mlflow.tracking_uri = uri
+        return spec
 
     def _call(self, fn, *args, context=None, **kwargs):
         from qops.errors import DriftError, QopsError, RegistryUnavailable

@@ -51,8 +51,9 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_quantize(args) -> int:
-    from qops.quantize import quantize
+    from qops.engines import LlmEngine, engine_for, quantize
     from qops.quantize.api import resolve_recipe
+    from qops.spec.data import CausalLMSpec
 
     options = recipe_options(args.option)
     if args.tune:
@@ -64,6 +65,9 @@ def cmd_quantize(args) -> int:
             raise QopsError("--tune needs --validation (the rows the gates judge each candidate on).",
                             "pass --validation FILE [--label COLUMN] [--slice-columns a,b].")
         recipe = resolve_recipe(args.target, options)
+        if isinstance(engine_for(recipe), LlmEngine):
+            raise QopsError(f"--tune is not available for the decoder target {args.target!r} yet.",
+                            "quantize without --tune, or use a graph target (qops targets).")
         features = kind_from_args(args) or csv_list(args.features) or None  # None: from the data (.npz) or model metadata
         tcfg = TuningSpec(max_trials=args.max_trials, timeout_s=args.timeout)
         judge = gate_judge(args.model, args.validation, args.label, gate_section(args),
@@ -83,8 +87,13 @@ def cmd_quantize(args) -> int:
                     f"{r['node']} ({r['sqnr_lost_db']} dB lost on {r.get('worst_on', 'all rows')})"
                     for r in res.tuning["node_ranking"][:5]))
     else:
-        res = quantize(args.model, args.target, args.output, calibration=args.calibration,
-                       features=kind_from_args(args) or csv_list(args.features), options=options)
+        if isinstance(engine_for(resolve_recipe(args.target, options)), LlmEngine):
+            res = quantize(args.model, args.target, args.output, calibration=args.calibration, options=options,
+                           causal_lm=CausalLMSpec(column=args.text_column or "text", seq_len=args.max_length,
+                                                  stride=min(64, args.max_length)))
+        else:
+            res = quantize(args.model, args.target, args.output, calibration=args.calibration,
+                           features=kind_from_args(args) or csv_list(args.features), options=options)
     verdict = "" if res.passed is None else (" — passed the gates" if res.passed else
                                               " — NO candidate passed the gates (exit 3)")
     emit(args, res, f"{res.model_path}: {res.size_bytes} bytes ({1 / res.size_ratio:.2f}x smaller), mode {res.mode}, "

@@ -10,8 +10,10 @@ from qops.metric_names import known_metrics
 
 def _kind_args(sp) -> None:
     sp.add_argument("--tokenizer", help="text data: a local tokenizer directory (never downloaded)")
-    sp.add_argument("--text-column", help="text data: the text column (two, comma-separated, for pairs)")
-    sp.add_argument("--max-length", type=int, default=128, help="text data: tokens per row after truncation")
+    sp.add_argument("--text-column", help="text data: the text column (two, comma-separated, for pairs); decoder "
+                    "targets: the calibration texts' column (default: text)")
+    sp.add_argument("--max-length", type=int, default=128, help="text data: tokens per row after truncation; "
+                    "decoder targets: tokens per calibration window")
     sp.add_argument("--data-kind", choices=["image"], help="image: the tables hold image paths (the spec's "
                     "data.kind image); their preprocessing is set with the --image-* options")
     sp.add_argument("--path-column", default="path", help="image data: the column of image paths")
@@ -61,11 +63,16 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
     sp.add_argument("--on-drift", choices=["fail", "warn", "reselect"], help="default: fail")
     sp.add_argument("--max-reselect", type=int)
 
-    sp = add("quantize", commands["quantize"], "quantize a model (ONNX, or .pt2 for torch_* targets) for a hardware target")
-    sp.add_argument("--model", required=True)
-    sp.add_argument("--target", required=True)
-    sp.add_argument("--output", required=True)
-    sp.add_argument("--calibration", help="parquet/CSV calibration set (static targets, GPTQ, SmoothQuant)")
+    sp = add("quantize", commands["quantize"], "quantize a model for a hardware target, in the target engine's own "
+             "format (ONNX, .pt2, GGUF, a Transformers folder)")
+    sp.add_argument("--model", required=True, help="the FP32 model: an ONNX graph, a .pt2 program (torch_* targets) "
+                    "or a Hugging Face causal-LM folder (llm_*, gguf_*, ct_*, hf_bnb_* targets)")
+    sp.add_argument("--target", required=True, help="hardware target (qops targets); it decides the engine and the "
+                    "output format")
+    sp.add_argument("--output", required=True, help="where to write: a .onnx/.pt2/.gguf file, or a folder for "
+                    "llm_*, ct_*, hf_bnb_* targets; <output>.recipe.json is written beside it")
+    sp.add_argument("--calibration", help="parquet/CSV calibration set (static targets, GPTQ, AWQ, SmoothQuant, "
+                    "GGUF importance matrices; decoders: a text column, --text-column)")
     sp.add_argument("--features", help="comma-separated; default: the model's metadata")
     sp.add_argument("--option", action="append", metavar="KEY=VALUE",
                     help="override a recipe field, e.g. calibration_method=percentile, per_channel=false")

@@ -21,18 +21,18 @@ from pathlib import Path
 from qops.artifacts import atomic_dir
 from qops.errors import QopsError
 from qops.llm.bnb import KEEP
-from qops.llm.torch_quant import awq, gptq, rtn, smoothquant
+from qops.llm.torch_quant import awq, gptq, group_size_for, rtn, smoothquant
 from qops.llm.torch_target import load_torch_target
 
 PRESETS = {"int4": "W4A16", "int8": "W8A8", "fp8": "FP8_DYNAMIC"}
 
 
-def _scheme(recipe):
+def _scheme(recipe, group: int | None):
     from compressed_tensors.quantization import preset_name_to_scheme
 
     scheme = preset_name_to_scheme(PRESETS[recipe.precision], ["Linear"])
     if recipe.precision == "int4":
-        scheme.weights.group_size = recipe.block_size
+        scheme.weights.group_size = group
     return scheme
 
 
@@ -73,7 +73,10 @@ def quantize_ct_llm(hf_dir: str | os.PathLike, recipe, out_dir: str | os.PathLik
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, local_files_only=True).eval()
     technique: dict = {}
     bits = {"int4": 4, "int8": 8}.get(recipe.precision)
-    group = recipe.block_size if recipe.precision == "int4" else None
+    group = group_size_for(model, recipe.block_size) if recipe.precision == "int4" else None
+    if group is not None and group != recipe.block_size:
+        technique["group_size"] = (f"{group} (the recipe's {recipe.block_size} does not divide every layer's input "
+                                   f"size; {group} is the largest power of two below it that does)")
     if recipe.smooth_quant_alpha is not None:
         alpha = 0.5 if recipe.smooth_quant_alpha == "auto" else float(recipe.smooth_quant_alpha)
         technique["smoothquant"] = smoothquant(model, windows, alpha)
@@ -85,7 +88,7 @@ def quantize_ct_llm(hf_dir: str | os.PathLike, recipe, out_dir: str | os.PathLik
         scales = gptq(model, windows, bits, group)
     else:  # rtn, and AWQ's scaled weights
         scales = rtn(model, bits, group)
-    apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": _scheme(recipe)},
+    apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": _scheme(recipe, group)},
                                                         ignore=["lm_head"]))
     _set_scales(model, scales)
     compressor = ModelCompressor.from_pretrained_model(model)
@@ -99,7 +102,7 @@ def quantize_ct_llm(hf_dir: str | os.PathLike, recipe, out_dir: str | os.PathLik
                 shutil.copy(Path(hf_dir) / name, Path(tmp) / name)
     load_torch_target(out, recipe.to_dict())
     fmt = getattr(compressor.quantization_config.format, "value", compressor.quantization_config.format)
-    what = {"int4": f"W4A16 (int4 weights, groups of {recipe.block_size}, symmetric)",
+    what = {"int4": f"W4A16 (int4 weights, groups of {group}, symmetric)",
             "int8": "W8A8 (int8 weights per channel, int8 activations per token, dynamic)",
             "fp8": "FP8 dynamic (e4m3 weights per channel, e4m3 activations per token)"}[recipe.precision]
     algo = {"gptq": "GPTQ", "awq": "AWQ + round-to-nearest", "rtn": "round-to-nearest"}[recipe.algorithm]

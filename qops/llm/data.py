@@ -77,7 +77,11 @@ class CausalLM(Text):
 
 
 def kind_for(spec_data, hf_dir: str, info) -> CausalLM:
-    c = spec_data.causal_lm
+    return causal_lm_kind(spec_data.causal_lm, hf_dir, info)
+
+
+def causal_lm_kind(c, hf_dir: str, info) -> CausalLM:
+    """The data kind of a ``data.causal_lm`` section (:class:`qops.spec.data.CausalLMSpec`) for a checkpoint."""
     return CausalLM(c.column, c.tokenizer or hf_dir, c.seq_len, c.stride, c.max_windows_per_row, info.bos_token_id)
 
 

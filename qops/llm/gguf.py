@@ -209,6 +209,8 @@ def quantize_gguf_llm(hf_dir: str | os.PathLike, recipe, out_path: str | os.Path
     tensors = _reader(out_path).tensors  # one read of the written file: type counts and lm_head/embedding types
     types = type_counts(tensors)
     out_types = {t.name: t.tensor_type.name for t in tensors if t.name in ("output.weight", "token_embd.weight")}
+    if "output.weight" not in out_types and "token_embd.weight" in out_types:  # tied embeddings: one matrix
+        out_types["output.weight"] = f"tied to the embeddings ({out_types['token_embd.weight'].lower()})"
     technique = {"algorithm": f"llama.cpp {recipe.gguf_type}" + (" with an importance matrix" if imatrix else ""),
                  "gguf_type": recipe.gguf_type, "tensor_types": types,
                  "serving_format": f"GGUF {recipe.gguf_type} for llama.cpp (written by llama-cpp-python "
@@ -217,11 +219,37 @@ def quantize_gguf_llm(hf_dir: str | os.PathLike, recipe, out_path: str | os.Path
                  f"{version('llama-cpp-python')})", "f32_gguf": str(f32), "kv_cache_type": recipe.kv_cache_type,
                  "lm_head": out_types.get("output.weight", "?").lower(),
                  "embeddings": out_types.get("token_embd.weight", "?").lower(),
-                 "load": "llama-server -m model.gguf / llama_cpp.Llama(model_path=...)"}
+                 "load": "llama-server -m model.gguf / llama_cpp.Llama(model_path=...)",
+                 "bits_per_weight": bits_per_weight(tensors), **k_quant_fallback(recipe.gguf_type, tensors)}
     if imatrix:
         technique["imatrix"] = {k: imatrix[k] for k in ("tokens", "windows", "entries")} | {
             "statistic": "mean squared input activation per column (llama-imatrix's), FP32 checkpoint"}
     return technique
+
+
+def bits_per_weight(tensors) -> float:
+    """Effective bits per weight of the file's matrices (scales and block headers included)."""
+    mats = [t for t in tensors if len(t.shape) >= 2]
+    n = sum(int(t.n_elements) for t in mats)
+    return round(sum(int(t.n_bytes) for t in mats) * 8 / n, 2) if n else 0.0
+
+
+def k_quant_fallback(gguf_type: str, tensors) -> dict:
+    """Matrices a k-quant file type could not use: llama.cpp falls back to a legacy 32-block type for rows that are
+    not a multiple of the 256-wide k-quant super-block. Named with its cause for the card."""
+    if "_K" not in gguf_type:
+        return {}
+    mats = [t for t in tensors if len(t.shape) >= 2]
+    fell = [t for t in mats if "_K" not in t.tensor_type.name and t.tensor_type.name not in ("F32", "F16", "BF16")
+            and int(t.shape[0]) % 256]
+    if not fell:
+        return {}
+    types = type_counts(fell)
+    rows = sorted({int(t.shape[0]) for t in fell})
+    return {"fallback": f"{len(fell)} of {len(mats)} weight matrices fell back from {gguf_type}'s k-quants to "
+                        + ", ".join(f"{k} x{v}" for k, v in types.items())
+                        + f": their rows of {', '.join(map(str, rows))} are not a multiple of the 256-wide k-quant "
+                        "super-block"}
 
 
 def gguf_py():

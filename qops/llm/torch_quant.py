@@ -221,13 +221,52 @@ def gptq_weight(w, hessian, bits: int, group: int | None, block: int = 128, damp
     return q.float(), scales.float()
 
 
+def layer_inputs(model, windows) -> tuple[list, list[list[tuple[tuple, dict]]]]:
+    """For each calibration window: the first decoder layer's hidden states, and every layer's other inputs
+    (position embeddings, attention mask: per layer, since sliding-window and global layers of Gemma-style models get
+    different ones; the tensors are shared between layers, not copied). One forward pass without a KV cache."""
+    torch = _torch()
+    layers = decoder_layers(model)
+    hidden: list = []
+    per_window: list[list[tuple[tuple, dict]]] = []
+
+    def grab(i):
+        def pre(_m, args, kwargs):
+            h = args[0] if args else kwargs["hidden_states"]
+            if i == 0:
+                hidden.append(h)
+                per_window.append([])
+            rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            per_window[-1].append((tuple(args[1:]), rest))
+        return pre
+
+    handles = [layer.register_forward_pre_hook(grab(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        with torch.inference_mode():
+            for w in windows:
+                model(input_ids=torch.as_tensor(np.asarray(w.ids, np.int64))[None], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return hidden, per_window
+
+
+def _run_layer(layer, h, extra: tuple[tuple, dict]):
+    args, kwargs = extra
+    o = layer(h, *args, **kwargs)
+    return o[0] if isinstance(o, tuple) else o
+
+
 def gptq(model, windows, bits: int, group: int | None, skip=("lm_head",), progress=None) -> dict:
-    """Sequential GPTQ over the decoder layers; sets each Linear's weight to its dequantized GPTQ weight and
-    returns {module name: scales}."""
+    """Sequential GPTQ over the decoder layers, one layer at a time: each layer's calibration inputs are the
+    previous (already quantized) layer's outputs, carried forward, so the windows pass through each layer twice
+    (Hessians, then the quantized outputs) instead of through the whole model once per layer. Sets each Linear's
+    weight to its dequantized GPTQ weight and returns {module name: scales}."""
     torch = _torch()
     names = {m: n for n, m in model.named_modules()}
     out: dict[str, object] = {}
     layers = decoder_layers(model)
+    hidden, extras = layer_inputs(model, windows)
     for li, layer in enumerate(layers):
         linears = [(names[m], m) for m in layer.modules() if isinstance(m, torch.nn.Linear)
                    and not any(names[m].endswith(s) for s in skip)]
@@ -241,7 +280,9 @@ def gptq(model, windows, bits: int, group: int | None, skip=("lm_head",), progre
 
         hooks = [m.register_forward_hook(lambda m, a, o, n=n: hook(m, a, o, n)) for n, m in linears]
         try:
-            forward_windows(model, windows)
+            with torch.inference_mode():
+                for h, extra in zip(hidden, extras):
+                    _run_layer(layer, h, extra[li])
         finally:
             for h in hooks:
                 h.remove()
@@ -250,9 +291,28 @@ def gptq(model, windows, bits: int, group: int | None, skip=("lm_head",), progre
                 wq, scales = gptq_weight(m.weight.detach(), hs[n] / max(count[n], 1), bits, group)
                 m.weight.copy_(wq)
                 out[n] = scales
+        with torch.inference_mode():  # the quantized layer's outputs are the next layer's inputs
+            hidden = [_run_layer(layer, h, extra[li]) for h, extra in zip(hidden, extras)]
+        log.info("GPTQ: decoder layer %d/%d quantized", li + 1, len(layers))
         if progress:
             progress(li + 1, len(layers))
     return out
+
+
+def group_size_for(model, requested: int, skip=("lm_head",)) -> int:
+    """The quantization group size: ``requested`` when it divides the input size of every quantized Linear, else
+    the largest power of two below it that does (576 = 9 x 64: groups of 64); an error when none of 16 or more
+    does."""
+    torch = _torch()
+    sizes = {m.in_features for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+             and not any(n.endswith(s) for s in skip)}
+    g = requested
+    while g >= 16 and any(k % g for k in sizes):
+        g //= 2
+    if g < 16:
+        raise QopsError(f"No group size from {requested} down to 16 divides every layer's input size {sorted(sizes)}.",
+                        "set target_options block_size to a size that divides them all, or use an 8-bit target.")
+    return g
 
 
 def rtn(model, bits: int, group: int | None, skip=("lm_head",)) -> dict:

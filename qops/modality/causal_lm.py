@@ -4,25 +4,20 @@ and generation speed as the evaluation, ONNX Runtime GenAI files registered besi
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from qops.artifacts import read_json, sha256_file, to_jsonable, write_json_atomic
+from qops.artifacts import read_json, to_jsonable, write_json_atomic
+from qops.engines import LlmInputs, engine_for, engine_of_result
 from qops.errors import QopsError
-from qops.llm.bnb import quantize_bnb_llm
-from qops.llm.ct import quantize_ct_llm
 from qops.llm.data import Window, WindowReader, kind_for
-from qops.llm.evaluate import artifact_size, evaluate_llm
-from qops.llm.gguf import F32_NAME, quantize_gguf_llm
+from qops.llm.evaluate import evaluate_llm
 from qops.llm.qlora import run_qlora
-from qops.llm.quantize import model_digest, quantize_onnx_llm, quantize_torch_llm
 from qops.llm.serves import serves_in_fresh_process
 from qops.llm.source import GENAI_FILES, LlmInfo, export_onnx, resolve_hf_dir
 from qops.modality.base import registry_for, unsupported
-from qops.quantize import QuantizeResult
 from qops.run_folder import RunLayout
 
 
@@ -32,32 +27,6 @@ def info(source: dict) -> LlmInfo:
 
 def kind(spec, source: dict):
     return kind_for(spec.data, source["hf_dir"], info(source))
-
-
-def notes(recipe, technique: dict) -> list[str]:
-    out = [f"lm_head: {technique.get('lm_head')}; embeddings: {technique.get('embeddings')}"]
-    if recipe.engine == "compressed-tensors":
-        out.append(f"compressed-tensors {technique.get('compressed_tensors')} checkpoint ({technique.get('scheme')}, "
-                   f"format {technique.get('format')}) for vLLM / SGLang: serve with `vllm serve FOLDER` (the "
-                   "registered model's `model/` folder) on a vLLM whose compressed-tensors reads this version; "
-                   "evaluated here through Transformers' compressed-tensors integration on "
-                   "CPU (weights decompressed" + (", activation quantization emulated)" if recipe.mode == "dynamic"
-                                                  else ")"))
-    if recipe.engine == "llama.cpp":
-        kv = recipe.kv_cache_type
-        out.append(f"GGUF {recipe.gguf_type} written for llama.cpp by llama-cpp-python "
-                   f"{technique.get('llama_cpp_python')}; tensor types: "
-                   + ", ".join(f"{k} x{v}" for k, v in (technique.get("tensor_types") or {}).items()))
-        im = technique.get("imatrix")
-        out.append(f"importance matrix: {im['entries']} weight matrices from {im['windows']} calibration windows "
-                   f"({im['tokens']} tokens)" if im else "no importance matrix")
-        out.append("serve: `llama-server -m model.gguf" + (f" -fa on --cache-type-k {kv} --cache-type-v {kv}"
-                                                          if kv != "f16" else "") + "` (the registered model's "
-                   "`gguf` artifact), or `mlflow.pyfunc.load_model(uri).predict([...])`")
-    if recipe.precision == "nf4" and recipe.engine == "onnxruntime":
-        out.append("NF4 as ONNX MatMulBnb4 keeps one FP32 absmax per block of 64 (0.5 bit per weight); "
-                   "bitsandbytes' double quantization (8-bit absmax, 0.127 bit) has no ONNX form")
-    return out
 
 
 class CausalLmModality:
@@ -93,43 +62,19 @@ class CausalLmModality:
         return kind(spec, source), None
 
     def quantize(self, spec, layout: RunLayout, target: str, calibration: dict | None):
+        """The target's engine (qops.engines) on the run's checkpoint: the same verb as ``qops quantize``, with the
+        run's FP32 ONNX export and FP32 GGUF shared by its targets."""
         src = read_json(layout.source)
         recipe = spec.recipe(target)
-        tdir = layout.target(target)
-        t0 = time.perf_counter()
-        cal_path, rows = None, 0
-        windows = None
-        if recipe.needs_calibration:
-            windows = kind(spec, src).windows(pd.read_parquet(calibration["path"]), "calibration set",
-                                              spec.data.causal_lm.calibration_windows)
-            cal_path, rows = calibration["path"], int(calibration["rows"])
-        if recipe.engine in ("torchao", "bitsandbytes", "compressed-tensors"):  # Transformers checkpoint folders
-            out = tdir / "model"
-            if recipe.engine == "compressed-tensors":
-                technique = quantize_ct_llm(src["hf_dir"], recipe, out, windows)
-            else:
-                quantize_folder = quantize_torch_llm if recipe.engine == "torchao" else quantize_bnb_llm
-                technique = quantize_folder(src["hf_dir"], recipe, out)
-            ref = src["hf_dir"]
-        else:
-            if recipe.engine == "llama.cpp":  # GGUF from the checkpoint; FP32 ONNX stays the reference
-                out = tdir / "model" / "model.gguf"
-                technique = quantize_gguf_llm(src["hf_dir"], recipe, out, layout.root / "gguf" / F32_NAME,
-                                              info(src).num_layers, windows)
-            else:
-                out = tdir / "model" / "model.onnx"
-                reader = WindowReader(windows, info(src)) if windows is not None else None
-                technique = quantize_onnx_llm(src["path"], recipe, out, reader)
-            ref = src["path"]
-        size, fp32_size = artifact_size(out), artifact_size(ref)
-        return QuantizeResult(
-            target=target, model_path=str(out), model_sha256=model_digest(out), recipe_path="", source_path=str(ref),
-            source_sha256=model_digest(ref) if Path(ref).is_dir() else sha256_file(ref), size_bytes=size,
-            source_size_bytes=fp32_size, size_ratio=round(size / fp32_size, 4), calibration_path=cal_path,
-            calibration_rows=rows, seconds=round(time.perf_counter() - t0, 3), recipe=recipe.to_dict(),
-            mode=recipe.mode, graph_kind="decoder (KV cache)", engine=recipe.engine,
-            model_report={"exporter": (src.get("export") or {}).get("exporter")}, technique=technique,
-            notes=notes(recipe, technique))
+        engine = engine_for(recipe)
+        inputs = LlmInputs(hf_dir=Path(src["hf_dir"]), info=info(src), work_dir=layout.root, export=src.get("export"))
+        if engine.needs_calibration(recipe):
+            inputs.windows = kind(spec, src).windows(pd.read_parquet(calibration["path"]), "calibration set",
+                                                     spec.data.causal_lm.calibration_windows)
+            inputs.calibration_path, inputs.calibration_rows = calibration["path"], int(calibration["rows"])
+        out = layout.target(target) / "model"
+        return engine.quantize(Path(src["hf_dir"]), recipe, out / "model.gguf" if engine.artifact == "file" else out,
+                               inputs=inputs)
 
     def evaluate(self, spec, layout: RunLayout, folder: Path, quantized: dict) -> dict:
         src = read_json(layout.source)
@@ -150,9 +95,10 @@ class CausalLmModality:
         the registered model an ONNX Runtime GenAI folder (genai_config.json, tokenizer). torchao targets: their
         ``qops_torchao.json`` (the config serving applies at load); bitsandbytes targets: nothing (their
         ``quantization_config`` is in the logged model's config)."""
-        if Path(quantized["model_path"]).suffix == ".gguf":  # one file: weights, tokenizer and metadata
+        engine = engine_of_result(quantized)
+        if engine.artifact == "file":  # GGUF: one file holds weights, tokenizer and metadata
             return None, []
-        if Path(quantized["model_path"]).is_dir():  # the transformers flavor logs the folder's model and tokenizer
+        if engine.flavor == "transformers":  # the transformers flavor logs the folder's model and tokenizer
             conf = Path(quantized["model_path"]) / "qops_torchao.json"
             return None, [str(conf)] if conf.is_file() else []
         llm = info(source)

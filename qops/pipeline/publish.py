@@ -6,8 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qops.artifacts import read_json, sha256_file, to_jsonable, write_json_atomic
+from qops.artifacts import read_json, to_jsonable, write_json_atomic
 from qops.cards import build_card_data, qat_section, write_card
+from qops.engines import engine_of_result
+from qops.engines.base import changed_files
 from qops.errors import QopsError
 from qops.modality import modality_for
 from qops.pipeline.common import claimed, required, skipped
@@ -55,12 +57,20 @@ def stage_card(spec, run_id: str, target: str, dag_id: str | None = None) -> dic
 
 
 def check_model_hash(q: dict) -> None:
-    """The file about to be registered is the model this run's quantize stage wrote (its recorded sha256)."""
+    """The artifact about to be registered is the one this run's quantize stage wrote: its digest is recomputed by
+    its engine (a manifest of file digests for checkpoint folders) and compared with the recorded one."""
     path = Path(q["model_path"])
-    actual = sha256_file(path) if path.is_file() else q["model_sha256"]
-    if actual != q["model_sha256"]:
+    if not path.exists():
+        raise QopsError(f"{path}, the model this run quantized, is gone.",
+                        "rerun the quantize stage for this target (same spec and run id), then register.")
+    engine = engine_of_result(q)
+    actual = engine.digest(path)
+    files = changed_files(q["manifest"], engine.manifest(path.parent if engine.primary else path)) \
+        if q.get("manifest") else []
+    if actual != q["model_sha256"] or files:
+        changed = f" (changed since: {', '.join(files[:5])}{' ...' if len(files) > 5 else ''})" if files else ""
         raise QopsError(f"{path} is not the model this run quantized: its sha256 is {actual}, the "
-                        f"quantize stage recorded {q['model_sha256']} (another process wrote the file).",
+                        f"quantize stage recorded {q['model_sha256']}{changed}; another process changed it.",
                         "rerun the quantize stage for this target (same spec and run id), then register.")
 
 

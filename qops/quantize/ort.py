@@ -180,7 +180,8 @@ def quantize_onnx(model: Path, recipe: Recipe, output: Path, calibration, featur
                 size_ratio=round(out_size / src_size, 4),
                 calibration_path=str(calibration) if reader is not None else None, calibration_rows=rows,
                 seconds=round(time.perf_counter() - t0, 3), recipe=recipe.to_dict(), mode=mode,
-                graph_kind=report.kind, model_report=report_d, technique=technique, notes=notes)
+                graph_kind=report.kind, model_report=report_d, technique=technique, notes=notes,
+                engine_name="onnxruntime")
 
         return publish(q, output, result_for, external)
 

@@ -46,6 +46,8 @@ class QuantizeResult:
     tuning: dict = field(default_factory=dict)
     passed: bool | None = None  # tuning: whether the written candidate passed the gates (None: not tuned)
     qat: dict = field(default_factory=dict)  # QAT: plan, training history, export check (empty for PTQ)
+    engine_name: str | None = None  # the registered engine that wrote it (qops.engines)
+    manifest: dict = field(default_factory=dict)  # {file: sha256} of the artifact, checked before registration
 
 
 def check_output_path(model: str | os.PathLike, output: str | os.PathLike) -> None:

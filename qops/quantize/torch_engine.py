@@ -240,7 +240,7 @@ def quantize_torch(model, recipe: Recipe, output, calibration=None, features=Non
         source_path=str(model), source_sha256=sha256_file(model), size_bytes=out, source_size_bytes=src,
         size_ratio=round(out / src, 4), calibration_path=str(calibration) if rows else None, calibration_rows=rows,
         seconds=round(time.perf_counter() - t0, 3), recipe=recipe.to_dict(), mode=recipe.mode, graph_kind=None,
-        engine="torchao", technique=technique,
+        engine="torchao", engine_name="torchao", technique=technique,
         notes=["served through torch.compile (Inductor)"] if recipe.torch_compile else [],
     )
     write_json_atomic(recipe_path, {"recipe": recipe.to_dict(), "result": result, "qops_version": __version__})

@@ -43,6 +43,25 @@ def test_mlflow_hook_extra_tracking_uri_and_no_connection(monkeypatch):
     assert MlflowHook(None).configure() == "sqlite:///y.db"
 
 
+def test_the_connection_wins_over_the_specs_tracking_uri(monkeypatch, tmp_path):
+    """docs/airflow.md: with mlflow_conn_id, the connection's URI is the one the stages use, whatever the spec says;
+    without one, the spec's."""
+    import yaml
+
+    from qops_airflow.operators import QopsCardOperator
+
+    _isolate_mlflow_env(monkeypatch)
+    spec = yaml.safe_load((REPO / "dags" / "specs" / "german_credit.yaml").read_text())
+    spec.setdefault("mlflow", {})["tracking_uri"] = "sqlite:///from-the-spec.db"
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    monkeypatch.setenv("AIRFLOW_CONN_MLFLOW_W", '{"conn_type": "mlflow", "extra": {"tracking_uri": "sqlite:///conn.db"}}')
+    op = QopsCardOperator(task_id="t", spec_path=str(path), target="x86_64_vnni_int8", mlflow_conn_id="mlflow_w")
+    assert op._spec().mlflow.tracking_uri == "sqlite:///conn.db"
+    op = QopsCardOperator(task_id="t2", spec_path=str(path), target="x86_64_vnni_int8")
+    assert op._spec().mlflow.tracking_uri == "sqlite:///from-the-spec.db"
+
+
 def test_mlflow_hook_tests_leave_the_environment_as_they_found_it():
     """Runs after the two tests above (file order): none of their exports survived them."""
     assert os.environ.get("MLFLOW_TRACKING_PASSWORD") != "s3cret" and os.environ.get("MLFLOW_TRACKING_TOKEN") != "tok-123"

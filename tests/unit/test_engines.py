@@ -1,0 +1,182 @@
+"""The engine seam: every target is served by exactly one registered engine; the one quantize verb routes every
+target (graph and decoder) and refuses combinations that cannot work before any work (exit 2 naming the fix);
+folder artifacts carry a manifest that the registration re-checks; qops' sequential GPTQ carries each layer's
+inputs forward and equals re-running the model per layer. Decoders are built from configs with random weights and a
+byte-level BPE tokenizer trained here in a second (fast; fidelity to their own FP32 outputs only)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from qops.errors import QopsError
+
+TEXTS = [f"document {i}: the quick brown fox jumps over the lazy dog while the model counts tokens {i * 7}"
+         for i in range(40)]
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "qops.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def decoder(tmp_path_factory):
+    """A 2-layer Llama of hidden size 96 (not a multiple of 128: as SmolLM2's 576), random weights, saved with a
+    trained tokenizer; and a calibration parquet of texts."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qops.examples.tiny_llama import train_tokenizer
+
+    root = tmp_path_factory.mktemp("dec")
+    tok = train_tokenizer(TEXTS, 300)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=96, intermediate_size=192, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(root / "hf", safe_serialization=True)
+    tok.save_pretrained(root / "hf")
+    pd.DataFrame({"text": TEXTS}).to_parquet(root / "calib.parquet")
+    return root
+
+
+def test_every_target_has_exactly_one_engine_and_the_engine_owns_its_format():
+    from qops.engines import engine_for
+    from qops.targets import list_targets
+
+    seen = {}
+    for name, recipe in list_targets().items():
+        e = engine_for(recipe)  # raises unless exactly one engine claims the recipe
+        seen[name] = e.name
+        assert (e.artifact == "file") == bool(e.suffix)
+    assert seen["x86_64_vnni_int8"] == "onnxruntime" and seen["gguf_q4_k_m"] == "llama_cpp"
+    assert seen["llm_int4_rtn"] == "ort_genai" and seen["ct_w8a8_int8"] == "compressed_tensors"
+    assert seen["hf_bnb_nf4"] == "bitsandbytes" and seen["llm_int4_hqq"] == "ort_genai"
+
+
+@pytest.mark.parametrize("target,output,message", [
+    ("gguf_q4_k_m", "out.gguf", "quantizes a Hugging Face checkpoint folder"),
+    ("ct_w8a8_int8", "out_ct", "quantizes a Hugging Face checkpoint folder"),
+    ("hf_bnb_nf4", "out_bnb", "quantizes a Hugging Face checkpoint folder"),
+    ("llm_int4_hqq", "out_llm", "quantizes a Hugging Face checkpoint folder"),
+    ("x86_64_int8_dynamic", "out.gguf", "ends in '.gguf'"),
+])
+def test_quantize_refuses_what_cannot_work_on_an_onnx_graph(tmp_path, target, output, message):
+    """Formerly: a GGUF, compressed-tensors or HQQ target silently wrote an ONNX model and exited 0."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    w = helper.make_tensor("w", TensorProto.FLOAT, [4, 3], np.ones(12, np.float32))
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])], [w])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
+    r = _cli("quantize", "--model", tmp_path / "m.onnx", "--target", target, "--output", tmp_path / output)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and "Fix:" in r.stderr
+    assert not (tmp_path / output).exists()
+
+
+def test_graph_targets_refuse_a_checkpoint_folder_and_folder_targets_a_file_output(decoder, tmp_path):
+    r = _cli("quantize", "--model", decoder / "hf", "--target", "x86_64_int8_dynamic", "--output", tmp_path / "o.onnx")
+    assert r.returncode == 2 and "not a Hugging Face checkpoint folder" in r.stderr and "llm_*" in r.stderr
+    r = _cli("quantize", "--model", decoder / "hf", "--target", "ct_w8a8_int8", "--output", tmp_path / "o.onnx",
+             "--calibration", decoder / "calib.parquet")
+    assert r.returncode == 2 and "writes a folder" in r.stderr
+
+
+def test_cli_writes_a_gguf_from_a_checkpoint_folder_alone(decoder, tmp_path):
+    """Q4_K_M with an importance matrix from the texts; rows of 96 fall back from the k-quants, and the notes say
+    so with the cause and the effective bits per weight."""
+    out = tmp_path / "model.gguf"
+    r = _cli("quantize", "--model", decoder / "hf", "--target", "gguf_q4_k_m", "--output", out, "--calibration",
+             decoder / "calib.parquet", "--max-length", "32", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["engine_name"] == "llama_cpp" and out.read_bytes()[:4] == b"GGUF"
+    assert Path(res["recipe_path"]).is_file() and res["calibration_rows"] == len(TEXTS)
+    assert "tied to the embeddings" in res["technique"]["lm_head"]  # was "?" for tied embeddings
+    assert any("fell back from Q4_K_M" in n and "rows of 96" in n for n in res["notes"])
+    assert any("effective bits per weight" in n for n in res["notes"])
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".qops-")]  # the work folder is gone
+
+
+def test_compressed_tensors_picks_a_group_that_divides_and_the_registration_rechecks_the_folder(decoder, tmp_path):
+    """Hidden size 96 is no multiple of the recipe's 128-groups: GPTQ used to crash with an IndexError; now the group
+    is 32 and the card says why. Then one file of the folder is edited after quantization: the register stage's
+    integrity check names it and refuses."""
+    from qops.engines import quantize
+    from qops.pipeline import check_model_hash
+    from qops.spec.data import CausalLMSpec
+
+    out = tmp_path / "ct"
+    res = quantize(decoder / "hf", "ct_w4a16_gptq", out, calibration=decoder / "calib.parquet",
+                   causal_lm=CausalLMSpec(seq_len=32, stride=16))
+    assert "32 (the recipe's 128" in res.technique["group_size"]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization_config"]["config_groups"]["group_0"]["weights"]["group_size"] == 32
+    assert set(res.manifest) >= {"config.json", "model.safetensors", "tokenizer.json"}
+    q = json.loads(json.dumps(res.__dict__, default=str))
+    check_model_hash(q)  # untouched: passes
+    cfg["note"] = "edited after the gate"
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(QopsError, match=r"changed since: config\.json"):
+        check_model_hash(q)
+
+
+def test_sequential_gptq_carries_layer_inputs_forward_and_equals_rerunning_the_model(decoder):
+    """The carried-forward schedule gives the same weights as the old one (the whole model re-run over the windows
+    for each layer), with two layer passes per layer instead of a model pass."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qops.llm.data import causal_lm_kind
+    from qops.llm.source import LlmInfo
+    from qops.llm.torch_quant import decoder_layers, forward_windows, gptq, gptq_weight
+    from qops.spec.data import CausalLMSpec
+
+    hf = decoder / "hf"
+    windows = causal_lm_kind(CausalLMSpec(seq_len=32, stride=16), str(hf), LlmInfo.from_hf(hf)).windows(
+        pd.DataFrame({"text": TEXTS[:8]}), "calibration")
+    new = AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32).eval()
+    gptq(new, windows, 4, 32)
+    old = AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32).eval()
+    for layer in decoder_layers(old):  # the former schedule, written out
+        lins = [m for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+        hs = {m: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for m in lins}
+        n = {m: 0 for m in lins}
+
+        def hook(m, a, o):
+            x = a[0].detach().reshape(-1, a[0].shape[-1]).double()
+            hs[m] += 2 * x.T @ x
+            n[m] += len(x)
+
+        handles = [m.register_forward_hook(hook) for m in lins]
+        forward_windows(old, windows)
+        for h in handles:
+            h.remove()
+        with torch.no_grad():
+            for m in lins:
+                m.weight.copy_(gptq_weight(m.weight.detach(), hs[m] / n[m], 4, 32)[0])
+    for (name, a), (_, b) in zip(new.named_parameters(), old.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-5), name
+
+
+def test_causal_lm_specs_refuse_tuning_they_would_ignore(tmp_path):
+    from qops.spec import load_spec
+
+    spec = {"name": "t", "source_model": str(tmp_path), "targets": ["llm_int4_rtn"], "tuning": {"enabled": True},
+            "data": {"kind": "causal_lm", "pool": "p.parquet", "reference": "r.parquet", "validation": "v.parquet",
+                     "label": "text"}}
+    path = tmp_path / "s.yaml"
+    path.write_text(json.dumps(spec))
+    with pytest.raises(QopsError, match="tuning is not run for causal_lm"):
+        load_spec(path)
