@@ -25,6 +25,15 @@ _EP_INSTALL = {
 }
 
 
+def provider_chain(ep: str | None) -> list[str]:
+    """The execution providers a target's model runs on, best first, ending on the CPU: TensorRT falls back to
+    CUDA, CUDA to the CPU (the one fallback rule of evaluation and of the registered model's serving)."""
+    ep = ep or "CPUExecutionProvider"
+    chain = {"TensorrtExecutionProvider": ["TensorrtExecutionProvider", "CUDAExecutionProvider"],
+             "CUDAExecutionProvider": ["CUDAExecutionProvider"]}.get(ep, [ep] if ep != "CPUExecutionProvider" else [])
+    return chain + ["CPUExecutionProvider"]
+
+
 def check_provider(recipe: dict | None) -> list[str]:
     """ONNX Runtime providers to run a recipe's model with; raises TargetError if this worker lacks them."""
     import onnxruntime as ort
@@ -40,7 +49,7 @@ def check_provider(recipe: dict | None) -> list[str]:
             f"{ort.__version__} lacks (it has {', '.join(have)}).",
             f"install {_EP_INSTALL.get(ep, 'an onnxruntime build with ' + ep)} and route the task to the "
             f"'{(recipe or {}).get('queue', 'gpu')}' queue.")
-    return [ep, "CPUExecutionProvider"] if ep != "CPUExecutionProvider" else [ep]
+    return [p for p in provider_chain(ep) if p in have]
 
 
 class OrtSession:

@@ -107,7 +107,7 @@ class LlamaCppEngine(LlmEngine):
     library = "llama.cpp"
     artifact = "file"
     suffix = ".gguf"
-    flavor = "pyfunc (llama.cpp, logged as code)"
+    flavor = "gguf"  # an MLflow pyfunc logged as code, the .gguf its artifact
     engines = ("llama.cpp",)
 
     def reference(self, inputs: LlmInputs) -> Path:

@@ -146,6 +146,7 @@ def stage_register(spec, run_id: str, target: str) -> dict:
                     **({"kv_cache_type": recipe["kv_cache_type"]} if recipe.get("engine") == "llama.cpp" else {})},
             finalize_card=finalize_card, execution_providers=providers_for(recipe), example=example,
             extra_files=extra, serves=modality.serves(spec),
+            flavor=engine_of_result(q).flavor if q.get("engine_name") else None,
         )
     except Exception:
         finalize_card(None)  # the version was rolled back: the card must not name it

@@ -1,5 +1,6 @@
-"""INT4 (and other n-bit) weight-only quantization with ONNX Runtime's ``MatMulNBits`` quantizer: RTN, GPTQ,
-HQQ, AWQ scales, block sizes, and the INT4 embedding tables."""
+"""INT4 (and other n-bit) weight-only quantization of graph models with ONNX Runtime's ``MatMulNBits`` quantizer:
+RTN, GPTQ, AWQ scales, block sizes, and the INT4 embedding tables. (HQQ and k-quant are decoder-LLM algorithms: the
+``ort_genai`` engine runs them, :mod:`qops.llm.quantize`; a graph recipe asking for them is refused.)"""
 
 from __future__ import annotations
 

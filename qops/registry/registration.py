@@ -20,7 +20,7 @@ from qops.redact import redact
 from qops.registry.aliases import settle_aliases
 from qops.registry.client import reachable
 from qops.registry.flavors import log_gguf_model, log_prequantized_transformers_model, log_transformers_model
-from qops.runtime import TorchSession
+from qops.runtime import TorchSession, provider_chain
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +152,7 @@ def register(
     example: dict | None = None,
     extra_files: list[str | os.PathLike] | None = None,
     serves=None,
+    flavor: str | None = None,
 ) -> RegisterResult:
     """Log the quantized ONNX model (onnx flavor, with signature) and its card; register one version.
 
@@ -163,7 +164,9 @@ def register(
     ``genai_config.json`` and tokenizer: with the model they make an ONNX Runtime GenAI folder). A folder
     ``model_path`` (a decoder LLM checkpoint for PyTorch serving) is logged with the transformers flavor.
     ``serves(model_uri) -> {"passed": bool, ...}``, if given, loads the new version in its serving runtime before
-    any alias moves: a failure keeps the version (tagged ``qops.serves=failed``) without aliases.
+    any alias moves: a failure keeps the version (tagged ``qops.serves=failed``) without aliases. ``flavor``
+    (``onnx``, ``pytorch``, ``transformers``, ``gguf``): the artifact's kind as its engine declares it
+    (:mod:`qops.engines`); without it, read off the path (a QAT model's suffix).
     """
     import mlflow
     import numpy as np
@@ -192,9 +195,9 @@ def register(
     if existing is not None:  # an earlier attempt died between create and complete: remove it, then redo
         client.delete_model_version(name, existing.version)
 
-    is_program = model_path.suffix.lower() == ".pt2"
-    is_checkpoint = model_path.is_dir()
-    is_gguf = model_path.suffix.lower() == ".gguf"
+    flavor = flavor or {".pt2": "pytorch", ".gguf": "gguf"}.get(model_path.suffix.lower(),
+                                                                "transformers" if model_path.is_dir() else "onnx")
+    is_program, is_checkpoint, is_gguf = flavor == "pytorch", flavor == "transformers", flavor == "gguf"
     if is_checkpoint or is_gguf:
         signature = model = None
     elif is_program:  # torchao targets: a torch.export program, logged with the pytorch flavor as pt2
@@ -330,9 +333,5 @@ def gguf_requirements() -> list[str]:
 
 
 def providers_for(recipe: dict) -> list[str]:
-    """The ONNX Runtime execution providers a target's model is served with, best first, ending on the CPU
-    (TensorRT falls back to CUDA, CUDA to the CPU; CPU targets list the CPU only)."""
-    ep = recipe.get("execution_provider") or "CPUExecutionProvider"
-    chain = {"TensorrtExecutionProvider": ["TensorrtExecutionProvider", "CUDAExecutionProvider"],
-             "CUDAExecutionProvider": ["CUDAExecutionProvider"]}.get(ep, [ep] if ep != "CPUExecutionProvider" else [])
-    return chain + ["CPUExecutionProvider"]
+    """The ONNX Runtime execution providers a target's model is served with (:func:`qops.runtime.provider_chain`)."""
+    return provider_chain(recipe.get("execution_provider"))

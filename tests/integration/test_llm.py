@@ -458,7 +458,9 @@ def test_a_registered_llm_its_runtime_cannot_serve_gets_no_alias(llm, tmp_path, 
     version), is tagged qops.serves=failed, and its card says so."""
     from mlflow import MlflowClient
 
+    from qops.artifacts import sha256_file
     from qops.pipeline import STAGES, run_pipeline
+    from qops.run_folder import RunLayout
 
     spec = _spec(llm, tmp_path, mlflow={"experiment": "llm-serves"})
     first = run_pipeline(spec, run_id="s1", progress=False)["targets"][0]["mlflow"]
@@ -469,7 +471,13 @@ def test_a_registered_llm_its_runtime_cannot_serve_gets_no_alias(llm, tmp_path, 
         if st.applies(spec, "llm_int4_rtn"):
             st.fn(spec, "s2", "llm_int4_rtn") if st.per_target else st.fn(spec, "s2")
     run = tmp_path / "art" / "tiny" / "s2"
-    (run / "targets" / "llm_int4_rtn" / "model" / "genai_config.json").write_text('{"model": {"type": "nonsense"}}')
+    bad = run / "targets" / "llm_int4_rtn" / "model" / "genai_config.json"
+    bad.write_text('{"model": {"type": "nonsense"}}')
+    # as if the quantizer itself had written it (the integrity check refuses files changed after quantize)
+    qfile = run / "targets" / "llm_int4_rtn" / RunLayout.QUANTIZE
+    q = json.loads(qfile.read_text())
+    q["manifest"]["genai_config.json"] = sha256_file(bad)
+    qfile.write_text(json.dumps(q))
     reg = next(st for st in STAGES if st.name == "register").fn(spec, "s2", "llm_int4_rtn")
     assert reg["registered"] and reg["aliases"] == [] and not reg["serves"]["passed"] and reg["serves"]["error"]
     client = MlflowClient()

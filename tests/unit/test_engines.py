@@ -39,7 +39,7 @@ def decoder(tmp_path_factory):
     tok = train_tokenizer(TEXTS, 300)
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=96, intermediate_size=192, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      num_attention_heads=3, num_key_value_heads=1, max_position_embeddings=256,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
     model = LlamaForCausalLM(cfg).eval()
     model.save_pretrained(root / "hf", safe_serialization=True)
@@ -180,3 +180,17 @@ def test_causal_lm_specs_refuse_tuning_they_would_ignore(tmp_path):
     path.write_text(json.dumps(spec))
     with pytest.raises(QopsError, match="tuning is not run for causal_lm"):
         load_spec(path)
+
+
+def test_cli_runs_hqq_for_llm_int4_hqq_into_a_genai_folder(decoder, tmp_path):
+    """Formerly ``--target llm_int4_hqq`` on an ONNX model wrote round-to-nearest; from a checkpoint folder it runs
+    ONNX Runtime's HQQ on the FP32 export (made in a temporary folder) and writes a GenAI folder."""
+    out = tmp_path / "q"
+    r = _cli("quantize", "--model", decoder / "hf", "--target", "llm_int4_hqq", "--output", out, "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["engine_name"] == "ort_genai" and res["technique"]["algorithm"] == "hqq"
+    assert (out / "model.onnx").is_file() and (out / "genai_config.json").is_file()
+    assert res["technique"]["ops"].get("MatMulNBits", 0) >= 7  # q/k/v/o/gate/up/down of each layer
+    assert res["source_path"] == str(decoder / "hf") and 0 < res["size_ratio"] < 0.6
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".qops-")]
