@@ -13,11 +13,17 @@ STAMP  := $(VENV)/.qops-installed
 
 .PHONY: install demo demo-credit demo-text demo-llm demo-image lint test test-unit clean mlflow-ui
 
-# llama-cpp-python is built from its sdist (llama.cpp for this CPU: about 4 minutes on 2 cores); its converter
+# llama-cpp-python is built from its sdist (about 4 minutes on 2 cores), first and never from pip's wheel cache
+# (whose key ignores CMAKE_ARGS), for x86-64 with AVX2 rather than -march=native: on CPUs with AMX (Sapphire Rapids)
+# llama.cpp's native build takes its AMX path for Q4_0/Q8_0 and crashes in decode (seen with 0.3.36). Its converter
 # (convert_hf_to_gguf.py, not in the wheel) is then copied from the same sdist into the venv
+LLAMA_CMAKE_ARGS ?= $(if $(filter x86_64,$(shell uname -m)),-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON)
+
 $(STAMP): pyproject.toml constraints.txt scripts/llama_cpp_converter.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip==25.3"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install --quiet \
+	  --no-cache-dir --no-binary llama-cpp-python -c constraints.txt llama-cpp-python
 	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
 	$(PY) scripts/llama_cpp_converter.py
 	@touch $(STAMP)
