@@ -89,7 +89,7 @@ def build_card_data(*, pipeline: str, source: dict, target_recipe: dict, calibra
         "generated_at": generated_at or datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model_details": {
             "name": f"{source['name']} ({target_recipe['target']})",
-            "source": {k: source.get(k) for k in ("uri", "name", "version", "run_id", "flavor")},
+            "source": {k: source.get(k) for k in ("uri", "name", "version", "run_id", "flavor", "provenance")},
             "source_sha256": quantization["source_sha256"],
             "quantized_sha256": quantization["model_sha256"],
             "owners": human.get("owners") or [],

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from qops.artifacts import atomic_dir, write_json_atomic
 from qops.errors import ModelError
+from qops.llm.gguf_source import dequantize_gguf
 from qops.llm.runner import OrtDecoder
 from qops.registry import MODELS_URI, download_model_version, single_file_onnx
 
@@ -65,8 +66,8 @@ def check_hf_dir(path: str | os.PathLike, what: str = "source model") -> Path:
     p = Path(path)
     if not p.is_dir():
         raise ModelError(f"The {what} {p} is not a folder.", "point source_model at a Hugging Face causal-LM folder "
-                         "(config.json, model.safetensors, tokenizer.json) or a models:/ URI of a transformers-flavor "
-                         "model.")
+                         "(config.json, model.safetensors, tokenizer.json), a .gguf file, or a models:/ URI of a "
+                         "transformers-flavor or GGUF model.")
     missing = [f for f in ("config.json", "tokenizer.json") if not (p / f).is_file()]
     if missing:
         raise ModelError(f"The {what} {p} has no {', '.join(missing)}.", "save the model and its tokenizer with "
@@ -87,15 +88,29 @@ def resolve_hf_dir(uri: str, dest: Path) -> dict:
     """``uri``: a local folder, or ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION`` of a transformers-flavor model.
     Returns the source's JSON (``hf_dir`` is a complete folder: config, weights and tokenizer)."""
     if not MODELS_URI.match(uri):
+        if uri.lower().endswith(".gguf"):  # dequantized once per run into the folder every engine reads
+            hf = dest / "hf_from_gguf"
+            prov = dequantize_gguf(uri, hf)
+            check_hf_dir(hf, f"dequantized GGUF {uri}")
+            return {"uri": uri, "name": Path(uri).stem, "version": None, "run_id": None, "flavor": "gguf",
+                    "hf_dir": str(hf), "provenance": prov}
         p = check_hf_dir(uri)
         return {"uri": uri, "name": p.name, "version": None, "run_id": None, "flavor": "transformers",
                 "hf_dir": str(p)}
     name, mv, local, mlmodel = download_model_version(uri, dest / "source")
     flavors = mlmodel.get("flavors", {})
+    ggufs = sorted(local.rglob("*.gguf"))
+    if "transformers" not in flavors and ggufs:  # a GGUF registered in MLflow (qops' llama.cpp pyfunc)
+        hf = dest / "hf_from_gguf"
+        prov = dequantize_gguf(ggufs[0], hf)
+        check_hf_dir(hf, f"dequantized GGUF of {uri}")
+        return {"uri": uri, "name": name, "version": str(mv.version), "run_id": mv.run_id, "flavor": "gguf",
+                "hf_dir": str(hf), "provenance": prov}
     if "transformers" not in flavors:
         raise ModelError(f"Source model {uri} (version {mv.version}) has flavors {sorted(flavors)}; data.kind "
-                         "causal_lm reads transformers-flavored models.",
-                         "log the model with mlflow.transformers.log_model, or point source_model at its folder.")
+                         "causal_lm reads transformers-flavored models and GGUF files.",
+                         "log the model with mlflow.transformers.log_model, or point source_model at its folder or "
+                         "its .gguf file.")
     # the flavor keeps weights and config under model/ and the tokenizer under components/tokenizer/: one folder
     hf = dest / "hf_model"
     with atomic_dir(hf) as tmp:

@@ -51,10 +51,13 @@ def _llm_w8a8() -> Recipe:
     return Recipe(
         target="llm_w8a8_sq",
         description="Decoder LLMs on CPUs: W8A8 — SmoothQuant (alpha 0.5, calibration windows with the KV-cache "
-        "inputs), then dynamic INT8 MatMuls (int8 weights per channel, activations per tensor at run time), "
-        "lm_head included, embeddings FP32; ONNX Runtime (GenAI-compatible folder).",
-        hardware="x86-64 with AVX-512 VNNI / AMX, ARM64 with dot-product (ONNX Runtime's int8 GEMMs)",
+        "inputs), then int8 weights in blocks of 32 and int8 activations quantized per token and block of 32 at run "
+        "time (8-bit MatMulNBits, accuracy_level 4: int8 x int8 products), lm_head included, embeddings FP32; "
+        "ONNX Runtime (GenAI-compatible folder). activation_granularity per-tensor gives the DynamicQuantizeMatMul "
+        "form (one activation scale per tensor), which real decoders' outlier channels defeat.",
+        hardware="x86-64 with AVX-512 VNNI / AMX or AVX2, ARM64 with dot-product (MLAS int8 kernels)",
         mode="dynamic", precision="int8", weight_type="int8", activation_type="uint8", smooth_quant_alpha=0.5,
+        activation_granularity="per-block", block_size=32,
         op_types=("MatMul",), quant_format="QOperator", model_kind="causal_lm", arch=None,
     )
 

@@ -93,6 +93,9 @@ class Recipe:
     accuracy_level: int | None = 4  # MatMulNBits compute type: 4 = int8 activations (fast on CPUs)
     # decoder LLMs (data.kind causal_lm): the output projection's precision (docs/llm.md#lm-head)
     lm_head: Literal["int4", "int8", "fp32", "nf4"] = "int8"
+    # decoder W8A8 in ONNX Runtime: activations quantized per tensor (DynamicQuantizeMatMul) or per token and block
+    # of block_size (8-bit MatMulNBits, accuracy_level 4)
+    activation_granularity: Literal["per-tensor", "per-block"] = "per-tensor"
     model_kind: Literal["any", "causal_lm"] = "any"  # causal_lm: only for decoder LLM pipelines
     # GGUF for llama.cpp (engine llama.cpp): the file type llama-quantize writes, whether an importance matrix from
     # the calibration set weighs its rounding, and the KV-cache element type the runtime allocates
@@ -153,6 +156,10 @@ class Recipe:
             bad("SmoothQuant migrates activation outliers into weights before activation quantization; it does "
                 "nothing for a weight-only recipe.",
                 "set mode='static' or 'dynamic', or drop smooth_quant_alpha.")
+        if self.activation_granularity == "per-block" and not (
+                self.model_kind == "causal_lm" and self.precision == "int8" and self.engine == "onnxruntime"):
+            bad("per-block activations are the 8-bit MatMulNBits path of decoder W8A8 targets (ONNX Runtime).",
+                "drop activation_granularity, or use llm_w8a8_sq.")
         if self.embedding_granularity == "per-row" and self.precision != "int8":
             bad("per-row embedding quantization is an INT8 technique.", "drop embedding_granularity.")
         if self.lm_head == "nf4" and self.precision != "nf4" or self.lm_head == "int4" and self.precision == "nf4":

@@ -91,9 +91,11 @@ def _agreement_and_ppl(llm, path, windows):
     return s["agree"].sum() / n, float(np.exp((s["nllq"].sum() - s["nll32"].sum()) / n))
 
 
-def test_w8a8_smoothquant_decoder_moves_outliers_into_the_weights(llm, tmp_path):
-    """llm_w8a8_sq: SmoothQuant (a Mul after each smoothed activation) then dynamic INT8 MatMuls, lm_head included;
-    the model stays faithful to FP32."""
+@pytest.mark.parametrize("granularity", ["per-block", "per-tensor"])
+def test_w8a8_smoothquant_decoder_moves_outliers_into_the_weights(llm, tmp_path, granularity):
+    """llm_w8a8_sq: SmoothQuant (a Mul after each smoothed activation) then INT8 MatMuls, lm_head included —
+    activations per token and block (8-bit MatMulNBits, the default) or per tensor (dynamic MatMulInteger); the
+    model stays faithful to FP32."""
     import onnx
 
     from qops.llm.data import WindowReader
@@ -103,12 +105,14 @@ def test_w8a8_smoothquant_decoder_moves_outliers_into_the_weights(llm, tmp_path)
     kind = _kind(llm)
     reader = WindowReader(kind.windows(pd.read_parquet(llm["paths"]["pool"]), "pool", 1), llm["info"])
     out = tmp_path / "w8" / "model.onnx"
-    tech = quantize_onnx_llm(llm["export"]["path"], get_target("llm_w8a8_sq"), out, reader)
+    tech = quantize_onnx_llm(llm["export"]["path"], get_target("llm_w8a8_sq", {"activation_granularity": granularity}),
+                             out, reader)
     m = onnx.load(str(out))
     smooth = [n for n in m.graph.node if n.op_type == "Mul" and n.name.endswith("_smooth_inv_mul")]
     # per layer: after input_layernorm, attention, post_attention_layernorm, the SwiGLU product; and the final norm
     assert tech["smoothquant"]["smoothed"] == len(smooth) == 4 * llm["info"].num_layers + 1
-    assert tech["ops"]["MatMulInteger"] == 5 * llm["info"].num_layers + 1 and "MatMul" not in tech["ops"]
+    op = "MatMulNBits" if granularity == "per-block" else "MatMulInteger"
+    assert tech["ops"][op] == 5 * llm["info"].num_layers + 1 and "MatMul" not in tech["ops"]
     windows = kind.windows(pd.read_parquet(llm["paths"]["validation"]), "validation", 1)
     agree, ppl_ratio = _agreement_and_ppl(llm, out, windows)
     assert agree > 0.8 and 0.9 < ppl_ratio < 1.1

@@ -194,3 +194,28 @@ def test_cli_runs_hqq_for_llm_int4_hqq_into_a_genai_folder(decoder, tmp_path):
     assert res["technique"]["ops"].get("MatMulNBits", 0) >= 7  # q/k/v/o/gate/up/down of each layer
     assert res["source_path"] == str(decoder / "hf") and 0 < res["size_ratio"] < 0.6
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".qops-")]
+
+
+def test_a_gguf_source_is_dequantized_into_the_folder_every_engine_reads(decoder, tmp_path):
+    """source_model: a .gguf file. llama.cpp's converter writes the decoder as F32 GGUF; the source resolution
+    dequantizes it once into a Transformers folder (same logits, same tokens) with its provenance, and reuses it."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qops.llm.gguf import convert_hf
+    from qops.llm.source import resolve_hf_dir
+
+    gg = tmp_path / "dec-f32.gguf"
+    convert_hf(decoder / "hf", gg)
+    src = resolve_hf_dir(str(gg), tmp_path / "run")
+    assert src["flavor"] == "gguf" and src["provenance"]["sha256"] and "dequantized GGUF" in src["provenance"]["note"]
+    hf = Path(src["hf_dir"])
+    ids = torch.as_tensor(AutoTokenizer.from_pretrained(str(decoder / "hf"))(TEXTS[3])["input_ids"])[None]
+    assert AutoTokenizer.from_pretrained(str(hf))(TEXTS[3])["input_ids"] == ids[0].tolist()
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(str(decoder / "hf"), dtype=torch.float32)(input_ids=ids).logits
+        got = AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32)(input_ids=ids).logits
+    assert float((got - ref).abs().max()) < 1e-4
+    stamp = (hf / "model.safetensors").stat().st_mtime_ns
+    assert resolve_hf_dir(str(gg), tmp_path / "run")["hf_dir"] == str(hf)
+    assert (hf / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not dequantized again
