@@ -23,6 +23,7 @@ import logging
 import numpy as np
 
 from qops.errors import QopsError
+from qops.llm.arch import arch_of_model
 
 log = logging.getLogger(__name__)
 
@@ -52,36 +53,38 @@ def decoder_layers(model):
 
 
 def smoothing_sites(model) -> list[tuple[str, object, list]]:
-    """(name, the module whose output feeds the layers, [the layers]) per site of every decoder layer."""
+    """(name, the module whose output feeds the layers, [the layers]) per site of every decoder layer, where the
+    architecture table (:mod:`qops.llm.arch`) places them."""
+    arch = arch_of_model(model)
     sites = []
     for i, layer in enumerate(decoder_layers(model)):
         att, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
         try:
-            sites.append((f"layers.{i}.input_layernorm", layer.input_layernorm,
-                          [att.q_proj, att.k_proj, att.v_proj]))
-            sites.append((f"layers.{i}.post_attention_layernorm", layer.post_attention_layernorm,
-                          [mlp.gate_proj, mlp.up_proj]))
-            sites.append((f"layers.{i}.mlp.up_proj", mlp.up_proj, [mlp.down_proj]))
-            if att.v_proj.out_features == att.o_proj.in_features:  # no GQA: V's rows map to O's columns
+            sites.append((f"layers.{i}.{arch.attn_norm}", getattr(layer, arch.attn_norm),
+                          [getattr(att, n) for n in arch.attn_inputs]))
+            sites.append((f"layers.{i}.{arch.mlp_norm}", getattr(layer, arch.mlp_norm),
+                          [getattr(mlp, n) for n in arch.mlp_inputs]))
+            if arch.up_site:
+                sites.append((f"layers.{i}.mlp.up_proj", mlp.up_proj, [mlp.down_proj]))
+            if arch.v_site and att.v_proj.out_features == att.o_proj.in_features:  # no GQA: V's rows map to O's
                 sites.append((f"layers.{i}.self_attn.v_proj", att.v_proj, [att.o_proj]))
         except AttributeError as e:
-            raise QopsError(f"Decoder layer {i} of {type(model).__name__} lacks a Llama-family module ({e}).",
-                            "AWQ and SmoothQuant fold scales into Llama-family layers (input_layernorm, q/k/v_proj, "
-                            "post_attention_layernorm, gate/up/down_proj); use an ONNX or GGUF target.") from None
+            raise QopsError(f"Decoder layer {i} of {type(model).__name__} lacks a module its architecture row names "
+                            f"({e}).", "check the row of this model_type in qops/llm/arch.py.") from None
     return sites
 
 
-def fold(smooth, layers, s) -> None:
-    """Divide ``smooth``'s output channels by ``s`` and multiply ``layers``' input columns by it (exact)."""
+def fold(smooth, layers, s, norm_offset: float = 0.0) -> None:
+    """Divide ``smooth``'s output channels by ``s`` and multiply ``layers``' input columns by it (exact). An RMSNorm
+    computing ``x * (offset + w)`` (Gemma: 1) gets ``w' = (offset + w) / s - offset``."""
     torch = _torch()
     with torch.no_grad():
         if isinstance(smooth, torch.nn.Linear):
             smooth.weight.div_(s[:, None])
             if smooth.bias is not None:
                 smooth.bias.div_(s)
-        else:  # RMSNorm (Gemma's adds 1 to its weight: fold into the effective scale)
-            offset = 1.0 if "Gemma" in type(smooth).__name__ else 0.0
-            smooth.weight.copy_((smooth.weight + offset) / s - offset)
+        else:
+            smooth.weight.copy_((smooth.weight + norm_offset) / s - norm_offset)
         for lin in layers:
             lin.weight.mul_(s[None, :])
 
@@ -100,7 +103,7 @@ def observe(model, sites, stat, windows) -> None:
 def smoothquant(model, windows, alpha: float = 0.5) -> dict:
     """SmoothQuant on the norm → linear sites (per-channel activation maxima over the calibration windows)."""
     torch = _torch()
-    sites = [s for s in smoothing_sites(model) if "layernorm" in s[0]]
+    sites = [s for s in smoothing_sites(model) if not isinstance(s[1], _torch().nn.Linear)]  # the norm sites
     amax: dict[str, object] = {}
 
     def stat(name, x):
@@ -112,7 +115,7 @@ def smoothquant(model, windows, alpha: float = 0.5) -> dict:
     for name, smooth, layers in sites:
         wmax = torch.stack([lin.weight.detach().abs().amax(0) for lin in layers]).amax(0).float()
         s = (amax[name].clamp(min=1e-5) ** alpha / wmax.clamp(min=1e-5) ** (1 - alpha)).clamp(min=1e-5)
-        fold(smooth, layers, s)
+        fold(smooth, layers, s, arch_of_model(model).norm_offset)
         ratios.append(float((amax[name].max() / amax[name].median().clamp(min=1e-8))))
     return {"alpha": alpha, "sites": len(sites), "activation_max_over_median_before": round(float(np.median(ratios)), 1)}
 
@@ -180,7 +183,7 @@ def awq(model, windows, bits: int, group: int) -> dict:
                 if best_err is None or err < best_err:
                     best, best_err = (a, s), err
             chosen[name] = best[0]
-            fold(smooth, layers, best[1])
+            fold(smooth, layers, best[1], arch_of_model(model).norm_offset)
     return {"sites": len(sites), "tokens_per_site": min(AWQ_TOKENS, max(seen.values()) if seen else 0),
             "alpha_median": float(np.median(list(chosen.values()))) if chosen else None}
 
