@@ -120,13 +120,19 @@ def smoothquant(model, windows, alpha: float = 0.5) -> dict:
     return {"alpha": alpha, "sites": len(sites), "activation_max_over_median_before": round(float(np.median(ratios)), 1)}
 
 
-def qparams(w, bits: int, group: int | None):
-    """Symmetric scales as compressed-tensors computes them (absmax / ((2^bits - 1) / 2)), per group of ``group``
-    input columns or per output row; and the integer range."""
+def qparams(w, bits: int, group: int | None, grid: str = "ct"):
+    """Symmetric scales per group of ``group`` input columns (or per output row), and the integer range.
+    ``grid="ct"``: as compressed-tensors computes them, absmax / ((2^bits - 1) / 2). ``grid="ort"``: as ONNX
+    Runtime's MatMulNBits quantizer (MLAS) does, the group's largest-magnitude value / -2^(bits-1) (a signed scale:
+    that value lands on the code -8), so ONNX Runtime's round-to-nearest re-derives exactly these scales and integers
+    from weights already on this grid."""
     torch = _torch()
     qmax, qmin = 2 ** (bits - 1) - 1, -(2 ** (bits - 1))
     g = w.reshape(w.shape[0], -1, group) if group else w[:, None, :]
-    scale = g.abs().amax(-1) / ((qmax - qmin) / 2)
+    if grid == "ort":
+        scale = torch.gather(g, -1, g.abs().argmax(-1, keepdim=True))[..., 0] / qmin
+    else:
+        scale = g.abs().amax(-1) / ((qmax - qmin) / 2)
     return torch.where(scale == 0, torch.ones_like(scale), scale), qmin, qmax
 
 
@@ -188,7 +194,7 @@ def awq(model, windows, bits: int, group: int) -> dict:
             "alpha_median": float(np.median(list(chosen.values()))) if chosen else None}
 
 
-def gptq_weight(w, hessian, bits: int, group: int | None, block: int = 128, damp: float = 0.01):
+def gptq_weight(w, hessian, bits: int, group: int | None, block: int = 128, damp: float = 0.01, grid: str = "ct"):
     """GPTQ of one weight ``w`` ([out, in]) against ``hessian`` ([in, in]): the dequantized weight and scales."""
     torch = _torch()
     w = w.clone().double()
@@ -202,7 +208,7 @@ def gptq_weight(w, hessian, bits: int, group: int | None, block: int = 128, damp
     q = torch.zeros_like(w)
     qmax, qmin = 2 ** (bits - 1) - 1, -(2 ** (bits - 1))
     if group is None:
-        scales, _, _ = qparams(w, bits, None)
+        scales, _, _ = qparams(w, bits, None, grid)
         scales = scales.double()
     else:
         scales = torch.zeros(w.shape[0], cols // group, dtype=w.dtype)
@@ -213,7 +219,7 @@ def gptq_weight(w, hessian, bits: int, group: int | None, block: int = 128, damp
             col = i1 + i
             if group is not None and col % group == 0:  # the group's scale from its current (updated) weights
                 g = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :group]
-                scales[:, col // group] = qparams(g, bits, None)[0][:, 0]
+                scales[:, col // group] = qparams(g, bits, None, grid)[0][:, 0]
             s = scales[:, col // group] if group is not None else scales[:, 0]
             qc = torch.clamp(torch.round(w1[:, i] / s), qmin, qmax) * s
             q[:, col] = qc
@@ -260,7 +266,7 @@ def _run_layer(layer, h, extra: tuple[tuple, dict]):
     return o[0] if isinstance(o, tuple) else o
 
 
-def gptq(model, windows, bits: int, group: int | None, skip=("lm_head",), progress=None) -> dict:
+def gptq(model, windows, bits: int, group: int | None, skip=("lm_head",), progress=None, grid: str = "ct") -> dict:
     """Sequential GPTQ over the decoder layers, one layer at a time: each layer's calibration inputs are the
     previous (already quantized) layer's outputs, carried forward, so the windows pass through each layer twice
     (Hessians, then the quantized outputs) instead of through the whole model once per layer. Sets each Linear's
@@ -291,7 +297,7 @@ def gptq(model, windows, bits: int, group: int | None, skip=("lm_head",), progre
                 h.remove()
         with torch.no_grad():
             for n, m in linears:
-                wq, scales = gptq_weight(m.weight.detach(), hs[n] / max(count[n], 1), bits, group)
+                wq, scales = gptq_weight(m.weight.detach(), hs[n] / max(count[n], 1), bits, group, grid=grid)
                 m.weight.copy_(wq)
                 out[n] = scales
         with torch.inference_mode():  # the quantized layer's outputs are the next layer's inputs
