@@ -11,7 +11,7 @@ HIGHER_IS_BETTER = {"accuracy": True, "f1": True, "roc_auc": True, "mae": False,
                     "agreement": True, "cosine": True, "kl": False, "neighbor_agreement": True,
                     "embedding_cosine": True,
                     # decoder LLMs (qops.llm.evaluate)
-                    "perplexity": False, "perplexity_increase": False, "kl_divergence": False}
+                    "perplexity": False, "perplexity_increase": False, "kl_divergence": False, "kl_p99": False}
 FAIRNESS_METRICS = ("demographic_parity_difference", "equalized_odds_difference", "metric_gap")
 
 

@@ -10,6 +10,7 @@ Each returns a :class:`~qops.quantize.result.QuantizeResult` built the same way 
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from qops.llm.bnb import quantize_bnb_llm
 from qops.llm.ct import quantize_ct_llm
 from qops.llm.data import WindowReader
 from qops.llm.gguf import F32_NAME, quantize_gguf_llm
-from qops.llm.quantize import quantize_onnx_llm, quantize_torch_llm
+from qops.llm.quantize import gptq_checkpoint, quantize_onnx_llm, quantize_torch_llm
 from qops.llm.source import LlmInfo, export_onnx
 from qops.quantize.result import QuantizeResult
 
@@ -88,10 +89,27 @@ class OrtGenaiEngine(LlmEngine):
         return inputs.hf_dir if inputs.reference_is_checkpoint else Path(inputs.onnx_export()["path"])
 
     def write(self, recipe, output: Path, inputs: LlmInputs) -> dict:
+        if recipe.algorithm == "gptq" and recipe.precision == "int4":
+            return self.write_gptq(recipe, output, inputs)
         src = inputs.onnx_export()["path"]
         reader = WindowReader(inputs.windows, inputs.info) if inputs.windows is not None else None
         with atomic_dir(output) as tmp:  # the folder (model.onnx and the GenAI files) appears whole or not at all
             return quantize_onnx_llm(src, recipe, self.model_file(tmp), reader)
+
+    def write_gptq(self, recipe, output: Path, inputs: LlmInputs) -> dict:
+        """INT4 GPTQ: qops' sequential GPTQ on the checkpoint (on ONNX Runtime's grid), exported, then written by
+        ONNX Runtime's round-to-nearest, which reproduces GPTQ's integers; the intermediate folders are removed."""
+        work = inputs.work_dir / "gptq" / recipe.target
+        try:
+            ck = gptq_checkpoint(inputs.hf_dir, inputs.windows, recipe.block_size, work / "hf")
+            ex = export_onnx(ck["hf_dir"], work / "onnx")
+            rtn = recipe.with_options(algorithm="rtn", block_size=ck["group"])
+            with atomic_dir(output) as tmp:
+                technique = quantize_onnx_llm(ex["path"], rtn, self.model_file(tmp), None, on_grid=True)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return {**technique, "algorithm": "gptq", "block_size": ck["group"], "calibration_windows": ck["windows"],
+                "gptq": ck}
 
     def notes(self, recipe, technique: dict) -> list[str]:
         out = super().notes(recipe, technique)

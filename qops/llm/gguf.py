@@ -18,7 +18,6 @@ torch, transformers and llama_cpp are imported inside the functions.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import subprocess
@@ -30,6 +29,7 @@ import numpy as np
 
 from qops.artifacts import atomic_path
 from qops.errors import QopsError
+from qops.llm.arch import arch_for
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +92,8 @@ def tensor_names(hf_dir: str | os.PathLike, layers: int):
 
 
 def gguf_architecture(hf_dir: Path) -> str:
-    model_type = json.loads((hf_dir / "config.json").read_text()).get("model_type", "llama")
-    return {"mistral": "llama"}.get(model_type, model_type)
+    """llama.cpp's architecture name for the checkpoint (the architecture table's row)."""
+    return arch_for(hf_dir).gguf_arch
 
 
 def importance_matrix(hf_dir: str | os.PathLike, windows, layers: int, progress=None) -> dict:

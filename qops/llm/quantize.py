@@ -24,8 +24,11 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 from qops.artifacts import atomic_dir, atomic_path, sha256_file, write_json_atomic
 from qops.errors import QopsError
+from qops.llm.torch_quant import gptq, group_size_for
 from qops.llm.torch_target import load_torch_target, require_cuda
 from qops.quantize.awq import apply_awq
 from qops.quantize.smoothquant import smooth
@@ -41,9 +44,9 @@ def _matmul_weights(model) -> dict[str, tuple]:
 
 
 def _check_blocks(model, recipe, skip: set[str]) -> None:
-    """ONNX Runtime 1.31's GPTQ and k-quant (Intel Neural Compressor code) pack zero points two per byte per
-    column and fail on an odd number of blocks; say so before a cryptic reshape error."""
-    if recipe.algorithm not in ("gptq", "k_quant"):
+    """ONNX Runtime 1.31's k-quant (Intel Neural Compressor code) packs zero points two per byte per column and
+    fails on an odd number of blocks; say so before a cryptic reshape error."""
+    if recipe.algorithm != "k_quant":
         return
     bad = {n: k for n, (k, _) in _matmul_weights(model).items() if n not in skip and -(-k // recipe.block_size) % 2}
     if bad:
@@ -80,8 +83,10 @@ def _op_counts(model) -> dict:
     return out
 
 
-def quantize_onnx_llm(src: str | os.PathLike, recipe, out_path: str | os.PathLike, reader=None) -> dict:
-    """Quantize the exported decoder ``src`` for an ONNX ``int4`` or ``nf4`` recipe into ``out_path``."""
+def quantize_onnx_llm(src: str | os.PathLike, recipe, out_path: str | os.PathLike, reader=None,
+                      on_grid: bool = False) -> dict:
+    """Quantize the exported decoder ``src`` for an ONNX ``int4`` or ``nf4`` recipe into ``out_path``.
+    ``on_grid``: ``src``'s weights already lie on a 4-bit grid (GPTQ's output): its codes are written exactly."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
@@ -138,6 +143,8 @@ def quantize_onnx_llm(src: str | os.PathLike, recipe, out_path: str | os.PathLik
                  recipe.accuracy_level, recipe.target,
                  f" on {len(reader)} calibration windows" if recipe.algorithm == "gptq" else "")
         model = _nbits_pass(model, recipe, 4, algo, exclude=body_exclude)
+        if on_grid:
+            write_grid_blobs(model, onnx.load(str(src)))
         method = {"algorithm": recipe.algorithm, "block_size": recipe.block_size,
                   "accuracy_level": recipe.accuracy_level, "symmetric": recipe.symmetric_weights}
         if recipe.algorithm in ("gptq", "awq"):
@@ -236,6 +243,77 @@ def copy_genai_files(src, out: Path) -> None:
               "generation_config.json"):
         if (Path(src).parent / f).is_file():
             shutil.copy2(Path(src).parent / f, out.parent / f)
+
+
+def gptq_checkpoint(hf_dir: str | os.PathLike, windows, block_size: int, out_dir: str | os.PathLike) -> dict:
+    """qops' sequential GPTQ (:func:`qops.llm.torch_quant.gptq`) on the checkpoint, on ONNX Runtime's signed-scale
+    grid, saved as a checkpoint whose weights lie exactly on that grid: exported to ONNX, ONNX Runtime's
+    round-to-nearest then re-derives GPTQ's own scales and integers (instead of ONNX Runtime's GPTQ, which takes
+    about half an hour on a 135 M model here). lm_head is left to the recipe's lm_head setting."""
+    import time
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, local_files_only=True).eval()
+    group = group_size_for(model, block_size)
+    gptq(model, windows, 4, group, grid="ort")
+    out = Path(out_dir)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        for f in Path(hf_dir).iterdir():  # tokenizer, chat template: everything the weights and config are not
+            if f.is_file() and not (tmp / f.name).exists() and f.suffix not in (".safetensors", ".bin"):
+                shutil.copy2(f, tmp / f.name)
+    return {"hf_dir": str(out), "group": group, "windows": len(windows), "seconds": round(time.perf_counter() - t0, 1),
+            "implementation": "qops PyTorch GPTQ (sequential, layer inputs carried forward, damp 0.01), on ONNX "
+            "Runtime's signed-scale grid; integers written by ONNX Runtime's RTN, which reproduces them exactly"}
+
+
+def grid_codes(w, block: int) -> tuple:
+    """4-bit codes and one scale per block of ``block`` input rows for weights ``w`` ([N, K]) that already lie on a
+    symmetric 4-bit grid (GPTQ's dequantized output): per block, the scale is the block's largest-magnitude value
+    divided by the code it holds (-8, -7, 7, ... tried in that order) — exact where round-to-nearest's absmax/8 is
+    not (a block whose largest value was rounded to -7 after GPTQ's error feedback). Returns (codes + 8 as uint8
+    [N, blocks, block], scales [N, blocks])."""
+    n, k = w.shape
+    g = np.pad(w, ((0, 0), (0, -k % block))).reshape(n, -1, block).astype(np.float64)
+    vmax = np.take_along_axis(g, np.abs(g).argmax(-1)[..., None], -1)[..., 0]
+    scales = np.zeros(vmax.shape)
+    for c in (-8, -7, 7, -6, 6, -5, 5, -4, 4, -3, 3, -2, 2, -1, 1):
+        s = np.where(vmax != 0, vmax / c, 1.0)
+        r = g / s[..., None]
+        ok = (np.abs(r - np.round(r)) < 1e-3).all(-1) & (np.round(r) >= -8).all(-1) & (np.round(r) <= 7).all(-1)
+        scales = np.where((scales == 0) & ok, s, scales)
+    if (scales == 0).any():
+        raise QopsError("GPTQ's weights are not on a symmetric 4-bit grid (an internal error).",
+                        "report it with the model; use llm_int4_rtn meanwhile.")
+    codes = np.clip(np.round(g / scales[..., None]), -8, 7) + 8
+    return codes.astype(np.uint8), scales.astype(np.float32)
+
+
+def write_grid_blobs(model, fp32_model) -> int:
+    """Overwrite the blobs and scales of each 4-bit ``MatMulNBits`` of ``model`` (written by round-to-nearest from
+    ``fp32_model``'s on-grid weights) with the grid's exact codes and scales; returns the number of nodes."""
+    from onnx import numpy_helper
+
+    weights = {i.name: i for i in fp32_model.graph.initializer}
+    inits = {i.name: i for i in model.graph.initializer}
+    done = 0
+    for node in model.graph.node:
+        attrs = {a.name: a.i for a in node.attribute}
+        if node.op_type != "MatMulNBits" or attrs.get("bits") != 4 or len(node.input) > 3:
+            continue
+        source = weights.get(node.input[1][: -len("_Q4")] if node.input[1].endswith("_Q4") else None)
+        if source is None:
+            continue
+        codes, scales = grid_codes(numpy_helper.to_array(source).T, attrs["block_size"])
+        packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+        blob, sc = inits[node.input[1]], inits[node.input[2]]
+        blob.CopyFrom(numpy_helper.from_array(packed.reshape(numpy_helper.to_array(blob).shape), blob.name))
+        sc.CopyFrom(numpy_helper.from_array(scales.reshape(numpy_helper.to_array(sc).shape), sc.name))
+        done += 1
+    return done
 
 
 # ---- GPU targets (PyTorch + torchao) -------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import logging
 import numpy as np
 
 from qops.errors import QopsError
+from qops.llm.arch import arch_of_model
 
 log = logging.getLogger(__name__)
 
@@ -52,36 +53,38 @@ def decoder_layers(model):
 
 
 def smoothing_sites(model) -> list[tuple[str, object, list]]:
-    """(name, the module whose output feeds the layers, [the layers]) per site of every decoder layer."""
+    """(name, the module whose output feeds the layers, [the layers]) per site of every decoder layer, where the
+    architecture table (:mod:`qops.llm.arch`) places them."""
+    arch = arch_of_model(model)
     sites = []
     for i, layer in enumerate(decoder_layers(model)):
         att, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
         try:
-            sites.append((f"layers.{i}.input_layernorm", layer.input_layernorm,
-                          [att.q_proj, att.k_proj, att.v_proj]))
-            sites.append((f"layers.{i}.post_attention_layernorm", layer.post_attention_layernorm,
-                          [mlp.gate_proj, mlp.up_proj]))
-            sites.append((f"layers.{i}.mlp.up_proj", mlp.up_proj, [mlp.down_proj]))
-            if att.v_proj.out_features == att.o_proj.in_features:  # no GQA: V's rows map to O's columns
+            sites.append((f"layers.{i}.{arch.attn_norm}", getattr(layer, arch.attn_norm),
+                          [getattr(att, n) for n in arch.attn_inputs]))
+            sites.append((f"layers.{i}.{arch.mlp_norm}", getattr(layer, arch.mlp_norm),
+                          [getattr(mlp, n) for n in arch.mlp_inputs]))
+            if arch.up_site:
+                sites.append((f"layers.{i}.mlp.up_proj", mlp.up_proj, [mlp.down_proj]))
+            if arch.v_site and att.v_proj.out_features == att.o_proj.in_features:  # no GQA: V's rows map to O's
                 sites.append((f"layers.{i}.self_attn.v_proj", att.v_proj, [att.o_proj]))
         except AttributeError as e:
-            raise QopsError(f"Decoder layer {i} of {type(model).__name__} lacks a Llama-family module ({e}).",
-                            "AWQ and SmoothQuant fold scales into Llama-family layers (input_layernorm, q/k/v_proj, "
-                            "post_attention_layernorm, gate/up/down_proj); use an ONNX or GGUF target.") from None
+            raise QopsError(f"Decoder layer {i} of {type(model).__name__} lacks a module its architecture row names "
+                            f"({e}).", "check the row of this model_type in qops/llm/arch.py.") from None
     return sites
 
 
-def fold(smooth, layers, s) -> None:
-    """Divide ``smooth``'s output channels by ``s`` and multiply ``layers``' input columns by it (exact)."""
+def fold(smooth, layers, s, norm_offset: float = 0.0) -> None:
+    """Divide ``smooth``'s output channels by ``s`` and multiply ``layers``' input columns by it (exact). An RMSNorm
+    computing ``x * (offset + w)`` (Gemma: 1) gets ``w' = (offset + w) / s - offset``."""
     torch = _torch()
     with torch.no_grad():
         if isinstance(smooth, torch.nn.Linear):
             smooth.weight.div_(s[:, None])
             if smooth.bias is not None:
                 smooth.bias.div_(s)
-        else:  # RMSNorm (Gemma's adds 1 to its weight: fold into the effective scale)
-            offset = 1.0 if "Gemma" in type(smooth).__name__ else 0.0
-            smooth.weight.copy_((smooth.weight + offset) / s - offset)
+        else:
+            smooth.weight.copy_((smooth.weight + norm_offset) / s - norm_offset)
         for lin in layers:
             lin.weight.mul_(s[None, :])
 
@@ -100,7 +103,7 @@ def observe(model, sites, stat, windows) -> None:
 def smoothquant(model, windows, alpha: float = 0.5) -> dict:
     """SmoothQuant on the norm → linear sites (per-channel activation maxima over the calibration windows)."""
     torch = _torch()
-    sites = [s for s in smoothing_sites(model) if "layernorm" in s[0]]
+    sites = [s for s in smoothing_sites(model) if not isinstance(s[1], _torch().nn.Linear)]  # the norm sites
     amax: dict[str, object] = {}
 
     def stat(name, x):
@@ -112,18 +115,24 @@ def smoothquant(model, windows, alpha: float = 0.5) -> dict:
     for name, smooth, layers in sites:
         wmax = torch.stack([lin.weight.detach().abs().amax(0) for lin in layers]).amax(0).float()
         s = (amax[name].clamp(min=1e-5) ** alpha / wmax.clamp(min=1e-5) ** (1 - alpha)).clamp(min=1e-5)
-        fold(smooth, layers, s)
+        fold(smooth, layers, s, arch_of_model(model).norm_offset)
         ratios.append(float((amax[name].max() / amax[name].median().clamp(min=1e-8))))
     return {"alpha": alpha, "sites": len(sites), "activation_max_over_median_before": round(float(np.median(ratios)), 1)}
 
 
-def qparams(w, bits: int, group: int | None):
-    """Symmetric scales as compressed-tensors computes them (absmax / ((2^bits - 1) / 2)), per group of ``group``
-    input columns or per output row; and the integer range."""
+def qparams(w, bits: int, group: int | None, grid: str = "ct"):
+    """Symmetric scales per group of ``group`` input columns (or per output row), and the integer range.
+    ``grid="ct"``: as compressed-tensors computes them, absmax / ((2^bits - 1) / 2). ``grid="ort"``: as ONNX
+    Runtime's MatMulNBits quantizer (MLAS) does, the group's largest-magnitude value / -2^(bits-1) (a signed scale:
+    that value lands on the code -8), so ONNX Runtime's round-to-nearest re-derives exactly these scales and integers
+    from weights already on this grid."""
     torch = _torch()
     qmax, qmin = 2 ** (bits - 1) - 1, -(2 ** (bits - 1))
     g = w.reshape(w.shape[0], -1, group) if group else w[:, None, :]
-    scale = g.abs().amax(-1) / ((qmax - qmin) / 2)
+    if grid == "ort":
+        scale = torch.gather(g, -1, g.abs().argmax(-1, keepdim=True))[..., 0] / qmin
+    else:
+        scale = g.abs().amax(-1) / ((qmax - qmin) / 2)
     return torch.where(scale == 0, torch.ones_like(scale), scale), qmin, qmax
 
 
@@ -180,12 +189,12 @@ def awq(model, windows, bits: int, group: int) -> dict:
                 if best_err is None or err < best_err:
                     best, best_err = (a, s), err
             chosen[name] = best[0]
-            fold(smooth, layers, best[1])
+            fold(smooth, layers, best[1], arch_of_model(model).norm_offset)
     return {"sites": len(sites), "tokens_per_site": min(AWQ_TOKENS, max(seen.values()) if seen else 0),
             "alpha_median": float(np.median(list(chosen.values()))) if chosen else None}
 
 
-def gptq_weight(w, hessian, bits: int, group: int | None, block: int = 128, damp: float = 0.01):
+def gptq_weight(w, hessian, bits: int, group: int | None, block: int = 128, damp: float = 0.01, grid: str = "ct"):
     """GPTQ of one weight ``w`` ([out, in]) against ``hessian`` ([in, in]): the dequantized weight and scales."""
     torch = _torch()
     w = w.clone().double()
@@ -199,7 +208,7 @@ def gptq_weight(w, hessian, bits: int, group: int | None, block: int = 128, damp
     q = torch.zeros_like(w)
     qmax, qmin = 2 ** (bits - 1) - 1, -(2 ** (bits - 1))
     if group is None:
-        scales, _, _ = qparams(w, bits, None)
+        scales, _, _ = qparams(w, bits, None, grid)
         scales = scales.double()
     else:
         scales = torch.zeros(w.shape[0], cols // group, dtype=w.dtype)
@@ -210,7 +219,7 @@ def gptq_weight(w, hessian, bits: int, group: int | None, block: int = 128, damp
             col = i1 + i
             if group is not None and col % group == 0:  # the group's scale from its current (updated) weights
                 g = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :group]
-                scales[:, col // group] = qparams(g, bits, None)[0][:, 0]
+                scales[:, col // group] = qparams(g, bits, None, grid)[0][:, 0]
             s = scales[:, col // group] if group is not None else scales[:, 0]
             qc = torch.clamp(torch.round(w1[:, i] / s), qmin, qmax) * s
             q[:, col] = qc
@@ -257,7 +266,7 @@ def _run_layer(layer, h, extra: tuple[tuple, dict]):
     return o[0] if isinstance(o, tuple) else o
 
 
-def gptq(model, windows, bits: int, group: int | None, skip=("lm_head",), progress=None) -> dict:
+def gptq(model, windows, bits: int, group: int | None, skip=("lm_head",), progress=None, grid: str = "ct") -> dict:
     """Sequential GPTQ over the decoder layers, one layer at a time: each layer's calibration inputs are the
     previous (already quantized) layer's outputs, carried forward, so the windows pass through each layer twice
     (Hessians, then the quantized outputs) instead of through the whole model once per layer. Sets each Linear's
@@ -288,7 +297,7 @@ def gptq(model, windows, bits: int, group: int | None, skip=("lm_head",), progre
                 h.remove()
         with torch.no_grad():
             for n, m in linears:
-                wq, scales = gptq_weight(m.weight.detach(), hs[n] / max(count[n], 1), bits, group)
+                wq, scales = gptq_weight(m.weight.detach(), hs[n] / max(count[n], 1), bits, group, grid=grid)
                 m.weight.copy_(wq)
                 out[n] = scales
         with torch.inference_mode():  # the quantized layer's outputs are the next layer's inputs

@@ -12,6 +12,7 @@ import pandas as pd
 from qops.artifacts import read_json, to_jsonable, write_json_atomic
 from qops.engines import LlmInputs, engine_for, engine_of_result
 from qops.errors import QopsError
+from qops.llm.arch import arch_for
 from qops.llm.data import Window, WindowReader, kind_for
 from qops.llm.evaluate import evaluate_llm
 from qops.llm.qlora import run_qlora
@@ -25,6 +26,11 @@ def info(source: dict) -> LlmInfo:
     return LlmInfo(**source["info"])
 
 
+def needs_onnx(spec) -> bool:
+    """Whether a target of the spec quantizes the FP32 ONNX export (the ONNX Runtime GenAI engine)."""
+    return any(engine_for(spec.recipe(t)).name == "ort_genai" for t in spec.targets)
+
+
 def kind(spec, source: dict):
     return kind_for(spec.data, source["hf_dir"], info(source))
 
@@ -33,31 +39,49 @@ class CausalLmModality:
     name = "causal_lm"
 
     def source(self, spec, layout: RunLayout, uri: str) -> dict:
+        """The checkpoint folder (a GGUF dequantized into one), its architecture row, and the FP32 ONNX export,
+        made only when an ONNX Runtime target needs it (GGUF, compressed-tensors and bitsandbytes targets read the
+        folder, and their reference is the PyTorch model itself)."""
         registry_for(spec, uri)
         src = resolve_hf_dir(uri, layout.root)
+        arch = self.check_arch(spec, src["hf_dir"])
         src.update(info=LlmInfo.from_hf(src["hf_dir"]).__dict__, pt2_path=None, path=None,
-                   base_hf_dir=src["hf_dir"])
-        if spec.qlora is None:  # with QLoRA the merged model is exported by the finetune stage
+                   base_hf_dir=src["hf_dir"], arch=arch.model_type)
+        if spec.qlora is None and needs_onnx(spec):  # with QLoRA the merged model is exported by the finetune stage
             ex = export_onnx(src["hf_dir"], layout.root / "fp32")
             src.update(path=ex["path"], export=ex)
         write_json_atomic(layout.source, src)
         return src
 
+    @staticmethod
+    def check_arch(spec, hf_dir):
+        """The architecture's row (an unknown one is refused, naming those qops knows); ONNX targets on an
+        architecture the exporter cannot take are refused before any work."""
+        arch = arch_for(hf_dir)
+        if needs_onnx(spec) and not arch.onnx_export:
+            onnx_targets = [t for t in spec.targets if engine_for(spec.recipe(t)).name == "ort_genai"]
+            raise QopsError(f"Targets {onnx_targets} need the model as ONNX, and {arch.model_type} cannot be "
+                            f"exported: {arch.why_no_export}.", "use GGUF, compressed-tensors or bitsandbytes "
+                            "targets for this model (gguf_*, ct_*, hf_bnb_*).")
+        return arch
+
     def finetune(self, spec, layout: RunLayout) -> dict:
         """QLoRA on the base (NF4, double quantization), adapters merged into a full-precision copy, which then
-        replaces the source for every later stage (exported to ONNX here)."""
+        replaces the source for every later stage (exported to ONNX here when an ONNX target needs it)."""
         src = read_json(layout.source)
         q = spec.qlora
         res = run_qlora(src["base_hf_dir"], q.data or spec.data.reference, q.column or spec.data.causal_lm.column,
                         layout.root / "qlora", q)
-        ex = export_onnx(res["merged_dir"], layout.root / "fp32")
-        src.update(hf_dir=res["merged_dir"], path=ex["path"], export=ex, finetune=res)
+        src.update(hf_dir=res["merged_dir"], finetune=res)
+        if needs_onnx(spec):
+            ex = export_onnx(res["merged_dir"], layout.root / "fp32")
+            src.update(path=ex["path"], export=ex)
         write_json_atomic(layout.source, src)
         return {k: res[k] for k in ("merged_dir", "steps", "final_loss", "resumed_from", "seconds")}
 
     def calibration_kind(self, spec, source: dict):
-        if not source.get("path"):
-            raise QopsError("The source model has not been exported yet: the spec fine-tunes it first (qlora).",
+        if spec.qlora is not None and not source.get("finetune"):
+            raise QopsError("The source model has not been fine-tuned yet: the spec fine-tunes it first (qlora).",
                             "run the finetune stage first (same spec and run id).")
         return kind(spec, source), None
 
