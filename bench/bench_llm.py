@@ -80,14 +80,11 @@ def main() -> int:
 
     import pandas as pd
 
+    from qops.engines import LlmInputs, engine_for
     from qops.evaluate import worker_hardware
     from qops.examples.tiny_llama import TinyLlamaConfig, build, prepare_data
-    from qops.llm.bnb import quantize_bnb_llm
-    from qops.llm.ct import quantize_ct_llm
-    from qops.llm.data import CausalLM, WindowReader
+    from qops.llm.data import CausalLM
     from qops.llm.evaluate import evaluate_llm
-    from qops.llm.gguf import F32_NAME, quantize_gguf_llm
-    from qops.llm.quantize import quantize_onnx_llm
     from qops.llm.source import LlmInfo, export_onnx
     from qops.targets import get_target
 
@@ -124,23 +121,14 @@ def main() -> int:
                 continue
             recipe = get_target(target, opts or None)
             label = target + "".join(f" ({k}={v})" for k, v in opts.items())
-            reader = WindowReader(kind.windows(cal, "calibration", 1), info) if recipe.needs_calibration else None
+            engine = engine_for(recipe)  # the same verb as qops quantize and the pipeline
+            inputs = LlmInputs(hf_dir=Path(folder), info=info, work_dir=work / name, export=ex,
+                               windows=kind.windows(cal, "calibration", 1) if recipe.needs_calibration else None)
             t0 = time.perf_counter()
-            out = work / name / label.replace(" ", "_").replace("(", "").replace(")", "").replace("=", "-") / "model.onnx"
-            ref = ex["path"]
-            if recipe.engine == "bitsandbytes":  # a Transformers folder, compared with the FP32 checkpoint in torch
-                out, ref = out.parent, str(folder)
-                tech = quantize_bnb_llm(folder, recipe, out)
-            elif recipe.engine == "compressed-tensors":  # a checkpoint folder, against FP32 in torch
-                out, ref = out.parent, str(folder)
-                windows = kind.windows(cal, "calibration", 1) if recipe.needs_calibration else None
-                tech = quantize_ct_llm(folder, recipe, out, windows)
-            elif recipe.engine == "llama.cpp":  # GGUF from the checkpoint, compared with the FP32 ONNX model
-                out = out.with_suffix(".gguf")
-                windows = kind.windows(cal, "calibration", 1) if recipe.imatrix else None
-                tech = quantize_gguf_llm(folder, recipe, out, work / name / F32_NAME, info.num_layers, windows)
-            else:
-                tech = quantize_onnx_llm(ex["path"], recipe, out, reader)
+            out = work / name / label.replace(" ", "_").replace("(", "").replace(")", "").replace("=", "-")
+            res = engine.quantize(Path(folder), recipe, out / "model.gguf" if engine.artifact == "file" else out,
+                                  inputs=inputs)
+            out, ref, tech = res.model_path, res.source_path, res.technique
             qs = time.perf_counter() - t0
             ev = evaluate_llm(ref, out, paths["validation"], kind, info, slice_columns=["category"],
                               bootstrap=1000, target=recipe.to_dict(), max_rows=args.rows, speed_rounds=3)

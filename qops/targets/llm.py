@@ -27,7 +27,8 @@ def _llm_rtn() -> Recipe:
 
 @register_target("llm_int4_gptq")
 def _llm_gptq() -> Recipe:
-    return _llm_int4("llm_int4_gptq", "gptq", "GPTQ on calibration windows with the KV-cache inputs")
+    return _llm_int4("llm_int4_gptq", "gptq", "qops' sequential GPTQ on the checkpoint and the calibration windows, "
+                     "codes written exactly")
 
 
 @register_target("llm_int4_awq")
