@@ -528,8 +528,8 @@ def test_gguf_conversion_keeps_the_function_and_the_tokenizer(llm, tmp_path):
 
 
 def test_gguf_targets_run_the_pipeline_serve_in_llama_cpp_and_load_from_the_registry(llm, tmp_path, mlflow_uri):
-    """gguf_q4_k_m (KV cache q8_0) and gguf_q8_0 through the pipeline: evaluated by llama.cpp against the FP32 ONNX
-    model, carded, registered as a pyfunc whose code loads the GGUF with llama.cpp, served in a fresh process
+    """gguf_q4_k_m (KV cache q8_0) and gguf_q8_0 through the pipeline: evaluated by llama.cpp against the FP32
+    PyTorch checkpoint (no ONNX target, so no ONNX export), carded, registered as a pyfunc whose code loads the GGUF with llama.cpp, served in a fresh process
     before the aliases move; `mlflow.pyfunc.load_model("models:/...@champion").predict` generates."""
     import mlflow
     from mlflow import MlflowClient
@@ -546,7 +546,9 @@ def test_gguf_targets_run_the_pipeline_serve_in_llama_cpp_and_load_from_the_regi
         assert row["gate"] == "passed" and row["mlflow"]["registered"] and "champion" in row["mlflow"]["aliases"], row
         q = json.loads((run / "targets" / target / "quantize.json").read_text())
         ev = json.loads((run / "targets" / target / "evaluation.json").read_text())
-        assert q["engine"] == "llama.cpp" and q["model_path"].endswith(".gguf") and q["source_path"].endswith(".onnx")
+        # no ONNX target in this spec: no ONNX export, and the FP32 reference is the PyTorch checkpoint itself
+        assert q["engine"] == "llama.cpp" and q["model_path"].endswith(".gguf") and q["source_path"] == str(llm["hf"])
+        assert not (run / "fp32").exists()
         assert ev["performance"]["latency_method"].count("llama.cpp") == 1
         assert ev["performance"]["peak_memory_bytes"]["quantized"] > 0
         mv = MlflowClient().get_model_version(row["mlflow"]["name"], row["mlflow"]["version"])
