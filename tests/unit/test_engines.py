@@ -192,6 +192,13 @@ def test_cli_runs_hqq_for_llm_int4_hqq_into_a_genai_folder(decoder, tmp_path):
     assert res["engine_name"] == "ort_genai" and res["technique"]["algorithm"] == "hqq"
     assert (out / "model.onnx").is_file() and (out / "genai_config.json").is_file()
     assert res["technique"]["ops"].get("MatMulNBits", 0) >= 7  # q/k/v/o/gate/up/down of each layer
+    # tied embeddings: the table gets its own 4-bit GatherBlockQuantized; no FP32 copy stays for a Transpose
+    assert res["technique"]["ops"].get("GatherBlockQuantized") == 1 and "its own table" in res["technique"]["embeddings"]
+    import onnx
+
+    m = onnx.load(str(out / "model.onnx"))
+    fp32 = {i.name for i in m.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    assert not fp32 & {"lm_head.MatMul.weight", "model.embed_tokens.weight.untied"}  # only their quantized forms
     assert res["source_path"] == str(decoder / "hf") and 0 < res["size_ratio"] < 0.6
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".qops-")]
 
