@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from qops import __version__
 from qops.metric_names import known_metrics
 
 
@@ -29,6 +30,7 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
     """``commands``: subcommand name -> function(args) -> exit code."""
     p = argparse.ArgumentParser(prog="qops", description="Quantize, gate, document and register models.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--version", action="version", version=f"qops {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def add(name, fn, help_):
