@@ -94,6 +94,18 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
     sp.add_argument("--max-trials", type=int, default=12)
     sp.add_argument("--timeout", type=float, default=900.0, help="tuning budget in seconds")
 
+    sp = add("sensitivity", commands["sensitivity"], "per-layer 4-bit sensitivity of a decoder, written as a tensor-"
+             "override file that llm_int4_* targets take (tensor_overrides): its costliest layers stay 8-bit")
+    sp.add_argument("--model", required=True, help="a Hugging Face causal-LM folder")
+    sp.add_argument("--calibration", required=True, help="parquet/CSV calibration texts (--text-column)")
+    sp.add_argument("--output", required=True, help="the override file to write (JSON)")
+    sp.add_argument("--target", default="llm_int4_rtn", help="the INT4 target whose block size the layers are "
+                    "rounded with (default: llm_int4_rtn)")
+    sp.add_argument("--keep", type=int, default=4, help="layers overridden to 8-bit, costliest first (default: 4)")
+    sp.add_argument("--text-column", default="text", help="the calibration texts' column (default: text)")
+    sp.add_argument("--max-length", type=int, default=128, help="tokens per calibration window (default: 128)")
+    sp.add_argument("--windows", type=int, default=16, help="calibration windows measured (default: 16)")
+
     sp = add("qat", commands["qat"], "quantization-aware training of a .pt2 program for a target, resumable")
     sp.add_argument("--model", required=True, help="the FP32 torch.export program (.pt2)")
     sp.add_argument("--onnx", help="the ONNX model the program was exported to (default: exported here)")

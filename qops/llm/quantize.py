@@ -28,6 +28,7 @@ import numpy as np
 
 from qops.artifacts import atomic_dir, atomic_path, sha256_file, write_json_atomic
 from qops.errors import QopsError
+from qops.llm.sensitivity import override_nodes, read_overrides
 from qops.llm.torch_quant import gptq, group_size_for
 from qops.llm.torch_target import load_torch_target, require_cuda
 from qops.quantize.awq import apply_awq
@@ -107,6 +108,8 @@ def quantize_onnx_llm(src: str | os.PathLike, recipe, out_path: str | os.PathLik
                         "use the source stage's export (onnxruntime-genai builder) as the FP32 model.")
     head = recipe.lm_head
     body_exclude = [] if head == ("nf4" if recipe.precision == "nf4" else "int4") else [LM_HEAD]
+    eight_bit = override_nodes(read_overrides(recipe.tensor_overrides), weights) if recipe.tensor_overrides else []
+    body_exclude += eight_bit
     if recipe.precision == "int8":  # W8A8: SmoothQuant, then dynamic INT8 (activations per tensor at run time)
         return quantize_w8a8_llm(model, src, recipe, out_path, reader)
     if recipe.precision == "nf4":
@@ -153,11 +156,11 @@ def quantize_onnx_llm(src: str | os.PathLike, recipe, out_path: str | os.PathLik
         if awq is not None:
             method["awq"] = {k: awq[k] for k in ("scaled", "activations", "mean_relative_error_rtn",
                                                  "mean_relative_error") if k in awq}
-    if head == "int8":
+    if head == "int8" or eight_bit:
         algo8 = DefaultWeightOnlyQuantConfig(block_size=recipe.block_size, is_symmetric=True,
                                              accuracy_level=recipe.accuracy_level, op_types_to_quantize=("MatMul",),
                                              bits=8)
-        model = _nbits_pass(model, recipe, 8, algo8, include=[LM_HEAD])
+        model = _nbits_pass(model, recipe, 8, algo8, include=[LM_HEAD] * (head == "int8") + eight_bit)
     embeddings = "fp32"
     if "Gather" in recipe.op_types:
         algo_g = DefaultWeightOnlyQuantConfig(block_size=recipe.block_size, is_symmetric=recipe.symmetric_weights,
@@ -172,6 +175,9 @@ def quantize_onnx_llm(src: str | os.PathLike, recipe, out_path: str | os.PathLik
     copy_genai_files(src, out)
     if untied:
         embeddings += f" (its own table: the export tied it to {untied} through a Transpose)"
+    if eight_bit:
+        method["eight_bit_layers"] = sorted(read_overrides(recipe.tensor_overrides)["overrides"])
+        method["eight_bit_nodes"] = len(eight_bit)
     return {**method, "lm_head": head, "embeddings": embeddings, "ops": _op_counts(model)}
 
 

@@ -266,3 +266,34 @@ def test_onnx_gptq_is_qops_gptq_reproduced_exactly_by_onnx_runtimes_integers(dec
         assert np.abs(deq[:, :w.shape[1]] - w).max() <= 1e-6 * np.abs(w).max(), n.name
         checked += 1
     assert checked >= 2 * 4  # q/k/v (fused), o, gate, up, down of 2 layers
+
+
+def test_sensitivity_file_keeps_the_costliest_layers_8_bit(decoder, tmp_path):
+    """`qops sensitivity` measures each layer's KL cost at 4 bits and writes a versioned override file; an INT4
+    target given it keeps those layers' MatMuls 8-bit (mixed INT4/INT8), says so in its notes, and refuses a file of
+    another version (exit 2)."""
+    import onnx
+
+    sens = tmp_path / "sens.json"
+    r = _cli("sensitivity", "--model", decoder / "hf", "--calibration", decoder / "calib.parquet", "--output", sens,
+             "--keep", "1", "--max-length", "32", "--windows", "6", "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(sens.read_text())
+    assert doc["qops_tensor_overrides"] == 1 and set(doc["layers"]) == {"layers.0", "layers.1"}
+    worst = max(doc["layers"], key=lambda k: doc["layers"][k]["kl"])
+    assert doc["overrides"] == {worst: "int8"} and all(v["kl"] > 0 for v in doc["layers"].values())
+    out = tmp_path / "q"
+    r = _cli("quantize", "--model", decoder / "hf", "--target", "llm_int4_rtn", "--output", out, "--option",
+             f"tensor_overrides={sens}", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["technique"]["eight_bit_layers"] == [worst] and any("mixed INT4/INT8" in n for n in res["notes"])
+    bits = {n.name: {a.name: a.i for a in n.attribute}.get("bits") for n in onnx.load(str(out / "model.onnx")).graph.node
+            if n.op_type == "MatMulNBits"}
+    assert {b for name, b in bits.items() if name.startswith(f"/model/{worst}/")} == {8}
+    assert {b for name, b in bits.items() if name.startswith("/model/layers.") and f"/{worst}/" not in name} == {4}
+    doc["qops_tensor_overrides"] = 99
+    sens.write_text(json.dumps(doc))
+    r = _cli("quantize", "--model", decoder / "hf", "--target", "llm_int4_rtn", "--output", tmp_path / "q2",
+             "--option", f"tensor_overrides={sens}")
+    assert r.returncode == 2 and "version-1" in r.stderr
