@@ -6,7 +6,7 @@ Airflow provider through the ``apache_airflow_provider`` entry point.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from qops import __version__  # one version for both import packages (qops/__init__.py)
 
 
 def get_provider_info() -> dict:

@@ -23,26 +23,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-
-_SQRT2 = math.sqrt(2.0)
+from statistics import NormalDist
 
 
 def norm_cdf(x: float) -> float:
-    return 0.5 * math.erfc(-x / _SQRT2)
+    return NormalDist().cdf(x)
 
 
 def norm_ppf(p: float) -> float:
-    """Inverse of the standard normal CDF (bisection on erfc: exact enough and dependency-free)."""
+    """Inverse of the standard normal CDF (``statistics.NormalDist``)."""
     if not 0.0 < p < 1.0:
         raise ValueError(f"probability {p} outside (0, 1)")
-    lo, hi = -40.0, 40.0
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        if norm_cdf(mid) < p:
-            lo = mid
-        else:
-            hi = mid
-    return (lo + hi) / 2
+    return NormalDist().inv_cdf(p)
 
 
 # --- paired binary outcomes: Tango's score statistic -------------------------------------------------

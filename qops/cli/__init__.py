@@ -101,6 +101,31 @@ def cmd_quantize(args) -> int:
     return 3 if res.passed is False else 0
 
 
+def cmd_sensitivity(args) -> int:
+    from qops.data.tables import read_table
+    from qops.llm.data import causal_lm_kind
+    from qops.llm.sensitivity import layer_sensitivity, write_overrides
+    from qops.llm.source import LlmInfo, check_hf_dir
+    from qops.quantize.api import resolve_recipe
+    from qops.spec.data import CausalLMSpec
+
+    recipe = resolve_recipe(args.target)
+    if recipe.model_kind != "causal_lm" or recipe.precision != "int4" or args.keep < 0:
+        raise QopsError(f"qops sensitivity ranks layers for an INT4 decoder target, not {args.target!r} "
+                        f"(keep {args.keep}).", "pass --target llm_int4_rtn (or another llm_int4_*) and --keep >= 0.")
+    hf = check_hf_dir(args.model)
+    c = CausalLMSpec(column=args.text_column, seq_len=args.max_length, stride=min(64, args.max_length))
+    windows = causal_lm_kind(c, str(hf), LlmInfo.from_hf(hf)).windows(read_table(args.calibration, "calibration set"),
+                                                                      "calibration set", 1)[: args.windows]
+    doc = layer_sensitivity(hf, windows, recipe.block_size, keep=args.keep)
+    path = write_overrides(doc, args.output)
+    top = sorted(doc["layers"].items(), key=lambda kv: kv[1]["rank"])[:5]
+    emit(args, {**doc, "path": str(path)}, f"{path}: {len(doc['layers'])} layers in {doc['seconds']} s; costliest: "
+         + ", ".join(f"{k} (KL {v['kl']:.4f})" for k, v in top) + f"; 8-bit: {', '.join(doc['overrides']) or 'none'}"
+         + f"\n  use: --option tensor_overrides={path}")
+    return 0
+
+
 def cmd_qat(args) -> int:
     from qops.qat.job import qat_files
 
@@ -277,7 +302,7 @@ def cmd_train_example(args) -> int:
     return 0
 
 
-COMMANDS = {"targets": cmd_targets, "calibrate": cmd_calibrate, "quantize": cmd_quantize, "qat": cmd_qat, "evaluate": cmd_evaluate, "gate": cmd_gate, "card": cmd_card, "register": cmd_register, "stage": cmd_stage, "promote": cmd_promote, "webhook": cmd_webhook, "run": cmd_run, "summary": cmd_summary, "train-example": cmd_train_example}
+COMMANDS = {"targets": cmd_targets, "calibrate": cmd_calibrate, "quantize": cmd_quantize, "sensitivity": cmd_sensitivity, "qat": cmd_qat, "evaluate": cmd_evaluate, "gate": cmd_gate, "card": cmd_card, "register": cmd_register, "stage": cmd_stage, "promote": cmd_promote, "webhook": cmd_webhook, "run": cmd_run, "summary": cmd_summary, "train-example": cmd_train_example}
 
 
 def _terminate(signum, frame):  # noqa: ARG001 - signal handler signature

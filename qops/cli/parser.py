@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from qops import __version__
 from qops.metric_names import known_metrics
 
 
@@ -29,6 +30,7 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
     """``commands``: subcommand name -> function(args) -> exit code."""
     p = argparse.ArgumentParser(prog="qops", description="Quantize, gate, document and register models.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--version", action="version", version=f"qops {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def add(name, fn, help_):
@@ -91,6 +93,18 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
     _kind_args(sp)
     sp.add_argument("--max-trials", type=int, default=12)
     sp.add_argument("--timeout", type=float, default=900.0, help="tuning budget in seconds")
+
+    sp = add("sensitivity", commands["sensitivity"], "per-layer 4-bit sensitivity of a decoder, written as a tensor-"
+             "override file that llm_int4_* targets take (tensor_overrides): its costliest layers stay 8-bit")
+    sp.add_argument("--model", required=True, help="a Hugging Face causal-LM folder")
+    sp.add_argument("--calibration", required=True, help="parquet/CSV calibration texts (--text-column)")
+    sp.add_argument("--output", required=True, help="the override file to write (JSON)")
+    sp.add_argument("--target", default="llm_int4_rtn", help="the INT4 target whose block size the layers are "
+                    "rounded with (default: llm_int4_rtn)")
+    sp.add_argument("--keep", type=int, default=4, help="layers overridden to 8-bit, costliest first (default: 4)")
+    sp.add_argument("--text-column", default="text", help="the calibration texts' column (default: text)")
+    sp.add_argument("--max-length", type=int, default=128, help="tokens per calibration window (default: 128)")
+    sp.add_argument("--windows", type=int, default=16, help="calibration windows measured (default: 16)")
 
     sp = add("qat", commands["qat"], "quantization-aware training of a .pt2 program for a target, resumable")
     sp.add_argument("--model", required=True, help="the FP32 torch.export program (.pt2)")

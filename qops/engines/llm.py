@@ -113,6 +113,10 @@ class OrtGenaiEngine(LlmEngine):
 
     def notes(self, recipe, technique: dict) -> list[str]:
         out = super().notes(recipe, technique)
+        if technique.get("eight_bit_layers"):
+            out.append(f"mixed INT4/INT8: {', '.join(technique['eight_bit_layers'])} kept 8-bit "
+                       f"({technique['eight_bit_nodes']} MatMuls) by the tensor-override file "
+                       f"{recipe.tensor_overrides} (`qops sensitivity`: the costliest layers by KL)")
         if recipe.precision == "nf4":
             out.append("NF4 as ONNX MatMulBnb4 keeps one FP32 absmax per block of 64 (0.5 bit per weight); "
                        "bitsandbytes' double quantization (8-bit absmax, 0.127 bit) has no ONNX form")

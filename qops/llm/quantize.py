@@ -28,6 +28,7 @@ import numpy as np
 
 from qops.artifacts import atomic_dir, atomic_path, sha256_file, write_json_atomic
 from qops.errors import QopsError
+from qops.llm.sensitivity import override_nodes, read_overrides
 from qops.llm.torch_quant import gptq, group_size_for
 from qops.llm.torch_target import load_torch_target, require_cuda
 from qops.quantize.awq import apply_awq
@@ -100,12 +101,15 @@ def quantize_onnx_llm(src: str | os.PathLike, recipe, out_path: str | os.PathLik
                  "neural_compressor"):
         logging.getLogger(name).setLevel(logging.WARNING)
     model = onnx.load(str(src))
+    untied = untie_embeddings(model) if recipe.precision == "int4" and "Gather" in recipe.op_types else None
     weights = _matmul_weights(model)
     if LM_HEAD not in weights:
         raise QopsError(f"{src} has no {LM_HEAD} node: it is not a decoder exported by qops.",
                         "use the source stage's export (onnxruntime-genai builder) as the FP32 model.")
     head = recipe.lm_head
     body_exclude = [] if head == ("nf4" if recipe.precision == "nf4" else "int4") else [LM_HEAD]
+    eight_bit = override_nodes(read_overrides(recipe.tensor_overrides), weights) if recipe.tensor_overrides else []
+    body_exclude += eight_bit
     if recipe.precision == "int8":  # W8A8: SmoothQuant, then dynamic INT8 (activations per tensor at run time)
         return quantize_w8a8_llm(model, src, recipe, out_path, reader)
     if recipe.precision == "nf4":
@@ -152,11 +156,11 @@ def quantize_onnx_llm(src: str | os.PathLike, recipe, out_path: str | os.PathLik
         if awq is not None:
             method["awq"] = {k: awq[k] for k in ("scaled", "activations", "mean_relative_error_rtn",
                                                  "mean_relative_error") if k in awq}
-    if head == "int8":
+    if head == "int8" or eight_bit:
         algo8 = DefaultWeightOnlyQuantConfig(block_size=recipe.block_size, is_symmetric=True,
                                              accuracy_level=recipe.accuracy_level, op_types_to_quantize=("MatMul",),
                                              bits=8)
-        model = _nbits_pass(model, recipe, 8, algo8, include=[LM_HEAD])
+        model = _nbits_pass(model, recipe, 8, algo8, include=[LM_HEAD] * (head == "int8") + eight_bit)
     embeddings = "fp32"
     if "Gather" in recipe.op_types:
         algo_g = DefaultWeightOnlyQuantConfig(block_size=recipe.block_size, is_symmetric=recipe.symmetric_weights,
@@ -169,6 +173,11 @@ def quantize_onnx_llm(src: str | os.PathLike, recipe, out_path: str | os.PathLik
     with atomic_path(out) as tmp:
         onnx.save(model, str(tmp))
     copy_genai_files(src, out)
+    if untied:
+        embeddings += f" (its own table: the export tied it to {untied} through a Transpose)"
+    if eight_bit:
+        method["eight_bit_layers"] = sorted(read_overrides(recipe.tensor_overrides)["overrides"])
+        method["eight_bit_nodes"] = len(eight_bit)
     return {**method, "lm_head": head, "embeddings": embeddings, "ops": _op_counts(model)}
 
 
@@ -212,6 +221,29 @@ def quantize_w8a8_llm(model, src, recipe, out_path, reader) -> dict:
             + "dynamic INT8 (ONNX Runtime quantize_dynamic)", "smoothquant": {k: sq[k] for k in ("smoothed", "alpha")}
             if sq else None, "calibration_windows": len(reader) if sq else 0, "lm_head": "int8 (dynamic)",
             "embeddings": "fp32", "ops": ops}
+
+
+def untie_embeddings(model) -> str | None:
+    """Give the token-embedding ``Gather`` a table of its own where the export ties it to the output projection
+    (``Gather(Transpose(lm_head weight))``, tied embeddings: the rule in small decoders), so the table is quantized
+    as a ``GatherBlockQuantized`` and the FP32 weight does not stay in the file only to be transposed at run time
+    (it held the quantized model of SmolLM2-135M at 2.5x smaller than FP32). Returns the tied weight's name."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    for gather in model.graph.node:
+        t = producers.get(gather.input[0]) if gather.op_type == "Gather" else None
+        if t is None or t.op_type != "Transpose" or t.input[0] not in inits:
+            continue
+        table = numpy_helper.to_array(inits[t.input[0]]).T.copy()
+        name = t.input[0].replace("lm_head", "model.embed_tokens").replace("MatMul.", "") + ".untied"
+        model.graph.initializer.append(numpy_helper.from_array(table, name))
+        gather.input[0] = name
+        if not any(t.output[0] in n.input for n in model.graph.node):
+            model.graph.node.remove(t)
+        return t.input[0]
+    return None
 
 
 def w8a8_per_block(model, src, recipe, out: Path, sq: dict | None, reader) -> dict:

@@ -96,6 +96,8 @@ class Recipe:
     # decoder W8A8 in ONNX Runtime: activations quantized per tensor (DynamicQuantizeMatMul) or per token and block
     # of block_size (8-bit MatMulNBits, accuracy_level 4)
     activation_granularity: Literal["per-tensor", "per-block"] = "per-tensor"
+    # decoder INT4 in ONNX Runtime: a qops tensor-override file (`qops sensitivity`): its layers stay 8-bit
+    tensor_overrides: str | None = None
     model_kind: Literal["any", "causal_lm"] = "any"  # causal_lm: only for decoder LLM pipelines
     # GGUF for llama.cpp (engine llama.cpp): the file type llama-quantize writes, whether an importance matrix from
     # the calibration set weighs its rounding, and the KV-cache element type the runtime allocates
@@ -160,6 +162,10 @@ class Recipe:
                 self.model_kind == "causal_lm" and self.precision == "int8" and self.engine == "onnxruntime"):
             bad("per-block activations are the 8-bit MatMulNBits path of decoder W8A8 targets (ONNX Runtime).",
                 "drop activation_granularity, or use llm_w8a8_sq.")
+        if self.tensor_overrides is not None and not (self.model_kind == "causal_lm" and self.precision == "int4"
+                                                      and self.engine == "onnxruntime"):
+            bad("tensor_overrides (8-bit layers from `qops sensitivity`) apply to the ONNX INT4 decoder targets.",
+                "drop tensor_overrides, or use an llm_int4_* target.")
         if self.embedding_granularity == "per-row" and self.precision != "int8":
             bad("per-row embedding quantization is an INT8 technique.", "drop embedding_granularity.")
         if self.lm_head == "nf4" and self.precision != "nf4" or self.lm_head == "int4" and self.precision == "nf4":

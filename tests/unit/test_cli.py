@@ -218,3 +218,15 @@ def test_bad_input_probes_exit_2_naming_the_problem_and_the_fix(probe, args, exp
     assert r.returncode == 2, (probe, r.returncode, r.stderr[-1500:])
     assert "Traceback" not in r.stderr and expect in r.stderr and "Fix:" in r.stderr, (probe, r.stderr[-1500:])
     assert Path(fp32_model).read_bytes() == before  # the source is never touched
+
+
+def test_version_is_written_once_and_printed_by_the_cli():
+    import subprocess
+    import sys
+
+    import qops
+    import qops_airflow
+
+    r = subprocess.run([sys.executable, "-m", "qops.cli", "--version"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == f"qops {qops.__version__}"
+    assert qops_airflow.get_provider_info()["versions"] == [qops.__version__]

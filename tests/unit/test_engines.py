@@ -192,6 +192,13 @@ def test_cli_runs_hqq_for_llm_int4_hqq_into_a_genai_folder(decoder, tmp_path):
     assert res["engine_name"] == "ort_genai" and res["technique"]["algorithm"] == "hqq"
     assert (out / "model.onnx").is_file() and (out / "genai_config.json").is_file()
     assert res["technique"]["ops"].get("MatMulNBits", 0) >= 7  # q/k/v/o/gate/up/down of each layer
+    # tied embeddings: the table gets its own 4-bit GatherBlockQuantized; no FP32 copy stays for a Transpose
+    assert res["technique"]["ops"].get("GatherBlockQuantized") == 1 and "its own table" in res["technique"]["embeddings"]
+    import onnx
+
+    m = onnx.load(str(out / "model.onnx"))
+    fp32 = {i.name for i in m.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    assert not fp32 & {"lm_head.MatMul.weight", "model.embed_tokens.weight.untied"}  # only their quantized forms
     assert res["source_path"] == str(decoder / "hf") and 0 < res["size_ratio"] < 0.6
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".qops-")]
 
@@ -259,3 +266,34 @@ def test_onnx_gptq_is_qops_gptq_reproduced_exactly_by_onnx_runtimes_integers(dec
         assert np.abs(deq[:, :w.shape[1]] - w).max() <= 1e-6 * np.abs(w).max(), n.name
         checked += 1
     assert checked >= 2 * 4  # q/k/v (fused), o, gate, up, down of 2 layers
+
+
+def test_sensitivity_file_keeps_the_costliest_layers_8_bit(decoder, tmp_path):
+    """`qops sensitivity` measures each layer's KL cost at 4 bits and writes a versioned override file; an INT4
+    target given it keeps those layers' MatMuls 8-bit (mixed INT4/INT8), says so in its notes, and refuses a file of
+    another version (exit 2)."""
+    import onnx
+
+    sens = tmp_path / "sens.json"
+    r = _cli("sensitivity", "--model", decoder / "hf", "--calibration", decoder / "calib.parquet", "--output", sens,
+             "--keep", "1", "--max-length", "32", "--windows", "6", "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(sens.read_text())
+    assert doc["qops_tensor_overrides"] == 1 and set(doc["layers"]) == {"layers.0", "layers.1"}
+    worst = max(doc["layers"], key=lambda k: doc["layers"][k]["kl"])
+    assert doc["overrides"] == {worst: "int8"} and all(v["kl"] > 0 for v in doc["layers"].values())
+    out = tmp_path / "q"
+    r = _cli("quantize", "--model", decoder / "hf", "--target", "llm_int4_rtn", "--output", out, "--option",
+             f"tensor_overrides={sens}", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["technique"]["eight_bit_layers"] == [worst] and any("mixed INT4/INT8" in n for n in res["notes"])
+    bits = {n.name: {a.name: a.i for a in n.attribute}.get("bits") for n in onnx.load(str(out / "model.onnx")).graph.node
+            if n.op_type == "MatMulNBits"}
+    assert {b for name, b in bits.items() if name.startswith(f"/model/{worst}/")} == {8}
+    assert {b for name, b in bits.items() if name.startswith("/model/layers.") and f"/{worst}/" not in name} == {4}
+    doc["qops_tensor_overrides"] = 99
+    sens.write_text(json.dumps(doc))
+    r = _cli("quantize", "--model", decoder / "hf", "--target", "llm_int4_rtn", "--output", tmp_path / "q2",
+             "--option", f"tensor_overrides={sens}")
+    assert r.returncode == 2 and "version-1" in r.stderr
