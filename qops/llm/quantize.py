@@ -108,7 +108,8 @@ def quantize_onnx_llm(src: str | os.PathLike, recipe, out_path: str | os.PathLik
                         "use the source stage's export (onnxruntime-genai builder) as the FP32 model.")
     head = recipe.lm_head
     body_exclude = [] if head == ("nf4" if recipe.precision == "nf4" else "int4") else [LM_HEAD]
-    eight_bit = override_nodes(read_overrides(recipe.tensor_overrides), weights) if recipe.tensor_overrides else []
+    overrides = read_overrides(recipe.tensor_overrides) if recipe.tensor_overrides else {}
+    eight_bit = override_nodes(overrides, weights) if overrides else []
     body_exclude += eight_bit
     if recipe.precision == "int8":  # W8A8: SmoothQuant, then dynamic INT8 (activations per tensor at run time)
         return quantize_w8a8_llm(model, src, recipe, out_path, reader)
@@ -176,7 +177,7 @@ def quantize_onnx_llm(src: str | os.PathLike, recipe, out_path: str | os.PathLik
     if untied:
         embeddings += f" (its own table: the export tied it to {untied} through a Transpose)"
     if eight_bit:
-        method["eight_bit_layers"] = sorted(read_overrides(recipe.tensor_overrides)["overrides"])
+        method["eight_bit_layers"] = sorted(overrides["overrides"])
         method["eight_bit_nodes"] = len(eight_bit)
     return {**method, "lm_head": head, "embeddings": embeddings, "ops": _op_counts(model)}
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from qops.errors import TargetError
 from qops.quantize.ort import quantize_onnx
 from qops.quantize.result import QuantizeResult, check_output_path
 from qops.quantize.torch_engine import quantize_torch
@@ -32,6 +33,10 @@ def quantize(
     ``options`` override recipe fields (validated), e.g. ``{"calibration_method": "percentile"}``.
     """
     recipe = resolve_recipe(target, options)
+    if recipe.model_kind == "causal_lm":  # formerly sent to ONNX Runtime's graph path and written as ONNX
+        raise TargetError(f"Target {recipe.target!r} is a decoder-LLM target; qops.quantize.quantize serves the graph "
+                          "engines (ONNX Runtime, torchao) only.",
+                          "call qops.engines.quantize (what `qops quantize` uses) with the checkpoint folder.")
     check_output_path(model, output)
     if recipe.engine == "torchao":
         return quantize_torch(model, recipe, output, calibration=calibration, features=features,

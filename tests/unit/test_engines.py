@@ -297,3 +297,11 @@ def test_sensitivity_file_keeps_the_costliest_layers_8_bit(decoder, tmp_path):
     r = _cli("quantize", "--model", decoder / "hf", "--target", "llm_int4_rtn", "--output", tmp_path / "q2",
              "--option", f"tensor_overrides={sens}")
     assert r.returncode == 2 and "version-1" in r.stderr
+
+
+def test_the_graph_function_refuses_decoder_targets_instead_of_writing_onnx(tmp_path):
+    """qops.quantize.quantize (the graph engines' function) used to send any non-torchao recipe to ONNX Runtime."""
+    from qops.quantize import quantize as graph_quantize
+
+    with pytest.raises(QopsError, match="qops.engines.quantize"):
+        graph_quantize(tmp_path / "m.onnx", "gguf_q4_k_m", tmp_path / "out.gguf")
