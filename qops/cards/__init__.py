@@ -1,8 +1,9 @@
 """Model cards: card data (a dict) + templates + pure render. Publishing is the registry's job.
 
 Sections follow Mitchell et al. 2019 ("Model Cards for Model Reporting"), plus quantization and
-lineage. Formats: Markdown with Hugging Face-compatible YAML front matter, a self-contained HTML page
-with inline SVG charts, and JSON validated against the versioned schema in ``schema/``.
+lineage. Formats: Markdown with Hugging Face-compatible YAML front matter (``CardData``, which also loads it
+back), a self-contained HTML page with inline SVG charts, and JSON validated against the versioned schema in
+``schema/``.
 """
 
 from __future__ import annotations
@@ -19,9 +20,13 @@ from pathlib import Path
 from qops import __version__
 from qops.artifacts import atomic_path, to_jsonable, write_json_atomic, write_text_atomic
 from qops.cards.charts import gate_intervals_svg, metric_bars_svg, perf_bars_svg, qat_loss_svg
+from qops.cards.data import CardData, EvalResult, Metric
 from qops.errors import QopsError
 
 CARD_SCHEMA_VERSION = "1.0"
+__all__ = ["CARD_SCHEMA_VERSION", "HUMAN_FIELDS", "PLACEHOLDER", "CardData", "CardResult", "EvalResult", "Metric",
+           "build_card_data", "front_matter", "qat_section", "render_html", "render_markdown", "schema", "validate_card",
+           "write_card"]
 HUMAN_FIELDS = ("intended_use", "training_data", "limitations", "ethical_considerations")
 PLACEHOLDER = "[To be written by the model owner: set card.{field} in the pipeline spec.]"
 
@@ -214,29 +219,9 @@ def _env(autoescape: bool):
 
 
 def front_matter(card: dict) -> str:
-    """Hugging Face model-card metadata: base_model, base_model_relation, model-index results."""
-    import yaml
-
-    ov = card["quantitative_analyses"]["overall"]
-    target = card["quantization"]["hardware_target"]
-    meta = {
-        "base_model": card["model_details"]["source"]["uri"],
-        "base_model_relation": "quantized",
-        "library_name": card["quantization"]["runtime"],
-        "tags": ["qops", "quantized", target, card["quantization"]["precision"]],
-        "model-index": [{
-            "name": card["model_details"]["name"],
-            "results": [{
-                "task": {"type": "text-generation" if card["metrics"]["task"] == "causal_lm"
-                         else f"tabular-{card['metrics']['task']}"},
-                "dataset": {"name": "validation", "type": card["pipeline"]},
-                "metrics": [{"type": m, "name": f"{m} (quantized, {target})", "value": v["quantized"]}
-                            for m, v in ov.items() if v["quantized"] is not None],
-            }],
-        }],
-        "qops": {"card_schema": card["schema_version"], "gate": "passed" if card["gates"]["passed"] else "failed"},
-    }
-    return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
+    """Hugging Face model-card metadata (base_model, base_model_relation, model-index results, qops' gate verdict),
+    written by ``CardData``; ``CardData.load(card_md)`` reads it back."""
+    return CardData.from_card(card).to_front_matter()
 
 
 def render_markdown(card: dict, chart_name: str | None = None) -> str:
