@@ -126,7 +126,6 @@ def test_empty_collectors():
 
 def _onnx_relu_scale():
     """x [n, 4] -> Relu -> r -> Mul 2 -> y."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     g = helper.make_graph(
