@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from qops.artifacts import atomic_path
+from qops.calibration.collect import SquaredMean, hooked
 from qops.errors import QopsError
 from qops.llm.arch import arch_for
 
@@ -104,34 +105,20 @@ def importance_matrix(hf_dir: str | os.PathLike, windows, layers: int, progress=
 
     name_of = tensor_names(hf_dir, layers)
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, local_files_only=True).eval()
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
+    stats: dict[str, SquaredMean] = {}
     hooks = []
     for hf_name, mod in model.named_modules():
-        if not isinstance(mod, torch.nn.Linear):
-            continue
-        gg = name_of(hf_name)
-        if gg is None:
-            continue
-
-        def hook(_m, args, _out, gg=gg):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            sums[gg] = sums.get(gg, 0) + (x * x).sum(0)
-            counts[gg] = counts.get(gg, 0) + x.shape[0]
-
-        hooks.append(mod.register_forward_hook(hook))
+        gg = name_of(hf_name) if isinstance(mod, torch.nn.Linear) else None
+        if gg is not None:
+            hooks.append((mod, stats.setdefault(gg, SquaredMean())))
     tokens = 0
-    try:
-        with torch.inference_mode():
-            for i, w in enumerate(windows):
-                model(input_ids=torch.as_tensor(np.asarray(w.ids, np.int64))[None])
-                tokens += len(w.ids)
-                if progress and (i + 1) % 25 == 0:
-                    progress(i + 1, len(windows))
-    finally:
-        for h in hooks:
-            h.remove()
-    values = {k: (sums[k] / counts[k]).float().numpy() for k in sums}
+    with hooked(hooks), torch.inference_mode():
+        for i, w in enumerate(windows):
+            model(input_ids=torch.as_tensor(np.asarray(w.ids, np.int64))[None])
+            tokens += len(w.ids)
+            if progress and (i + 1) % 25 == 0:
+                progress(i + 1, len(windows))
+    values = {k: c.result().float().numpy() for k, c in stats.items() if c.sum is not None}
     return {"values": values, "tokens": tokens, "windows": len(windows), "entries": len(values)}
 
 

@@ -22,6 +22,7 @@ import logging
 
 import numpy as np
 
+from qops.calibration.collect import AbsMax, Hessian, hooked
 from qops.errors import QopsError
 from qops.llm.arch import arch_of_model
 
@@ -89,28 +90,19 @@ def fold(smooth, layers, s, norm_offset: float = 0.0) -> None:
             lin.weight.mul_(s[None, :])
 
 
-def observe(model, sites, stat, windows) -> None:
-    """Run the calibration windows with ``stat(site name, input)`` hooked on each site's first layer."""
-    hooks = [layers[0].register_forward_hook(lambda m, a, o, name=name: stat(name, a[0]))
-             for name, _smooth, layers in sites]
-    try:
+def observe(model, sites, collectors: dict, windows) -> None:
+    """Run the calibration windows with each site's first layer's input fed to ``collectors[site name]``."""
+    with hooked((layers[0], collectors[name]) for name, _smooth, layers in sites):
         forward_windows(model, windows)
-    finally:
-        for h in hooks:
-            h.remove()
 
 
 def smoothquant(model, windows, alpha: float = 0.5) -> dict:
     """SmoothQuant on the norm → linear sites (per-channel activation maxima over the calibration windows)."""
     torch = _torch()
     sites = [s for s in smoothing_sites(model) if not isinstance(s[1], _torch().nn.Linear)]  # the norm sites
-    amax: dict[str, object] = {}
-
-    def stat(name, x):
-        m = x.detach().reshape(-1, x.shape[-1]).abs().amax(0).float()
-        amax[name] = m if name not in amax else torch.maximum(amax[name], m)
-
-    observe(model, sites, stat, windows)
+    stats = {name: AbsMax(dtype="float32") for name, _, _ in sites}
+    observe(model, sites, stats, windows)
+    amax = {name: c.result() for name, c in stats.items()}
     ratios = []
     for name, smooth, layers in sites:
         wmax = torch.stack([lin.weight.detach().abs().amax(0) for lin in layers]).amax(0).float()
@@ -143,33 +135,44 @@ def fake_quant(w, scale, qmin: int, qmax: int, group: int | None):
     return torch.clamp(torch.round(w / s), qmin, qmax) * s
 
 
+class TokenSample:
+    """A reservoir-like sample of up to ``AWQ_TOKENS`` tokens (rows of the last axis) of a site's input, as a
+    collector (:mod:`qops.calibration.collect`); samplers sharing ``gen`` draw in the order they are fed."""
+
+    def __init__(self, gen, size: int | None = None):
+        self.gen, self.size, self.parts, self.seen = gen, AWQ_TOKENS if size is None else size, [], 0
+
+    def collect(self, x) -> None:
+        torch = _torch()
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        have = sum(len(t) for t in self.parts)
+        self.seen += len(x)
+        if have < self.size:
+            self.parts.append(x[:self.size - have].clone())
+        else:
+            keep = torch.rand(len(x), generator=self.gen) < self.size / self.seen
+            if keep.any():
+                pool = torch.cat(self.parts)
+                idx = torch.randint(0, len(pool), (int(keep.sum()),), generator=self.gen)
+                pool[idx] = x[keep]
+                self.parts = [pool]
+
+    def result(self):
+        """The sampled tokens, ``[n, channels]`` float32."""
+        return _torch().cat(self.parts)
+
+
 def awq(model, windows, bits: int, group: int) -> dict:
     """AWQ scale search and folding on every site; returns the chosen exponent per site."""
     torch = _torch()
     sites = smoothing_sites(model)
     gen = torch.Generator().manual_seed(0)
-    xs: dict[str, list] = {}
-    seen: dict[str, int] = {}
-
-    def stat(name, x):  # reservoir-like fixed-size token sample per site
-        x = x.detach().reshape(-1, x.shape[-1]).float()
-        have = sum(len(t) for t in xs.get(name, []))
-        seen[name] = seen.get(name, 0) + len(x)
-        if have < AWQ_TOKENS:
-            xs.setdefault(name, []).append(x[:AWQ_TOKENS - have].clone())
-        else:
-            keep = torch.rand(len(x), generator=gen) < AWQ_TOKENS / seen[name]
-            if keep.any():
-                pool = torch.cat(xs[name])
-                idx = torch.randint(0, len(pool), (int(keep.sum()),), generator=gen)
-                pool[idx] = x[keep]
-                xs[name] = [pool]
-
-    observe(model, sites, stat, windows)
+    samples = {name: TokenSample(gen) for name, _, _ in sites}
+    observe(model, sites, samples, windows)
     chosen = {}
     with torch.no_grad():
         for name, smooth, layers in sites:
-            x = torch.cat(xs[name])
+            x = samples[name].result()
             ws = [lin.weight.detach().float() for lin in layers]
             ref = [x @ w.T for w in ws]
             x_mean = x.abs().mean(0)
@@ -190,7 +193,8 @@ def awq(model, windows, bits: int, group: int) -> dict:
                     best, best_err = (a, s), err
             chosen[name] = best[0]
             fold(smooth, layers, best[1], arch_of_model(model).norm_offset)
-    return {"sites": len(sites), "tokens_per_site": min(AWQ_TOKENS, max(seen.values()) if seen else 0),
+    seen = max((c.seen for c in samples.values()), default=0)
+    return {"sites": len(sites), "tokens_per_site": min(AWQ_TOKENS, seen),
             "alpha_median": float(np.median(list(chosen.values()))) if chosen else None}
 
 
@@ -279,25 +283,13 @@ def gptq(model, windows, bits: int, group: int | None, skip=("lm_head",), progre
     for li, layer in enumerate(layers):
         linears = [(names[m], m) for m in layer.modules() if isinstance(m, torch.nn.Linear)
                    and not any(names[m].endswith(s) for s in skip)]
-        hs = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in linears}
-        count = {n: 0 for n, _ in linears}
-
-        def hook(m, a, o, n):
-            x = a[0].detach().reshape(-1, a[0].shape[-1]).double()
-            hs[n] += 2 * x.T @ x
-            count[n] += len(x)
-
-        hooks = [m.register_forward_hook(lambda m, a, o, n=n: hook(m, a, o, n)) for n, m in linears]
-        try:
-            with torch.inference_mode():
-                for h, extra in zip(hidden, extras):
-                    _run_layer(layer, h, extra[li])
-        finally:
-            for h in hooks:
-                h.remove()
+        hs = {n: Hessian(torch.zeros(m.in_features, m.in_features, dtype=torch.float64)) for n, m in linears}
+        with hooked((m, hs[n]) for n, m in linears), torch.inference_mode():
+            for h, extra in zip(hidden, extras):
+                _run_layer(layer, h, extra[li])
         with torch.no_grad():
             for n, m in linears:
-                wq, scales = gptq_weight(m.weight.detach(), hs[n] / max(count[n], 1), bits, group, grid=grid)
+                wq, scales = gptq_weight(m.weight.detach(), hs[n].result(), bits, group, grid=grid)
                 m.weight.copy_(wq)
                 out[n] = scales
         with torch.inference_mode():  # the quantized layer's outputs are the next layer's inputs

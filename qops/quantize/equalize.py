@@ -24,7 +24,8 @@ import time
 
 import numpy as np
 
-from qops.quantize.graph import consumers_of, node_attrs, tap_session
+from qops.calibration.collect import AbsMax, MinMax, tap
+from qops.quantize.graph import consumers_of, node_attrs
 
 log = logging.getLogger(__name__)
 
@@ -135,24 +136,10 @@ def find_pairs(model, nodes_to_exclude=(), clip: bool = True) -> list[Pair]:
 def channel_stats(model, tensors: list[str], batches) -> dict[str, dict]:
     """Per-channel max and max |x| of ``tensors`` (channel = axis 1) over ``batches`` (feeds), one batch at a
     time: memory is one batch's tapped tensors, whatever the number of rows."""
-    sess, names = tap_session(model, tensors)
-    want = {t: names.index(t) for t in tensors}
-    inputs = {x.name for x in sess.get_inputs()}
-    stats: dict[str, dict] = {}
-    rows = 0
-    for feeds in batches:
-        outs = sess.run(None, {k: v for k, v in feeds.items() if k in inputs})
-        rows += len(next(iter(feeds.values())))
-        for t, i in want.items():
-            x = np.asarray(outs[i], dtype=np.float32)
-            axes = tuple(d for d in range(x.ndim) if d != 1)
-            mx, amax = x.max(axis=axes), np.abs(x).max(axis=axes)
-            s = stats.get(t)
-            stats[t] = {"max": mx if s is None else np.maximum(s["max"], mx),
-                        "absmax": amax if s is None else np.maximum(s["absmax"], amax)}
-    for s in stats.values():
-        s["rows"] = rows
-    return stats
+    top = {t: MinMax(axis=1, dtype="float32") for t in tensors}
+    absmax = {t: AbsMax(axis=1, dtype="float32") for t in tensors}
+    rows = tap(model, [p for t in tensors for p in ((t, top[t]), (t, absmax[t]))], batches)
+    return {t: {"max": top[t].max, "absmax": absmax[t].result(), "rows": rows} for t in tensors if top[t].rows}
 
 
 def _b_column_range(wb: np.ndarray, kind: str, trans_b: bool) -> np.ndarray | None:

@@ -273,19 +273,3 @@ def strip_debug_metadata(model) -> int:
         del n.metadata_props[:]
         n.doc_string = ""
     return before - sum(n.ByteSize() for n in model.graph.node)
-
-
-def tap_session(model, tensors):
-    """An ONNX Runtime session over a copy of ``model`` that also outputs the intermediate ``tensors``; returns
-    it with its output names (to zip with ``run``'s results)."""
-    import onnx
-    import onnxruntime as ort
-
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
-    for t in tensors:
-        if t not in have:
-            m.graph.output.append(onnx.helper.make_empty_tensor_value_info(t))
-    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
-    return sess, [o.name for o in sess.get_outputs()]

@@ -26,7 +26,8 @@ import time
 
 import numpy as np
 
-from qops.quantize.graph import node_attrs, tap_session
+from qops.calibration.collect import Mean, tap_session
+from qops.quantize.graph import node_attrs
 
 log = logging.getLogger(__name__)
 
@@ -49,16 +50,12 @@ def _taps(model, tensor: str, feeds: list[dict]) -> np.ndarray:
 def _mean_shift(layer: "_Layer", qmodel, fmodel, feeds: list[dict], w_q: np.ndarray, torch) -> np.ndarray:
     """Per output channel, the mean of FP32 output minus quantized output over ``feeds``, batch by batch: the FP32
     layer on FP32 inputs against the quantized weights on the quantized model's own inputs."""
-    total, count = None, 0
+    shift = Mean(axis=1)
     wq, W = torch.from_numpy(w_q), torch.from_numpy(layer.W)
     with torch.no_grad():
         for xq, xf in zip(_tap_batches(qmodel, layer.q.input[0], feeds), _tap_batches(fmodel, layer.f.input[0], feeds)):
-            d = layer.forward(torch.from_numpy(xf), W, torch) - layer.forward(torch.from_numpy(xq), wq, torch)
-            dims = [k for k in range(d.dim()) if k != 1]
-            part = d.double().sum(dim=dims).numpy()
-            total = part if total is None else total + part
-            count += d.numel() // d.shape[1]
-    return total / max(count, 1)
+            shift.collect(layer.forward(torch.from_numpy(xf), W, torch) - layer.forward(torch.from_numpy(xq), wq, torch))
+    return shift.result().numpy()
 
 
 class _Layer:

@@ -21,49 +21,48 @@ import logging
 
 import numpy as np
 
-from qops.quantize.graph import initializers, tap_session, weighted_nodes
+from qops.calibration.collect import AbsMax, reader_feeds, tap
+from qops.quantize.graph import initializers, weighted_nodes
 
 log = logging.getLogger(__name__)
 
 
 def activation_absmax(model, tensors: list[str], reader) -> dict[str, np.ndarray]:
     """Per-channel (last axis) max |x| of ``tensors`` over all batches of a calibration ``reader``."""
-    sess, names = tap_session(model, tensors)
-    stats: dict[str, np.ndarray] = {}
-    reader.rewind()
-    while (feed := reader.get_next()) is not None:
-        outs = dict(zip(names, sess.run(None, feed)))
-        for t in tensors:
-            a = np.abs(outs[t]).reshape(-1, outs[t].shape[-1]).max(axis=0)
-            stats[t] = a if t not in stats else np.maximum(stats[t], a)
-    reader.rewind()
-    return stats
+    stats = {t: AbsMax() for t in tensors}
+    tap(model, stats.items(), reader_feeds(reader))
+    return {t: c.result() for t, c in stats.items() if c.rows}
 
 
 AUTO_ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
 
 
+class RowSample:
+    """Up to ``max_rows`` rows (all leading axes flattened) drawn uniformly from every batch, and as many drawn
+    from those at the end: a collector (:mod:`qops.calibration.collect`) whose memory is ``max_rows`` rows per
+    batch. Samplers sharing one ``rng`` draw in the order they are fed."""
+
+    def __init__(self, rng, max_rows: int):
+        self.rng, self.max_rows, self.parts = rng, max_rows, []
+
+    def collect(self, x) -> None:
+        x = x.reshape(-1, x.shape[-1])
+        self.parts.append(x[self.rng.choice(len(x), size=min(len(x), self.max_rows), replace=False)])
+
+    def result(self) -> np.ndarray:
+        x = np.concatenate(self.parts) if self.parts else np.zeros((0, 1), np.float32)
+        return x[self.rng.choice(len(x), size=min(len(x), self.max_rows), replace=False)] if len(x) else x
+
+
 def activation_samples(model, tensors: list[str], reader, max_rows: int = 1024, seed: int = 0) -> dict:
     """Per tensor: up to ``max_rows`` rows (all leading axes flattened) sampled uniformly from every batch of a
     calibration reader, and the per-channel max |x| over all rows."""
-    sess, names = tap_session(model, tensors)
     rng = np.random.default_rng(seed)
-    rows: dict[str, list] = {t: [] for t in tensors}
-    absmax: dict[str, np.ndarray] = {}
-    reader.rewind()
-    while (feed := reader.get_next()) is not None:
-        outs = dict(zip(names, sess.run(None, feed)))
-        for t in tensors:
-            x = outs[t].reshape(-1, outs[t].shape[-1])
-            a = np.abs(x).max(axis=0)
-            absmax[t] = a if t not in absmax else np.maximum(absmax[t], a)
-            rows[t].append(x[rng.choice(len(x), size=min(len(x), max_rows), replace=False)])
-    reader.rewind()
-    samples = {}
-    for t, parts in rows.items():
-        x = np.concatenate(parts) if parts else np.zeros((0, 1), np.float32)
-        samples[t] = x[rng.choice(len(x), size=min(len(x), max_rows), replace=False)] if len(x) else x
-    return {"samples": samples, "absmax": absmax}
+    absmax = {t: AbsMax() for t in tensors}
+    rows = {t: RowSample(rng, max_rows) for t in tensors}
+    tap(model, [p for t in tensors for p in ((t, absmax[t]), (t, rows[t]))], reader_feeds(reader))
+    return {"samples": {t: c.result() for t, c in rows.items()},
+            "absmax": {t: c.result() for t, c in absmax.items() if c.rows}}
 
 
 def _fake_quant_act(x: np.ndarray) -> np.ndarray:

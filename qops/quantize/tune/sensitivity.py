@@ -9,8 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
+from qops.calibration.collect import tap_session
 from qops.data import read_table
-from qops.quantize.graph import name_nodes, tap_session
+from qops.quantize.graph import name_nodes
 from qops.quantize.readers import TableCalibrationReader
 from qops.targets import Recipe
 
