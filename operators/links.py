@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from airflow.sdk import BaseOperatorLink
+
+if TYPE_CHECKING:
+    from qops.run_folder import TargetFolder
 
 
 def mlflow_ui_base() -> str:
@@ -23,7 +27,7 @@ def mlflow_ui_base() -> str:
     return url.rstrip("/")
 
 
-def _target_dir(operator) -> tuple[Path, dict]:
+def _target_dir(operator) -> tuple[TargetFolder, dict]:
     from qops.artifacts import read_json
     from qops.run_folder import RunLayout
     from qops.spec import load_spec
@@ -40,11 +44,10 @@ class QopsMlflowModelLink(BaseOperatorLink):
     def get_link(self, operator, *, ti_key) -> str:
         from qops.artifacts import read_json
         from qops.pipeline import registered_name
-        from qops.run_folder import RunLayout
 
         tdir, ctx = _target_dir(operator)
         name = registered_name(ctx["spec"], ctx["source"]["name"], operator.target)
-        reg = tdir / RunLayout.REGISTER
+        reg = tdir.register
         if reg.is_file() and read_json(reg).get("registered"):
             return f"{mlflow_ui_base()}/#/models/{name}/versions/{read_json(reg)['version']}"
         return f"{mlflow_ui_base()}/#/models/{name}"
@@ -55,10 +58,9 @@ class QopsModelCardLink(BaseOperatorLink):
 
     def get_link(self, operator, *, ti_key) -> str:
         from qops.artifacts import read_json
-        from qops.run_folder import RunLayout
 
         tdir, _ = _target_dir(operator)
-        card = tdir / RunLayout.CARD
+        card = tdir.card
         if not card.is_file():
             return ""
         return Path(read_json(card)["html_path"]).resolve().as_uri()

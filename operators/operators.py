@@ -275,7 +275,9 @@ class QopsSummaryOperator(QopsStageOperator):
         self.log.info("\n%s", format_summary(res))
 
     def result(self, res: dict) -> dict:
-        return {"summary": f"{res['run_dir']}/summary.json",
+        from qops.run_folder import RunLayout
+
+        return {"summary": str(RunLayout.at(res["run_dir"]).summary),
                 "passed": [r["target"] for r in res["targets"] if r.get("gate") == "passed"]}
 
 

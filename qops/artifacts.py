@@ -11,7 +11,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -134,15 +133,3 @@ def read_json(path: str | os.PathLike) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
-
-_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-def safe_name(text: str) -> str:
-    """A file-system-safe version of a run id or name (Airflow run ids contain ':' and '+')."""
-    return _SAFE.sub("_", text).strip("_") or "run"
-
-
-def run_dir(root: str | os.PathLike, pipeline: str, run_id: str) -> Path:
-    """Where one pipeline run writes its artifacts: ``<root>/<pipeline>/<run_id>/``."""
-    return Path(root) / safe_name(pipeline) / safe_name(run_id)

@@ -25,7 +25,7 @@ from qops.calibration.drift import check_drift
 from qops.calibration.sources import S3Options, TableSource, as_source
 from qops.data import DataKind, Tabular, feature_matrix, require_numeric
 from qops.errors import DataError, DriftError
-from qops.run_folder import CALIBRATION_FEEDS, CALIBRATION_MANIFEST
+from qops.run_folder import CalibrationFiles
 from qops.spec import CalibrationSpec, DiversitySpec, RecencySpec
 
 log = logging.getLogger(__name__)
@@ -264,7 +264,7 @@ def _check_schema(chosen: pd.DataFrame, kind: DataKind, validation: TableSource 
 
 def _write_feeds(feeds: dict, out: Path) -> dict:
     """The calibration feeds as an ``.npz`` of arrays named like the model inputs (atomic), with a manifest."""
-    path = out / CALIBRATION_FEEDS
+    path = CalibrationFiles(out).feeds
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **feeds)
@@ -355,11 +355,12 @@ def select_calibration(
         if on_drift == "reselect" and s != seeds[-1]:
             log.warning("drift in %s with seed %d: reselecting with seed %d", report.drifted_columns, s, s + 1)
 
-    report_path = out / "drift_report.json"
+    files = CalibrationFiles(out)
+    report_path = files.drift_report
     if report is not None:
         report.attempts = attempts
         write_json_atomic(report_path, report)
-        write_text_atomic(out / "drift_report.txt", report.text() + "\n")
+        write_text_atomic(files.drift_text, report.text() + "\n")
         passed, drifted = report.passed, report.drifted_columns
     else:
         write_json_atomic(report_path, {"passed": True, "skipped": True, "drifted_columns": []})
@@ -374,7 +375,7 @@ def select_calibration(
     used_seed = attempts[-1]["seed"]
     warnings = _slice_minimums(chosen, stratify_by, min_per_slice, c.on_small_slice, stats)
     feeds = _check_schema(chosen, kind, val_src, model_inputs, "the calibration set")
-    cal_path = out / "calibration.parquet"
+    cal_path = files.table
     with atomic_path(cal_path) as tmp:
         chosen.drop(columns=[ROW]).to_parquet(tmp, index=False)
     feeds_manifest = _write_feeds(feeds, out) if feeds is not None else None
@@ -384,7 +385,7 @@ def select_calibration(
         path=str(cal_path), sha256=sha256_file(cal_path), rows=len(chosen), strategy=strategy, seed=used_seed,
         pool=pool_src.uri, pool_rows=stats["pool_rows"], reference=ref_src.uri, rows_per_slice=per_slice,
         drift_passed=passed, drifted_columns=drifted, drift_report_path=str(report_path),
-        manifest_path=str(out / CALIBRATION_MANIFEST), attempts=attempts, warnings=warnings,
+        manifest_path=str(files.manifest), attempts=attempts, warnings=warnings,
         feeds_path=feeds_manifest["path"] if feeds_manifest else None,
         feeds_sha256=feeds_manifest["sha256"] if feeds_manifest else None,
         feeds=feeds_manifest["inputs"] if feeds_manifest else {}, data=kind.describe(),
@@ -393,7 +394,7 @@ def select_calibration(
                 "recency": None if recency is None else {**recency.model_dump(), "cutoff": stats.get("cutoff")},
                 "min_per_slice": min_per_slice, "pool_rows_per_stratum": stats["pool_rows_per_stratum"],
                 "stratify_by": stratify_by if strategy == "stratified" else []}
-    write_json_atomic(out / CALIBRATION_MANIFEST, manifest)
+    write_json_atomic(files.manifest, manifest)
     return result
 
 

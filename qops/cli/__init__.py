@@ -268,6 +268,7 @@ def cmd_webhook(args) -> int:
 
 def cmd_run(args) -> int:
     from qops.pipeline import format_summary, run_pipeline
+    from qops.run_folder import RunLayout
     from qops.spec import load_spec
 
     summary = run_pipeline(load_spec(args.spec), run_id=args.run_id, progress=not args.json, approved=args.approve)
@@ -275,7 +276,7 @@ def cmd_run(args) -> int:
         emit(args, summary)
     else:
         print(format_summary(summary))
-        print(f"summary: {summary['run_dir']}/summary.json")
+        print(f"summary: {RunLayout.at(summary['run_dir']).summary}")
     return 0 if any(r.get("gate") == "passed" for r in summary["targets"]) else 3
 
 

@@ -3,12 +3,11 @@ are the JSON-able dicts (or the :class:`~qops.quantize.QuantizeResult`) the stag
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Protocol
 
 from qops.errors import QopsError
 from qops.registry import configure_mlflow
-from qops.run_folder import RunLayout
+from qops.run_folder import ModelFolder, RunLayout
 
 
 class Modality(Protocol):
@@ -27,10 +26,10 @@ class Modality(Protocol):
     def quantize(self, spec, layout: RunLayout, target: str, calibration: dict | None):
         """Quantize the source for ``target``; returns a :class:`~qops.quantize.QuantizeResult`."""
 
-    def evaluate(self, spec, layout: RunLayout, folder: Path, quantized: dict) -> dict:
+    def evaluate(self, spec, layout: RunLayout, folder: ModelFolder, quantized: dict) -> dict:
         """FP32 vs quantized on the validation slices; returns the evaluation written to ``folder``."""
 
-    def qat(self, spec, layout: RunLayout, target: str, folder: Path, why: str) -> dict:
+    def qat(self, spec, layout: RunLayout, target: str, folder: ModelFolder, why: str) -> dict:
         """Quantization-aware training of ``target`` into ``folder``."""
 
     def register_extras(self, spec, source: dict, quantized: dict) -> tuple[dict | None, list[str]]:

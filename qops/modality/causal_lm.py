@@ -19,7 +19,7 @@ from qops.llm.qlora import run_qlora
 from qops.llm.serves import serves_in_fresh_process
 from qops.llm.source import GENAI_FILES, LlmInfo, export_onnx, resolve_hf_dir
 from qops.modality.base import registry_for, unsupported
-from qops.run_folder import RunLayout
+from qops.run_folder import ModelFolder, RunLayout
 
 
 def info(source: dict) -> LlmInfo:
@@ -48,7 +48,7 @@ class CausalLmModality:
         src.update(info=LlmInfo.from_hf(src["hf_dir"]).__dict__, pt2_path=None, path=None,
                    base_hf_dir=src["hf_dir"], arch=arch.model_type)
         if spec.qlora is None and needs_onnx(spec):  # with QLoRA the merged model is exported by the finetune stage
-            ex = export_onnx(src["hf_dir"], layout.root / "fp32")
+            ex = export_onnx(src["hf_dir"], layout.fp32_export)
             src.update(path=ex["path"], export=ex)
         write_json_atomic(layout.source, src)
         return src
@@ -71,10 +71,10 @@ class CausalLmModality:
         src = read_json(layout.source)
         q = spec.qlora
         res = run_qlora(src["base_hf_dir"], q.data or spec.data.reference, q.column or spec.data.causal_lm.column,
-                        layout.root / "qlora", q)
+                        layout.qlora, q)
         src.update(hf_dir=res["merged_dir"], finetune=res)
         if needs_onnx(spec):
-            ex = export_onnx(res["merged_dir"], layout.root / "fp32")
+            ex = export_onnx(res["merged_dir"], layout.fp32_export)
             src.update(path=ex["path"], export=ex)
         write_json_atomic(layout.source, src)
         return {k: res[k] for k in ("merged_dir", "steps", "final_loss", "resumed_from", "seconds")}
@@ -96,11 +96,10 @@ class CausalLmModality:
             inputs.windows = kind(spec, src).windows(pd.read_parquet(calibration["path"]), "calibration set",
                                                      spec.data.causal_lm.calibration_windows)
             inputs.calibration_path, inputs.calibration_rows = calibration["path"], int(calibration["rows"])
-        out = layout.target(target) / "model"
-        return engine.quantize(Path(src["hf_dir"]), recipe, out / "model.gguf" if engine.artifact == "file" else out,
+        return engine.quantize(Path(src["hf_dir"]), recipe, layout.target(target).llm_model(engine.artifact == "file"),
                                inputs=inputs)
 
-    def evaluate(self, spec, layout: RunLayout, folder: Path, quantized: dict) -> dict:
+    def evaluate(self, spec, layout: RunLayout, folder: ModelFolder, quantized: dict) -> dict:
         src = read_json(layout.source)
         g, c = spec.gates, spec.data.causal_lm
         res = evaluate_llm(quantized["source_path"], quantized["model_path"], spec.data.validation, kind(spec, src),
@@ -111,7 +110,7 @@ class CausalLmModality:
                            measure_memory=quantized["recipe"].get("device") != "cuda")
         return to_jsonable(res)
 
-    def qat(self, spec, layout: RunLayout, target: str, folder: Path, why: str) -> dict:
+    def qat(self, spec, layout: RunLayout, target: str, folder: ModelFolder, why: str) -> dict:
         unsupported("decoder-LLM", "QAT", "fine-tune causal LMs with the qlora block (docs/llm.md#qlora).")
 
     def register_extras(self, spec, source: dict, quantized: dict) -> tuple[dict | None, list[str]]:

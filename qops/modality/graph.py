@@ -18,7 +18,7 @@ from qops.qat.plan import config_for, plan_for
 from qops.quantize import quantize
 from qops.quantize.tune import tune
 from qops.registry import fetch_source_model
-from qops.run_folder import RunLayout
+from qops.run_folder import ModelFolder, RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class GraphModality:
             cal = calibration.get("feeds_path") if recipe.engine != "torchao" and calibration.get("feeds_path") \
                 else calibration["path"]
         feats = features(spec, source)
-        out_path = layout.target(target) / f"model{recipe.output_suffix}"
+        out_path = layout.target(target).model(recipe.output_suffix)
         t = spec.tuning
         if t.enabled and (t.targets is None or target in t.targets):
             log.info("tuning %s: up to %d trials / %.0f s", target, t.max_trials, t.timeout_s)
@@ -98,7 +98,7 @@ class GraphModality:
                         ranking_data=cal or spec.data.validation, validation=spec.data.validation)
         return quantize(src, recipe, out_path, calibration=cal, features=feats)
 
-    def evaluate(self, spec, layout: RunLayout, folder: Path, quantized: dict) -> dict:
+    def evaluate(self, spec, layout: RunLayout, folder: ModelFolder, quantized: dict) -> dict:
         source = read_json(layout.source)
         d = spec.data
         res = evaluate_with_gates(quantized["source_path"], quantized["model_path"], d.validation, spec.gates,
@@ -122,9 +122,9 @@ class GraphModality:
                                  "column of class indices, or qat.loss: distill (label-free).")
         return df, kind, labels, path
 
-    def qat(self, spec, layout: RunLayout, target: str, folder: Path, why: str) -> dict:
+    def qat(self, spec, layout: RunLayout, target: str, folder: ModelFolder, why: str) -> dict:
         source = read_json(layout.source)
-        ptq = read_json(layout.target(target) / RunLayout.QUANTIZE)
+        ptq = read_json(layout.target(target).quantize)
         recipe = spec.recipe(target)
         t = spec.qat.targets[target]
         plan = plan_for(recipe, engine=t.engine, scheme=t.scheme, mode=resolve_mode(recipe, source["path"], ptq.get("mode")))
@@ -133,7 +133,7 @@ class GraphModality:
         cfg = config_for(spec.qat, target, plan, has_label=labels is not None)
         log.info("QAT for %s (%s): %s %s on %d rows of %s", target, why, plan.engine, plan.scheme, len(df), path)
         res = run_qat(source_onnx=source["path"], program=torch_program(spec, source), recipe=recipe, plan=plan,
-                      cfg=cfg, train_feeds=feeds, labels=labels, out_dir=folder, work_dir=folder / "work")
+                      cfg=cfg, train_feeds=feeds, labels=labels, out_dir=folder.path, work_dir=folder.work)
         res["qat"]["why"], res["qat"]["data"] = why, path
         return res
 

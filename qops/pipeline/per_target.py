@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from qops.artifacts import read_json, to_jsonable, write_json_atomic
 from qops.gates import gate
 from qops.modality import modality_for
 from qops.pipeline.common import claimed, required
-from qops.run_folder import RunLayout
+from qops.run_folder import ModelFolder, RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -23,26 +22,26 @@ def stage_quantize(spec, run_id: str, target: str) -> dict:
     if recipe.needs_calibration or layout.calibration.is_file():
         calibration = required(layout.calibration, "calibrate")
     out = to_jsonable(modality_for(spec).quantize(spec, layout, target, calibration))
-    write_json_atomic(layout.target(target) / RunLayout.QUANTIZE, out)
+    write_json_atomic(layout.target(target).quantize, out)
     return out
 
 
-def evaluate_in(spec, layout: RunLayout, folder: Path) -> dict:
-    quantized = required(folder / RunLayout.QUANTIZE, "quantize")
+def evaluate_in(spec, layout: RunLayout, folder: ModelFolder) -> dict:
+    quantized = required(folder.quantize, "quantize")
     required(layout.source, "source")
     out = modality_for(spec).evaluate(spec, layout, folder, quantized)
-    write_json_atomic(folder / RunLayout.EVALUATION, out)
+    write_json_atomic(folder.evaluation, out)
     return out
 
 
-def gate_in(spec, folder: Path, target: str, qat_next=None) -> dict:
-    res = gate(required(folder / RunLayout.EVALUATION, "evaluate"), spec.gates_for(target))
+def gate_in(spec, folder: ModelFolder, target: str, qat_next=None) -> dict:
+    res = gate(required(folder.evaluation, "evaluate"), spec.gates_for(target))
     out = to_jsonable(res)
     out["target"] = target
     out["message"] = res.message()
     if qat_next is not None:
         out["qat_next"] = qat_next(out["passed"])
-    write_json_atomic(folder / RunLayout.GATE, out)
+    write_json_atomic(folder.gate, out)
     return out
 
 
@@ -62,7 +61,7 @@ def stage_gate(spec, run_id: str, target: str) -> dict:
                    qat_next=lambda passed: bool(t and (t.when == "always" or not passed)))
 
 
-def candidate(spec, run_id: str, target: str) -> tuple[Path, str, str]:
+def candidate(spec, run_id: str, target: str) -> tuple[ModelFolder, str, str]:
     """Folder of the target's candidate model (the one carded and registered), its method and why:
     the PTQ model, or the QAT model (``qat.when: always``, or ``ptq_fails`` after a failed PTQ gate)."""
     tdir = RunLayout.of(spec, run_id).target(target)
@@ -70,10 +69,10 @@ def candidate(spec, run_id: str, target: str) -> tuple[Path, str, str]:
     if t is None:
         return tdir, "ptq", "no QAT configured for this target"
     if t.when == "always":
-        return RunLayout.qat(tdir), "qat", "qat.when is always"
-    g = tdir / RunLayout.GATE
+        return tdir.qat, "qat", "qat.when is always"
+    g = tdir.gate
     if g.is_file() and not read_json(g)["passed"]:
-        return RunLayout.qat(tdir), "qat", "the PTQ model failed its gates (qat.when: ptq_fails)"
+        return tdir.qat, "qat", "the PTQ model failed its gates (qat.when: ptq_fails)"
     return tdir, "ptq", "the PTQ model passed its gates (qat.when: ptq_fails)"
 
 
@@ -87,9 +86,9 @@ def stage_qat(spec, run_id: str, target: str) -> dict:
         return {"target": target, "ran": False, "skipped": True, "reason": why}
     layout = RunLayout.of(spec, run_id)
     required(layout.source, "source")
-    required(layout.target(target) / RunLayout.QUANTIZE, "quantize")
+    required(layout.target(target).quantize, "quantize")
     res = modality_for(spec).qat(spec, layout, target, folder, why)
-    write_json_atomic(folder / RunLayout.QUANTIZE, to_jsonable(res))
+    write_json_atomic(folder.quantize, to_jsonable(res))
     evaluate_in(spec, layout, folder)
     g = gate_in(spec, folder, target)
     return {"target": target, "ran": True, "reason": why, "passed": g["passed"], "message": g["message"],

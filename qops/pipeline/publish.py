@@ -25,15 +25,15 @@ def stage_card(spec, run_id: str, target: str, dag_id: str | None = None) -> dic
     layout = RunLayout.of(spec, run_id)
     tdir = layout.target(target)
     folder, method, why = candidate(spec, run_id, target)
-    if not (folder / RunLayout.GATE).is_file():
+    if not folder.gate.is_file():
         return skipped(target, f"no gate result for the {method.upper()} model of {target}: an upstream stage "
                        "failed before its gate")
-    q = required(folder / RunLayout.QUANTIZE, "quantize" if method == "ptq" else "qat")
-    evaluation = required(folder / RunLayout.EVALUATION, "evaluate" if method == "ptq" else "qat")
-    gate_result = required(folder / RunLayout.GATE, "gate")
+    q = required(folder.quantize, "quantize" if method == "ptq" else "qat")
+    evaluation = required(folder.evaluation, "evaluate" if method == "ptq" else "qat")
+    gate_result = required(folder.gate, "gate")
     qat = None
     if method == "qat":
-        qat = qat_section(required(tdir / RunLayout.EVALUATION, "evaluate"), required(tdir / RunLayout.GATE, "gate"),
+        qat = qat_section(required(tdir.evaluation, "evaluate"), required(tdir.gate, "gate"),
                           evaluation, q, why, spec.qat.targets[target].when)
     card = build_card_data(
         pipeline=spec.name,
@@ -48,11 +48,11 @@ def stage_card(spec, run_id: str, target: str, dag_id: str | None = None) -> dic
         qat=qat,
         human=spec.card.model_dump(),
         lineage={"dag_id": dag_id or "qops-cli", "run_id": run_id, "spec_sha256": spec.digest(),
-                 "artifact_dir": str(folder)},
+                 "artifact_dir": str(folder.path)},
     )
-    out = to_jsonable(write_card(card, tdir / "card"))
+    out = to_jsonable(write_card(card, tdir.card_dir))
     out["method"] = method
-    write_json_atomic(tdir / RunLayout.CARD, out)
+    write_json_atomic(tdir.card, out)
     return out
 
 
@@ -103,20 +103,20 @@ def stage_register(spec, run_id: str, target: str) -> dict:
     layout = RunLayout.of(spec, run_id)
     tdir = layout.target(target)
     folder, method, _ = candidate(spec, run_id, target)
-    if not (tdir / RunLayout.CARD).is_file() or not (folder / RunLayout.GATE).is_file():
+    if not tdir.card.is_file() or not folder.gate.is_file():
         return skipped(target, f"no model card for {target}: an upstream stage failed", registered=False)
-    g = read_json(folder / RunLayout.GATE)
+    g = read_json(folder.gate)
     if not g["passed"] and not spec.mlflow.register_failed:
         name = registered_name(spec, required(layout.source, "source")["name"], target)
         out = skipped(target, f"gates failed for the {method.upper()} model of {target}: not registered "
                       "(mlflow.register_failed is off)", registered=False, name=name, version=None, aliases=[])
-        write_json_atomic(tdir / RunLayout.REGISTER, out)
+        write_json_atomic(tdir.register, out)
         return out
     configure_mlflow(spec.mlflow.tracking_uri, spec.mlflow.registry_uri)
     source = required(layout.source, "source")
-    q = required(folder / RunLayout.QUANTIZE, "quantize")
-    card = required(tdir / RunLayout.CARD, "card")
-    ev = required(folder / RunLayout.EVALUATION, "evaluate")
+    q = required(folder.quantize, "quantize")
+    card = required(tdir.card, "card")
+    ev = required(folder.evaluation, "evaluate")
     recipe, m = q["recipe"], ev["primary_metric"]
     check_model_hash(q)
 
@@ -125,7 +125,7 @@ def stage_register(spec, run_id: str, target: str) -> dict:
         data = read_json(card["json_path"])
         data["lineage"]["mlflow"] = mlflow_info
         files = write_card(data, Path(card["json_path"]).parent)
-        write_json_atomic(tdir / RunLayout.CARD, files)
+        write_json_atomic(tdir.card, files)
         return files.files
 
     modality = modality_for(spec)
@@ -152,7 +152,7 @@ def stage_register(spec, run_id: str, target: str) -> dict:
         finalize_card(None)  # the version was rolled back: the card must not name it
         raise
     out = to_jsonable(res)
-    write_json_atomic(tdir / RunLayout.REGISTER, out)
+    write_json_atomic(tdir.register, out)
     return out
 
 
@@ -164,7 +164,7 @@ def stage_promote(spec, run_id: str, target: str, approved: bool = False) -> dic
     if p is None:
         return skipped(target, "no mlflow.promotion in the spec", promoted=False)
     tdir = RunLayout.of(spec, run_id).target(target)
-    reg = tdir / RunLayout.REGISTER
+    reg = tdir.register
     r = read_json(reg) if reg.is_file() else {}
     if not r.get("registered") or not r.get("version"):
         return skipped(target, f"nothing was registered for {target} in run {run_id}: nothing to promote",
@@ -172,5 +172,5 @@ def stage_promote(spec, run_id: str, target: str, approved: bool = False) -> dic
     configure_mlflow(spec.mlflow.tracking_uri, spec.mlflow.registry_uri)
     out = promote(r["name"], r["version"], p.alias, approved=approved, require_approval=p.require_approval,
                   better_on=p.better_on or None, by=f"{spec.name} run {run_id}")
-    write_json_atomic(tdir / RunLayout.PROMOTE, out)
+    write_json_atomic(tdir.promote, out)
     return {"target": target, **out}

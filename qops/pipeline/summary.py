@@ -16,20 +16,18 @@ from qops.run_folder import RunLayout
 @claimed("shared")
 def stage_summary(spec, run_id: str, dag_id: str | None = None) -> dict:
     layout = RunLayout.of(spec, run_id)
-    rdir = layout.root
     rows = []
     for target in spec.targets:
         tdir, (cdir, method, why) = layout.target(target), candidate(spec, run_id, target)
         row: dict = {"target": target, "method": method}
         if method == "qat" or spec.qat and target in spec.qat.targets:
             row["method_reason"] = why
-            if (tdir / RunLayout.GATE).is_file():
-                row["ptq_gate"] = "passed" if read_json(tdir / RunLayout.GATE)["passed"] else "failed"
-        if not (cdir / RunLayout.GATE).is_file() and method == "qat":
+            if tdir.gate.is_file():
+                row["ptq_gate"] = "passed" if read_json(tdir.gate)["passed"] else "failed"
+        if not cdir.gate.is_file() and method == "qat":
             row["qat_error"] = "QAT did not finish (see the qat task's log)"
-        tdir = cdir
-        if (tdir / RunLayout.EVALUATION).is_file():
-            ev = read_json(tdir / RunLayout.EVALUATION)
+        if cdir.evaluation.is_file():
+            ev = read_json(cdir.evaluation)
             m = ev["primary_metric"]
             worst = max(
                 ((s["key"], s["metrics"][m]) for s in ev["slices"]
@@ -45,26 +43,25 @@ def stage_summary(spec, run_id: str, dag_id: str | None = None) -> dict:
                 "worst_slice": worst[0], "worst_slice_delta": None if worst[1] is None else worst[1]["delta"],
                 "on_target_hardware": ev["hardware_match"].get("matches"),
             })
-        if (tdir / RunLayout.GATE).is_file():
-            g = read_json(tdir / RunLayout.GATE)
+        if cdir.gate.is_file():
+            g = read_json(cdir.gate)
             row["gate"] = "passed" if g["passed"] else "failed"
             row["failed_checks"] = g["failed"]
             row["inconclusive_checks"] = g.get("inconclusive") or []
             row["unprotected_slices"] = [u["slice"] for u in g.get("unprotected") or []]
         else:
             row["gate"] = "not run"
-        tdir = layout.target(target)
-        if (tdir / RunLayout.REGISTER).is_file():
-            r = read_json(tdir / RunLayout.REGISTER)
+        if tdir.register.is_file():
+            r = read_json(tdir.register)
             row["mlflow"] = {"name": r["name"], "version": r["version"], "aliases": r["aliases"],
                              "registered": r["registered"]}
-        if (tdir / RunLayout.CARD).is_file():
-            c = read_json(tdir / RunLayout.CARD)
+        if tdir.card.is_file():
+            c = read_json(tdir.card)
             row["card"] = {"markdown": c["markdown_path"], "json": c["json_path"], "html": c["html_path"]}
         rows.append(row)
     summary = {"pipeline": spec.name, "run_id": run_id, "dag_id": dag_id, "qops_version": __version__,
                "source_model": spec.source_model, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-               "targets": rows, "run_dir": str(rdir)}
+               "targets": rows, "run_dir": str(layout.root)}
     write_json_atomic(layout.summary, summary)
     write_json_atomic(layout.latest_summary, {"summary": str(layout.summary)})
     return summary

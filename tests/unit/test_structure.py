@@ -130,3 +130,41 @@ def test_the_layer_check_catches_an_upward_import():
     tree = ast.parse("from qops.pipeline import run_pipeline\n")
     edges = _imports("qops.targets.cpu", tree)
     assert edges and _rank(edges[0][0]) < _rank("qops.targets.cpu")
+
+
+# RunLayout (qops/run_folder.py) is the only place a run-folder path is composed: no other module spells a stage file
+STAGE_FILES = ("run.json", "source.json", "quantize.json", "evaluation.json", "gate.json", "card.json",
+               "register.json", "promote.json", "summary.json")
+SCANNED = [*MODS.values(), *(f for d in ("dags", "bench", "scripts") for f in (REPO / d).rglob("*.py"))]
+ALLOWED = {
+    # write_card names the files of a rendered card (card.md, card.html, card.json, charts) in whatever folder it is
+    # given; this card.json is the card's own data inside card/, not the target's card-stage record, and it is named
+    # beside its siblings (RunLayout names the folder: TargetFolder.card_dir)
+    ("qops/cards/__init__.py", "card.json"),
+    # the benchmark's own results file, bench/results/quantize.json: no run folder is involved
+    ("bench/bench_quantize.py", "quantize.json"),
+}
+
+
+def _stage_file_literals(tree: ast.AST) -> list[tuple[int, str]]:
+    """(line, name) for every string constant (f-string parts included) that is a stage file name or a path
+    ending in one; prose that merely mentions a name (docstrings, help texts) is not a path."""
+    return [(node.lineno, name) for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str)
+            for name in STAGE_FILES if node.value == name or node.value.endswith(("/" + name, "\\" + name))]
+
+
+def test_only_run_layout_spells_a_run_folder_file_name():
+    bad = []
+    for f in SCANNED:
+        rel = f.relative_to(REPO).as_posix()
+        if rel == "qops/run_folder.py":
+            continue
+        bad += [f"{rel}:{line} spells {name!r}: use qops.run_folder.RunLayout"
+                for line, name in _stage_file_literals(ast.parse(f.read_text())) if (rel, name) not in ALLOWED]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_run_layout_check_catches_a_composed_path():
+    tree = ast.parse('p = tdir / "gate.json"\nq = f"{run_dir}/summary.json"\n"""Reads ``gate.json``."""\n')
+    assert [name for _, name in _stage_file_literals(tree)] == ["gate.json", "summary.json"]
