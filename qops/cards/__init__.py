@@ -22,6 +22,7 @@ from qops.artifacts import atomic_path, to_jsonable, write_json_atomic, write_te
 from qops.cards.charts import gate_intervals_svg, metric_bars_svg, perf_bars_svg, qat_loss_svg
 from qops.cards.data import CardData, EvalResult, Metric
 from qops.errors import QopsError
+from qops.targets import Recipe
 
 CARD_SCHEMA_VERSION = "1.0"
 __all__ = ["CARD_SCHEMA_VERSION", "HUMAN_FIELDS", "PLACEHOLDER", "CardData", "CardResult", "EvalResult", "Metric",
@@ -49,25 +50,23 @@ class CardResult:
 
 def _method(recipe: dict, quantization: dict) -> str:
     mode = quantization.get("mode") or recipe["mode"]
-    what = {"int8": f"{mode} INT8 PTQ", "fp16": "FP16 cast", "int4": f"INT4 weight-only ({recipe.get('algorithm', 'rtn').upper()}, "
-            f"block {recipe.get('block_size')})", "codebook": f"non-uniform {recipe.get('codebook')} codebook "
-            f"({recipe.get('codebook_bits')}-bit indices)", "fp8": f"FP8 {mode} ({recipe.get('torch_method')})",
-            "nf4": f"NF4 weight-only (block {recipe.get('block_size')})"}
-    if recipe.get("engine") == "llama.cpp":
-        imatrix = ", importance matrix" if (quantization.get("technique") or {}).get("imatrix") else ""
-        return f"GGUF {recipe.get('gguf_type')} weight-only{imatrix}, KV cache {recipe.get('kv_cache_type')} (llama.cpp)"
-    if recipe.get("engine") == "compressed-tensors":
-        return f"compressed-tensors {(quantization.get('technique') or {}).get('algorithm', '')} (vLLM)"
-    if recipe.get("model_kind") == "causal_lm" and recipe["precision"] in ("int4", "nf4"):
-        what[recipe["precision"]] += f", lm_head {recipe.get('lm_head')}"
-    fmt = (f", {recipe['quant_format']}" if recipe["precision"] == "int8" and mode == "static"
-           and recipe.get("engine") != "torchao" else "")
     qat = recipe.get("qat")
     if qat:  # trained with fake quantization, not post-training
-        what = {"int8": f"{mode} INT8 QAT", "int4": f"INT4 weight-only QAT (block {recipe.get('block_size')})"}
-        what = {**what, "fp8": f"FP8 QAT ({qat['scheme']})"}
+        fmt = f", {recipe['quant_format']}" if recipe["precision"] == "int8" and mode == "static" \
+            and "quant_format" in recipe else ""
+        what = {"int8": f"{mode} INT8 QAT", "int4": f"INT4 weight-only QAT (block {recipe.get('block_size')})",
+                "fp8": f"FP8 QAT ({qat['scheme']})"}
         return f"{what.get(recipe['precision'], 'QAT')} ({qat['engine']} {qat['scheme']}; {recipe['runtime']}{fmt})"
-    return f"{what.get(recipe['precision'], mode)} ({recipe['runtime']}{fmt})"
+    return Recipe.from_dict(recipe).config.method(mode, quantization.get("technique") or {}, recipe["runtime"])
+
+
+def _formats(recipe: dict, mode: str) -> dict:
+    """Weight/activation types, symmetry and calibration method as the recipe's engine config states them."""
+    facts = Recipe.from_dict(recipe).config.card_facts()
+    facts.update({k: v for k, v in ((recipe.get("qat") or {}).get("card_facts") or {}).items() if k in facts})
+    if mode != "static":
+        facts["calibration_method"] = f"none ({mode})"
+    return facts
 
 
 def _versions() -> dict:
@@ -126,14 +125,8 @@ def build_card_data(*, pipeline: str, source: dict, target_recipe: dict, calibra
             "fp32_nodes": list(target_recipe.get("nodes_to_exclude") or []),
             "tuning": quantization.get("tuning") or {},
             "precision": target_recipe["precision"],
-            "weight_type": target_recipe["weight_type"],
-            "activation_type": target_recipe["activation_type"],
+            **_formats(target_recipe, quantization.get("mode") or target_recipe["mode"]),
             "granularity": target_recipe["granularity"],
-            "symmetric_weights": target_recipe["symmetric_weights"],
-            "symmetric_activations": target_recipe["symmetric_activations"],
-            "calibration_method": target_recipe["calibration_method"]
-            if (quantization.get("mode") or target_recipe["mode"]) == "static" else "none (" + (
-                quantization.get("mode") or target_recipe["mode"]) + ")",
             "runtime": target_recipe["runtime"],
             "execution_provider": target_recipe["execution_provider"],
             "queue": target_recipe["queue"],

@@ -51,7 +51,7 @@ def quantize(
                                batch_size=batch_size)
     check_hf_dir(model)
     if engine.needs_calibration(recipe) and calibration is None:
-        raise DataError(f"Target {recipe.target!r} ({recipe.algorithm}) needs calibration texts.",
+        raise DataError(f"Target {recipe.target!r} ({recipe.calibration_use}) needs calibration texts.",
                         "pass --calibration FILE: parquet/CSV with a text column (--text-column, default 'text').")
     with private_tempdir(output.parent) as work:
         inputs = cli_inputs(model, work, calibration if engine.needs_calibration(recipe) else None,

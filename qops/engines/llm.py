@@ -63,7 +63,7 @@ class LlmEngine(Engine):
     def quantize(self, model: Path, recipe, output: Path, inputs: LlmInputs | None = None, **_) -> QuantizeResult:
         t0 = time.perf_counter()
         if recipe.needs_calibration and not inputs.windows:
-            raise QopsError(f"Target {recipe.target!r} needs calibration windows ({recipe.algorithm}).",
+            raise QopsError(f"Target {recipe.target!r} needs calibration windows ({recipe.calibration_use}).",
                             "pass --calibration FILE (a parquet/CSV text column), or run the calibrate stage first.")
         technique = self.write(recipe, output, inputs)
         return llm_result(self, recipe, self.model_file(output), self.reference(inputs), inputs, technique,
@@ -101,7 +101,8 @@ class OrtGenaiEngine(LlmEngine):
         ONNX Runtime's round-to-nearest, which reproduces GPTQ's integers; the intermediate folders are removed."""
         work = inputs.work_dir / "gptq" / recipe.target
         try:
-            ck = gptq_checkpoint(inputs.hf_dir, inputs.windows, recipe.block_size, work / "hf")
+            ck = gptq_checkpoint(inputs.hf_dir, inputs.windows, recipe.block_size, work / "hf",
+                                 symmetric=recipe.symmetric_weights, act_order=recipe.act_order)
             ex = export_onnx(ck["hf_dir"], work / "onnx")
             rtn = recipe.with_options(algorithm="rtn", block_size=ck["group"])
             with atomic_dir(output) as tmp:

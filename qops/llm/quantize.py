@@ -278,7 +278,8 @@ def copy_genai_files(src, out: Path) -> None:
             shutil.copy2(Path(src).parent / f, out.parent / f)
 
 
-def gptq_checkpoint(hf_dir: str | os.PathLike, windows, block_size: int, out_dir: str | os.PathLike) -> dict:
+def gptq_checkpoint(hf_dir: str | os.PathLike, windows, block_size: int, out_dir: str | os.PathLike,
+                    symmetric: bool = True, act_order: bool = False) -> dict:
     """qops' sequential GPTQ (:func:`qops.llm.torch_quant.gptq`) on the checkpoint, on ONNX Runtime's signed-scale
     grid, saved as a checkpoint whose weights lie exactly on that grid: exported to ONNX, ONNX Runtime's
     round-to-nearest then re-derives GPTQ's own scales and integers (instead of ONNX Runtime's GPTQ, which takes
@@ -291,7 +292,7 @@ def gptq_checkpoint(hf_dir: str | os.PathLike, windows, block_size: int, out_dir
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, local_files_only=True).eval()
     group = group_size_for(model, block_size)
-    gptq(model, windows, 4, group, grid="ort")
+    gptq(model, windows, 4, group, grid="ort", symmetric=symmetric, act_order=act_order)
     out = Path(out_dir)
     with atomic_dir(out) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
@@ -299,8 +300,11 @@ def gptq_checkpoint(hf_dir: str | os.PathLike, windows, block_size: int, out_dir
             if f.is_file() and not (tmp / f.name).exists() and f.suffix not in (".safetensors", ".bin"):
                 shutil.copy2(f, tmp / f.name)
     return {"hf_dir": str(out), "group": group, "windows": len(windows), "seconds": round(time.perf_counter() - t0, 1),
-            "implementation": "qops PyTorch GPTQ (sequential, layer inputs carried forward, damp 0.01), on ONNX "
-            "Runtime's signed-scale grid; integers written by ONNX Runtime's RTN, which reproduces them exactly"}
+            "symmetric": symmetric, "act_order": act_order,
+            "implementation": "qops PyTorch GPTQ (sequential, layer inputs carried forward, damp 0.01"
+            + (", activation order with static groups" if act_order else "") + "), "
+            + ("on ONNX Runtime's signed-scale grid" if symmetric else "asymmetric (integer zero points)")
+            + "; the exact codes, scales and zero points written into ONNX Runtime's MatMulNBits"}
 
 
 def grid_codes(w, block: int) -> tuple:
@@ -309,42 +313,86 @@ def grid_codes(w, block: int) -> tuple:
     divided by the code it holds (-8, -7, 7, ... tried in that order) — exact where round-to-nearest's absmax/8 is
     not (a block whose largest value was rounded to -7 after GPTQ's error feedback). Returns (codes + 8 as uint8
     [N, blocks, block], scales [N, blocks])."""
-    n, k = w.shape
-    g = np.pad(w, ((0, 0), (0, -k % block))).reshape(n, -1, block).astype(np.float64)
+    g = _blocks(w, block)
     vmax = np.take_along_axis(g, np.abs(g).argmax(-1)[..., None], -1)[..., 0]
     scales = np.zeros(vmax.shape)
     for c in (-8, -7, 7, -6, 6, -5, 5, -4, 4, -3, 3, -2, 2, -1, 1):
         s = np.where(vmax != 0, vmax / c, 1.0)
-        r = g / s[..., None]
-        ok = (np.abs(r - np.round(r)) < 1e-3).all(-1) & (np.round(r) >= -8).all(-1) & (np.round(r) <= 7).all(-1)
-        scales = np.where((scales == 0) & ok, s, scales)
-    if (scales == 0).any():
-        raise QopsError("GPTQ's weights are not on a symmetric 4-bit grid (an internal error).",
-                        "report it with the model; use llm_int4_rtn meanwhile.")
+        scales = np.where((scales == 0) & _on_grid(g, s, -8, 7), s, scales)
+    _check_grid(scales, "symmetric")
     codes = np.clip(np.round(g / scales[..., None]), -8, 7) + 8
     return codes.astype(np.uint8), scales.astype(np.float32)
 
 
+def grid_codes_asymmetric(w, block: int) -> tuple:
+    """As :func:`grid_codes` for weights on an asymmetric 4-bit grid ((code - zero) x scale, codes 0..15, an integer
+    zero point: GPTQ with ``symmetric=False``). Zero lies on such a grid, so the span from min(w, 0) to max(w, 0) is
+    k steps for some k <= 15: the first k (from 15 down) whose step holds every value is a scale that reproduces the
+    block exactly. Returns (codes uint8 [N, blocks, block], scales [N, blocks], zero points uint8 [N, blocks])."""
+    g = _blocks(w, block)
+    lo, hi = np.minimum(g.min(-1), 0), np.maximum(g.max(-1), 0)
+    scales = np.zeros(lo.shape)
+    for k in range(15, 0, -1):
+        s = np.where(hi > lo, (hi - lo) / k, 1.0)
+        scales = np.where((scales == 0) & _on_grid(g, s, -15, 15), s, scales)
+    _check_grid(scales, "asymmetric")
+    zeros = np.round(-lo / scales)
+    codes = np.clip(np.round(g / scales[..., None]) + zeros[..., None], 0, 15)
+    return codes.astype(np.uint8), scales.astype(np.float32), zeros.astype(np.uint8)
+
+
+def _blocks(w, block: int):
+    n, k = w.shape
+    return np.pad(w, ((0, 0), (0, -k % block))).reshape(n, -1, block).astype(np.float64)
+
+
+def _on_grid(g, s, lo: int, hi: int):
+    r = g / s[..., None]
+    return (np.abs(r - np.round(r)) < 1e-3).all(-1) & (np.round(r) >= lo).all(-1) & (np.round(r) <= hi).all(-1)
+
+
+def _check_grid(scales, kind: str) -> None:
+    if (scales == 0).any():
+        raise QopsError(f"GPTQ's weights are not on a {kind} 4-bit grid (an internal error).",
+                        "report it with the model; use llm_int4_rtn meanwhile.")
+
+
+def _pack4(codes):
+    """Two 4-bit values per byte, the first in the low nibble (MatMulNBits' layout)."""
+    codes = np.concatenate([codes, np.zeros_like(codes[..., :1])], -1) if codes.shape[-1] % 2 else codes
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+
+
 def write_grid_blobs(model, fp32_model) -> int:
-    """Overwrite the blobs and scales of each 4-bit ``MatMulNBits`` of ``model`` (written by round-to-nearest from
-    ``fp32_model``'s on-grid weights) with the grid's exact codes and scales; returns the number of nodes."""
+    """Overwrite the blobs, scales (and zero points, for asymmetric nodes) of each 4-bit ``MatMulNBits`` of
+    ``model`` (written by round-to-nearest from ``fp32_model``'s on-grid weights) with the grid's exact values;
+    returns the number of nodes."""
     from onnx import numpy_helper
 
     weights = {i.name: i for i in fp32_model.graph.initializer}
     inits = {i.name: i for i in model.graph.initializer}
     done = 0
+
+    def put(name, array):
+        old = inits[name]
+        old.CopyFrom(numpy_helper.from_array(array.reshape(numpy_helper.to_array(old).shape), old.name))
+
     for node in model.graph.node:
         attrs = {a.name: a.i for a in node.attribute}
-        if node.op_type != "MatMulNBits" or attrs.get("bits") != 4 or len(node.input) > 3:
+        if node.op_type != "MatMulNBits" or attrs.get("bits") != 4:
             continue
         source = weights.get(node.input[1][: -len("_Q4")] if node.input[1].endswith("_Q4") else None)
         if source is None:
             continue
-        codes, scales = grid_codes(numpy_helper.to_array(source).T, attrs["block_size"])
-        packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
-        blob, sc = inits[node.input[1]], inits[node.input[2]]
-        blob.CopyFrom(numpy_helper.from_array(packed.reshape(numpy_helper.to_array(blob).shape), blob.name))
-        sc.CopyFrom(numpy_helper.from_array(scales.reshape(numpy_helper.to_array(sc).shape), sc.name))
+        w = numpy_helper.to_array(source).T
+        zp = node.input[3] if len(node.input) > 3 and node.input[3] else None
+        if zp is None:
+            codes, scales = grid_codes(w, attrs["block_size"])
+        else:
+            codes, scales, zeros = grid_codes_asymmetric(w, attrs["block_size"])
+            put(zp, _pack4(zeros))
+        put(node.input[1], _pack4(codes))
+        put(node.input[2], scales)
         done += 1
     return done
 

@@ -198,40 +198,69 @@ def awq(model, windows, bits: int, group: int) -> dict:
             "alpha_median": float(np.median(list(chosen.values()))) if chosen else None}
 
 
-def gptq_weight(w, hessian, bits: int, group: int | None, block: int = 128, damp: float = 0.01, grid: str = "ct"):
-    """GPTQ of one weight ``w`` ([out, in]) against ``hessian`` ([in, in]): the dequantized weight and scales."""
+def group_grid(g, bits: int, symmetric: bool, grid: str = "ct"):
+    """One scale and integer zero point per row of ``g`` ([out, cols]) and the code range. Symmetric: zero 0, codes
+    -2^(bits-1)..2^(bits-1)-1 (scales as :func:`qparams`). Asymmetric (as GPTQ's and AWQ's ``zero_point``): the
+    range [min(w, 0), max(w, 0)] over 2^bits - 1 steps, zero = round(-min / scale), codes 0..2^bits-1 (0 stays
+    exact)."""
+    torch = _torch()
+    if symmetric:
+        scale, qmin, qmax = qparams(g, bits, None, grid)
+        return scale[:, 0], torch.zeros_like(scale[:, 0]), qmin, qmax
+    lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)
+    scale = (hi - lo) / (2 ** bits - 1)
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return scale, torch.round(-lo / scale), 0, 2 ** bits - 1
+
+
+def gptq_weight(w, hessian, bits: int, group: int | None, block: int = 128, damp: float = 0.01, grid: str = "ct",
+                symmetric: bool = True, act_order: bool = False):
+    """GPTQ of one weight ``w`` ([out, in]) against ``hessian`` ([in, in]): the dequantized weight and scales
+    ([out, groups]; with ``symmetric=False`` also the zero points: ``(weight, scales, zeros)``). ``act_order``:
+    columns quantized in order of decreasing Hessian diagonal (the inputs with the most energy first, so the error
+    of the others absorbs theirs), with each group's scale and zero fixed beforehand from the unquantized weights
+    ("static groups": the groups stay contiguous blocks of the original columns, as the 4-bit formats store them)."""
     torch = _torch()
     w = w.clone().double()
     h = hessian.clone().double()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
+    cols = w.shape[1]
+    gsize = group or cols
+    n_groups = cols // gsize
+    scales = torch.zeros(w.shape[0], n_groups, dtype=w.dtype)
+    zeros = torch.zeros_like(scales)
+    qmin, qmax = group_grid(w[:, :1], bits, symmetric, grid)[2:]
+    static = act_order or group is None
+    if static:  # every group's grid from the weights as they are
+        for gi in range(n_groups):
+            scales[:, gi], zeros[:, gi] = group_grid(w[:, gi * gsize:(gi + 1) * gsize], bits, symmetric, grid)[:2]
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(cols)
+    w, h = w[:, perm], h[perm][:, perm]
     h += damp * torch.mean(torch.diag(h)) * torch.eye(len(h), dtype=h.dtype)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    cols = w.shape[1]
     q = torch.zeros_like(w)
-    qmax, qmin = 2 ** (bits - 1) - 1, -(2 ** (bits - 1))
-    if group is None:
-        scales, _, _ = qparams(w, bits, None, grid)
-        scales = scales.double()
-    else:
-        scales = torch.zeros(w.shape[0], cols // group, dtype=w.dtype)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         w1, err1, hinv1 = w[:, i1:i2].clone(), torch.zeros_like(w[:, i1:i2]), hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            if group is not None and col % group == 0:  # the group's scale from its current (updated) weights
-                g = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :group]
-                scales[:, col // group] = qparams(g, bits, None, grid)[0][:, 0]
-            s = scales[:, col // group] if group is not None else scales[:, 0]
-            qc = torch.clamp(torch.round(w1[:, i] / s), qmin, qmax) * s
+            gi = int(perm[col]) // gsize
+            if not static and col % gsize == 0:  # the group's grid from its current (updated) weights
+                g = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :gsize]
+                scales[:, gi], zeros[:, gi] = group_grid(g, bits, symmetric, grid)[:2]
+            s, z = scales[:, gi], zeros[:, gi]
+            qc = (torch.clamp(torch.round(w1[:, i] / s) + z, qmin, qmax) - z) * s
             q[:, col] = qc
             e = (w1[:, i] - qc) / hinv1[i, i]
             w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
             err1[:, i] = e
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    return q.float(), scales.float()
+    q = q[:, torch.argsort(perm)]
+    if symmetric:
+        return q.float(), scales.float()
+    return q.float(), scales.float(), zeros.float()
 
 
 def layer_inputs(model, windows) -> tuple[list, list[list[tuple[tuple, dict]]]]:
@@ -270,11 +299,13 @@ def _run_layer(layer, h, extra: tuple[tuple, dict]):
     return o[0] if isinstance(o, tuple) else o
 
 
-def gptq(model, windows, bits: int, group: int | None, skip=("lm_head",), progress=None, grid: str = "ct") -> dict:
+def gptq(model, windows, bits: int, group: int | None, skip=("lm_head",), progress=None, grid: str = "ct",
+         symmetric: bool = True, act_order: bool = False) -> dict:
     """Sequential GPTQ over the decoder layers, one layer at a time: each layer's calibration inputs are the
     previous (already quantized) layer's outputs, carried forward, so the windows pass through each layer twice
     (Hessians, then the quantized outputs) instead of through the whole model once per layer. Sets each Linear's
-    weight to its dequantized GPTQ weight and returns {module name: scales}."""
+    weight to its dequantized GPTQ weight and returns {module name: scales} ({module name: (scales, zeros)} when
+    ``symmetric`` is false)."""
     torch = _torch()
     names = {m: n for n, m in model.named_modules()}
     out: dict[str, object] = {}
@@ -289,9 +320,10 @@ def gptq(model, windows, bits: int, group: int | None, skip=("lm_head",), progre
                 _run_layer(layer, h, extra[li])
         with torch.no_grad():
             for n, m in linears:
-                wq, scales = gptq_weight(m.weight.detach(), hs[n].result(), bits, group, grid=grid)
+                wq, *params = gptq_weight(m.weight.detach(), hs[n].result(), bits, group, grid=grid,
+                                          symmetric=symmetric, act_order=act_order)
                 m.weight.copy_(wq)
-                out[n] = scales
+                out[n] = params[0] if symmetric else tuple(params)
         with torch.inference_mode():  # the quantized layer's outputs are the next layer's inputs
             hidden = [_run_layer(layer, h, extra[li]) for h, extra in zip(hidden, extras)]
         log.info("GPTQ: decoder layer %d/%d quantized", li + 1, len(layers))

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from qops.errors import QopsError
+from qops.quantize.torch_engine import torchao_config
 from qops.registry import quantization_config
 from qops.targets import Recipe, get_target
 
@@ -42,17 +43,6 @@ class TorchDecoder:
 
     def step(self, token: int) -> np.ndarray:
         return self._run([token])[-1]
-
-
-def torchao_config(recipe):
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Int4WeightOnlyConfig, PerRow
-
-    if recipe.torch_method == "int4_weight_only":
-        return Int4WeightOnlyConfig(group_size=recipe.block_size)
-    if recipe.torch_method == "float8_dynamic":
-        return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
-    raise QopsError(f"Target {recipe.target!r}: torch_method {recipe.torch_method!r} is not an LLM method.",
-                    "use int4_weight_only or float8_dynamic for data.kind causal_lm.")
 
 
 def require_cuda(recipe) -> None:
@@ -106,5 +96,5 @@ def load_torch_target(folder: str | os.PathLike, recipe: dict | None):
     from torchao.quantization import quantize_
 
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16, local_files_only=True).to("cuda")
-    quantize_(model, torchao_config(r))
+    quantize_(model, torchao_config(r.torch_method, r.block_size))
     return TorchDecoder(model, "cuda", f"torch+torchao {r.torch_method} on {torch.cuda.get_device_name()}")

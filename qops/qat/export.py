@@ -199,7 +199,6 @@ def torchao_int4_to_matmulnbits(quantized, fp32_weights: dict, source_onnx: str,
 def quantize_embeddings(path: str | os.PathLike, recipe) -> Path:
     """INT4 block-wise embedding tables (``GatherBlockQuantized``) on a model whose MatMuls are already
     ``MatMulNBits``: ONNX Runtime's quantizer restricted to Gather, as the ``int4_weight_only`` recipe does."""
-    from dataclasses import replace
 
     import onnx
 
@@ -209,6 +208,6 @@ def quantize_embeddings(path: str | os.PathLike, recipe) -> Path:
     if not any(n.op_type == "Gather" and n.input and n.input[0] in inits for n in m.graph.node):
         return path  # no embedding table
     with atomic_path(path) as tmp:
-        quantize_nbits(path, tmp, replace(recipe, op_types=("Gather",), algorithm="rtn"), 4, None, False)
+        quantize_nbits(path, tmp, recipe.with_options(op_types=("Gather",), algorithm="rtn"), 4, None, False)
         copy_metadata(path, tmp)
     return path

@@ -147,14 +147,16 @@ def run_qat(*, source_onnx: str, program: str, recipe, plan: QatPlan, cfg: QatCo
     src_size = Path(source_onnx if plan.output != "pt2" else program).stat().st_size
     size = path.stat().st_size
     rec = recipe.to_dict()
-    rec["qat"] = {"engine": plan.engine, "scheme": plan.scheme, "output": plan.output}
     mode = {"int8_static": "static", "int8_dynamic": "dynamic"}.get(plan.scheme, recipe.mode)
+    facts = {}  # what the exported model is, where QAT's scheme differs from the PTQ recipe's options (the card reads it)
     if plan.engine == "pt2e":  # X86InductorQuantizer: int8 symmetric per-channel weights, uint8 activations
-        rec.update(mode=mode, per_channel=True, symmetric_weights=True, weight_type="int8", activation_type="uint8",
-                   granularity="per-channel", calibration_method="ranges observed during QAT (moving-average "
-                   "min/max over the training batches)", nodes_to_exclude=[])
+        scheme = dict(mode=mode, per_channel=True, symmetric_weights=True, weight_type="int8",
+                      activation_type="uint8", nodes_to_exclude=[])
+        rec.update({k: v for k, v in scheme.items() if recipe.has_option(k)}, granularity="per-channel")
+        facts["calibration_method"] = "ranges observed during QAT (moving-average min/max over the training batches)"
     elif plan.output == "onnx_matmulnbits":
-        rec.update(block_size=plan.group_size, algorithm="qat", granularity=f"block-wise ({plan.group_size})")
+        rec.update(block_size=plan.group_size, granularity=f"block-wise ({plan.group_size})")
+    rec["qat"] = {"engine": plan.engine, "scheme": plan.scheme, "output": plan.output, "card_facts": facts}
     src = source_onnx if plan.output != "pt2" else program
     out = to_jsonable(QuantizeResult(
         target=recipe.target, model_path=str(path), model_sha256=sha256_file(path), recipe_path="",

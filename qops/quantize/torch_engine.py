@@ -111,7 +111,9 @@ def drop_unused_tensors(gm) -> int:
     return dropped
 
 
-def _config(method: str):
+def torchao_config(method: str, block_size: int = 128):
+    """The torchao config of a recipe's ``torch_method`` (the one map from qops' method names to torchao's configs;
+    ``block_size``: the group size of ``int4_weight_only``)."""
     from torchao.quantization import (
         Float8DynamicActivationFloat8WeightConfig,
         Int4WeightOnlyConfig,
@@ -123,7 +125,7 @@ def _config(method: str):
     return {
         "int8_dynamic": lambda: Int8DynamicActivationInt8WeightConfig(),
         "int8_weight_only": lambda: Int8WeightOnlyConfig(),
-        "int4_weight_only": lambda: Int4WeightOnlyConfig(group_size=128),
+        "int4_weight_only": lambda: Int4WeightOnlyConfig(group_size=block_size),
         "float8_dynamic": lambda: Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
     }[method]()
 
@@ -215,7 +217,7 @@ def quantize_torch(model, recipe: Recipe, output, calibration=None, features=Non
                     return False
                 return True
 
-            config = _config(recipe.torch_method)
+            config = torchao_config(recipe.torch_method, recipe.block_size)
             try:
                 quantize_(gm, config, filter_fn=eligible)
             except ImportError as e:

@@ -3,6 +3,8 @@ torchao targets that write ``.pt2`` programs."""
 
 from __future__ import annotations
 
+from qops.targets.configs import OrtConfig, TorchaoConfig
+from qops.targets.placement import Placement
 from qops.targets.recipe import Recipe
 from qops.targets.registry import register_target
 
@@ -13,15 +15,10 @@ def _nvidia_fp16() -> Recipe:
         target="nvidia_fp16",
         description="NVIDIA GPUs: FP16 weights and activations (inputs and outputs stay FP32), ONNX Runtime "
         "CUDA execution provider.",
-        hardware="NVIDIA GPU, compute capability >= 7.0 (Volta+)",
-        mode="cast",
-        precision="fp16",
-        execution_provider="CUDAExecutionProvider",
-        runtime="onnxruntime-gpu",
-        device="cuda",
-        min_compute_capability=(7, 0),
-        queue="gpu",
-        arch=None,
+        placement=Placement(hardware="NVIDIA GPU, compute capability >= 7.0 (Volta+)",
+                            execution_provider="CUDAExecutionProvider", runtime="onnxruntime-gpu", device="cuda",
+                            min_compute_capability=(7, 0), queue="gpu", arch=None),
+        config=OrtConfig(mode="cast", precision="fp16"),
     )
 
 
@@ -31,18 +28,11 @@ def _nvidia_trt() -> Recipe:
         target="nvidia_tensorrt_int8",
         description="NVIDIA TensorRT INT8: explicit-quantization QDQ model, symmetric s8 activations and "
         "per-channel symmetric s8 weights (TensorRT requires zero point 0), static calibration.",
-        hardware="NVIDIA GPU with INT8 tensor cores (Turing+), TensorRT >= 8.6",
-        mode="static",
-        activation_type="int8",
-        symmetric_activations=True,
-        calibration_method="minmax",
-        op_types=("MatMul", "Gemm", "Conv"),
-        execution_provider="TensorrtExecutionProvider",
-        runtime="onnxruntime-gpu with TensorRT",
-        device="cuda",
-        min_compute_capability=(7, 5),
-        queue="gpu",
-        arch=None,
+        placement=Placement(hardware="NVIDIA GPU with INT8 tensor cores (Turing+), TensorRT >= 8.6",
+                            execution_provider="TensorrtExecutionProvider", runtime="onnxruntime-gpu with TensorRT",
+                            device="cuda", min_compute_capability=(7, 5), queue="gpu", arch=None),
+        config=OrtConfig(mode="static", activation_type="int8", symmetric_activations=True, calibration_method="minmax",
+                         op_types=("MatMul", "Gemm", "Conv")),
     )
 
 
@@ -52,21 +42,10 @@ def _nvidia_fp8() -> Recipe:
         target="nvidia_hopper_fp8",
         description="NVIDIA Hopper/Ada FP8 (e4m3): torchao Float8DynamicActivationFloat8WeightConfig, per-row "
         "scales, FP8 tensor-core matmuls (torch._scaled_mm); PyTorch serving.",
-        hardware="NVIDIA H100/H200 (sm_90) or Ada (sm_89)",
-        mode="dynamic",
-        precision="fp8",
-        engine="torchao",
-        torch_method="float8_dynamic",
-        weight_type="float8e4m3fn",
-        activation_type="float8e4m3fn",
-        symmetric_activations=True,
-        op_types=("Linear",),
-        runtime="torch+torchao",
-        execution_provider="CUDA",
-        device="cuda",
-        min_compute_capability=(8, 9),
-        queue="gpu",
-        arch=None,
+        placement=Placement(hardware="NVIDIA H100/H200 (sm_90) or Ada (sm_89)", runtime="torch+torchao",
+                            execution_provider="CUDA", device="cuda", min_compute_capability=(8, 9), queue="gpu",
+                            arch=None),
+        config=TorchaoConfig(mode="dynamic", precision="fp8", torch_method="float8_dynamic"),
     )
 
 
@@ -76,14 +55,9 @@ def _torch_x86() -> Recipe:
         target="torch_x86_int8",
         description="PyTorch serving on x86-64: static INT8 via torchao PT2E with the X86 Inductor quantizer "
         "(u8 activations, s8 per-channel weights), run through torch.compile (Inductor, oneDNN).",
-        hardware="x86-64 AVX512-VNNI / AMX (oneDNN)",
-        mode="static",
-        engine="torchao",
-        torch_method="pt2e_x86_inductor",
-        op_types=("Linear", "Conv2d"),
-        runtime="torch+torchao",
-        execution_provider="Inductor",
-        required_isa=("avx512_vnni",),
+        placement=Placement(hardware="x86-64 AVX512-VNNI / AMX (oneDNN)", runtime="torch+torchao",
+                            execution_provider="Inductor", required_isa=("avx512_vnni",)),
+        config=TorchaoConfig(mode="static", torch_method="pt2e_x86_inductor"),
     )
 
 
@@ -94,13 +68,7 @@ def _torch_dyn() -> Recipe:
         description="PyTorch serving: torchao quantize_ with Int8DynamicActivationInt8WeightConfig (dynamic "
         "per-token activations, per-channel weights), CPU or CUDA. On x86 CPUs without VNNI/AMX oneDNN's u8 x s8 "
         "kernels can saturate (measured: 11 dB output SQNR vs 47 dB with VNNI on an MLP): gate on fidelity.",
-        hardware="x86-64 / ARM64 CPU or NVIDIA GPU",
-        mode="dynamic",
-        engine="torchao",
-        torch_method="int8_dynamic",
-        activation_type="int8",
-        op_types=("Linear",),
-        runtime="torch+torchao",
-        execution_provider="Inductor",
-        arch=None,
+        placement=Placement(hardware="x86-64 / ARM64 CPU or NVIDIA GPU", runtime="torch+torchao",
+                            execution_provider="Inductor", arch=None),
+        config=TorchaoConfig(mode="dynamic", torch_method="int8_dynamic"),
     )

@@ -4,6 +4,14 @@ GenAI models; NF4 and LLM.int8() as Transformers folders that bitsandbytes loads
 
 from __future__ import annotations
 
+from qops.targets.llm_configs import (
+    BitsAndBytesConfig,
+    CompressedTensorsConfig,
+    GgufConfig,
+    OrtDecoderConfig,
+    TorchaoDecoderConfig,
+)
+from qops.targets.placement import Placement
 from qops.targets.recipe import Recipe
 from qops.targets.registry import register_target
 
@@ -14,9 +22,9 @@ def _llm_int4(name: str, algorithm: str, what: str) -> Recipe:
         description=f"Decoder LLMs on CPUs: INT4 weight-only MatMulNBits ({what}), block 32, accuracy_level 4 "
         "(int8 compute), lm_head 8-bit, embeddings 4-bit GatherBlockQuantized; ONNX Runtime (GenAI-compatible "
         "folder).",
-        hardware="x86-64 / ARM64 CPUs (ONNX Runtime MatMulNBits kernels)",
-        mode="weight_only", precision="int4", weight_type="int4", algorithm=algorithm, block_size=32,
-        op_types=("MatMul", "Gather"), quant_format="QOperator", model_kind="causal_lm", arch=None,
+        placement=Placement(hardware="x86-64 / ARM64 CPUs (ONNX Runtime MatMulNBits kernels)", arch=None),
+        config=OrtDecoderConfig(mode="weight_only", precision="int4", algorithm=algorithm, block_size=32,
+                                op_types=("MatMul", "Gather")),
     )
 
 
@@ -56,10 +64,10 @@ def _llm_w8a8() -> Recipe:
         "time (8-bit MatMulNBits, accuracy_level 4: int8 x int8 products), lm_head included, embeddings FP32; "
         "ONNX Runtime (GenAI-compatible folder). activation_granularity per-tensor gives the DynamicQuantizeMatMul "
         "form (one activation scale per tensor), which real decoders' outlier channels defeat.",
-        hardware="x86-64 with AVX-512 VNNI / AMX or AVX2, ARM64 with dot-product (MLAS int8 kernels)",
-        mode="dynamic", precision="int8", weight_type="int8", activation_type="uint8", smooth_quant_alpha=0.5,
-        activation_granularity="per-block", block_size=32,
-        op_types=("MatMul",), quant_format="QOperator", model_kind="causal_lm", arch=None,
+        placement=Placement(hardware="x86-64 with AVX-512 VNNI / AMX or AVX2, ARM64 with dot-product (MLAS int8 "
+                            "kernels)", arch=None),
+        config=OrtDecoderConfig(mode="dynamic", precision="int8", smooth_quant_alpha=0.5,
+                                activation_granularity="per-block", block_size=32, op_types=("MatMul",)),
     )
 
 
@@ -69,9 +77,8 @@ def _llm_nf4() -> Recipe:
         target="llm_nf4",
         description="Decoder LLMs: NF4 (the bitsandbytes/QLoRA 4-bit NormalFloat code) as ONNX MatMulBnb4, block 64, "
         "FP32 absmax per block (no double quantization in this format), lm_head 8-bit; ONNX Runtime CPU or CUDA.",
-        hardware="any (ONNX Runtime MatMulBnb4 kernels: CPU, CUDA)",
-        mode="weight_only", precision="nf4", weight_type="uint4", block_size=64, op_types=("MatMul",),
-        quant_format="QOperator", model_kind="causal_lm", arch=None,
+        placement=Placement(hardware="any (ONNX Runtime MatMulBnb4 kernels: CPU, CUDA)", arch=None),
+        config=OrtDecoderConfig(mode="weight_only", precision="nf4", block_size=64, op_types=("MatMul",)),
     )
 
 
@@ -81,10 +88,11 @@ def _llm_gpu_int4() -> Recipe:
         target="llm_gpu_int4",
         description="Decoder LLMs on NVIDIA GPUs: torchao Int4WeightOnlyConfig (group 128) on the BF16 checkpoint, "
         "PyTorch serving (transformers TorchAoConfig).",
-        hardware="NVIDIA GPU, compute capability >= 8.0 (Ampere+)",
-        mode="weight_only", precision="int4", weight_type="int4", engine="torchao", torch_method="int4_weight_only",
-        block_size=128, op_types=("Linear",), lm_head="int8", runtime="torch+torchao", execution_provider="CUDA",
-        device="cuda", min_compute_capability=(8, 0), queue="gpu", model_kind="causal_lm", arch=None,
+        placement=Placement(hardware="NVIDIA GPU, compute capability >= 8.0 (Ampere+)", runtime="torch+torchao",
+                            execution_provider="CUDA", device="cuda", min_compute_capability=(8, 0), queue="gpu",
+                            arch=None),
+        config=TorchaoDecoderConfig(mode="weight_only", precision="int4", torch_method="int4_weight_only",
+                                    block_size=128),
     )
 
 
@@ -94,11 +102,10 @@ def _llm_gpu_fp8() -> Recipe:
         target="llm_gpu_fp8",
         description="Decoder LLMs on Hopper/Ada: torchao Float8DynamicActivationFloat8WeightConfig (per-row "
         "scales, e4m3) on the BF16 checkpoint, PyTorch serving.",
-        hardware="NVIDIA H100/H200 (sm_90) or Ada (sm_89)",
-        mode="dynamic", precision="fp8", engine="torchao", torch_method="float8_dynamic",
-        weight_type="float8e4m3fn", activation_type="float8e4m3fn", symmetric_activations=True,
-        op_types=("Linear",), runtime="torch+torchao", execution_provider="CUDA", device="cuda",
-        min_compute_capability=(8, 9), queue="gpu", model_kind="causal_lm", arch=None,
+        placement=Placement(hardware="NVIDIA H100/H200 (sm_90) or Ada (sm_89)", runtime="torch+torchao",
+                            execution_provider="CUDA", device="cuda", min_compute_capability=(8, 9), queue="gpu",
+                            arch=None),
+        config=TorchaoDecoderConfig(mode="dynamic", precision="fp8", torch_method="float8_dynamic"),
     )
 
 
@@ -108,11 +115,9 @@ def _hf_bnb(name: str, precision: str, what: str) -> Recipe:
         description=f"Decoder LLMs as a Hugging Face Transformers folder quantized by bitsandbytes ({what}); "
         "from_pretrained reloads it from its quantization_config. Compute dtype FP32 on CPU workers; with "
         "device cuda (queue gpu) BF16.",
-        hardware="CPUs (bitsandbytes' CPU backend) or NVIDIA GPUs",
-        mode="weight_only", precision=precision, engine="bitsandbytes",
-        weight_type="uint4" if precision == "nf4" else "int8", block_size=64, op_types=("MatMul",),
-        quant_format="QOperator", model_kind="causal_lm", lm_head="fp32", runtime="transformers+bitsandbytes",
-        execution_provider="torch", arch=None,
+        placement=Placement(hardware="CPUs (bitsandbytes' CPU backend) or NVIDIA GPUs",
+                            runtime="transformers+bitsandbytes", execution_provider="torch", arch=None),
+        config=BitsAndBytesConfig(mode="weight_only", precision=precision),
     )
 
 
@@ -133,11 +138,10 @@ def _gguf(name: str, gguf_type: str, precision: str, what: str) -> Recipe:
         "own converter and quantizer" + (" with an importance matrix from the calibration set" if gguf_type != "Q8_0"
                                             else "") + "; serve with llama-server or llama-cpp-python. KV cache f16 "
         "(target option kv_cache_type: q8_0).",
-        hardware="x86-64 / ARM64 CPUs (llama.cpp's ggml kernels; the same file runs on llama.cpp's GPU backends)",
-        mode="weight_only", precision=precision, weight_type="int4" if precision == "int4" else "int8",
-        engine="llama.cpp", gguf_type=gguf_type, block_size=32, op_types=("MatMul", "Gather"),
-        quant_format="QOperator", model_kind="causal_lm", lm_head="int8", imatrix=gguf_type != "Q8_0",
-        runtime="llama.cpp", execution_provider="llama.cpp CPU", arch=None,
+        placement=Placement(hardware="x86-64 / ARM64 CPUs (llama.cpp's ggml kernels; the same file runs on llama.cpp's "
+                            "GPU backends)",
+                            runtime="llama.cpp", execution_provider="llama.cpp CPU", arch=None),
+        config=GgufConfig(mode="weight_only", precision=precision, gguf_type=gguf_type, imatrix=gguf_type != "Q8_0"),
     )
 
 
@@ -163,13 +167,10 @@ def _ct(name: str, precision: str, mode: str, algorithm: str, what: str, **kw) -
         description=f"Decoder LLMs as a compressed-tensors checkpoint for vLLM / SGLang ({what}), written by the "
         "compressed-tensors library from qops' calibrated weights; lm_head kept in the checkpoint's dtype. "
         "Transformers reloads it (on CPU: weights decompressed, activation quantization emulated).",
-        hardware="NVIDIA GPUs under vLLM/SGLang (Marlin / CUTLASS kernels; FP8 compute on sm_89+); evaluated here "
-        "through Transformers",
-        mode=mode, precision=precision, engine="compressed-tensors", algorithm=algorithm,
-        weight_type={"int4": "int4", "int8": "int8", "fp8": "float8e4m3fn"}[precision],
-        activation_type="float8e4m3fn" if precision == "fp8" else "int8", symmetric_activations=True,
-        block_size=128, op_types=("MatMul",), model_kind="causal_lm", lm_head="fp32",
-        runtime="vllm (compressed-tensors)", execution_provider="torch", arch=None, **kw,
+        placement=Placement(hardware="NVIDIA GPUs under vLLM/SGLang (Marlin / CUTLASS kernels; FP8 compute on "
+                            "sm_89+); evaluated here through Transformers", runtime="vllm (compressed-tensors)",
+                            execution_provider="torch", arch=None),
+        config=CompressedTensorsConfig(mode=mode, precision=precision, algorithm=algorithm, block_size=128, **kw),
     )
 
 

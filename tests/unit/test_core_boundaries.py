@@ -29,7 +29,8 @@ def test_user_registered_target(monkeypatch):
 
     @t.register_target("my_board_int8")
     def _mine():
-        return t.Recipe(target="my_board_int8", description="test board", hardware="x", mode="dynamic")
+        return t.Recipe(target="my_board_int8", description="test board", placement=t.Placement(hardware="x"),
+                        config=t.OrtConfig(mode="dynamic"))
 
     try:
         assert get_target("my_board_int8").hardware == "x"
@@ -41,7 +42,8 @@ def test_invalid_recipe_is_rejected_with_fix():
     import pytest
 
     from qops.errors import TargetError
-    from qops.targets import Recipe
+    from qops.targets import OrtConfig, Placement, Recipe
 
     with pytest.raises(TargetError, match="activation_type='uint8'"):
-        Recipe(target="bad", description="", hardware="", mode="dynamic", activation_type="int8")
+        Recipe(target="bad", description="", placement=Placement(hardware=""),
+               config=OrtConfig(mode="dynamic", activation_type="int8"))

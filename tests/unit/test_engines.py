@@ -228,11 +228,14 @@ def test_a_gguf_source_is_dequantized_into_the_folder_every_engine_reads(decoder
     assert (hf / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not dequantized again
 
 
-def test_onnx_gptq_is_qops_gptq_reproduced_exactly_by_onnx_runtimes_integers(decoder, tmp_path):
+@pytest.mark.parametrize("symmetric,act_order", [(True, False), (False, True)])
+def test_onnx_gptq_is_qops_gptq_reproduced_exactly_by_onnx_runtimes_integers(decoder, tmp_path, symmetric, act_order):
     """llm_int4_gptq no longer runs ONNX Runtime's GPTQ (about 30 minutes on a 135 M model): qops' sequential GPTQ
     puts the checkpoint's weights on ONNX Runtime's signed-scale grid, and the MatMulNBits blobs ONNX Runtime's RTN
     writes from its export, with the grid's own codes and scales, dequantize back to exactly those weights (plain
-    round-to-nearest's absmax/8 would not: a block whose largest value GPTQ rounded to -7 gets another scale)."""
+    round-to-nearest's absmax/8 would not: a block whose largest value GPTQ rounded to -7 gets another scale).
+    Asymmetric GPTQ (integer zero points, with activation order and static groups) is written with its zero points
+    the same way."""
     import onnx
     from onnx import numpy_helper
 
@@ -245,11 +248,12 @@ def test_onnx_gptq_is_qops_gptq_reproduced_exactly_by_onnx_runtimes_integers(dec
     hf = decoder / "hf"
     windows = causal_lm_kind(CausalLMSpec(seq_len=32, stride=16), str(hf), LlmInfo.from_hf(hf)).windows(
         pd.DataFrame({"text": TEXTS[:8]}), "calibration")
-    ck = gptq_checkpoint(hf, windows, 32, tmp_path / "gptq")
+    ck = gptq_checkpoint(hf, windows, 32, tmp_path / "gptq", symmetric=symmetric, act_order=act_order)
     assert ck["group"] == 32 and ck["windows"] == len(windows)
     ex = export_onnx(ck["hf_dir"], tmp_path / "onnx")
     out = tmp_path / "q" / "model.onnx"
-    quantize_onnx_llm(ex["path"], get_target("llm_int4_rtn", {"block_size": 32}), out, None, on_grid=True)
+    quantize_onnx_llm(ex["path"], get_target("llm_int4_rtn", {"block_size": 32, "symmetric_weights": symmetric}),
+                      out, None, on_grid=True)
     fp32 = {i.name: numpy_helper.to_array(i) for i in onnx.load(ex["path"]).graph.initializer}
     q = onnx.load(str(out))
     inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
@@ -260,8 +264,14 @@ def test_onnx_gptq_is_qops_gptq_reproduced_exactly_by_onnx_runtimes_integers(dec
             continue
         blob = inits[n.input[1]]
         scales = inits[n.input[2]].reshape(blob.shape[0], -1)
-        codes = np.stack([blob & 0xF, blob >> 4], -1).reshape(blob.shape[0], -1).astype(np.float32) - 8
-        deq = codes * np.repeat(scales, 32, axis=1)
+        assert (len(n.input) > 3) != symmetric  # zero points exactly when asymmetric
+        if symmetric:
+            zeros = np.full(scales.shape, 8.0)
+        else:
+            zp = inits[n.input[3]]
+            zeros = np.stack([zp & 0xF, zp >> 4], -1).reshape(blob.shape[0], -1)[:, :scales.shape[1]]
+        codes = np.stack([blob & 0xF, blob >> 4], -1).reshape(blob.shape[0], -1).astype(np.float32)
+        deq = (codes - np.repeat(zeros, 32, axis=1)) * np.repeat(scales, 32, axis=1)
         w = fp32[n.input[1].replace("_Q4", "")].T  # [N, K]
         assert np.abs(deq[:, :w.shape[1]] - w).max() <= 1e-6 * np.abs(w).max(), n.name
         checked += 1
@@ -305,3 +315,29 @@ def test_the_graph_function_refuses_decoder_targets_instead_of_writing_onnx(tmp_
 
     with pytest.raises(QopsError, match="qops.engines.quantize"):
         graph_quantize(tmp_path / "m.onnx", "gguf_q4_k_m", tmp_path / "out.gguf")
+
+
+@pytest.mark.parametrize("symmetric,act_order", [(True, False), (True, True), (False, False), (False, True)])
+def test_gptq_variants_stay_on_their_grid_and_beat_round_to_nearest(symmetric, act_order):
+    """Symmetric and asymmetric GPTQ, in column order and in activation order (static groups): every quantized
+    weight is (integer code - zero) x its group's scale with codes in the 4-bit range, and the layer's output error on
+    correlated inputs with a few loud channels is well below round-to-nearest's on the same grid."""
+    import torch
+
+    from qops.llm.torch_quant import gptq_weight, group_grid
+
+    g = torch.Generator().manual_seed(1)
+    mix = torch.randn(64, 64, generator=g) / 8 + torch.eye(64)
+    x = (torch.randn(2048, 64, generator=g) @ mix) * torch.where(torch.arange(64) % 13 == 0, 6.0, 1.0)
+    w = torch.randn(48, 64, generator=g) / 8 + 0.02
+    h = 2 * x.T @ x / len(x)
+    wq, scales, *zeros = gptq_weight(w, h, 4, 16, symmetric=symmetric, act_order=act_order)
+    zeros = zeros[0] if zeros else torch.zeros_like(scales)
+    codes = wq / scales.repeat_interleave(16, 1) + zeros.repeat_interleave(16, 1)
+    lo, hi = (-8, 7) if symmetric else (0, 15)
+    assert torch.allclose(codes, codes.round(), atol=1e-3) and codes.min() >= lo - 1e-3 and codes.max() <= hi + 1e-3
+    rtn = torch.cat([(torch.clamp(torch.round(b / s[:, None]) + z[:, None], lo, hi) - z[:, None]) * s[:, None]
+                     for b in w.split(16, 1) for s, z, *_ in [group_grid(b, 4, symmetric)]], 1)
+    err = lambda q: float(((x @ (q - w).T) ** 2).mean())  # noqa: E731
+    assert err(wq) < 0.8 * err(rtn)
+

@@ -428,19 +428,15 @@ def test_tuning_stop_reason_when_the_budget_runs_out(fp32_model, data_dir, tmp_p
 BAD_VALUES = {bool: "maybe", int: "x", float: "fast", str: 3, tuple: 5, dict: "not-a-mapping"}
 
 
-def test_every_recipe_field_rejects_a_wrong_value_naming_the_option():
-    import dataclasses
+@pytest.mark.parametrize("target", ["x86_64_vnni_int8", "torch_x86_int8", "llm_int4_rtn", "gguf_q4_k_m",
+                                    "ct_w4a16_gptq", "hf_bnb_nf4", "llm_gpu_int4"])
+def test_every_recipe_option_rejects_a_wrong_value_naming_the_option(target):
     import typing
 
-    from qops.targets import Recipe, field_types
-
-    recipe = get_target("x86_64_vnni_int8")
-    hints = field_types()
-    checked = 0
-    for f in dataclasses.fields(Recipe):
-        if f.name in ("target", "version"):
-            continue
-        tp = hints[f.name]
+    recipe = get_target(target)
+    hints = recipe.option_types()
+    assert "hardware" in hints and "mode" in hints  # placement, then the engine config
+    for name, tp in hints.items():
         origin, args = typing.get_origin(tp), typing.get_args(tp)
         if origin is typing.Literal:
             bad = "magic"
@@ -449,10 +445,20 @@ def test_every_recipe_field_rejects_a_wrong_value_naming_the_option():
         else:
             base = next((a for a in (args or (tp,)) if a is not type(None)), tp)
             bad = BAD_VALUES.get(base, object())
-        with pytest.raises(TargetError, match=rf"option {f.name}=.* is not .*Fix: set {f.name} to"):
-            recipe.with_options(**{f.name: bad})
-        checked += 1
-    assert checked == len(dataclasses.fields(Recipe)) - 2
+        with pytest.raises(TargetError, match=rf"option {name}=.* is not .*Fix: set {name} to"):
+            recipe.with_options(**{name: bad})
+
+
+def test_recipe_options_belong_to_the_targets_engine():
+    gguf = get_target("gguf_q4_k_m")
+    assert not gguf.has_option("block_size") and gguf.has_option("kv_cache_type")
+    with pytest.raises(TargetError, match=r"unknown recipe option\(s\) \['block_size'\].*GgufConfig"):
+        gguf.with_options(block_size=64)
+    with pytest.raises(AttributeError, match="GgufConfig .*no option 'op_types'"):
+        _ = gguf.op_types
+    assert get_target("llm_int4_rtn").with_options(block_size=64).block_size == 64
+    with pytest.raises(TargetError, match="kv_cache_type"):
+        get_target("llm_int4_rtn").with_options(kv_cache_type="q8_0")
 
 
 def test_recipe_options_parse_lists_and_reject_typos():
