@@ -53,52 +53,56 @@ def cmd_calibrate(args) -> int:
 def cmd_quantize(args) -> int:
     from qops.engines import LlmEngine, engine_for, quantize
     from qops.quantize.api import resolve_recipe
+    from qops.spec import TuningSpec
     from qops.spec.data import CausalLMSpec
 
     options = recipe_options(args.option)
-    if args.tune:
-        from qops.gates import gate_judge
-        from qops.quantize.tune import tune
-        from qops.spec import TuningSpec
-
-        if not args.validation:
-            raise QopsError("--tune needs --validation (the rows the gates judge each candidate on).",
-                            "pass --validation FILE [--label COLUMN] [--slice-columns a,b].")
-        recipe = resolve_recipe(args.target, options)
-        if isinstance(engine_for(recipe), LlmEngine):
-            raise QopsError(f"--tune is not available for the decoder target {args.target!r} yet.",
-                            "quantize without --tune, or use a graph target (qops targets).")
-        features = kind_from_args(args) or csv_list(args.features) or None  # None: from the data (.npz) or model metadata
-        tcfg = TuningSpec(max_trials=args.max_trials, timeout_s=args.timeout)
-        judge = gate_judge(args.model, args.validation, args.label, gate_section(args),
-                           slice_columns=csv_list(args.slice_columns), features=features,
-                           latency_runs=tcfg.latency_runs, bootstrap=tcfg.bootstrap)
-        res = tune(args.model, recipe, args.output, judge, calibration=args.calibration, features=features,
-                   config=tcfg, ranking_data=args.calibration or args.validation,
-                   validation=args.validation, failed_output=failed_name(args.output))
-        if not args.json:
-            for t in res.trials:
-                print(f"  trial {t['trial']:>2} {t['phase']:<8} {t['config']:<52} {t['verdict']:<7} "
-                      f"latency x{t['latency_ratio'] if t['latency_ratio'] is not None else '-'} "
-                      f"cos {t['cosine'] if t['cosine'] is not None else '-'}{'  <- chosen' if t['chosen'] else ''}")
-            print(f"  tuning stopped: {res.tuning['stopped']}")
-            if res.tuning["node_ranking"]:
-                print("  most sensitive nodes: " + ", ".join(
-                    f"{r['node']} ({r['sqnr_lost_db']} dB lost on {r.get('worst_on', 'all rows')})"
-                    for r in res.tuning["node_ranking"][:5]))
+    recipe = resolve_recipe(args.target, options)
+    tcfg = TuningSpec(max_trials=args.max_trials, timeout_s=args.timeout) if args.tune else None
+    if isinstance(engine_for(recipe), LlmEngine):  # decoder targets: --tune scores on held-out calibration texts
+        res = quantize(args.model, args.target, args.output, calibration=args.calibration, options=options,
+                       causal_lm=CausalLMSpec(column=args.text_column or "text", seq_len=args.max_length,
+                                              stride=min(64, args.max_length)),
+                       tuning=tcfg, gates=gate_section(args, "causal_lm") if args.tune else None)
+    elif args.tune:
+        res = _tune_graph(args, recipe, tcfg)
     else:
-        if isinstance(engine_for(resolve_recipe(args.target, options)), LlmEngine):
-            res = quantize(args.model, args.target, args.output, calibration=args.calibration, options=options,
-                           causal_lm=CausalLMSpec(column=args.text_column or "text", seq_len=args.max_length,
-                                                  stride=min(64, args.max_length)))
-        else:
-            res = quantize(args.model, args.target, args.output, calibration=args.calibration,
-                           features=kind_from_args(args) or csv_list(args.features), options=options)
+        res = quantize(args.model, args.target, args.output, calibration=args.calibration,
+                       features=kind_from_args(args) or csv_list(args.features), options=options)
+    if args.tune and not args.json:
+        for t in res.trials:
+            fidelity = t.get("fidelity_text") or f"cos {t['cosine'] if t.get('cosine') is not None else '-'}"
+            print(f"  trial {t['trial']:>2} {t['phase']:<8} {t['config']:<52} {t['verdict']:<7} "
+                  f"latency x{t['latency_ratio'] if t.get('latency_ratio') is not None else '-'} "
+                  f"{fidelity}{'  <- chosen' if t.get('chosen') else ''}")
+        if res.tuning.get("stopped"):
+            print(f"  tuning stopped: {res.tuning['stopped']}")
+        if res.tuning.get("node_ranking"):
+            print("  most sensitive nodes: " + ", ".join(
+                f"{r['node']} ({r['sqnr_lost_db']} dB lost on {r.get('worst_on', 'all rows')})"
+                for r in res.tuning["node_ranking"][:5]))
     verdict = "" if res.passed is None else (" — passed the gates" if res.passed else
                                               " — NO candidate passed the gates (exit 3)")
     emit(args, res, f"{res.model_path}: {res.size_bytes} bytes ({1 / res.size_ratio:.2f}x smaller), mode {res.mode}, "
                      f"recipe {res.recipe_path}{verdict}" + "".join(f"\n  note: {n}" for n in res.notes))
     return 3 if res.passed is False else 0
+
+
+def _tune_graph(args, recipe, tcfg):
+    """``quantize --tune`` for a graph target: candidates judged by the gates on ``--validation``."""
+    from qops.gates import gate_judge
+    from qops.quantize.tune import tune
+
+    if not args.validation:
+        raise QopsError("--tune needs --validation (the rows the gates judge each candidate on).",
+                        "pass --validation FILE [--label COLUMN] [--slice-columns a,b].")
+    features = kind_from_args(args) or csv_list(args.features) or None  # None: from the data (.npz) or model metadata
+    judge = gate_judge(args.model, args.validation, args.label, gate_section(args),
+                       slice_columns=csv_list(args.slice_columns), features=features,
+                       latency_runs=tcfg.latency_runs, bootstrap=tcfg.bootstrap)
+    return tune(args.model, recipe, args.output, judge, calibration=args.calibration, features=features,
+                config=tcfg, ranking_data=args.calibration or args.validation,
+                validation=args.validation, failed_output=failed_name(args.output))
 
 
 def cmd_sensitivity(args) -> int:

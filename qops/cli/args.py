@@ -74,15 +74,16 @@ def parse_threshold(text: str) -> dict:
     return {"metric": metric, "min_value" if op == ">=" else "max_value": value}
 
 
-def gate_section(args):
-    """The gates ``quantize --tune`` judges with: the spec's GateSpec from the command line."""
+def gate_section(args, task: str | None = None):
+    """The gates ``quantize --tune`` judges with: the spec's GateSpec from the command line (``task``: the target's
+    own, e.g. ``causal_lm`` for decoder targets, whose primary metric is the perplexity increase)."""
     from pydantic import ValidationError
 
     thresholds = [parse_threshold(t) for t in args.threshold or []]
     named = {t["metric"] for t in thresholds}
-    task = args.task or ("embedding" if not args.label and named & {"neighbor_agreement"} else "classification")
+    task = task or args.task or ("embedding" if not args.label and named & {"neighbor_agreement"} else "classification")
     fields = {"task": task, "thresholds": thresholds}
-    if task != "embedding":
+    if task not in ("embedding", "causal_lm"):
         fields["metric"] = "accuracy" if args.label else "agreement"
     if args.output_name:
         fields["output"] = args.output_name

@@ -15,11 +15,13 @@ from pathlib import Path
 from qops.data.tables import read_table
 from qops.engines.base import engine_for
 from qops.engines.llm import LlmEngine, LlmInputs
+from qops.engines.llm_tune import tune_llm
 from qops.errors import DataError
 from qops.llm.data import causal_lm_kind
 from qops.llm.source import LlmInfo, check_hf_dir
 from qops.quantize.api import resolve_recipe
 from qops.quantize.result import QuantizeResult, check_output_path, private_tempdir, write_recipe
+from qops.spec import GateSpec
 from qops.spec.data import CausalLMSpec
 from qops.targets import Recipe
 
@@ -33,13 +35,17 @@ def quantize(
     batch_size: int = 64,
     options: dict | None = None,
     causal_lm: CausalLMSpec | None = None,
+    tuning=None,
+    gates=None,
 ) -> QuantizeResult:
     """Quantize an FP32 model for a hardware target; writes ``output`` and ``<output>.recipe.json``.
 
     ``model``: an ONNX graph, a ``.pt2`` program, or a Hugging Face causal-LM folder, as the target's engine takes.
     ``options`` override recipe fields (validated), e.g. ``{"calibration_method": "percentile"}``;
     ``causal_lm`` sets the text column and window length of decoder calibration (default: column ``text``,
-    windows of 128 tokens).
+    windows of 128 tokens). ``tuning`` (a :class:`~qops.spec.TuningSpec`) searches a decoder target's options,
+    judged by ``gates`` (a causal-LM :class:`~qops.spec.GateSpec`) on held-out calibration documents
+    (:mod:`qops.engines.llm_tune`); graph targets are tuned by :func:`qops.quantize.tune.tune`.
     """
     recipe = resolve_recipe(target, options)
     engine = engine_for(recipe)
@@ -50,13 +56,18 @@ def quantize(
         return engine.quantize(model, recipe, output, calibration=calibration, features=features,
                                batch_size=batch_size)
     check_hf_dir(model)
-    if engine.needs_calibration(recipe) and calibration is None:
-        raise DataError(f"Target {recipe.target!r} ({recipe.calibration_use}) needs calibration texts.",
+    if (engine.needs_calibration(recipe) or tuning is not None) and calibration is None:
+        why = "tuning scores its trials on held-out calibration documents" if tuning is not None \
+            else recipe.calibration_use
+        raise DataError(f"Target {recipe.target!r} ({why}) needs calibration texts.",
                         "pass --calibration FILE: parquet/CSV with a text column (--text-column, default 'text').")
     with private_tempdir(output.parent) as work:
-        inputs = cli_inputs(model, work, calibration if engine.needs_calibration(recipe) else None,
+        inputs = cli_inputs(model, work, calibration if engine.needs_calibration(recipe) or tuning else None,
                             causal_lm or CausalLMSpec())
-        res = engine.quantize(model, recipe, output, inputs=inputs)
+        if tuning is not None:
+            res = tune_llm(engine, model, recipe, output, inputs, tuning, gates or GateSpec(task="causal_lm"))
+        else:
+            res = engine.quantize(model, recipe, output, inputs=inputs)
     res.recipe_path = str(Path(str(output) + ".recipe.json"))
     write_recipe(res)
     return res

@@ -11,6 +11,7 @@ import pandas as pd
 
 from qops.artifacts import read_json, to_jsonable, write_json_atomic
 from qops.engines import LlmInputs, engine_for, engine_of_result
+from qops.engines.llm_tune import tune_llm
 from qops.errors import QopsError
 from qops.llm.arch import arch_for
 from qops.llm.data import Window, WindowReader, kind_for
@@ -92,12 +93,16 @@ class CausalLmModality:
         recipe = spec.recipe(target)
         engine = engine_for(recipe)
         inputs = LlmInputs(hf_dir=Path(src["hf_dir"]), info=info(src), work_dir=layout.root, export=src.get("export"))
-        if engine.needs_calibration(recipe):
+        t = spec.tuning
+        tuned = t.enabled and (t.targets is None or target in t.targets)
+        if calibration is not None and (engine.needs_calibration(recipe) or tuned):
             inputs.windows = kind(spec, src).windows(pd.read_parquet(calibration["path"]), "calibration set",
                                                      spec.data.causal_lm.calibration_windows)
             inputs.calibration_path, inputs.calibration_rows = calibration["path"], int(calibration["rows"])
-        return engine.quantize(Path(src["hf_dir"]), recipe, layout.target(target).llm_model(engine.artifact == "file"),
-                               inputs=inputs)
+        output = layout.target(target).llm_model(engine.artifact == "file")
+        if tuned:
+            return tune_llm(engine, Path(src["hf_dir"]), recipe, output, inputs, t, spec.gates, seed=spec.gates.seed)
+        return engine.quantize(Path(src["hf_dir"]), recipe, output, inputs=inputs)
 
     def evaluate(self, spec, layout: RunLayout, folder: ModelFolder, quantized: dict) -> dict:
         src = read_json(layout.source)

@@ -122,9 +122,6 @@ class PipelineSpec(Base):
             if self.qat is not None:
                 raise ValueError("qat applies to classifiers and encoders; for a causal LM use the qlora block "
                                  "(docs/llm.md#qlora)")
-            if self.tuning.enabled:
-                raise ValueError("tuning is not run for causal_lm specs yet (it would be ignored); remove "
-                                 "tuning.enabled, or pick the recipe with target_options (docs/llm.md)")
         elif self.qlora is not None:
             raise ValueError("qlora fine-tunes causal LMs; set data.kind: causal_lm or remove the qlora block")
         elif self.gates.task == "causal_lm":

@@ -170,16 +170,28 @@ def test_sequential_gptq_carries_layer_inputs_forward_and_equals_rerunning_the_m
         assert torch.allclose(a, b, atol=1e-5), name
 
 
-def test_causal_lm_specs_refuse_tuning_they_would_ignore(tmp_path):
+def test_cli_tunes_a_decoder_target_on_held_out_calibration_texts(decoder, tmp_path):
+    """``qops quantize --tune`` on a checkpoint folder: no --validation needed (trials are scored on held-out
+    calibration documents), the trial table printed, exit 0 when the chosen candidate passes and 3 when none can
+    (an impossible --threshold), the folder in place either way. A causal_lm spec with tuning is accepted."""
     from qops.spec import load_spec
 
+    r = _cli("quantize", "--model", decoder / "hf", "--target", "llm_int4_rtn", "--calibration",
+             decoder / "calib.parquet", "--max-length", 32, "--tune", "--max-trials", 2,
+             "--threshold", "perplexity_increase<=5", "--output", tmp_path / "q")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "trial  1" in r.stdout and "<- chosen" in r.stdout and "held-out calibration documents" in r.stdout
+    assert (tmp_path / "q" / "model.onnx").is_file()
+    r = _cli("quantize", "--model", decoder / "hf", "--target", "llm_int4_rtn", "--calibration",
+             decoder / "calib.parquet", "--max-length", 32, "--tune", "--max-trials", 1,
+             "--threshold", "agreement>=1.5", "--output", tmp_path / "q2")
+    assert r.returncode == 3 and "NO candidate passed" in r.stdout, r.stderr[-2000:]
     spec = {"name": "t", "source_model": str(tmp_path), "targets": ["llm_int4_rtn"], "tuning": {"enabled": True},
             "data": {"kind": "causal_lm", "pool": "p.parquet", "reference": "r.parquet", "validation": "v.parquet",
                      "label": "text"}}
     path = tmp_path / "s.yaml"
     path.write_text(json.dumps(spec))
-    with pytest.raises(QopsError, match="tuning is not run for causal_lm"):
-        load_spec(path)
+    assert load_spec(path).tuning.enabled
 
 
 def test_cli_runs_hqq_for_llm_int4_hqq_into_a_genai_folder(decoder, tmp_path):
@@ -341,3 +353,49 @@ def test_gptq_variants_stay_on_their_grid_and_beat_round_to_nearest(symmetric, a
     err = lambda q: float(((x @ (q - w).T) ** 2).mean())  # noqa: E731
     assert err(wq) < 0.8 * err(rtn)
 
+
+
+def test_llm_tuning_scores_trials_on_held_out_calibration_documents_and_keeps_the_rule(decoder, tmp_path):
+    """tuning for a decoder target: candidates of the engine's space quantized on the fit documents and scored on the
+    held-out ones (every 4th, never fitted), judged by the spec's gates; with a gate everything passes the smallest
+    candidate wins, with a gate nothing can pass the most faithful one is kept and marked failed. The chosen artifact
+    is at the output, loads, and its trial folder is gone."""
+    from qops.engines import LlmInputs, engine_for
+    from qops.engines.llm_tune import llm_space, split_windows, tune_llm
+    from qops.llm.data import causal_lm_kind
+    from qops.llm.runner import open_decoder
+    from qops.llm.source import LlmInfo
+    from qops.spec import GateSpec
+    from qops.spec.data import CausalLMSpec
+    from qops.spec.training import TuningSpec
+    from qops.targets import get_target
+
+    hf = decoder / "hf"
+    info = LlmInfo.from_hf(hf)
+    windows = causal_lm_kind(CausalLMSpec(seq_len=32, stride=16), str(hf), info).windows(
+        pd.DataFrame({"text": TEXTS[:16]}), "calibration")
+    fit, held = split_windows(windows)
+    assert {w.row for w in held} == {3, 7, 11, 15} and not {w.row for w in fit} & {w.row for w in held}
+    recipe = get_target("llm_int4_rtn")
+    space = llm_space(recipe)
+    assert space[0] == {} and {"algorithm": "gptq", "symmetric_weights": False, "act_order": True} in space
+    engine = engine_for(recipe)
+    cfg = TuningSpec(enabled=True, max_trials=3, bootstrap=50)
+    lenient = GateSpec(task="causal_lm", max_overall_drop=100.0)
+    out = tmp_path / "lenient"
+    res = tune_llm(engine, hf, recipe, out, LlmInputs(hf_dir=hf, info=info, work_dir=tmp_path, windows=windows),
+                   cfg, lenient)
+    assert len(res.trials) == 3 and sum(t.get("chosen", False) for t in res.trials) == 1
+    done = [t for t in res.trials if t["verdict"] != "error"]
+    chosen = next(t for t in res.trials if t.get("chosen"))
+    assert res.passed and chosen["passed"] and chosen["size_ratio"] <= min(t["size_ratio"] for t in done) * 1.05
+    assert res.tuning["held_out"]["documents"] == 4 and res.tuning["fit_windows"] == len(fit)
+    assert Path(res.model_path) == out / "model.onnx" and Path(res.model_path).is_file()
+    assert open_decoder(res.model_path, info).prefill(np.arange(1, 9)).shape[-1] == info.vocab_size
+    assert not list(tmp_path.glob(".lenient.trials-*"))
+    impossible = GateSpec(task="causal_lm", thresholds=[{"metric": "agreement", "min_value": 1.5}])
+    res2 = tune_llm(engine, hf, recipe, tmp_path / "strict", LlmInputs(hf_dir=hf, info=info, work_dir=tmp_path,
+                    windows=windows), TuningSpec(enabled=True, max_trials=2, bootstrap=0), impossible)
+    kl = {t["trial"]: t["metrics"]["kl_divergence"] for t in res2.trials if t["verdict"] != "error"}
+    assert res2.passed is False and res2.tuning["chosen_trial"] == min(kl, key=kl.get)
+    assert "agreement" in " ".join(res2.trials[0]["reasons"])
