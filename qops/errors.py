@@ -51,3 +51,8 @@ class RegistryError(QopsError):
 class RegistryUnavailable(RegistryError):
     """The registry or its artifact store failed or could not be reached; nothing was left half-registered, and
     a later retry may succeed (operators let Airflow retry these, unlike bad input)."""
+
+
+class PromotionRefused(RegistryError):
+    """A promotion the policy refused (manual approval missing, not better than the alias holder, gates not passed):
+    a decision, not bad input; the CLI exits 4."""

@@ -17,7 +17,7 @@ from qops.cli.args import (
     recipe_options,
 )
 from qops.cli.parser import build_parser
-from qops.errors import GateFailed, QopsError
+from qops.errors import GateFailed, PromotionRefused, QopsError
 
 
 def cmd_targets(args) -> int:
@@ -258,6 +258,10 @@ def cmd_webhook(args) -> int:
     except ValueError as e:
         raise QopsError(str(e)) from None
     server = serve(receiver, args.host, args.port, args.path)
+    if args.json:
+        emit(args, {"url": f"http://{args.host}:{server.server_address[1]}{args.path}", "airflow_url": args.airflow_url,
+                    "watching": sorted(f"{n}@{a}" for n, a in receiver.watch)})
+        sys.stdout.flush()
     logging.getLogger("qops").info("qops webhook: MLflow posts to http://%s:%d%s; watching %s; Airflow at %s",
                                    args.host, server.server_address[1], args.path,
                                    ", ".join(sorted(f"{n}@{a}" for n, a in receiver.watch)), args.airflow_url)
@@ -295,8 +299,11 @@ def cmd_summary(args) -> int:
     if path.name == LATEST_SUMMARY:
         path = Path(read_json(path)["summary"])
     summary = read_json(path)
-    print(format_summary(summary))
-    print(f"summary: {path}")
+    if args.json:
+        emit(args, summary)
+    else:
+        print(format_summary(summary))
+        print(f"summary: {path}")
     return 0 if any(r.get("gate") == "passed" for r in summary["targets"]) else 3
 
 
@@ -337,13 +344,21 @@ def main(argv: list[str] | None = None) -> int:
     except GateFailed as e:
         print(f"qops: {redact.redact(e)}", file=sys.stderr)
         return 3
+    except PromotionRefused as e:
+        print(f"qops: promotion refused: {redact.redact(e)}", file=sys.stderr)
+        return 4
     except QopsError as e:
         print(f"qops: error: {redact.redact(e)}", file=sys.stderr)
         return 2
     except Exception as e:
-        if type(e).__name__ != "MlflowException":
+        if type(e).__name__ == "MlflowException":
+            print(f"qops: error: MLflow refused the request: {redact.redact(str(e).splitlines()[0][:400])} Fix: "
+                  "check the tracking URI, the model name and version, and the server's log.", file=sys.stderr)
+            return 2
+        if args.verbose:
             raise
-        print(f"qops: error: MLflow refused the request: {redact.redact(str(e).splitlines()[0][:400])} Fix: check "
-              "the tracking URI, the model name and version, and the server's log.", file=sys.stderr)
-        return 2
+        first = (str(e).splitlines() or [""])[0][:400]
+        print(f"qops: internal error: {type(e).__name__}: {redact.redact(first)} (a bug or an unexpected "
+              "environment; run again with -v for the traceback, and report it)", file=sys.stderr)
+        return 1
 

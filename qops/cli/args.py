@@ -17,10 +17,19 @@ def csv_list(text: str | None) -> list[str] | None:
 
 
 def emit(args, result, human: str | None = None) -> None:
+    """The result as JSON with ``--json``, else ``human`` (default: one ``key: value`` line per top-level field, nested
+    values as compact JSON): JSON only when asked for."""
     if args.json:
         print(json.dumps(to_jsonable(result), indent=2, sort_keys=True))
+    elif human is not None:
+        print(human)
     else:
-        print(human if human is not None else json.dumps(to_jsonable(result), indent=2, sort_keys=True))
+        data = to_jsonable(result)
+        if not isinstance(data, dict):
+            print(json.dumps(data))
+            return
+        for k, v in data.items():
+            print(f"{k}: {v if isinstance(v, (str, int, float, bool)) or v is None else json.dumps(v)}")
 
 
 def calibration_section(args):

@@ -79,7 +79,7 @@ def quantize_ct_llm(hf_dir: str | os.PathLike, recipe, out_dir: str | os.PathLik
                                    f"size; {group} is the largest power of two below it that does)")
     if recipe.smooth_quant_alpha is not None:
         alpha = 0.5 if recipe.smooth_quant_alpha == "auto" else float(recipe.smooth_quant_alpha)
-        technique["smoothquant"] = smoothquant(model, windows, alpha)
+        technique["smoothquant"] = smoothquant(model, windows, alpha, linear_sites=recipe.smooth_sites == "all")
     if recipe.algorithm == "awq":
         technique["awq"] = awq(model, windows, bits, group)
     if recipe.precision == "fp8":

@@ -96,10 +96,12 @@ def observe(model, sites, collectors: dict, windows) -> None:
         forward_windows(model, windows)
 
 
-def smoothquant(model, windows, alpha: float = 0.5) -> dict:
-    """SmoothQuant on the norm → linear sites (per-channel activation maxima over the calibration windows)."""
+def smoothquant(model, windows, alpha: float = 0.5, linear_sites: bool = False) -> dict:
+    """SmoothQuant on the norm → linear sites (per-channel activation maxima over the calibration windows); with
+    ``linear_sites`` also up_proj → down_proj (and v_proj → o_proj without GQA), where the largest activation
+    outliers of real decoders sit (the down_proj input)."""
     torch = _torch()
-    sites = [s for s in smoothing_sites(model) if not isinstance(s[1], _torch().nn.Linear)]  # the norm sites
+    sites = [s for s in smoothing_sites(model) if linear_sites or not isinstance(s[1], torch.nn.Linear)]
     stats = {name: AbsMax(dtype="float32") for name, _, _ in sites}
     observe(model, sites, stats, windows)
     amax = {name: c.result() for name, c in stats.items()}
@@ -109,7 +111,8 @@ def smoothquant(model, windows, alpha: float = 0.5) -> dict:
         s = (amax[name].clamp(min=1e-5) ** alpha / wmax.clamp(min=1e-5) ** (1 - alpha)).clamp(min=1e-5)
         fold(smooth, layers, s, arch_of_model(model).norm_offset)
         ratios.append(float((amax[name].max() / amax[name].median().clamp(min=1e-8))))
-    return {"alpha": alpha, "sites": len(sites), "activation_max_over_median_before": round(float(np.median(ratios)), 1)}
+    return {"alpha": alpha, "sites": len(sites), "linear_sites": linear_sites,
+            "activation_max_over_median_before": round(float(np.median(ratios)), 1)}
 
 
 def qparams(w, bits: int, group: int | None, grid: str = "ct"):

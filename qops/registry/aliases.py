@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from qops.errors import RegistryError
+from qops.errors import PromotionRefused, RegistryError
 from qops.redact import redact
 from qops.registry.client import reachable
 
@@ -90,7 +90,7 @@ def _promote(client, name, version, alias, approved, require_approval, better_on
 
     mv = client.get_model_version(name, version)
     if mv.tags.get("qops.gate") != "passed":
-        raise RegistryError(f"{name} version {version} did not pass its gates (qops.gate={mv.tags.get('qops.gate')}).",
+        raise PromotionRefused(f"{name} version {version} did not pass its gates (qops.gate={mv.tags.get('qops.gate')}).",
                             "promote a version whose gates passed.")
     try:
         current = client.get_model_version_by_alias(name, alias)
@@ -101,7 +101,7 @@ def _promote(client, name, version, alias, approved, require_approval, better_on
     if current is not None and str(current.version) == str(version):
         return {**out, "promoted": False, "reason": f"version {version} already holds @{alias}"}
     if require_approval and not approved:
-        raise RegistryError(f"Promoting {name} version {version} to @{alias} needs a manual approval.",
+        raise PromotionRefused(f"Promoting {name} version {version} to @{alias} needs a manual approval.",
                             "approve it: qops promote --approve, or trigger the DAG with conf "
                             '{"approve_promotion": true}.')
     if better_on and current is not None:
@@ -118,7 +118,7 @@ def _promote(client, name, version, alias, approved, require_approval, better_on
             if not ok:
                 worse.append(f"{metric} {mine[metric]:.6g} vs {theirs[metric]:.6g} ({direction})")
         if worse:
-            raise RegistryError(f"{name} version {version} is not better than version {current.version}, which "
+            raise PromotionRefused(f"{name} version {version} is not better than version {current.version}, which "
                                 f"holds @{alias}: {'; '.join(worse)}.",
                                 "keep the current holder, or relax mlflow.promotion.better_on.")
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -114,6 +114,8 @@ class CompressedTensorsConfig(EngineConfig):
     block_size: int = 128  # W4A16: the group size
     act_order: bool = False  # GPTQ: columns by decreasing Hessian diagonal (static groups)
     smooth_quant_alpha: float | None = None
+    # SmoothQuant sites: the norms feeding q/k/v and the MLP, or also up_proj -> down_proj (and v -> o without GQA)
+    smooth_sites: Literal["norms", "all"] = "norms"
 
     def problems(self) -> Problems:
         if (self.precision, self.mode) not in (("int4", "weight_only"), ("int8", "dynamic"), ("fp8", "dynamic")):

@@ -230,3 +230,27 @@ def test_version_is_written_once_and_printed_by_the_cli():
     r = subprocess.run([sys.executable, "-m", "qops.cli", "--version"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == f"qops {qops.__version__}"
     assert qops_airflow.get_provider_info()["versions"] == [qops.__version__]
+
+
+def test_an_unexpected_error_is_one_line_exit_1_and_the_traceback_is_under_verbose(tmp_path):
+    """A summary file that is valid JSON but not a qops summary reaches code that did not expect it: exit 1 with one
+    line naming the error (no traceback); with -v, the traceback."""
+    bad = tmp_path / "summary.json"
+    bad.write_text(json.dumps({"not": "a summary"}))
+    r = run("summary", bad)
+    assert r.returncode == 1 and "internal error: KeyError" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = run("-v", "summary", bad)
+    assert r.returncode == 1 and "Traceback" in r.stderr
+
+
+def test_json_only_with_the_flag(tmp_path):
+    """--json on summary prints the summary JSON; without it, readable lines (no JSON dump)."""
+    summary = {"pipeline": "p", "run_id": "r", "run_dir": str(tmp_path), "targets": [
+        {"target": "x86_64_vnni_int8", "gate": "passed", "method": "ptq"}]}
+    path = tmp_path / "summary.json"
+    path.write_text(json.dumps(summary))
+    r = run("summary", path, "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["targets"][0]["gate"] == "passed"
+    r = run("summary", path)
+    assert not r.stdout.lstrip().startswith("{")

@@ -178,6 +178,14 @@ def test_promotion_policy_gates_approval_and_metrics(mlflow_uri, qmodel, card_fi
         promote("m-x86", v3, "production", require_approval=True)
     with pytest.raises(RegistryError, match=r"not better than version 1.*quantized_accuracy 0.78 vs 0.8 \(max\)"):
         promote("m-x86", v2, "production", better_on={"quantized_accuracy": "max", "latency_p50_ms": "min"})
+    # the CLI: a refusal by policy is exit 4 (a decision), not exit 2 (bad input)
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "qops.cli", "promote", "--name", "m-x86", "--version", v3, "--alias",
+                        "production", "--require-approval", "--tracking-uri", mlflow_uri], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 4 and "promotion refused" in r.stderr and "Traceback" not in r.stderr, r.stderr[-1000:]
     client = MlflowClient()
     assert str(client.get_model_version_by_alias("m-x86", "production").version) == v1  # refusals moved nothing
     res = promote("m-x86", v3, "production", require_approval=True, approved=True, by="dag run 3",
