@@ -20,6 +20,21 @@ def get_provider_info() -> dict:
         "operators": [{"integration-name": "qops", "python-modules": ["qops_airflow.operators"]}],
         "hooks": [{"integration-name": "qops", "python-modules": ["qops_airflow.hooks"]}],
         "triggers": [{"integration-name": "qops", "python-modules": ["qops_airflow.triggers"]}],
-        "connection-types": [{"hook-class-name": "qops_airflow.hooks.MlflowHook", "connection-type": "mlflow"}],
+        "connection-types": [{
+            "hook-class-name": "qops_airflow.hooks.MlflowHook", "connection-type": "qops_mlflow",
+            "hook-name": "MLflow (qops)",
+            "conn-fields": {
+                "tracking_uri": {"label": "Tracking URI", "schema": {"type": "string"},
+                                 "description": "MLflow tracking URI (http(s)://..., databricks, sqlite:///...); "
+                                 "empty: http(s)://host:port"},
+                "registry_uri": {"label": "Registry URI", "description": "A separate model registry (default: the "
+                                 "tracking server)", "schema": {"type": "string"}},
+                "token": {"label": "Token", "description": "Bearer token (MLFLOW_TRACKING_TOKEN)",
+                          "schema": {"type": "string", "format": "password"}},
+            },
+            "ui-field-behaviour": {"hidden-fields": ["extra"], "relabeling": {"login": "Username", "schema": "Scheme"},
+                                   "placeholders": {"host": "mlflow.example.com", "port": "5000",
+                                                    "schema": "http or https"}},
+        }],
         "extra-links": ["qops_airflow.links.QopsMlflowModelLink", "qops_airflow.links.QopsModelCardLink"],
     }

@@ -40,8 +40,8 @@ def schedule_assets(spec):
     return assets or None
 
 
-def build_quantization_dag(spec_path: str | Path, dag_id: str | None = None, mlflow_conn_id: str | None = None,
-                           **dag_kwargs) -> DAG:
+def build_quantization_dag(spec_path: str | Path, dag_id: str | None = None,
+                           mlflow_conn_id: str | None = "mlflow_default", **dag_kwargs) -> DAG:
     """One DAG per spec, built from qops' stage table (:mod:`qops.pipeline.table`, the graph ``qops run`` runs):
     the run-level stages in a chain (source [-> qlora_finetune] -> calibrate), then per target a task group
     (quantize -> evaluate -> gate [-> qat] -> card -> register [-> promote]) on the target's queue, then summary,

@@ -24,11 +24,11 @@ from qops_airflow.links import QopsMlflowModelLink, QopsModelCardLink
 class QopsStageOperator(BaseOperator):
     """Runs the qops stage named by ``stage`` (a class attribute) for the spec and run key."""
 
-    template_fields: Sequence[str] = ("spec_path", "run_key")
+    template_fields: Sequence[str] = ("spec_path", "run_key", "mlflow_conn_id")
     ui_color = "#d9ecf2"
     stage: str = ""
 
-    def __init__(self, *, spec_path: str, run_key: str = "{{ run_id }}", mlflow_conn_id: str | None = None,
+    def __init__(self, *, spec_path: str, run_key: str = "{{ run_id }}", mlflow_conn_id: str | None = "mlflow_default",
                  **kwargs: Any) -> None:
         from qops.pipeline.table import stage
 
@@ -50,7 +50,7 @@ class QopsStageOperator(BaseOperator):
         redact.install()  # the task log's handlers: no credential from MLflow, boto3 or qops reaches it
         uri = MlflowHook(self.mlflow_conn_id).configure()
         spec = load_spec(self.spec_path)
-        if self.mlflow_conn_id and uri:  # the connection wins over the spec's tracking URI (docs/airflow.md)
+        if uri:  # a connection that applies wins over the spec's tracking URI (docs/airflow.md)
             spec.mlflow.tracking_uri = uri
         return spec
 
@@ -136,7 +136,7 @@ class QopsCalibrateOperator(QopsStageOperator):
 
 
 class QopsTargetOperator(QopsStageOperator):
-    template_fields: Sequence[str] = ("spec_path", "run_key", "target")
+    template_fields: Sequence[str] = ("spec_path", "run_key", "target", "mlflow_conn_id")
 
     def __init__(self, *, target: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -246,7 +246,7 @@ class QopsPromoteOperator(QopsTargetOperator):
     ``{"approve_promotion": true}``, or ``approved=True``), and not worse than the current holder on the policy's
     metrics. The replaced version is tagged with when and by which run. Refusals fail the task (no retries)."""
 
-    template_fields: Sequence[str] = ("spec_path", "run_key", "target", "approved")
+    template_fields: Sequence[str] = ("spec_path", "run_key", "target", "approved", "mlflow_conn_id")
     stage = "promote"
     operator_extra_links = (QopsMlflowModelLink(),)
 

@@ -320,3 +320,34 @@ def test_concurrent_registrations_leave_the_aliases_on_the_newest_version(fp32_m
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def test_the_connection_test_button_reaches_a_real_tracking_server(tmp_path, monkeypatch):
+    """The Airflow UI's Test button calls ``Connection.test_connection()``, which finds the hook by the connection
+    type through the provider info, with the form's connection exported as ``AIRFLOW_CONN_<ID>`` as Airflow's
+    ``POST /connections/test`` does: against a real `mlflow server` on loopback it passes and names the server;
+    against a port nothing listens on it fails with a message, and no credential appears in either."""
+    from airflow.models.connection import Connection
+
+    port = free_port()
+    proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 's.db'}",
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, cwd=tmp_path)
+    for k in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.setenv(k, "placeholder")
+        monkeypatch.delenv(k)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", proc)
+        def test_button(conn):
+            monkeypatch.setenv(f"AIRFLOW_CONN_{conn.conn_id.upper()}", conn.as_json())
+            return conn.test_connection()
+
+        ok, msg = test_button(Connection(conn_id="mlflow_up", conn_type="qops_mlflow", host="127.0.0.1", port=port,
+                                         login="u", password="s3cret-pw"))
+        assert ok and f"http://127.0.0.1:{port}" in msg and "s3cret-pw" not in msg, msg
+        ok, msg = test_button(Connection(conn_id="mlflow_down", conn_type="qops_mlflow", host="127.0.0.1",
+                                         port=free_port(), password="s3cret-pw"))
+        assert not ok and "MLflow did not answer" in msg and "s3cret-pw" not in msg, msg
+    finally:
+        proc.terminate()
+        proc.wait(20)

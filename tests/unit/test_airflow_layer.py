@@ -3,10 +3,13 @@
 import os
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
-MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+              "MLFLOW_REGISTRY_URI", "AIRFLOW_CONN_MLFLOW_DEFAULT")
 
 
 def _isolate_mlflow_env(monkeypatch):
@@ -22,7 +25,7 @@ def test_mlflow_hook_reads_the_connection_and_keeps_credentials_out_of_the_uri(m
 
     _isolate_mlflow_env(monkeypatch)
     monkeypatch.setenv("AIRFLOW_CONN_MLFLOW_TEST",
-                       '{"conn_type": "mlflow", "host": "127.0.0.1", "port": 5000, "login": "u", "password": "s3cret"}')
+                       '{"conn_type": "qops_mlflow", "host": "127.0.0.1", "port": 5000, "login": "u", "password": "s3cret"}')
     uri = MlflowHook("mlflow_test").configure()
     assert uri == "http://127.0.0.1:5000" == os.environ["MLFLOW_TRACKING_URI"]
     assert os.environ["MLFLOW_TRACKING_USERNAME"] == "u" and os.environ["MLFLOW_TRACKING_PASSWORD"] == "s3cret"
@@ -33,14 +36,22 @@ def test_mlflow_hook_extra_tracking_uri_and_no_connection(monkeypatch):
     from qops_airflow.hooks import MlflowHook
 
     _isolate_mlflow_env(monkeypatch)
-    monkeypatch.setenv("AIRFLOW_CONN_MLFLOW_X", '{"conn_type": "mlflow", "extra": {"tracking_uri": "sqlite:///x.db"}}')
+    monkeypatch.setenv("AIRFLOW_CONN_MLFLOW_X", '{"conn_type": "qops_mlflow", "extra": {"tracking_uri": "sqlite:///x.db"}}')
     assert MlflowHook("mlflow_x").configure() == "sqlite:///x.db"
-    monkeypatch.setenv("AIRFLOW_CONN_MLFLOW_T", '{"conn_type": "mlflow", "host": "mlflow.example", "schema": "https", '
+    monkeypatch.setenv("AIRFLOW_CONN_MLFLOW_T", '{"conn_type": "qops_mlflow", "host": "mlflow.example", "schema": "https", '
                        '"extra": {"token": "tok-123"}}')
     assert MlflowHook("mlflow_t").configure() == "https://mlflow.example"
     assert os.environ["MLFLOW_TRACKING_TOKEN"] == "tok-123"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///y.db")
-    assert MlflowHook(None).configure() == "sqlite:///y.db"
+    assert MlflowHook(None).configure() is None  # no connection applies: the caller keeps the spec's URI or the env
+    assert MlflowHook().configure() is None  # the default connection id, not defined here: the same
+    with pytest.raises(Exception, match="mlflow_missing"):  # a named connection that does not exist is an error
+        MlflowHook("mlflow_missing").configure()
+    monkeypatch.setenv("AIRFLOW_CONN_MLFLOW_DEFAULT", '{"conn_type": "qops_mlflow", "extra": '
+                       '{"tracking_uri": "sqlite:///default.db", "registry_uri": "sqlite:///reg.db"}}')
+    assert MlflowHook().configure() == "sqlite:///default.db" and os.environ["MLFLOW_REGISTRY_URI"] == "sqlite:///reg.db"
+    client = MlflowHook().get_conn()
+    assert client.tracking_uri == "sqlite:///default.db" and client._registry_uri == "sqlite:///reg.db"
 
 
 def test_the_connection_wins_over_the_specs_tracking_uri(monkeypatch, tmp_path):
@@ -55,17 +66,36 @@ def test_the_connection_wins_over_the_specs_tracking_uri(monkeypatch, tmp_path):
     spec.setdefault("mlflow", {})["tracking_uri"] = "sqlite:///from-the-spec.db"
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
-    monkeypatch.setenv("AIRFLOW_CONN_MLFLOW_W", '{"conn_type": "mlflow", "extra": {"tracking_uri": "sqlite:///conn.db"}}')
+    monkeypatch.setenv("AIRFLOW_CONN_MLFLOW_W", '{"conn_type": "qops_mlflow", "extra": {"tracking_uri": "sqlite:///conn.db"}}')
     op = QopsCardOperator(task_id="t", spec_path=str(path), target="x86_64_vnni_int8", mlflow_conn_id="mlflow_w")
     assert op._spec().mlflow.tracking_uri == "sqlite:///conn.db"
     op = QopsCardOperator(task_id="t2", spec_path=str(path), target="x86_64_vnni_int8")
-    assert op._spec().mlflow.tracking_uri == "sqlite:///from-the-spec.db"
+    assert op.mlflow_conn_id == "mlflow_default" and "mlflow_conn_id" in op.template_fields
+    assert op._spec().mlflow.tracking_uri == "sqlite:///from-the-spec.db"  # mlflow_default is not defined here
+    monkeypatch.setenv("AIRFLOW_CONN_MLFLOW_DEFAULT", '{"conn_type": "qops_mlflow", "extra": '
+                       '{"tracking_uri": "sqlite:///default.db"}}')
+    assert op._spec().mlflow.tracking_uri == "sqlite:///default.db"  # defined: the default connection is used
 
 
 def test_mlflow_hook_tests_leave_the_environment_as_they_found_it():
     """Runs after the two tests above (file order): none of their exports survived them."""
     assert os.environ.get("MLFLOW_TRACKING_PASSWORD") != "s3cret" and os.environ.get("MLFLOW_TRACKING_TOKEN") != "tok-123"
-    assert os.environ.get("MLFLOW_TRACKING_URI") not in ("sqlite:///x.db", "sqlite:///y.db", "http://127.0.0.1:5000")
+    assert os.environ.get("MLFLOW_TRACKING_URI") not in ("sqlite:///x.db", "sqlite:///y.db", "http://127.0.0.1:5000",
+                                                         "sqlite:///default.db")
+    assert os.environ.get("MLFLOW_REGISTRY_URI") != "sqlite:///reg.db"
+
+
+def test_the_provider_declares_its_connection_form():
+    """Airflow's ProvidersManager reads the connection type, its form fields (the token a password field) and the
+    field behaviour from the provider info, as the UI's connection form does."""
+    from airflow.providers_manager import ProvidersManager
+
+    pm = ProvidersManager()
+    widgets = pm.connection_form_widgets
+    assert {f"extra__qops_mlflow__{f}" for f in ("tracking_uri", "registry_uri", "token")} <= set(widgets)
+    assert widgets["extra__qops_mlflow__token"].is_sensitive
+    assert pm.field_behaviours["qops_mlflow"]["hidden_fields"] == ["extra"]
+    assert pm.hooks["qops_mlflow"].hook_class_name == "qops_airflow.hooks.MlflowHook"
 
 
 def test_dag_factory_builds_the_pipeline_from_the_spec(monkeypatch, tmp_path):
@@ -78,7 +108,7 @@ def test_dag_factory_builds_the_pipeline_from_the_spec(monkeypatch, tmp_path):
         assert {f"{target}.{s}" for s in ("quantize", "evaluate", "gate", "card", "register")} <= ids
     assert {"resolve_source", "calibrate", "summary", "fail_run_if_any_task_failed"} <= ids
     gate = dag.get_task("arm64_int8.gate")
-    assert gate.queue == "cpu" and gate.template_fields == ("spec_path", "run_key", "target")
+    assert gate.queue == "cpu" and gate.template_fields == ("spec_path", "run_key", "target", "mlflow_conn_id")
     assert {link.name for link in gate.operator_extra_links} == {"MLflow model", "Model card"}
     assert dag.get_task("arm64_int8.card").trigger_rule == "all_done"
     # the spec's qat block: a qat task between gate and card for arm64_int8 only, retried (it resumes)
