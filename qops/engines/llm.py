@@ -102,7 +102,8 @@ class OrtGenaiEngine(LlmEngine):
         work = inputs.work_dir / "gptq" / recipe.target
         try:
             ck = gptq_checkpoint(inputs.hf_dir, inputs.windows, recipe.block_size, work / "hf",
-                                 symmetric=recipe.symmetric_weights, act_order=recipe.act_order)
+                                 symmetric=recipe.symmetric_weights, act_order=recipe.act_order,
+                                 clip_search=recipe.clip_search)
             ex = export_onnx(ck["hf_dir"], work / "onnx")
             rtn = recipe.with_options(algorithm="rtn", block_size=ck["group"])
             with atomic_dir(output) as tmp:

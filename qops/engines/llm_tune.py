@@ -36,19 +36,20 @@ HELD_OUT_EVERY = 4  # every 4th calibration document scores the trials and fits 
 
 # (options, expected gain, relative cost): gains are priors for the order only (every trial is measured); costs are
 # relative quantization times (round-to-nearest 1; AWQ's search 3; GPTQ's Hessians and updates 8)
-_INT4 = [({"algorithm": "gptq", "symmetric_weights": False, "act_order": True}, 1.0, 8),
+_GPTQ = {"algorithm": "gptq", "symmetric_weights": False, "act_order": True, "clip_search": True}
+_INT4 = [(_GPTQ, 1.0, 8),
          ({"algorithm": "rtn", "symmetric_weights": False}, 0.4, 1),
          ({"algorithm": "awq", "symmetric_weights": False}, 0.6, 3),
-         ({"algorithm": "gptq", "act_order": True}, 0.7, 8),
+         ({**_GPTQ, "symmetric_weights": True}, 0.7, 8),
          ({"algorithm": "awq"}, 0.4, 3),
-         ({"algorithm": "gptq", "symmetric_weights": False, "act_order": True, "block_size": 64}, 0.5, 8),
-         ({"algorithm": "gptq", "symmetric_weights": False, "act_order": True, "lm_head": "int4"}, 0.3, 8)]
+         ({**_GPTQ, "block_size": 64}, 0.5, 8),
+         ({**_GPTQ, "lm_head": "int4"}, 0.3, 8)]
 _W8A8 = [({"smooth_quant_alpha": 0.5, "activation_granularity": "per-block"}, 1.0, 2),
          ({"smooth_quant_alpha": None, "activation_granularity": "per-block"}, 0.6, 1),
          ({"smooth_quant_alpha": 0.7, "activation_granularity": "per-block"}, 0.5, 2),
          ({"smooth_quant_alpha": 0.3, "activation_granularity": "per-block"}, 0.5, 2)]
-_CT_INT4 = [({"algorithm": "gptq", "act_order": True}, 1.0, 8), ({"algorithm": "awq"}, 0.6, 3),
-            ({"algorithm": "gptq"}, 0.5, 8), ({"algorithm": "rtn"}, 0.2, 1)]
+_CT_INT4 = [({"algorithm": "gptq", "act_order": True, "clip_search": True}, 1.0, 8), ({"algorithm": "awq"}, 0.6, 3),
+            ({"algorithm": "gptq", "act_order": False, "clip_search": False}, 0.5, 8), ({"algorithm": "rtn"}, 0.2, 1)]
 _CT_INT8 = [({"smooth_quant_alpha": 0.5}, 1.0, 8), ({"smooth_quant_alpha": None}, 0.5, 8),
             ({"smooth_quant_alpha": 0.7}, 0.5, 8), ({"smooth_quant_alpha": 0.3}, 0.4, 8)]
 _GGUF = [({"imatrix": True}, 1.0, 2), ({"imatrix": False}, 0.5, 1)]

@@ -85,7 +85,7 @@ def quantize_ct_llm(hf_dir: str | os.PathLike, recipe, out_dir: str | os.PathLik
     if recipe.precision == "fp8":
         scales = {}
     elif recipe.algorithm == "gptq":
-        scales = gptq(model, windows, bits, group, act_order=recipe.act_order)
+        scales = gptq(model, windows, bits, group, act_order=recipe.act_order, mse=recipe.clip_search)
     else:  # rtn, and AWQ's scaled weights
         scales = rtn(model, bits, group)
     apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": _scheme(recipe, group)},
@@ -103,7 +103,8 @@ def quantize_ct_llm(hf_dir: str | os.PathLike, recipe, out_dir: str | os.PathLik
     load_torch_target(out, recipe.to_dict())
     fmt = getattr(compressor.quantization_config.format, "value", compressor.quantization_config.format)
     what = {"int4": f"W4A16 (int4 weights, groups of {group}, symmetric"
-            + (", activation order" if recipe.act_order and recipe.algorithm == "gptq" else "") + ")",
+            + (", activation order" if recipe.act_order and recipe.algorithm == "gptq" else "")
+            + (", clip search" if recipe.clip_search and recipe.algorithm == "gptq" else "") + ")",
             "int8": "W8A8 (int8 weights per channel, int8 activations per token, dynamic)",
             "fp8": "FP8 dynamic (e4m3 weights per channel, e4m3 activations per token)"}[recipe.precision]
     algo = {"gptq": "GPTQ", "awq": "AWQ + round-to-nearest", "rtn": "round-to-nearest"}[recipe.algorithm]

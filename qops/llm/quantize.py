@@ -28,6 +28,7 @@ import numpy as np
 
 from qops.artifacts import atomic_dir, atomic_path, sha256_file, write_json_atomic
 from qops.errors import QopsError
+from qops.llm.embeddings import int8_embeddings
 from qops.llm.sensitivity import override_nodes, read_overrides
 from qops.llm.torch_quant import gptq, group_size_for
 from qops.llm.torch_target import load_torch_target, require_cuda
@@ -163,7 +164,10 @@ def quantize_onnx_llm(src: str | os.PathLike, recipe, out_path: str | os.PathLik
                                              bits=8)
         model = _nbits_pass(model, recipe, 8, algo8, include=[LM_HEAD] * (head == "int8") + eight_bit)
     embeddings = "fp32"
-    if "Gather" in recipe.op_types:
+    if "Gather" in recipe.op_types and recipe.precision == "int4" and recipe.embeddings == "int8":
+        heads = [n.name for n in model.graph.node if n.op_type == "MatMulNBits" and n.name.startswith(LM_HEAD)]
+        embeddings = int8_embeddings(model, recipe.block_size, heads[0] if untied and heads else None)
+    elif "Gather" in recipe.op_types:
         algo_g = DefaultWeightOnlyQuantConfig(block_size=recipe.block_size, is_symmetric=recipe.symmetric_weights,
                                               op_types_to_quantize=("Gather",), quant_axes=(("Gather", 1),), bits=4)
         model = _nbits_pass(model, recipe, 4, algo_g)
@@ -174,7 +178,7 @@ def quantize_onnx_llm(src: str | os.PathLike, recipe, out_path: str | os.PathLik
     with atomic_path(out) as tmp:
         onnx.save(model, str(tmp))
     copy_genai_files(src, out)
-    if untied:
+    if untied and "sharing" not in embeddings:
         embeddings += f" (its own table: the export tied it to {untied} through a Transpose)"
     if eight_bit:
         method["eight_bit_layers"] = sorted(overrides["overrides"])
@@ -279,7 +283,7 @@ def copy_genai_files(src, out: Path) -> None:
 
 
 def gptq_checkpoint(hf_dir: str | os.PathLike, windows, block_size: int, out_dir: str | os.PathLike,
-                    symmetric: bool = True, act_order: bool = False) -> dict:
+                    symmetric: bool = True, act_order: bool = False, clip_search: bool = False) -> dict:
     """qops' sequential GPTQ (:func:`qops.llm.torch_quant.gptq`) on the checkpoint, on ONNX Runtime's signed-scale
     grid, saved as a checkpoint whose weights lie exactly on that grid: exported to ONNX, ONNX Runtime's
     round-to-nearest then re-derives GPTQ's own scales and integers (instead of ONNX Runtime's GPTQ, which takes
@@ -292,7 +296,7 @@ def gptq_checkpoint(hf_dir: str | os.PathLike, windows, block_size: int, out_dir
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, local_files_only=True).eval()
     group = group_size_for(model, block_size)
-    gptq(model, windows, 4, group, grid="ort", symmetric=symmetric, act_order=act_order)
+    gptq(model, windows, 4, group, grid="ort", symmetric=symmetric, act_order=act_order, mse=clip_search)
     out = Path(out_dir)
     with atomic_dir(out) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
@@ -300,9 +304,10 @@ def gptq_checkpoint(hf_dir: str | os.PathLike, windows, block_size: int, out_dir
             if f.is_file() and not (tmp / f.name).exists() and f.suffix not in (".safetensors", ".bin"):
                 shutil.copy2(f, tmp / f.name)
     return {"hf_dir": str(out), "group": group, "windows": len(windows), "seconds": round(time.perf_counter() - t0, 1),
-            "symmetric": symmetric, "act_order": act_order,
+            "symmetric": symmetric, "act_order": act_order, "clip_search": clip_search,
             "implementation": "qops PyTorch GPTQ (sequential, layer inputs carried forward, damp 0.01"
-            + (", activation order with static groups" if act_order else "") + "), "
+            + (", activation order with static groups" if act_order else "")
+            + (", ranges searched for the least rounding error" if clip_search else "") + "), "
             + ("on ONNX Runtime's signed-scale grid" if symmetric else "asymmetric (integer zero points)")
             + "; the exact codes, scales and zero points written into ONNX Runtime's MatMulNBits"}
 

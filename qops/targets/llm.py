@@ -16,7 +16,7 @@ from qops.targets.recipe import Recipe
 from qops.targets.registry import register_target
 
 
-def _llm_int4(name: str, algorithm: str, what: str) -> Recipe:
+def _llm_int4(name: str, algorithm: str, what: str, **kw) -> Recipe:
     return Recipe(
         target=name,
         description=f"Decoder LLMs on CPUs: INT4 weight-only MatMulNBits ({what}), block 32, accuracy_level 4 "
@@ -24,7 +24,7 @@ def _llm_int4(name: str, algorithm: str, what: str) -> Recipe:
         "folder).",
         placement=Placement(hardware="x86-64 / ARM64 CPUs (ONNX Runtime MatMulNBits kernels)", arch=None),
         config=OrtDecoderConfig(mode="weight_only", precision="int4", algorithm=algorithm, block_size=32,
-                                op_types=("MatMul", "Gather")),
+                                op_types=("MatMul", "Gather"), **kw),
     )
 
 
@@ -35,8 +35,9 @@ def _llm_rtn() -> Recipe:
 
 @register_target("llm_int4_gptq")
 def _llm_gptq() -> Recipe:
-    return _llm_int4("llm_int4_gptq", "gptq", "qops' sequential GPTQ on the checkpoint and the calibration windows, "
-                     "codes written exactly")
+    return _llm_int4("llm_int4_gptq", "gptq", "qops' sequential GPTQ on the checkpoint and the calibration windows: "
+                     "asymmetric, in activation order, ranges searched for the least rounding error; codes written "
+                     "exactly", symmetric_weights=False, act_order=True, clip_search=True)
 
 
 @register_target("llm_int4_awq")
@@ -176,7 +177,9 @@ def _ct(name: str, precision: str, mode: str, algorithm: str, what: str, **kw) -
 
 @register_target("ct_w4a16_gptq")
 def _ct_w4a16_gptq() -> Recipe:
-    return _ct("ct_w4a16_gptq", "int4", "weight_only", "gptq", "W4A16: int4 weights in groups of 128 by GPTQ")
+    return _ct("ct_w4a16_gptq", "int4", "weight_only", "gptq", "W4A16: int4 weights in groups of 128 by GPTQ in "
+               "activation order with the ranges searched for the least rounding error", act_order=True,
+               clip_search=True)
 
 
 @register_target("ct_w4a16_awq")

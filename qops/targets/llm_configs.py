@@ -22,9 +22,12 @@ class OrtDecoderConfig(EngineConfig):
     block_size: int = 32
     symmetric_weights: bool = True
     act_order: bool = False  # GPTQ: columns by decreasing Hessian diagonal (static groups)
+    clip_search: bool = False  # GPTQ: each group's range shrunk to the least rounding error (GPTQ's mse option)
     accuracy_level: int | None = 4  # MatMulNBits compute type: 4 = int8 activations (fast on CPUs)
-    # the embedding table: 4-bit GatherBlockQuantized with "Gather", else FP32
+    # the embedding table: GatherBlockQuantized with "Gather" (embeddings: int8, sharing a tied model's 8-bit
+    # lm_head table; or int4), else FP32
     op_types: tuple[str, ...] = ("MatMul", "Gather")
+    embeddings: Literal["int8", "int4"] = "int8"
     lm_head: LmHead = "int8"  # the output projection's precision (docs/llm.md#lm-head)
     # W8A8: activations quantized per tensor (DynamicQuantizeMatMul) or per token and block of block_size
     # (8-bit MatMulNBits, accuracy_level 4)
@@ -113,6 +116,7 @@ class CompressedTensorsConfig(EngineConfig):
     algorithm: Literal["rtn", "gptq", "awq"] = "gptq"
     block_size: int = 128  # W4A16: the group size
     act_order: bool = False  # GPTQ: columns by decreasing Hessian diagonal (static groups)
+    clip_search: bool = False  # GPTQ: each group's range shrunk to the least rounding error (GPTQ's mse option)
     smooth_quant_alpha: float | None = None
     # SmoothQuant sites: the norms feeding q/k/v and the MLP, or also up_proj -> down_proj (and v -> o without GQA)
     smooth_sites: Literal["norms", "all"] = "norms"

@@ -204,13 +204,33 @@ def test_cli_runs_hqq_for_llm_int4_hqq_into_a_genai_folder(decoder, tmp_path):
     assert res["engine_name"] == "ort_genai" and res["technique"]["algorithm"] == "hqq"
     assert (out / "model.onnx").is_file() and (out / "genai_config.json").is_file()
     assert res["technique"]["ops"].get("MatMulNBits", 0) >= 7  # q/k/v/o/gate/up/down of each layer
-    # tied embeddings: the table gets its own 4-bit GatherBlockQuantized; no FP32 copy stays for a Transpose
-    assert res["technique"]["ops"].get("GatherBlockQuantized") == 1 and "its own table" in res["technique"]["embeddings"]
+    # tied embeddings: the lookup reads the lm_head's 8-bit table (stored once); no FP32 copy stays for a Transpose
+    assert res["technique"]["ops"].get("GatherBlockQuantized") == 1 and "sharing" in res["technique"]["embeddings"]
     import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
 
     m = onnx.load(str(out / "model.onnx"))
-    fp32 = {i.name for i in m.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
-    assert not fp32 & {"lm_head.MatMul.weight", "model.embed_tokens.weight.untied"}  # only their quantized forms
+    fp32 = {i.name for i in m.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and i.dims and
+            len(i.dims) == 2 and i.dims[0] * i.dims[1] > 10_000}
+    assert not fp32, fp32  # the tables only in their quantized form
+    gather = next(n for n in m.graph.node if n.op_type == "GatherBlockQuantized")
+    head = next(n for n in m.graph.node if n.op_type == "MatMulNBits" and n.name.startswith("/lm_head/"))
+    assert gather.input[0] == head.input[1]  # one initializer for both
+    # a lookup returns exactly the lm_head's dequantized rows (code - 128) x scale
+    inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    blob, scales = inits[head.input[1]], inits[head.input[2]].reshape(inits[head.input[1]].shape[0], -1)
+    rows = (blob.astype(np.float32) - 128) * scales[..., None]
+    sub = onnx.helper.make_graph([gather, *[n for n in m.graph.node if n.input and n.input[0] == gather.output[0]]],
+                                 "lookup", [onnx.helper.make_tensor_value_info(gather.input[1], onnx.TensorProto.INT64,
+                                                                               [1, None])],
+                                 [onnx.helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, None)],
+                                 [i for i in m.graph.initializer if i.name in gather.input or i.name.endswith("_shape")])
+    reshape = sub.node[1]
+    reshape.output[0] = "out"
+    got = ort.InferenceSession(onnx.helper.make_model(sub, opset_imports=list(m.opset_import), ir_version=10)
+                               .SerializeToString()).run(None, {gather.input[1]: np.array([[3, 7, 11]])})[0]
+    assert np.array_equal(got[0], rows[[3, 7, 11]].reshape(3, -1))
     assert res["source_path"] == str(decoder / "hf") and 0 < res["size_ratio"] < 0.6
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".qops-")]
 
@@ -260,7 +280,8 @@ def test_onnx_gptq_is_qops_gptq_reproduced_exactly_by_onnx_runtimes_integers(dec
     hf = decoder / "hf"
     windows = causal_lm_kind(CausalLMSpec(seq_len=32, stride=16), str(hf), LlmInfo.from_hf(hf)).windows(
         pd.DataFrame({"text": TEXTS[:8]}), "calibration")
-    ck = gptq_checkpoint(hf, windows, 32, tmp_path / "gptq", symmetric=symmetric, act_order=act_order)
+    ck = gptq_checkpoint(hf, windows, 32, tmp_path / "gptq", symmetric=symmetric, act_order=act_order,
+                         clip_search=act_order)
     assert ck["group"] == 32 and ck["windows"] == len(windows)
     ex = export_onnx(ck["hf_dir"], tmp_path / "onnx")
     out = tmp_path / "q" / "model.onnx"
@@ -329,8 +350,9 @@ def test_the_graph_function_refuses_decoder_targets_instead_of_writing_onnx(tmp_
         graph_quantize(tmp_path / "m.onnx", "gguf_q4_k_m", tmp_path / "out.gguf")
 
 
-@pytest.mark.parametrize("symmetric,act_order", [(True, False), (True, True), (False, False), (False, True)])
-def test_gptq_variants_stay_on_their_grid_and_beat_round_to_nearest(symmetric, act_order):
+@pytest.mark.parametrize("symmetric,act_order,mse", [(True, False, False), (True, True, True), (False, False, False),
+                                                     (False, True, False), (False, True, True)])
+def test_gptq_variants_stay_on_their_grid_and_beat_round_to_nearest(symmetric, act_order, mse):
     """Symmetric and asymmetric GPTQ, in column order and in activation order (static groups): every quantized
     weight is (integer code - zero) x its group's scale with codes in the 4-bit range, and the layer's output error on
     correlated inputs with a few loud channels is well below round-to-nearest's on the same grid."""
@@ -343,7 +365,7 @@ def test_gptq_variants_stay_on_their_grid_and_beat_round_to_nearest(symmetric, a
     x = (torch.randn(2048, 64, generator=g) @ mix) * torch.where(torch.arange(64) % 13 == 0, 6.0, 1.0)
     w = torch.randn(48, 64, generator=g) / 8 + 0.02
     h = 2 * x.T @ x / len(x)
-    wq, scales, *zeros = gptq_weight(w, h, 4, 16, symmetric=symmetric, act_order=act_order)
+    wq, scales, *zeros = gptq_weight(w, h, 4, 16, symmetric=symmetric, act_order=act_order, mse=mse)
     zeros = zeros[0] if zeros else torch.zeros_like(scales)
     codes = wq / scales.repeat_interleave(16, 1) + zeros.repeat_interleave(16, 1)
     lo, hi = (-8, 7) if symmetric else (0, 15)
@@ -352,6 +374,13 @@ def test_gptq_variants_stay_on_their_grid_and_beat_round_to_nearest(symmetric, a
                      for b in w.split(16, 1) for s, z, *_ in [group_grid(b, 4, symmetric)]], 1)
     err = lambda q: float(((x @ (q - w).T) ** 2).mean())  # noqa: E731
     assert err(wq) < 0.8 * err(rtn)
+    if mse:  # the clip search only ever picks a grid with less rounding error than min-max
+        s_mm, z_mm, *_ = group_grid(w[:, :16], 4, symmetric)
+        s_cs, z_cs, *_ = group_grid(w[:, :16], 4, symmetric, mse=True)
+        rq = lambda s, z: (torch.clamp(torch.round(w[:, :16] / s[:, None]) + z[:, None], lo, hi) - z[:, None]) \
+            * s[:, None]  # noqa: E731
+        e = lambda q: ((q - w[:, :16]).abs() ** 2.4).sum(-1)  # noqa: E731
+        assert (e(rq(s_cs, z_cs)) <= e(rq(s_mm, z_mm)) + 1e-9).all() and (e(rq(s_cs, z_cs)) < e(rq(s_mm, z_mm))).any()
 
 
 
@@ -378,7 +407,8 @@ def test_llm_tuning_scores_trials_on_held_out_calibration_documents_and_keeps_th
     assert {w.row for w in held} == {3, 7, 11, 15} and not {w.row for w in fit} & {w.row for w in held}
     recipe = get_target("llm_int4_rtn")
     space = llm_space(recipe)
-    assert space[0] == {} and {"algorithm": "gptq", "symmetric_weights": False, "act_order": True} in space
+    assert space[0] == {} and {"algorithm": "gptq", "symmetric_weights": False, "act_order": True,
+                                "clip_search": True} in space
     engine = engine_for(recipe)
     cfg = TuningSpec(enabled=True, max_trials=3, bootstrap=50)
     lenient = GateSpec(task="causal_lm", max_overall_drop=100.0)
