@@ -20,8 +20,8 @@ def _llm_int4(name: str, algorithm: str, what: str, **kw) -> Recipe:
     return Recipe(
         target=name,
         description=f"Decoder LLMs on CPUs: INT4 weight-only MatMulNBits ({what}), block 32, accuracy_level 4 "
-        "(int8 compute), lm_head 8-bit, embeddings 4-bit GatherBlockQuantized; ONNX Runtime (GenAI-compatible "
-        "folder).",
+        "(int8 compute), lm_head 8-bit, embeddings 8-bit GatherBlockQuantized (a tied model: the lm_head's table, "
+        "stored once); ONNX Runtime (GenAI-compatible folder).",
         placement=Placement(hardware="x86-64 / ARM64 CPUs (ONNX Runtime MatMulNBits kernels)", arch=None),
         config=OrtDecoderConfig(mode="weight_only", precision="int4", algorithm=algorithm, block_size=32,
                                 op_types=("MatMul", "Gather"), **kw),
