@@ -18,7 +18,7 @@ from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from qops.errors import TargetError
 from qops.targets import llm_configs  # noqa: F401  (registers the decoder configs)
-from qops.targets.configs import EngineConfig, Mode, Precision, QType, config_class, config_named
+from qops.targets.configs import CONFIGS, EngineConfig, Mode, Precision, QType, config_class, config_named
 from qops.targets.placement import Placement
 
 __all__ = ["Mode", "Precision", "QType", "Recipe", "coerce_option"]
@@ -92,10 +92,15 @@ class Recipe:
         hints = self.option_types()
         unknown = sorted(set(options) - set(hints))
         if unknown:
+            owners = []
+            for name in unknown:
+                engines = sorted({c.ENGINE for c in CONFIGS.values() if name in c.model_fields})
+                if engines:
+                    owners.append(f"{name} is an option of {', '.join(engines)} targets")
             raise TargetError(
                 f"Target {self.target!r}: unknown recipe option(s) {unknown} for its engine config "
-                f"{type(self.config).__name__} (engine {self.engine}).",
-                f"use its options: {sorted(hints)} (qops targets --json lists each target's options).")
+                f"{type(self.config).__name__} (engine {self.engine})" + (f": {'; '.join(owners)}" if owners else "")
+                + ".", f"use its options: {sorted(hints)} (qops targets --json lists each target's options).")
         options = {k: coerce_option(self.target, k, v, hints[k]) for k, v in options.items()}
         placement = {k: v for k, v in options.items() if k in Placement.model_fields}
         config = {k: v for k, v in options.items() if k not in placement}

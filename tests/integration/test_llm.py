@@ -277,12 +277,12 @@ def test_spec_keeps_llm_and_other_targets_apart(llm, tmp_path):
 
 @pytest.mark.parametrize("options, message", [
     ({"llm_int4_rtn": {"kv_cache_type": "q8_0"}}, "kv_cache_type is an option of llama.cpp targets"),
-    ({"llm_int4_rtn": {"gguf_type": "Q4_K_M"}}, "is a llama.cpp file type"),
+    ({"llm_int4_rtn": {"gguf_type": "Q4_K_M"}}, "gguf_type is an option of llama.cpp targets"),
     ({"gguf_q4_k_m": {"gguf_type": "Q2_K"}}, "gguf_type='Q2_K' is not one of"),
     ({"gguf_q4_k_m": {"kv_cache_type": "q4_0"}}, "kv_cache_type='q4_0' is not one of"),
     ({"ct_fp8_dynamic": {"algorithm": "gptq"}}, "FP8 dynamic rounds weights"),
-    ({"ct_w4a16_gptq": {"algorithm": "hqq"}}, "not one qops runs for compressed-tensors"),
-    ({"ct_w8a8_int8": {"mode": "weight_only"}}, "SmoothQuant migrates activation outliers"),
+    ({"ct_w4a16_gptq": {"algorithm": "hqq"}}, "algorithm='hqq' is not one of 'rtn', 'gptq', 'awq'"),
+    ({"ct_w8a8_int8": {"mode": "weight_only"}}, "compressed-tensors engine writes decoder LLMs as W4A16"),
 ])
 def test_unsupported_format_combinations_are_spec_errors(llm, tmp_path, options, message):
     """Each unsupported combination of a serving format's options fails when the spec is read (exit 2), naming the
