@@ -53,6 +53,9 @@ def quantize(
     check_output_path(model, output)
     engine.check_io(recipe, model, output)
     if not isinstance(engine, LlmEngine):
+        if tuning is not None:  # never silently ignored: graph targets are tuned against validation rows
+            raise DataError(f"tuning= is for decoder targets; {recipe.target!r} is a graph target.",
+                            "tune it with qops.quantize.tune.tune (qops quantize --tune --validation FILE).")
         return engine.quantize(model, recipe, output, calibration=calibration, features=features,
                                batch_size=batch_size)
     check_hf_dir(model)

@@ -53,16 +53,16 @@ _CT_INT4 = [({"algorithm": "gptq", "act_order": True, "clip_search": True}, 1.0,
 _CT_INT8 = [({"smooth_quant_alpha": 0.5}, 1.0, 8), ({"smooth_quant_alpha": None}, 0.5, 8),
             ({"smooth_quant_alpha": 0.7}, 0.5, 8), ({"smooth_quant_alpha": 0.3}, 0.4, 8)]
 _GGUF = [({"imatrix": True}, 1.0, 2), ({"imatrix": False}, 0.5, 1)]
+# (engine, precision) -> candidates; precision None: every precision of that engine
+SPACES = {("onnxruntime", "int4"): _INT4, ("onnxruntime", "int8"): _W8A8, ("compressed-tensors", "int4"): _CT_INT4,
+          ("compressed-tensors", "int8"): _CT_INT8, ("llama.cpp", None): _GGUF}
 
 
 def llm_space(recipe) -> list[dict]:
     """The candidates for ``recipe`` (option dicts), the recipe as it is first, then by expected gain per unit of
     cost; candidates the recipe already is are dropped. Engines without a search (bitsandbytes, torchao) get just the
     recipe."""
-    table = {("onnxruntime", "int4"): _INT4, ("onnxruntime", "int8"): _W8A8, ("compressed-tensors", "int4"): _CT_INT4,
-             ("compressed-tensors", "int8"): _CT_INT8}.get((recipe.engine, recipe.precision))
-    if recipe.engine == "llama.cpp":
-        table = _GGUF
+    table = SPACES.get((recipe.engine, recipe.precision), SPACES.get((recipe.engine, None)))
     out: list[dict] = [{}]
     seen = [recipe.to_dict()]
     for opts, _gain, _cost in sorted(table or [], key=lambda c: -c[1] / c[2]):

@@ -83,6 +83,12 @@ def test_quantize_refuses_what_cannot_work_on_an_onnx_graph(tmp_path, target, ou
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and "Fix:" in r.stderr
     assert not (tmp_path / output).exists()
+    if target == "x86_64_int8_dynamic":  # the verb's tuning= is for decoders: a graph target refuses it, not ignores it
+        from qops.engines import quantize
+        from qops.spec import TuningSpec
+
+        with pytest.raises(QopsError, match="tuning= is for decoder targets.*qops.quantize.tune.tune"):
+            quantize(tmp_path / "m.onnx", target, tmp_path / "o.onnx", tuning=TuningSpec())
 
 
 def test_graph_targets_refuse_a_checkpoint_folder_and_folder_targets_a_file_output(decoder, tmp_path):
