@@ -68,6 +68,9 @@ def main() -> int:
     ap.add_argument("--outlier-channels", type=int, default=4)
     ap.add_argument("--outlier-scale", type=float, default=64.0)
     ap.add_argument("--render", action="store_true", help="only rewrite llm.md from an existing llm.json")
+    ap.add_argument("--sensitivity", choices=("layer", "part"), help="rank the decoder's layers (or their attention "
+                    "and MLP apart) by 4-bit KL on the calibration windows first; a variant option "
+                    "tensor_overrides='top:N' then keeps the N costliest 8-bit")
     ap.add_argument("--only", help="comma-separated target names: benchmark only these variants")
     args = ap.parse_args()
     if args.render:
@@ -116,11 +119,26 @@ def main() -> int:
         exports[name] = {k: v for k, v in (ex.get("export_check") or {}).items() if k != "dir"}  # no temp paths
         info = LlmInfo(**ex["info"])
         kind = CausalLM("text", str(folder), 128, 64, 2, info.bos_token_id)
+        ranking = None
+        if args.sensitivity:
+            from qops.llm.sensitivity import layer_sensitivity
+
+            ranking = layer_sensitivity(folder, kind.windows(cal, "calibration", 1)[:16], 32, keep=0,
+                                        granularity=args.sensitivity)
+            print("sensitivity", json.dumps(sorted(((v["rank"], k, v["kl"]) for k, v in ranking["layers"].items()))[:12]),
+                  f"{ranking['seconds']} s", flush=True)
         for target, opts in (json.loads(args.variants) if args.variants else VARIANTS):
             if args.only and target not in args.only.split(","):
                 continue
+            if str(opts.get("tensor_overrides", "")).startswith("top:"):
+                from qops.llm.sensitivity import write_overrides
+
+                top = int(opts["tensor_overrides"][4:])
+                keep = sorted(ranking["layers"], key=lambda k: ranking["layers"][k]["rank"])[:top]
+                path = write_overrides({**ranking, "overrides": {k: "int8" for k in keep}}, work / f"top{top}.json")
+                opts = {**opts, "tensor_overrides": str(path)}
             recipe = get_target(target, opts or None)
-            label = target + "".join(f" ({k}={v})" for k, v in opts.items())
+            label = target + "".join(f" ({k}={Path(v).stem if k == 'tensor_overrides' else v})" for k, v in opts.items())
             engine = engine_for(recipe)  # the same verb as qops quantize and the pipeline
             inputs = LlmInputs(hf_dir=Path(folder), info=info, work_dir=work / name, export=ex,
                                windows=kind.windows(cal, "calibration", 1) if recipe.needs_calibration else None)

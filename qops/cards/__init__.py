@@ -81,7 +81,8 @@ def _versions() -> dict:
 
 def build_card_data(*, pipeline: str, source: dict, target_recipe: dict, calibration: dict | None,
                     quantization: dict, evaluation: dict, gate_result: dict, gate_settings: dict, human: dict,
-                    lineage: dict, generated_at: str | None = None, qat: dict | None = None) -> dict:
+                    lineage: dict, generated_at: str | None = None, qat: dict | None = None,
+                    recommendation: dict | None = None) -> dict:
     """Assemble the card's data from the JSON of earlier stages. Pure: same inputs, same card
     (``generated_at`` aside, which callers may pin)."""
     ev = evaluation
@@ -143,7 +144,8 @@ def build_card_data(*, pipeline: str, source: dict, target_recipe: dict, calibra
                 "data": calibration.get("data") or {},
             },
         },
-        "gates": {**gate_result, "settings": gate_settings},
+        "gates": {**gate_result, "settings": gate_settings,
+                  **({"recommended_instead": recommendation} if recommendation else {})},
         "qat": qat,
         "ethical_considerations": human_fields["ethical_considerations"],
         "caveats_and_recommendations": human_fields["limitations"],

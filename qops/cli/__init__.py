@@ -121,10 +121,10 @@ def cmd_sensitivity(args) -> int:
     c = CausalLMSpec(column=args.text_column, seq_len=args.max_length, stride=min(64, args.max_length))
     windows = causal_lm_kind(c, str(hf), LlmInfo.from_hf(hf)).windows(read_table(args.calibration, "calibration set"),
                                                                       "calibration set", 1)[: args.windows]
-    doc = layer_sensitivity(hf, windows, recipe.block_size, keep=args.keep)
+    doc = layer_sensitivity(hf, windows, recipe.block_size, keep=args.keep, granularity=args.granularity)
     path = write_overrides(doc, args.output)
     top = sorted(doc["layers"].items(), key=lambda kv: kv[1]["rank"])[:5]
-    emit(args, {**doc, "path": str(path)}, f"{path}: {len(doc['layers'])} layers in {doc['seconds']} s; costliest: "
+    emit(args, {**doc, "path": str(path)}, f"{path}: {len(doc['layers'])} groups in {doc['seconds']} s; costliest: "
          + ", ".join(f"{k} (KL {v['kl']:.4f})" for k, v in top) + f"; 8-bit: {', '.join(doc['overrides']) or 'none'}"
          + f"\n  use: --option tensor_overrides={path}")
     return 0

@@ -101,7 +101,10 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
     sp.add_argument("--output", required=True, help="the override file to write (JSON)")
     sp.add_argument("--target", default="llm_int4_rtn", help="the INT4 target whose block size the layers are "
                     "rounded with (default: llm_int4_rtn)")
-    sp.add_argument("--keep", type=int, default=4, help="layers overridden to 8-bit, costliest first (default: 4)")
+    sp.add_argument("--keep", type=int, default=4, help="layers (or parts) overridden to 8-bit, costliest first "
+                    "(default: 4)")
+    sp.add_argument("--granularity", choices=("layer", "part"), default="layer", help="measure whole decoder "
+                    "layers, or each layer's attention and MLP apart (part: finer, twice the passes; default: layer)")
     sp.add_argument("--text-column", default="text", help="the calibration texts' column (default: text)")
     sp.add_argument("--max-length", type=int, default=128, help="tokens per calibration window (default: 128)")
     sp.add_argument("--windows", type=int, default=16, help="calibration windows measured (default: 16)")

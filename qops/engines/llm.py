@@ -23,6 +23,7 @@ from qops.llm.ct import quantize_ct_llm
 from qops.llm.data import WindowReader
 from qops.llm.gguf import F32_NAME, quantize_gguf_llm
 from qops.llm.quantize import gptq_checkpoint, quantize_onnx_llm, quantize_torch_llm
+from qops.llm.sensitivity import read_overrides
 from qops.llm.source import LlmInfo, export_onnx
 from qops.quantize.result import QuantizeResult
 
@@ -103,7 +104,8 @@ class OrtGenaiEngine(LlmEngine):
         try:
             ck = gptq_checkpoint(inputs.hf_dir, inputs.windows, recipe.block_size, work / "hf",
                                  symmetric=recipe.symmetric_weights, act_order=recipe.act_order,
-                                 clip_search=recipe.clip_search)
+                                 clip_search=recipe.clip_search,
+                                 overrides=read_overrides(recipe.tensor_overrides) if recipe.tensor_overrides else None)
             ex = export_onnx(ck["hf_dir"], work / "onnx")
             rtn = recipe.with_options(algorithm="rtn", block_size=ck["group"])
             with atomic_dir(output) as tmp:

@@ -29,7 +29,7 @@ import numpy as np
 from qops.artifacts import atomic_dir, atomic_path, sha256_file, write_json_atomic
 from qops.errors import QopsError
 from qops.llm.embeddings import int8_embeddings
-from qops.llm.sensitivity import override_nodes, read_overrides
+from qops.llm.sensitivity import override_modules, override_nodes, read_overrides
 from qops.llm.torch_quant import gptq, group_size_for
 from qops.llm.torch_target import load_torch_target, require_cuda
 from qops.quantize.awq import apply_awq
@@ -283,11 +283,14 @@ def copy_genai_files(src, out: Path) -> None:
 
 
 def gptq_checkpoint(hf_dir: str | os.PathLike, windows, block_size: int, out_dir: str | os.PathLike,
-                    symmetric: bool = True, act_order: bool = False, clip_search: bool = False) -> dict:
+                    symmetric: bool = True, act_order: bool = False, clip_search: bool = False,
+                    overrides: dict | None = None) -> dict:
     """qops' sequential GPTQ (:func:`qops.llm.torch_quant.gptq`) on the checkpoint, on ONNX Runtime's signed-scale
     grid, saved as a checkpoint whose weights lie exactly on that grid: exported to ONNX, ONNX Runtime's
     round-to-nearest then re-derives GPTQ's own scales and integers (instead of ONNX Runtime's GPTQ, which takes
-    about half an hour on a 135 M model here). lm_head is left to the recipe's lm_head setting."""
+    about half an hour on a 135 M model here). lm_head is left to the recipe's lm_head setting, and the modules of a
+    tensor-override document (``overrides``) stay FP32 for the 8-bit pass (rounding them to the 4-bit grid first
+    would make their 8-bit codes hold 4-bit values); the layers after them are fitted to their FP32 outputs."""
     import time
 
     import torch
@@ -296,7 +299,9 @@ def gptq_checkpoint(hf_dir: str | os.PathLike, windows, block_size: int, out_dir
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, local_files_only=True).eval()
     group = group_size_for(model, block_size)
-    gptq(model, windows, 4, group, grid="ort", symmetric=symmetric, act_order=act_order, mse=clip_search)
+    eight_bit = override_modules(overrides, [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)])
+    gptq(model, windows, 4, group, grid="ort", symmetric=symmetric, act_order=act_order, mse=clip_search,
+         skip=("lm_head", *eight_bit))
     out = Path(out_dir)
     with atomic_dir(out) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
@@ -304,6 +309,7 @@ def gptq_checkpoint(hf_dir: str | os.PathLike, windows, block_size: int, out_dir
             if f.is_file() and not (tmp / f.name).exists() and f.suffix not in (".safetensors", ".bin"):
                 shutil.copy2(f, tmp / f.name)
     return {"hf_dir": str(out), "group": group, "windows": len(windows), "seconds": round(time.perf_counter() - t0, 1),
+            "fp32_for_8_bit": len(eight_bit),
             "symmetric": symmetric, "act_order": act_order, "clip_search": clip_search,
             "implementation": "qops PyTorch GPTQ (sequential, layer inputs carried forward, damp 0.01"
             + (", activation order with static groups" if act_order else "")

@@ -1,14 +1,19 @@
-"""Per-layer sensitivity of a decoder to 4-bit weights, as an artifact: each decoder layer's Linear weights are
-rounded to the recipe's 4-bit grid (symmetric, groups of ``block_size``) alone, the others kept in FP32, and the
-mean KL(FP32 || that model) of the next-token distributions on calibration windows is that layer's cost. The most
-costly layers are written as a versioned override file (``qops_tensor_overrides``: 1) that a recipe accepts
-(``tensor_overrides``), as llama.cpp's ``--tensor-type-file``: those layers stay 8-bit, the rest 4-bit (mixed
-INT4/INT8). The card lists the costs."""
+"""Per-layer sensitivity of a decoder to 4-bit weights, as an artifact: each decoder layer's Linear weights (or,
+at ``part`` granularity, each layer's attention and MLP separately) are rounded to the recipe's 4-bit grid
+(symmetric, groups of ``block_size``) alone, the others kept in FP32, and the mean KL(FP32 || that model) of the
+next-token distributions on calibration windows is that group's cost. The most costly groups are written as a
+versioned override file (``qops_tensor_overrides``: 1) that a recipe accepts (``tensor_overrides``), as llama.cpp's
+``--tensor-type-file``: those groups stay 8-bit, the rest 4-bit (mixed INT4/INT8), and every group's weight count
+is written beside its cost so the size each override adds is known before quantizing. Keys are module paths under
+the decoder (``layers.N`` or ``layers.N.self_attn`` / ``layers.N.mlp``); :func:`override_nodes` maps them to the
+ONNX export's node names and :func:`override_modules` to the checkpoint's Linear modules (GPTQ leaves those in
+FP32 for the 8-bit pass). The card lists the costs."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -19,6 +24,10 @@ from qops.errors import DataError
 from qops.llm.torch_quant import decoder_layers, fake_quant, qparams
 
 VERSION = 1
+GRANULARITIES = ("layer", "part")
+# checkpoint module path -> ONNX Runtime GenAI builder's node-name part (/model/layers.N/attn/..., /model/layers.N/mlp/)
+ONNX_PARTS = {"self_attn": "attn", "mlp": "mlp"}
+_KEY = re.compile(r"^layers\.\d+(\.(self_attn|mlp))?$")
 
 
 def _log_softmax(z):
@@ -26,8 +35,28 @@ def _log_softmax(z):
     return z - np.log(np.exp(z).sum(-1, keepdims=True))
 
 
-def layer_sensitivity(hf_dir: str | os.PathLike, windows, block_size: int, keep: int = 4, progress=None) -> dict:
-    """The override document: every layer's KL cost and the ``keep`` costliest layers overridden to int8."""
+def groups(layer, index: int, granularity: str) -> dict[str, list]:
+    """{override key: the Linear modules it covers} of decoder layer ``index``: the whole layer, or its attention
+    and MLP (``part``)."""
+    import torch
+
+    if granularity == "layer":
+        return {f"layers.{index}": [m for m in layer.modules() if isinstance(m, torch.nn.Linear)]}
+    out = {}
+    for part in ONNX_PARTS:
+        sub = getattr(layer, part, None)
+        if sub is not None:
+            out[f"layers.{index}.{part}"] = [m for m in sub.modules() if isinstance(m, torch.nn.Linear)]
+    return out
+
+
+def layer_sensitivity(hf_dir: str | os.PathLike, windows, block_size: int, keep: int = 4, progress=None,
+                      granularity: str = "layer") -> dict:
+    """The override document: every group's KL cost and weight count, and the ``keep`` costliest groups
+    overridden to int8."""
+    if granularity not in GRANULARITIES:
+        raise DataError(f"Sensitivity granularity {granularity!r} is not one qops measures.",
+                        f"use one of {', '.join(GRANULARITIES)}.")
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -40,10 +69,10 @@ def layer_sensitivity(hf_dir: str | os.PathLike, windows, block_size: int, keep:
                     for w in windows]
 
     ref = logits()
-    costs = {}
+    costs, sizes = {}, {}
     layers = decoder_layers(model)
-    for i, layer in enumerate(layers):
-        lins = [m for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+    todo = [(k, lins) for i, layer in enumerate(layers) for k, lins in groups(layer, i, granularity).items()]
+    for i, (key, lins) in enumerate(todo):
         saved = [m.weight.detach().clone() for m in lins]
         with torch.no_grad():
             for m in lins:
@@ -51,16 +80,19 @@ def layer_sensitivity(hf_dir: str | os.PathLike, windows, block_size: int, keep:
                 scale, qmin, qmax = qparams(m.weight, 4, group)
                 m.weight.copy_(fake_quant(m.weight, scale, qmin, qmax, group))
         got = logits()
-        costs[f"layers.{i}"] = float(np.mean([(np.exp(a) * (a - b)).sum(-1).mean() for a, b in zip(ref, got)]))
+        sizes[key] = int(sum(m.weight.numel() for m in lins))
+        costs[key] = float(np.mean([(np.exp(a) * (a - b)).sum(-1).mean() for a, b in zip(ref, got)]))
         with torch.no_grad():
             for m, w in zip(lins, saved):
                 m.weight.copy_(w)
         if progress:
-            progress(i + 1, len(layers))
+            progress(i + 1, len(todo))
     ranked = sorted(costs, key=costs.get, reverse=True)
-    return {"qops_tensor_overrides": VERSION, "metric": "mean KL(FP32 || one layer 4-bit) of the next-token "
+    return {"qops_tensor_overrides": VERSION, "metric": f"mean KL(FP32 || one {'layer' if granularity == 'layer' else 'attention or MLP'} 4-bit) of the next-token "
             f"distributions, nats, on {len(windows)} calibration windows", "block_size": block_size,
-            "layers": {k: {"kl": round(costs[k], 6), "rank": ranked.index(k) + 1} for k in costs},
+            "granularity": granularity,
+            "layers": {k: {"kl": round(costs[k], 6), "rank": ranked.index(k) + 1, "weights": sizes[k]}
+                       for k in costs},
             "overrides": {k: "int8" for k in ranked[:keep]}, "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -83,15 +115,28 @@ def read_overrides(path: str | os.PathLike) -> dict:
         raise DataError(f"{p} is not a version-{VERSION} qops tensor-override file "
                         f"(qops_tensor_overrides: {doc.get('qops_tensor_overrides')!r}).",
                         "write it again with this qops' `qops sensitivity`.")
-    bad = {k: v for k, v in (doc.get("overrides") or {}).items() if not k.startswith("layers.") or v != "int8"}
+    bad = {k: v for k, v in (doc.get("overrides") or {}).items() if not _KEY.match(k) or v != "int8"}
     if bad:
-        raise DataError(f"{p} overrides {bad}: qops reads `layers.N: int8` entries.",
-                        "keep only decoder layers overridden to int8.")
+        raise DataError(f"{p} overrides {bad}: qops reads `layers.N`, `layers.N.self_attn` or `layers.N.mlp` "
+                        "entries set to int8.", "keep only decoder layers or their parts overridden to int8.")
     return doc
 
 
+def _onnx_prefix(key: str) -> str:
+    """``layers.3`` -> ``/model/layers.3/``; ``layers.3.mlp`` -> ``/model/layers.3/mlp/``; ``layers.3.self_attn``
+    -> ``/model/layers.3/attn/``."""
+    layers, index, *part = key.split(".", 2)
+    return f"/model/{layers}.{index}/" + (f"{ONNX_PARTS[part[0]]}/" if part else "")
+
+
 def override_nodes(doc: dict, node_names) -> list[str]:
-    """The ONNX MatMul nodes of the overridden decoder layers (ONNX Runtime GenAI's export names them
-    ``/model/layers.N/...``)."""
-    layers = [f"/model/{k}/" for k in doc.get("overrides", {})]
-    return [n for n in node_names if any(n.startswith(prefix) for prefix in layers)]
+    """The ONNX MatMul nodes of the overridden decoder layers or parts (ONNX Runtime GenAI's export names them
+    ``/model/layers.N/attn/...`` and ``/model/layers.N/mlp/...``)."""
+    prefixes = [_onnx_prefix(k) for k in doc.get("overrides", {})]
+    return [n for n in node_names if any(n.startswith(prefix) for prefix in prefixes)]
+
+
+def override_modules(doc: dict, module_names) -> list[str]:
+    """The module names (``model.layers.3.mlp.down_proj``) of ``module_names`` that the overrides cover."""
+    keys = [f".{k}." for k in (doc or {}).get("overrides", {})]
+    return [n for n in module_names if any(k in f".{n}." for k in keys)]

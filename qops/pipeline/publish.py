@@ -22,6 +22,13 @@ from qops.run_folder import RunLayout
 def stage_card(spec, run_id: str, target: str, dag_id: str | None = None) -> dict:
     """The model card of the target's candidate (Markdown, HTML, JSON, chart); written after a failed gate too, to
     document it. Skipped when the candidate has no gate result (an upstream stage failed before its gate)."""
+    return write_target_card(spec, run_id, target, dag_id)
+
+
+def write_target_card(spec, run_id: str, target: str, dag_id: str | None = None,
+                      recommendation: dict | None = None) -> dict:
+    """The card of one target (the card stage's work); ``recommendation``: the target of the same run that passed
+    its gates and is recommended instead of a failed one (the summary stage writes failed cards again with it)."""
     layout = RunLayout.of(spec, run_id)
     tdir = layout.target(target)
     folder, method, why = candidate(spec, run_id, target)
@@ -49,6 +56,7 @@ def stage_card(spec, run_id: str, target: str, dag_id: str | None = None) -> dic
         human=spec.card.model_dump(),
         lineage={"dag_id": dag_id or "qops-cli", "run_id": run_id, "spec_sha256": spec.digest(),
                  "artifact_dir": str(folder.path)},
+        recommendation=recommendation,
     )
     out = to_jsonable(write_card(card, tdir.card_dir))
     out["method"] = method

@@ -10,6 +10,7 @@ from qops.artifacts import read_json, write_json_atomic
 from qops.evaluate import degradation
 from qops.pipeline.common import claimed
 from qops.pipeline.per_target import candidate
+from qops.pipeline.publish import write_target_card
 from qops.run_folder import RunLayout
 
 
@@ -59,12 +60,28 @@ def stage_summary(spec, run_id: str, dag_id: str | None = None) -> dict:
             c = read_json(tdir.card)
             row["card"] = {"markdown": c["markdown_path"], "json": c["json_path"], "html": c["html_path"]}
         rows.append(row)
+    recommend_instead(spec, run_id, rows, dag_id)
     summary = {"pipeline": spec.name, "run_id": run_id, "dag_id": dag_id, "qops_version": __version__,
                "source_model": spec.source_model, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "targets": rows, "run_dir": str(layout.root)}
     write_json_atomic(layout.summary, summary)
     write_json_atomic(layout.latest_summary, {"summary": str(layout.summary)})
     return summary
+
+
+def recommend_instead(spec, run_id: str, rows: list[dict], dag_id: str | None) -> None:
+    """Each failed target's card names the target of this run that passed its gates with the best primary metric
+    (the card is written again with it; its row says so): what to serve instead."""
+    passing = [r for r in rows if r.get("gate") == "passed" and r.get("metric_quantized") is not None]
+    if not passing:
+        return
+    best = min(passing, key=lambda r: degradation(r["metric"], r["metric_fp32"], r["metric_quantized"]))
+    rec = {"target": best["target"], "metric": best["metric"], "quantized": best["metric_quantized"],
+           "fp32": best["metric_fp32"], "size_ratio": round(best["fp32_size_bytes"] / best["size_bytes"], 3)}
+    for r in rows:
+        if r.get("gate") == "failed" and r.get("card"):
+            write_target_card(spec, run_id, r["target"], dag_id, recommendation=rec)
+            r["recommended_instead"] = best["target"]
 
 
 def format_summary(summary: dict) -> str:
@@ -93,6 +110,11 @@ def format_summary(summary: dict) -> str:
     if "fp32_size_bytes" in first:
         lines.append(f"{'FP32 source':<27}{first['fp32_size_bytes'] / 1e6:>8.3f}{'':>8}"
                      f"{first['fp32_latency_p50_ms']:>8.4f}")
+    failed = [r for r in summary["targets"] if r.get("recommended_instead")]
+    if failed:
+        rec = next(r for r in summary["targets"] if r["target"] == failed[0]["recommended_instead"])
+        lines.append(f"failed: {', '.join(r['target'] for r in failed)}; recommended instead: {rec['target']} "
+                     f"(passed its gates with the best {rec['metric']})")
     if cards:
         lines += ["", "model cards (Markdown; card.html, card.json and card_chart.png beside each):", *cards]
     return "\n".join(lines)

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from qops.errors import QopsError
+from qops.errors import DataError, QopsError
 
 TEXTS = [f"document {i}: the quick brown fox jumps over the lazy dog while the model counts tokens {i * 7}"
          for i in range(40)]
@@ -435,3 +435,53 @@ def test_llm_tuning_scores_trials_on_held_out_calibration_documents_and_keeps_th
     kl = {t["trial"]: t["metrics"]["kl_divergence"] for t in res2.trials if t["verdict"] != "error"}
     assert res2.passed is False and res2.tuning["chosen_trial"] == min(kl, key=kl.get)
     assert "agreement" in " ".join(res2.trials[0]["reasons"])
+
+
+def test_part_sensitivity_and_gptq_keep_overridden_parts_fp32_for_the_8_bit_pass(decoder, tmp_path):
+    """At ``part`` granularity each layer's attention and MLP are measured apart, with their weight counts (the size
+    an override adds); the override keys map onto the ONNX export's MatMuls of exactly that part; GPTQ leaves the
+    overridden modules' FP32 weights untouched (the 8-bit pass rounds them from FP32, not from 4-bit codes) and
+    rounds every other module to its 4-bit grid."""
+    from safetensors.torch import load_file
+
+    from qops.llm.data import causal_lm_kind
+    from qops.llm.quantize import gptq_checkpoint
+    from qops.llm.sensitivity import layer_sensitivity, override_nodes
+    from qops.llm.source import LlmInfo, export_onnx
+    from qops.spec.data import CausalLMSpec
+
+    hf = decoder / "hf"
+    windows = causal_lm_kind(CausalLMSpec(seq_len=32, stride=16), str(hf), LlmInfo.from_hf(hf)).windows(
+        pd.DataFrame({"text": TEXTS[:8]}), "calibration")
+    doc = layer_sensitivity(hf, windows[:4], 32, keep=1, granularity="part")
+    assert set(doc["layers"]) == {f"layers.{i}.{p}" for i in (0, 1) for p in ("self_attn", "mlp")}
+    assert doc["layers"]["layers.0.mlp"]["weights"] == 3 * 96 * 192
+    assert doc["layers"]["layers.0.self_attn"]["weights"] == 2 * 96 * 96 + 2 * 96 * 32
+    assert len(doc["overrides"]) == 1 and all(v["kl"] > 0 for v in doc["layers"].values())
+    with pytest.raises(DataError, match="granularity"):
+        layer_sensitivity(hf, windows[:1], 32, granularity="tensor")
+
+    import onnx
+
+    names = [n.name for n in onnx.load(export_onnx(hf, tmp_path / "onnx")["path"]).graph.node
+             if n.op_type == "MatMul"]
+    mlp = override_nodes({"overrides": {"layers.1.mlp": "int8"}}, names)
+    attn = override_nodes({"overrides": {"layers.0.self_attn": "int8"}}, names)
+    assert mlp and all(n.startswith("/model/layers.1/mlp/") for n in mlp)
+    assert attn and all(n.startswith("/model/layers.0/attn/") for n in attn)
+    assert len(override_nodes({"overrides": {"layers.1": "int8"}}, names)) == len(mlp) + len(
+        override_nodes({"overrides": {"layers.1.self_attn": "int8"}}, names))
+
+    ck = gptq_checkpoint(hf, windows, 32, tmp_path / "gptq", symmetric=False, act_order=True,
+                         overrides={"overrides": {"layers.1.mlp": "int8"}})
+    assert ck["fp32_for_8_bit"] == 3
+    before, after = load_file(str(hf / "model.safetensors")), load_file(str(Path(ck["hf_dir"]) / "model.safetensors"))
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        key = f"model.layers.1.mlp.{name}.weight"
+        assert torch_equal(before[key], after[key]), key
+        assert not torch_equal(before[f"model.layers.0.mlp.{name}.weight"], after[f"model.layers.0.mlp.{name}.weight"])
+    assert not torch_equal(before["model.layers.1.self_attn.o_proj.weight"], after["model.layers.1.self_attn.o_proj.weight"])
+
+
+def torch_equal(a, b) -> bool:
+    return bool((a == b).all())

@@ -314,7 +314,8 @@ def test_a_program_archive_carrying_a_pickled_object_is_refused_unexecuted(tmp_p
 def test_pipeline_from_a_pt2_source_serves_torch_and_onnx_targets(fp32_program, data_dir, features, tmp_path,
                                                                    mlflow_uri):
     """A torch.export source feeds both engines: ONNX Runtime targets get its ONNX export, torchao targets the
-    program; the torch target is registered with MLflow's pytorch flavor (pt2) and loads back."""
+    program; the torch target is registered with MLflow's pytorch flavor (pt2) and loads back. The ONNX target,
+    held to an impossible latency gate, fails: its card and the summary recommend the target that passed."""
     import mlflow
 
     from qops.pipeline import run_pipeline
@@ -330,12 +331,23 @@ def test_pipeline_from_a_pt2_source_serves_torch_and_onnx_targets(fp32_program, 
         "targets": ["torch_int8_dynamic", "x86_64_int8_dynamic"],
         "gates": {"bootstrap": 50, "latency_runs": 30, "max_overall_drop": 0.05, "max_slice_drop": 0.2,
                   "max_fairness_increase": 0.2, "max_latency_ratio": 2.0},  # speed is not this test's subject
+        "target_gates": {"x86_64_int8_dynamic": {"max_latency_ratio": 0.001}},
         "mlflow": {"tracking_uri": mlflow_uri},
     })
     summary = run_pipeline(spec, run_id="r1", progress=False)
     rows = {r["target"]: r for r in summary["targets"]}
-    assert rows["torch_int8_dynamic"]["gate"] == "passed" and rows["x86_64_int8_dynamic"]["gate"] == "passed"
+    assert rows["torch_int8_dynamic"]["gate"] == "passed" and rows["x86_64_int8_dynamic"]["gate"] == "failed"
     tdir = tmp_path / "art" / "pt2src" / "r1" / "targets"
+    assert rows["x86_64_int8_dynamic"]["recommended_instead"] == "torch_int8_dynamic"
+    assert "recommended_instead" not in rows["torch_int8_dynamic"]
+    failed_card = json.loads((tdir / "x86_64_int8_dynamic" / "card" / "card.json").read_text())
+    assert failed_card["gates"]["recommended_instead"]["target"] == "torch_int8_dynamic"
+    assert "Recommended instead: `torch_int8_dynamic`" in (tdir / "x86_64_int8_dynamic" / "card" / "card.md").read_text()
+    assert "Recommended instead" in (tdir / "x86_64_int8_dynamic" / "card" / "card.html").read_text()
+    assert "Recommended instead" not in (tdir / "torch_int8_dynamic" / "card" / "card.md").read_text()
+    from qops.pipeline.summary import format_summary
+
+    assert "recommended instead: torch_int8_dynamic" in format_summary(summary)
     assert (tdir / "torch_int8_dynamic" / "model.pt2").is_file() and (tdir / "x86_64_int8_dynamic" / "model.onnx").is_file()
     name = rows["torch_int8_dynamic"]["mlflow"]["name"]
     with weights_only_loads():
