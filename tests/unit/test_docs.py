@@ -38,13 +38,9 @@ def github_slug(heading: str) -> str:
     text = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", heading)  # links: their text
     text = re.sub(r"<[^>]+>", "", text)  # html tags
     text = text.replace("`", "").lower()
-    out = []
-    for ch in text:
-        if ch in " -_" or ch.isalnum():
-            out.append("-" if ch == " " else ch)
-        elif unicodedata.category(ch).startswith(("L", "N")):
-            out.append(ch)
-    return "".join(out)
+    # GitHub keeps letters, marks, numbers, connector punctuation (_), spaces and hyphens
+    kept = (ch for ch in text if ch in " -" or unicodedata.category(ch)[0] in "LMN" or unicodedata.category(ch) == "Pc")
+    return "".join(kept).replace(" ", "-")
 
 
 def anchors(text: str) -> set[str]:
@@ -197,19 +193,37 @@ def spec_fields(model=None, prefix: str = "") -> list[str]:
     return sorted(set(out))
 
 
+def yaml_paths(text: str) -> set[str]:
+    """Dotted key paths of the ```yaml blocks of a markdown text. A list's items share the list's path; a mapping
+    whose values are mappings (target name -> settings) also gives its values' keys without the name, as the spec
+    models' ``dict[str, Model]`` fields are walked (``qat.targets.arm64_int8.when`` is also ``qat.targets.when``)."""
+    import yaml
+
+    out: set[str] = set()
+
+    def walk(node, prefix):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                path = f"{prefix}{key}"
+                out.add(path)
+                walk(value, path + ".")
+                if isinstance(value, dict):
+                    for inner in value.values():
+                        walk(inner, path + ".")
+        elif isinstance(node, list):
+            for item in node:
+                walk(item, prefix)
+
+    for block in re.findall(r"^```ya?ml[^\n]*\n(.*?)^```", text, re.S | re.M):
+        walk(yaml.safe_load(block), "")
+    return out
+
+
 def undocumented_fields(text: str, fields: list[str]) -> list[str]:
-    """Fields with no entry in a spec doc: an entry is the field as a YAML key (`leaf:` in a code block or an
-    inline mapping) or its dotted path, or the path's last two parts, in a code span (`data.label`)."""
-    keys = set(re.findall(r"(?:^|[\s{,\[])([A-Za-z_][\w]*)\s*:", text, re.M))
-    spans = {span for _, line in _prose_lines(text) for span in _SPAN.findall(line)}
-    spans |= {w for s in list(spans) for w in re.findall(r"[A-Za-z_][\w.]*", s)}
-    missing = []
-    for path in fields:
-        parts = path.split(".")
-        if parts[-1] in keys or path in spans or ".".join(parts[-2:]) in spans:
-            continue
-        missing.append(path)
-    return missing
+    """Fields with no entry in a spec doc: an entry is the field at its place in a ```yaml block (comments do not
+    count), or its dotted path in a code span (`data.label`)."""
+    documented = yaml_paths(text) | {span for _, line in _prose_lines(text) for span in _SPAN.findall(line)}
+    return [path for path in fields if path not in documented]
 
 
 # ---- the repository's docs --------------------------------------------------------------------------------------
@@ -250,6 +264,7 @@ def test_slug_follows_github():
     assert github_slug("Engines: one per artifact format") == "engines-one-per-artifact-format"
     assert github_slug("`qops run` (no Airflow)") == "qops-run-no-airflow"
     assert github_slug("QAT & FP8, 2-bit") == "qat--fp8-2-bit"
+    assert github_slug("Data: `causal_lm` — née ≥ 8") == "data-causal_lm--née--8"
     assert {"faq", "faq-1"} <= anchors("# FAQ\n\n## FAQ\n```\n# not a heading\n```\n")
     assert "not-a-heading" not in anchors("```\n# not a heading\n```\n")
 
@@ -305,6 +320,7 @@ def test_undocumented_spec_field_is_caught():
 
     fields = spec_fields(Outer)
     assert fields == ["inner", "inner.depth", "inner.width", "many", "many.depth", "many.width", "name"]
-    text = "```yaml\nname: x\ninner: {depth: 1}\nmany: {}\n```\n"
+    text = "```yaml\nname: x  # width: not a field entry\ninner: {depth: 1}\nmany: {a: {depth: 2}}\n```\n"
     assert undocumented_fields(text, fields) == ["inner.width", "many.width"]
     assert undocumented_fields(text + "`inner.width` is the width\n", fields) == ["many.width"]
+    assert undocumented_fields("```yaml\nwidth: 1\n```\n", ["inner.width"]) == ["inner.width"]  # its place
