@@ -94,8 +94,10 @@ def broken_links(text: str, doc: Path, repo: Path = REPO, read=None) -> list[str
             base = repo / target if target.startswith("docs/") else doc.parent / target
             if not base.exists() and (repo / "docs" / target).exists():
                 base = repo / "docs" / target
-            check(n, "", anchor, base) if base.exists() else problems.append(
-                f"{doc.name}:{n}: {target} does not exist")
+            if base.exists():
+                check(n, "", anchor, base)
+            else:
+                problems.append(f"{doc.name}:{n}: {target} does not exist")
     return problems
 
 
@@ -106,10 +108,24 @@ _SPAN = re.compile(r"`([^`\n]+)`")
 _QOPS_CMD = re.compile(r"^\s*(?:\$\s*)?(?:[A-Z_]+=\S+\s+)*(?:[\w./-]*/)?qops\s+(?:-v\s+)?([a-z][a-z-]*)")
 
 
-def parser_flags() -> tuple[set[str], dict[str, set[str]]]:
-    """(flags of the top-level parser, flags per subcommand), from qops/cli/parser.py."""
+def _sub_parsers(parser):
     import argparse
 
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            yield from action.choices.items()
+
+
+def _all_flags(parser) -> set[str]:
+    """A parser's flags and those of its nested subcommands (`qops spec validate ...` counts under `spec`)."""
+    flags = {o for a in parser._actions for o in a.option_strings}
+    for _, sub in _sub_parsers(parser):
+        flags |= _all_flags(sub)
+    return flags
+
+
+def parser_flags() -> tuple[set[str], dict[str, set[str]]]:
+    """(flags of the top-level parser, flags per subcommand), from qops/cli/parser.py."""
     from qops.cli.parser import build_parser
 
     class _Any(dict):
@@ -118,12 +134,7 @@ def parser_flags() -> tuple[set[str], dict[str, set[str]]]:
 
     p = build_parser(_Any())
     top = {o for a in p._actions for o in a.option_strings}
-    subs = {}
-    for a in p._actions:
-        if isinstance(a, argparse._SubParsersAction):
-            for name, sp in a.choices.items():
-                subs[name] = {o for act in sp._actions for o in act.option_strings}
-    return top, subs
+    return top, {name: _all_flags(sp) for name, sp in _sub_parsers(p)}
 
 
 def unknown_flags(text: str, top: set[str], subs: dict[str, set[str]], prose: bool = True) -> list[str]:
@@ -338,3 +349,13 @@ def test_undocumented_spec_field_is_caught():
     assert undocumented_fields(text, fields) == ["inner.width", "many.width"]
     assert undocumented_fields(text + "`inner.width` is the width\n", fields) == ["many.width"]
     assert undocumented_fields("```yaml\nwidth: 1\n```\n", ["inner.width"]) == ["inner.width"]  # its place
+
+
+def test_nested_subcommand_flags_count_under_their_command():
+    import argparse
+
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers().add_parser("spec")
+    sub.add_argument("--json", action="store_true")
+    sub.add_subparsers().add_parser("validate").add_argument("--strict", action="store_true")
+    assert _all_flags(dict(_sub_parsers(p))["spec"]) >= {"--json", "--strict"}
