@@ -144,6 +144,17 @@ def check_model(path: str | os.PathLike, upgraded_path: str | os.PathLike | None
     if not external and size >= PROTOBUF_LIMIT:  # cannot happen for a valid file, but be explicit
         raise ModelError(f"{p} is {size / 1e9:.1f} GB in one protobuf (limit 2 GB).",
                          "re-save it with onnx.save(..., save_as_external_data=True).")
+    inits = {i.name for i in m.graph.initializer}
+    fixed = [(i.name, i.type.tensor_type.shape.dim[0].dim_value) for i in m.graph.input if i.name not in inits
+             and i.type.HasField("tensor_type") and len(i.type.tensor_type.shape.dim)
+             and i.type.tensor_type.shape.dim[0].HasField("dim_value")]
+    if fixed:
+        name, n = fixed[0]
+        raise ModelError(f"{p}: input {name!r} has its batch dimension fixed at {n}, but qops calibrates and "
+                         "evaluates rows in batches.",
+                         "export the model with a dynamic batch dimension (torch.onnx.export(..., dynamic_axes={"
+                         f"'{name}': {{0: 'batch'}}}}) or dynamic_shapes), or rename the dimension in the file "
+                         "with onnx.tools.update_model_dims.update_inputs_outputs_dims.")
     opset = default_opset(m)
     upgraded_from = None
     if opset < MIN_OPSET:

@@ -415,3 +415,27 @@ def test_gptq_and_node_fallback_run_on_named_input_feeds(tmp_path):
     ranked = {r["node"] for r in res.tuning["node_ranking"]}
     assert ranked & {"dense", "embed"}, res.tuning["node_ranking"]
     assert any(t["phase"] == "fallback" for t in res.trials)
+
+
+def test_a_model_with_its_batch_fixed_at_one_is_refused_with_the_fix(tmp_path):
+    """ONNX Runtime failed inside quantize with "invalid dimensions" (exit 1) when a model's batch dimension is
+    fixed: the first stage that reads data says so and how to export it dynamic (exit 2)."""
+    import subprocess
+    import sys
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.random.default_rng(0).normal(size=(4, 2)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "fixed",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), tmp_path / "m.onnx")
+    pd.DataFrame(np.random.default_rng(1).normal(size=(20, 4)), columns=list("abcd")).to_csv(tmp_path / "c.csv",
+                                                                                           index=False)
+    r = subprocess.run([sys.executable, "-m", "qops.cli", "quantize", "--model", str(tmp_path / "m.onnx"), "--target",
+                        "x86_64_vnni_int8", "--calibration", str(tmp_path / "c.csv"), "--features", "a,b,c,d",
+                        "--output", str(tmp_path / "q.onnx")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert "batch dimension fixed at 1" in r.stderr and "dynamic" in r.stderr
+    assert not (tmp_path / "q.onnx").exists()

@@ -51,6 +51,13 @@ def check_feed(feed: dict[str, np.ndarray], inputs: list[ModelInput], what: str,
                     f"gives shape {list(a.shape)} (rank {a.ndim}).",
                     f"give {inp.name} as [rows, {', '.join('?' if d is None else str(d) for d in inp.shape[1:])}]"
                     " per batch.")
+            if inp.shape[0] is not None and a.shape[0] != inp.shape[0]:
+                raise DataError(
+                    f"Model input {inp.name!r} ({inp.describe()}) has its batch dimension fixed at {inp.shape[0]}, "
+                    f"but qops feeds rows in batches (the {what}{src} gives {a.shape[0]} rows).",
+                    "export the model with a dynamic batch dimension (torch.onnx.export(..., dynamic_axes={"
+                    f"'{inp.name}': {{0: 'batch'}}}}) or dynamic_shapes), or rename the dimension in the file with "
+                    "onnx.tools.update_model_dims.update_inputs_outputs_dims.")
             bad = [(k, d, a.shape[k]) for k, d in enumerate(inp.shape) if d is not None and k > 0 and a.shape[k] != d]
             if bad:
                 k, d, got = bad[0]
