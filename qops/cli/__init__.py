@@ -251,26 +251,28 @@ def cmd_promote(args) -> int:
 
 
 def cmd_webhook(args) -> int:
-    from qops.alias_events import receiver_from_env, serve
+    from qops.alias_events import receiver_from_env
+    from qops.alias_webhook import serve
 
     try:
         receiver = receiver_from_env(args.airflow_url, args.watch, args.tracking_uri)
     except ValueError as e:
         raise QopsError(str(e)) from None
-    server = serve(receiver, args.host, args.port, args.path)
+    try:
+        server = serve(receiver, args.host, args.port, args.path)
+    except OSError as e:
+        raise QopsError(f"qops webhook cannot listen on {args.host}:{args.port}: {e.strerror or e}.",
+                        "pick a free --port (0: any free port) or another --host.") from None
+    watching = sorted(f"{n}@{a}" for n, a in receiver.watch)
     if args.json:
-        emit(args, {"url": f"http://{args.host}:{server.server_address[1]}{args.path}", "airflow_url": args.airflow_url,
-                    "watching": sorted(f"{n}@{a}" for n, a in receiver.watch)})
+        emit(args, {"url": server.url, "airflow_url": args.airflow_url, "watching": watching})
         sys.stdout.flush()
-    logging.getLogger("qops").info("qops webhook: MLflow posts to http://%s:%d%s; watching %s; Airflow at %s",
-                                   args.host, server.server_address[1], args.path,
-                                   ", ".join(sorted(f"{n}@{a}" for n, a in receiver.watch)), args.airflow_url)
+    logging.getLogger("qops").info("qops webhook: MLflow posts to %s; watching %s; Airflow at %s", server.url,
+                                   ", ".join(watching), args.airflow_url)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
-    finally:
-        server.server_close()
     return 0
 
 
