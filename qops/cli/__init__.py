@@ -17,7 +17,7 @@ from qops.cli.args import (
     recipe_options,
 )
 from qops.cli.parser import build_parser
-from qops.errors import GateFailed, PromotionRefused, QopsError
+from qops.errors import GateFailed, PromotionRefused, QopsError, SpecError
 
 
 def cmd_targets(args) -> int:
@@ -179,7 +179,6 @@ def cmd_gate(args) -> int:
     from pydantic import ValidationError
 
     from qops.artifacts import read_json, write_json_atomic
-    from qops.errors import SpecError
     from qops.gates import gate
     from qops.spec import GateSpec
 
@@ -309,6 +308,32 @@ def cmd_summary(args) -> int:
     return 0 if any(r.get("gate") == "passed" for r in summary["targets"]) else 3
 
 
+def cmd_spec_schema(args) -> int:  # noqa: ARG001 - the schema is JSON with or without --json
+    import json
+
+    from qops.spec import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
+def cmd_spec_validate(args) -> int:
+    from qops.spec.check import check_spec
+
+    res = check_spec(args.spec)
+    if args.json:
+        emit(args, res.to_dict())
+    if not res.ok:
+        raise SpecError(f"{args.spec} is not a valid spec; {len(res.problems)} problem(s):\n"
+                        + "".join(f"  - {p}\n" for p in res.problems), "correct each problem as its line says "
+                        "(nothing was run), then validate again.")
+    if not args.json:
+        remote = f"; remote, not checked: {', '.join(f'{k} {v}' for k, v in res.remote.items())}" if res.remote else ""
+        print(f"{args.spec}: OK — {res.name}, {len(res.targets)} target(s) ({', '.join(res.targets)}), "
+              f"{len(res.paths)} local path(s) exist{remote}")
+    return 0
+
+
 def cmd_train_example(args) -> int:
     from qops.examples.german_credit import retrain_and_register
 
@@ -316,7 +341,7 @@ def cmd_train_example(args) -> int:
     return 0
 
 
-COMMANDS = {"targets": cmd_targets, "calibrate": cmd_calibrate, "quantize": cmd_quantize, "sensitivity": cmd_sensitivity, "qat": cmd_qat, "evaluate": cmd_evaluate, "gate": cmd_gate, "card": cmd_card, "register": cmd_register, "stage": cmd_stage, "promote": cmd_promote, "webhook": cmd_webhook, "run": cmd_run, "summary": cmd_summary, "train-example": cmd_train_example}
+COMMANDS = {"targets": cmd_targets, "calibrate": cmd_calibrate, "quantize": cmd_quantize, "sensitivity": cmd_sensitivity, "qat": cmd_qat, "evaluate": cmd_evaluate, "gate": cmd_gate, "card": cmd_card, "register": cmd_register, "stage": cmd_stage, "promote": cmd_promote, "webhook": cmd_webhook, "run": cmd_run, "summary": cmd_summary, "train-example": cmd_train_example, "spec schema": cmd_spec_schema, "spec validate": cmd_spec_validate}
 
 
 def _terminate(signum, frame):  # noqa: ARG001 - signal handler signature
