@@ -5,9 +5,10 @@ Two paths announce that an alias (e.g. ``champion``) of a watched model moved to
 
 * the poller, ``qops_airflow.triggers.MlflowAliasTrigger`` (an ``AssetWatcher`` in the triggerer), which reads the
   alias every ``poll_interval_s``;
-* the fast path, :class:`WebhookReceiver` (``qops webhook``): MLflow (>= 3.3) posts ``model_version_alias.created``
-  to it, HMAC-signed; it verifies the signature and the timestamp, and posts an asset event for
-  ``mlflow://NAME/ALIAS`` to Airflow's REST API v2 (``POST /api/v2/assets/events``).
+* the fast path, :class:`WebhookReceiver` (``qops webhook``, served over HTTP by :mod:`qops.alias_webhook`):
+  MLflow (>= 3.3) posts ``model_version_alias.created`` to it, HMAC-signed; it verifies the signature and the
+  timestamp, and posts an asset event for ``mlflow://NAME/ALIAS`` to Airflow's REST API v2
+  (``POST /api/v2/assets/events``).
 
 Both share one watermark, the registered-model tag ``qops.watch.<alias>`` (the version last announced): whichever
 path sees a move first announces it and records it; the other then finds the watermark equal to the holder and
@@ -29,7 +30,6 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections import OrderedDict
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 log = logging.getLogger(__name__)
 
@@ -223,36 +223,6 @@ class WebhookReceiver:
         except Rejected as e:
             log.warning("webhook delivery rejected (%d): %s", e.status, e.reason)
             return e.status, {"error": e.reason}
-
-
-def serve(receiver: WebhookReceiver, host: str = "127.0.0.1", port: int = 8790,
-          path: str = "/mlflow-webhook") -> ThreadingHTTPServer:
-    """An HTTP server for ``receiver`` on ``host:port`` (call ``serve_forever``); ``GET /health`` answers ok."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def _send(self, status: int, body: dict) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def do_GET(self):  # noqa: N802 - http.server's naming
-            self._send(200 if self.path == "/health" else 404, {"status": "ok"} if self.path == "/health" else {})
-
-        def do_POST(self):  # noqa: N802
-            if self.path != path:
-                return self._send(404, {"error": f"post MLflow webhooks to {path}"})
-            n = int(self.headers.get("Content-Length") or 0)
-            if n > 1 << 20:
-                return self._send(413, {"error": "payload over 1 MiB"})
-            self._send(*receiver.handle(self.headers, self.rfile.read(n)))
-
-        def log_message(self, fmt, *args):
-            log.info("%s %s", self.address_string(), fmt % args)
-
-    return ThreadingHTTPServer((host, port), Handler)
 
 
 def receiver_from_env(airflow_url: str, watch: list[str], tracking_uri: str | None = None) -> WebhookReceiver:

@@ -17,7 +17,7 @@ from qops.cli.args import (
     recipe_options,
 )
 from qops.cli.parser import build_parser
-from qops.errors import GateFailed, PromotionRefused, QopsError
+from qops.errors import GateFailed, PromotionRefused, QopsError, SpecError
 
 
 def cmd_targets(args) -> int:
@@ -179,7 +179,6 @@ def cmd_gate(args) -> int:
     from pydantic import ValidationError
 
     from qops.artifacts import read_json, write_json_atomic
-    from qops.errors import SpecError
     from qops.gates import gate
     from qops.spec import GateSpec
 
@@ -251,26 +250,28 @@ def cmd_promote(args) -> int:
 
 
 def cmd_webhook(args) -> int:
-    from qops.alias_events import receiver_from_env, serve
+    from qops.alias_events import receiver_from_env
+    from qops.alias_webhook import serve
 
     try:
         receiver = receiver_from_env(args.airflow_url, args.watch, args.tracking_uri)
     except ValueError as e:
         raise QopsError(str(e)) from None
-    server = serve(receiver, args.host, args.port, args.path)
+    try:
+        server = serve(receiver, args.host, args.port, args.path)
+    except OSError as e:
+        raise QopsError(f"qops webhook cannot listen on {args.host}:{args.port}: {e.strerror or e}.",
+                        "pick a free --port (0: any free port) or another --host.") from None
+    watching = sorted(f"{n}@{a}" for n, a in receiver.watch)
     if args.json:
-        emit(args, {"url": f"http://{args.host}:{server.server_address[1]}{args.path}", "airflow_url": args.airflow_url,
-                    "watching": sorted(f"{n}@{a}" for n, a in receiver.watch)})
+        emit(args, {"url": server.url, "airflow_url": args.airflow_url, "watching": watching})
         sys.stdout.flush()
-    logging.getLogger("qops").info("qops webhook: MLflow posts to http://%s:%d%s; watching %s; Airflow at %s",
-                                   args.host, server.server_address[1], args.path,
-                                   ", ".join(sorted(f"{n}@{a}" for n, a in receiver.watch)), args.airflow_url)
+    logging.getLogger("qops").info("qops webhook: MLflow posts to %s; watching %s; Airflow at %s", server.url,
+                                   ", ".join(watching), args.airflow_url)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
-    finally:
-        server.server_close()
     return 0
 
 
@@ -307,6 +308,32 @@ def cmd_summary(args) -> int:
     return 0 if any(r.get("gate") == "passed" for r in summary["targets"]) else 3
 
 
+def cmd_spec_schema(args) -> int:  # noqa: ARG001 - the schema is JSON with or without --json
+    import json
+
+    from qops.spec import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
+def cmd_spec_validate(args) -> int:
+    from qops.spec.check import check_spec
+
+    res = check_spec(args.spec)
+    if args.json:
+        emit(args, res.to_dict())
+    if not res.ok:
+        raise SpecError(f"{args.spec} is not a valid spec; {len(res.problems)} problem(s):\n"
+                        + "".join(f"  - {p}\n" for p in res.problems), "correct each problem as its line says "
+                        "(nothing was run), then validate again.")
+    if not args.json:
+        remote = f"; remote, not checked: {', '.join(f'{k} {v}' for k, v in res.remote.items())}" if res.remote else ""
+        print(f"{args.spec}: OK — {res.name}, {len(res.targets)} target(s) ({', '.join(res.targets)}), "
+              f"{len(res.paths)} local path(s) exist{remote}")
+    return 0
+
+
 def cmd_train_example(args) -> int:
     from qops.examples.german_credit import retrain_and_register
 
@@ -314,7 +341,7 @@ def cmd_train_example(args) -> int:
     return 0
 
 
-COMMANDS = {"targets": cmd_targets, "calibrate": cmd_calibrate, "quantize": cmd_quantize, "sensitivity": cmd_sensitivity, "qat": cmd_qat, "evaluate": cmd_evaluate, "gate": cmd_gate, "card": cmd_card, "register": cmd_register, "stage": cmd_stage, "promote": cmd_promote, "webhook": cmd_webhook, "run": cmd_run, "summary": cmd_summary, "train-example": cmd_train_example}
+COMMANDS = {"targets": cmd_targets, "calibrate": cmd_calibrate, "quantize": cmd_quantize, "sensitivity": cmd_sensitivity, "qat": cmd_qat, "evaluate": cmd_evaluate, "gate": cmd_gate, "card": cmd_card, "register": cmd_register, "stage": cmd_stage, "promote": cmd_promote, "webhook": cmd_webhook, "run": cmd_run, "summary": cmd_summary, "train-example": cmd_train_example, "spec schema": cmd_spec_schema, "spec validate": cmd_spec_validate}
 
 
 def _terminate(signum, frame):  # noqa: ARG001 - signal handler signature

@@ -14,7 +14,7 @@ import yaml
 from pydantic import ValidationError
 
 from qops.errors import SpecError
-from qops.spec.base import Base, expand_tree, expand_vars
+from qops.spec.base import Base, expand_tree, expand_vars, is_remote, resolve_path
 from qops.spec.calibration import CalibrationSpec, DiversitySpec, DriftSpec, RecencySpec
 from qops.spec.data import CausalLMSpec, DataSpec, ImageSpec, TensorsSpec, TextSpec
 from qops.spec.gates import GateSpec, InconclusiveSpec, MetricThreshold
@@ -24,10 +24,7 @@ from qops.spec.training import QatSpec, QatTargetSpec, QloraSpec, TuningSpec
 
 def _resolve_paths(spec: PipelineSpec, base: Path) -> PipelineSpec:
     def fix(p: str) -> str:
-        if "://" in p or p.startswith("models:"):
-            return p
-        path = Path(p).expanduser()
-        return str(path if path.is_absolute() else (base / path).resolve())
+        return resolve_path(p, base)
 
     d = spec.data
     d.pool, d.reference, d.validation = fix(d.pool), fix(d.reference), fix(d.validation)
@@ -60,7 +57,8 @@ def parse_spec(raw: dict, base_dir: str | os.PathLike = ".") -> PipelineSpec:
     return _resolve_paths(spec, Path(base_dir))
 
 
-def load_spec(path: str | os.PathLike) -> PipelineSpec:
+def read_spec_file(path: str | os.PathLike) -> tuple[dict, Path]:
+    """The spec file's mapping, ``${VAR}`` expanded, and the folder its relative paths resolve against."""
     p = Path(path)
     if not p.is_file():
         raise SpecError(f"Spec file {p} does not exist.", "pass the path of a pipeline spec YAML file.")
@@ -70,7 +68,23 @@ def load_spec(path: str | os.PathLike) -> PipelineSpec:
         raise SpecError(f"Spec file {p} is not valid YAML: {e}", "fix the YAML syntax.") from None
     if not isinstance(raw, dict):
         raise SpecError(f"Spec file {p} must hold a mapping at the top level.", "see docs/spec.md.")
-    return parse_spec(raw, p.parent.resolve())
+    return raw, p.parent.resolve()
 
 
-__all__ = ["Base", "CalibrationSpec", "CardSpec", "CausalLMSpec", "DataSpec", "DiversitySpec", "DriftSpec", "GateSpec", "ImageSpec", "InconclusiveSpec", "MetricThreshold", "MlflowSpec", "PipelineSpec", "PromotionSpec", "QatSpec", "QatTargetSpec", "QloraSpec", "RecencySpec", "StorageSpec", "TensorsSpec", "TextSpec", "TuningSpec", "WatchSpec", "expand_tree", "expand_vars", "load_spec", "parse_spec"]
+def load_spec(path: str | os.PathLike) -> PipelineSpec:
+    """The loader every entry point uses (``qops run``, ``qops stage``, the DAG factory)."""
+    raw, base = read_spec_file(path)
+    return parse_spec(raw, base)
+
+
+def json_schema() -> dict:
+    """The JSON Schema of the pipeline spec (``qops spec schema``; committed as docs/spec.schema.json). Target
+    names and their recipe options are not enumerated: targets come from a registry that plugins extend
+    (``qops spec validate`` checks them)."""
+    schema = PipelineSpec.model_json_schema()
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "qops pipeline spec",
+            "description": "One YAML file drives `qops run`, the Airflow DAG and the model card (docs/spec.md).",
+            **{k: v for k, v in schema.items() if k not in ("title", "description")}}
+
+
+__all__ = ["Base", "CalibrationSpec", "CardSpec", "CausalLMSpec", "DataSpec", "DiversitySpec", "DriftSpec", "GateSpec", "ImageSpec", "InconclusiveSpec", "MetricThreshold", "MlflowSpec", "PipelineSpec", "PromotionSpec", "QatSpec", "QatTargetSpec", "QloraSpec", "RecencySpec", "StorageSpec", "TensorsSpec", "TextSpec", "TuningSpec", "WatchSpec", "expand_tree", "expand_vars", "is_remote", "json_schema", "load_spec", "parse_spec", "read_spec_file", "resolve_path"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
@@ -37,6 +38,19 @@ def expand_tree(node):
     if isinstance(node, dict):
         return {k: expand_tree(v) for k, v in node.items()}
     return node
+
+
+def is_remote(p: str) -> bool:
+    """A URI (``s3://``, ``models:/``...) rather than a local path: read by its stage, never checked here."""
+    return "://" in p or p.startswith("models:")
+
+
+def resolve_path(p: str, base: str | os.PathLike) -> str:
+    """A local path of the spec, absolute (relative ones against ``base``, the spec's folder); URIs as given."""
+    if is_remote(p):
+        return p
+    path = Path(p).expanduser()
+    return str(path if path.is_absolute() else (Path(base) / path).resolve())
 
 
 class Base(BaseModel):

@@ -12,6 +12,7 @@ import functools
 import types
 import typing
 from dataclasses import dataclass
+from difflib import get_close_matches
 from typing import ClassVar, Literal
 
 from pydantic import ConfigDict, TypeAdapter, ValidationError
@@ -100,7 +101,9 @@ class Recipe:
             raise TargetError(
                 f"Target {self.target!r}: unknown recipe option(s) {unknown} for its engine config "
                 f"{type(self.config).__name__} (engine {self.engine})" + (f": {'; '.join(owners)}" if owners else "")
-                + ".", f"use its options: {sorted(hints)} (qops targets --json lists each target's options).")
+                + ".", "".join(f"did you mean {close[0]!r} for {name!r}? " for name in unknown
+                               if (close := get_close_matches(name, list(hints), n=1)))
+                + f"use its options: {sorted(hints)} (qops targets --json lists each target's options).")
         options = {k: coerce_option(self.target, k, v, hints[k]) for k, v in options.items()}
         placement = {k: v for k, v in options.items() if k in Placement.model_fields}
         config = {k: v for k, v in options.items() if k not in placement}

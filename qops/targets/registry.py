@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from difflib import get_close_matches
 from importlib.metadata import entry_points
 from typing import Callable
 
@@ -50,9 +51,11 @@ def get_target(name: str, options: dict | None = None) -> Recipe:
     _load_entry_points()
     if name not in _REGISTRY:
         known = ", ".join(sorted(_REGISTRY))
+        close = get_close_matches(str(name), list(_REGISTRY), n=1)
         raise TargetError(
             f"Unknown hardware target {name!r}.",
-            f"use one of: {known} (run `qops targets`), or register your own with "
+            (f"did you mean {close[0]!r}? " if close else "") + f"use one of: {known} (run `qops targets`), or "
+            "register your own with "
             "qops.targets.register_target / the 'qops.targets' entry-point group.",
         )
     recipe = _REGISTRY[name]()

@@ -244,6 +244,61 @@ def test_an_unexpected_error_is_one_line_exit_1_and_the_traceback_is_under_verbo
     assert r.returncode == 1 and "Traceback" in r.stderr
 
 
+def _parsers():
+    """(command words, parser, is a leaf) for the root parser and every subcommand, nested ones (qops spec
+    validate) included: a leaf runs something, the others choose a subcommand."""
+    import argparse
+
+    from qops.cli import COMMANDS
+    from qops.cli.parser import build_parser
+
+    def walk(parser, words):
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        yield words, parser, not subs
+        for a in subs:
+            for name, sp in a.choices.items():
+                yield from walk(sp, [*words, name])
+
+    yield from walk(build_parser(COMMANDS), ["qops"])
+
+
+def test_every_argument_of_every_subcommand_has_help_and_shows_its_default():
+    """Walks the real parser: each argument but -h has help text (the subcommand choosers too), and each one with a
+    default (not None, False or an empty list) shows it in its help."""
+    import argparse
+
+    from qops.cli.parser import help_text
+
+    parsers = list(_parsers())
+    assert {" ".join(w) for w, _, leaf in parsers if leaf} >= {
+        "qops quantize", "qops run", "qops stage", "qops webhook", "qops summary", "qops spec schema",
+        "qops spec validate"}
+    missing, no_default = [], []
+    for words, parser, _ in parsers:
+        for a in parser._actions:
+            if isinstance(a, argparse._HelpAction):
+                continue
+            name = f"{' '.join(words)} {'/'.join(a.option_strings) or a.dest}"
+            if not (a.help or "").strip():
+                missing.append(name)
+            d = a.default
+            if not (d is None or d is False or d == [] or d is argparse.SUPPRESS
+                    or isinstance(a, argparse._VersionAction)) and str(d) not in help_text(a) % {"default": d}:
+                no_default.append(name)
+    assert not missing, f"arguments without help: {missing}"
+    assert not no_default, f"defaults not shown: {no_default}"
+    # what -h prints: the default appended once
+    r = run("quantize", "-h")
+    assert r.returncode == 0 and "(default: 12)" in r.stdout and r.stdout.count("(default: 900.0)") == 1
+    r = run("spec", "validate", "-h")
+    assert r.returncode == 0 and "the pipeline spec YAML file" in r.stdout
+
+
+def test_every_subcommand_takes_json():
+    without = [" ".join(w) for w, p, leaf in _parsers() if leaf and "--json" not in p._option_string_actions]
+    assert not without, f"subcommands without --json: {without}"
+
+
 def test_json_only_with_the_flag(tmp_path):
     """--json on summary prints the summary JSON; without it, readable lines (no JSON dump)."""
     summary = {"pipeline": "p", "run_id": "r", "run_dir": str(tmp_path), "targets": [

@@ -22,7 +22,7 @@ LAYERS = [
     ["qops.evaluate"],
     ["qops.quantize"],
     ["qops.calibration"],
-    ["qops.registry", "qops.alias_events"],
+    ["qops.registry", "qops.alias_events", "qops.alias_webhook"],
     ["qops.data", "qops.datasets"],
     ["qops.spec", "qops.qat.plan", "qops.qat.config"],  # spec validates QAT plans without importing a stage
     ["qops.targets"],

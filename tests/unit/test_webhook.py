@@ -5,16 +5,19 @@ REST API -> DAG run — runs in tests/integration/test_celery_stack.py.)"""
 
 from __future__ import annotations
 
+import http.client
 import json
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import pytest
 from mlflow.webhooks.delivery import _generate_hmac_signature
 
-from qops.alias_events import AirflowClient, Rejected, WebhookReceiver, receiver_from_env, serve, sign, verify
+from qops.alias_events import AirflowClient, Rejected, WebhookReceiver, receiver_from_env, sign, verify
+from qops.alias_webhook import serve
 
 SECRET = "s3cret"
 
@@ -58,9 +61,8 @@ class _NoAirflow(AirflowClient):
 
 def test_the_receiver_ignores_other_events_and_unwatched_models_over_http():
     receiver = WebhookReceiver(SECRET, _NoAirflow("http://127.0.0.1:9"), {("m", "champion")})
-    server = serve(receiver, "127.0.0.1", 0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/mlflow-webhook"
+    server = serve(receiver, "127.0.0.1", 0).start()  # uvicorn on a free loopback port
+    url = f"http://127.0.0.1:{server.port}/mlflow-webhook"
 
     def post(body, headers, path=url):
         req = urllib.request.Request(path, data=body, method="POST", headers=headers)
@@ -80,10 +82,10 @@ def test_the_receiver_ignores_other_events_and_unwatched_models_over_http():
         assert status == 400 and "needs name, alias and version" in out["error"]
         assert post(b"not json", _headers(b"not json"))[0] == 400
         assert post(_body(), _headers(_body(), "guess"))[0] == 401
-        assert post(_body(), _headers(_body()), url.replace("/mlflow-webhook", "/elsewhere"))[0] == 404
+        assert post(_body(), _headers(_body()), url.replace("/mlflow-webhook", "/elsewhere")) == (
+            404, {"error": "post MLflow webhooks to /mlflow-webhook"})
     finally:
         server.shutdown()
-        server.server_close()
 
 
 def test_the_receiver_needs_a_secret_and_well_formed_watches(monkeypatch):
@@ -125,3 +127,82 @@ def test_refused_airflow_credentials_are_named_and_mlflow_retries(monkeypatch):
     finally:
         airflow.shutdown()
         airflow.server_close()
+
+
+def _start_cli(*flags):
+    """``qops webhook`` in a subprocess on a free port: (process, URL of the webhook path) once it listens."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    env = {**os.environ, "QOPS_WEBHOOK_SECRET": SECRET}
+    p = subprocess.Popen([sys.executable, "-m", "qops.cli", "webhook", "--watch", "m@champion", "--airflow-url",
+                          "http://127.0.0.1:9", "--port", "0", *flags], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env)
+    stream = p.stdout if "--json" in flags else p.stderr
+    seen = ""
+    while True:
+        line = stream.readline()
+        if not line:
+            p.kill()
+            raise AssertionError(f"qops webhook exited: {seen}{p.stderr.read()}")
+        seen += line
+        if "--json" in flags:
+            try:
+                return p, json.loads(seen)["url"], json.loads(seen)
+            except ValueError:
+                continue
+        m = re.search(r"MLflow posts to (\S+);", line)
+        if m:
+            return p, m.group(1), None
+
+
+def test_qops_webhook_serves_on_uvicorn_and_prints_json_only_with_the_flag():
+    """The real command: --port 0 binds a free port; --json prints where it listens as one JSON document (and only
+    then: without it stdout stays empty, the log line goes to stderr); /health answers, an unsigned delivery is 401,
+    an oversized body 413; Ctrl-C (SIGINT) stops it with exit 0."""
+    import signal
+
+    for flags in (("--json",), ()):
+        p, url, doc = _start_cli(*flags)
+        try:
+            if doc is not None:
+                assert doc["watching"] == ["m@champion"] and doc["airflow_url"] == "http://127.0.0.1:9"
+            base = url.rsplit("/", 1)[0]
+            with urllib.request.urlopen(base + "/health", timeout=10) as r:
+                assert r.status == 200 and json.loads(r.read()) == {"status": "ok"}
+            req = urllib.request.Request(url, data=_body(), method="POST")
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(req, timeout=10)
+            assert e.value.code == 401
+            # an oversized delivery is refused on its declared length, before the body is read (the body is not
+            # sent here: the server answers first, and a client still sending would see the connection close)
+            parts = urllib.parse.urlsplit(url)
+            conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+            conn.putrequest("POST", parts.path)
+            conn.putheader("Content-Length", str((1 << 20) + 1))
+            conn.endheaders()
+            r = conn.getresponse()
+            assert r.status == 413 and json.loads(r.read()) == {"error": "payload over 1 MiB"}
+            conn.close()
+        finally:
+            p.send_signal(signal.SIGINT)
+            out, err = p.communicate(timeout=30)
+        assert p.returncode == 0, err
+        if doc is None:
+            assert out == "", out
+
+
+def test_a_port_in_use_is_bad_input_naming_it(monkeypatch):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "qops.cli", "webhook", "--watch", "m@champion", "--airflow-url",
+                            "http://127.0.0.1:9", "--port", str(port)], capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "QOPS_WEBHOOK_SECRET": SECRET})
+    assert r.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in r.stderr and "Fix:" in r.stderr, r.stderr
