@@ -16,7 +16,8 @@ import importlib
 _WHERE = {
     "qops.pipeline.per_target": ("candidate", "stage_evaluate", "stage_gate", "stage_qat", "stage_quantize"),
     "qops.pipeline.prepare": ("stage_calibrate", "stage_finetune", "stage_source"),
-    "qops.pipeline.publish": ("check_model_hash", "registered_name", "stage_card", "stage_promote", "stage_register"),
+    "qops.pipeline.common": ("registered_name",),
+    "qops.pipeline.publish": ("check_model_hash", "stage_card", "stage_promote", "stage_register"),
     "qops.pipeline.run": ("run_pipeline",),
     "qops.pipeline.summary": ("format_summary", "stage_summary"),
     "qops.pipeline.table": ("STAGES", "Stage", "call_stage", "plan", "stage"),

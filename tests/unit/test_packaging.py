@@ -136,8 +136,8 @@ def test_the_base_is_the_parse_time_install_and_dev_the_whole_stack():
 
 
 def test_parse_time_imports_stay_light():
-    """What a DAG file imports at parse time (the DAG factory, the stage table, spec loading, the targets) and
-    `qops targets` pull in none of the worker stacks: the light install (qops[airflow]) has none of them. Run in a
+    """What a DAG file imports at parse time (the DAG factory, the stage table, spec loading, the targets), what the
+    extra links import on the api-server, and `qops targets` pull in none of the worker stacks: the light install (qops[airflow]) has none of them. Run in a
     fresh interpreter, so that modules other tests imported do not count."""
     import subprocess
     import sys
@@ -150,6 +150,9 @@ from pathlib import Path
 from qops.pipeline.table import STAGES, plan
 from qops.spec import load_spec
 from qops.cli import main
+from qops.artifacts import read_json  # the Airflow UI's extra links (operators/links.py), on the api-server
+from qops.pipeline import registered_name
+from qops.run_folder import RunLayout
 specs = [load_spec(p) for p in sorted(Path(sys.argv[1]).glob("*.yaml"))]
 steps = sum(len(plan(s)) for s in specs)
 with contextlib.redirect_stdout(io.StringIO()) as out:
