@@ -3,11 +3,11 @@
 
 For each interpreter: a fresh virtual environment, the built wheel installed with the ``airflow`` extra only and
 the pinned versions; torch, ONNX Runtime and MLflow are then not importable, every example DAG in dags/ loads in
-Airflow's DagBag without an import error, with the same DAG ids, task ids and queues as in this (3.11, full)
-environment, and ``qops targets`` prints the same table. The install time and the size of the light
-site-packages are printed. It builds its own environments, so any pytest runs it (`make test-light`; `.ci/run`).
-Skipped, saying which, where python3.12 or python3.13 is not on this machine. About a minute per interpreter with
-a warm pip cache.
+Airflow's DagBag without an import error and survives serialization (what the dag-processor stores), with the
+same DAG ids, task ids and queues as in this (3.11, full) environment, and ``qops targets`` prints the same
+table. The install time and the size of the light site-packages are printed. It builds its own environments, so
+any pytest runs it (`make test-light`; `.ci/run`). Skipped, saying which, where python3.12 or python3.13 is not on
+this machine. One to two minutes per interpreter with a warm pip cache on 2 cores.
 """
 
 from __future__ import annotations
@@ -31,13 +31,19 @@ HEAVY = ("torch", "torchao", "onnxruntime", "onnx", "mlflow", "numpy", "pandas",
 
 # run by the light venv and by this one: the DagBag of dags/ as {dag_id: {task_id: queue}}, its import errors, where
 # qops came from, and which heavy modules the parse imported
+# the DAGs go through JSON and back as the dag-processor stores them and the scheduler reads them (extra links included)
 DAGBAG_CHECK = """
 import json, sys
 from airflow.dag_processing.dagbag import DagBag
+from airflow.serialization.serialized_objects import DagSerialization
 bag = DagBag(dag_folder=sys.argv[1])
 import qops
-print(json.dumps({"errors": {k: str(v)[-1500:] for k, v in bag.import_errors.items()},
-                  "dags": {d: {t.task_id: t.queue for t in dag.tasks} for d, dag in sorted(bag.dags.items())},
+dags = {}
+for d, dag in sorted(bag.dags.items()):
+    back = DagSerialization.from_dict(json.loads(json.dumps(DagSerialization.to_dict(dag))))
+    dags[d] = {t.task_id: t.queue for t in back.tasks}
+    assert dags[d] == {t.task_id: t.queue for t in dag.tasks}, d
+print(json.dumps({"errors": {k: str(v)[-1500:] for k, v in bag.import_errors.items()}, "dags": dags,
                   "qops": qops.__file__, "loaded": sorted(m for m in sys.argv[2].split(",") if m in sys.modules)}))
 """
 
@@ -58,7 +64,8 @@ def find_python(version: str) -> str | None:
 
 def clean_env(home: Path) -> dict:
     """No PYTHONPATH or active venv (the checkout must not leak in), a throwaway AIRFLOW_HOME."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV") and not k.startswith("AIRFLOW")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "VIRTUAL_ENV") and not k.startswith("AIRFLOW")}
     env.update(AIRFLOW_HOME=str(home / "airflow"), AIRFLOW__CORE__LOAD_EXAMPLES="False",
                AIRFLOW__CORE__DAGS_FOLDER=str(DAGS))
     return env

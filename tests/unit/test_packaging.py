@@ -107,7 +107,8 @@ def _closure(project: dict, extras: list[str]) -> list:
 def test_torch_pinned_exactly_in_constraints_and_every_dependency_constrained():
     """Library metadata states ranges (installable on 3.11 to 3.13, beside other pins); the tested versions, torch
     2.13.0 exactly (the CPU build on disk), are pinned in constraints.txt, which make install and the images use."""
-    cons = {l.split("==")[0].lower().replace("_", "-"): l.split("==")[1] for l in (REPO / "constraints.txt").read_text().splitlines()
+    lines = (REPO / "constraints.txt").read_text().splitlines()
+    cons = {l.split("==")[0].lower().replace("_", "-"): l.split("==")[1] for l in lines
             if "==" in l and not l.startswith("#")}
     assert cons["torch"] == "2.13.0" and cons["torchao"] == "0.18.0"
     project = _pyproject()
@@ -116,7 +117,7 @@ def test_torch_pinned_exactly_in_constraints_and_every_dependency_constrained():
     for r in every:
         assert r.name.lower().replace("_", "-") in cons, f"{r.name} is not pinned in constraints.txt"
         if r.name in ("torch", "torchao"):
-            assert not any(s.operator == "==" for s in r.specifier), f"{r}: a range in pyproject, the pin in constraints"
+            assert not any(s.operator == "==" for s in r.specifier), f"{r}: a range here, the pin in constraints"
 
 
 def test_the_base_is_the_parse_time_install_and_dev_the_whole_stack():
@@ -137,8 +138,8 @@ def test_the_base_is_the_parse_time_install_and_dev_the_whole_stack():
 
 def test_parse_time_imports_stay_light():
     """What a DAG file imports at parse time (the DAG factory, the stage table, spec loading, the targets), what the
-    extra links import on the api-server, and `qops targets` pull in none of the worker stacks: the light install (qops[airflow]) has none of them. Run in a
-    fresh interpreter, so that modules other tests imported do not count."""
+    extra links import on the api-server, and `qops targets` pull in none of the worker stacks: the light install
+    (qops[airflow]) has none of them. Run in a fresh interpreter, so that modules other tests imported do not count."""
     import subprocess
     import sys
 
