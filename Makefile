@@ -6,13 +6,14 @@
 #               W8A8 (vLLM) and the guide's bitsandbytes NF4 (QOPS_DEMO_EXAMPLES=tiny_llama: the small offline Llama)
 #   make demo-image  the image example: the ImageNet-pretrained EfficientNet-Lite0 on crops of real photos
 #   make lint   ruff (pinned): unused imports and names, import order
-#   make test   run the test suite
+#   make test   run the test suite (with the light-install test: qops[airflow] alone on Python 3.12 and 3.13)
+#   make test-light  only that test: fresh 3.12/3.13 venvs with the light install parse every example DAG
 PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.qops-installed
 
-.PHONY: install demo demo-credit demo-text demo-llm demo-image lint test test-unit clean mlflow-ui
+.PHONY: install demo demo-credit demo-text demo-llm demo-image lint test test-unit test-light clean mlflow-ui
 
 # llama-cpp-python is built from its sdist (about 4 minutes on 2 cores), first and never from pip's wheel cache
 # (whose key ignores CMAKE_ARGS), for x86-64 with AVX2 rather than -march=native: on CPUs with AMX (Sapphire Rapids)
@@ -52,11 +53,16 @@ demo-image: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check qops operators tests bench scripts dags
 
+# PYTEST_ARGS: extra pytest arguments (.ci/run runs the light-install test as its own job and ignores it here)
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit
+
+# the light install (docs/deployment.md): the test builds the wheel and its own 3.12 and 3.13 environments
+test-light: $(STAMP)
+	$(PY) -m pytest -q tests/integration/test_light_install.py
 
 mlflow-ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.demo/mlflow.db --port 5000

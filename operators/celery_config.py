@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 CELERY_CONFIG = dict(DEFAULT_CELERY_CONFIG)
 
-PRELOAD = ("qops.pipeline", "qops.evaluate", "qops.gates", "qops.calibration", "qops.quantize", "qops.registry",
+PRELOAD = ("qops.pipeline.per_target", "qops.pipeline.prepare", "qops.pipeline.publish", "qops.pipeline.run",
+           "qops.evaluate", "qops.gates", "qops.calibration", "qops.quantize", "qops.registry",
            "qops.cards", "numpy", "pandas", "onnx", "onnxruntime", "sklearn.metrics", "great_expectations",
            "fairlearn.metrics", "mlflow", "mlflow.onnx", "torch", "matplotlib.pyplot")
 

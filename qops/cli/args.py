@@ -7,7 +7,6 @@ import json
 import re
 
 from qops.artifacts import to_jsonable
-from qops.data import Image, Text, data_kind
 from qops.errors import QopsError, SpecError
 from qops.spec import CalibrationSpec, DiversitySpec, DriftSpec, GateSpec, RecencySpec
 
@@ -121,6 +120,8 @@ def _floats(text: str, flag: str) -> list[float]:
 def kind_from_args(args):
     """The data kind the flags name: text (--tokenizer), image (--data-kind image); None otherwise (tabular or
     inferred from the data and the model)."""
+    from qops.data import Image, Text  # pandas and NumPy: not on the light install that runs `qops targets`
+
     if getattr(args, "data_kind", None) == "image":
         return Image(path_column=args.path_column, root=args.image_root, resize=args.resize or None,
                      crop=args.crop or None, mean=_floats(args.mean, "--mean"), std=_floats(args.std, "--std"),
@@ -135,6 +136,7 @@ def kind_from_model(model, data):
     """The kind a bare model and data file imply (tensors for an .npz or input-named columns)."""
     if not model:
         raise QopsError("qops calibrate needs --features, --model or --tokenizer.", "pass one of them.")
+    from qops.data import data_kind
 
     return data_kind(model, None, data)
 

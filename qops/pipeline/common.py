@@ -1,4 +1,6 @@
-"""What every stage shares: holding the run folder while it runs, and reading what an earlier stage wrote."""
+"""What every stage shares: holding the run folder while it runs, reading what an earlier stage wrote, and the
+registered model's name (also read by the Airflow UI's "MLflow model" link, on an api-server with the light
+install: this module imports no worker library)."""
 
 from __future__ import annotations
 
@@ -36,3 +38,7 @@ def required(path: Path, stage: str) -> dict:
 def skipped(target: str | None, reason: str, **extra) -> dict:
     """A stage's result when its skip rule holds (Airflow marks the task skipped; ``qops stage`` exits 0)."""
     return {**({"target": target} if target else {}), "skipped": True, "reason": reason, **extra}
+
+
+def registered_name(spec, source_name: str, target: str) -> str:
+    return spec.mlflow.model_name.format(source=source_name, target=target.replace("_", "-"), pipeline=spec.name)

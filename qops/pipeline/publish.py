@@ -12,7 +12,7 @@ from qops.engines import engine_of_result
 from qops.engines.base import changed_files
 from qops.errors import QopsError
 from qops.modality import modality_for
-from qops.pipeline.common import claimed, required, skipped
+from qops.pipeline.common import claimed, registered_name, required, skipped
 from qops.pipeline.per_target import candidate
 from qops.registry import configure_mlflow, promote, providers_for, register
 from qops.run_folder import RunLayout
@@ -80,10 +80,6 @@ def check_model_hash(q: dict) -> None:
         raise QopsError(f"{path} is not the model this run quantized: its sha256 is {actual}, the "
                         f"quantize stage recorded {q['model_sha256']}{changed}; another process changed it.",
                         "rerun the quantize stage for this target (same spec and run id), then register.")
-
-
-def registered_name(spec, source_name: str, target: str) -> str:
-    return spec.mlflow.model_name.format(source=source_name, target=target.replace("_", "-"), pipeline=spec.name)
 
 
 def registry_tags(spec, run_id: str, target: str, source: dict, q: dict, method: str, layout: RunLayout) -> dict:

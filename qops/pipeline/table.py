@@ -9,15 +9,21 @@ stage's ``failed`` rule says when its result fails the run's task (Airflow) or e
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from dataclasses import dataclass
 from typing import Callable
 
 from qops.errors import QopsError
-from qops.pipeline.per_target import stage_evaluate, stage_gate, stage_qat, stage_quantize
-from qops.pipeline.prepare import stage_calibrate, stage_finetune, stage_source
-from qops.pipeline.publish import stage_card, stage_promote, stage_register
-from qops.pipeline.summary import stage_summary
+
+# The stage functions are named, not imported: the DAG factory reads this table when a DAG file is parsed, and the
+# stage modules import the data, evaluation and registry stacks (NumPy, pandas, ONNX Runtime, MLflow) that a
+# scheduler or dag-processor with the light install (`qops[airflow]`, docs/deployment.md) does not have. A stage's
+# function is imported when it is first called or inspected, on the worker that runs it.
+PER_TARGET = "qops.pipeline.per_target"
+PREPARE = "qops.pipeline.prepare"
+PUBLISH = "qops.pipeline.publish"
+SUMMARY = "qops.pipeline.summary"
 
 
 def always(spec, target=None) -> bool:
@@ -46,7 +52,7 @@ def qat_queue(spec, target) -> str:
 @dataclass(frozen=True)
 class Stage:
     name: str  # `qops stage NAME`
-    fn: Callable  # fn(spec, run_id[, target], **options) -> dict
+    fn_ref: str  # "module:function"; fn(spec, run_id[, target], **options) -> dict
     per_target: bool
     task_id: str  # the Airflow task id (per-target stages: inside the target's task group)
     applies: Callable = always  # applies(spec, target) -> bool: is the stage in this spec's graph?
@@ -55,6 +61,12 @@ class Stage:
     retries: int | None = None  # Airflow retries (None: the deployment's default)
     failed: Callable | None = None  # failed(result) -> message | None: the result fails the task / exits 3
 
+    @property
+    def fn(self) -> Callable:
+        """The stage function, imported on first use (see the note on the module's imports)."""
+        module, _, name = self.fn_ref.partition(":")
+        return getattr(importlib.import_module(module), name)
+
     def options(self) -> set[str]:
         """The keyword options the stage function takes (``source_uri``, ``dag_id``, ``approved``)."""
         params = list(inspect.signature(self.fn).parameters)
@@ -62,19 +74,20 @@ class Stage:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("source", stage_source, False, "resolve_source"),
-    Stage("finetune", stage_finetune, False, "qlora_finetune", applies=lambda spec, t=None: spec.qlora is not None,
-          queue=lambda spec, t=None: spec.qlora.queue, retries=2),
-    Stage("calibrate", stage_calibrate, False, "calibrate"),
-    Stage("quantize", stage_quantize, True, "quantize"),
-    Stage("evaluate", stage_evaluate, True, "evaluate"),
-    Stage("gate", stage_gate, True, "gate", failed=gate_failed),
-    Stage("qat", stage_qat, True, "qat", applies=lambda spec, t: spec.qat_plan(t) is not None, queue=qat_queue,
-          retries=2, failed=qat_failed),
-    Stage("card", stage_card, True, "card", after_failure=True),
-    Stage("register", stage_register, True, "register", after_failure=True, retries=3),
-    Stage("promote", stage_promote, True, "promote", applies=lambda spec, t: spec.mlflow.promotion is not None),
-    Stage("summary", stage_summary, False, "summary", after_failure=True),
+    Stage("source", f"{PREPARE}:stage_source", False, "resolve_source"),
+    Stage("finetune", f"{PREPARE}:stage_finetune", False, "qlora_finetune",
+          applies=lambda spec, t=None: spec.qlora is not None, queue=lambda spec, t=None: spec.qlora.queue, retries=2),
+    Stage("calibrate", f"{PREPARE}:stage_calibrate", False, "calibrate"),
+    Stage("quantize", f"{PER_TARGET}:stage_quantize", True, "quantize"),
+    Stage("evaluate", f"{PER_TARGET}:stage_evaluate", True, "evaluate"),
+    Stage("gate", f"{PER_TARGET}:stage_gate", True, "gate", failed=gate_failed),
+    Stage("qat", f"{PER_TARGET}:stage_qat", True, "qat", applies=lambda spec, t: spec.qat_plan(t) is not None,
+          queue=qat_queue, retries=2, failed=qat_failed),
+    Stage("card", f"{PUBLISH}:stage_card", True, "card", after_failure=True),
+    Stage("register", f"{PUBLISH}:stage_register", True, "register", after_failure=True, retries=3),
+    Stage("promote", f"{PUBLISH}:stage_promote", True, "promote",
+          applies=lambda spec, t: spec.mlflow.promotion is not None),
+    Stage("summary", f"{SUMMARY}:stage_summary", False, "summary", after_failure=True),
 )
 BY_NAME = {s.name: s for s in STAGES}
 RUN_STAGES = tuple(s for s in STAGES if not s.per_target and s.name != "summary")

@@ -44,6 +44,9 @@ def test_gpu_dockerfile_installs_the_cuda_torch_of_the_pinned_release():
     text = (REPO / "docker" / "Dockerfile.gpu").read_text()
     assert "torch==2.13.0" in text and "onnxruntime-gpu==" in text and "-c constraints.txt" in text
     assert '"--queues", "gpu"' in text
+    # the worker stack (cpu extra) on the Python its base image ships (Ubuntu 24.04: 3.12, no python3.11 package)
+    assert "ARG QOPS_EXTRAS=cpu,production" in text and '".[${QOPS_EXTRAS}]"' in text
+    assert "ubuntu24.04" in text and "python3.11" not in text and "python3 -m venv" in text
     for line in re.findall(r"^COPY (.+)$", text, flags=re.M):
         *srcs, _dst = line.split()
         for src in srcs:
@@ -59,18 +62,123 @@ def test_dockerfile_copies_existing_paths_and_uses_constraints():
             assert (REPO / src).exists(), src
     assert "-c constraints.txt" in text and "torch==2.13.0" in text
     # installed as the wheel test installs it: built from pyproject.toml + setup.py, never editable
-    assert "setup.py" in text and '".[production]"' in text and "pip install -e" not in text
+    assert "setup.py" in text and "pip install -e" not in text
+    # two targets (docs/deployment.md): the light `airflow` image (scheduler, dag-processor, api-server) installs the
+    # Airflow side only, without torch; the `worker` image adds the CPU worker stack and the CPU build of torch
+    light, worker = text.split("\nFROM airflow AS worker\n")
+    assert "\nFROM python:3.11-slim-bookworm AS airflow\n" in light
+    assert 'pip install --no-cache-dir -c constraints.txt ".[production]"' in light and "torch" not in light.split(
+        "FROM python")[1]
+    assert "ARG QOPS_EXTRAS=cpu,production" in worker and '".[${QOPS_EXTRAS}]"' in worker and "whl/cpu" in worker
+    services = yaml.safe_load((REPO / "docker" / "docker-compose.yml").read_text())["services"]
+    target = {n: s.get("build", {}).get("target") for n, s in services.items()}
+    images = {n: s.get("image") for n, s in services.items()}
+    for name in ("airflow-scheduler", "airflow-dag-processor", "airflow-api-server"):
+        assert target[name] == "airflow" and images[name] == "qops:airflow", name
+    assert images["airflow-init"] == "qops:airflow"
+    for name in ("worker-cpu", "airflow-triggerer", "qops-webhook", "mlflow"):  # engines / the MLflow client
+        assert target[name] == "worker" and images[name] == "qops:cpu", name
 
 
-def test_torch_pinned_exactly_and_all_dependencies_constrained():
-    cons = {l.split("==")[0].lower().replace("_", "-"): l.split("==")[1] for l in (REPO / "constraints.txt").read_text().splitlines()
+def _pyproject() -> dict:
+    import tomllib
+
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+
+
+def _closure(project: dict, extras: list[str]) -> list:
+    """The requirements of the base plus ``extras``, self-references (``qops[cpu]``) expanded."""
+    from packaging.requirements import Requirement
+
+    out, todo, seen = [Requirement(r) for r in project["dependencies"]], list(extras), set()
+    while todo:
+        extra = todo.pop()
+        if extra in seen:
+            continue
+        seen.add(extra)
+        for r in map(Requirement, project["optional-dependencies"][extra]):
+            if r.name == "qops":
+                todo += sorted(r.extras)
+            else:
+                out.append(r)
+    return out
+
+
+def test_torch_pinned_exactly_in_constraints_and_every_dependency_constrained():
+    """Library metadata states ranges (installable on 3.11 to 3.13, beside other pins); the tested versions, torch
+    2.13.0 exactly (the CPU build on disk), are pinned in constraints.txt, which make install and the images use."""
+    lines = (REPO / "constraints.txt").read_text().splitlines()
+    cons = {l.split("==")[0].lower().replace("_", "-"): l.split("==")[1] for l in lines
             if "==" in l and not l.startswith("#")}
-    assert cons["torch"] == "2.13.0"
-    pyproject = (REPO / "pyproject.toml").read_text()
-    assert '"torch==2.13.0"' in pyproject
-    deps = re.findall(r'^\s+"([A-Za-z0-9_.-]+)[<>=\[]', pyproject, flags=re.M)
-    for dep in deps:
-        assert dep.lower().replace("_", "-") in cons, f"{dep} is not pinned in constraints.txt"
+    assert cons["torch"] == "2.13.0" and cons["torchao"] == "0.18.0"
+    project = _pyproject()
+    assert project["requires-python"] == ">=3.11"
+    every = _closure(project, list(project["optional-dependencies"]))
+    for r in every:
+        assert r.name.lower().replace("_", "-") in cons, f"{r.name} is not pinned in constraints.txt"
+        if r.name in ("torch", "torchao"):
+            assert not any(s.operator == "==" for s in r.specifier), f"{r}: a range here, the pin in constraints"
+
+
+def test_the_base_is_the_parse_time_install_and_dev_the_whole_stack():
+    """The base distribution holds what DAG parsing, spec loading and `qops targets` import; the heavy stacks are
+    extras; dev (make install) installs every extra's requirements, so the full install is the whole stack."""
+    project = _pyproject()
+    base = {r.name.lower() for r in _closure(project, [])}
+    assert base == {"pydantic", "pyyaml"}
+    assert {r.name for r in _closure(project, ["airflow"])} == {"pydantic", "pyyaml", "apache-airflow"}
+    cpu = {r.name for r in _closure(project, ["cpu"])}
+    assert {"torch", "torchao", "onnx", "onnxruntime", "mlflow", "great-expectations", "fairlearn", "matplotlib",
+            "scikit-learn", "boto3", "numpy", "pandas"} <= cpu
+    assert cpu <= {r.name for r in _closure(project, ["llm"])}
+    dev = {str(r) for r in _closure(project, ["dev"])}
+    every = {str(r) for r in _closure(project, [e for e in project["optional-dependencies"] if e != "dev"])}
+    assert every <= dev
+
+
+def test_parse_time_imports_stay_light():
+    """What a DAG file imports at parse time (the DAG factory, the stage table, spec loading, the targets), what the
+    extra links import on the api-server, and `qops targets` pull in none of the worker stacks: the light install
+    (qops[airflow]) has none of them. Run in a fresh interpreter, so that modules other tests imported do not count."""
+    import subprocess
+    import sys
+
+    heavy = ["numpy", "pandas", "pyarrow", "torch", "torchao", "onnx", "onnxruntime", "mlflow", "sklearn",
+             "great_expectations", "fairlearn", "matplotlib", "boto3", "jinja2", "tqdm", "jsonschema"]
+    code = f"""
+import contextlib, io, json, sys
+from pathlib import Path
+from qops.pipeline.table import STAGES, plan
+from qops.spec import load_spec
+from qops.cli import main
+from qops.artifacts import read_json  # the Airflow UI's extra links (operators/links.py), on the api-server
+from qops.pipeline import registered_name
+from qops.run_folder import RunLayout
+specs = [load_spec(p) for p in sorted(Path(sys.argv[1]).glob("*.yaml"))]
+steps = sum(len(plan(s)) for s in specs)
+with contextlib.redirect_stdout(io.StringIO()) as out:
+    rc = main(["targets"])
+print(json.dumps({{"steps": steps, "rc": rc, "x86": "x86_64_vnni_int8" in out.getvalue(),
+                  "loaded": [m for m in {heavy!r} if m in sys.modules]}}))
+"""
+    r = subprocess.run([sys.executable, "-c", code, str(REPO / "dags" / "specs")], capture_output=True, text=True,
+                       cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = __import__("json").loads(r.stdout.strip().splitlines()[-1])
+    assert out["rc"] in (0, None) and out["x86"] and out["steps"] > 0
+    assert out["loaded"] == [], f"parse-time imports pulled in {out['loaded']}"
+
+
+def test_the_stage_table_imports_its_functions_on_use():
+    from qops.pipeline import per_target, prepare, publish, summary
+    from qops.pipeline.table import STAGES, stage
+
+    assert stage("quantize").fn is per_target.stage_quantize and stage("source").fn is prepare.stage_source
+    assert stage("register").fn is publish.stage_register and stage("summary").fn is summary.stage_summary
+    # options() reads the imported function's signature
+    assert stage("source").options() == {"source_uri"} and stage("promote").options() == {"approved"}
+    assert stage("summary").options() == {"dag_id"}
+    assert all(callable(s.fn) for s in STAGES)
 
 
 def test_provider_entry_point_is_registered():
