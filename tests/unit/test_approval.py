@@ -6,29 +6,10 @@ answers a real Airflow's ApprovalOperator through the REST API)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import yaml
-from planted_models import small_weight_data, small_weight_program
-
-
-def planted_spec(d: Path, name: str = "planted-approval", **extra) -> dict:
-    """The planted 2x2 MLP with gates it passes as PTQ, promotion to production behind an Airflow approval."""
-    small_weight_program(d / "model.pt2")
-    for f, seed, n in (("train", 0, 2000), ("pool", 1, 1000), ("val", 2, 1000)):
-        small_weight_data(seed, n, n // 10).to_parquet(d / f"{f}.parquet")
-    raw = {"name": name, "source_model": str(d / "model.pt2"),
-           "data": {"pool": str(d / "pool.parquet"), "reference": str(d / "train.parquet"),
-                    "validation": str(d / "val.parquet"), "label": "y", "slice_columns": ["group"]},
-           "calibration": {"size": 200, "drift": {"enabled": False}},
-           "targets": ["x86_64_vnni_int8"], "target_options": {"x86_64_vnni_int8": {"mode": "static"}},
-           "gates": {"max_latency_ratio": 50.0, "bootstrap": 200, "latency_runs": 20, "max_overall_drop": 1.0,
-                     "max_slice_drop": 1.0, "max_fairness_increase": 1.0},
-           "mlflow": {"promotion": {"alias": "production", "approval": "airflow"}},
-           "artifact_root": str(d / "artifacts")}
-    raw.update(extra)
-    return raw
+from planted_models import planted_pipeline_spec
 
 
 def test_the_request_shows_the_run_and_each_answer_is_recorded(tmp_path, mlflow_uri):
@@ -41,7 +22,7 @@ def test_the_request_shows_the_run_and_each_answer_is_recorded(tmp_path, mlflow_
     from qops.pipeline.publish import stage_promote
     from qops.spec import load_spec
 
-    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(planted_spec(tmp_path)))
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(planted_pipeline_spec(tmp_path)))
     spec = load_spec(tmp_path / "spec.yaml")
     steps = plan(spec)
     assert [st.name for st, _ in steps][-2:] == ["promote", "summary"]
@@ -88,7 +69,7 @@ def test_nothing_registered_nothing_to_ask(tmp_path):
     from qops.pipeline.approval import approval_request
     from qops.spec import load_spec
 
-    raw = planted_spec(tmp_path)
+    raw = planted_pipeline_spec(tmp_path)
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
     res = approval_request(load_spec(tmp_path / "spec.yaml"), "r0", "x86_64_vnni_int8")
     assert res["skipped"] and "nothing was registered for x86_64_vnni_int8" in res["reason"]
