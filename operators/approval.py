@@ -70,6 +70,8 @@ class QopsApprovalOperator(ApprovalOperator):
         from qops.pipeline.approval import record_decision
 
         if "error" not in event and event.get("chosen_options"):  # a person answered (not a timeout)
+            self.validate_chosen_options(event["chosen_options"])  # a bad answer records nothing
+            self.validate_params_input(event.get("params_input") or {})
             user = event.get("responded_by_user") or {}
             by = user.get("name") or user.get("id")
             approved = event["chosen_options"] == [self.APPROVE]
