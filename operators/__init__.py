@@ -17,7 +17,8 @@ def get_provider_info() -> dict:
         "accuracy/fairness gates, model cards and MLflow registration.",
         "versions": [__version__],
         "integrations": [{"integration-name": "qops", "tags": ["software"]}],
-        "operators": [{"integration-name": "qops", "python-modules": ["qops_airflow.operators"]}],
+        "operators": [{"integration-name": "qops", "python-modules": ["qops_airflow.operators",
+                                                                              "qops_airflow.approval"]}],
         "hooks": [{"integration-name": "qops", "python-modules": ["qops_airflow.hooks"]}],
         "triggers": [{"integration-name": "qops", "python-modules": ["qops_airflow.triggers"]}],
         "connection-types": [{

@@ -44,8 +44,10 @@ def build_quantization_dag(spec_path: str | Path, dag_id: str | None = None,
                            mlflow_conn_id: str | None = "mlflow_default", **dag_kwargs) -> DAG:
     """One DAG per spec, built from qops' stage table (:mod:`qops.pipeline.table`, the graph ``qops run`` runs):
     the run-level stages in a chain (source [-> qlora_finetune] -> calibrate), then per target a task group
-    (quantize -> evaluate -> gate [-> qat] -> card -> register [-> promote]) on the target's queue, then summary,
-    and a watcher task that fails the run if any task failed. Scheduled on ``spec.schedule_asset`` when set."""
+    (quantize -> evaluate -> gate [-> qat] -> card -> register [-> approve_promotion] [-> promote]) on the target's
+    queue, then summary, and a watcher task that fails the run if any task failed. ``approve_promotion`` (Airflow's
+    ApprovalOperator, :mod:`qops_airflow.approval`) only with ``mlflow.promotion.approval: airflow``. Scheduled on
+    ``spec.schedule_asset`` when set."""
     from qops.pipeline.table import BY_NAME, RUN_STAGES, TARGET_STAGES
     from qops.spec import load_spec
 
@@ -56,9 +58,14 @@ def build_quantization_dag(spec_path: str | Path, dag_id: str | None = None,
     dag_kwargs.setdefault("catchup", False)
     dag_kwargs.setdefault("tags", ["qops", "quantization"])
     common = {"spec_path": spec_path, "mlflow_conn_id": mlflow_conn_id}
+    approval = None
+    if spec.mlflow.promotion is not None and spec.mlflow.promotion.approval == "airflow":
+        from qops_airflow.approval import QopsApprovalOperator
 
-    def task(st, target=None):
-        kw = {**common, **({"target": target} if target else {})}
+        approval = QopsApprovalOperator
+
+    def task(st, target=None, **extra):
+        kw = {**common, **({"target": target} if target else {}), **extra}
         queue = st.queue(spec, target)
         if queue:
             kw["queue"] = queue
@@ -72,7 +79,16 @@ def build_quantization_dag(spec_path: str | Path, dag_id: str | None = None,
         summary = task(BY_NAME["summary"])
         for target in spec.targets:
             with TaskGroup(group_id=target):
-                chain = [task(st, target) for st in TARGET_STAGES if st.applies(spec, target)]
+                chain = []
+                for st in TARGET_STAGES:
+                    if not st.applies(spec, target):
+                        continue
+                    if st.name == "promote" and approval:
+                        # a person answers first; the promote task runs only on Approve (Reject skips it)
+                        chain.append(approval(task_id=approval.TASK_ID, target=target, **common))
+                        chain.append(task(st, target, approved=True))
+                    else:
+                        chain.append(task(st, target))
             run_chain[-1] >> chain[0]
             for a, b in zip(chain, chain[1:]):
                 a >> b

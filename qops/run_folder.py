@@ -100,7 +100,7 @@ class RunLayout:
     """Every path of a run folder, in one place: ``<artifact_root>/<pipeline>/<run_id>/`` holds ``run.json``,
     ``source.json``, ``calibration/``, ``summary.json`` and one ``targets/<target>/`` per target, which holds the
     stage files (``quantize.json``, ``evaluation.json``, ``gate.json``, ``card.json``, ``register.json``,
-    ``promote.json``) and, for a QAT model, the same files again under ``qat/``. No other module composes a path
+    ``approval.json``, ``promote.json``) and, for a QAT model, the same files again under ``qat/``. No other module composes a path
     in a run folder or spells one of these names (tests/unit/test_structure.py keeps it so)."""
 
     RUN = RUN_FILE
@@ -111,6 +111,7 @@ class RunLayout:
     CARD = "card.json"
     REGISTER = "register.json"
     PROMOTE = "promote.json"
+    APPROVAL = "approval.json"
     SUMMARY = "summary.json"
 
     def __init__(self, artifact_root: str | os.PathLike, pipeline: str, run_id: str):
@@ -258,6 +259,11 @@ class TargetFolder(ModelFolder):
     @property
     def promote(self) -> Path:
         return self.path / RunLayout.PROMOTE
+
+    @property
+    def approval(self) -> Path:
+        """A person's answer to the DAG's approval request (``mlflow.promotion.approval: airflow``)."""
+        return self.path / RunLayout.APPROVAL
 
     def model(self, suffix: str) -> Path:
         """The quantized graph or program: ``model.onnx``, ``model.pt2`` (the target's output suffix)."""

@@ -174,7 +174,9 @@ def stage_promote(spec, run_id: str, target: str, approved: bool = False) -> dic
         return skipped(target, f"nothing was registered for {target} in run {run_id}: nothing to promote",
                        promoted=False)
     configure_mlflow(spec.mlflow.tracking_uri, spec.mlflow.registry_uri)
-    out = promote(r["name"], r["version"], p.alias, approved=approved, require_approval=p.require_approval,
+    # approval: airflow -- the DAG's approval task (or qops run --approve) is the manual approval
+    out = promote(r["name"], r["version"], p.alias, approved=approved,
+                  require_approval=p.require_approval or p.approval is not None,
                   better_on=p.better_on or None, by=f"{spec.name} run {run_id}")
     write_json_atomic(tdir.promote, out)
     return {"target": target, **out}

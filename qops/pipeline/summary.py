@@ -14,52 +14,59 @@ from qops.pipeline.publish import write_target_card
 from qops.run_folder import RunLayout
 
 
+def target_row(spec, run_id: str, target: str) -> dict:
+    """One target's row of the summary, from its run folder as it is now (the approval request reads it before
+    the summary stage runs)."""
+    layout = RunLayout.of(spec, run_id)
+    tdir, (cdir, method, why) = layout.target(target), candidate(spec, run_id, target)
+    row: dict = {"target": target, "method": method}
+    if method == "qat" or spec.qat and target in spec.qat.targets:
+        row["method_reason"] = why
+        if tdir.gate.is_file():
+            row["ptq_gate"] = "passed" if read_json(tdir.gate)["passed"] else "failed"
+    if not cdir.gate.is_file() and method == "qat":
+        row["qat_error"] = "QAT did not finish (see the qat task's log)"
+    if cdir.evaluation.is_file():
+        ev = read_json(cdir.evaluation)
+        m = ev["primary_metric"]
+        worst = max(
+            ((s["key"], s["metrics"][m]) for s in ev["slices"]
+             if s["n"] >= spec.gates.min_slice_size and s["metrics"][m]["delta"] is not None),
+            key=lambda kv: degradation(m, kv[1]["fp32"], kv[1]["quantized"]), default=(None, None),
+        )
+        perf = ev["performance"]
+        row.update({
+            "size_bytes": perf["size_bytes"]["quantized"], "fp32_size_bytes": perf["size_bytes"]["fp32"],
+            "latency_p50_ms": perf["latency_p50_ms"]["quantized"],
+            "fp32_latency_p50_ms": perf["latency_p50_ms"]["fp32"],
+            "metric": m, "metric_quantized": ev["overall"][m]["quantized"], "metric_fp32": ev["overall"][m]["fp32"],
+            "worst_slice": worst[0], "worst_slice_delta": None if worst[1] is None else worst[1]["delta"],
+            "on_target_hardware": ev["hardware_match"].get("matches"),
+        })
+    if cdir.gate.is_file():
+        g = read_json(cdir.gate)
+        row["gate"] = "passed" if g["passed"] else "failed"
+        row["failed_checks"] = g["failed"]
+        row["inconclusive_checks"] = g.get("inconclusive") or []
+        row["unprotected_slices"] = [u["slice"] for u in g.get("unprotected") or []]
+    else:
+        row["gate"] = "not run"
+    if tdir.register.is_file():
+        r = read_json(tdir.register)
+        row["mlflow"] = {"name": r["name"], "version": r["version"], "aliases": r["aliases"],
+                         "registered": r["registered"]}
+    if tdir.card.is_file():
+        c = read_json(tdir.card)
+        row["card"] = {"markdown": c["markdown_path"], "json": c["json_path"], "html": c["html_path"]}
+    if tdir.approval.is_file():  # mlflow.promotion.approval: who answered the DAG's approval request, and how
+        row["approval"] = read_json(tdir.approval)
+    return row
+
+
 @claimed("shared")
 def stage_summary(spec, run_id: str, dag_id: str | None = None) -> dict:
     layout = RunLayout.of(spec, run_id)
-    rows = []
-    for target in spec.targets:
-        tdir, (cdir, method, why) = layout.target(target), candidate(spec, run_id, target)
-        row: dict = {"target": target, "method": method}
-        if method == "qat" or spec.qat and target in spec.qat.targets:
-            row["method_reason"] = why
-            if tdir.gate.is_file():
-                row["ptq_gate"] = "passed" if read_json(tdir.gate)["passed"] else "failed"
-        if not cdir.gate.is_file() and method == "qat":
-            row["qat_error"] = "QAT did not finish (see the qat task's log)"
-        if cdir.evaluation.is_file():
-            ev = read_json(cdir.evaluation)
-            m = ev["primary_metric"]
-            worst = max(
-                ((s["key"], s["metrics"][m]) for s in ev["slices"]
-                 if s["n"] >= spec.gates.min_slice_size and s["metrics"][m]["delta"] is not None),
-                key=lambda kv: degradation(m, kv[1]["fp32"], kv[1]["quantized"]), default=(None, None),
-            )
-            perf = ev["performance"]
-            row.update({
-                "size_bytes": perf["size_bytes"]["quantized"], "fp32_size_bytes": perf["size_bytes"]["fp32"],
-                "latency_p50_ms": perf["latency_p50_ms"]["quantized"],
-                "fp32_latency_p50_ms": perf["latency_p50_ms"]["fp32"],
-                "metric": m, "metric_quantized": ev["overall"][m]["quantized"], "metric_fp32": ev["overall"][m]["fp32"],
-                "worst_slice": worst[0], "worst_slice_delta": None if worst[1] is None else worst[1]["delta"],
-                "on_target_hardware": ev["hardware_match"].get("matches"),
-            })
-        if cdir.gate.is_file():
-            g = read_json(cdir.gate)
-            row["gate"] = "passed" if g["passed"] else "failed"
-            row["failed_checks"] = g["failed"]
-            row["inconclusive_checks"] = g.get("inconclusive") or []
-            row["unprotected_slices"] = [u["slice"] for u in g.get("unprotected") or []]
-        else:
-            row["gate"] = "not run"
-        if tdir.register.is_file():
-            r = read_json(tdir.register)
-            row["mlflow"] = {"name": r["name"], "version": r["version"], "aliases": r["aliases"],
-                             "registered": r["registered"]}
-        if tdir.card.is_file():
-            c = read_json(tdir.card)
-            row["card"] = {"markdown": c["markdown_path"], "json": c["json_path"], "html": c["html_path"]}
-        rows.append(row)
+    rows = [target_row(spec, run_id, target) for target in spec.targets]
     recommend_instead(spec, run_id, rows, dag_id)
     summary = {"pipeline": spec.name, "run_id": run_id, "dag_id": dag_id, "qops_version": __version__,
                "source_model": spec.source_model, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

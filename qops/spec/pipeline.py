@@ -32,6 +32,10 @@ class PromotionSpec(Base):
     alias: str = Field("production", description="The serving alias to move.")
     require_approval: bool = Field(False, description="Only with a manual approval: the DAG run's conf "
                                    "{approve_promotion: true}, or qops promote --approve.")
+    approval: Literal["airflow"] | None = Field(
+        None, description="airflow: the DAG asks a person first (an ApprovalOperator before each promote task, "
+        "showing the run's verdicts, metrics and links); Approve moves the alias, Reject leaves it, and either is "
+        "recorded on the model version (docs/registry.md#human-approval). qops run then needs --approve.")
     better_on: dict[str, Literal["max", "min"]] = Field(
         default_factory=dict, description="Logged metric -> max/min: the version must be at least as good as "
         "the current holder on each (e.g. quantized_accuracy: max, latency_p50_ms: min).")

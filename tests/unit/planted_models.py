@@ -99,3 +99,22 @@ def small_weight_data(seed: int, n: int = 1000, small: int = 100) -> pd.DataFram
     df["group"] = ["majority"] * (n - small) + ["small"] * small
     df["y"] = np.where(df.a != 0, df.a > 0, df.b > 0).astype(int)
     return df
+
+
+def planted_pipeline_spec(d, name: str = "planted-approval", **extra) -> dict:
+    """A pipeline spec (a dict) of :func:`small_weight_program` with data written to ``d``: one CPU target, gates
+    its PTQ model passes, promotion to ``production`` behind an Airflow approval (tests of the approval)."""
+    small_weight_program(d / "model.pt2")
+    for f, seed, n in (("train", 0, 2000), ("pool", 1, 1000), ("val", 2, 1000)):
+        small_weight_data(seed, n, n // 10).to_parquet(d / f"{f}.parquet")
+    raw = {"name": name, "source_model": str(d / "model.pt2"),
+           "data": {"pool": str(d / "pool.parquet"), "reference": str(d / "train.parquet"),
+                    "validation": str(d / "val.parquet"), "label": "y", "slice_columns": ["group"]},
+           "calibration": {"size": 200, "drift": {"enabled": False}},
+           "targets": ["x86_64_vnni_int8"], "target_options": {"x86_64_vnni_int8": {"mode": "static"}},
+           "gates": {"max_latency_ratio": 50.0, "bootstrap": 200, "latency_runs": 20, "max_overall_drop": 1.0,
+                     "max_slice_drop": 1.0, "max_fairness_increase": 1.0},
+           "mlflow": {"promotion": {"alias": "production", "approval": "airflow"}},
+           "artifact_root": str(d / "artifacts")}
+    raw.update(extra)
+    return raw

@@ -1,6 +1,8 @@
 """The Airflow layer outside a DAG run: the MLflow hook and the DAG the factory builds."""
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -163,6 +165,62 @@ def test_dag_factory_adds_a_promote_task_when_the_spec_has_a_promotion_policy(mo
     assert promote.upstream_task_ids == {"arm64_int8.register"}
     assert promote.approved == "{{ (dag_run.conf or {}).get('approve_promotion', False) }}"
     assert "approved" in promote.template_fields
+
+
+def test_dag_factory_asks_a_person_before_promote_with_approval_airflow(monkeypatch, tmp_path):
+    """mlflow.promotion.approval: airflow puts Airflow's ApprovalOperator between register and promote in each
+    target's group; without it the DAG has the same task ids and edges as before."""
+    import yaml
+    from airflow.providers.standard.operators.hitl import ApprovalOperator
+
+    monkeypatch.setenv("QOPS_HOME", str(tmp_path))
+    from qops_airflow.dag_factory import build_quantization_dag
+
+    raw = yaml.safe_load((REPO / "dags" / "specs" / "german_credit.yaml").read_text())
+    raw["mlflow"]["promotion"] = {"alias": "production"}
+    (tmp_path / "plain.yaml").write_text(yaml.safe_dump(raw))
+    raw["mlflow"]["promotion"]["approval"] = "airflow"
+    (tmp_path / "asked.yaml").write_text(yaml.safe_dump(raw))
+    plain = build_quantization_dag(tmp_path / "plain.yaml", dag_id="plain")
+    asked = build_quantization_dag(tmp_path / "asked.yaml", dag_id="asked")
+    targets = ("x86_64_vnni_int8", "x86_64_int8_dynamic", "arm64_int8")
+    assert set(asked.task_ids) == set(plain.task_ids) | {f"{t}.approve_promotion" for t in targets}
+    assert asked.get_task("fail_run_if_any_task_failed").upstream_task_ids == set(asked.task_ids) - {
+        "fail_run_if_any_task_failed"}
+    assert not any("approve" in t for t in plain.task_ids)
+    assert plain.get_task("arm64_int8.promote").upstream_task_ids == {"arm64_int8.register"}
+    for t in targets:
+        ask = asked.get_task(f"{t}.approve_promotion")
+        assert isinstance(ask, ApprovalOperator) and ask.options == ["Approve", "Reject"]
+        assert ask.upstream_task_ids == {f"{t}.register"}
+        assert ask.downstream_task_ids == {f"{t}.promote", "fail_run_if_any_task_failed"}
+        assert asked.get_task(f"{t}.promote").upstream_task_ids == {f"{t}.approve_promotion"}
+        assert asked.get_task(f"{t}.promote").approved is True  # it runs only on Approve (Reject skips it)
+        assert ask.target == t and ask.run_key == "{{ run_id }}" and "reason" in ask.params
+        assert ask.trigger_rule == "all_success"  # nothing registered (register skipped): nothing to ask
+    # everything else is wired as without the option
+    asks = {f"{t}.approve_promotion" for t in targets}
+    for task_id in plain.task_ids:
+        if not task_id.endswith(".promote"):
+            assert asked.get_task(task_id).upstream_task_ids - asks == plain.get_task(task_id).upstream_task_ids, \
+                task_id
+
+
+def test_an_unknown_approval_value_is_a_spec_error(tmp_path):
+    import yaml
+
+    from qops.errors import SpecError
+    from qops.spec import load_spec
+
+    raw = yaml.safe_load((REPO / "dags" / "specs" / "german_credit.yaml").read_text())
+    raw["mlflow"]["promotion"] = {"alias": "production", "approval": "slack"}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(SpecError, match=r"mlflow\.promotion\.approval: Input should be 'airflow'"):
+        load_spec(tmp_path / "spec.yaml")
+    r = subprocess.run([sys.executable, "-m", "qops.cli", "run", str(tmp_path / "spec.yaml")], capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "mlflow.promotion.approval: Input should be 'airflow'" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_dag_factory_puts_qlora_between_source_and_calibration(monkeypatch, tmp_path):

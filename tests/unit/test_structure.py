@@ -134,7 +134,7 @@ def test_the_layer_check_catches_an_upward_import():
 
 # RunLayout (qops/run_folder.py) is the only place a run-folder path is composed: no other module spells a stage file
 STAGE_FILES = ("run.json", "source.json", "quantize.json", "evaluation.json", "gate.json", "card.json",
-               "register.json", "promote.json", "summary.json")
+               "register.json", "approval.json", "promote.json", "summary.json")
 SCANNED = [*MODS.values(), *(f for d in ("dags", "bench", "scripts") for f in (REPO / d).rglob("*.py"))]
 ALLOWED = {
     # write_card names the files of a rendered card (card.md, card.html, card.json, charts) in whatever folder it is
