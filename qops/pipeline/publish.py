@@ -159,8 +159,10 @@ def stage_register(spec, run_id: str, target: str) -> dict:
 
     modality = modality_for(spec)
     example, extra = modality.register_extras(spec, layout, source, q)
+    # a graph keeps its source's inputs: the source version's signature and example fit it (a decoder's do not:
+    # its ONNX graph takes token ids and a KV cache, its source a prompt)
     signature, input_example = source_signature(source["name"], source.get("version")) \
-        if MODELS_URI.match(source["uri"]) else (None, None)
+        if MODELS_URI.match(source["uri"]) and spec.data.kind != "causal_lm" else (None, None)
     try:
         res = register(
             model_path=q["model_path"], name=name, run_key=f"{spec.name}|{run_id}|{target}|{q['model_sha256'][:16]}",
