@@ -4,13 +4,17 @@ its nested run, registered or not; :mod:`qops.registry.tracking` does the loggin
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
 
 from qops.artifacts import read_json
+from qops.redact import redact
 from qops.registry import (
+    configure_mlflow,
     evaluation_metrics,
+    find_pipeline_run,
     finish,
     gate_metrics,
     log_dataset,
@@ -78,3 +82,30 @@ def close_target(run_id_mlflow: str, *, registered: dict | None, failed: bool = 
     parent = client.get_run(run_id_mlflow).data.tags.get("mlflow.parentRunId")
     if parent:
         finish(client, parent)
+
+
+def log_summary(spec, run_id: str, summary: dict) -> str | None:
+    """Attach the run's summary to its parent run (``summary.json``; metrics ``targets``, ``targets_passed``,
+    ``targets_registered``) when a register stage created one. MLflow trouble is logged, not raised: the summary
+    is the run folder's report first. Returns the parent's id, or None."""
+    if not tracking_configured(spec):
+        return None
+    from mlflow import MlflowClient
+
+    try:
+        configure_mlflow(spec.mlflow.tracking_uri, spec.mlflow.registry_uri)
+        client = MlflowClient()
+        parent = find_pipeline_run(client, experiment=spec.mlflow.experiment, pipeline=spec.name, run_id=run_id)
+        if parent is None:
+            return None
+        rows = summary["targets"]
+        for k, v in {"targets": len(rows), "targets_passed": sum(r.get("gate") == "passed" for r in rows),
+                     "targets_registered": sum(bool((r.get("mlflow") or {}).get("registered")) for r in rows)}.items():
+            client.log_metric(parent, k, float(v))
+        client.log_text(parent, redact(json.dumps(summary, indent=2, default=str)), "summary.json")
+        finish(client, parent)
+        return parent
+    except Exception as e:  # noqa: BLE001 - the summary stands without its MLflow copy
+        log.warning("the summary of %s could not be attached to its MLflow parent run: %s", run_id,
+                    redact(str(e).splitlines()[0][:200]) if str(e) else type(e).__name__)
+        return None

@@ -26,6 +26,7 @@ from qops.registry.source import (
 )
 from qops.registry.tracking import (
     evaluation_metrics,
+    find_pipeline_run,
     finish,
     gate_metrics,
     log_dataset,
@@ -35,4 +36,4 @@ from qops.registry.tracking import (
     target_run,
 )
 
-__all__ = ["MODELS_URI", "RegisterResult", "SourceModel", "configure_mlflow", "download_model_version", "evaluation_metrics", "fetch_source_model", "finish", "first_version_for", "gate_metrics", "log_dataset", "log_target", "log_transformers_model", "metric_key", "mlflow_tracking_uri", "named_signature", "pipeline_run", "prequantized", "promote", "providers_for", "quantization_config", "reachable", "register", "serving_requirements", "settle_aliases", "single_file_onnx", "source_signature", "target_run"]
+__all__ = ["MODELS_URI", "RegisterResult", "SourceModel", "configure_mlflow", "download_model_version", "evaluation_metrics", "fetch_source_model", "find_pipeline_run", "finish", "first_version_for", "gate_metrics", "log_dataset", "log_target", "log_transformers_model", "metric_key", "mlflow_tracking_uri", "named_signature", "pipeline_run", "prequantized", "promote", "providers_for", "quantization_config", "reachable", "register", "serving_requirements", "settle_aliases", "single_file_onnx", "source_signature", "target_run"]

@@ -159,6 +159,16 @@ def pipeline_run(client, *, experiment: str, pipeline: str, run_id: str, lock_pa
         return first
 
 
+def find_pipeline_run(client, *, experiment: str, pipeline: str, run_id: str) -> str | None:
+    """The parent run of pipeline run ``run_id`` when one was created (by a register stage), else None."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    found = _runs(client, exp.experiment_id, [f"tags.`{PIPELINE_RUN_TAG}` = {_quoted(f'{pipeline}|{run_id}')}",
+                                              f"tags.`{KIND_TAG}` = 'pipeline'"])
+    return _earliest(found).info.run_id if found else None
+
+
 def target_run(client, *, parent_id: str, pipeline: str, run_id: str, target: str) -> str:
     """The nested run of ``target`` under the parent run: found by its tags, else created (the caller holds the
     target's lock). Returns its MLflow run id."""

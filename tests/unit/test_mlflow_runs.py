@@ -75,6 +75,11 @@ def test_a_pipeline_run_is_one_parent_with_a_nested_run_per_target(pipeline_resu
     parent = parents[0]
     assert parent.data.tags["qops.pipeline_run"] == "browse|r1"
     assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children.values())
+    assert summary["mlflow_parent_run_id"] == parent.info.run_id  # the summary stage attached the run's table
+    assert parent.data.metrics["targets"] == 2 and parent.data.metrics["targets_passed"] == 1
+    assert "summary.json" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    rows = {r["target"]: r for r in summary["targets"]}
+    assert rows[FAILING]["mlflow"]["run_id"] == children[FAILING].info.run_id
 
     layout = RunLayout.of(spec, "r1")
     for target, run in children.items():
