@@ -102,7 +102,7 @@ def log_summary(spec, run_id: str, summary: dict) -> str | None:
         for k, v in {"targets": len(rows), "targets_passed": sum(r.get("gate") == "passed" for r in rows),
                      "targets_registered": sum(bool((r.get("mlflow") or {}).get("registered")) for r in rows)}.items():
             client.log_metric(parent, k, float(v))
-        client.log_text(parent, redact(json.dumps(summary, indent=2, default=str)), "summary.json")
+        client.log_text(parent, redact(json.dumps(summary, indent=2, default=str)), RunLayout.SUMMARY)
         finish(client, parent)
         return parent
     except Exception as e:  # noqa: BLE001 - the summary stands without its MLflow copy
