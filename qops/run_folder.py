@@ -31,6 +31,7 @@ from qops.locks import FileLock
 RUN_FILE = "run.json"
 RUN_LOCK = ".qops-run.lock"
 TARGET_LOCK = ".qops-target.lock"
+MLFLOW_LOCK = ".qops-mlflow.lock"
 CALIBRATION_MANIFEST = "calibration.json"
 CALIBRATION_FEEDS = "calibration_feeds.npz"
 LATEST_SUMMARY = "latest_summary.json"
@@ -137,6 +138,11 @@ class RunLayout:
     @property
     def lock(self) -> Path:
         return self.root / RUN_LOCK
+
+    @property
+    def mlflow_lock(self) -> Path:
+        """Held while the run's MLflow parent run is looked up or created (one parent per pipeline run)."""
+        return self.root / MLFLOW_LOCK
 
     @property
     def source(self) -> Path:

@@ -32,8 +32,9 @@ class Modality(Protocol):
     def qat(self, spec, layout: RunLayout, target: str, folder: ModelFolder, why: str) -> dict:
         """Quantization-aware training of ``target`` into ``folder``."""
 
-    def register_extras(self, spec, source: dict, quantized: dict) -> tuple[dict | None, list[str]]:
-        """The registered model's input example and the extra files logged beside it."""
+    def register_extras(self, spec, layout, source: dict, quantized: dict) -> tuple[dict | None, list[str]]:
+        """The registered model's example feed (real rows, by input name; the signature is inferred from it) and
+        the extra files logged beside it."""
 
     def serves(self, spec):
         """``model_uri -> {"passed": ...}``: load a registered version in its serving runtime before its aliases

@@ -118,7 +118,7 @@ class CausalLmModality:
     def qat(self, spec, layout: RunLayout, target: str, folder: ModelFolder, why: str) -> dict:
         unsupported("decoder-LLM", "QAT", "fine-tune causal LMs with the qlora block (docs/llm.md#qlora).")
 
-    def register_extras(self, spec, source: dict, quantized: dict) -> tuple[dict | None, list[str]]:
+    def register_extras(self, spec, layout, source: dict, quantized: dict) -> tuple[dict | None, list[str]]:
         """ONNX targets: the signature's example (a short prompt with the empty KV cache) and the files that make
         the registered model an ONNX Runtime GenAI folder (genai_config.json, tokenizer). torchao targets: their
         ``qops_torchao.json`` (the config serving applies at load); bitsandbytes targets: nothing (their

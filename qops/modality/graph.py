@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 
 from qops.artifacts import read_json, to_jsonable, write_json_atomic
-from qops.data import Tabular, kind_from_spec, onnx_io, read_table
+from qops.data import Tabular, feature_matrix, kind_from_spec, onnx_io, read_table
 from qops.errors import QopsError
 from qops.evaluate import evaluate_with_gates
 from qops.gates import gate_judge
@@ -137,8 +137,13 @@ class GraphModality:
         res["qat"]["why"], res["qat"]["data"] = why, path
         return res
 
-    def register_extras(self, spec, source: dict, quantized: dict) -> tuple[dict | None, list[str]]:
-        return None, []
+    def register_extras(self, spec, layout: RunLayout, source: dict, quantized: dict) -> tuple[dict | None, list[str]]:
+        """The feed of two real rows — of the run's calibration table, else of the validation set — for the
+        signature and input example (never a made-up input)."""
+        cal = layout.calibration_files.table
+        table = cal if cal.is_file() else Path(spec.data.validation)
+        df = read_table(table, "input example").head(2)
+        return feature_matrix(df, source["path"], features(spec, source), "input example"), []
 
     def serves(self, spec):
         return None  # the register stage's own load (signature from a real run of the graph) is the check

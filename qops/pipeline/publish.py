@@ -14,7 +14,8 @@ from qops.errors import QopsError
 from qops.modality import modality_for
 from qops.pipeline.common import claimed, registered_name, required, skipped
 from qops.pipeline.per_target import candidate
-from qops.registry import configure_mlflow, promote, providers_for, register
+from qops.pipeline.runs import close_target, track_target, tracking_configured
+from qops.registry import MODELS_URI, configure_mlflow, promote, providers_for, register, source_signature
 from qops.run_folder import RunLayout
 
 
@@ -100,29 +101,57 @@ def registry_tags(spec, run_id: str, target: str, source: dict, q: dict, method:
     return tags
 
 
+def register_params(q: dict, target: str, method: str) -> dict[str, str]:
+    recipe = q["recipe"]
+    return {"target": target, "mode": recipe["mode"], "granularity": recipe["granularity"], "method": method,
+            "precision": recipe["precision"], **({"engine": recipe["engine"]} if recipe.get("engine") else {}),
+            **({"kv_cache_type": recipe["kv_cache_type"]} if recipe.get("engine") == "llama.cpp" else {})}
+
+
+def card_paths(card: dict) -> list[str]:
+    return [p for p in (card["markdown_path"], card["html_path"], card["json_path"], card["chart_path"],
+                        card.get("qat_chart_path")) if p]
+
+
 @claimed("target")
 def stage_register(spec, run_id: str, target: str) -> dict:
-    """Log and register the candidate in MLflow with tags, card and aliases. Skipped without a model card, and after
-    failed gates unless ``mlflow.register_failed`` (then ``register.json`` says why it was not registered)."""
+    """Track the target in MLflow (the pipeline run's parent run, the target's nested run: metrics per slice,
+    gate checks, trials, card, datasets), then register the candidate with tags, card and aliases. Skipped without
+    a model card, and after failed gates unless ``mlflow.register_failed`` (then ``register.json`` says why it was
+    not registered; the nested run is still logged when a tracking store is configured). Retries reuse both runs
+    and the version."""
     layout = RunLayout.of(spec, run_id)
     tdir = layout.target(target)
     folder, method, _ = candidate(spec, run_id, target)
     if not tdir.card.is_file() or not folder.gate.is_file():
         return skipped(target, f"no model card for {target}: an upstream stage failed", registered=False)
     g = read_json(folder.gate)
-    if not g["passed"] and not spec.mlflow.register_failed:
-        name = registered_name(spec, required(layout.source, "source")["name"], target)
-        out = skipped(target, f"gates failed for the {method.upper()} model of {target}: not registered "
-                      "(mlflow.register_failed is off)", registered=False, name=name, version=None, aliases=[])
-        write_json_atomic(tdir.register, out)
-        return out
-    configure_mlflow(spec.mlflow.tracking_uri, spec.mlflow.registry_uri)
     source = required(layout.source, "source")
     q = required(folder.quantize, "quantize")
     card = required(tdir.card, "card")
+    name = registered_name(spec, source["name"], target)
+    tags = registry_tags(spec, run_id, target, source, q, method, layout)
+    params = register_params(q, target, method)
+
+    def track() -> str:
+        return track_target(spec, run_id, target, folder, g, tags=tags, params=params, card_files=card_paths(card))
+
+    if not g["passed"] and not spec.mlflow.register_failed:
+        mlflow_run = None
+        if tracking_configured(spec):
+            configure_mlflow(spec.mlflow.tracking_uri, spec.mlflow.registry_uri)
+            mlflow_run = track()
+            close_target(mlflow_run, registered=None)
+        out = skipped(target, f"gates failed for the {method.upper()} model of {target}: not registered "
+                      "(mlflow.register_failed is off)", registered=False, name=name, version=None, aliases=[],
+                      run_id=mlflow_run)
+        write_json_atomic(tdir.register, out)
+        return out
+    configure_mlflow(spec.mlflow.tracking_uri, spec.mlflow.registry_uri)
     ev = required(folder.evaluation, "evaluate")
-    recipe, m = q["recipe"], ev["primary_metric"]
+    m = ev["primary_metric"]
     check_model_hash(q)
+    mlflow_run = track()
 
     def finalize_card(mlflow_info: dict | None) -> list[str]:
         """Re-render the card with the MLflow run and model version it is registered as."""
@@ -133,29 +162,32 @@ def stage_register(spec, run_id: str, target: str) -> dict:
         return files.files
 
     modality = modality_for(spec)
-    example, extra = modality.register_extras(spec, source, q)
+    example, extra = modality.register_extras(spec, layout, source, q)
+    # a graph keeps its source's inputs: the source version's signature and example fit it (a decoder's do not:
+    # its ONNX graph takes token ids and a KV cache, its source a prompt)
+    signature, input_example = source_signature(source["name"], source.get("version")) \
+        if MODELS_URI.match(source["uri"]) and spec.data.kind != "causal_lm" else (None, None)
     try:
         res = register(
-            model_path=q["model_path"], name=registered_name(spec, source["name"], target),
-            run_key=f"{spec.name}|{run_id}|{target}|{q['model_sha256'][:16]}",
-            tags=registry_tags(spec, run_id, target, source, q, method, layout), gate_passed=g["passed"],
-            card_files=[p for p in (card["markdown_path"], card["html_path"], card["json_path"], card["chart_path"],
-                                    card.get("qat_chart_path")) if p],
-            register_failed=spec.mlflow.register_failed, promote=True, candidate_alias=spec.mlflow.candidate_alias,
-            promote_alias=spec.mlflow.promote_alias, experiment=spec.mlflow.experiment,
+            model_path=q["model_path"], name=name, run_key=f"{spec.name}|{run_id}|{target}|{q['model_sha256'][:16]}",
+            tags=tags, gate_passed=g["passed"], card_files=card_paths(card),
+            register_failed=spec.mlflow.register_failed, promote=spec.mlflow.promote_alias is not None,
+            candidate_alias=spec.mlflow.candidate_alias, promote_alias=spec.mlflow.promote_alias,
+            experiment=spec.mlflow.experiment,
             metrics={"fp32_" + m: ev["overall"][m]["fp32"], "quantized_" + m: ev["overall"][m]["quantized"],
                      "latency_p50_ms": ev["performance"]["latency_p50_ms"]["quantized"],
                      "size_bytes": ev["performance"]["size_bytes"]["quantized"]},
-            params={"target": target, "mode": recipe["mode"], "granularity": recipe["granularity"], "method": method,
-                    **({"kv_cache_type": recipe["kv_cache_type"]} if recipe.get("engine") == "llama.cpp" else {})},
-            finalize_card=finalize_card, execution_providers=providers_for(recipe), example=example,
-            extra_files=extra, serves=modality.serves(spec),
+            params=params, finalize_card=finalize_card, execution_providers=providers_for(q["recipe"]),
+            example=example, extra_files=extra, serves=modality.serves(spec),
             flavor=engine_of_result(q).flavor if q.get("engine_name") else None,
+            run_id=mlflow_run, signature=signature, input_example=input_example, log_input_example=not extra,
         )
     except Exception:
         finalize_card(None)  # the version was rolled back: the card must not name it
+        close_target(mlflow_run, registered=None, failed=True)
         raise
     out = to_jsonable(res)
+    close_target(mlflow_run, registered=out)
     write_json_atomic(tdir.register, out)
     return out
 

@@ -11,6 +11,7 @@ from qops.evaluate import degradation
 from qops.pipeline.common import claimed
 from qops.pipeline.per_target import candidate
 from qops.pipeline.publish import write_target_card
+from qops.pipeline.runs import log_summary
 from qops.run_folder import RunLayout
 
 
@@ -54,7 +55,7 @@ def target_row(spec, run_id: str, target: str) -> dict:
     if tdir.register.is_file():
         r = read_json(tdir.register)
         row["mlflow"] = {"name": r["name"], "version": r["version"], "aliases": r["aliases"],
-                         "registered": r["registered"]}
+                         "registered": r["registered"], "run_id": r.get("run_id")}
     if tdir.card.is_file():
         c = read_json(tdir.card)
         row["card"] = {"markdown": c["markdown_path"], "json": c["json_path"], "html": c["html_path"]}
@@ -73,6 +74,7 @@ def stage_summary(spec, run_id: str, dag_id: str | None = None) -> dict:
                "targets": rows, "run_dir": str(layout.root)}
     write_json_atomic(layout.summary, summary)
     write_json_atomic(layout.latest_summary, {"summary": str(layout.summary)})
+    summary["mlflow_parent_run_id"] = log_summary(spec, run_id, summary)
     return summary
 
 

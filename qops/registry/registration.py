@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qops import __version__
-from qops.data import onnx_io
 from qops.errors import RegistryError, RegistryUnavailable
 from qops.redact import redact
 from qops.registry.aliases import settle_aliases
@@ -23,22 +22,6 @@ from qops.registry.flavors import log_gguf_model, log_prequantized_transformers_
 from qops.runtime import TorchSession, provider_chain
 
 log = logging.getLogger(__name__)
-
-
-def example_feed(sess) -> dict:
-    """A small valid feed for every input of an ONNX Runtime session: batch 2, other dynamic dimensions 8;
-    integer inputs (token ids, masks) are ones, floats zeros."""
-    import numpy as np
-
-    types = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
-             "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
-             "tensor(uint8)": np.uint8, "tensor(int8)": np.int8}
-    feed = {}
-    for inp in sess.get_inputs():
-        dims = [d if isinstance(d, int) and d > 0 else (2 if i == 0 else 8) for i, d in enumerate(inp.shape)]
-        dtype = types.get(inp.type, np.float32)
-        feed[inp.name] = (np.ones if np.issubdtype(dtype, np.integer) else np.zeros)(dims, dtype=dtype)
-    return feed
 
 
 def named_signature(sess, example: dict, outs: list):
@@ -143,7 +126,7 @@ def register(
     register_failed: bool = False,
     promote: bool = True,
     candidate_alias: str = "candidate",
-    promote_alias: str = "champion",
+    promote_alias: str | None = "champion",
     experiment: str = "qops",
     metrics: dict[str, float] | None = None,
     params: dict[str, str] | None = None,
@@ -153,20 +136,29 @@ def register(
     extra_files: list[str | os.PathLike] | None = None,
     serves=None,
     flavor: str | None = None,
+    run_id: str | None = None,
+    signature=None,
+    input_example=None,
+    log_input_example: bool = True,
 ) -> RegisterResult:
     """Log the quantized ONNX model (onnx flavor, with signature) and its card; register one version.
 
     ``finalize_card(mlflow_info) -> files``, if given, re-renders the card with the new version's
     lineage (run id, model name and version) before it is attached; otherwise ``card_files`` are attached.
     ``execution_providers``: what the ONNX flavor declares for serving (MLflow's default lists CUDA first;
-    :func:`providers_for` gives a target's). ``example``: the feed the signature is inferred from (default: one
-    built from the graph's inputs); ``extra_files``: logged beside the model under ``files/`` (a decoder's
+    :func:`providers_for` gives a target's). ``example``: real rows as the model's feed (by input name), which the
+    signature is inferred from and which is logged as the input example (unless ``log_input_example`` is off: a
+    decoder's KV-cache feed); without it and without ``signature`` the model is logged with neither — qops never
+    invents an input. ``signature``/``input_example``: copied from the source model version
+    (:func:`qops.registry.source.source_signature`) and used as they are. ``extra_files``: logged beside the model under ``files/`` (a decoder's
     ``genai_config.json`` and tokenizer: with the model they make an ONNX Runtime GenAI folder). A folder
     ``model_path`` (a decoder LLM checkpoint for PyTorch serving) is logged with the transformers flavor.
     ``serves(model_uri) -> {"passed": bool, ...}``, if given, loads the new version in its serving runtime before
     any alias moves: a failure keeps the version (tagged ``qops.serves=failed``) without aliases. ``flavor``
     (``onnx``, ``pytorch``, ``transformers``, ``gguf``): the artifact's kind as its engine declares it
-    (:mod:`qops.engines`); without it, read off the path (a QAT model's suffix).
+    (:mod:`qops.engines`); without it, read off the path (a QAT model's suffix). ``run_id``: the MLflow run to log
+    the model into (the target's nested run, :mod:`qops.registry.tracking`); default: a new run.
+    ``promote_alias`` None (or ``promote`` False): only the candidate alias moves.
     """
     import mlflow
     import numpy as np
@@ -187,10 +179,11 @@ def register(
     client = MlflowClient()
     reachable(client)
     existing = _find_version(client, name, run_key)
+    moved = [candidate_alias, *([promote_alias] if promote and promote_alias else [])]
     if existing is not None and existing.tags.get("qops.complete") == "true":
         log.info("version %s of %s already registered for run key %s: reusing it", existing.version, name, run_key)
         if gate_passed:  # the earlier attempt may have died before its aliases were settled
-            settle_aliases(client, name, [candidate_alias, *([promote_alias] if promote else [])])
+            settle_aliases(client, name, moved)
         return _reused(client, name, existing)
     if existing is not None:  # an earlier attempt died between create and complete: remove it, then redo
         client.delete_model_version(name, existing.version)
@@ -198,32 +191,37 @@ def register(
     flavor = flavor or {".pt2": "pytorch", ".gguf": "gguf"}.get(model_path.suffix.lower(),
                                                                 "transformers" if model_path.is_dir() else "onnx")
     is_program, is_checkpoint, is_gguf = flavor == "pytorch", flavor == "transformers", flavor == "gguf"
+    copied = signature is not None
     if is_checkpoint or is_gguf:
-        signature = model = None
+        signature = model = input_example = None
     elif is_program:  # torchao targets: a torch.export program, logged with the pytorch flavor as pt2
-
-        width = onnx_io(model_path)[0][0].width or 1
-        example = np.zeros((2, width), dtype=np.float32)
         runner = TorchSession(model_path, compile=False)
-        signature = infer_signature(example, runner.run(None, {"x": example})[0])
         model = runner.module
+        if not copied and example:  # real rows: the program's one input
+            x = np.asarray(next(iter(example.values())), dtype=np.float32)
+            signature, input_example = infer_signature(x, runner.run(None, {"x": x})[0]), x
     else:
         model = onnx.load(str(model_path))
-        sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-        example = example or example_feed(sess)
-        outs = sess.run(None, example)
-        names = [o.name for o in sess.get_outputs()]
-        if len(example) == 1 and len(names) == 1:  # one tensor in, one out: the plain tensor signature
-            signature = infer_signature(next(iter(example.values())), outs[0])
-        else:  # named inputs and outputs: a tensor spec per name (pyfunc predicts on a dict of arrays)
-            signature = named_signature(sess, example, outs)
+        if not copied and example:
+            sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+            outs = sess.run(None, example)  # the quantized model runs on real rows before anything is logged
+            names = [o.name for o in sess.get_outputs()]
+            if len(example) == 1 and len(names) == 1:  # one tensor in, one out: the plain tensor signature
+                input_example = next(iter(example.values()))
+                signature = infer_signature(input_example, outs[0])
+            else:  # named inputs and outputs: a tensor spec per name (pyfunc predicts on a dict of arrays)
+                signature, input_example = named_signature(sess, example, outs), dict(example)
+        if not log_input_example and not copied:
+            input_example = None
+    if signature is None:
+        log.warning("%s is logged without a signature: no source signature and no example rows were given", name)
 
     safe_tags = {k: redact(str(v)) for k, v in tags.items()}  # a tag never carries a credential
     safe_tags.update({"qops.run_key": run_key, "qops.gate": "passed" if gate_passed else "failed",
                       "qops.version": __version__})
     mlflow.set_experiment(experiment)
     version = None
-    with mlflow.start_run(run_name=f"register-{name}") as run:
+    with (mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(run_name=f"register-{name}")) as run:
         try:
             mlflow.set_tags(safe_tags)
             if params:
@@ -241,11 +239,12 @@ def register(
                 info = log_transformers_model(model_path, serving_requirements(True, execution_providers))
             elif is_program:
                 reqs = serving_requirements(True, execution_providers)
-                info = mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=example,
+                info = mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=input_example,
                                                 serialization_format="pt2", pip_requirements=reqs)
             else:
                 reqs = serving_requirements(False, execution_providers)
-                info = mlflow.onnx.log_model(model, name="model", signature=signature, pip_requirements=reqs,
+                info = mlflow.onnx.log_model(model, name="model", signature=signature, input_example=input_example,
+                                             pip_requirements=reqs,
                                              onnx_execution_providers=execution_providers or ["CPUExecutionProvider"])
             mv = mlflow.register_model(info.model_uri, name, tags=safe_tags)
             version = str(mv.version)
@@ -287,7 +286,6 @@ def register(
             client.set_model_version_tag(name, version, "qops.complete", "true")
             aliases = []
             if gate_passed and (served is None or served["passed"]):
-                moved = [candidate_alias, *([promote_alias] if promote else [])]
                 held = settle_aliases(client, name, moved)
                 aliases = sorted(a for a in moved if held.get(a) == version)
         except Exception as e:

@@ -194,3 +194,29 @@ def _program_to_onnx(program, dst: Path, uri: str, meta: dict | None = None) -> 
     with atomic_path(dst) as tmp:
         onnx_program.save(str(tmp))
     return dst
+
+
+def source_signature(name: str, version: str | None):
+    """The signature and input example of the source model version ``name``/``version`` (either None where the
+    version has none, or the source is a file): a quantized version copies them, so it is called with the columns
+    and example its source was."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import Model
+
+    if not version:
+        return None, None
+    uri = f"models:/{name}/{version}"
+    try:
+        model = Model.load(uri)
+    except (MlflowException, OSError) as e:
+        log.warning("the MLmodel of source %s could not be read (%s): the signature is inferred instead", uri,
+                    redact(str(e).splitlines()[0][:200]))
+        return None, None
+    example = None
+    if model.saved_input_example_info:
+        try:
+            example = model.load_input_example(uri)  # reads only the example's file
+        except (MlflowException, OSError, ValueError) as e:
+            log.warning("the input example of source %s could not be read (%s)", uri,
+                        redact(str(e).splitlines()[0][:200]))
+    return model.signature, example

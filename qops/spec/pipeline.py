@@ -52,7 +52,10 @@ class MlflowSpec(Base):
     register_failed: bool = Field(
         False, description="Register a version whose gates failed (no aliases, tagged qops.gate=failed)."
     )
-    promote_alias: str = "champion"
+    promote_alias: str | None = Field(
+        "champion", description="The alias registration moves to every gate-passed version (the one serving "
+        "reads); null: automatic promotion is off, only candidate_alias moves (promote with mlflow.promotion or "
+        "qops promote).")
     candidate_alias: str = "candidate"
     promotion: PromotionSpec | None = Field(default=None, description="Also move a serving alias (e.g. "
                                             "production) after registration, by policy.")

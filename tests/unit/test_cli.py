@@ -104,6 +104,7 @@ def test_airflow_operators_skip_and_fail_where_qops_stage_does(fp32_model, data_
     from qops_airflow.operators import QopsCardOperator, QopsGateOperator, QopsRegisterOperator
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)  # the failed target's MLflow run logs its card into ./mlruns
     spec = {"name": "ops", "source_model": str(fp32_model), "targets": ["x86_64_int8_dynamic"],
             "artifact_root": str(tmp_path / "art"),
             "data": {"pool": str(data_dir / "pool.parquet"), "reference": str(data_dir / "train.parquet"),

@@ -347,12 +347,13 @@ def test_multi_input_model_registers_and_predicts_on_a_dict(tmp_path, monkeypatc
     model = token_model(tmp_path / "m.onnx")
     card = tmp_path / "card.md"
     card.write_text("# card\n")
+    ids = np.random.default_rng(0).integers(4, 40, (3, 5))
+    rows = {"input_ids": ids[:2], "attention_mask": np.ones_like(ids[:2])}  # the signature comes from real rows
     res = register(model_path=model, name="tok-model", run_key="k1", tags={"qops.target": "x"}, gate_passed=True,
-                   card_files=[card], experiment="t")
+                   card_files=[card], experiment="t", example=rows)
     assert res.registered and res.aliases == ["candidate", "champion"]
     loaded = mlflow.pyfunc.load_model("models:/tok-model@champion")
     assert [i.name for i in loaded.metadata.get_input_schema().inputs] == ["input_ids", "attention_mask"]
-    ids = np.random.default_rng(0).integers(4, 40, (3, 5))
     feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
     out = loaded.predict(feed)
     expected = ort.InferenceSession(str(model)).run(None, feed)[0]
