@@ -12,6 +12,7 @@ FP32 for the 8-bit pass). The card lists the costs."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import time
@@ -23,16 +24,12 @@ from qops.artifacts import write_json_atomic
 from qops.errors import DataError
 from qops.llm.torch_quant import decoder_layers, fake_quant, qparams
 
+log = logging.getLogger(__name__)
 VERSION = 1
 GRANULARITIES = ("layer", "part")
 # checkpoint module path -> ONNX Runtime GenAI builder's node-name part (/model/layers.N/attn/..., /model/layers.N/mlp/)
 ONNX_PARTS = {"self_attn": "attn", "mlp": "mlp"}
 _KEY = re.compile(r"^layers\.\d+(\.(self_attn|mlp))?$")
-
-
-def _log_softmax(z):
-    z = z - z.max(-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(-1, keepdims=True))
 
 
 def groups(layer, index: int, granularity: str) -> dict[str, list]:
@@ -63,10 +60,19 @@ def layer_sensitivity(hf_dir: str | os.PathLike, windows, block_size: int, keep:
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, local_files_only=True).eval()
 
+    # windows of one length run as one batch (most windows are full-length); log-probabilities stay in torch
+    by_len: dict[int, list] = {}
+    for w in windows:
+        by_len.setdefault(len(w.ids), []).append(np.asarray(w.ids))
+    batches = [torch.as_tensor(np.stack(ids[i:i + 8])) for ids in by_len.values() for i in range(0, len(ids), 8)]
+
     def logits():
         with torch.inference_mode():
-            return [_log_softmax(model(input_ids=torch.as_tensor(np.asarray(w.ids))[None]).logits[0].numpy())
-                    for w in windows]
+            return [torch.log_softmax(model(input_ids=b).logits.float(), -1) for b in batches]
+
+    def kl(ref, got) -> float:
+        tokens = sum(r.shape[0] * r.shape[1] for r in ref)
+        return float(sum((r.exp() * (r - g)).sum() for r, g in zip(ref, got)) / tokens)
 
     ref = logits()
     costs, sizes = {}, {}
@@ -81,10 +87,11 @@ def layer_sensitivity(hf_dir: str | os.PathLike, windows, block_size: int, keep:
                 m.weight.copy_(fake_quant(m.weight, scale, qmin, qmax, group))
         got = logits()
         sizes[key] = int(sum(m.weight.numel() for m in lins))
-        costs[key] = float(np.mean([(np.exp(a) * (a - b)).sum(-1).mean() for a, b in zip(ref, got)]))
+        costs[key] = kl(ref, got)
         with torch.no_grad():
             for m, w in zip(lins, saved):
                 m.weight.copy_(w)
+        log.info("sensitivity: %s (%d/%d) KL %.5f", key, i + 1, len(todo), costs[key])
         if progress:
             progress(i + 1, len(todo))
     ranked = sorted(costs, key=costs.get, reverse=True)
