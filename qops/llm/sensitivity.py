@@ -32,6 +32,11 @@ ONNX_PARTS = {"self_attn": "attn", "mlp": "mlp"}
 _KEY = re.compile(r"^layers\.\d+(\.(self_attn|mlp))?$")
 
 
+def _log_softmax(z):
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
 def groups(layer, index: int, granularity: str) -> dict[str, list]:
     """{override key: the Linear modules it covers} of decoder layer ``index``: the whole layer, or its attention
     and MLP (``part``)."""
@@ -60,7 +65,7 @@ def layer_sensitivity(hf_dir: str | os.PathLike, windows, block_size: int, keep:
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, local_files_only=True).eval()
 
-    # windows of one length run as one batch (most windows are full-length); log-probabilities stay in torch
+    # windows of one length run as one batch (most windows are full-length)
     by_len: dict[int, list] = {}
     for w in windows:
         by_len.setdefault(len(w.ids), []).append(np.asarray(w.ids))
@@ -68,11 +73,11 @@ def layer_sensitivity(hf_dir: str | os.PathLike, windows, block_size: int, keep:
 
     def logits():
         with torch.inference_mode():
-            return [torch.log_softmax(model(input_ids=b).logits.float(), -1) for b in batches]
+            return [_log_softmax(model(input_ids=b).logits.float().numpy()) for b in batches]
 
     def kl(ref, got) -> float:
         tokens = sum(r.shape[0] * r.shape[1] for r in ref)
-        return float(sum((r.exp() * (r - g)).sum() for r, g in zip(ref, got)) / tokens)
+        return float(sum((np.exp(r) * (r - g)).sum() for r, g in zip(ref, got)) / tokens)
 
     ref = logits()
     costs, sizes = {}, {}
