@@ -103,6 +103,12 @@ def log_summary(spec, run_id: str, summary: dict) -> str | None:
                      "targets_registered": sum(bool((r.get("mlflow") or {}).get("registered")) for r in rows)}.items():
             client.log_metric(parent, k, float(v))
         client.log_text(parent, redact(json.dumps(summary, indent=2, default=str)), RunLayout.SUMMARY)
+        for r in rows:  # a failed target's card was written again with its recommendation: its run gets that copy
+            if r.get("recommended_instead") and r.get("card"):
+                child = target_run(client, parent_id=parent, pipeline=spec.name, run_id=run_id, target=r["target"])
+                client.set_tag(child, "qops.recommended_instead", r["recommended_instead"])
+                for f in (r["card"]["markdown"], r["card"]["html"], r["card"]["json"]):
+                    client.log_artifact(child, str(f), artifact_path="card")
         finish(client, parent)
         return parent
     except Exception as e:  # noqa: BLE001 - the summary stands without its MLflow copy

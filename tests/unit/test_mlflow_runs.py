@@ -113,6 +113,10 @@ def test_a_pipeline_run_is_one_parent_with_a_nested_run_per_target(pipeline_resu
     failing = children[FAILING]
     assert failing.data.metrics[f"gate/{metric_key('latency_ratio')}/passed"] == 0.0
     assert failing.data.tags["qops.registered"] == "false" and failing.data.tags["qops.gate"] == "failed"
+    # the summary stage wrote the failed card again, recommending the passing target, and its run has that copy
+    assert failing.data.tags["qops.recommended_instead"] == PASSING
+    card_md = client.download_artifacts(failing.info.run_id, "card/card.md", str(tmp_path / "dl"))
+    assert f"Recommended instead: `{PASSING}`" in Path(card_md).read_text()
     reg = json.loads(layout.target(FAILING).register.read_text())
     assert reg["skipped"] and reg["run_id"] == failing.info.run_id
 
