@@ -1,7 +1,8 @@
 """Accuracy-aware tuning for decoder-LLM targets (a spec's ``tuning`` block with ``data.kind: causal_lm``).
 
 The search space is the target engine's own options (:func:`llm_space`): for ONNX INT4, GPTQ (symmetric or
-asymmetric, in activation order), AWQ and asymmetric round-to-nearest, block sizes and the lm_head's precision; for
+asymmetric, in activation order), AWQ and asymmetric round-to-nearest, block sizes, the lm_head's precision and mixed
+INT4/INT8 (the costliest attention/MLP groups by measured sensitivity kept 8-bit, at their stated size); for
 W8A8, SmoothQuant strengths and none; for compressed-tensors, the algorithm and activation order; for GGUF, the
 importance matrix. Each candidate has an expected gain and a relative cost, and the trials run in order of gain per
 second of cost, within ``max_trials`` and ``timeout_s``.
@@ -29,10 +30,13 @@ from qops.errors import QopsError
 from qops.gates import gate
 from qops.llm.evaluate import score_rows, score_windows
 from qops.llm.runner import open_decoder
+from qops.llm.sensitivity import layer_sensitivity, write_overrides
 
 log = logging.getLogger(__name__)
 
 HELD_OUT_EVERY = 4  # every 4th calibration document scores the trials and fits none of them
+MIXED = "mixed_int8"  # a tuner-only option: keep the N costliest attention/MLP groups 8-bit (qops sensitivity)
+SENSITIVITY_WINDOWS = 16  # fit windows the sensitivity pass measures
 
 # (options, expected gain, relative cost): gains are priors for the order only (every trial is measured); costs are
 # relative quantization times (round-to-nearest 1; AWQ's search 3; GPTQ's Hessians and updates 8)
@@ -43,7 +47,10 @@ _INT4 = [(_GPTQ, 1.0, 8),
          ({**_GPTQ, "symmetric_weights": True}, 0.7, 8),
          ({"algorithm": "awq"}, 0.4, 3),
          ({**_GPTQ, "block_size": 64}, 0.5, 8),
-         ({**_GPTQ, "lm_head": "int4"}, 0.3, 8)]
+         ({**_GPTQ, "lm_head": "int4"}, 0.3, 8),
+         # the sensitivity pass (two passes of the model per layer over 16 windows) costs about twice a GPTQ run
+         ({**_GPTQ, MIXED: 4}, 1.5, 24),
+         ({**_GPTQ, MIXED: 10}, 1.3, 24)]
 _W8A8 = [({"smooth_quant_alpha": 0.5, "activation_granularity": "per-block"}, 1.0, 2),
          ({"smooth_quant_alpha": None, "activation_granularity": "per-block"}, 0.6, 1),
          ({"smooth_quant_alpha": 0.7, "activation_granularity": "per-block"}, 0.5, 2),
@@ -64,10 +71,13 @@ def llm_space(recipe) -> list[dict]:
     recipe."""
     table = SPACES.get((recipe.engine, recipe.precision), SPACES.get((recipe.engine, None)))
     out: list[dict] = [{}]
-    seen = [recipe.to_dict()]
+    seen = [{**recipe.to_dict(), MIXED: None}]
     for opts, _gain, _cost in sorted(table or [], key=lambda c: -c[1] / c[2]):
+        if MIXED in opts and recipe.tensor_overrides:  # the recipe already names its 8-bit layers
+            continue
         try:
-            d = recipe.with_options(**opts).to_dict()
+            d = {**recipe.with_options(**{k: v for k, v in opts.items() if k != MIXED}).to_dict(),
+                 MIXED: opts.get(MIXED)}
         except QopsError:  # an option this recipe cannot take (e.g. a block size its layers do not divide)
             continue
         if d not in seen:
@@ -87,9 +97,13 @@ def split_windows(windows) -> tuple[list, list]:
     return [w for w in windows if w.row not in held_rows], [w for w in windows if w.row in held_rows]
 
 
-def tune_llm(engine, hf_dir: Path, recipe, output: Path, inputs, config, gates, seed: int = 0):
-    """Search ``recipe``'s space with ``engine`` (see the module doc); the chosen candidate's artifact ends at
-    ``output`` and its :class:`~qops.quantize.QuantizeResult` (with ``trials`` and ``tuning``) is returned."""
+def tune_llm(engine, hf_dir: Path, recipe, output: Path, inputs, config, gates, seed: int = 0,
+             space: list[dict] | None = None):
+    """Search ``recipe``'s space (``space``: these candidates instead of :func:`llm_space`'s) with ``engine`` (see
+    the module doc); the chosen candidate's artifact ends at ``output`` and its
+    :class:`~qops.quantize.QuantizeResult` (with ``trials`` and ``tuning``) is returned. A chosen mixed INT4/INT8
+    candidate's override file is kept beside the artifact (``<output>.tensor_overrides.json``), named by its
+    recipe."""
     windows = inputs.windows
     if not windows:
         raise QopsError(f"Tuning {recipe.target!r} needs calibration windows (its trials are scored on held-out "
@@ -103,15 +117,27 @@ def tune_llm(engine, hf_dir: Path, recipe, output: Path, inputs, config, gates, 
     work = Path(tempfile.mkdtemp(prefix=f".{output.name}.trials-", dir=output.parent))
     fit_inputs = replace(inputs, windows=fit)
     reference = None
+    sensitivity: dict | None = None
+    sidecar = output.with_name(output.name + ".tensor_overrides.json")  # the chosen mixed recipe's override file
     trials: list[dict] = []
     results: dict[int, object] = {}
-    space = llm_space(recipe)
+    space = llm_space(recipe) if space is None else space
     try:
         for opts in space:
             if len(trials) >= config.max_trials or time.perf_counter() > deadline:
                 break
             idx = len(trials)
-            cand = recipe.with_options(**opts) if opts else recipe
+            if MIXED in opts:  # measure the groups once (on fit windows), then keep the N costliest 8-bit
+                if sensitivity is None:
+                    sensitivity = layer_sensitivity(hf_dir, fit[:SENSITIVITY_WINDOWS], recipe.block_size, keep=0,
+                                                    granularity="part")
+                ranked = sorted(sensitivity["layers"], key=lambda k: sensitivity["layers"][k]["rank"])
+                path = write_overrides({**sensitivity, "overrides": {k: "int8" for k in ranked[:opts[MIXED]]}},
+                                       work / f"overrides{idx:02d}.json")
+                cand = recipe.with_options(**{k: v for k, v in opts.items() if k != MIXED},
+                                           tensor_overrides=str(path))
+            else:
+                cand = recipe.with_options(**opts) if opts else recipe
             row = {"trial": idx + 1, "phase": "search", "config": _label(opts), "options": opts}
             t0 = time.perf_counter()
             try:
@@ -150,6 +176,9 @@ def tune_llm(engine, hf_dir: Path, recipe, output: Path, inputs, config, gates, 
         chosen, rule = _choose(trials, config.size_tie)
         chosen["chosen"] = True
         res = _install(results[chosen["trial"] - 1], work, output, engine)
+        if MIXED in chosen["options"]:  # its override file outlives the trials, beside the artifact
+            os.replace(work / f"overrides{chosen['trial'] - 1:02d}.json", sidecar)
+            res = replace(res, recipe={**res.recipe, "tensor_overrides": str(sidecar)})
     finally:
         shutil.rmtree(work, ignore_errors=True)
     stopped = ("" if len(trials) == len(space) else f"budget: {len(trials)} of {len(space)} candidates tried "

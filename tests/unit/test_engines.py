@@ -485,3 +485,42 @@ def test_part_sensitivity_and_gptq_keep_overridden_parts_fp32_for_the_8_bit_pass
 
 def torch_equal(a, b) -> bool:
     return bool((a == b).all())
+
+
+def test_llm_tuning_searches_mixed_int4_int8_by_measured_sensitivity(decoder, tmp_path):
+    """The INT4 space has mixed INT4/INT8 candidates (the N costliest attention/MLP groups by measured sensitivity
+    kept 8-bit), unless the recipe already names its 8-bit layers; a chosen one keeps its override file beside the
+    artifact and its recipe names it, and the artifact's MatMuls of that group are 8-bit, the others 4-bit."""
+    import onnx
+
+    from qops.engines import LlmInputs, engine_for
+    from qops.engines.llm_tune import MIXED, llm_space, tune_llm
+    from qops.llm.data import causal_lm_kind
+    from qops.llm.sensitivity import read_overrides
+    from qops.llm.source import LlmInfo
+    from qops.spec import GateSpec
+    from qops.spec.data import CausalLMSpec
+    from qops.spec.training import TuningSpec
+    from qops.targets import get_target
+
+    recipe = get_target("llm_int4_gptq")
+    assert {o.get(MIXED) for o in llm_space(recipe)} >= {4, 10}
+    assert not any(MIXED in o for o in llm_space(recipe.with_options(tensor_overrides=str(tmp_path / "s.json"))))
+    hf = decoder / "hf"
+    info = LlmInfo.from_hf(hf)
+    windows = causal_lm_kind(CausalLMSpec(seq_len=32, stride=16), str(hf), info).windows(
+        pd.DataFrame({"text": TEXTS[:16]}), "calibration")
+    out = tmp_path / "mixed"
+    res = tune_llm(engine_for(recipe), hf, recipe, out, LlmInputs(hf_dir=hf, info=info, work_dir=tmp_path,
+                   windows=windows), TuningSpec(enabled=True, max_trials=1, bootstrap=0),
+                   GateSpec(task="causal_lm", max_overall_drop=100.0), space=[{MIXED: 1}])
+    sidecar = tmp_path / "mixed.tensor_overrides.json"
+    assert res.trials[0]["chosen"] and res.recipe["tensor_overrides"] == str(sidecar)
+    (group,) = read_overrides(sidecar)["overrides"]
+    assert len(read_overrides(sidecar)["layers"]) == 4  # 2 layers x (attention, MLP)
+    prefix = "/model/" + group.replace(".self_attn", "/attn").replace(".mlp", "/mlp") + "/"
+    bits = {n.name: {a.name: a.i for a in n.attribute}["bits"] for n in onnx.load(str(out / "model.onnx")).graph.node
+            if n.op_type == "MatMulNBits" and n.name.startswith("/model/layers.")}
+    assert {b for n, b in bits.items() if n.startswith(prefix)} == {8}
+    assert {b for n, b in bits.items() if not n.startswith(prefix)} == {4}
+    assert res.technique["eight_bit_layers"] == [group] and not list(tmp_path.glob(".mixed.trials-*"))
