@@ -89,18 +89,9 @@ def site_size(venv: Path) -> int:
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     """The wheel `pip install .` builds, from a clean copy of the tracked sources."""
-    tmp = tmp_path_factory.mktemp("wheel")
-    src = tmp / "src"
-    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "build")
-    for part in ("qops", "operators"):
-        shutil.copytree(REPO / part, src / part, ignore=ignore)
-    for f in ("pyproject.toml", "setup.py", "README.md"):
-        shutil.copy(REPO / f, src / f)
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                        str(tmp), str(src)], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
-    (whl,) = tmp.glob("qops-*-py3-none-any.whl")
-    return whl
+    from builds import build_wheel
+
+    return build_wheel(tmp_path_factory.mktemp("wheel"))
 
 
 @pytest.fixture(scope="module")

@@ -209,23 +209,9 @@ def test_compose_runs_what_the_native_stack_runs():
 
 
 def build_wheel(tmp_path) -> Path:
-    """The wheel `pip install .` builds, from a clean copy of the tracked sources: a stale build/ folder in the
-    checkout would hide a missing package."""
-    import shutil
-    import subprocess
-    import sys
+    from builds import build_wheel as build
 
-    src = tmp_path / "src"
-    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "build")
-    for part in ("qops", "operators"):
-        shutil.copytree(REPO / part, src / part, ignore=ignore)
-    for f in ("pyproject.toml", "setup.py", "README.md"):
-        shutil.copy(REPO / f, src / f)
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                        str(tmp_path), str(src)], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
-    (wheel,) = tmp_path.glob("qops-*.whl")
-    return wheel
+    return build(tmp_path)
 
 
 def test_the_wheel_holds_every_package_and_its_data(tmp_path):
