@@ -22,7 +22,7 @@ import numpy as np
 
 from qops.artifacts import write_json_atomic
 from qops.errors import DataError
-from qops.llm.torch_quant import decoder_layers, fake_quant, qparams
+from qops.llm.torch_quant import decoder_layers, fake_quant, layer_inputs, qparams, run_layer
 
 log = logging.getLogger(__name__)
 VERSION = 1
@@ -65,32 +65,41 @@ def layer_sensitivity(hf_dir: str | os.PathLike, windows, block_size: int, keep:
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, local_files_only=True).eval()
 
-    # windows of one length run as one batch (most windows are full-length)
-    by_len: dict[int, list] = {}
-    for w in windows:
-        by_len.setdefault(len(w.ids), []).append(np.asarray(w.ids))
-    batches = [torch.as_tensor(np.stack(ids[i:i + 8])) for ids in by_len.values() for i in range(0, len(ids), 8)]
+    # each window's input to every decoder layer, from the FP32 model: a group of layer i is measured by running
+    # layers i.. from there (the layers before it are unchanged), then the final norm and lm_head
+    hidden, extras = layer_inputs(model, windows)
+    layers = decoder_layers(model)
+    inputs = [hidden]
+    with torch.inference_mode():
+        for li, layer in enumerate(layers[:-1]):
+            inputs.append([run_layer(layer, h, extra[li]) for h, extra in zip(inputs[-1], extras)])
+    cap = getattr(model.config, "final_logit_softcapping", None)
 
-    def logits():
+    def logits(first: int = 0):
+        out = []
         with torch.inference_mode():
-            return [_log_softmax(model(input_ids=b).logits.float().numpy()) for b in batches]
+            for w, h in enumerate(inputs[first]):
+                for li in range(first, len(layers)):
+                    h = run_layer(layers[li], h, extras[w][li])
+                z = model.lm_head(model.model.norm(h)).float()
+                out.append(_log_softmax((torch.tanh(z / cap) * cap if cap else z)[0].numpy()))
+        return out
 
     def kl(ref, got) -> float:
-        tokens = sum(r.shape[0] * r.shape[1] for r in ref)
+        tokens = sum(r.shape[0] for r in ref)
         return float(sum((np.exp(r) * (r - g)).sum() for r, g in zip(ref, got)) / tokens)
 
     ref = logits()
     costs, sizes = {}, {}
-    layers = decoder_layers(model)
-    todo = [(k, lins) for i, layer in enumerate(layers) for k, lins in groups(layer, i, granularity).items()]
-    for i, (key, lins) in enumerate(todo):
+    todo = [(k, i, lins) for i, layer in enumerate(layers) for k, lins in groups(layer, i, granularity).items()]
+    for i, (key, li, lins) in enumerate(todo):
         saved = [m.weight.detach().clone() for m in lins]
         with torch.no_grad():
             for m in lins:
                 group = block_size if m.in_features % block_size == 0 else None
                 scale, qmin, qmax = qparams(m.weight, 4, group)
                 m.weight.copy_(fake_quant(m.weight, scale, qmin, qmax, group))
-        got = logits()
+        got = logits(li)
         sizes[key] = int(sum(m.weight.numel() for m in lins))
         costs[key] = kl(ref, got)
         with torch.no_grad():

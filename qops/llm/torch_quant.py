@@ -320,7 +320,8 @@ def layer_inputs(model, windows) -> tuple[list, list[list[tuple[tuple, dict]]]]:
     return hidden, per_window
 
 
-def _run_layer(layer, h, extra: tuple[tuple, dict]):
+def run_layer(layer, h, extra: tuple[tuple, dict]):
+    """One decoder layer on hidden states ``h`` with the other inputs :func:`layer_inputs` captured for it."""
     args, kwargs = extra
     o = layer(h, *args, **kwargs)
     return o[0] if isinstance(o, tuple) else o
@@ -344,7 +345,7 @@ def gptq(model, windows, bits: int, group: int | None, skip=("lm_head",), progre
         hs = {n: Hessian(torch.zeros(m.in_features, m.in_features, dtype=torch.float64)) for n, m in linears}
         with hooked((m, hs[n]) for n, m in linears), torch.inference_mode():
             for h, extra in zip(hidden, extras):
-                _run_layer(layer, h, extra[li])
+                run_layer(layer, h, extra[li])
         with torch.no_grad():
             for n, m in linears:
                 wq, *params = gptq_weight(m.weight.detach(), hs[n].result(), bits, group, grid=grid,
@@ -352,7 +353,7 @@ def gptq(model, windows, bits: int, group: int | None, skip=("lm_head",), progre
                 m.weight.copy_(wq)
                 out[n] = params[0] if symmetric else tuple(params)
         with torch.inference_mode():  # the quantized layer's outputs are the next layer's inputs
-            hidden = [_run_layer(layer, h, extra[li]) for h, extra in zip(hidden, extras)]
+            hidden = [run_layer(layer, h, extra[li]) for h, extra in zip(hidden, extras)]
         log.info("GPTQ: decoder layer %d/%d quantized", li + 1, len(layers))
         if progress:
             progress(li + 1, len(layers))

@@ -135,3 +135,35 @@ def test_an_unknown_architecture_is_refused_naming_the_known_ones(tmp_path):
     with pytest.raises(ModelError, match="not one qops knows") as e:
         arch_for(tmp_path)
     assert all(name in str(e.value) for name in ARCHS)
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCH_CONFIGS))
+def test_sensitivity_from_carried_layer_inputs_equals_rerunning_the_model(model_type, tmp_path):
+    """`qops sensitivity` measures a group of layer i by running layers i.. from their captured FP32 inputs, then the
+    final norm, lm_head and (Gemma 2) the logit soft-cap: the same KL as the whole model run again, on every
+    architecture of the table (sliding and global layers included)."""
+    import torch
+
+    from qops.llm.sensitivity import layer_sensitivity
+    from qops.llm.torch_quant import fake_quant, qparams
+
+    model = _model(model_type)
+    model.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    windows = _windows(n=3, length=12)
+    doc = layer_sensitivity(tmp_path / "hf", windows, 32, keep=0, granularity="part")
+    ref = torch.log_softmax(_logits(model, windows), -1)
+    for key, part in (("layers.0.mlp", model.model.layers[0].mlp), ("layers.1.self_attn",
+                                                                     model.model.layers[1].self_attn)):
+        lins = [m for m in part.modules() if isinstance(m, torch.nn.Linear)]
+        saved = [m.weight.detach().clone() for m in lins]
+        with torch.no_grad():
+            for m in lins:
+                group = 32 if m.in_features % 32 == 0 else None
+                scale, qmin, qmax = qparams(m.weight, 4, group)
+                m.weight.copy_(fake_quant(m.weight, scale, qmin, qmax, group))
+        got = torch.log_softmax(_logits(model, windows), -1)
+        kl = float((ref.exp() * (ref - got)).sum(-1).mean())
+        assert doc["layers"][key]["kl"] == pytest.approx(kl, rel=1e-3, abs=1e-6), (model_type, key)
+        with torch.no_grad():
+            for m, w in zip(lins, saved):
+                m.weight.copy_(w)

@@ -458,6 +458,28 @@ def test_part_sensitivity_and_gptq_keep_overridden_parts_fp32_for_the_8_bit_pass
     assert doc["layers"]["layers.0.mlp"]["weights"] == 3 * 96 * 192
     assert doc["layers"]["layers.0.self_attn"]["weights"] == 2 * 96 * 96 + 2 * 96 * 32
     assert len(doc["overrides"]) == 1 and all(v["kl"] > 0 for v in doc["layers"].values())
+    # each group is measured from its layer's FP32 inputs onwards: the same KL as the whole model run again
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qops.llm.torch_quant import fake_quant, qparams
+
+    model = AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32).eval()
+    ids = [torch.as_tensor(np.asarray(w.ids))[None] for w in windows[:4]]
+    with torch.inference_mode():
+        ref = [torch.log_softmax(model(input_ids=i).logits[0], -1) for i in ids]
+        for key, part in (("layers.0.mlp", model.model.layers[0].mlp), ("layers.1.self_attn",
+                                                                         model.model.layers[1].self_attn)):
+            lins = [m for m in part.modules() if isinstance(m, torch.nn.Linear)]
+            saved = [m.weight.clone() for m in lins]
+            for m in lins:
+                scale, qmin, qmax = qparams(m.weight, 4, 32)
+                m.weight.copy_(fake_quant(m.weight, scale, qmin, qmax, 32))
+            got = [torch.log_softmax(model(input_ids=i).logits[0], -1) for i in ids]
+            kl = sum(float((r.exp() * (r - g)).sum()) for r, g in zip(ref, got)) / sum(len(r) for r in ref)
+            assert doc["layers"][key]["kl"] == pytest.approx(kl, rel=1e-3, abs=1e-6), key
+            for m, w in zip(lins, saved):
+                m.weight.copy_(w)
     with pytest.raises(DataError, match="granularity"):
         layer_sensitivity(hf, windows[:1], 32, granularity="tensor")
 
