@@ -239,9 +239,11 @@ def cmd_stage(args) -> int:
 
 
 def cmd_promote(args) -> int:
-    from qops.registry import configure_mlflow, promote
+    from qops.registry import configure_mlflow, promote, record_approval
 
     configure_mlflow(args.tracking_uri)
+    if args.approve:  # a person's answer, recorded before the policy decides (as the Airflow approval task does)
+        record_approval(args.name, args.version, args.alias, approved=True, by=args.by, reason=args.reason)
     better = dict(kv.split(":", 1) for kv in args.better_on or [])
     res = promote(args.name, args.version, args.alias, approved=args.approve, require_approval=args.require_approval,
                   better_on=better or None, by=args.by)

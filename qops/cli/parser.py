@@ -252,7 +252,8 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
     sp.add_argument("--approve", action="store_true", help="the manual approval")
     sp.add_argument("--better-on", action="append", metavar="METRIC:max|min",
                     help="repeatable: the version's logged metric must be at least as good as the holder's")
-    sp.add_argument("--by", help="who promotes (tagged on the replaced version)")
+    sp.add_argument("--by", help="who promotes (tagged on the replaced version; with --approve, on the approved one)")
+    sp.add_argument("--reason", help="with --approve: why, recorded on the version (qops.approval.reason)")
     sp.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
 
     sp = add("webhook", commands["webhook"], "receive MLflow's model_version_alias.created webhooks (HMAC-verified with "

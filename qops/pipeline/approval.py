@@ -11,8 +11,7 @@ from pathlib import Path
 from qops.artifacts import read_json, write_json_atomic
 from qops.pipeline.common import claimed, skipped
 from qops.pipeline.summary import target_row
-from qops.registry import configure_mlflow
-from qops.registry.approval import record_approval
+from qops.registry import configure_mlflow, record_approval
 from qops.run_folder import RunLayout
 
 APPROVE_HINT = ("**Approve** lets the promote task move `@{alias}` to this version (it still checks the policy); "

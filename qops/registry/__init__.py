@@ -5,6 +5,7 @@ and register one quantized model per run key, idempotently) and ``aliases`` (``c
 by policy)."""
 
 from qops.registry.aliases import promote, settle_aliases
+from qops.registry.approval import record_approval
 from qops.registry.client import MODELS_URI, configure_mlflow, mlflow_tracking_uri, reachable
 from qops.registry.flavors import log_transformers_model
 from qops.registry.registration import (
@@ -36,4 +37,4 @@ from qops.registry.tracking import (
     target_run,
 )
 
-__all__ = ["MODELS_URI", "RegisterResult", "SourceModel", "configure_mlflow", "download_model_version", "evaluation_metrics", "fetch_source_model", "find_pipeline_run", "finish", "first_version_for", "gate_metrics", "log_dataset", "log_target", "log_transformers_model", "metric_key", "mlflow_tracking_uri", "named_signature", "pipeline_run", "prequantized", "promote", "providers_for", "quantization_config", "reachable", "register", "serving_requirements", "settle_aliases", "single_file_onnx", "source_signature", "target_run"]
+__all__ = ["MODELS_URI", "RegisterResult", "SourceModel", "configure_mlflow", "download_model_version", "evaluation_metrics", "fetch_source_model", "find_pipeline_run", "finish", "first_version_for", "gate_metrics", "log_dataset", "log_target", "log_transformers_model", "metric_key", "mlflow_tracking_uri", "named_signature", "pipeline_run", "prequantized", "promote", "providers_for", "quantization_config", "reachable", "record_approval", "register", "serving_requirements", "settle_aliases", "single_file_onnx", "source_signature", "target_run"]

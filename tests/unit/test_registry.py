@@ -1,5 +1,6 @@
 """Registration against a real MLflow store (SQLite + local artifacts in a temp folder)."""
 
+import json
 from pathlib import Path
 
 import mlflow
@@ -188,9 +189,17 @@ def test_promotion_policy_gates_approval_and_metrics(mlflow_uri, qmodel, card_fi
     assert r.returncode == 4 and "promotion refused" in r.stderr and "Traceback" not in r.stderr, r.stderr[-1000:]
     client = MlflowClient()
     assert str(client.get_model_version_by_alias("m-x86", "production").version) == v1  # refusals moved nothing
-    res = promote("m-x86", v3, "production", require_approval=True, approved=True, by="dag run 3",
-                  better_on={"quantized_accuracy": "max", "latency_p50_ms": "min"})
+    # a person's approval on the command line is recorded on the version, as the Airflow approval task does
+    r = subprocess.run([sys.executable, "-m", "qops.cli", "promote", "--name", "m-x86", "--version", v3, "--alias",
+                        "production", "--require-approval", "--approve", "--by", "dag run 3", "--reason",
+                        "slices hold", "--better-on", "quantized_accuracy:max", "--better-on", "latency_p50_ms:min",
+                        "--tracking-uri", mlflow_uri, "--json"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-1000:]
+    res = json.loads(r.stdout)
     assert res["promoted"] and res["previous"] == v1
+    tags = client.get_model_version("m-x86", v3).tags
+    assert (tags["qops.approval"], tags["qops.approval.by"], tags["qops.approval.reason"],
+            tags["qops.approval.alias"]) == ("approved", "dag run 3", "slices hold", "production")
     assert str(client.get_model_version_by_alias("m-x86", "production").version) == v3
     assert "by version 3 (dag run 3)" in client.get_model_version("m-x86", v1).tags["qops.replaced.production"]
     assert client.get_model_version("m-x86", v3).tags["qops.promoted.production"].endswith("by dag run 3")
