@@ -19,6 +19,20 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 from qops_airflow.links import QopsMlflowModelLink, QopsModelCardLink, mlflow_ui_base
 
 
+def approval_options(promotion) -> dict:
+    """The ApprovalOperator's arguments from the spec's ``mlflow.promotion``: who may answer (``approvers``) and
+    how long it waits (``approval_timeout_hours``: then Reject, recorded as the timeout's)."""
+    from datetime import timedelta
+
+    out: dict[str, Any] = {}
+    if promotion.approvers:
+        out["assigned_users"] = [{"id": u, "name": u} for u in promotion.approvers]
+    if promotion.approval_timeout_hours is not None:
+        out["response_timeout"] = timedelta(hours=promotion.approval_timeout_hours)
+        out["defaults"] = [ApprovalOperator.REJECT]
+    return out
+
+
 def task_spec(spec_path: str, mlflow_conn_id: str | None):
     """The spec, with the MLflow connection's tracking URI when one applies (as the stage operators read it)."""
     from qops import redact
@@ -73,9 +87,11 @@ class QopsApprovalOperator(ApprovalOperator):
             self.validate_chosen_options(event["chosen_options"])  # a bad answer records nothing
             self.validate_params_input(event.get("params_input") or {})
             user = event.get("responded_by_user") or {}
-            by = user.get("name") or user.get("id")
             approved = event["chosen_options"] == [self.APPROVE]
-            reason = (event.get("params_input") or {}).get("reason")
+            if event.get("timedout"):  # nobody answered in time: the default (Reject), recorded as such
+                by, reason = "timeout", f"no answer within {self.response_timeout}"
+            else:
+                by, reason = user.get("name") or user.get("id"), (event.get("params_input") or {}).get("reason")
             try:
                 out = record_decision(task_spec(self.spec_path, self.mlflow_conn_id), self.run_key, self.target,
                                       approved=approved, by=by, reason=reason)

@@ -60,9 +60,10 @@ def build_quantization_dag(spec_path: str | Path, dag_id: str | None = None,
     common = {"spec_path": spec_path, "mlflow_conn_id": mlflow_conn_id}
     approval = None
     if spec.mlflow.promotion is not None and spec.mlflow.promotion.approval == "airflow":
-        from qops_airflow.approval import QopsApprovalOperator
+        from qops_airflow.approval import QopsApprovalOperator, approval_options
 
         approval = QopsApprovalOperator
+        approval_kwargs = approval_options(spec.mlflow.promotion)
 
     def task(st, target=None, **extra):
         kw = {**common, **({"target": target} if target else {}), **extra}
@@ -85,7 +86,7 @@ def build_quantization_dag(spec_path: str | Path, dag_id: str | None = None,
                         continue
                     if st.name == "promote" and approval:
                         # a person answers first; the promote task runs only on Approve (Reject skips it)
-                        chain.append(approval(task_id=approval.TASK_ID, target=target, **common))
+                        chain.append(approval(task_id=approval.TASK_ID, target=target, **common, **approval_kwargs))
                         chain.append(task(st, target, approved=True))
                     else:
                         chain.append(task(st, target))

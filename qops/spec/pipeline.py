@@ -36,9 +36,21 @@ class PromotionSpec(Base):
         None, description="airflow: the DAG asks a person first (an ApprovalOperator before each promote task, "
         "showing the run's verdicts, metrics and links); Approve moves the alias, Reject leaves it, and either is "
         "recorded on the model version (docs/registry.md#human-approval). qops run then needs --approve.")
+    approvers: list[str] = Field(
+        default_factory=list, description="With approval: airflow, the Airflow users (ids) who may answer; "
+        "empty: anyone who may act on the DAG.")
+    approval_timeout_hours: float | None = Field(
+        None, gt=0, description="With approval: airflow, an unanswered request is rejected after this many hours "
+        "(the alias stays; recorded like a person's Reject); null: it waits.")
     better_on: dict[str, Literal["max", "min"]] = Field(
         default_factory=dict, description="Logged metric -> max/min: the version must be at least as good as "
         "the current holder on each (e.g. quantized_accuracy: max, latency_p50_ms: min).")
+
+    @model_validator(mode="after")
+    def _approval_options_need_approval(self):
+        if self.approval is None and (self.approvers or self.approval_timeout_hours is not None):
+            raise ValueError("approvers and approval_timeout_hours apply to approval: airflow; set it, or drop them")
+        return self
 
 
 class MlflowSpec(Base):

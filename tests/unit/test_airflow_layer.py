@@ -198,6 +198,15 @@ def test_dag_factory_asks_a_person_before_promote_with_approval_airflow(monkeypa
         assert asked.get_task(f"{t}.promote").approved is True  # it runs only on Approve (Reject skips it)
         assert ask.target == t and ask.run_key == "{{ run_id }}" and "reason" in ask.params
         assert ask.trigger_rule == "all_success"  # nothing registered (register skipped): nothing to ask
+        assert ask.response_timeout is None and not ask.assigned_users  # waits for anyone who may act on the DAG
+    # who may answer, and how long it waits before Reject
+    from datetime import timedelta
+
+    raw["mlflow"]["promotion"].update(approvers=["alice", "bob"], approval_timeout_hours=48)
+    (tmp_path / "bounded.yaml").write_text(yaml.safe_dump(raw))
+    ask = build_quantization_dag(tmp_path / "bounded.yaml", dag_id="bounded").get_task("arm64_int8.approve_promotion")
+    assert ask.response_timeout == timedelta(hours=48) and ask.defaults == ["Reject"]
+    assert [u["id"] for u in ask.assigned_users] == ["alice", "bob"]
     # everything else is wired as without the option
     asks = {f"{t}.approve_promotion" for t in targets}
     for task_id in plain.task_ids:
@@ -221,6 +230,10 @@ def test_an_unknown_approval_value_is_a_spec_error(tmp_path):
                        text=True)
     assert r.returncode == 2 and "mlflow.promotion.approval: Input should be 'airflow'" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+    raw["mlflow"]["promotion"] = {"alias": "production", "approvers": ["alice"]}  # without approval: airflow
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(SpecError, match="approvers and approval_timeout_hours apply to approval: airflow"):
+        load_spec(tmp_path / "spec.yaml")
 
 
 def test_dag_factory_puts_qlora_between_source_and_calibration(monkeypatch, tmp_path):
