@@ -153,8 +153,9 @@ def check_model(path: str | os.PathLike, upgraded_path: str | os.PathLike | None
         raise ModelError(f"{p}: input {name!r} has its batch dimension fixed at {n}, but qops calibrates and "
                          "evaluates rows in batches.",
                          "export the model with a dynamic batch dimension (torch.onnx.export(..., dynamic_axes={"
-                         f"'{name}': {{0: 'batch'}}}}) or dynamic_shapes), or rename the dimension in the file "
-                         "with onnx.tools.update_model_dims.update_inputs_outputs_dims.")
+                         f"'{name}': {{0: 'batch'}}}}); a torch.export program (.pt2): torch.export.export(model, "
+                         f"(x,), dynamic_shapes={{'{name}': {{0: torch.export.Dim('batch')}}}})), or rename the "
+                         "dimension in the file with onnx.tools.update_model_dims.update_inputs_outputs_dims.")
     opset = default_opset(m)
     upgraded_from = None
     if opset < MIN_OPSET:
