@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qops.data.kinds.base import dynamic_batch_fix
 from qops.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -152,10 +153,7 @@ def check_model(path: str | os.PathLike, upgraded_path: str | os.PathLike | None
         name, n = fixed[0]
         raise ModelError(f"{p}: input {name!r} has its batch dimension fixed at {n}, but qops calibrates and "
                          "evaluates rows in batches.",
-                         "export the model with a dynamic batch dimension (torch.onnx.export(..., dynamic_axes={"
-                         f"'{name}': {{0: 'batch'}}}}); a torch.export program (.pt2): torch.export.export(model, "
-                         f"(x,), dynamic_shapes={{'{name}': {{0: torch.export.Dim('batch')}}}})), or rename the "
-                         "dimension in the file with onnx.tools.update_model_dims.update_inputs_outputs_dims.")
+                         dynamic_batch_fix(name))
     opset = default_opset(m)
     upgraded_from = None
     if opset < MIN_OPSET:

@@ -11,6 +11,14 @@ from qops.errors import DataError
 from qops.programs import ModelInput
 
 
+def dynamic_batch_fix(name: str) -> str:
+    """The fix for a model input whose batch dimension is fixed (qops calibrates and evaluates rows in batches)."""
+    return ("export the model with a dynamic batch dimension (torch.onnx.export(..., dynamic_axes={"
+            f"'{name}': {{0: 'batch'}}}}); a torch.export program (.pt2): torch.export.export(model, (x,), "
+            f"dynamic_shapes={{'{name}': {{0: torch.export.Dim('batch')}}}})), or rename the dimension in the file "
+            "with onnx.tools.update_model_dims.update_inputs_outputs_dims.")
+
+
 def is_int(dtype: str) -> bool:
     return np.issubdtype(np.dtype(dtype), np.integer) or np.dtype(dtype) == np.bool_
 
@@ -55,9 +63,7 @@ def check_feed(feed: dict[str, np.ndarray], inputs: list[ModelInput], what: str,
                 raise DataError(
                     f"Model input {inp.name!r} ({inp.describe()}) has its batch dimension fixed at {inp.shape[0]}, "
                     f"but qops feeds rows in batches (the {what}{src} gives {a.shape[0]} rows).",
-                    "export the model with a dynamic batch dimension (torch.onnx.export(..., dynamic_axes={"
-                    f"'{inp.name}': {{0: 'batch'}}}}) or dynamic_shapes), or rename the dimension in the file with "
-                    "onnx.tools.update_model_dims.update_inputs_outputs_dims.")
+                    dynamic_batch_fix(inp.name))
             bad = [(k, d, a.shape[k]) for k, d in enumerate(inp.shape) if d is not None and k > 0 and a.shape[k] != d]
             if bad:
                 k, d, got = bad[0]
