@@ -131,11 +131,10 @@ def main() -> int:
             if args.only and target not in args.only.split(","):
                 continue
             if str(opts.get("tensor_overrides", "")).startswith("top:"):
-                from qops.llm.sensitivity import write_overrides
+                from qops.llm.sensitivity import keep_costliest, write_overrides
 
                 top = int(opts["tensor_overrides"][4:])
-                keep = sorted(ranking["layers"], key=lambda k: ranking["layers"][k]["rank"])[:top]
-                path = write_overrides({**ranking, "overrides": {k: "int8" for k in keep}}, work / f"top{top}.json")
+                path = write_overrides(keep_costliest(ranking, top), work / f"top{top}.json")
                 opts = {**opts, "tensor_overrides": str(path)}
             recipe = get_target(target, opts or None)
             label = target + "".join(f" ({k}={Path(v).stem if k == 'tensor_overrides' else v})" for k, v in opts.items())

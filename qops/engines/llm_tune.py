@@ -30,7 +30,7 @@ from qops.errors import QopsError
 from qops.gates import gate
 from qops.llm.evaluate import score_rows, score_windows
 from qops.llm.runner import open_decoder
-from qops.llm.sensitivity import layer_sensitivity, write_overrides
+from qops.llm.sensitivity import keep_costliest, layer_sensitivity, write_overrides
 
 log = logging.getLogger(__name__)
 
@@ -131,9 +131,7 @@ def tune_llm(engine, hf_dir: Path, recipe, output: Path, inputs, config, gates, 
                 if sensitivity is None:
                     sensitivity = layer_sensitivity(hf_dir, fit[:SENSITIVITY_WINDOWS], recipe.block_size, keep=0,
                                                     granularity="part")
-                ranked = sorted(sensitivity["layers"], key=lambda k: sensitivity["layers"][k]["rank"])
-                path = write_overrides({**sensitivity, "overrides": {k: "int8" for k in ranked[:opts[MIXED]]}},
-                                       work / f"overrides{idx:02d}.json")
+                path = write_overrides(keep_costliest(sensitivity, opts[MIXED]), work / f"overrides{idx:02d}.json")
                 cand = recipe.with_options(**{k: v for k, v in opts.items() if k != MIXED},
                                            tensor_overrides=str(path))
             else:

@@ -117,6 +117,12 @@ def layer_sensitivity(hf_dir: str | os.PathLike, windows, block_size: int, keep:
             "overrides": {k: "int8" for k in ranked[:keep]}, "seconds": round(time.perf_counter() - t0, 1)}
 
 
+def keep_costliest(doc: dict, n: int) -> dict:
+    """``doc`` with its ``n`` costliest groups (by rank) overridden to int8, the others 4-bit."""
+    ranked = sorted(doc["layers"], key=lambda k: doc["layers"][k]["rank"])
+    return {**doc, "overrides": {k: "int8" for k in ranked[:n]}}
+
+
 def write_overrides(doc: dict, path: str | os.PathLike) -> Path:
     out = Path(path)
     write_json_atomic(out, doc)
