@@ -141,13 +141,16 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
     sp.add_argument("--max-length", type=int, default=128, help="tokens per calibration window")
     sp.add_argument("--windows", type=int, default=16, help="calibration windows measured")
 
-    sp = add("qat", commands["qat"], "quantization-aware training of a .pt2 program for a target, resumable")
-    sp.add_argument("--model", required=True, help="the FP32 torch.export program (.pt2)")
-    sp.add_argument("--onnx", help="the ONNX model the program was exported to (default: exported here)")
+    sp = add("qat", commands["qat"], "quantization-aware training for a target: fine-tuning of its PTQ graph "
+             "(static INT8 ONNX) or of a .pt2 program")
+    sp.add_argument("--model", required=True, help="the FP32 model: an ONNX file (engine qdq: its PTQ model is "
+                    "fine-tuned) or a torch.export program (.pt2)")
+    sp.add_argument("--onnx", help="with a .pt2 --model: the ONNX model it was exported to (default: exported here)")
     sp.add_argument("--target", required=True, help="hardware target (qops targets); sets the output format")
     sp.add_argument("--option", action="append", default=[], metavar="FIELD=VALUE",
                     help="recipe field override, repeatable (e.g. block_size=32)")
-    sp.add_argument("--engine", choices=["pt2e", "torchao"], help="QAT engine (default: the target's)")
+    sp.add_argument("--engine", choices=["qdq", "pt2e", "torchao"], help="QAT engine (default: the target's; qdq "
+                    "for static INT8 ONNX targets)")
     sp.add_argument("--scheme", help="QAT scheme (default: the target's; docs/qat.md#targets)")
     sp.add_argument("--train", required=True, help="training rows (parquet/CSV/.npz) with the model's inputs")
     sp.add_argument("--label", help="label column (task loss); omit with --distill")
@@ -158,7 +161,8 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
     sp.add_argument("--steps", type=int, help="optimizer steps; or --epochs (default: 3 epochs)")
     sp.add_argument("--epochs", type=float, help="passes over the training rows; or --steps (default: 3)")
     sp.add_argument("--batch-size", type=int, help="rows per step (default: 32)")
-    sp.add_argument("--lr", type=float, help="learning rate (default: 1e-4)")
+    sp.add_argument("--lr", type=float, help="learning rate (default: 1e-5 for engine qdq, 1e-4 for pt2e and "
+                    "torchao)")
     sp.add_argument("--optimizer", choices=["adamw", "sgd"], help="optimizer (default: adamw)")
     sp.add_argument("--weight-decay", type=float, help="weight decay (default: 0)")
     sp.add_argument("--seed", type=int, help="seed of the data order and the held-out sample (default: 0)")

@@ -132,8 +132,10 @@ class GraphModality:
         feeds = kind.feeds(df, onnx_io(source["path"])[0], "QAT training set")
         cfg = config_for(spec.qat, target, plan, has_label=labels is not None)
         log.info("QAT for %s (%s): %s %s on %d rows of %s", target, why, plan.engine, plan.scheme, len(df), path)
-        res = run_qat(source_onnx=source["path"], program=torch_program(spec, source), recipe=recipe, plan=plan,
-                      cfg=cfg, train_feeds=feeds, labels=labels, out_dir=folder.path, work_dir=folder.work)
+        program = None if plan.engine == "qdq" else torch_program(spec, source)
+        res = run_qat(source_onnx=source["path"], program=program, recipe=recipe, plan=plan, cfg=cfg,
+                      train_feeds=feeds, labels=labels, out_dir=folder.path, work_dir=folder.work,
+                      ptq_model=ptq["model_path"], ptq_recipe=ptq.get("recipe"))
         res["qat"]["why"], res["qat"]["data"] = why, path
         return res
 

@@ -8,17 +8,21 @@ from typing import Callable
 
 from qops.errors import QopsError
 
+# learning rate per engine when none is given: qdq trains the PTQ model's own weights, which start one rounding
+# step from their targets (Adam moves a weight by about lr per step; an INT8 step is ~1e-3 of a weight's range)
+DEFAULT_LR = {"torchao": 1e-4, "pt2e": 1e-4, "qdq": 1e-5}
+
 
 @dataclass
 class QatConfig:
     scheme: str = "int8_dynamic_int4_weight"  # see SCHEMES (engine torchao) and PT2E_SCHEMES (engine pt2e)
-    engine: str = "torchao"  # torchao (QATConfig on nn.Linear) | pt2e (prepare_qat_pt2e, X86InductorQuantizer)
+    engine: str = "torchao"  # torchao (QATConfig on nn.Linear) | pt2e (prepare_qat_pt2e) | qdq (the PTQ graph itself)
     group_size: int = 32
     steps: int | None = 100  # optimizer steps; or epochs (one of the two)
     epochs: float | None = None
     batch_size: int = 32
     optimizer: str = "adamw"  # adamw | sgd
-    lr: float = 1e-4
+    lr: float | None = None  # None: the engine's default (DEFAULT_LR)
     momentum: float = 0.9  # sgd only
     weight_decay: float = 0.0
     seed: int = 0
@@ -33,9 +37,11 @@ class QatConfig:
     logit_mse: float = 1.0  # distill: weight of the logits' relative MSE beside the KL
 
     def __post_init__(self) -> None:
-        known = SCHEMES if self.engine == "torchao" else PT2E_SCHEMES if self.engine == "pt2e" else None
+        if self.lr is None:
+            self.lr = DEFAULT_LR.get(self.engine, 1e-4)
+        known = {"torchao": SCHEMES, "pt2e": PT2E_SCHEMES, "qdq": QDQ_SCHEMES}.get(self.engine)
         if known is None:
-            raise QopsError(f"QAT engine {self.engine!r} is not torchao or pt2e.", "use engine: torchao or pt2e.")
+            raise QopsError(f"QAT engine {self.engine!r} is not qdq, pt2e or torchao.", "use engine: qdq, pt2e or torchao.")
         if self.scheme not in known:
             raise QopsError(f"QAT scheme {self.scheme!r} is not one the {self.engine} engine trains.",
                             f"use one of {sorted(known)} (engine {self.engine}).")
@@ -116,3 +122,6 @@ CUDA_SCHEMES = frozenset({"int4_weight_only_cuda", "float8_dynamic"})
 # during training; dynamic: computed per batch at run time) and int8 per-channel symmetric weights. The
 # converted graph carries quantize/dequantize ops that torch.onnx (dynamo) writes as ONNX QDQ.
 PT2E_SCHEMES: dict[str, dict] = {"int8_static": {"is_dynamic": False}, "int8_dynamic": {"is_dynamic": True}}
+# qdq: fine-tuning of the target's static QDQ PTQ model itself (qops.qat.qdq): its scales and zero points as
+# calibrated, then learned (LSQ) with the weights; the graph is the PTQ model's.
+QDQ_SCHEMES: dict[str, dict] = {"int8_static": {}}

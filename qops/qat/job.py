@@ -22,6 +22,7 @@ from qops.programs import load_program, program_inputs
 from qops.qat import export as qat_export
 from qops.qat.config import QatConfig
 from qops.qat.plan import QatPlan, config_for, plan_for, require_cuda_for
+from qops.qat.qdq import qdq_qat
 from qops.qat.train import convert, holdout_split, train_qat
 from qops.quantize import QuantizeResult, quantize
 from qops.quantize.graph import check_model, choose_mode
@@ -104,16 +105,10 @@ def trainable_module(ep, plan: QatPlan, what: str = "the program"):
     return module, fp32_weights
 
 
-def run_qat(*, source_onnx: str, program: str, recipe, plan: QatPlan, cfg: QatConfig, train_feeds: dict,
-            labels: np.ndarray | None, out_dir: str | os.PathLike, work_dir: str | os.PathLike) -> dict:
-    """Train ``program`` (the FP32 ``.pt2``) with QAT per ``plan`` and write the target's artifact into
-    ``out_dir``. Returns the quantize-stage record (model path, sha256, sizes, recipe, notes) plus ``qat``:
-    the training record (config, losses, steps, resume point, seconds)."""
-    t0 = time.perf_counter()
-    require_cuda_for(plan)
-    out_dir, work_dir = Path(out_dir), Path(work_dir)
+def _train_program(source_onnx, program, recipe, plan, cfg, train_feeds, labels, out_dir: Path, work_dir: Path):
+    """PT2E or torchao QAT of ``program``: (artifact path, training record, export detail, notes, the program's
+    largest difference to the ONNX model)."""
     ep, meta = load_program(program)
-
     order = _program_feeds(ep, onnx_io(source_onnx)[0], train_feeds)
     diff = check_program_matches(ep.module(), source_onnx, _head(train_feeds, 64), order)
     module, fp32_weights = trainable_module(ep, plan, Path(program).name)
@@ -126,7 +121,6 @@ def run_qat(*, source_onnx: str, program: str, recipe, plan: QatPlan, cfg: QatCo
              + (f", resumed at step {res.resumed_from}" if res.resumed_from else "")
              + (f"; stopped by the time budget ({cfg.time_budget_s:.0f} s) before step {res.planned_steps}"
                 if res.stopped_by_budget else "")]
-
     if plan.output == "onnx_qdq":
         path = qat_export.pt2e_to_onnx(quantized, examples, source_onnx, out_dir / "model.onnx")
         detail = {}
@@ -144,12 +138,50 @@ def run_qat(*, source_onnx: str, program: str, recipe, plan: QatPlan, cfg: QatCo
         path = qat_export.save_program_any(quantized, examples, dict(meta, **{"qops.torch_compile": False}),
                                            out_dir / "model.pt2")
         detail = {}
+    return path, res, detail, notes, diff
+
+
+def run_qat(*, source_onnx: str, program: str | None, recipe, plan: QatPlan, cfg: QatConfig, train_feeds: dict,
+            labels: np.ndarray | None, out_dir: str | os.PathLike, work_dir: str | os.PathLike,
+            ptq_model: str | None = None, ptq_recipe: dict | None = None) -> dict:
+    """Train with QAT per ``plan`` and write the target's artifact into ``out_dir``: engine ``qdq`` fine-tunes
+    ``ptq_model`` (the target's static QDQ PTQ model, :mod:`qops.qat.qdq`); the others train ``program`` (the FP32
+    ``.pt2``; ``ptq_recipe``: the recipe the PTQ model was made with, e.g. as tuned, which the qdq model keeps).
+    Returns the quantize-stage record (model path, sha256, sizes, recipe, notes) plus ``qat``: the
+    training record (config, losses, steps, resume point, seconds)."""
+    t0 = time.perf_counter()
+    require_cuda_for(plan)
+    out_dir, work_dir = Path(out_dir), Path(work_dir)
+    if plan.engine == "qdq":
+        if not ptq_model:
+            raise QopsError(f"QAT engine qdq fine-tunes the PTQ model of {recipe.target!r}, and none was given.",
+                            "quantize the target first (the quantize stage, or qops quantize), or choose engine pt2e.")
+        path, res, detail = qdq_qat(ptq_model=ptq_model, source_onnx=source_onnx, cfg=cfg, train_feeds=train_feeds,
+                                    labels=labels, out_path=out_dir / "model.onnx")
+        diff = None
+        moved = detail["learned_ranges"]
+        notes = [f"QAT (qdq int8_static) fine-tuned the PTQ model ({Path(ptq_model).name}) {res.steps} steps on "
+                 f"{res.rows} rows; kept step {res.best_step} ({detail['stopped']}); held-out agreement "
+                 f"{detail['held_out_before']['agreement']:.3f} -> {detail['held_out_after']['agreement']:.3f}, "
+                 f"cosine {detail['held_out_before']['cosine']:.4f} -> {detail['held_out_after']['cosine']:.4f}; "
+                 f"{moved['activation_scales']} activation and {moved['weight_channels']} weight-channel scales "
+                 f"learned (largest change {100 * max(moved['activation_max_rel_change'], moved['weight_max_rel_change']):.1f}%)"]
+    else:
+        if not program:
+            raise QopsError(f"QAT engine {plan.engine} trains the model's PyTorch program (.pt2), and none was given.",
+                            "give the .pt2 the ONNX model was exported from (qat.program, qops qat --model), or use "
+                            "engine qdq for a static INT8 ONNX target.")
+        path, res, detail, notes, diff = _train_program(source_onnx, program, recipe, plan, cfg, train_feeds, labels,
+                                                        out_dir, work_dir)
     src_size = Path(source_onnx if plan.output != "pt2" else program).stat().st_size
     size = path.stat().st_size
-    rec = recipe.to_dict()
+    rec = dict(ptq_recipe) if plan.engine == "qdq" and ptq_recipe else recipe.to_dict()
     mode = {"int8_static": "static", "int8_dynamic": "dynamic"}.get(plan.scheme, recipe.mode)
     facts = {}  # what the exported model is, where QAT's scheme differs from the PTQ recipe's options (the card reads it)
-    if plan.engine == "pt2e":  # X86InductorQuantizer: int8 symmetric per-channel weights, uint8 activations
+    if plan.engine == "qdq":
+        facts["calibration_method"] = (f"{rec.get('calibration_method', 'minmax')} on the calibration rows (the PTQ "
+                                       "model's), then learned during QAT (LSQ step sizes)")
+    elif plan.engine == "pt2e":  # X86InductorQuantizer: int8 symmetric per-channel weights, uint8 activations
         scheme = dict(mode=mode, per_channel=True, symmetric_weights=True, weight_type="int8",
                       activation_type="uint8", nodes_to_exclude=[])
         rec.update({k: v for k, v in scheme.items() if recipe.has_option(k)}, granularity="per-channel")
@@ -163,7 +195,7 @@ def run_qat(*, source_onnx: str, program: str, recipe, plan: QatPlan, cfg: QatCo
         source_path=str(src), source_sha256=sha256_file(src), size_bytes=size, source_size_bytes=src_size,
         size_ratio=round(size / src_size, 4), calibration_path=None, calibration_rows=0,
         seconds=round(time.perf_counter() - t0, 2), recipe=rec, mode=mode, engine=recipe.engine, notes=notes,
-        qat={"plan": asdict(plan), "training": asdict(res), "program": str(program),
+        qat={"plan": asdict(plan), "training": asdict(res), "program": str(program) if program else None,
              "program_onnx_max_rel_diff": diff, "export": detail}))
     write_json_atomic(out_dir / "qat_result.json", out)
     return out
@@ -201,11 +233,15 @@ def qat_files(*, program: str | os.PathLike, target: str, train: str | os.PathLi
     QAT held out (``comparison`` in the result; :func:`compare_on_holdout`)."""
     out_dir = Path(out_dir)
     work_dir = Path(work_dir) if work_dir else out_dir / "work"
-    if Path(program).suffix.lower() != ".pt2" or not Path(program).is_file():
-        raise QopsError(f"QAT trains PyTorch programs; {program} is not an existing .pt2 file.",
-                        "export the FP32 model with torch.export (qops' retraining examples write one) or log it "
-                        "with mlflow.pytorch.log_model(serialization_format='pt2').")
-    onnx = str(onnx) if onnx else fetch_source_model(str(program), out_dir / "fp32").path
+    suffix = Path(program).suffix.lower()
+    if suffix not in (".pt2", ".onnx") or not Path(program).is_file():
+        raise QopsError(f"QAT trains an FP32 .pt2 program or fine-tunes an ONNX model's PTQ graph; {program} is not an "
+                        "existing .pt2 or .onnx file.",
+                        "export the FP32 model with torch.export (qops' retraining examples write one) or to ONNX.")
+    if suffix == ".onnx":
+        onnx, program = str(program), None
+    else:
+        onnx = str(onnx) if onnx else fetch_source_model(str(program), out_dir / "fp32").path
     recipe = get_target(target, target_options)
     training = {k: v for k, v in training.items() if v is not None}
     if "steps" not in training and "epochs" not in training:
@@ -225,15 +261,31 @@ def qat_files(*, program: str | os.PathLike, target: str, train: str | os.PathLi
     labels = None if distill else task_labels(df, label, train, "give the label column (--label), or train by "
                                               "distillation from the FP32 model (--distill, label-free).")
     cfg = config_for(qat, target, plan, has_label=labels is not None)
-    res = run_qat(source_onnx=onnx, program=str(program), recipe=recipe, plan=plan, cfg=cfg, train_feeds=feeds,
-                  labels=labels, out_dir=out_dir, work_dir=work_dir)
+    ptq, train_feeds, train_labels = None, feeds, labels
+    train_rows, _ = holdout_split(len(df), cfg.holdout, cfg.seed)
+    if plan.engine == "qdq":  # the PTQ model it starts from, calibrated on the rows the report does not hold out
+        ptq = ptq_on_rows(onnx, recipe, train, df, train_rows, out_dir / "ptq" / "model.onnx", features)
+        train_feeds = {k: v[train_rows] for k, v in feeds.items()}
+        train_labels = labels[train_rows] if labels is not None else None
+    res = run_qat(source_onnx=onnx, program=str(program) if program else None, recipe=recipe, plan=plan, cfg=cfg,
+                  train_feeds=train_feeds, labels=train_labels, out_dir=out_dir, work_dir=work_dir,
+                  ptq_model=ptq.model_path if ptq else None, ptq_recipe=ptq.recipe if ptq else None)
     if compare:
         src = onnx if plan.output != "pt2" else str(program)
         res["comparison"] = compare_on_holdout(source=src, qat_model=res["model_path"], train=train, df=df,
                                                feeds=feeds, cfg=cfg, recipe=recipe, features=features,
-                                               out_dir=out_dir, labels=labels, options=target_options)
+                                               out_dir=out_dir, labels=labels, options=target_options, ptq=ptq)
         write_json_atomic(out_dir / "qat_result.json", res)
     return res
+
+
+def ptq_on_rows(source: str, recipe, train, df, rows: np.ndarray, dest: Path, features) -> QuantizeResult:
+    """The target's PTQ model at ``dest``, calibrated on ``rows`` of the training file (what QAT is compared with
+    and, for engine qdq, starts from)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    calib = _subset_file(train, df, rows, dest.parent / "calibration")
+    log.info("PTQ of %s on %d training rows", recipe.target, len(rows))
+    return quantize(source, recipe, dest, calibration=calib, features=features)
 
 
 def _subset_file(train: str | os.PathLike, df, rows: np.ndarray, dest: Path) -> Path:
@@ -250,19 +302,17 @@ def _subset_file(train: str | os.PathLike, df, rows: np.ndarray, dest: Path) -> 
 
 
 def compare_on_holdout(*, source: str, qat_model: str, train, df, feeds: dict, cfg: QatConfig, recipe, features,
-                       out_dir: Path, labels: np.ndarray | None = None, options: dict | None = None) -> dict:
+                       out_dir: Path, labels: np.ndarray | None = None, options: dict | None = None,
+                       ptq: QuantizeResult | None = None) -> dict:
     """FP32 vs PTQ vs QAT on the rows QAT held out (never trained on, never calibrated on): the target's PTQ recipe
-    calibrated on the training rows, then each model's output fidelity to FP32 (and accuracy where labels are
+    calibrated on the training rows (or ``ptq``, already made so), then each model's output fidelity to FP32 (and accuracy where labels are
     known). Returns ``{"rows": n, "fp32": {...}, "ptq": {...}, "qat": {...}, "ptq_model": path}``."""
     train_rows, held = holdout_split(len(df), cfg.holdout, cfg.seed)
     if not len(held):
         return {"rows": 0, "note": "no held-out rows (holdout 0): nothing to compare on"}
-    work = out_dir / "ptq"
-    work.mkdir(parents=True, exist_ok=True)
-    calib = _subset_file(train, df, train_rows, work / "calibration")
-    log.info("QAT report: PTQ of %s on the %d training rows, FP32/PTQ/QAT on %d held-out rows", recipe.target,
-             len(train_rows), len(held))
-    ptq = quantize(source, recipe, work / Path(qat_model).name, calibration=calib, features=features)
+    if ptq is None:
+        ptq = ptq_on_rows(source, recipe, train, df, train_rows, out_dir / "ptq" / Path(qat_model).name, features)
+    log.info("QAT report: FP32/PTQ/QAT on %d held-out rows", len(held))
     feed = {k: v[held] for k, v in feeds.items()}
     ref = run_model(source, feed, recipe.to_dict())
     out: dict = {"rows": int(len(held)), "ptq_model": str(ptq.model_path)}

@@ -3,10 +3,13 @@ target, in which format the trained model is written, on which queue, and the tr
 
 Targets and what QAT produces for them (:func:`plan_for`):
 
-- ONNX Runtime INT8 targets (static, dynamic, auto): PT2E QAT (``prepare_qat_pt2e`` with torchao's
-  ``X86InductorQuantizer`` in QAT mode), ``convert_pt2e``, then ``torch.onnx`` (dynamo) writes ONNX QDQ
-  (``QuantizeLinear``/``DequantizeLinear`` around the float ops, INT8 weights), which ONNX Runtime fuses into
-  integer kernels like the PTQ model's.
+- ONNX Runtime static INT8 targets: engine ``qdq`` (default): the target's PTQ model itself — the QDQ graph the
+  tuner chose, with its integer graph and bias correction — is fine-tuned, weights and scales (LSQ), and written
+  with the same nodes (:mod:`qops.qat.qdq`); no PyTorch program is needed. Or engine ``pt2e``: PT2E QAT of the
+  model's ``.pt2`` program (``prepare_qat_pt2e`` with torchao's ``X86InductorQuantizer`` in QAT mode),
+  ``convert_pt2e``, then ``torch.onnx`` (dynamo) writes ONNX QDQ, which ONNX Runtime fuses into integer kernels.
+- ONNX Runtime dynamic INT8 (an ``auto`` target whose PTQ chose dynamic): PT2E, which ``torch.onnx`` cannot write
+  in this release (an error says so).
 - ONNX Runtime INT4 weight-only (``MatMulNBits``): torchao ``IntxWeightOnlyConfig`` (int4, groups of the target's
   block size) through ``QATConfig``; the converted layers' own integers and scales are written as ``MatMulNBits``
   into the FP32 ONNX graph, each layer checked against torchao's dequantized weight
@@ -24,14 +27,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qops.errors import QopsError
-from qops.qat.config import CUDA_SCHEMES, PT2E_SCHEMES, SCHEMES, QatConfig
+from qops.qat.config import CUDA_SCHEMES, PT2E_SCHEMES, QDQ_SCHEMES, SCHEMES, QatConfig
 from qops.targets import list_targets
 
 
 @dataclass(frozen=True)
 class QatPlan:
     target: str
-    engine: str  # pt2e | torchao
+    engine: str  # qdq | pt2e | torchao
     scheme: str
     output: str  # onnx_qdq | onnx_matmulnbits | pt2
     queue: str
@@ -40,6 +43,10 @@ class QatPlan:
 
 _TORCH_METHOD = {"pt2e_x86_inductor": ("pt2e", "int8_static"), "int8_dynamic": ("torchao", "int8_dynamic_int8_weight"),
                  "int4_weight_only": ("torchao", "int4_weight_only_cuda"), "float8_dynamic": ("torchao", "float8_dynamic")}
+
+
+# a static ONNX QDQ target is also written by PT2E QAT of the model's torch program (engine: pt2e)
+_ALSO = {"qdq": {"qdq": QDQ_SCHEMES, "pt2e": PT2E_SCHEMES}}
 
 
 def supported_targets() -> dict[str, str]:
@@ -58,7 +65,9 @@ def _defaults(recipe, mode: str | None):
     """(default scheme, engine, allowed schemes, output format, group size), or None if QAT does not serve it."""
     if recipe.engine == "onnxruntime" and recipe.precision == "int8" and recipe.mode in ("static", "dynamic", "auto"):
         m = mode if recipe.mode == "auto" else recipe.mode
-        return ("int8_dynamic" if m == "dynamic" else "int8_static"), "pt2e", PT2E_SCHEMES, "onnx_qdq", None
+        if m == "dynamic":
+            return "int8_dynamic", "pt2e", PT2E_SCHEMES, "onnx_qdq", None
+        return "int8_static", "qdq", QDQ_SCHEMES, "onnx_qdq", None
     if recipe.engine == "onnxruntime" and recipe.precision == "int4" and recipe.mode == "weight_only":
         return "int4_weight_only", "torchao", {"int4_weight_only"}, "onnx_matmulnbits", recipe.block_size
     if recipe.engine == "torchao" and recipe.torch_method in _TORCH_METHOD:
@@ -76,10 +85,14 @@ def plan_for(recipe, engine: str | None = None, scheme: str | None = None, mode:
                         f"{recipe.engine}).", f"QAT serves {sorted(supported_targets())}; remove the target from "
                         "qat.targets.")
     default, eng, allowed, out, group = d
-    chosen_engine = engine or eng
-    if chosen_engine != eng:
-        raise QopsError(f"Target {recipe.target!r} takes QAT engine {eng} (its format: {out}); {engine!r} was asked.",
-                        f"set qat engine {eng} for this target, or leave it unset.")
+    engines = _ALSO.get(eng, {eng: allowed})
+    if engine and engine not in engines:
+        raise QopsError(f"Target {recipe.target!r} takes QAT engine {' or '.join(engines)} (its format: {out}); "
+                        f"{engine!r} was asked.", f"set qat engine {' or '.join(engines)} for this target, or leave it "
+                        "unset.")
+    if engine and engine != eng:
+        eng, allowed = engine, engines[engine]
+        default = "int8_static" if default not in allowed else default
     chosen = scheme or default
     if chosen not in allowed:
         raise QopsError(f"QAT scheme {chosen!r} does not produce target {recipe.target!r}'s format ({out}).",

@@ -49,8 +49,9 @@ class QatTargetSpec(Base):
     when: Literal["always", "ptq_fails"] = Field(
         "ptq_fails", description="ptq_fails: train only when the target's PTQ model (after tuning) fails its gates; "
         "always: the QAT model is the target's candidate whatever PTQ did (PTQ still runs, for the comparison).")
-    engine: Literal["torchao", "pt2e"] | None = Field(default=None, description="Default: the one that writes the "
-                                                      "target's format (docs/qat.md#targets).")
+    engine: Literal["qdq", "pt2e", "torchao"] | None = Field(
+        default=None, description="Default: the one that writes the target's format: qdq (fine-tuning of the "
+        "static PTQ model itself) for ONNX static INT8 (docs/qat.md#targets).")
     scheme: str | None = Field(default=None, description="Default: the target's (docs/qat.md#targets).")
     group_size: int | None = Field(default=None, ge=1, description="int4 groups; ONNX INT4 targets: their block_size.")
     steps: int | None = Field(default=None, ge=1)
@@ -75,7 +76,8 @@ class QatSpec(Base):
                                 "source model is ONNX; default: the source's own (pytorch-flavored sources) or the "
                                 "model version's qops.torch_program tag.")
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: float = Field(1e-4, gt=0)
+    lr: float | None = Field(default=None, gt=0, description="Learning rate; default per engine: 1e-5 for qdq "
+                             "(the PTQ model's own weights), 1e-4 for pt2e and torchao.")
     momentum: float = Field(0.9, ge=0, description="sgd only.")
     weight_decay: float = Field(0.0, ge=0)
     steps: int | None = Field(default=None, ge=1, description="Optimizer steps (or epochs; default 3 epochs).")

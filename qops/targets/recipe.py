@@ -162,7 +162,8 @@ def _describe(tp) -> str:
 
 def _prepare(value, tp):
     """What YAML and ``--option`` give, shaped for the field's type: comma-separated strings to lists (never
-    split into characters), ``"8.9"`` to ``(8, 9)``, YAML 1.1's ``"1e-5"`` to a float; lists to tuples."""
+    split into characters), ``"8.9"`` to ``(8, 9)``, YAML 1.1's ``"1e-5"`` to a float and its on/off booleans back to
+    ``"on"``/``"off"`` for fields that take those words; lists to tuples."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None:
@@ -181,6 +182,8 @@ def _prepare(value, tp):
             return float(value.strip())
         except ValueError:
             return value
+    if origin is typing.Literal and isinstance(value, bool) and {"on", "off"} <= set(args):
+        return "on" if value else "off"  # YAML 1.1 reads an unquoted on/off as a boolean
     return value
 
 

@@ -228,7 +228,7 @@ def test_a_spec_with_qat_when_ptq_fails_registers_the_qat_model_as_champion(airf
                      "validation": str(d / "val.parquet"), "label": "y", "slice_columns": ["group"]},
             "calibration": {"size": 200, "drift": {"enabled": False}},
             "targets": ["x86_64_vnni_int8"], "target_options": {"x86_64_vnni_int8": {"mode": "static"}},
-            "qat": {"targets": {"x86_64_vnni_int8": {"when": "ptq_fails"}}, "lr": 0.01, "steps": 150,
+            "qat": {"targets": {"x86_64_vnni_int8": {"when": "ptq_fails", "engine": "pt2e"}}, "lr": 0.01, "steps": 150,
                     "checkpoint_every": 50},
             "gates": {"max_latency_ratio": 50.0, "bootstrap": 200, "latency_runs": 20},
             "artifact_root": str(home / "artifacts")}

@@ -49,7 +49,7 @@ def _spec(name: str, source: str, data: Path, home: Path, **extra) -> dict:
                      "validation": str(data / "val.parquet"), "label": "y", "slice_columns": ["group"]},
             "calibration": {"size": 200, "drift": {"enabled": False}},
             "targets": ["x86_64_vnni_int8"], "target_options": {"x86_64_vnni_int8": {"mode": "static"}},
-            "qat": {"targets": {"x86_64_vnni_int8": {"when": "ptq_fails"}}, "lr": 0.01, "steps": 150},
+            "qat": {"targets": {"x86_64_vnni_int8": {"when": "ptq_fails", "engine": "pt2e"}}, "lr": 0.01, "steps": 150},
             "gates": {"max_latency_ratio": 50.0, "bootstrap": 200, "latency_runs": 20},
             "artifact_root": str(home / "artifacts" / name)}
     spec.update(extra)
@@ -117,7 +117,7 @@ def stack(tmp_path_factory):
             "hooked_quantize": _spec("hooked_quantize", "models:/hooked-src@champion", data, home,
                                      watch={"poll_interval_s": 3600}),
             "faults_quantize": _spec("faults_quantize", "models:/faults-src@champion", data, home,
-                                     qat={"targets": {"x86_64_vnni_int8": {"when": "ptq_fails"}}, "lr": 0.01,
+                                     qat={"targets": {"x86_64_vnni_int8": {"when": "ptq_fails", "engine": "pt2e"}}, "lr": 0.01,
                                           "steps": 6000, "checkpoint_every": 250}),
         }
         for name, spec in specs.items():

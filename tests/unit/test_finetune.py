@@ -34,7 +34,7 @@ def qdq(tmp_path_factory):
 def test_the_simulator_runs_what_onnx_runtime_runs(qdq):
     import torch
 
-    from qops.quantize.finetune import QdqModule
+    from qops.quantize.qdq_sim import QdqModule
 
     d, model, q, cal, val = qdq
     m = onnx.load(q.model_path)
@@ -92,3 +92,52 @@ def test_finetuning_as_a_recipe_option_keeps_the_graph_and_reports(qdq):
     ops = lambda p: Counter(n.op_type for n in onnx.load(p).graph.node)  # noqa: E731
     assert ops(r.model_path) == ops(q.model_path)  # same graph, scales and zero points: only integers changed
     assert r.technique["float_islands"] == {"float_ops": {}, "requantizations": 0}
+
+
+def test_learned_ranges_move_keep_the_graph_and_export_what_was_trained(qdq):
+    """LSQ: the scales train with the weights; the exported model is the trained simulator (ONNX Runtime runs what
+    the simulator ran), every node, zero point and tied scale as before, and each INT32 bias on its layer's new
+    input scale x weight scale grid."""
+    import torch
+
+    from qops.quantize.finetune import finetune
+    from qops.quantize.qdq_sim import QdqModule
+
+    d, model, q, cal, val = qdq
+    before = onnx.load(q.model_path)
+    m = onnx.load(q.model_path)
+    report = finetune(m, onnx.load(str(model)), {"pixel_values": cal}, steps=60, lr=1e-4, batch_size=16,
+                      eval_every=20, patience=5, learn_ranges=True, range_lr=1e-2)
+    moved = report["learned_ranges"]
+    assert moved["activation_scales"] >= 5 and moved["weight_channels"] > 100
+    assert moved["activation_max_rel_change"] > 0.01 and moved["weight_max_rel_change"] > 0.01
+    assert [(n.op_type, list(n.input), list(n.output)) for n in m.graph.node] == \
+        [(n.op_type, list(n.input), list(n.output)) for n in before.graph.node]
+    old = {i.name: numpy_helper.to_array(i) for i in before.graph.initializer}
+    new = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    assert set(old) == set(new) and all(old[k].dtype == new[k].dtype and old[k].shape == new[k].shape for k in old)
+    changed = [k for k in old if not np.array_equal(old[k], new[k])]
+    assert any(k.endswith("_scale") for k in changed)
+    assert not [k for k in changed if old[k].dtype in (np.uint8,) and old[k].ndim == 0]  # zero points stay
+    # scales equal before (ORT drops QDQ pairs around data movement only between equal scales) stay equal
+    scalar = {k: v for k, v in old.items() if v.dtype == np.float32 and v.ndim == 0}
+    for a in scalar:
+        for b in scalar:
+            if a < b and old[a] == old[b]:
+                assert new[a] == new[b], (a, b)
+    # each Conv/Gemm bias is on its input scale x weight scale grid
+    producer = {o: n for n in m.graph.node for o in n.output}
+    checked = 0
+    for n in m.graph.node:
+        if n.op_type in ("Conv", "Gemm") and len(n.input) > 2:
+            x, w, b = producer[n.input[0]], producer[n.input[1]], producer[n.input[2]]
+            np.testing.assert_allclose(new[b.input[1]], new[x.input[1]] * new[w.input[1]], rtol=1e-6)
+            checked += 1
+    assert checked == 8
+    # the exported model computes what the trained simulator computes
+    sim = QdqModule(m, torch)
+    with torch.no_grad():
+        got = sim.forward({"pixel_values": torch.from_numpy(val)})[0].numpy()
+    want = _run(m, val)
+    assert (got.argmax(1) == want.argmax(1)).mean() >= 0.99
+    assert report["held_out_after"]["loss"] <= report["held_out_before"]["loss"]

@@ -27,7 +27,10 @@ QOPS = [sys.executable, "-m", "qops.cli"]
 
 def test_each_target_gets_the_engine_and_format_it_is_served_in():
     p = plan_for(get_target("x86_64_vnni_int8"), mode="static")
-    assert (p.engine, p.scheme, p.output, p.queue) == ("pt2e", "int8_static", "onnx_qdq", "cpu")
+    # static INT8 ONNX: the PTQ model itself is fine-tuned (qdq); PT2E of the torch program on request
+    assert (p.engine, p.scheme, p.output, p.queue) == ("qdq", "int8_static", "onnx_qdq", "cpu")
+    p = plan_for(get_target("x86_64_vnni_int8"), engine="pt2e", mode="static")
+    assert (p.engine, p.scheme, p.output) == ("pt2e", "int8_static", "onnx_qdq")
     # dynamic activations: torch.onnx cannot write PT2E's dynamic quantization, so it is refused with the way out
     for recipe, mode in ((get_target("x86_64_vnni_int8"), "dynamic"), (get_target("x86_64_int8_dynamic"), None)):
         with pytest.raises(QopsError, match="cannot be written as ONNX.*torch_int8_dynamic"):
@@ -44,7 +47,7 @@ def test_each_target_gets_the_engine_and_format_it_is_served_in():
         plan_for(get_target("codebook_4bit"))
     with pytest.raises(QopsError, match="does not produce target 'x86_64_vnni_int8'"):
         plan_for(get_target("x86_64_vnni_int8"), scheme="int4_weight_only")
-    with pytest.raises(QopsError, match="takes QAT engine pt2e"):
+    with pytest.raises(QopsError, match="takes QAT engine qdq or pt2e"):
         plan_for(get_target("x86_64_vnni_int8"), engine="torchao")
 
 
@@ -71,13 +74,14 @@ def _spec(tmp_path, **over):
 def test_the_qat_block_is_validated_with_fixes(tmp_path):
     spec = _spec(tmp_path)
     cfg = config_for(spec.qat, "x86_64_vnni_int8", spec.qat_plan("x86_64_vnni_int8"), has_label=True)
-    assert (cfg.engine, cfg.scheme, cfg.loss, cfg.epochs, cfg.steps) == ("pt2e", "int8_static", "task", 3.0, None)
+    assert (cfg.engine, cfg.scheme, cfg.loss, cfg.epochs, cfg.steps) == ("qdq", "int8_static", "task", 3.0, None)
+    assert cfg.lr == 1e-5  # the engine's default
     assert spec.qat_plan("codebook_4bit") is None
     with pytest.raises(SpecError, match="qat.targets names target"):
         _spec(tmp_path, qat={"targets": {"arm64_int8": {}}})
     with pytest.raises(SpecError, match="qat.targets.codebook_4bit: QAT does not serve"):
         _spec(tmp_path, qat={"targets": {"codebook_4bit": {}}})
-    with pytest.raises(SpecError, match="not one the pt2e engine trains|does not produce"):
+    with pytest.raises(SpecError, match="not one the qdq engine trains|does not produce"):
         _spec(tmp_path, qat={"targets": {"x86_64_vnni_int8": {"scheme": "float8_dynamic"}}})
     with pytest.raises(SpecError, match="steps or qat.epochs, not both"):
         _spec(tmp_path, qat={"targets": {"x86_64_vnni_int8": {}}, "steps": 3, "epochs": 1})
@@ -152,7 +156,7 @@ def _planted(d: Path, steps=150, when="ptq_fails", gates=None, checkpoint_every=
                     "slice_columns": ["group"]},
            "calibration": {"size": 200, "drift": {"enabled": False}},
            "targets": ["x86_64_vnni_int8"], "target_options": {"x86_64_vnni_int8": {"mode": "static"}},
-           "qat": {"targets": {"x86_64_vnni_int8": {"when": when}}, "lr": 0.01, "steps": steps, "batch_size": 32,
+           "qat": {"targets": {"x86_64_vnni_int8": {"when": when, "engine": "pt2e"}}, "lr": 0.01, "steps": steps, "batch_size": 32,
                    "checkpoint_every": checkpoint_every, **qat},
            # latency is not what this spec is about (a 2x2 MLP): bounds the models meet on any CPU
            "gates": {"max_latency_ratio": 50.0, "bootstrap": 200, "latency_runs": 20, **(gates or {})},
@@ -264,6 +268,7 @@ def test_qops_qat_cli_trains_for_a_target_and_resumes(tmp_path):
     small_weight_program(tmp_path / "model.pt2")
     small_weight_data(0, 2000, 200).to_parquet(tmp_path / "train.parquet")
     args = [*QOPS, "qat", "--model", tmp_path / "model.pt2", "--target", "x86_64_vnni_int8", "--option", "mode=static",
+            "--engine", "pt2e",
             "--train", tmp_path / "train.parquet", "--label", "y", "--steps", "150", "--lr", "0.01",
             "--checkpoint-every", "50", "--output-dir", tmp_path / "out"]
     r = subprocess.run([str(a) for a in args], capture_output=True, text=True)

@@ -482,6 +482,9 @@ def test_recipe_options_parse_lists_and_reject_typos():
     assert r.with_options(nodes_to_exclude=["/a", "/b"]).nodes_to_exclude == ("/a", "/b")
     assert r.with_options(op_types="MatMul, Gemm").op_types == ("MatMul", "Gemm")
     assert r.with_options(min_compute_capability="8.9").min_compute_capability == (8, 9)
+    # YAML 1.1 (a spec, --option) reads an unquoted off/on as false/true: fields that take the words get them back
+    assert r.with_options(bias_correction=False).bias_correction == "off"
+    assert r.with_options(integer_graph=True).integer_graph == "on"
     with pytest.raises(TargetError, match=r"per_channel='maybe' is not true or false"):
         r.with_options(per_channel="maybe")
     with pytest.raises(TargetError, match=r"calibration_method='magic' is not one of 'minmax', 'entropy'"):
