@@ -96,6 +96,7 @@ def test_the_image_example_spec_runs_through_the_whole_pipeline(lite0, tmp_path,
     spec["data"]["image"]["root"] = str(d)
     spec["calibration"]["size"] = 64
     spec["tuning"]["enabled"] = False
+    spec["qat"].update(steps=12, checkpoint_every=6, batch_size=4)  # QAT beside PTQ, briefly (the demo: 400 steps)
     spec["gates"].update(bootstrap=100, latency_runs=30, max_latency_ratio=5.0)  # a shared CI machine's timing
     spec["mlflow"]["tracking_uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
@@ -109,7 +110,12 @@ def test_the_image_example_spec_runs_through_the_whole_pipeline(lite0, tmp_path,
     cal = json.loads((rdir / "calibration" / "calibration.json").read_text())
     assert cal["rows"] == 64 and cal["drift_passed"] is not None
     card = json.loads(Path(row["card"]["json"]).read_text())
-    assert card["quantization"]["technique"]["refinement"]["bias_corrected"] == 50
+    # the QAT model (engine qdq) is the candidate: the PTQ model's graph fine-tuned, FP32/PTQ/QAT per photo
+    assert row["method"] == "qat" and card["qat"]["plan"]["engine"] == "qdq"
+    keys = [r["key"] for r in card["qat"]["rows"]]
+    assert keys[0] == "overall" and any(k.startswith("photo=") for k in keys), keys
+    assert card["qat"]["training"]["steps"] <= 12 and card["qat"]["export"]["ptq_sha256"]
+    assert "Started from | the PTQ model" in Path(row["card"]["markdown"]).read_text()
     if row["gate"] == "passed":
         assert row["mlflow"]["registered"] and "champion" in row["mlflow"]["aliases"]
 
