@@ -16,6 +16,7 @@ import logging
 from collections import Counter
 from pathlib import Path
 
+from qops.quantize.blockrec import reconstruct
 from qops.quantize.finetune import finetune
 from qops.quantize.graph import save_model, weighted_nodes
 from qops.quantize.refine import refine
@@ -78,6 +79,28 @@ def _first_rows(reader, rows: int) -> list[dict]:
     return feeds
 
 
+def reconstruct_blocks(dst: Path, fp32: Path, reader, recipe, external: bool) -> dict:
+    """Block reconstruction of the QDQ model at ``dst`` (rewritten in place) towards ``fp32`` on the first
+    ``recipe.block_rows`` calibration rows (:mod:`qops.quantize.blockrec`)."""
+    import numpy as np
+    import onnx
+
+    batches = _first_rows(reader, recipe.block_rows)
+    if not batches:
+        return {"skipped": "no calibration rows"}
+    feeds = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+    q, f = onnx.load(str(dst)), onnx.load(str(fp32))
+    log.info("block reconstruction of %s: %d steps per block on %d calibration rows", recipe.target,
+             recipe.block_iters, len(next(iter(feeds.values()))))
+    report = reconstruct(q, f, feeds, iters=recipe.block_iters, rounding=recipe.block_rounding,
+                         time_budget_s=recipe.refine_budget_s)
+    if "skipped" in report:
+        log.warning("block reconstruction skipped: %s", report["skipped"])
+        return report
+    save_model(q, dst, external)
+    return report
+
+
 def finetune_model(dst: Path, fp32: Path, reader, recipe, external: bool) -> dict:
     """Quantization-aware fine-tuning of the QDQ model at ``dst`` (rewritten in place) towards ``fp32`` on the first
     ``recipe.finetune_rows`` calibration rows (:mod:`qops.quantize.finetune`)."""
@@ -93,6 +116,7 @@ def finetune_model(dst: Path, fp32: Path, reader, recipe, external: bool) -> dic
              len(next(iter(feeds.values()))))
     report = finetune(q, f, feeds, steps=recipe.finetune_steps, lr=recipe.finetune_lr,
                       batch_size=recipe.finetune_batch, time_budget_s=recipe.finetune_budget_s)
+    report.pop("losses", None)  # per-step history: the QAT record keeps it, a recipe's technique does not
     if "skipped" in report:
         log.warning("fine-tuning skipped: %s", report["skipped"])
         return report

@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from qops.quantize.qdq_sim import QdqModule, UnsupportedGraph
+from qops.quantize.qdq_sim import QdqModule, UnsupportedGraph, range_change, write_initializers
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,6 @@ def finetune(qmodel, fmodel, feeds: dict[str, np.ndarray], *, steps: int = 300, 
     row for a cross-entropy term; ``on_progress(step, report)`` after every evaluation."""
     import onnxruntime as ort
     import torch
-    from onnx import numpy_helper
 
     t0 = time.perf_counter()
     names = list(feeds)
@@ -135,27 +134,10 @@ def finetune(qmodel, fmodel, feeds: dict[str, np.ndarray], *, steps: int = 300, 
     with torch.no_grad():
         for p, v in zip(params, best["state"]):
             p.copy_(v)
-    new = sim.export()
-    moved = _range_change(sim, torch)
-    for init in qmodel.graph.initializer:
-        if init.name in new:
-            init.CopyFrom(numpy_helper.from_array(new[init.name], init.name))
+    write_initializers(qmodel, sim.export())
+    moved = range_change(sim, torch)
     return {"steps": step, "kept_step": best["step"], "train_rows": int(len(train)), "held_out_rows": int(n_hold),
             "held_out_before": {"loss": start[0], "agreement": start[1], "cosine": start[2]},
             "held_out_after": {"loss": best["loss"], "agreement": best["agreement"], "cosine": best["cosine"]},
             "stopped": stopped, "lr": lr, "batch_size": batch_size, "learned_ranges": moved,
             "losses": losses, "evals": evals, "seconds": round(time.perf_counter() - t0, 1)}
-
-
-def _range_change(sim, torch) -> dict | None:
-    """How far the learned scales moved from the calibrated ones (relative), or None without learned ranges."""
-    if not len(sim.ranges):
-        return None
-    with torch.no_grad():
-        acts = [float(v) for k, v in sim.ranges.items() if k.startswith("a")]
-        ws = torch.cat([v.reshape(-1) for k, v in sim.ranges.items() if k.startswith("w")] or [torch.zeros(0)])
-    rel = lambda u: float(np.expm1(np.abs(u)).max()) if len(u) else 0.0  # noqa: E731
-    return {"activation_scales": len(acts), "weight_channels": int(ws.numel()),
-            "activation_max_rel_change": round(rel(np.array(acts)), 4),
-            "activation_mean_rel_change": round(float(np.expm1(np.abs(np.array(acts))).mean()) if acts else 0.0, 4),
-            "weight_max_rel_change": round(rel(ws.numpy()), 4)}

@@ -28,6 +28,7 @@ from qops.quantize.cnn import (
     finetune_model,
     float_islands,
     integer_graph_ops,
+    reconstruct_blocks,
     refine_model,
     wants,
     weighted_coverage,
@@ -275,6 +276,8 @@ def _int8(src: Path, dst: Path, recipe: Recipe, mode: str, reader, external: boo
                 technique["int16_weights"] = protected
         if recipe.quant_format == "QDQ" and (wants(recipe.bias_correction, kind) or recipe.learned_rounding):
             technique["refinement"] = refine_model(dst, pre2, reader, recipe, kind, external)
+        if recipe.quant_format == "QDQ" and recipe.block_iters > 0:
+            technique["block_reconstruction"] = reconstruct_blocks(dst, pre2, reader, recipe, external)
         if recipe.quant_format == "QDQ" and recipe.finetune_steps > 0:
             technique["finetune"] = finetune_model(dst, pre2, reader, recipe, external)
     else:

@@ -28,6 +28,13 @@ _TIED = {"MaxPool", "GlobalMaxPool", "Reshape", "Flatten", "Squeeze", "Unsqueeze
          "Slice", "Gather", "Identity", "Resize", "Pad", "DepthToSpace", "SpaceToDepth"}
 
 
+_ZETA, _GAMMA = 1.1, -0.1  # AdaRound's rectified sigmoid stretch
+
+
+def _h(torch, v):
+    return torch.clamp(torch.sigmoid(v) * (_ZETA - _GAMMA) + _GAMMA, 0, 1)
+
+
 class UnsupportedGraph(ValueError):
     """The QDQ graph has an op this simulator does not run."""
 
@@ -146,22 +153,71 @@ class QdqModule:
     def _ste_round(self, x):
         return x + (self.torch.round(x) - x).detach()
 
+    def soft_rounding(self, dq_outputs, fp32: dict | None = None) -> list:
+        """Switch the weights behind ``dq_outputs`` to AdaRound's learned rounding (Nagel et al. 2020): each weight
+        is ``floor(w / s) + h(v)`` steps, ``h`` a rectified sigmoid of a parameter ``v`` that starts at the weight's
+        fractional part — of the FP32 weight in ``fp32`` (DQ output -> array) where it lies within a step of the
+        quantized one, else of the quantized weight itself; the scale stays fixed. Returns the ``v`` parameters; :meth:`rounding_penalty` pushes each
+        ``h`` to 0 or 1 and :meth:`hard_rounding` ends it."""
+        torch, out = self.torch, []
+        for dq in dq_outputs:
+            spec = self.weight_dq[dq]
+            if spec["bias"] or "soft" in spec:
+                continue
+            with torch.no_grad():
+                w = self.params[spec["key"]]
+                s = _shape(self.weight_scale(spec), spec["axis"], w.dim())
+                f = (fp32 or {}).get(dq)
+                if f is not None and f.shape == tuple(w.shape):
+                    f = torch.from_numpy(np.array(f, dtype=np.float32))
+                    if bool(((f - w).abs() <= s * 1.001).all()):
+                        w = f
+                floor = torch.floor(w / s)
+                rest = (w / s - floor).clamp(0.01, 0.99)
+            v = torch.nn.Parameter(torch.log((rest - _GAMMA) / (_ZETA - rest)))
+            spec["soft"] = {"floor": floor, "v": v, "scale": s}
+            out.append(v)
+        return out
+
+    def rounding_penalty(self, beta: float):
+        """AdaRound's regulariser over the weights in soft rounding: 0 when every ``h`` is 0 or 1."""
+        terms = [(1 - (2 * _h(self.torch, sp["soft"]["v"]) - 1).abs().pow(beta)).sum()
+                 for sp in self.weight_dq.values() if "soft" in sp]
+        return sum(terms) if terms else 0.0
+
+    def hard_rounding(self) -> None:
+        """End soft rounding: each weight becomes its rounded-up or -down value (``h >= 0.5``)."""
+        torch = self.torch
+        with torch.no_grad():
+            for spec in self.weight_dq.values():
+                soft = spec.pop("soft", None)
+                if soft is not None:
+                    self.params[spec["key"]].copy_((soft["floor"] + (soft["v"] >= 0).float()) * soft["scale"])
+
     def _fake_weight(self, spec):
         torch = self.torch
         w = self.params[spec["key"]]
         if spec["bias"]:
             return w  # INT32 biases: float while training, rounded on export
+        if "soft" in spec:
+            sp, z = spec["soft"], _shape(spec["zp"], spec["axis"], w.dim())
+            return (torch.clamp(sp["floor"] + _h(torch, sp["v"]) + z, spec["qmin"], spec["qmax"]) - z) * sp["scale"]
         s = _shape(self.weight_scale(spec), spec["axis"], w.dim())
         z = _shape(spec["zp"], spec["axis"], w.dim())
         q = torch.clamp(self._ste_round(w / s) + z, spec["qmin"], spec["qmax"])
         return (q - z) * s
 
-    def forward(self, feeds: dict):
+    def environment(self, feeds: dict) -> dict:
+        """Constants, the current (learned) activation scales and ``feeds``: what :meth:`run` evaluates nodes in."""
         env = dict(self.const)
         for name, (key, s0) in self.act_scales.items():
             env[name] = s0 * self.torch.exp(self.ranges[key])
         env.update(feeds)
-        for n in self.model.graph.node:
+        return env
+
+    def run(self, env: dict, nodes) -> dict:
+        """Evaluate ``nodes`` (in graph order) in ``env``, adding their outputs to it."""
+        for n in nodes:
             if n.op_type == "Constant":
                 continue
             if n.op_type == "DequantizeLinear" and n.output[0] in self.weight_dq:
@@ -173,6 +229,10 @@ class QdqModule:
                 out = [out]
             for name, v in zip(n.output, out):
                 env[name] = v
+        return env
+
+    def forward(self, feeds: dict):
+        env = self.run(self.environment(feeds), self.model.graph.node)
         return [env[o] for o in self.outputs]
 
     def export(self) -> dict:
@@ -355,3 +415,26 @@ def _unsqueezed(shape, axes) -> list[int]:
     return out
 
 
+
+
+def write_initializers(model, arrays: dict) -> None:
+    """Replace ``model``'s initializers named in ``arrays`` (what :meth:`QdqModule.export` returns)."""
+    from onnx import numpy_helper
+
+    for init in model.graph.initializer:
+        if init.name in arrays:
+            init.CopyFrom(numpy_helper.from_array(arrays[init.name], init.name))
+
+
+def range_change(sim, torch) -> dict | None:
+    """How far the learned scales moved from the calibrated ones (relative), or None without learned ranges."""
+    if not len(sim.ranges):
+        return None
+    with torch.no_grad():
+        acts = [float(v) for k, v in sim.ranges.items() if k.startswith("a")]
+        ws = torch.cat([v.reshape(-1) for k, v in sim.ranges.items() if k.startswith("w")] or [torch.zeros(0)])
+    rel = lambda u: float(np.expm1(np.abs(u)).max()) if len(u) else 0.0  # noqa: E731
+    return {"activation_scales": len(acts), "weight_channels": int(ws.numel()),
+            "activation_max_rel_change": round(rel(np.array(acts)), 4),
+            "activation_mean_rel_change": round(float(np.expm1(np.abs(np.array(acts))).mean()) if acts else 0.0, 4),
+            "weight_max_rel_change": round(rel(ws.numpy()), 4)}
