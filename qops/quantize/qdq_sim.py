@@ -250,13 +250,13 @@ class QdqModule:
                 if spec["bias"]:
                     s = bias_scale.get(dq, spec["scale"])
                     if dq in bias_scale:
-                        out[names[dq]] = s.numpy().astype(np.float32)
+                        out[names[dq]] = s.numpy().astype(np.float32).reshape(self.inits[names[dq]].shape)
                     info = np.iinfo(np.int32)
                     out[spec["init"]] = np.clip(np.round((w / s).double().numpy()), info.min, info.max).astype(np.int32)
                     continue
                 scale = self.weight_scale(spec)
                 if "range" in spec:
-                    out[names[dq]] = scale.numpy().astype(np.float32)
+                    out[names[dq]] = scale.numpy().astype(np.float32).reshape(self.inits[names[dq]].shape)
                 s = _shape(scale, spec["axis"], w.dim())
                 z = _shape(spec["zp"], spec["axis"], w.dim())
                 q = torch.clamp(torch.round(w / s) + z, spec["qmin"], spec["qmax"])

@@ -103,30 +103,41 @@ def test_learned_ranges_move_keep_the_graph_and_export_what_was_trained(qdq):
     from qops.quantize.finetune import finetune
     from qops.quantize.qdq_sim import QdqModule
 
-    d, model, q, cal, val = qdq
+    from qops.quantize import quantize
+
+    d, model, _, cal, val = qdq
+    # per-tensor weights, no bias correction: a PTQ model with enough error for the held-out loss to fall
+    q = quantize(model, "x86_64_vnni_int8", d / "pt.onnx", calibration=d / "cal.npz",
+                 options={"per_channel": False, "bias_correction": "off"})
     before = onnx.load(q.model_path)
     m = onnx.load(q.model_path)
     report = finetune(m, onnx.load(str(model)), {"pixel_values": cal}, steps=60, lr=1e-4, batch_size=16,
-                      eval_every=20, patience=5, learn_ranges=True, range_lr=1e-2)
+                      eval_every=10, patience=10, learn_ranges=True, range_lr=1e-3)
     moved = report["learned_ranges"]
-    assert moved["activation_scales"] >= 5 and moved["weight_channels"] > 100
-    assert moved["activation_max_rel_change"] > 0.01 and moved["weight_max_rel_change"] > 0.01
+    assert moved["activation_scales"] >= 5 and moved["weight_channels"] == 8  # one scale per layer (per tensor)
+    assert moved["activation_max_rel_change"] > 0.005 and moved["weight_max_rel_change"] > 0.005
+    assert report["kept_step"] > 0
     assert [(n.op_type, list(n.input), list(n.output)) for n in m.graph.node] == \
         [(n.op_type, list(n.input), list(n.output)) for n in before.graph.node]
     old = {i.name: numpy_helper.to_array(i) for i in before.graph.initializer}
     new = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
-    assert set(old) == set(new) and all(old[k].dtype == new[k].dtype and old[k].shape == new[k].shape for k in old)
+    assert set(old) == set(new)
+    assert [k for k in old if (old[k].dtype, old[k].shape) != (new[k].dtype, new[k].shape)] == []
     changed = [k for k in old if not np.array_equal(old[k], new[k])]
     assert any(k.endswith("_scale") for k in changed)
     assert not [k for k in changed if old[k].dtype in (np.uint8,) and old[k].ndim == 0]  # zero points stay
-    # scales equal before (ORT drops QDQ pairs around data movement only between equal scales) stay equal
-    scalar = {k: v for k, v in old.items() if v.dtype == np.float32 and v.ndim == 0}
-    for a in scalar:
-        for b in scalar:
-            if a < b and old[a] == old[b]:
-                assert new[a] == new[b], (a, b)
-    # each Conv/Gemm bias is on its input scale x weight scale grid
+    # scales equal on both sides of a data-movement op (ORT drops the QDQ pair around it only between equal scales)
+    # stay equal: here the Flatten before the classifier
     producer = {o: n for n in m.graph.node for o in n.output}
+    tied = 0
+    for n in m.graph.node:
+        if n.op_type in ("Flatten", "Reshape", "MaxPool", "Transpose") and n.input[0] in producer:
+            dq, q = producer[n.input[0]], next(c for c in m.graph.node if c.input and c.input[0] == n.output[0])
+            if dq.op_type == "DequantizeLinear" and q.op_type == "QuantizeLinear" and old[dq.input[1]] == old[q.input[1]]:
+                assert new[dq.input[1]] == new[q.input[1]]
+                tied += 1
+    assert tied >= 1
+    # each Conv/Gemm bias is on its input scale x weight scale grid
     checked = 0
     for n in m.graph.node:
         if n.op_type in ("Conv", "Gemm") and len(n.input) > 2:
