@@ -100,10 +100,9 @@ def test_learned_ranges_move_keep_the_graph_and_export_what_was_trained(qdq):
     input scale x weight scale grid."""
     import torch
 
+    from qops.quantize import quantize
     from qops.quantize.finetune import finetune
     from qops.quantize.qdq_sim import QdqModule
-
-    from qops.quantize import quantize
 
     d, model, _, cal, val = qdq
     # per-tensor weights, no bias correction: a PTQ model with enough error for the held-out loss to fall
