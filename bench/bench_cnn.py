@@ -6,11 +6,12 @@ Calibration crops come from one half of the shipped photos, measured crops from 
 (:mod:`qops.examples.photos`). Fidelity: top-1 agreement with FP32 and mean logit cosine on the measured crops;
 size; batch-1 latency with one thread, every variant interleaved in one process (ratios to FP32).
 
-    .venv/bin/python bench/bench_cnn.py [--model lite0|mobilenet_v2] [--variants all|core] [--per-photo 40]
+    .venv/bin/python bench/bench_cnn.py [--model lite0|mobilenet_v2] [--variants all|core|block] [--per-photo 40]
                                         [--out bench/results]
 
 Writes ``<out>/cnn.md`` and ``<out>/cnn.json`` (``cnn_<model>.*`` for another model than Lite0). ``--variants core``:
-ONNX Runtime's static variants and qops' default alone (the ablation rows are Lite0's).
+ONNX Runtime's static variants and qops' default alone (the ablation rows are Lite0's); ``--variants block``: those
+and block reconstruction.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def _memory_line(memory: dict) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", choices=("lite0", "mobilenet_v2"), default="lite0")
-    ap.add_argument("--variants", choices=("all", "core"), default="all")
+    ap.add_argument("--variants", choices=("all", "core", "block"), default="all")
     ap.add_argument("--per-photo", type=int, default=40)
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--work", help="work folder (default: .bench-cnn, .bench-cnn-<model> for another model)")
@@ -182,9 +183,12 @@ def main() -> int:
         ("qops, default with the depthwise layers kept out of INT8 (INT16 weights, float kernels)",
          {"nodes_to_exclude": tuple(_depthwise(fp32))}),
         ("qops, default + quantization-aware fine-tuning (300 steps)", {"finetune_steps": 300}),
+        ("qops, default + block reconstruction (300 steps per block)", {"block_iters": 300}),
     )
     if args.variants == "core":
         qops_variants = tuple(v for v in qops_variants if v[0].endswith("(default)"))
+    elif args.variants == "block":
+        qops_variants = tuple(v for v in qops_variants if v[0].endswith("(default)") or "block" in v[0])
     for name, o in qops_variants:
         s = time.perf_counter()
         r = quantize(fp32, "x86_64_vnni_int8", work / f"q{len(variants)}.onnx", calibration=cal_abs, features=abs_kind,
