@@ -158,9 +158,11 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
     sp.add_argument("--features", help="comma-separated; default: the program's qops.feature_columns")
     _kind_args(sp)
     sp.add_argument("--group-size", type=int, help="int4 group size of torchao schemes (default 32)")
-    sp.add_argument("--steps", type=int, help="optimizer steps; or --epochs (default: 3 epochs)")
+    sp.add_argument("--steps", type=int, help="optimizer steps; or --epochs (default: 300 steps for engine qdq, "
+                    "else 100)")
     sp.add_argument("--epochs", type=float, help="passes over the training rows; or --steps (default: 3)")
-    sp.add_argument("--batch-size", type=int, help="rows per step (default: 32)")
+    sp.add_argument("--batch-size", type=int, help="rows per step (default: 8 for engine qdq, 32 for pt2e and "
+                    "torchao)")
     sp.add_argument("--lr", type=float, help="learning rate (default: 1e-5 for engine qdq, 1e-4 for pt2e and "
                     "torchao)")
     sp.add_argument("--optimizer", choices=["adamw", "sgd"], help="optimizer (default: adamw)")

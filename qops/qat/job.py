@@ -20,7 +20,7 @@ from qops.errors import QopsError
 from qops.evaluate import output_fidelity, run_model
 from qops.programs import load_program, program_inputs
 from qops.qat import export as qat_export
-from qops.qat.config import QatConfig
+from qops.qat.config import DEFAULT_LENGTH, QatConfig
 from qops.qat.plan import QatPlan, config_for, plan_for, require_cuda_for
 from qops.qat.qdq import qdq_qat
 from qops.qat.train import convert, holdout_split, train_qat
@@ -33,7 +33,7 @@ from qops.spec import QatSpec, QatTargetSpec
 from qops.targets import get_target
 
 log = logging.getLogger(__name__)
-DEFAULT_STEPS = 100  # `qops qat` without --steps or --epochs
+DEFAULT_STEPS = 100  # `qops qat` without --steps or --epochs (engine qdq: its DEFAULT_LENGTH)
 
 
 def _program_feeds(ep, onnx_inputs, feeds: dict[str, np.ndarray]) -> list[str]:
@@ -243,9 +243,10 @@ def qat_files(*, program: str | os.PathLike, target: str, train: str | os.PathLi
     else:
         onnx = str(onnx) if onnx else fetch_source_model(str(program), out_dir / "fp32").path
     recipe = get_target(target, target_options)
+    plan = plan_for(recipe, engine=engine, scheme=scheme, mode=resolve_mode(recipe, onnx))
     training = {k: v for k, v in training.items() if v is not None}
     if "steps" not in training and "epochs" not in training:
-        training["steps"] = DEFAULT_STEPS
+        training["steps"] = DEFAULT_LENGTH.get(plan.engine, {}).get("steps", DEFAULT_STEPS)
     try:
         qat = QatSpec(targets={target: QatTargetSpec(when="always", engine=engine, scheme=scheme)},
                       loss="distill" if distill else "task", label=label, **training)
@@ -253,7 +254,6 @@ def qat_files(*, program: str | os.PathLike, target: str, train: str | os.PathLi
         raise QopsError("Invalid QAT settings: " + "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}"
                                                              for err in e.errors()),
                         "see `qops qat --help` for each option's range.") from None
-    plan = plan_for(recipe, engine=engine, scheme=scheme, mode=resolve_mode(recipe, onnx))
     df = read_table(train, "QAT training set")
     inputs, _ = onnx_io(onnx)
     kind = data_kind(onnx, features, df)

@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qops.errors import QopsError
-from qops.qat.config import CUDA_SCHEMES, PT2E_SCHEMES, QDQ_SCHEMES, SCHEMES, QatConfig
+from qops.qat.config import CUDA_SCHEMES, DEFAULT_LENGTH, PT2E_SCHEMES, QDQ_SCHEMES, SCHEMES, QatConfig
 from qops.targets import list_targets
 
 
@@ -126,7 +126,8 @@ def config_for(qat, target: str, plan: QatPlan, has_label: bool, **overrides) ->
     steps = t.steps if t.steps is not None else (None if t.epochs is not None else qat.steps)
     epochs = t.epochs if t.epochs is not None else (None if t.steps is not None else qat.epochs)
     if steps is None and epochs is None:
-        epochs = 3.0
+        steps, epochs = DEFAULT_LENGTH.get(plan.engine, {}).get("steps"), None
+        epochs = 3.0 if steps is None else None
     group = t.group_size or plan.group_size or qat.group_size
     return QatConfig(scheme=plan.scheme, engine=plan.engine, group_size=group, steps=steps, epochs=epochs,
                      batch_size=t.batch_size or qat.batch_size, optimizer=qat.optimizer, lr=t.lr or qat.lr,

@@ -74,8 +74,8 @@ def _spec(tmp_path, **over):
 def test_the_qat_block_is_validated_with_fixes(tmp_path):
     spec = _spec(tmp_path)
     cfg = config_for(spec.qat, "x86_64_vnni_int8", spec.qat_plan("x86_64_vnni_int8"), has_label=True)
-    assert (cfg.engine, cfg.scheme, cfg.loss, cfg.epochs, cfg.steps) == ("qdq", "int8_static", "task", 3.0, None)
-    assert cfg.lr == 1e-5  # the engine's default
+    assert (cfg.engine, cfg.scheme, cfg.loss, cfg.epochs, cfg.steps) == ("qdq", "int8_static", "task", None, 300)
+    assert (cfg.lr, cfg.batch_size) == (1e-5, 8)  # the engine's defaults
     assert spec.qat_plan("codebook_4bit") is None
     with pytest.raises(SpecError, match="qat.targets names target"):
         _spec(tmp_path, qat={"targets": {"arm64_int8": {}}})
