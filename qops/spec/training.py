@@ -16,7 +16,8 @@ class TuningSpec(Base):
     enabled: bool = Field(False, description="Tune every target; off: quantize with the recipe as it is.")
     targets: list[str] | None = Field(default=None, description="Only these targets (default: all).")
     max_trials: int = Field(12, ge=1, description="Candidates quantized and judged, per target.")
-    timeout_s: float = Field(900, gt=0, description="Wall-clock budget per target; no new trial starts after it.")
+    timeout_s: float = Field(600, gt=0, description="Wall-clock budget per target: no trial starts that would end "
+                             "after it (judged by the median time of the trials so far).")
     calibration_methods: list[Literal["minmax", "percentile", "entropy", "distribution"]] = Field(
         default_factory=lambda: ["minmax", "percentile", "entropy"])
     granularities: list[Literal["per-channel", "per-tensor"]] = Field(

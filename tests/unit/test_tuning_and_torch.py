@@ -435,6 +435,25 @@ def test_tuning_stop_reason_when_the_budget_runs_out(fp32_model, data_dir, tmp_p
     assert [t["phase"] for t in res.trials] == ["search", "search", "fallback", "fallback"]
 
 
+def test_tuning_starts_no_trial_that_would_end_past_its_time_budget(fp32_model, data_dir, tmp_path):
+    """Each trial here takes a little over 2 s (the judge waits 2 s); with a 5 s budget the third would end near
+    7 s, so it does not start: the search ends within its budget and says why."""
+    import time as _time
+
+    gates = GateSpec(thresholds=[MetricThreshold(metric="cosine", min_value=1.01)])  # unreachable
+    judge = _judge(fp32_model, data_dir, gates)
+
+    def slow(res):
+        _time.sleep(2.0)
+        return judge(res)
+
+    res = tune(fp32_model, get_target("x86_64_int8_dynamic"), tmp_path / "q.onnx", slow,
+               config=TuningSpec(max_trials=6, max_fallback_nodes=0, timeout_s=5.0))
+    n, took = len(res.trials), res.tuning["seconds"]
+    assert 1 <= n <= 2 and (n == 1 or took <= 6.0), (n, took)  # one trial always runs, whatever it takes
+    assert res.tuning["stopped"].startswith("time budget used (5 s; no trial starts that would end past it")
+
+
 # --- recipe options are validated by type -------------------------------------------------------------------------
 
 BAD_VALUES = {bool: "maybe", int: "x", float: "fast", str: 3, tuple: 5, dict: "not-a-mapping"}

@@ -72,7 +72,11 @@ def tune(
     work = Path(tempfile.mkdtemp(prefix=temp_prefix("trials-"), dir=output.parent))
 
     def budget_left() -> bool:
-        return len(trials) < cfg.max_trials and time.perf_counter() < deadline
+        """Trials left, and time for one more: a trial starts only if it should end within the budget (by the
+        median time of the trials so far), so the search ends near ``timeout_s``, not a whole trial past it."""
+        took = sorted(t["seconds"] for t in trials if t.get("seconds") is not None)
+        expected = took[len(took) // 2] if took else 0.0
+        return len(trials) < cfg.max_trials and time.perf_counter() + expected < deadline
 
     def attempt(opts: dict, phase: str) -> dict:
         idx = len(trials)
@@ -172,8 +176,9 @@ def tune(
         if not stop:
             if len(trials) >= cfg.max_trials:
                 stop = f"trial budget used ({cfg.max_trials} trials: {search_budget} search, {reserve} kept for fallback)"
-            elif time.perf_counter() >= deadline:
-                stop = f"time budget used ({cfg.timeout_s:.0f} s)"
+            elif not budget_left():
+                stop = (f"time budget used ({cfg.timeout_s:.0f} s; no trial starts that would end past it by the "
+                        "median trial time)")
             elif not fallback_on and not any(t["passed"] for t in trials):
                 stop = "search space exhausted; node fallback does not apply to this recipe"
             else:
