@@ -119,7 +119,7 @@ def test_qat_artifacts_compute_what_the_converted_torch_model_computes(target, t
     x = rng.normal(size=(256, 64)).astype(np.float32)
     y = x[:, :3].argmax(1)
     recipe = get_target(target, {"block_size": 32, "accuracy_level": 0} if target == "int4_weight_only" else None)
-    plan = plan_for(recipe, mode="static")
+    plan = plan_for(recipe, mode="static", engine="pt2e" if target == "x86_64_vnni_int8" else None)
     cfg = QatConfig(engine=plan.engine, scheme=plan.scheme, group_size=plan.group_size or 32, steps=12, lr=1e-3,
                     checkpoint_every=6)
     out = run_qat(source_onnx=src.path, program=src.pt2_path, recipe=recipe, plan=plan, cfg=cfg,
@@ -325,7 +325,7 @@ def test_pt2e_qat_of_a_cnn_folds_batch_norm_and_exports_qdq(tmp_path):
     x = np.random.default_rng(0).normal(size=(128, 3, 16, 16)).astype(np.float32)
     y = (x[:, 0].mean((1, 2)) > 0).astype(np.int64)
     recipe = get_target("x86_64_vnni_int8")
-    plan = plan_for(recipe, mode="static")
+    plan = plan_for(recipe, mode="static", engine="pt2e")
     cfg = QatConfig(engine="pt2e", scheme="int8_static", steps=8, lr=1e-3, checkpoint_every=4, batch_size=32)
     out = run_qat(source_onnx=src.path, program=src.pt2_path, recipe=recipe, plan=plan, cfg=cfg,
                   train_feeds={"features": x}, labels=y, out_dir=tmp_path / "o", work_dir=tmp_path / "w")
