@@ -79,49 +79,48 @@ def _first_rows(reader, rows: int) -> list[dict]:
     return feeds
 
 
-def reconstruct_blocks(dst: Path, fp32: Path, reader, recipe, external: bool) -> dict:
-    """Block reconstruction of the QDQ model at ``dst`` (rewritten in place) towards ``fp32`` on the first
-    ``recipe.block_rows`` calibration rows (:mod:`qops.quantize.blockrec`)."""
+def _retrain(dst: Path, fp32: Path, reader, rows: int, external: bool, what: str, train) -> dict:
+    """Load the first ``rows`` calibration rows, run ``train(quantized, fp32, feeds) -> report`` on the QDQ model at
+    ``dst`` and rewrite it unless the report says ``skipped``."""
     import numpy as np
     import onnx
 
-    batches = _first_rows(reader, recipe.block_rows)
+    batches = _first_rows(reader, rows)
     if not batches:
         return {"skipped": "no calibration rows"}
     feeds = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
     q, f = onnx.load(str(dst)), onnx.load(str(fp32))
-    log.info("block reconstruction of %s: %d steps per block on %d calibration rows", recipe.target,
-             recipe.block_iters, len(next(iter(feeds.values()))))
-    report = reconstruct(q, f, feeds, iters=recipe.block_iters, rounding=recipe.block_rounding,
-                         time_budget_s=recipe.refine_budget_s)
+    log.info("%s on %d calibration rows", what, len(next(iter(feeds.values()))))
+    report = train(q, f, feeds)
     if "skipped" in report:
-        log.warning("block reconstruction skipped: %s", report["skipped"])
+        log.warning("%s skipped: %s", what.split(" of ")[0], report["skipped"])
         return report
     save_model(q, dst, external)
     return report
+
+
+def reconstruct_blocks(dst: Path, fp32: Path, reader, recipe, external: bool) -> dict:
+    """Block reconstruction of the QDQ model at ``dst`` (rewritten in place) towards ``fp32`` on the first
+    ``recipe.block_rows`` calibration rows (:mod:`qops.quantize.blockrec`)."""
+    return _retrain(dst, fp32, reader, recipe.block_rows, external,
+                    f"block reconstruction of {recipe.target}: {recipe.block_iters} steps per block",
+                    lambda q, f, feeds: reconstruct(q, f, feeds, iters=recipe.block_iters,
+                                                    rounding=recipe.block_rounding,
+                                                    time_budget_s=recipe.refine_budget_s))
 
 
 def finetune_model(dst: Path, fp32: Path, reader, recipe, external: bool) -> dict:
     """Quantization-aware fine-tuning of the QDQ model at ``dst`` (rewritten in place) towards ``fp32`` on the first
     ``recipe.finetune_rows`` calibration rows (:mod:`qops.quantize.finetune`)."""
-    import numpy as np
-    import onnx
 
-    batches = _first_rows(reader, recipe.finetune_rows)
-    if not batches:
-        return {"skipped": "no calibration rows"}
-    feeds = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
-    q, f = onnx.load(str(dst)), onnx.load(str(fp32))
-    log.info("fine-tuning %s: up to %d steps on %d calibration rows", recipe.target, recipe.finetune_steps,
-             len(next(iter(feeds.values()))))
-    report = finetune(q, f, feeds, steps=recipe.finetune_steps, lr=recipe.finetune_lr,
-                      batch_size=recipe.finetune_batch, time_budget_s=recipe.finetune_budget_s)
-    report.pop("losses", None)  # per-step history: the QAT record keeps it, a recipe's technique does not
-    if "skipped" in report:
-        log.warning("fine-tuning skipped: %s", report["skipped"])
+    def train(q, f, feeds):
+        report = finetune(q, f, feeds, steps=recipe.finetune_steps, lr=recipe.finetune_lr,
+                          batch_size=recipe.finetune_batch, time_budget_s=recipe.finetune_budget_s)
+        report.pop("losses", None)  # per-step history: the QAT record keeps it, a recipe's technique does not
         return report
-    save_model(q, dst, external)
-    return report
+
+    return _retrain(dst, fp32, reader, recipe.finetune_rows, external,
+                    f"fine-tuning of {recipe.target}: up to {recipe.finetune_steps} steps", train)
 
 
 def refine_model(dst: Path, fp32: Path, reader, recipe, kind: str, external: bool) -> dict:
