@@ -59,8 +59,11 @@ def test_blocks_are_residual_blocks_and_reconstruction_beats_layer_wise_refineme
     outs = [b["output"] for b in blocks]
     layer_err = _block_errors(layer.model_path, model, outs, val)
     block_err = _block_errors(block.model_path, model, outs, val)
-    # measured on a Sapphire Rapids Xeon: 20%, 16% and 13% lower on the held-out rows
-    assert all(b < 0.97 * a for a, b in zip(layer_err, block_err)), (layer_err, block_err)
+    # the residual blocks (4 and 3 layers) end lower than layer-wise refinement on the held-out rows (measured on a
+    # Sapphire Rapids Xeon: 20% and 16%; with AVX2 kernels and one thread 19% and 15%); the head is one layer, where
+    # a block is a layer (there the two land within 2% of each other, either side, by CPU)
+    multi = [(a, b) for a, b, blk in zip(layer_err, block_err, blocks) if blk["layers"] > 1]
+    assert len(multi) == 2 and all(b < 0.97 * a for a, b in multi), (layer_err, block_err)
     ops = lambda p: Counter(n.op_type for n in onnx.load(p).graph.node)  # noqa: E731
     assert ops(block.model_path) == ops(layer.model_path)  # the same graph: only initializers changed
     assert block.technique["float_islands"] == {"float_ops": {}, "requantizations": 0}
