@@ -174,7 +174,8 @@ def main() -> int:
     qops_variants = (
         ("qops, Conv/Gemm only (the previous default recipe)", {"integer_graph": "off", "bias_correction": "off"}),
         ("qops, integer graph", {"bias_correction": "off"}),
-        ("qops, integer graph + bias correction (default)", {}),
+        ("qops, integer graph + bias correction, ranges from calibration alone", {"range_search": "off"}),
+        ("qops, integer graph + bias correction + range search (default)", {}),
         ("qops, integer graph + learned rounding", {"bias_correction": "off", "learned_rounding": True}),
         ("qops, integer graph + bias correction + learned rounding", {"learned_rounding": True}),
         ("qops, default with percentile calibration", {"calibration_method": "percentile"}),
@@ -186,10 +187,12 @@ def main() -> int:
         ("qops, default + block reconstruction (300 steps per block)", {"block_iters": 300}),
     )
     if args.variants == "core":
-        qops_variants = tuple(v for v in qops_variants if v[0].endswith("(default)"))
+        qops_variants = tuple(v for v in qops_variants if v[0].endswith("(default)") or "alone" in v[0])
     elif args.variants == "block":
         qops_variants = tuple(v for v in qops_variants if v[0].endswith("(default)") or "block" in v[0])
     for name, o in qops_variants:
+        if not name.endswith("(default)"):  # the ablation rows: each technique on ranges from calibration alone
+            o = dict(o, range_search="off")
         s = time.perf_counter()
         r = quantize(fp32, "x86_64_vnni_int8", work / f"q{len(variants)}.onnx", calibration=cal_abs, features=abs_kind,
                      options=o)
@@ -198,7 +201,9 @@ def main() -> int:
                           "refinement": r.technique.get("refinement"),
                           "precision": r.technique.get("precision_summary"),
                           "equalization": r.technique.get("equalization"),
-                          "finetune": r.technique.get("finetune")}
+                          "finetune": r.technique.get("finetune"),
+                          "range_search": {k: v for k, v in (r.technique.get("range_search") or {}).items()
+                                           if k != "changed"} or None}
     print(f"quantized {len(variants)} variants in {time.perf_counter() - t0:.0f} s", flush=True)
     paths = {"FP32": str(fp32), **{k: v["path"] for k, v in variants.items()}}
     p50 = p50_interleaved(paths, {"pixel_values": xv[:1]}, args.runs)

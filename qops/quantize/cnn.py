@@ -6,6 +6,8 @@ the graph really runs in integer.
   and the like run on integer kernels, so QDQ pairs fuse instead of leaving float islands between integer ops.
 - :func:`refine_model`: bias correction (``auto``: convolutional graphs) and, on request, learned rounding
   (:mod:`qops.quantize.refine`) on the first ``refine_rows`` calibration rows.
+- :func:`search_model_ranges`: activation ranges searched by the output error they cause (``auto``: convolutional
+  graphs; :mod:`qops.quantize.rangesearch`).
 - :func:`float_islands`: what ONNX Runtime runs in float after fusing the QDQ model (float ops, requantizations):
   the count a test and the recipe's report use.
 """
@@ -19,6 +21,7 @@ from pathlib import Path
 from qops.quantize.blockrec import reconstruct
 from qops.quantize.finetune import finetune
 from qops.quantize.graph import save_model, weighted_nodes
+from qops.quantize.rangesearch import search_ranges
 from qops.quantize.refine import refine
 
 log = logging.getLogger(__name__)
@@ -121,6 +124,20 @@ def finetune_model(dst: Path, fp32: Path, reader, recipe, external: bool) -> dic
 
     return _retrain(dst, fp32, reader, recipe.finetune_rows, external,
                     f"fine-tuning of {recipe.target}: up to {recipe.finetune_steps} steps", train)
+
+
+def search_model_ranges(dst: Path, fp32: Path, reader, recipe, external: bool) -> dict:
+    """Activation ranges of the QDQ model at ``dst`` (rewritten in place) searched by output error against
+    ``fp32`` on the first ``recipe.refine_rows`` calibration rows (:mod:`qops.quantize.rangesearch`)."""
+
+    def progress(done: int, total: int, err: float) -> None:
+        if done % 10 == 0 or done == total:
+            log.info("range search: %d/%d scales, output error %.5f", done, total, err)
+
+    return _retrain(dst, fp32, reader, recipe.refine_rows, external,
+                    f"activation range search of {recipe.target}: up to {recipe.range_sweeps} sweeps",
+                    lambda q, f, feeds: search_ranges(q, f, feeds, sweeps=recipe.range_sweeps,
+                                                      time_budget_s=recipe.refine_budget_s, on_progress=progress))
 
 
 def refine_model(dst: Path, fp32: Path, reader, recipe, kind: str, external: bool) -> dict:

@@ -30,6 +30,7 @@ from qops.quantize.cnn import (
     integer_graph_ops,
     reconstruct_blocks,
     refine_model,
+    search_model_ranges,
     wants,
     weighted_coverage,
 )
@@ -276,6 +277,8 @@ def _int8(src: Path, dst: Path, recipe: Recipe, mode: str, reader, external: boo
                 technique["int16_weights"] = protected
         if recipe.quant_format == "QDQ" and (wants(recipe.bias_correction, kind) or recipe.learned_rounding):
             technique["refinement"] = refine_model(dst, pre2, reader, recipe, kind, external)
+        if recipe.quant_format == "QDQ" and wants(recipe.range_search, kind):
+            technique["range_search"] = search_model_ranges(dst, pre2, reader, recipe, external)
         if recipe.quant_format == "QDQ" and recipe.block_iters > 0:
             technique["block_reconstruction"] = reconstruct_blocks(dst, pre2, reader, recipe, external)
         if recipe.quant_format == "QDQ" and recipe.finetune_steps > 0:

@@ -165,6 +165,10 @@ class OrtConfig(EngineConfig):
     rounding_rows: int = 32  # of those, the rows learned rounding fits (held in memory, one layer at a time)
     rounding_iters: int = 200
     refine_budget_s: float = 600.0
+    # activation ranges searched per scale by the model's output error (qops.quantize.rangesearch) on refine_rows
+    # rows, after bias correction: "auto" = on for convolutional graphs; range_sweeps passes over the scales
+    range_search: Literal["auto", "on", "off"] = "auto"
+    range_sweeps: int = 1
     # block reconstruction (qops.quantize.blockrec, BRECQ): 0 iterations per block = off
     block_iters: int = 0
     block_rows: int = 128  # calibration rows the blocks are fitted on (held in memory, one block at a time)
@@ -220,6 +224,8 @@ class OrtConfig(EngineConfig):
                         "use e.g. finetune_steps=300, finetune_lr=1e-5, finetune_batch=8, finetune_rows=512."))
         if self.block_iters < 0 or self.block_rows < 2:
             out.append(("block_iters must be >= 0 and block_rows >= 2.", "use e.g. block_iters=300, block_rows=128."))
+        if self.range_sweeps < 1:
+            out.append(("range_sweeps must be at least 1.", "use range_sweeps=1, or range_search=off."))
         if min(self.refine_rows, self.rounding_rows, self.calibration_batch, self.rounding_iters) < 1:
             out.append(("refine_rows, rounding_rows, calibration_batch and rounding_iters must be at least 1.",
                         "use e.g. refine_rows=128, rounding_rows=32, calibration_batch=16, rounding_iters=200."))
