@@ -12,7 +12,8 @@ as in :class:`~qops.quantize.qdq_sim.QdqModule`). For each one it tries a few mu
 runs the whole quantized model with ONNX Runtime on the calibration rows and keeps the multiplier with the lowest
 output error against FP32 (mean over rows of the squared error relative to the FP32 output's energy) — if it lowers
 that error by ``min_gain`` and on both halves of the rows (even and odd), so that a few rows' noise does not move a
-range — then goes on to the next scale from there (coordinate descent; ``sweeps`` passes). Every INT32 bias is re-derived on its layer's
+range — then goes on to the next scale from there (coordinate descent; ``sweeps`` passes). A range that stands for a folded
+``Clip(0, c)`` (ReLU6: ONNX Runtime drops the Clip and lets the range clip) is never widened past ``c``. Every INT32 bias is re-derived on its layer's
 new input scale; zero points, weights and the graph do not change, so the model fuses and runs exactly like the
 unsearched one. Memory: the rows of one search (``rows``) and their outputs; time: bounded by ``time_budget_s``.
 """
@@ -45,7 +46,39 @@ def _halves(e: np.ndarray) -> tuple[float, float, float]:
     return float(e.mean()), float(e[0::2].mean()), float(e[1::2].mean())
 
 
-def _outputs(model, feeds: dict, batch: int = 64) -> list:
+def clip_caps(qmodel, fp32_model, sim) -> dict[str, float]:
+    """Tie group -> the largest multiplier its scale may take. ONNX Runtime drops a ``Clip(0, c)`` (ReLU6) whose
+    output is quantized and folds the clip into the quantization range (the quantizer names that range
+    ``<clip output>_scale``), so a range widened past ``c`` would no longer clip: the model would change."""
+    from onnx import numpy_helper
+
+    consts = {i.name: numpy_helper.to_array(i) for i in fp32_model.graph.initializer}
+    for n in fp32_model.graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    clip_max = {}
+    for n in fp32_model.graph.node:
+        if n.op_type != "Clip":
+            continue
+        hi = next((a.f for a in n.attribute if a.name == "max"), None)
+        if len(n.input) > 2 and n.input[2] in consts:
+            hi = float(np.asarray(consts[n.input[2]]).reshape(-1)[0])
+        if hi is not None:
+            clip_max[n.output[0] + "_scale"] = hi
+    caps: dict[str, float] = {}
+    for q in qmodel.graph.node:
+        name = q.input[1] if q.op_type == "QuantizeLinear" and len(q.input) > 1 else None
+        if name not in clip_max or name not in sim.act_scales:
+            continue
+        key, s0 = sim.act_scales[name]
+        zp = sim.inits[q.input[2]] if len(q.input) > 2 and q.input[2] in sim.inits else np.zeros((), np.uint8)
+        top = float(np.iinfo(zp.dtype).max) - float(zp)
+        if top > 0:
+            caps[key] = min(caps.get(key, np.inf), clip_max[name] / (float(s0) * top))
+    return caps
+
+
+def model_outputs(model, feeds: dict, batch: int = 64) -> list:
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -76,14 +109,15 @@ def search_ranges(qmodel, fp32_model, feeds: dict, sweeps: int = 1, multipliers=
     groups = [k for k in sim.ranges if k.startswith("a")]
     if not groups:
         return {"skipped": "no activation scale to search"}
-    ref = _outputs(fp32_model, feeds)
+    caps = clip_caps(qmodel, fp32_model, sim)
+    ref = model_outputs(fp32_model, feeds)
 
     def build():
         m = copy.deepcopy(qmodel)
         write_initializers(m, sim.export())
         return m
 
-    best = _halves(row_errors(_outputs(qmodel, feeds), ref))
+    best = _halves(row_errors(model_outputs(qmodel, feeds), ref))
     before = best[0]
     tried, stopped, chosen = 0, None, {}
     for sweep in range(sweeps):
@@ -95,9 +129,11 @@ def search_ranges(qmodel, fp32_model, feeds: dict, sweeps: int = 1, multipliers=
             keep = float(sim.ranges[g].detach())
             pick = None
             for m in multipliers:
+                if keep + float(np.log(m)) > float(np.log(caps.get(g, np.inf))) + 1e-6:
+                    continue  # past a folded Clip's bound
                 with torch.no_grad():
                     sim.ranges[g].fill_(keep + float(np.log(m)))
-                err = _halves(row_errors(_outputs(build(), feeds), ref))
+                err = _halves(row_errors(model_outputs(build(), feeds), ref))
                 tried += 1
                 # kept only if it helps both halves of the rows (not the noise of a few) by min_gain overall
                 if err[0] < best[0] * (1 - min_gain) and err[1] < best[1] and err[2] < best[2]:

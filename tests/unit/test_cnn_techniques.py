@@ -69,6 +69,7 @@ def _q(cnn, name, **options):
     from qops.quantize import quantize
 
     d, model, _ = cnn
+    options.setdefault("range_search", "off")  # each technique measured alone (the range search: test_rangesearch)
     return quantize(model, "x86_64_vnni_int8", d / f"{name}.onnx", calibration=d / "cal.npz", options=options)
 
 

@@ -25,9 +25,9 @@ def cnn(tmp_path_factory):
 
 
 def _error(model, fp32, x) -> float:
-    from qops.quantize.rangesearch import _outputs, row_errors
+    from qops.quantize.rangesearch import model_outputs, row_errors
 
-    return float(row_errors(_outputs(model, {"pixel_values": x}), _outputs(onnx.load(str(fp32)), {"pixel_values": x})).mean())
+    return float(row_errors(model_outputs(model, {"pixel_values": x}), model_outputs(onnx.load(str(fp32)), {"pixel_values": x})).mean())
 
 
 def _scales(model) -> dict:
@@ -39,7 +39,7 @@ def test_a_range_made_too_wide_is_narrowed_and_the_held_out_error_falls(cnn):
 
     from qops.quantize import quantize
     from qops.quantize.qdq_sim import QdqModule, write_initializers
-    from qops.quantize.rangesearch import search_ranges
+    from qops.quantize.rangesearch import clip_caps, search_ranges
 
     d, model, cal, val = cnn
     base = quantize(model, "x86_64_vnni_int8", d / "base.onnx", calibration=d / "cal.npz",
@@ -63,6 +63,20 @@ def test_a_range_made_too_wide_is_narrowed_and_the_held_out_error_falls(cnn):
     assert narrowed < 0.8 * wide  # the planted range came back down
     assert _error(q, model, val) < 0.9 * err_planted  # on rows the search never saw
     assert [(n.op_type, list(n.input), list(n.output)) for n in q.graph.node] == nodes  # same graph
+    # a ReLU6 output's range (ONNX Runtime folds the Clip into it) never widens past 6, even when only widening is
+    # tried: the range is the clip
+    base_q = onnx.load(base.model_path)
+    base_sim = QdqModule(base_q, torch, learn_ranges=True)
+    caps = clip_caps(base_q, onnx.load(str(model)), base_sim)
+    clips = {k: v.item() for k, v in _scales(base_q).items() if k.endswith("Clip_output_0_scale")}
+    assert len(clips) == 5 and len(caps) == 5
+    for name, s0 in clips.items():  # the cap is the multiplier that puts the range's top at 6
+        assert caps[base_sim.act_scales[name][0]] * s0 * 255 == pytest.approx(6.0, rel=1e-5)
+    # a search that may only widen 3x tries every scale but those five
+    rep3 = search_ranges(base_q, onnx.load(str(model)), {"pixel_values": cal}, multipliers=(3.0,))
+    assert rep3["tried"] == rep3["scales"] - 5
+    after = {k: v.item() for k, v in _scales(base_q).items() if k.endswith("Clip_output_0_scale")}
+    assert all(v * 255 <= 6 * (1 + 1e-6) for v in after.values()), after
     # every INT32 bias stays on its layer's input scale x weight scale grid
     inits, producer = _scales(q), {o: n for n in q.graph.node for o in n.output}
     checked = 0
