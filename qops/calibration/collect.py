@@ -204,6 +204,16 @@ def tap_session(model, tensors):
     return sess, [o.name for o in sess.get_outputs()]
 
 
+def run_batched(sess, feeds: dict, batch: int) -> list:
+    """Every output of the ONNX Runtime session ``sess`` over ``feeds`` (input name -> rows; names it lacks are
+    dropped), run ``batch`` rows at a time and concatenated."""
+    inputs = {i.name for i in sess.get_inputs()}
+    feeds = {k: v for k, v in feeds.items() if k in inputs}
+    n = len(next(iter(feeds.values())))
+    parts = [sess.run(None, {k: v[i:i + batch] for k, v in feeds.items()}) for i in range(0, n, batch)]
+    return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
+
+
 def reader_feeds(reader) -> Iterator[dict]:
     """The feeds of an ONNX Runtime ``CalibrationDataReader``, rewound before and after."""
     reader.rewind()

@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from qops.calibration.collect import tap_session
+from qops.calibration.collect import run_batched, tap_session
 from qops.quantize.qdq_sim import QdqModule, UnsupportedGraph, write_initializers
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,6 @@ def reconstruct(qmodel, fmodel, feeds: dict[str, np.ndarray], *, iters: int = 20
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     rows, report, stopped = len(x), [], "all blocks"
-    fnames = {i.name for i in fmodel.graph.input}
 
     def block_out(xb, block, grad=False):
         with torch.set_grad_enabled(grad):
@@ -172,8 +171,7 @@ def reconstruct(qmodel, fmodel, feeds: dict[str, np.ndarray], *, iters: int = 20
             break
         sess, outs = tap_session(fmodel, [block["output"]])
         k = outs.index(block["output"])
-        y = np.concatenate([sess.run(None, {n: v[i:i + 32] for n, v in feeds.items() if n in fnames})[k]
-                            for i in range(0, rows, 32)])
+        y = run_batched(sess, feeds, 32)[k]
         del sess
         block_nodes = [nodes[j] for j in block["nodes"]]
         weights, ranges = _block_params(sim, block_nodes)

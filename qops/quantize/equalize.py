@@ -25,36 +25,11 @@ import time
 import numpy as np
 
 from qops.calibration.collect import AbsMax, MinMax, tap
-from qops.quantize.graph import consumers_of, node_attrs
+from qops.quantize.graph import clip_bounds, consumers_of, node_attrs
 
 log = logging.getLogger(__name__)
 
 _ACTS = ("Relu", "Clip")
-
-
-def _const(model, name: str):
-    """An initializer's or Constant node's value, or None."""
-    from onnx import numpy_helper
-
-    for i in model.graph.initializer:
-        if i.name == name:
-            return numpy_helper.to_array(i)
-    for n in model.graph.node:
-        if n.op_type == "Constant" and n.output[0] == name:
-            return numpy_helper.to_array(node_attrs(n)["value"])
-    return None
-
-
-def _clip_bounds(model, node) -> tuple[float | None, float | None]:
-    """(min, max) of a Clip node (attributes before opset 11, inputs after); None where absent or not constant."""
-    if node.op_type == "Relu":
-        return 0.0, None
-    a = node_attrs(node)
-    if "min" in a or "max" in a:
-        return a.get("min"), a.get("max")
-    lo = _const(model, node.input[1]) if len(node.input) > 1 and node.input[1] else None
-    hi = _const(model, node.input[2]) if len(node.input) > 2 and node.input[2] else None
-    return (None if lo is None else float(lo)), (None if hi is None else float(hi))
 
 
 class Pair:
@@ -107,7 +82,7 @@ def find_pairs(model, nodes_to_exclude=(), clip: bool = True) -> list[Pair]:
         act, clip = None, (None, None)
         if nxt[0].op_type in _ACTS:
             act = nxt[0]
-            clip = _clip_bounds(model, act)
+            clip = clip_bounds(model, act)
             if act.op_type == "Clip" and not clip_chains:
                 continue
             if clip[0] != 0.0 or (act.op_type == "Clip" and (clip[1] is None or clip[1] <= 0)):

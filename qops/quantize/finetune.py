@@ -23,6 +23,7 @@ import time
 
 import numpy as np
 
+from qops.calibration.collect import run_batched
 from qops.quantize.qdq_sim import QdqModule, UnsupportedGraph, range_change, write_initializers
 
 log = logging.getLogger(__name__)
@@ -58,13 +59,7 @@ def finetune(qmodel, fmodel, feeds: dict[str, np.ndarray], *, steps: int = 300, 
     if len(train) < batch_size:
         return {"skipped": f"{len(train)} training rows, fewer than the batch size {batch_size}"}
     fsess = ort.InferenceSession(fmodel.SerializeToString(), providers=["CPUExecutionProvider"])
-    finputs = {i.name for i in fsess.get_inputs()}
-
-    def teacher(idx):
-        return np.concatenate([fsess.run(None, {k: feeds[k][idx[i:i + 32]] for k in names if k in finputs})[0]
-                               for i in range(0, len(idx), 32)])
-
-    t_all = teacher(np.arange(n))  # the FP32 model's outputs, once
+    t_all = run_batched(fsess, feeds, 32)[0]  # the FP32 model's outputs, once
     try:
         sim = QdqModule(qmodel, torch, learn_ranges=learn_ranges)
     except UnsupportedGraph as e:

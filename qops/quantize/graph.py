@@ -205,6 +205,31 @@ def node_attrs(node) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
+def const_value(model, name: str):
+    """An initializer's or Constant node's value, or None."""
+    from onnx import numpy_helper
+
+    for i in model.graph.initializer:
+        if i.name == name:
+            return numpy_helper.to_array(i)
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.output[0] == name:
+            return numpy_helper.to_array(node_attrs(n)["value"])
+    return None
+
+
+def clip_bounds(model, node) -> tuple[float | None, float | None]:
+    """(min, max) of a Clip node (attributes before opset 11, inputs after); None where absent or not constant."""
+    if node.op_type == "Relu":
+        return 0.0, None
+    a = node_attrs(node)
+    if "min" in a or "max" in a:
+        return a.get("min"), a.get("max")
+    lo = const_value(model, node.input[1]) if len(node.input) > 1 and node.input[1] else None
+    hi = const_value(model, node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    return (None if lo is None else float(lo)), (None if hi is None else float(hi))
+
+
 def initializers(model) -> dict:
     return {i.name: i for i in model.graph.initializer}
 

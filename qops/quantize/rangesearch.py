@@ -26,6 +26,8 @@ import time
 
 import numpy as np
 
+from qops.calibration.collect import run_batched
+from qops.quantize.graph import clip_bounds
 from qops.quantize.qdq_sim import QdqModule, UnsupportedGraph, write_initializers
 
 log = logging.getLogger(__name__)
@@ -50,19 +52,9 @@ def clip_caps(qmodel, fp32_model, sim) -> dict[str, float]:
     """Tie group -> the largest multiplier its scale may take. ONNX Runtime drops a ``Clip(0, c)`` (ReLU6) whose
     output is quantized and folds the clip into the quantization range (the quantizer names that range
     ``<clip output>_scale``), so a range widened past ``c`` would no longer clip: the model would change."""
-    from onnx import numpy_helper
-
-    consts = {i.name: numpy_helper.to_array(i) for i in fp32_model.graph.initializer}
-    for n in fp32_model.graph.node:
-        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
     clip_max = {}
     for n in fp32_model.graph.node:
-        if n.op_type != "Clip":
-            continue
-        hi = next((a.f for a in n.attribute if a.name == "max"), None)
-        if len(n.input) > 2 and n.input[2] in consts:
-            hi = float(np.asarray(consts[n.input[2]]).reshape(-1)[0])
+        hi = clip_bounds(fp32_model, n)[1] if n.op_type == "Clip" else None
         if hi is not None:
             clip_max[n.output[0] + "_scale"] = hi
     caps: dict[str, float] = {}
@@ -79,17 +71,13 @@ def clip_caps(qmodel, fp32_model, sim) -> dict[str, float]:
 
 
 def model_outputs(model, feeds: dict, batch: int = 64) -> list:
+    """Every output of ``model`` (a ModelProto) over ``feeds`` (input name -> rows), run in batches."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    if isinstance(model, (bytes, str)):
-        sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
-    else:
-        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    n = len(next(iter(feeds.values())))
-    parts = [sess.run(None, {k: v[i:i + batch] for k, v in feeds.items()}) for i in range(0, n, batch)]
-    return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
+    return run_batched(ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]),
+                       feeds, batch)
 
 
 def search_ranges(qmodel, fp32_model, feeds: dict, sweeps: int = 1, multipliers=MULTIPLIERS,
@@ -112,10 +100,11 @@ def search_ranges(qmodel, fp32_model, feeds: dict, sweeps: int = 1, multipliers=
     caps = clip_caps(qmodel, fp32_model, sim)
     ref = model_outputs(fp32_model, feeds)
 
+    trial = copy.deepcopy(qmodel)  # each try overwrites every initializer the simulator exports
+
     def build():
-        m = copy.deepcopy(qmodel)
-        write_initializers(m, sim.export())
-        return m
+        write_initializers(trial, sim.export())
+        return trial
 
     best = _halves(row_errors(model_outputs(qmodel, feeds), ref))
     before = best[0]

@@ -10,17 +10,12 @@ import numpy as np
 import onnx
 import pytest
 
-from tests.unit.test_cnn_techniques import _mobile_cnn
+from tests.unit.test_cnn_techniques import mobile_cnn_with_rows
 
 
 @pytest.fixture(scope="module")
 def cnn(tmp_path_factory):
-    d = tmp_path_factory.mktemp("blockrec")
-    model = _mobile_cnn(d / "fp32.onnx", seed=2)
-    cal = np.random.default_rng(1).normal(0.3, 1.0, (160, 3, 32, 32)).astype(np.float32)
-    val = np.random.default_rng(2).normal(0.3, 1.0, (128, 3, 32, 32)).astype(np.float32)
-    np.savez(d / "cal.npz", pixel_values=cal)
-    return d, model, cal, val
+    return mobile_cnn_with_rows(tmp_path_factory.mktemp("blockrec"), seed=2, cal=(1, 160), val=(2, 128))
 
 
 def _block_errors(qpath, fp32, tensors, x) -> list[float]:

@@ -39,6 +39,18 @@ def _mobile_cnn(path, seed=0):
     return export_image_model(net, path, 32)
 
 
+def mobile_cnn_with_rows(d, seed: int, cal: tuple[int, int], val: tuple[int, int]):
+    """:func:`_mobile_cnn` at ``d/fp32.onnx`` with calibration rows (``cal`` = (rng seed, rows), saved as
+    ``d/cal.npz``) and validation rows (``val``) drawn around 0.3: ``(d, model, cal rows, val rows)``."""
+    def rows(spec):
+        return np.random.default_rng(spec[0]).normal(0.3, 1.0, (spec[1], 3, 32, 32)).astype(np.float32)
+
+    model = _mobile_cnn(d / "fp32.onnx", seed=seed)
+    x_cal, x_val = rows(cal), rows(val)
+    np.savez(d / "cal.npz", pixel_values=x_cal)
+    return d, model, x_cal, x_val
+
+
 def export_image_model(net, path, side: int):
     """``net`` (eval mode) as ONNX: input ``pixel_values`` [n, 3, side, side], output ``logits``, dynamic batch."""
     import torch

@@ -11,17 +11,12 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from tests.unit.test_cnn_techniques import _mobile_cnn
+from tests.unit.test_cnn_techniques import mobile_cnn_with_rows
 
 
 @pytest.fixture(scope="module")
 def cnn(tmp_path_factory):
-    d = tmp_path_factory.mktemp("rangesearch")
-    model = _mobile_cnn(d / "fp32.onnx", seed=3)
-    cal = np.random.default_rng(4).normal(0.3, 1.0, (128, 3, 32, 32)).astype(np.float32)
-    val = np.random.default_rng(5).normal(0.3, 1.0, (128, 3, 32, 32)).astype(np.float32)
-    np.savez(d / "cal.npz", pixel_values=cal)
-    return d, model, cal, val
+    return mobile_cnn_with_rows(tmp_path_factory.mktemp("rangesearch"), seed=3, cal=(4, 128), val=(5, 128))
 
 
 def _error(model, fp32, x) -> float:
