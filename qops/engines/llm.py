@@ -182,6 +182,12 @@ class CompressedTensorsEngine(FolderEngine):
 
     def notes(self, recipe, technique: dict) -> list[str]:
         group = [f"group size {technique['group_size']}"] if technique.get("group_size") else []
+        fb = technique.get("activation_fallback") or {}
+        if fb.get("kept"):
+            group.append(f"activation fallback: {len(fb['kept'])} of {fb['sites']} input sites left unquantized "
+                         f"({', '.join(fb['kept'])}): their int8 activations per token held {fb['kept_share']:.0%} of "
+                         f"the summed KL ({fb['metric']}); {len(technique.get('kept_unquantized') or [])} modules in "
+                         "the scheme's ignore list")
         return super().notes(recipe, technique) + group + [
             f"compressed-tensors {technique.get('compressed_tensors')} checkpoint ({technique.get('scheme')}, "
             f"format {technique.get('format')}) for vLLM / SGLang: serve with `vllm serve FOLDER` (the registered "

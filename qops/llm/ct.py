@@ -21,10 +21,12 @@ from pathlib import Path
 from qops.artifacts import atomic_dir
 from qops.errors import QopsError
 from qops.llm.bnb import KEEP
+from qops.llm.sensitivity import activation_sensitivity
 from qops.llm.torch_quant import awq, gptq, group_size_for, rtn, smoothquant
 from qops.llm.torch_target import load_torch_target
 
 PRESETS = {"int4": "W4A16", "int8": "W8A8", "fp8": "FP8_DYNAMIC"}
+FALLBACK_WINDOWS = 8  # calibration windows the activation-sensitivity pass measures
 
 
 def _scheme(recipe, group: int | None):
@@ -80,16 +82,22 @@ def quantize_ct_llm(hf_dir: str | os.PathLike, recipe, out_dir: str | os.PathLik
     if recipe.smooth_quant_alpha is not None:
         alpha = 0.5 if recipe.smooth_quant_alpha == "auto" else float(recipe.smooth_quant_alpha)
         technique["smoothquant"] = smoothquant(model, windows, alpha, linear_sites=recipe.smooth_sites == "all")
+    kept: list[str] = []
+    if recipe.activation_fallback and recipe.precision == "int8":
+        fallback = activation_sensitivity(model, windows[:FALLBACK_WINDOWS], recipe.activation_fallback)
+        technique["activation_fallback"] = fallback
+        kept = fallback["kept_modules"]
+    skip = ("lm_head", *kept)
     if recipe.algorithm == "awq":
         technique["awq"] = awq(model, windows, bits, group)
     if recipe.precision == "fp8":
         scales = {}
     elif recipe.algorithm == "gptq":
-        scales = gptq(model, windows, bits, group, act_order=recipe.act_order, mse=recipe.clip_search)
+        scales = gptq(model, windows, bits, group, skip=skip, act_order=recipe.act_order, mse=recipe.clip_search)
     else:  # rtn, and AWQ's scaled weights
-        scales = rtn(model, bits, group)
+        scales = rtn(model, bits, group, skip=skip)
     apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": _scheme(recipe, group)},
-                                                        ignore=["lm_head"]))
+                                                        ignore=list(skip)))
     _set_scales(model, scales)
     compressor = ModelCompressor.from_pretrained_model(model)
     compressor.compress_model(model)
@@ -116,4 +124,5 @@ def quantize_ct_llm(hf_dir: str | os.PathLike, recipe, out_dir: str | os.PathLik
             "compressed_tensors": version("compressed-tensors"), "transformers": version("transformers"),
             "calibration_windows": len(windows) if recipe.needs_calibration else 0,
             "lm_head": "fp32 (ignored by the scheme)", "embeddings": "fp32",
+            "kept_unquantized": kept,
             "load": "vllm serve FOLDER (compressed-tensors), or AutoModelForCausalLM.from_pretrained(FOLDER)"}

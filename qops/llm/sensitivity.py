@@ -52,6 +52,67 @@ def groups(layer, index: int, granularity: str) -> dict[str, list]:
     return out
 
 
+class LayerProbe:
+    """A decoder's FP32 inputs to every layer on a few calibration windows, so that a change confined to decoder layer
+    ``i`` is measured by running layers ``i..`` only (the layers before it are unchanged), then the final norm and
+    lm_head. :meth:`cost` is the mean KL(FP32 || changed model) of the next-token distributions, in nats."""
+
+    def __init__(self, model, windows):
+        import torch
+
+        self.model, self.layers = model, decoder_layers(model)
+        hidden, self.extras = layer_inputs(model, windows)
+        self.inputs = [hidden]
+        with torch.inference_mode():
+            for li, layer in enumerate(self.layers[:-1]):
+                self.inputs.append([run_layer(layer, h, extra[li]) for h, extra in zip(self.inputs[-1], self.extras)])
+        self.cap = getattr(model.config, "final_logit_softcapping", None)
+        self.ref = self.log_probs()
+        self.tokens = sum(r.shape[0] for r in self.ref)
+
+    def log_probs(self, first: int = 0) -> list:
+        import torch
+
+        out = []
+        with torch.inference_mode():
+            for w, h in enumerate(self.inputs[first]):
+                for li in range(first, len(self.layers)):
+                    h = run_layer(self.layers[li], h, self.extras[w][li])
+                z = self.model.lm_head(self.model.model.norm(h)).float()
+                out.append(_log_softmax((torch.tanh(z / self.cap) * self.cap if self.cap else z)[0].numpy()))
+        return out
+
+    def cost(self, first: int = 0) -> float:
+        """KL(FP32 || the model as it is now) when only layers ``first..`` changed."""
+        got = self.log_probs(first)
+        return float(sum((np.exp(r) * (r - g)).sum() for r, g in zip(self.ref, got)) / self.tokens)
+
+    def input_sites(self, index: int) -> list[list[str]]:
+        """Decoder layer ``index``'s Linear modules grouped by the tensor they read (q/k/v share the attention norm's
+        output, gate/up the MLP norm's): the groups a serving engine fuses and quantizes alike."""
+        import torch
+
+        names = {m: n for n, m in self.model.named_modules()}
+        seen: list[tuple[object, list[str]]] = []  # the input tensors are held, so identity is unambiguous
+
+        def pre(mod, args):
+            for t, group in seen:
+                if t is args[0]:
+                    group.append(names[mod])
+                    return
+            seen.append((args[0], [names[mod]]))
+
+        layer = self.layers[index]
+        handles = [m.register_forward_pre_hook(pre) for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+        try:
+            with torch.inference_mode():
+                run_layer(layer, self.inputs[index][0], self.extras[0][index])
+        finally:
+            for h in handles:
+                h.remove()
+        return [group for _t, group in seen]
+
+
 def layer_sensitivity(hf_dir: str | os.PathLike, windows, block_size: int, keep: int = 4, progress=None,
                       granularity: str = "layer") -> dict:
     """The override document: every group's KL cost and weight count, and the ``keep`` costliest groups
@@ -64,32 +125,8 @@ def layer_sensitivity(hf_dir: str | os.PathLike, windows, block_size: int, keep:
 
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, local_files_only=True).eval()
-
-    # each window's input to every decoder layer, from the FP32 model: a group of layer i is measured by running
-    # layers i.. from there (the layers before it are unchanged), then the final norm and lm_head
-    hidden, extras = layer_inputs(model, windows)
-    layers = decoder_layers(model)
-    inputs = [hidden]
-    with torch.inference_mode():
-        for li, layer in enumerate(layers[:-1]):
-            inputs.append([run_layer(layer, h, extra[li]) for h, extra in zip(inputs[-1], extras)])
-    cap = getattr(model.config, "final_logit_softcapping", None)
-
-    def logits(first: int = 0):
-        out = []
-        with torch.inference_mode():
-            for w, h in enumerate(inputs[first]):
-                for li in range(first, len(layers)):
-                    h = run_layer(layers[li], h, extras[w][li])
-                z = model.lm_head(model.model.norm(h)).float()
-                out.append(_log_softmax((torch.tanh(z / cap) * cap if cap else z)[0].numpy()))
-        return out
-
-    def kl(ref, got) -> float:
-        tokens = sum(r.shape[0] for r in ref)
-        return float(sum((np.exp(r) * (r - g)).sum() for r, g in zip(ref, got)) / tokens)
-
-    ref = logits()
+    probe = LayerProbe(model, windows)
+    layers = probe.layers
     costs, sizes = {}, {}
     todo = [(k, i, lins) for i, layer in enumerate(layers) for k, lins in groups(layer, i, granularity).items()]
     for i, (key, li, lins) in enumerate(todo):
@@ -99,9 +136,8 @@ def layer_sensitivity(hf_dir: str | os.PathLike, windows, block_size: int, keep:
                 group = block_size if m.in_features % block_size == 0 else None
                 scale, qmin, qmax = qparams(m.weight, 4, group)
                 m.weight.copy_(fake_quant(m.weight, scale, qmin, qmax, group))
-        got = logits(li)
         sizes[key] = int(sum(m.weight.numel() for m in lins))
-        costs[key] = kl(ref, got)
+        costs[key] = probe.cost(li)
         with torch.no_grad():
             for m, w in zip(lins, saved):
                 m.weight.copy_(w)
@@ -167,3 +203,51 @@ def override_modules(doc: dict, module_names) -> list[str]:
     """The module names (``model.layers.3.mlp.down_proj``) of ``module_names`` that the overrides cover."""
     keys = [f".{k}." for k in (doc or {}).get("overrides", {})]
     return [n for n in module_names if any(k in f".{n}." for k in keys)]
+
+
+def per_token_int8(x):
+    """Symmetric int8 per token (the last axis), as compressed-tensors' dynamic W8A8 scheme quantizes activations
+    (scale absmax / 127.5, codes -128..127) and vLLM runs them."""
+    s = x.abs().amax(-1, keepdim=True).clamp(min=1e-8) / 127.5
+    return (x / s).round().clamp(-128, 127) * s
+
+
+def activation_sensitivity(model, windows, share: float, max_fraction: float = 0.1, progress=None) -> dict:
+    """What int8 activations per token cost, site by site: each group of Linear modules that reads one tensor
+    (:meth:`LayerProbe.input_sites`) gets its input quantized alone, the rest of ``model`` kept as it is, and the KL
+    on ``windows`` is that site's cost (the costs add up to about the cost of quantizing them all). The costliest
+    sites that together hold ``share`` of the summed cost — at most ``max_fraction`` of the sites — are ``kept``:
+    a W8A8 recipe leaves their modules in 16-bit."""
+    t0 = time.perf_counter()
+    probe = LayerProbe(model, windows)
+    todo = [(li, mods) for li in range(len(probe.layers)) for mods in probe.input_sites(li)]
+    costs: dict[str, float] = {}
+    modules = dict(model.named_modules())
+    site_modules = {}
+    for i, (li, mods) in enumerate(todo):
+        key = f"layers.{li}." + "+".join(n.rsplit(".", 1)[-1] for n in mods)
+        site_modules[key] = mods
+        handles = [modules[n].register_forward_pre_hook(lambda _m, a: (per_token_int8(a[0]),) + tuple(a[1:]))
+                   for n in mods]
+        try:
+            costs[key] = probe.cost(li)
+        finally:
+            for h in handles:
+                h.remove()
+        log.info("activation sensitivity: %s (%d/%d) KL %.5f", key, i + 1, len(todo), costs[key])
+        if progress:
+            progress(i + 1, len(todo))
+    ranked = sorted(costs, key=costs.get, reverse=True)
+    total = sum(costs.values())
+    kept, held = [], 0.0
+    for key in ranked[:int(np.ceil(max_fraction * len(ranked)))]:
+        if share <= 0 or held >= share * total:
+            break
+        kept.append(key)
+        held += costs[key]
+    return {"metric": f"mean KL(FP32 || one site's input int8 per token) of the next-token distributions, nats, on "
+            f"{len(windows)} calibration windows", "sites": len(ranked), "summed_kl": round(total, 6),
+            "costs": {k: round(costs[k], 7) for k in ranked},
+            "kept": kept, "kept_share": round(held / total, 3) if total else 0.0,
+            "kept_modules": [n for k in kept for n in site_modules[k]],
+            "seconds": round(time.perf_counter() - t0, 1)}

@@ -120,12 +120,21 @@ class CompressedTensorsConfig(EngineConfig):
     smooth_quant_alpha: float | None = None
     # SmoothQuant sites: the norms feeding q/k/v and the MLP, or also up_proj -> down_proj (and v -> o without GQA)
     smooth_sites: Literal["norms", "all"] = "norms"
+    # W8A8: the share of the measured int8-activation cost (KL, site by site on calibration windows) taken back by
+    # leaving the costliest sites' modules in 16-bit (the scheme's ignore list; at most 10% of the sites); 0: none
+    activation_fallback: float = 0.0
 
     def problems(self) -> Problems:
         if (self.precision, self.mode) not in (("int4", "weight_only"), ("int8", "dynamic"), ("fp8", "dynamic")):
             return [("the compressed-tensors engine writes decoder LLMs as W4A16 (int4, weight_only), W8A8 (int8, "
                      "dynamic) or FP8 dynamic (fp8, dynamic).", "use a ct_* target (qops targets).")]
         out = smooth_problems(self.smooth_quant_alpha, self.mode)
+        if not 0.0 <= self.activation_fallback < 1.0:
+            out.append((f"activation_fallback {self.activation_fallback} is not a share of the activation cost in "
+                        "[0, 1).", "use e.g. 0.33 (a third of the cost back to 16-bit), or 0 for none."))
+        elif self.activation_fallback and self.precision != "int8":
+            out.append(("activation_fallback applies to W8A8 INT8 (int8 activations per token).",
+                        "drop activation_fallback, or use ct_w8a8_int8."))
         if self.precision == "fp8" and self.algorithm != "rtn":
             out.append(("FP8 dynamic rounds weights to the e4m3 grid (no GPTQ/AWQ search in qops).",
                         "use algorithm rtn."))

@@ -583,7 +583,9 @@ def test_compressed_tensors_targets_write_what_transformers_reloads(llm, target,
         if recipe.needs_calibration else None
     tech = quantize_ct_llm(llm["hf"], recipe, tmp_path / "ct", windows)
     conf = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
-    assert conf["quant_method"] == "compressed-tensors" and conf["ignore"] == ["lm_head"]
+    kept = tech.get("kept_unquantized", [])
+    assert conf["quant_method"] == "compressed-tensors" and sorted(conf["ignore"]) == sorted(["lm_head", *kept])
+    assert bool(kept) == (recipe.precision == "int8")  # W8A8: the costliest activation site stays unquantized
     group = conf["config_groups"]["group_0"]
     with safe_open(str(tmp_path / "ct" / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
@@ -593,7 +595,11 @@ def test_compressed_tensors_targets_write_what_transformers_reloads(llm, target,
             assert f.get_tensor(f"{q}.weight_packed").dtype == torch.int32 and f"{q}.weight" not in keys
         elif recipe.precision == "int8":
             assert conf["format"] == "int-quantized" and group["input_activations"]["strategy"] == "token"
-            assert f.get_tensor(f"{q}.weight").dtype == torch.int8 and tech["smoothquant"]["sites"] == 4
+            assert tech["smoothquant"]["linear_sites"] and tech["activation_fallback"]["kept"]
+            for name in kept:  # left out of the scheme: the module's float weight, no scale
+                assert f.get_tensor(f"{name}.weight").dtype == torch.float32 and f"{name}.weight_scale" not in keys
+            q = next(f"model.layers.{i}.mlp.down_proj" for i in range(4) if f"model.layers.{i}.mlp.down_proj" not in kept)
+            assert f.get_tensor(f"{q}.weight").dtype == torch.int8
         else:
             assert conf["format"] == "float-quantized" and f.get_tensor(f"{q}.weight").dtype == torch.float8_e4m3fn
         assert f"{q}.weight_scale" in keys and "lm_head.weight" in keys

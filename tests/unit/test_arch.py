@@ -167,3 +167,41 @@ def test_sensitivity_from_carried_layer_inputs_equals_rerunning_the_model(model_
         with torch.no_grad():
             for m, w in zip(lins, saved):
                 m.weight.copy_(w)
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCH_CONFIGS))
+def test_activation_sites_are_the_tensors_linears_share_and_cost_what_the_whole_model_says(model_type):
+    """W8A8's activation fallback measures each input site (the Linear modules that read one tensor: q/k/v, o,
+    gate/up, down; Phi-3's fused qkv and gate_up) by quantizing that input per token alone: the KL equals the whole
+    model run again with that input quantized, on every architecture; the costliest sites holding the asked share are
+    kept, never more than the cap."""
+    import torch
+
+    from qops.llm.sensitivity import activation_sensitivity, per_token_int8
+
+    model = _model(model_type)
+    windows = _windows(n=3, length=12)
+    doc = activation_sensitivity(model, windows, share=0.5, max_fraction=0.5)
+    assert doc["sites"] == 8 and len(doc["costs"]) == 8
+    fused = model_type == "phi3"
+    for site in (("layers.0.qkv_proj", "layers.1.gate_up_proj") if fused else
+                 ("layers.0.q_proj+k_proj+v_proj", "layers.1.gate_proj+up_proj")):
+        assert site in doc["costs"], (model_type, sorted(doc["costs"]))
+    ref = torch.log_softmax(_logits(model, windows), -1)
+    for key, mod in (("layers.1.down_proj", model.model.layers[1].mlp.down_proj),
+                     ("layers.0.o_proj", model.model.layers[0].self_attn.o_proj)):
+        h = mod.register_forward_pre_hook(lambda _m, a: (per_token_int8(a[0]),))
+        got = torch.log_softmax(_logits(model, windows), -1)
+        h.remove()
+        kl = float((ref.exp() * (ref - got)).sum(-1).mean())
+        assert doc["costs"][key] == pytest.approx(kl, rel=1e-3, abs=1e-6), (model_type, key)
+    ranked = sorted(doc["costs"], key=doc["costs"].get, reverse=True)
+    kept = doc["kept"]
+    assert kept == ranked[:len(kept)] and 1 <= len(kept) <= 4
+    held = sum(doc["costs"][k] for k in kept)
+    assert held >= 0.5 * doc["summed_kl"] - 1e-6 or len(kept) == 4
+    assert held - doc["costs"][kept[-1]] < 0.5 * doc["summed_kl"]  # no site more than the share needs
+    mods = dict(model.named_modules())
+    assert all(isinstance(mods[n], torch.nn.Linear) for n in doc["kept_modules"])
+    assert sorted(n.rsplit(".", 1)[1] for n in doc["kept_modules"]) == sorted(
+        part for k in kept for part in k.rsplit(".", 1)[1].split("+"))
