@@ -246,8 +246,8 @@ def activation_sensitivity(model, windows, share: float, max_fraction: float = 0
         kept.append(key)
         held += costs[key]
     return {"metric": f"mean KL(FP32 || one site's input int8 per token) of the next-token distributions, nats, on "
-            f"{len(windows)} calibration windows", "sites": len(ranked), "summed_kl": round(total, 6),
-            "costs": {k: round(costs[k], 7) for k in ranked},
+            f"{len(windows)} calibration windows", "sites": len(ranked), "summed_kl": float(f"{total:.4g}"),
+            "costs": {k: float(f"{costs[k]:.4g}") for k in ranked},
             "kept": kept, "kept_share": round(held / total, 3) if total else 0.0,
             "kept_modules": [n for k in kept for n in site_modules[k]],
             "seconds": round(time.perf_counter() - t0, 1)}

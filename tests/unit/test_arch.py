@@ -180,8 +180,14 @@ def test_activation_sites_are_the_tensors_linears_share_and_cost_what_the_whole_
     from qops.llm.sensitivity import activation_sensitivity, per_token_int8
 
     model = _model(model_type)
+    from qops.llm.arch import arch_of_model
+
+    off = arch_of_model(model).norm_offset
+    with torch.no_grad():  # sharper next-token distributions (random init gives near-uniform ones, KL ~1e-7)
+        model.model.norm.weight.copy_((model.model.norm.weight + off) * 40 - off)
     windows = _windows(n=3, length=12)
     doc = activation_sensitivity(model, windows, share=0.5, max_fraction=0.5)
+    assert doc["summed_kl"] > 1e-4, doc["costs"]
     assert doc["sites"] == 8 and len(doc["costs"]) == 8
     fused = model_type == "phi3"
     for site in (("layers.0.qkv_proj", "layers.1.gate_up_proj") if fused else
@@ -194,13 +200,13 @@ def test_activation_sites_are_the_tensors_linears_share_and_cost_what_the_whole_
         got = torch.log_softmax(_logits(model, windows), -1)
         h.remove()
         kl = float((ref.exp() * (ref - got)).sum(-1).mean())
-        assert doc["costs"][key] == pytest.approx(kl, rel=1e-3, abs=1e-6), (model_type, key)
+        assert doc["costs"][key] == pytest.approx(kl, rel=2e-3, abs=1e-7), (model_type, key)
     ranked = sorted(doc["costs"], key=doc["costs"].get, reverse=True)
     kept = doc["kept"]
     assert kept == ranked[:len(kept)] and 1 <= len(kept) <= 4
     held = sum(doc["costs"][k] for k in kept)
-    assert held >= 0.5 * doc["summed_kl"] - 1e-6 or len(kept) == 4
-    assert held - doc["costs"][kept[-1]] < 0.5 * doc["summed_kl"]  # no site more than the share needs
+    assert held >= 0.5 * doc["summed_kl"] * (1 - 1e-3) or len(kept) == 4
+    assert held - doc["costs"][kept[-1]] < 0.5 * doc["summed_kl"] * (1 + 1e-3)  # no site more than the share needs
     mods = dict(model.named_modules())
     assert all(isinstance(mods[n], torch.nn.Linear) for n in doc["kept_modules"])
     assert sorted(n.rsplit(".", 1)[1] for n in doc["kept_modules"]) == sorted(
