@@ -121,7 +121,7 @@ class CompressedTensorsConfig(EngineConfig):
     # SmoothQuant sites: the norms feeding q/k/v and the MLP, or also up_proj -> down_proj (and v -> o without GQA)
     smooth_sites: Literal["norms", "all"] = "norms"
     # W8A8: the share of the measured int8-activation cost (KL, site by site on calibration windows) taken back by
-    # leaving the costliest sites' modules in 16-bit (the scheme's ignore list; at most 10% of the sites); 0: none
+    # leaving the costliest sites' modules unquantized (the scheme's ignore list; at most 10% of the sites); 0: none
     activation_fallback: float = 0.0
 
     def problems(self) -> Problems:
@@ -131,7 +131,8 @@ class CompressedTensorsConfig(EngineConfig):
         out = smooth_problems(self.smooth_quant_alpha, self.mode)
         if not 0.0 <= self.activation_fallback < 1.0:
             out.append((f"activation_fallback {self.activation_fallback} is not a share of the activation cost in "
-                        "[0, 1).", "use e.g. 0.33 (a third of the cost back to 16-bit), or 0 for none."))
+                        "[0, 1).", "use e.g. 0.33 (the costliest sites holding a third of the cost stay unquantized), "
+                        "or 0 for none."))
         elif self.activation_fallback and self.precision != "int8":
             out.append(("activation_fallback applies to W8A8 INT8 (int8 activations per token).",
                         "drop activation_fallback, or use ct_w8a8_int8."))
@@ -145,7 +146,8 @@ class CompressedTensorsConfig(EngineConfig):
 
     @property
     def needs_calibration(self) -> bool:
-        return self.algorithm in ("gptq", "awq") or self.smooth_quant_alpha is not None
+        return (self.algorithm in ("gptq", "awq") or self.smooth_quant_alpha is not None
+                or (self.activation_fallback > 0 and self.precision == "int8"))
 
     @property
     def granularity(self) -> str:

@@ -283,6 +283,8 @@ def test_spec_keeps_llm_and_other_targets_apart(llm, tmp_path):
     ({"ct_fp8_dynamic": {"algorithm": "gptq"}}, "FP8 dynamic rounds weights"),
     ({"ct_w4a16_gptq": {"algorithm": "hqq"}}, "algorithm='hqq' is not one of 'rtn', 'gptq', 'awq'"),
     ({"ct_w8a8_int8": {"mode": "weight_only"}}, "compressed-tensors engine writes decoder LLMs as W4A16"),
+    ({"ct_w8a8_int8": {"activation_fallback": 1.0}}, "is not a share of the activation cost"),
+    ({"ct_w4a16_gptq": {"activation_fallback": 0.3}}, "activation_fallback applies to W8A8 INT8"),
 ])
 def test_unsupported_format_combinations_are_spec_errors(llm, tmp_path, options, message):
     """Each unsupported combination of a serving format's options fails when the spec is read (exit 2), naming the
