@@ -61,6 +61,7 @@ class LayerProbe:
         import torch
 
         self.model, self.layers = model, decoder_layers(model)
+        self.names = {m: n for n, m in model.named_modules()}
         hidden, self.extras = layer_inputs(model, windows)
         self.inputs = [hidden]
         with torch.inference_mode():
@@ -92,7 +93,7 @@ class LayerProbe:
         output, gate/up the MLP norm's): the groups a serving engine fuses and quantizes alike."""
         import torch
 
-        names = {m: n for n, m in self.model.named_modules()}
+        names = self.names
         seen: list[tuple[object, list[str]]] = []  # the input tensors are held, so identity is unambiguous
 
         def pre(mod, args):
@@ -217,12 +218,12 @@ def activation_sensitivity(model, windows, share: float, max_fraction: float = 0
     (:meth:`LayerProbe.input_sites`) gets its input quantized alone, the rest of ``model`` kept as it is, and the KL
     on ``windows`` is that site's cost (the costs add up to about the cost of quantizing them all). The costliest
     sites that together hold ``share`` of the summed cost — at most ``max_fraction`` of the sites — are ``kept``:
-    a W8A8 recipe leaves their modules in 16-bit."""
+    a W8A8 recipe leaves their modules unquantized."""
     t0 = time.perf_counter()
     probe = LayerProbe(model, windows)
     todo = [(li, mods) for li in range(len(probe.layers)) for mods in probe.input_sites(li)]
     costs: dict[str, float] = {}
-    modules = dict(model.named_modules())
+    modules = {n: m for m, n in probe.names.items()}
     site_modules = {}
     for i, (li, mods) in enumerate(todo):
         key = f"layers.{li}." + "+".join(n.rsplit(".", 1)[-1] for n in mods)
